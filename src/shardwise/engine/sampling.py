@@ -1,0 +1,96 @@
+"""Sampling parameters and the per-sequence sampler that turns logits into a token.
+
+Each sequence has its own torch.Generator, so a seeded request gives the same
+tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from shardwise.errors import ShardwiseError
+
+
+@dataclass
+class SamplingParams:
+    """What to generate and how; names and defaults follow vLLM's SamplingParams."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        checks = [
+            (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= -1, f"top_k must be -1, 0 (off) or positive, got {self.top_k}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ShardwiseError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class SequenceSampler:
+    """Sampling state of one sequence: its parameters, its generator and the tokens it has seen."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.generator = None if params.greedy else torch.Generator().manual_seed(seed)
+        self.seen: Counter[int] = Counter()  # prompt and generated tokens (for penalties)
+
+    def observe(self, token_ids: list[int]) -> None:
+        if self.params.repetition_penalty != 1.0:
+            self.seen.update(token_ids)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits: float32 [vocab] -> the next token id."""
+        p = self.params
+        if p.repetition_penalty != 1.0 and self.seen:
+            ids = torch.tensor(list(self.seen), device=logits.device)
+            scores = logits[ids]
+            logits = logits.clone()
+            logits[ids] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+        if p.greedy:
+            return int(logits.argmax())
+        logits = logits / p.temperature
+        if p.top_k > 0 and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.min_p > 0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        if p.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+
+
+def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> list[int]:
+    """One token per row of logits [sequences, vocab]."""
+    if all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in samplers):
+        return logits.argmax(dim=-1).tolist()
+    return [sampler(row) for sampler, row in zip(samplers, logits, strict=True)]

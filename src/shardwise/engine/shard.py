@@ -1,0 +1,139 @@
+"""ShardModel: layers [a, b) of a model on one device, with their KV caches.
+
+The first shard takes token ids and embeds them; the others take hidden states.
+The last shard applies the final norm and the LM head and returns logits.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from shardwise.engine.kv_cache import KVCache
+from shardwise.errors import ShardwiseError
+from shardwise.model.layers import Block, PackedBatch, RotaryTable
+from shardwise.model.spec import ModelSpec, require_supported
+from shardwise.model.weights import LAYER_PARTS, Weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_dtype(device: torch.device) -> str:
+    """The faster weight dtype on this device. On CPUs without native bf16 GEMM (AVX2)
+    bf16 matmuls are several times slower than fp32 beyond batch 1, so fp32 wins there."""
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cpu" and "AMX" in torch.backends.cpu.get_cpu_capability():
+        return "bfloat16"
+    return "float32"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ShardwiseError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ShardwiseError(f"device '{device}' asked for, but no CUDA GPU is available: use --device cpu")
+    return dev
+
+
+class ShardModel:
+    def __init__(self, spec: ModelSpec, layers: tuple[int, int] | None = None, *, weights: Weights,
+                 device: str | torch.device = "cpu", dtype: str | None = None):
+        require_supported(spec)
+        start, end = layers if layers is not None else (0, spec.num_layers)
+        if not (0 <= start < end <= spec.num_layers):
+            raise ShardwiseError(
+                f"layer range [{start}, {end}) is out of bounds: the model has layers 0..{spec.num_layers - 1}, "
+                f"so use 0 <= start < end <= {spec.num_layers}"
+            )
+        self.device = resolve_device(device)
+        dtype = dtype or default_dtype(self.device)
+        if dtype not in DTYPES or (dtype == "float16" and self.device.type == "cpu"):
+            raise ShardwiseError(f"dtype '{dtype}' is not supported here: use float32 or bfloat16 (float16 on GPUs)")
+        self.spec, self.start, self.end, self.dtype = spec, start, end, DTYPES[dtype]
+        self.is_first, self.is_last = start == 0, end == spec.num_layers
+
+        def load(name: str) -> torch.Tensor:
+            return weights.require(name).to(self.device, self.dtype)
+
+        self.embed = load("embed.weight") if self.is_first else None
+        self.blocks = [Block(spec, i, self._layer_tensors(weights, i, load)) for i in range(start, end)]
+        if self.is_last:
+            self.norm = load("norm.weight")
+            tied = spec.tie_embeddings or not weights.has("head.weight")
+            if tied and self.embed is not None:
+                self.head = self.embed
+            else:
+                self.head = load("embed.weight" if tied else "head.weight")
+        self.rotary = RotaryTable(spec, self.device)
+        self.kv = KVCache(end - start, spec.num_kv_heads, spec.head_dim, self.dtype, self.device)
+
+    @staticmethod
+    def _layer_tensors(weights: Weights, i: int, load) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for part in LAYER_PARTS:
+            for kind in ("weight", "bias"):
+                name = f"layers.{i}.{part}.{kind}"
+                if kind == "weight" or weights.has(name):
+                    tensors[f"{part}.{kind}"] = load(name)
+        return tensors
+
+    # --- KV lifecycle -------------------------------------------------------------------------
+    def allocate(self, seq_id: int) -> None:
+        self.kv.allocate(seq_id)
+
+    def free(self, seq_id: int) -> None:
+        self.kv.free(seq_id)
+
+    def cached_tokens(self, seq_id: int) -> int:
+        return self.kv[seq_id].length
+
+    # --- compute ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, seq_ids: list[int], lengths: list[int], inputs: torch.Tensor,
+                logits: Literal["last", "all"] = "last") -> torch.Tensor:
+        """Run the shard on a packed batch.
+
+        seq_ids/lengths: the sequences in the batch and how many new tokens each brings.
+        inputs: token ids [tokens] at the first shard, hidden states [tokens, hidden] elsewhere.
+        Returns hidden states [tokens, hidden], or at the last shard float32 logits for each
+        sequence's last token [sequences, vocab] (every token's with logits="all").
+        """
+        if len(seq_ids) != len(lengths) or sum(lengths) != inputs.shape[0]:
+            raise ShardwiseError(f"batch mismatch: {len(seq_ids)} sequences, lengths {lengths}, "
+                                 f"{inputs.shape[0]} input tokens")
+        batch = self._pack(seq_ids, lengths)
+        x = inputs.to(self.device)
+        x = F.embedding(x, self.embed) if self.is_first else x.to(self.dtype)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, batch, layer)
+        for _, length, kv in batch.spans:
+            kv.advance(length)
+        if not self.is_last:
+            return x
+        if logits == "last":
+            ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+            x = x[ends]
+        x = F.rms_norm(x, (x.shape[-1],), self.norm, self.spec.norm_eps)
+        return F.linear(x, self.head).float()
+
+    def _pack(self, seq_ids: list[int], lengths: list[int]) -> PackedBatch:
+        spans, positions, offset, upto = [], [], 0, 0
+        for seq_id, length in zip(seq_ids, lengths, strict=True):
+            kv = self.kv[seq_id]
+            if kv.length + length > self.spec.context_length:
+                raise ShardwiseError(
+                    f"sequence {seq_id} would hold {kv.length + length} tokens, more than the model's "
+                    f"context of {self.spec.context_length}: shorten the prompt or max_tokens"
+                )
+            kv.reserve(length)
+            spans.append((offset, length, kv))
+            positions.append(torch.arange(kv.length, kv.length + length))
+            offset += length
+            upto = max(upto, kv.length + length)
+        cos, sin = self.rotary.lookup(torch.cat(positions).to(self.device), upto)
+        return PackedBatch(spans, cos[:, None].to(self.dtype), sin[:, None].to(self.dtype))
