@@ -49,15 +49,18 @@ def generate(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
         llm = LLM(model, device=device, dtype=dtype, threads=threads)
         request = prompt if no_chat else [{"role": "user", "content": prompt}]
-        output = None
-        for piece, output in llm.stream_outputs(request, params):
+        for piece, output in llm.stream_outputs(request, params):  # noqa: B007 (used after the loop)
             sys.stdout.write(piece)
             sys.stdout.flush()
         llm.close()
+        _print_stats(output)
     except ShardwiseError as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted")
+
+
+def _print_stats(output) -> None:
     rate = output.decode_tokens_per_s
     typer.secho(
         f"\n[{len(output.prompt_token_ids)} prompt tokens, {len(output.token_ids)} generated, "

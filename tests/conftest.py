@@ -1,0 +1,52 @@
+"""Shared fixtures: the real default model, loaded once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardwise.model.registry import DEFAULT_MODEL, resolve
+from shardwise.model.weights import open_weights
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a prime number is.",
+]
+TEXT_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a land far away, there lived a",
+    "1, 2, 3, 4,",
+]
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    return resolve(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def weights(model_path):
+    return open_weights(model_path)
+
+
+@pytest.fixture(scope="session")
+def llm():
+    from shardwise import LLM
+
+    engine = LLM(DEFAULT_MODEL, dtype="float32")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path):
+    """The reference: transformers' own Llama on the same GGUF, dequantized to fp32."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name, dtype=torch.float32)
+    return model.eval()
