@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from shardwise import SamplingParams, ShardModel
@@ -53,7 +55,7 @@ def test_shards_chained_equal_one_model(llm, weights):
     whole = run_prompts([llm.worker.shard], prompts)
     spec = weights.spec
     for cuts in ([0, 15, 30], [0, 7, 20, 30], list(range(31))):
-        shards = [ShardModel(spec, (a, b), weights=weights, dtype="float32") for a, b in zip(cuts, cuts[1:])]
+        shards = [ShardModel(spec, (a, b), weights=weights, dtype="float32") for a, b in itertools.pairwise(cuts)]
         chained = run_prompts(shards, prompts)
         diff = (chained - whole).abs().max().item()
         assert diff <= 1e-5, f"{len(shards)} shards differ from one by {diff}"

@@ -1,0 +1,134 @@
+"""Model sources, weight formats, dtypes and the errors a user can run into."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shardwise import LLM, ModelSpec, SamplingParams, ShardModel, ShardwiseError
+from shardwise.model.registry import resolve
+from shardwise.model.weights import open_weights
+from tests.conftest import TEXT_PROMPTS
+from tests.test_parity import run_prompts
+
+
+def test_spec_from_gguf_metadata(weights):
+    spec = weights.spec
+    assert (spec.architecture, spec.num_layers, spec.hidden_size) == ("llama", 30, 576)
+    assert (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size) == (9, 3, 64, 49152)
+    assert spec.tie_embeddings and spec.dtype == "q4_1" and spec.rope_theta == 100000.0
+    assert 134e6 < spec.parameters() < 135e6  # SmolLM2-135M
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_registry_reuses_the_cache(model_path):
+    mtime = model_path.stat().st_mtime
+    assert resolve("smollm2-135m") == model_path and model_path.stat().st_mtime == mtime
+
+
+def test_shard_loads_only_its_layers(weights):
+    shard = ShardModel(weights.spec, (10, 12), weights=weights)
+    params = sum(t.numel() for b in shard.blocks for t in (b.qkv, b.o, b.gate_up, b.down))
+    assert len(shard.blocks) == 2 and shard.embed is None and not shard.is_last
+    assert params == 2 * (weights.spec.layer_parameters() - 2 * weights.spec.hidden_size)
+
+
+def test_hf_directory_with_safetensors(tmp_path, llm, hf_model):
+    """The same model saved the HF way (config.json + safetensors + tokenizer) loads and agrees."""
+    from safetensors.torch import save_file
+
+    # transformers refuses to re-save a GGUF-loaded model, so write the HF layout directly
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, tmp_path / "model.safetensors")
+    hf_model.config.to_json_file(tmp_path / "config.json")
+    llm.tokenizer.hf.save_pretrained(tmp_path)
+    other = LLM(str(tmp_path), dtype="float32")
+    prompts = [llm.tokenizer.encode(p) for p in TEXT_PROMPTS]
+    diff = (run_prompts([other.worker.shard], prompts) - run_prompts([llm.worker.shard], prompts)).abs().max()
+    assert diff <= 1e-5
+    greedy = SamplingParams(max_tokens=16, temperature=0.0)
+    assert other.generate(TEXT_PROMPTS[0], greedy)[0].text == llm.generate(TEXT_PROMPTS[0], greedy)[0].text
+
+
+def test_bfloat16_within_its_tolerance(weights, llm):
+    """bf16 (weights and residual stream, as HF runs bf16): its stated tolerance against fp32 is
+    mean |logit diff| <= 0.3, max <= 2, and the same top token at >= 90 % of positions."""
+    prompts = [llm.tokenizer.encode(p) for p in TEXT_PROMPTS]
+    fp32 = run_prompts([llm.worker.shard], prompts)
+    bf16 = run_prompts([ShardModel(weights.spec, weights=weights, dtype="bfloat16")], prompts)
+    diff = (bf16 - fp32).abs()
+    assert diff.mean().item() <= 0.3 and diff.max().item() <= 2.0
+    agree = (bf16.argmax(-1) == fp32.argmax(-1)).float().mean().item()
+    assert agree >= 0.9
+
+
+@pytest.mark.parametrize("layers", [(0, 31), (-1, 5), (5, 5), (20, 10)])
+def test_layer_range_out_of_bounds(weights, layers):
+    with pytest.raises(ShardwiseError, match=r"layer range .* out of bounds"):
+        ShardModel(weights.spec, layers, weights=weights)
+
+
+def test_unknown_model_and_missing_file(tmp_path):
+    with pytest.raises(ShardwiseError, match="unknown model 'no-such-model'.*smollm2-135m"):
+        resolve("no-such-model")
+    with pytest.raises(ShardwiseError, match="does not exist"):
+        resolve(str(tmp_path / "missing.gguf"))
+
+
+def test_corrupt_and_truncated_gguf(tmp_path, model_path):
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(os.urandom(4096))
+    with pytest.raises(ShardwiseError, match="not a readable GGUF"):
+        open_weights(resolve(str(garbage)))
+    truncated = tmp_path / "truncated.gguf"
+    with open(model_path, "rb") as src:
+        truncated.write_bytes(src.read(20_000_000))
+    with pytest.raises(ShardwiseError, match="truncated"):
+        open_weights(resolve(str(truncated)))
+
+
+def test_unsupported_architecture_lists_supported(weights):
+    spec = ModelSpec.from_dict({**weights.spec.to_dict(), "architecture": "rwkv"})
+    with pytest.raises(ShardwiseError, match="'rwkv' is not supported.*llama"):
+        ShardModel(spec, weights=weights)
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shardwise.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_generate_streams_and_reports():
+    result = cli("generate", "What is 2 plus 2?", "--max-tokens", "12", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "prompt tokens" in result.stderr and "tokens/s" in result.stderr and "TTFT" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model"], "unknown model"),
+    (["--model", "/nonexistent/model.gguf"], "does not exist"),
+    (["--temperature", "-2"], "temperature"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+])
+def test_cli_errors_are_one_line(args, message):
+    result = cli("generate", "hello", *args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_cli_prompt_longer_than_context():
+    result = cli("generate", "word " * 9000, "--no-chat")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "context" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_help_lists_commands():
+    result = cli("--help")
+    assert result.returncode == 0 and "generate" in result.stdout
