@@ -38,7 +38,9 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Send the prompt as raw text.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: fastest.")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="float32, bfloat16 or float16. Default: bfloat16 on CPU (one stream decodes ~2x faster "
+             "than fp32 there), else the device's fastest.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
 ) -> None:
     """Generate a reply and stream it to the terminal."""
@@ -47,6 +49,8 @@ def generate(
         from shardwise.engine.sampling import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        if dtype is None and device == "cpu":
+            dtype = "bfloat16"
         llm = LLM(model, device=device, dtype=dtype, threads=threads)
         request = prompt if no_chat else [{"role": "user", "content": prompt}]
         for piece, output in llm.stream_outputs(request, params):  # noqa: B007 (used after the loop)

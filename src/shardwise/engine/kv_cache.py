@@ -1,8 +1,9 @@
 """Per-sequence KV storage for the layers of one shard.
 
-Each sequence owns one tensor [layers, 2, kv_heads, capacity, head_dim] that is
+Each sequence owns one tensor [layers, 2, capacity, kv_heads, head_dim] that is
 allocated when the sequence arrives, grown in chunks as it lengthens, and
-dropped the moment it is freed. Keys are stored after RoPE.
+dropped the moment it is freed. Keys are stored after RoPE. Token-major, so a
+sequence's keys are one contiguous block and a batch of them pads in one call.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ class SequenceKV:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
         self.length = 0  # tokens stored
-        self._shape = (num_layers, 2, kv_heads, 0, head_dim)
+        self._shape = (num_layers, 2, 0, kv_heads, head_dim)
         self.data = torch.empty(self._shape, dtype=dtype, device=device)
 
     @property
     def capacity(self) -> int:
-        return self.data.shape[3]
+        return self.data.shape[2]
 
     def reserve(self, new_tokens: int) -> None:
         """Make room for new_tokens more before a forward pass writes them."""
@@ -32,19 +33,19 @@ class SequenceKV:
             return
         capacity = max(need, 2 * self.capacity)
         capacity = -(-capacity // GROW_STEP) * GROW_STEP
-        shape = (*self._shape[:3], capacity, self._shape[4])
+        shape = (*self._shape[:2], capacity, *self._shape[3:])
         grown = torch.empty(shape, dtype=self.data.dtype, device=self.data.device)
-        grown[:, :, :, : self.length] = self.data[:, :, :, : self.length]
+        grown[:, :, : self.length] = self.data[:, :, : self.length]
         self.data = grown
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v ([new, kv_heads, head_dim]) after the current length and return this
-        layer's whole keys and values ([kv_heads, length + new, head_dim] views)."""
+        layer's whole keys and values ([length + new, kv_heads, head_dim] views)."""
         end = self.length + k.shape[0]
         cache = self.data[layer]
-        cache[0, :, self.length : end] = k.transpose(0, 1)
-        cache[1, :, self.length : end] = v.transpose(0, 1)
-        return cache[0, :, :end], cache[1, :, :end]
+        cache[0, self.length : end] = k
+        cache[1, self.length : end] = v
+        return cache[0, :end], cache[1, :end]
 
     def advance(self, new_tokens: int) -> None:
         """Count new_tokens as stored, once every layer has written them."""

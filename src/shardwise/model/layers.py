@@ -2,8 +2,8 @@
 
 A batch is packed: the new tokens of every sequence lie one after another in a
 [tokens, hidden] tensor, with no padding. Projections and the MLP run on all
-tokens at once; attention runs per sequence against that sequence's own KV, so
-sequences of different lengths never see each other.
+tokens at once. Attention never mixes sequences: sequences decoding one token
+attend together in one padded, masked batch; prompt chunks attend one by one.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from shardwise.engine.kv_cache import SequenceKV
 from shardwise.errors import ShardwiseError
@@ -24,8 +25,21 @@ class PackedBatch:
     """Where each sequence's new tokens lie in the packed tensor, and their RoPE angles."""
 
     spans: list[tuple[int, int, SequenceKV]]  # (offset, new tokens, its KV)
-    cos: torch.Tensor  # [tokens, head_dim]
+    cos: torch.Tensor  # [tokens, 1, head_dim]
     sin: torch.Tensor
+    decode_rows: list[int]  # offsets of the one-token sequences, attended as one batch
+    decode_bias: torch.Tensor | None  # [decoding, 1, 1, longest]: -inf over padding, None if none
+
+    @classmethod
+    def build(cls, spans: list[tuple[int, int, SequenceKV]], cos: torch.Tensor, sin: torch.Tensor) -> PackedBatch:
+        rows = [offset for offset, length, _ in spans if length == 1]
+        totals = [kv.length + 1 for _, length, kv in spans if length == 1]
+        bias = None
+        if len(set(totals)) > 1:
+            keep = torch.arange(max(totals), device=cos.device) < torch.tensor(totals, device=cos.device)[:, None]
+            bias = torch.zeros(keep.shape, dtype=cos.dtype, device=cos.device).masked_fill(~keep, float("-inf"))
+            bias = bias[:, None, None, :]
+        return cls(spans, cos, sin, rows, bias)
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
@@ -107,20 +121,43 @@ class Block:
         k = apply_rope(k.view(tokens, spec.num_kv_heads, spec.head_dim), batch.cos, batch.sin)
         v = v.view(tokens, spec.num_kv_heads, spec.head_dim)
         out = torch.empty_like(q)
+        decoding = []
         for offset, length, kv in batch.spans:
             end = offset + length
             keys, values = kv.write(layer, k[offset:end], v[offset:end])
-            out[offset:end] = self._attend(q[offset:end].transpose(0, 1), keys, values).transpose(0, 1)
+            if length == 1:
+                decoding.append((keys, values))
+            else:
+                out[offset:end] = self._attend_chunk(q[offset:end], keys, values)
+        if decoding:
+            rows = batch.decode_rows
+            out[rows] = self._attend_decode(q[rows], decoding, batch.decode_bias)
         return F.linear(out.view(tokens, spec.q_size), self.o)
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """q: [heads, new, dim] for the last `new` positions of keys/values [kv_heads, total, dim]."""
-        new, total = q.shape[1], keys.shape[1]
+    def _attend_decode(self, q: torch.Tensor, kvs: list[tuple[torch.Tensor, torch.Tensor]],
+                       bias: torch.Tensor | None) -> torch.Tensor:
+        """One new token per sequence, all sequences at once. q: [seqs, heads, dim];
+        kvs: each sequence's keys and values [its length, kv_heads, dim]."""
+        seqs, kv_heads = q.shape[0], self.spec.num_kv_heads
+        keys = pad_sequence([k for k, _ in kvs], batch_first=True)  # [seqs, longest, kv_heads, dim]
+        values = pad_sequence([v for _, v in kvs], batch_first=True)
+        grouped = q.view(seqs, kv_heads, -1, q.shape[-1])  # query heads grouped by their kv head
+        scores = torch.matmul(grouped, keys.permute(0, 2, 3, 1)) * self.scale  # [seqs, kv_heads, group, longest]
+        if bias is not None:
+            scores = scores + bias
+        return torch.matmul(scores.softmax(-1), values.transpose(1, 2)).view(q.shape)
+
+    def _attend_chunk(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """A chunk of `new` tokens q [new, heads, dim] at the end of keys/values [total, kv_heads, dim]."""
+        new, total = q.shape[0], keys.shape[0]
+        group = self.spec.num_heads // self.spec.num_kv_heads
+        # SDPA's fused CPU kernel needs 4-D inputs and equal head counts (its GQA mode and
+        # 3-D inputs fall back to a path ~3x slower), so expand the kv heads and add a batch dim.
+        keys = keys.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+        values = values.transpose(0, 1).repeat_interleave(group, dim=0)[None]
         mask = None
-        if 1 < new < total:  # a chunk after earlier tokens: causal, offset by what came before
-            past = total - new
-            mask = torch.arange(total, device=q.device) <= (past + torch.arange(new, device=q.device))[:, None]
-        return F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, is_causal=(new == total and new > 1),
-            scale=self.scale, enable_gqa=True,
-        )
+        if new < total:  # a chunk after earlier tokens: causal, offset by what came before
+            mask = torch.arange(total, device=q.device) <= (total - new + torch.arange(new, device=q.device))[:, None]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                             is_causal=mask is None, scale=self.scale)
+        return out[0].transpose(0, 1)
