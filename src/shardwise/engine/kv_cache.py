@@ -1,9 +1,13 @@
-"""Per-sequence KV storage for the layers of one shard.
+"""Paged KV storage for the layers of one shard.
 
-Each sequence owns one tensor [layers, 2, capacity, kv_heads, head_dim] that is
-allocated when the sequence arrives, grown in chunks as it lengthens, and
-dropped the moment it is freed. Keys are stored after RoPE. Token-major, so a
-sequence's keys are one contiguous block and a batch of them pads in one call.
+All sequences share one pool of token slots, [layers, 2, kv_heads, slots, head_dim],
+handed out in blocks of BLOCK_SIZE. A sequence's block table maps its positions
+to slots, so a whole batch's new keys are written, and a whole decode batch's
+keys are gathered, with one tensor op per layer however many sequences there
+are. A sequence is allocated, reserves room before each step, and on free its
+blocks return to the pool at once. The pool doubles when it runs out.
+Keys are stored after RoPE. Head-major, so a gather yields the [kv_heads, ...]
+layout that attention multiplies without another copy.
 """
 
 from __future__ import annotations
@@ -12,79 +16,86 @@ import torch
 
 from shardwise.errors import ShardwiseError
 
-GROW_STEP = 128  # tokens; capacity grows to the next multiple, at least doubling
-
-
-class SequenceKV:
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device):
-        self.length = 0  # tokens stored
-        self._shape = (num_layers, 2, 0, kv_heads, head_dim)
-        self.data = torch.empty(self._shape, dtype=dtype, device=device)
-
-    @property
-    def capacity(self) -> int:
-        return self.data.shape[2]
-
-    def reserve(self, new_tokens: int) -> None:
-        """Make room for new_tokens more before a forward pass writes them."""
-        need = self.length + new_tokens
-        if need <= self.capacity:
-            return
-        capacity = max(need, 2 * self.capacity)
-        capacity = -(-capacity // GROW_STEP) * GROW_STEP
-        shape = (*self._shape[:2], capacity, *self._shape[3:])
-        grown = torch.empty(shape, dtype=self.data.dtype, device=self.data.device)
-        grown[:, :, : self.length] = self.data[:, :, : self.length]
-        self.data = grown
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v ([new, kv_heads, head_dim]) after the current length and return this
-        layer's whole keys and values ([length + new, kv_heads, head_dim] views)."""
-        end = self.length + k.shape[0]
-        cache = self.data[layer]
-        cache[0, self.length : end] = k
-        cache[1, self.length : end] = v
-        return cache[0, :end], cache[1, :end]
-
-    def advance(self, new_tokens: int) -> None:
-        """Count new_tokens as stored, once every layer has written them."""
-        self.length += new_tokens
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+BLOCK_SIZE = 16  # tokens per block
 
 
 class KVCache:
-    """The KV of every live sequence on one shard, by sequence id."""
-
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device):
-        self._layout = (num_layers, kv_heads, head_dim, dtype, device)
-        self._sequences: dict[int, SequenceKV] = {}
+                 device: torch.device, initial_blocks: int = 64):
+        # zeros, not empty: padded gathers read unused slots, and garbage there could be NaN,
+        # which a -inf mask does not cancel.
+        self.data = torch.zeros((num_layers, 2, kv_heads, initial_blocks * BLOCK_SIZE, head_dim),
+                                dtype=dtype, device=device)
+        self._free = list(range(initial_blocks - 1, -1, -1))  # a stack: low block ids first
+        self._tables: dict[int, list[int]] = {}
+        self._lengths: dict[int, int] = {}
 
-    def allocate(self, seq_id: int) -> SequenceKV:
-        if seq_id in self._sequences:
+    # --- lifecycle ------------------------------------------------------------------------------
+    def allocate(self, seq_id: int) -> None:
+        if seq_id in self._tables:
             raise ShardwiseError(f"sequence {seq_id} already has a KV cache on this shard")
-        seq = self._sequences[seq_id] = SequenceKV(*self._layout)
-        return seq
+        self._tables[seq_id], self._lengths[seq_id] = [], 0
 
     def free(self, seq_id: int) -> None:
-        self._sequences.pop(seq_id, None)
+        self._free.extend(reversed(self._tables.pop(seq_id, [])))
+        self._lengths.pop(seq_id, None)
 
-    def __getitem__(self, seq_id: int) -> SequenceKV:
+    def reserve(self, seq_id: int, new_tokens: int) -> None:
+        """Make room for new_tokens more before a forward pass writes them."""
+        table = self._table(seq_id)
+        need = -(-(self._lengths[seq_id] + new_tokens) // BLOCK_SIZE) - len(table)
+        if need > len(self._free):
+            self._grow(need - len(self._free))
+        table.extend(self._free.pop() for _ in range(need))
+
+    def advance(self, seq_id: int, new_tokens: int) -> None:
+        """Count new_tokens as stored, once every layer has written them."""
+        self._lengths[seq_id] += new_tokens
+
+    def _grow(self, at_least: int) -> None:
+        blocks = self.data.shape[3] // BLOCK_SIZE
+        extra = max(at_least, blocks)
+        shape = list(self.data.shape)
+        shape[3] = extra * BLOCK_SIZE
+        self.data = torch.cat([self.data, self.data.new_zeros(shape)], dim=3)
+        self._free[:0] = range(blocks + extra - 1, blocks - 1, -1)
+
+    # --- addressing -----------------------------------------------------------------------------
+    def length(self, seq_id: int) -> int:
+        self._table(seq_id)
+        return self._lengths[seq_id]
+
+    def slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:
+        """Pool slot of each position in [start, end) of a sequence."""
+        return self.slot_grid([seq_id], torch.arange(start, end))[0]
+
+    def slot_grid(self, seq_ids: list[int], positions: torch.Tensor) -> torch.Tensor:
+        """[sequences, positions] slots; positions past a sequence's blocks map to slot 0
+        (callers mask them out)."""
+        tables = [self._table(s) for s in seq_ids]
+        width = max(len(t) for t in tables)
+        grid = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+        blocks = (positions // BLOCK_SIZE).clamp(max=width - 1)
+        return grid[:, blocks] * BLOCK_SIZE + positions % BLOCK_SIZE
+
+    def _table(self, seq_id: int) -> list[int]:
         try:
-            return self._sequences[seq_id]
+            return self._tables[seq_id]
         except KeyError:
             raise ShardwiseError(f"sequence {seq_id} has no KV cache on this shard: allocate it first") from None
 
+    # --- accounting -----------------------------------------------------------------------------
     def __contains__(self, seq_id: int) -> bool:
-        return seq_id in self._sequences
+        return seq_id in self._tables
 
     def __len__(self) -> int:
-        return len(self._sequences)
+        return len(self._tables)
+
+    @property
+    def blocks_in_use(self) -> int:
+        return sum(len(t) for t in self._tables.values())
 
     @property
     def nbytes(self) -> int:
-        return sum(seq.nbytes for seq in self._sequences.values())
+        """Bytes of the pool (used or free)."""
+        return self.data.numel() * self.data.element_size()

@@ -6,6 +6,7 @@ The last shard applies the final norm and the LM head and returns logits.
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import torch
@@ -91,7 +92,7 @@ class ShardModel:
         self.kv.free(seq_id)
 
     def cached_tokens(self, seq_id: int) -> int:
-        return self.kv[seq_id].length
+        return self.kv.length(seq_id)
 
     # --- compute ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -111,9 +112,9 @@ class ShardModel:
         x = inputs.to(self.device)
         x = F.embedding(x, self.embed) if self.is_first else x.to(self.dtype)
         for layer, block in enumerate(self.blocks):
-            x = block(x, batch, layer)
-        for _, length, kv in batch.spans:
-            kv.advance(length)
+            x = block(x, batch, self.kv.data[layer])
+        for seq_id, length in zip(seq_ids, lengths, strict=True):
+            self.kv.advance(seq_id, length)
         if not self.is_last:
             return x
         if logits == "last":
@@ -126,18 +127,33 @@ class ShardModel:
         return torch.cat([F.linear(x, rows) for rows in self.head.split(HEAD_BLOCK)], dim=-1).float()
 
     def _pack(self, seq_ids: list[int], lengths: list[int]) -> PackedBatch:
-        spans, positions, offset, upto = [], [], 0, 0
-        for seq_id, length in zip(seq_ids, lengths, strict=True):
-            kv = self.kv[seq_id]
-            if kv.length + length > self.spec.context_length:
+        kv, device = self.kv, self.device
+        starts = [kv.length(seq_id) for seq_id in seq_ids]
+        for seq_id, start, length in zip(seq_ids, starts, lengths, strict=True):
+            if start + length > self.spec.context_length:
                 raise ShardwiseError(
-                    f"sequence {seq_id} would hold {kv.length + length} tokens, more than the model's "
+                    f"sequence {seq_id} would hold {start + length} tokens, more than the model's "
                     f"context of {self.spec.context_length}: shorten the prompt or max_tokens"
                 )
-            kv.reserve(length)
-            spans.append((offset, length, kv))
-            positions.append(torch.arange(kv.length, kv.length + length))
-            offset += length
-            upto = max(upto, kv.length + length)
-        cos, sin = self.rotary.lookup(torch.cat(positions).to(self.device), upto)
-        return PackedBatch.build(spans, cos[:, None].to(self.dtype), sin[:, None].to(self.dtype))
+            kv.reserve(seq_id, length)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+        write_slots = torch.cat([kv.slots(i, s, s + n) for i, s, n in zip(seq_ids, starts, lengths, strict=True)])
+        offsets = [0, *itertools.accumulate(lengths)]
+        chunks = [(offsets[j], n, kv.slots(i, 0, s + n).to(device))
+                  for j, (i, s, n) in enumerate(zip(seq_ids, starts, lengths, strict=True)) if n > 1]
+        decoding = [j for j, n in enumerate(lengths) if n == 1]
+        totals = [starts[j] + 1 for j in decoding]
+        slots, bias = torch.empty(0, 0, dtype=torch.long), None
+        if decoding:
+            slots = kv.slot_grid([seq_ids[j] for j in decoding], torch.arange(max(totals)))
+            if len(set(totals)) > 1:
+                keep = torch.arange(max(totals)) < torch.tensor(totals)[:, None]
+                bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))[:, None, :]
+                bias = bias.to(device, self.dtype)
+        cos, sin = self.rotary.lookup(positions.to(device), max(s + n for s, n in zip(starts, lengths, strict=True)))
+        return PackedBatch(
+            cos=cos[:, None].to(self.dtype), sin=sin[:, None].to(self.dtype),
+            write_slots=write_slots.to(device), chunks=chunks,
+            decode_rows=torch.tensor([offsets[j] for j in decoding], dtype=torch.long, device=device),
+            decode_slots=slots.to(device), decode_bias=bias,
+        )

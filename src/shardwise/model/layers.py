@@ -13,33 +13,22 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
-from shardwise.engine.kv_cache import SequenceKV
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
 
 
 @dataclass
 class PackedBatch:
-    """Where each sequence's new tokens lie in the packed tensor, and their RoPE angles."""
+    """Where a step's tokens go: their RoPE angles, their KV slots, and how they attend."""
 
-    spans: list[tuple[int, int, SequenceKV]]  # (offset, new tokens, its KV)
     cos: torch.Tensor  # [tokens, 1, head_dim]
     sin: torch.Tensor
-    decode_rows: list[int]  # offsets of the one-token sequences, attended as one batch
-    decode_bias: torch.Tensor | None  # [decoding, 1, 1, longest]: -inf over padding, None if none
-
-    @classmethod
-    def build(cls, spans: list[tuple[int, int, SequenceKV]], cos: torch.Tensor, sin: torch.Tensor) -> PackedBatch:
-        rows = [offset for offset, length, _ in spans if length == 1]
-        totals = [kv.length + 1 for _, length, kv in spans if length == 1]
-        bias = None
-        if len(set(totals)) > 1:
-            keep = torch.arange(max(totals), device=cos.device) < torch.tensor(totals, device=cos.device)[:, None]
-            bias = torch.zeros(keep.shape, dtype=cos.dtype, device=cos.device).masked_fill(~keep, float("-inf"))
-            bias = bias[:, None, None, :]
-        return cls(spans, cos, sin, rows, bias)
+    write_slots: torch.Tensor  # [tokens]: the KV slot of each new token
+    chunks: list[tuple[int, int, torch.Tensor]]  # prompt chunks: (offset, new tokens, slots of all positions)
+    decode_rows: torch.Tensor  # [decoding]: offsets of the one-token sequences, attended as one batch
+    decode_slots: torch.Tensor  # [decoding, longest]: their KV slots, padded
+    decode_bias: torch.Tensor | None  # [decoding, 1, longest]: -inf over the padding; None if none
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
@@ -106,13 +95,14 @@ class Block:
         self.down = tensors["down.weight"]
         self.scale = spec.head_dim ** -0.5
 
-    def __call__(self, x: torch.Tensor, batch: PackedBatch, layer: int) -> torch.Tensor:
-        x = x + self.attention(F.rms_norm(x, (x.shape[-1],), self.attn_norm, self.eps), batch, layer)
+    def __call__(self, x: torch.Tensor, batch: PackedBatch, cache: torch.Tensor) -> torch.Tensor:
+        """cache: this layer's KV pool [2, kv_heads, slots, head_dim]."""
+        x = x + self.attention(F.rms_norm(x, (x.shape[-1],), self.attn_norm, self.eps), batch, cache)
         h = F.rms_norm(x, (x.shape[-1],), self.mlp_norm, self.eps)
         gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, self.down)
 
-    def attention(self, h: torch.Tensor, batch: PackedBatch, layer: int) -> torch.Tensor:
+    def attention(self, h: torch.Tensor, batch: PackedBatch, cache: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         tokens = h.shape[0]
         qkv = F.linear(h, self.qkv, self.qkv_bias)
@@ -120,41 +110,45 @@ class Block:
         q = apply_rope(q.view(tokens, spec.num_heads, spec.head_dim), batch.cos, batch.sin)
         k = apply_rope(k.view(tokens, spec.num_kv_heads, spec.head_dim), batch.cos, batch.sin)
         v = v.view(tokens, spec.num_kv_heads, spec.head_dim)
+        keys, values = cache[0], cache[1]  # [kv_heads, slots, head_dim]
+        keys.index_copy_(1, batch.write_slots, k.transpose(0, 1))
+        values.index_copy_(1, batch.write_slots, v.transpose(0, 1))
+        rows = batch.decode_rows
+        if not batch.chunks:  # a pure decode step
+            return F.linear(self._attend_decode(q, keys, values, batch).view(tokens, spec.q_size), self.o)
         out = torch.empty_like(q)
-        decoding = []
-        for offset, length, kv in batch.spans:
+        for offset, length, slots in batch.chunks:
             end = offset + length
-            keys, values = kv.write(layer, k[offset:end], v[offset:end])
-            if length == 1:
-                decoding.append((keys, values))
-            else:
-                out[offset:end] = self._attend_chunk(q[offset:end], keys, values)
-        if decoding:
-            rows = batch.decode_rows
-            out[rows] = self._attend_decode(q[rows], decoding, batch.decode_bias)
+            out[offset:end] = self._attend_chunk(q[offset:end], keys[:, slots], values[:, slots])
+        if len(rows):
+            out[rows] = self._attend_decode(q[rows], keys, values, batch)
         return F.linear(out.view(tokens, spec.q_size), self.o)
 
-    def _attend_decode(self, q: torch.Tensor, kvs: list[tuple[torch.Tensor, torch.Tensor]],
-                       bias: torch.Tensor | None) -> torch.Tensor:
+    def _attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       batch: PackedBatch) -> torch.Tensor:
         """One new token per sequence, all sequences at once. q: [seqs, heads, dim];
-        kvs: each sequence's keys and values [its length, kv_heads, dim]."""
-        seqs, kv_heads = q.shape[0], self.spec.num_kv_heads
-        keys = pad_sequence([k for k, _ in kvs], batch_first=True)  # [seqs, longest, kv_heads, dim]
-        values = pad_sequence([v for _, v in kvs], batch_first=True)
-        grouped = q.view(seqs, kv_heads, -1, q.shape[-1])  # query heads grouped by their kv head
-        scores = torch.matmul(grouped, keys.permute(0, 2, 3, 1)) * self.scale  # [seqs, kv_heads, group, longest]
-        if bias is not None:
-            scores = scores + bias
-        return torch.matmul(scores.softmax(-1), values.transpose(1, 2)).view(q.shape)
+        keys, values: the pool [kv_heads, slots, dim], gathered here by the batch's padded slots."""
+        seqs, longest = batch.decode_slots.shape
+        kv_heads, dim = keys.shape[0], keys.shape[-1]
+        flat = batch.decode_slots.view(-1)
+        keys = keys.index_select(1, flat).view(kv_heads, seqs, longest, dim)
+        values = values.index_select(1, flat).view(kv_heads, seqs, longest, dim)
+        # query heads grouped by their kv head: [kv_heads, seqs, group, dim]
+        grouped = q.view(seqs, kv_heads, -1, dim).transpose(0, 1)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)) * self.scale  # [kv_heads, seqs, group, longest]
+        if batch.decode_bias is not None:
+            scores = scores + batch.decode_bias
+        out = torch.matmul(scores.softmax(-1), values)  # [kv_heads, seqs, group, dim]
+        return out.transpose(0, 1).reshape(q.shape)
 
     def _attend_chunk(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """A chunk of `new` tokens q [new, heads, dim] at the end of keys/values [total, kv_heads, dim]."""
-        new, total = q.shape[0], keys.shape[0]
+        """A chunk of `new` tokens q [new, heads, dim] at the end of keys/values [kv_heads, total, dim]."""
+        new, total = q.shape[0], keys.shape[1]
         group = self.spec.num_heads // self.spec.num_kv_heads
         # SDPA's fused CPU kernel needs 4-D inputs and equal head counts (its GQA mode and
         # 3-D inputs fall back to a path ~3x slower), so expand the kv heads and add a batch dim.
-        keys = keys.transpose(0, 1).repeat_interleave(group, dim=0)[None]
-        values = values.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+        keys = keys.repeat_interleave(group, dim=0)[None]
+        values = values.repeat_interleave(group, dim=0)[None]
         mask = None
         if new < total:  # a chunk after earlier tokens: causal, offset by what came before
             mask = torch.arange(total, device=q.device) <= (total - new + torch.arange(new, device=q.device))[:, None]
