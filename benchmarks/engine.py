@@ -18,20 +18,24 @@ import time
 import torch
 
 
-def median_time(repeats: int, fn, *args) -> float:
-    fn(*args)  # warm up
-    times = []
+def paired_medians(repeats: int, runs, *args) -> list[float]:
+    """Median seconds of each run, the runs interleaved within every repeat so that a
+    noisy machine's drift hits all of them alike."""
+    for run in runs:
+        run(*args)  # warm up
+    times = [[] for _ in runs]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for run, samples in zip(runs, times, strict=True):
+            start = time.perf_counter()
+            run(*args)
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,18 +72,15 @@ def main() -> None:
     n = args.new_tokens
     for batch, dtype in ((1, "float32"), (1, "bfloat16"), (8, "float32"), (32, "float32")):
         ids = prompts(batch, 16)
-        rates = []
-        for run in (ours_run, hf_run):
-            # decode rate: the extra tokens of an n-token run over a 1-token run (prefill cancels out)
-            full = median_time(args.repeats, run, ids, n, dtype)
-            first = median_time(args.repeats, run, ids, 1, dtype)
-            rates.append(batch * (n - 1) / (full - first))
-        rows.append((f"decode batch {batch:>2} {dtype} (tok/s)", rates[0], rates[1], rates[0] / rates[1]))
+        # decode rate: the extra tokens of an n-token run over a 1-token run (prefill cancels out)
+        full = paired_medians(args.repeats, (ours_run, hf_run), ids, n, dtype)
+        first = paired_medians(args.repeats, (ours_run, hf_run), ids, 1, dtype)
+        ours, hf = (batch * (n - 1) / (f - o) for f, o in zip(full, first, strict=True))
+        rows.append((f"decode batch {batch:>2} {dtype} (tok/s)", ours, hf, ours / hf))
     for length in (128, 512):
         ids = prompts(1, length)
-        t_ours = median_time(args.repeats, ours_run, ids, 1)
-        t_hf = median_time(args.repeats, hf_run, ids, 1)
-        rows.append((f"prefill {length:>3} tokens fp32 (s)", t_ours, t_hf, t_hf / t_ours))
+        ours, hf = paired_medians(args.repeats, (ours_run, hf_run), ids, 1, "float32")
+        rows.append((f"prefill {length:>3} tokens fp32 (s)", ours, hf, hf / ours))
 
     print(f"\nSmolLM2-135M (Q4_1 GGUF dequantized), {args.threads} threads, medians of {args.repeats}")
     print(f"{'':32}{'shardwise':>12}{'HF':>12}{'ratio':>8}")

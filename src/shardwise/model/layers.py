@@ -31,6 +31,18 @@ class PackedBatch:
     decode_bias: torch.Tensor | None  # [decoding, 1, longest]: -inf over the padding; None if none
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that an fp32 matrix-vector product on the CPU is split into row blocks
+    run as one batched GEMM: MKL's GEMV uses one core, the batched GEMM all of them (~1.6x
+    faster single-stream decode on 2 cores)."""
+    if x.shape[0] == 1 and x.device.type == "cpu" and weight.dtype == torch.float32:
+        parts = math.gcd(weight.shape[0], torch.get_num_threads())
+        if parts > 1:
+            out = torch.bmm(weight.view(parts, -1, weight.shape[1]), x.t().expand(parts, -1, 1)).view(1, -1)
+            return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
+
+
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
     dim = spec.head_dim
     inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -99,13 +111,13 @@ class Block:
         """cache: this layer's KV pool [2, kv_heads, slots, head_dim]."""
         x = x + self.attention(F.rms_norm(x, (x.shape[-1],), self.attn_norm, self.eps), batch, cache)
         h = F.rms_norm(x, (x.shape[-1],), self.mlp_norm, self.eps)
-        gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down)
+        gate, up = linear(h, self.gate_up).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, self.down)
 
     def attention(self, h: torch.Tensor, batch: PackedBatch, cache: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         tokens = h.shape[0]
-        qkv = F.linear(h, self.qkv, self.qkv_bias)
+        qkv = linear(h, self.qkv, self.qkv_bias)
         q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
         q = apply_rope(q.view(tokens, spec.num_heads, spec.head_dim), batch.cos, batch.sin)
         k = apply_rope(k.view(tokens, spec.num_kv_heads, spec.head_dim), batch.cos, batch.sin)
@@ -115,14 +127,14 @@ class Block:
         values.index_copy_(1, batch.write_slots, v.transpose(0, 1))
         rows = batch.decode_rows
         if not batch.chunks:  # a pure decode step
-            return F.linear(self._attend_decode(q, keys, values, batch).view(tokens, spec.q_size), self.o)
+            return linear(self._attend_decode(q, keys, values, batch).view(tokens, spec.q_size), self.o)
         out = torch.empty_like(q)
         for offset, length, slots in batch.chunks:
             end = offset + length
             out[offset:end] = self._attend_chunk(q[offset:end], keys[:, slots], values[:, slots])
         if len(rows):
             out[rows] = self._attend_decode(q[rows], keys, values, batch)
-        return F.linear(out.view(tokens, spec.q_size), self.o)
+        return linear(out.view(tokens, spec.q_size), self.o)
 
     def _attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        batch: PackedBatch) -> torch.Tensor:
