@@ -88,7 +88,7 @@ def test_eos_stops_a_chat_reply(llm):
 
 
 def test_kv_is_freed_after_every_request(llm):
-    kv = llm.worker.shard.kv
+    kv = llm.executor.shard.kv
     llm.generate(TEXT_PROMPTS, GREEDY)
     assert len(kv) == 0 and kv.blocks_in_use == 0
     stream = llm.stream(TEXT_PROMPTS[0], SamplingParams(max_tokens=50, temperature=0.0))

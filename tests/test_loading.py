@@ -48,7 +48,7 @@ def test_hf_directory_with_safetensors(tmp_path, llm, hf_model):
     llm.tokenizer.hf.save_pretrained(tmp_path)
     other = LLM(str(tmp_path), dtype="float32")
     prompts = [llm.tokenizer.encode(p) for p in TEXT_PROMPTS]
-    diff = (run_prompts([other.worker.shard], prompts) - run_prompts([llm.worker.shard], prompts)).abs().max()
+    diff = (run_prompts([other.executor.shard], prompts) - run_prompts([llm.executor.shard], prompts)).abs().max()
     assert diff <= 1e-5
     greedy = SamplingParams(max_tokens=16, temperature=0.0)
     assert other.generate(TEXT_PROMPTS[0], greedy)[0].text == llm.generate(TEXT_PROMPTS[0], greedy)[0].text
@@ -58,7 +58,7 @@ def test_bfloat16_within_its_tolerance(weights, llm):
     """bf16 (weights and residual stream, as HF runs bf16): its stated tolerance against fp32 is
     mean |logit diff| <= 0.3, max <= 2, and the same top token at >= 90 % of positions."""
     prompts = [llm.tokenizer.encode(p) for p in TEXT_PROMPTS]
-    fp32 = run_prompts([llm.worker.shard], prompts)
+    fp32 = run_prompts([llm.executor.shard], prompts)
     bf16 = run_prompts([ShardModel(weights.spec, weights=weights, dtype="bfloat16")], prompts)
     diff = (bf16 - fp32).abs()
     assert diff.mean().item() <= 0.3 and diff.max().item() <= 2.0

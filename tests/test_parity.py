@@ -28,7 +28,7 @@ def run_prompts(shards: list[ShardModel], prompts: list[list[int]]) -> torch.Ten
 
 def test_logits_match_transformers(llm, weights, hf_model):
     prompts = [llm.tokenizer.encode(p) for p in TEXT_PROMPTS]
-    ours = run_prompts([llm.worker.shard], prompts)
+    ours = run_prompts([llm.executor.shard], prompts)
     offset = 0
     for prompt in prompts:
         with torch.no_grad():
@@ -52,7 +52,7 @@ def test_greedy_chat_matches_transformers_generate(llm, hf_model):
 
 def test_shards_chained_equal_one_model(llm, weights):
     prompts = [llm.tokenizer.encode(p) for p in TEXT_PROMPTS]
-    whole = run_prompts([llm.worker.shard], prompts)
+    whole = run_prompts([llm.executor.shard], prompts)
     spec = weights.spec
     for cuts in ([0, 15, 30], [0, 7, 20, 30], list(range(31))):
         shards = [ShardModel(spec, (a, b), weights=weights, dtype="float32") for a, b in itertools.pairwise(cuts)]
@@ -62,7 +62,7 @@ def test_shards_chained_equal_one_model(llm, weights):
 
 
 def test_chunked_prefill_equals_whole_prefill(llm):
-    shard = llm.worker.shard
+    shard = llm.executor.shard
     prompt = llm.tokenizer.encode(TEXT_PROMPTS[2] * 3)
     whole = run_prompts([shard], [prompt])[-1]
     shard.allocate(99)

@@ -37,10 +37,11 @@ def generate(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Send the prompt as raw text.")] = False,
+    stages: Annotated[int | None, typer.Option(help="Split the model evenly over N local Ray stages.")] = None,
+    plan: Annotated[str | None, typer.Option(help="A plan JSON file: which layers run where.")] = None,
+    address: Annotated[str | None, typer.Option(help="Join a running Ray cluster ('auto' or host:port).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    dtype: Annotated[str | None, typer.Option(
-        help="float32, bfloat16 or float16. Default: bfloat16 on CPU (one stream decodes ~2x faster "
-             "than fp32 there), else the device's fastest.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: the device's best.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
 ) -> None:
     """Generate a reply and stream it to the terminal."""
@@ -49,14 +50,14 @@ def generate(
         from shardwise.engine.sampling import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        if dtype is None and device == "cpu":
-            dtype = "bfloat16"
-        llm = LLM(model, device=device, dtype=dtype, threads=threads)
+        llm = LLM(model, stages=stages, plan=plan, address=address, device=device, dtype=dtype, threads=threads)
         request = prompt if no_chat else [{"role": "user", "content": prompt}]
-        for piece, output in llm.stream_outputs(request, params):  # noqa: B007 (used after the loop)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        llm.close()
+        try:
+            for piece, output in llm.stream_outputs(request, params):  # noqa: B007 (used after the loop)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:
+            llm.close()
         _print_stats(output)
     except ShardwiseError as e:
         fail(str(e))

@@ -3,6 +3,8 @@
 Requests become sequences; each step packs the running decodes (one token each)
 and then chunks of waiting prompts into one batch under a token budget, so a long
 prompt is prefilled in pieces and never blocks the sequences already decoding.
+On a pipeline of S stages the running sequences form S micro-batches, each with a
+step in flight, so that every stage has work.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from shardwise.cluster.plan import Plan
+from shardwise.engine.executor import LocalExecutor
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.shard import ShardModel
 from shardwise.engine.worker import Worker
@@ -73,7 +78,11 @@ class _Sequence:
 
 
 class LLM:
-    def __init__(self, model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str | None = None,
+    """stages=N or plan=Plan / "plan.json" run the model as a pipeline of Ray actors (address:
+    an existing Ray cluster, e.g. "auto"); otherwise it runs in this process on `device`."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, stages: int | None = None, plan: Plan | str | None = None,
+                 address: str | None = None, device: str = "cpu", dtype: str | None = None,
                  threads: int | None = None, max_num_seqs: int = 32, max_batch_tokens: int = 512):
         if threads:
             torch.set_num_threads(threads)
@@ -81,7 +90,18 @@ class LLM:
         weights = open_weights(path)
         self.spec = weights.spec
         self.tokenizer = Tokenizer(path, weights.eos_token_ids())
-        self.worker = Worker(ShardModel(self.spec, weights=weights, device=device, dtype=dtype))
+        if plan is not None and stages is not None:
+            raise ShardwiseError("give either stages or plan, not both")
+        if isinstance(plan, str | Path):
+            plan = Plan.load(plan)
+        if plan is None and (stages is not None or address is not None):
+            plan = Plan.even(self.spec, stages or 1, device=device)
+        if plan is None:
+            self.executor = LocalExecutor(Worker(ShardModel(self.spec, weights=weights, device=device, dtype=dtype)))
+        else:
+            from shardwise.cluster.pipeline import Pipeline  # Ray is imported only for pipelines
+
+            self.executor = Pipeline(path, self.spec, plan, dtype=dtype, address=address)
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max(max_batch_tokens, max_num_seqs)
         self._ids = itertools.count()
@@ -118,7 +138,10 @@ class LLM:
             yield piece, seq.output
 
     def close(self) -> None:
-        self.worker = None
+        """Release the model; a pipeline's stage actors are killed."""
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
 
     def __enter__(self) -> LLM:
         return self
@@ -147,7 +170,7 @@ class LLM:
         raise ShardwiseError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def _sequence(self, prompt_ids: list[int], params: SamplingParams) -> _Sequence:
-        if self.worker is None:
+        if self.executor is None:
             raise ShardwiseError("this LLM is closed: create a new one")
         if not prompt_ids:
             raise ShardwiseError("the prompt is empty: give at least one token")
@@ -160,29 +183,38 @@ class LLM:
 
     def _run(self, seqs: list[_Sequence]) -> Iterator[tuple[_Sequence, str]]:
         """Step until every sequence finishes, yielding (sequence, new text) as tokens arrive."""
-        waiting, running = deque(seqs), []
+        executor = self.executor
+        waiting = deque(seqs)
+        groups: list[list[_Sequence]] = [[] for _ in range(executor.parallelism)]  # micro-batches
+        in_flight: list[tuple[Any, int, list[tuple[_Sequence, list[int]]]]] = []  # (handle, group, batch)
         try:
-            while waiting or running:
-                while waiting and len(running) < self.max_num_seqs:
+            while waiting or any(groups):
+                while waiting and sum(map(len, groups)) < self.max_num_seqs:
                     seq = waiting.popleft()
-                    self.worker.add(seq.id, seq.params)
-                    running.append(seq)
-                batch = self._schedule(running)
-                tokens = self.worker.step([s.id for s, _ in batch], [c for _, c in batch],
-                                          [s.fed + len(c) >= len(s.prompt) for s, c in batch])
-                for (seq, chunk), token in zip(batch, tokens, strict=True):
+                    executor.add(seq.id, seq.params)
+                    min(groups, key=len).append(seq)  # joins its group's next step
+                busy = {g for _, g, _ in in_flight}
+                for g, group in enumerate(groups):
+                    if g not in busy and group:
+                        batch = self._schedule(group)
+                        handle = executor.submit([s.id for s, _ in batch], [c for _, c in batch],
+                                                 [s.fed + len(c) >= len(s.prompt) for s, c in batch])
+                        in_flight.append((handle, g, batch))
+                handle, g, batch = in_flight.pop(executor.wait([h for h, _, _ in in_flight]))
+                for (seq, chunk), token in zip(batch, executor.result(handle), strict=True):
                     seq.fed += len(chunk)
                     if token is None:
                         continue
                     piece = self._append(seq, token)
                     if seq.output.finished:
-                        self.worker.free(seq.id)
-                        running.remove(seq)
+                        executor.free(seq.id)
+                        groups[g].remove(seq)
                     yield seq, piece
         finally:  # an error or an abandoned stream must not leak KV
-            for seq in running:
-                if self.worker is not None:
-                    self.worker.free(seq.id)
+            if self.executor is not None:
+                for group in groups:
+                    for seq in group:
+                        executor.free(seq.id)
 
     def _schedule(self, running: list[_Sequence]) -> list[tuple[_Sequence, list[int]]]:
         """Decodes first (one token each), then prompt chunks while the token budget lasts."""

@@ -1,0 +1,116 @@
+"""Pipeline: the model's stages as Ray actors, driven like one executor.
+
+Each step's hidden states go from stage to stage as ObjectRefs (never through the
+driver) and only the last stage's token ids come back. The step loop keeps up to
+one micro-batch per stage in flight, so every stage works at once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from shardwise.cluster.plan import DEFAULT_KV_TOKENS, Plan
+from shardwise.cluster.stage import StageActor
+from shardwise.engine.sampling import SamplingParams
+from shardwise.errors import ShardwiseError
+from shardwise.model.spec import ModelSpec
+
+
+class Pipeline:
+    def __init__(self, model_path: Path, spec: ModelSpec, plan: Plan, *, dtype: str | None = None,
+                 address: str | None = None, kv_tokens: int = DEFAULT_KV_TOKENS):
+        plan.check_layers(spec)
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            except ConnectionError as e:
+                raise ShardwiseError(f"cannot join the Ray cluster at '{address}' ({e}): start it with "
+                                     "'ray start --head', or drop --address to run locally") from None
+        try:
+            nodes = self._place(plan)
+            dtypes = [dtype or ("bfloat16" if s.device.startswith("cuda") else "float32") for s in plan.stages]
+            where = [f"{n['NodeManagerAddress']}/{s.device}" for n, s in zip(nodes, plan.stages, strict=True)]
+            capacity = {f"{n['NodeManagerAddress']}/cpu": int(n["Resources"].get("memory", 0)) for n in nodes}
+            plan.check_memory(spec, dtypes, where, capacity, kv_tokens)
+            self.stages = [
+                StageActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(model_path), s.layers, s.device, dtype, s.threads or self._threads(n, nodes))
+                for s, n in zip(plan.stages, nodes, strict=True)
+            ]
+            self.pids = _get([s.ready.remote() for s in self.stages])
+        except BaseException:
+            self.close()
+            raise
+        self.plan = plan
+        self.parallelism = len(self.stages)
+
+    @staticmethod
+    def _place(plan: Plan) -> list[dict[str, Any]]:
+        """The Ray node of each stage; an unknown placement is an error before anything loads."""
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        local = ray.get_runtime_context().get_node_id()
+        placed = []
+        for i, stage in enumerate(plan.stages):
+            key = local if stage.placement == "local" else stage.placement
+            match = [n for n in alive if key in (n["NodeID"], n["NodeManagerAddress"])]
+            if not match:
+                known = ", ".join(f"{n['NodeManagerAddress']} ({n['NodeID'][:8]}…)" for n in alive)
+                raise ShardwiseError(f"plan stage {i} is placed on unknown node '{stage.placement}': "
+                                     f"the cluster has {known}; use one of those or \"local\"")
+            placed.append(match[0])
+        return placed
+
+    @staticmethod
+    def _threads(node: dict[str, Any], nodes: list[dict[str, Any]]) -> int:
+        """Stages on one node share its cores, so they never oversubscribe it."""
+        cores = int(node["Resources"].get("CPU", os.cpu_count() or 1))
+        sharing = sum(n["NodeID"] == node["NodeID"] for n in nodes)
+        return max(1, cores // sharing)
+
+    # --- the executor interface ---------------------------------------------------------------
+    def add(self, seq_id: int, params: SamplingParams) -> None:
+        for stage in self.stages:  # an actor runs calls in the order one caller sent them
+            stage.add.remote(seq_id, params)
+
+    def free(self, seq_id: int) -> None:
+        for stage in self.stages:
+            stage.free.remote(seq_id)
+
+    def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> ray.ObjectRef:
+        ref = None
+        for stage in self.stages:  # each stage gets the previous one's output as a ref
+            ref = stage.step.remote(seq_ids, chunks, sample, ref)
+        return ref
+
+    def wait(self, handles: list[ray.ObjectRef]) -> int:
+        ready, _ = ray.wait(handles, num_returns=1)
+        return handles.index(ready[0])
+
+    def result(self, handle: ray.ObjectRef) -> list[int | None]:
+        return _get(handle)
+
+    def kv_stats(self) -> list[dict[str, int]]:
+        return _get([s.kv_stats.remote() for s in self.stages])
+
+    def close(self) -> None:
+        for stage in getattr(self, "stages", []):
+            ray.kill(stage)
+        self.stages = []
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def _get(refs: Any) -> Any:
+    """ray.get, with a user mistake raised inside a stage surfacing as itself."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ShardwiseError):
+            raise ShardwiseError(str(e.cause)) from None
+        raise

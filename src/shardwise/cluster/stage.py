@@ -1,0 +1,44 @@
+"""The Ray actor around one pipeline stage: a Worker holding layers [a, b) and their KV."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from shardwise.engine.sampling import SamplingParams
+from shardwise.engine.shard import ShardModel
+from shardwise.engine.worker import Worker
+from shardwise.model.weights import open_weights
+
+
+@ray.remote(num_cpus=0)  # threads are set per stage by the plan, not by Ray's CPU accounting
+class StageActor:
+    def __init__(self, model_path: str, layers: tuple[int, int], device: str, dtype: str | None, threads: int):
+        torch.set_num_threads(threads)
+        weights = open_weights(Path(model_path))  # memory-mapped: only this stage's tensors are read
+        self.worker = Worker(ShardModel(weights.spec, layers, weights=weights, device=device, dtype=dtype))
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def add(self, seq_id: int, params: SamplingParams) -> None:
+        self.worker.add(seq_id, params)
+
+    def free(self, seq_id: int) -> None:
+        self.worker.free(seq_id)
+
+    def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
+             hidden: np.ndarray | None = None) -> np.ndarray | list[int | None]:
+        """Hidden states travel as float32 numpy arrays (zero-copy in Ray's object store);
+        the last stage returns token ids only."""
+        inputs = None if hidden is None else torch.from_numpy(hidden.copy())
+        out = self.worker.step(seq_ids, chunks, sample, inputs)
+        return out.float().cpu().numpy() if isinstance(out, torch.Tensor) else out
+
+    def kv_stats(self) -> dict[str, int]:
+        kv = self.worker.shard.kv
+        return {"sequences": len(kv), "blocks_in_use": kv.blocks_in_use, "pool_bytes": kv.nbytes}

@@ -1,0 +1,41 @@
+"""Executors run steps for the LLM's step loop: in this process, or as a Ray pipeline.
+
+Both take a step with submit() and hand its token ids back through wait()/result(),
+so the loop can keep several micro-batches in flight where the executor allows it
+(parallelism: how many steps it can overlap).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shardwise.engine.sampling import SamplingParams
+from shardwise.engine.worker import Worker
+
+
+class LocalExecutor:
+    """The whole model in this process; a step completes inside submit()."""
+
+    parallelism = 1
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.shard = worker.shard
+
+    def add(self, seq_id: int, params: SamplingParams) -> None:
+        self.worker.add(seq_id, params)
+
+    def free(self, seq_id: int) -> None:
+        self.worker.free(seq_id)
+
+    def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Any:
+        return self.worker.step(seq_ids, chunks, sample)
+
+    def wait(self, handles: list[Any]) -> int:
+        return 0
+
+    def result(self, handle: Any) -> list[int | None]:
+        return handle
+
+    def close(self) -> None:
+        self.worker = self.shard = None
