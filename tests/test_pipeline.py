@@ -1,0 +1,155 @@
+"""The model split across Ray stage actors: same outputs, clean errors, no leaks."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import psutil
+import pytest
+
+from shardwise import LLM, SamplingParams, ShardwiseError
+from shardwise.cluster.plan import Plan
+from tests.conftest import TEXT_PROMPTS
+from tests.test_loading import cli
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0)
+
+
+def stage_actors_alive(ray) -> int:
+    return sum(a["State"] == "ALIVE" and a["ActorClassName"] == "StageActor"
+               for a in ray._private.state.actors().values())
+
+
+@pytest.fixture(scope="module")
+def reference(llm):
+    return [o.token_ids for o in llm.generate(TEXT_PROMPTS, GREEDY)]
+
+
+def test_even_plans_split_all_layers(weights):
+    for n in (1, 2, 3, 5, 30):
+        plan = Plan.even(weights.spec, n)
+        plan.check_layers(weights.spec)
+        sizes = [b - a for a, b in (s.layers for s in plan.stages)]
+        assert len(sizes) == n and sum(sizes) == 30 and max(sizes) - min(sizes) <= 1
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+@pytest.mark.parametrize("layout", [
+    1, 2, 3, 5,  # even splits
+    [[0, 10], [10, 30]], [[0, 7], [7, 19], [19, 30]], [[0, 2], [2, 4], [4, 25], [25, 29], [29, 30]],
+])
+def test_pipeline_outputs_equal_one_process(ray_session, reference, weights, layout):
+    if isinstance(layout, int):
+        plan = Plan.even(weights.spec, layout)
+    else:
+        plan = Plan.from_dict({"stages": [{"layers": r} for r in layout]})
+    llm = LLM(plan=plan, dtype="float32")
+    try:
+        outputs = llm.generate(TEXT_PROMPTS, GREEDY)
+    finally:
+        llm.close()
+    assert [o.token_ids for o in outputs] == reference
+
+
+@pytest.fixture(scope="module")
+def pipeline(ray_session):
+    llm = LLM(stages=2, dtype="float32")
+    yield llm
+    llm.close()
+
+
+def test_concurrent_sequences_equal_one_at_a_time(pipeline):
+    prompts = [p * (i % 3 + 1) for i, p in enumerate(TEXT_PROMPTS * 2)]  # 8 prompts, different lengths
+    together = pipeline.generate(prompts, GREEDY)
+    alone = [pipeline.generate(p, GREEDY)[0] for p in prompts]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert len({len(o.prompt_token_ids) for o in together}) > 4
+
+
+def test_stream_and_chat_through_the_pipeline(pipeline, llm):
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    pieces = list(pipeline.stream(TEXT_PROMPTS[1], params))
+    assert "".join(pieces) == llm.generate(TEXT_PROMPTS[1], params)[0].text
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert pipeline.chat(messages, params)[0].text == llm.chat(messages, params)[0].text
+
+
+def test_seeded_sampling_matches_one_process(pipeline, llm):
+    params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=11)
+    assert pipeline.generate(TEXT_PROMPTS[2], params)[0].token_ids == llm.generate(TEXT_PROMPTS[2], params)[0].token_ids
+
+
+def test_kv_is_freed_over_50_requests(pipeline):
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    pipeline.generate(TEXT_PROMPTS[0], params)
+    before = pipeline.executor.kv_stats()
+    rss = [psutil.Process(pid).memory_info().rss for pid in pipeline.executor.pids]
+    for i in range(50):
+        pipeline.generate(TEXT_PROMPTS[i % 4] + " " * (i % 5), params)
+    after = pipeline.executor.kv_stats()
+    assert all(s["sequences"] == 0 and s["blocks_in_use"] == 0 for s in after)
+    assert [s["pool_bytes"] for s in after] == [s["pool_bytes"] for s in before]
+    grown = [psutil.Process(pid).memory_info().rss - r for pid, r in zip(pipeline.executor.pids, rss, strict=True)]
+    assert max(grown) < 64 * 2**20, grown
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([[0, 10], [12, 30]], "gap"),
+    ([[0, 15], [10, 30]], "overlap"),
+    ([[0, 10], [10, 10], [10, 30]], "empty"),
+    ([[0, 10], [10, 25]], "must end at 30"),
+])
+def test_malformed_plans_fail_before_any_actor(ray_session, stages, message):
+    alive = stage_actors_alive(ray_session)
+    with pytest.raises(ShardwiseError, match=message):
+        LLM(plan=Plan.from_dict({"stages": [{"layers": r} for r in stages]}))
+    assert stage_actors_alive(ray_session) == alive
+
+
+def test_unknown_node_and_plan_that_cannot_fit(ray_session, model_path, weights):
+    from shardwise.cluster.pipeline import Pipeline
+
+    alive = stage_actors_alive(ray_session)
+    plan = Plan.from_dict({"stages": [{"layers": [0, 15]}, {"layers": [15, 30], "placement": "10.9.9.9"}]})
+    with pytest.raises(ShardwiseError, match="unknown node '10.9.9.9'"):
+        Pipeline(model_path, weights.spec, plan)
+    with pytest.raises(ShardwiseError, match=r"need .* GiB .* but it has"):
+        Pipeline(model_path, weights.spec, Plan.even(weights.spec, 2), kv_tokens=10**9)
+    assert stage_actors_alive(ray_session) == alive
+
+
+def test_bad_plan_files(tmp_path):
+    with pytest.raises(ShardwiseError, match="does not exist"):
+        Plan.load(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ShardwiseError, match="not valid JSON"):
+        Plan.load(tmp_path / "bad.json")
+    for data, message in [({}, "stages"), ({"stages": [{"layer": [0, 1]}]}, "layers"),
+                          ({"stages": [{"layers": [0, "x"]}]}, "two integers"),
+                          ({"stages": [{"layers": [0, 30], "gpu": 1}]}, "unknown fields"),
+                          ({"stages": [{"layers": [0, 30], "threads": 0}]}, "threads")]:
+        with pytest.raises(ShardwiseError, match=message):
+            Plan.from_dict(data)
+
+
+def test_close_kills_the_stage_actors(ray_session):
+    llm = LLM(stages=3, dtype="float32")
+    pids = list(llm.executor.pids)
+    assert all(psutil.pid_exists(p) for p in pids)
+    llm.close()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(psutil.pid_exists(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(psutil.pid_exists(p) for p in pids)
+
+
+def test_cli_generate_with_stages_and_plan(tmp_path, weights):
+    result = cli("generate", "What is the capital of France?", "--stages", "2", "--max-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"stages": [{"layers": [0, 10]}, {"layers": [12, 30]}]}))
+    result = cli("generate", "hi", "--plan", str(plan))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "gap" in result.stderr and len(result.stderr.strip().splitlines()) == 1
