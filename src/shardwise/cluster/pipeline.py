@@ -20,6 +20,10 @@ from shardwise.engine.sampling import SamplingParams
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
 
+# Stages on one node take turns on its cores. OpenMP threads spin only briefly before
+# sleeping: hot between the ops of a step, out of the way while another stage computes.
+STAGE_ENV = {"env_vars": {"GOMP_SPINCOUNT": "20000"}}
+
 
 class Pipeline:
     def __init__(self, model_path: Path, spec: ModelSpec, plan: Plan, *, dtype: str | None = None,
@@ -39,16 +43,21 @@ class Pipeline:
             capacity = {f"{n['NodeManagerAddress']}/cpu": int(n["Resources"].get("memory", 0)) for n in nodes}
             plan.check_memory(spec, dtypes, where, capacity, kv_tokens)
             self.stages = [
-                StageActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(str(model_path), s.layers, s.device, dtype, s.threads or self._threads(n, nodes))
+                StageActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+                                   runtime_env=STAGE_ENV)
+                .remote(str(model_path), s.layers, s.device, dtype)
                 for s, n in zip(plan.stages, nodes, strict=True)
             ]
+            # threads per stage: alone on its node's cores, or sharing them when steps overlap
+            self._threads = [(s.threads or self._cores(n), s.threads or self._share(n, nodes))
+                             for s, n in zip(plan.stages, nodes, strict=True)]
             self.pids = _get([s.ready.remote() for s in self.stages])
         except BaseException:
             self.close()
             raise
         self.plan = plan
         self.parallelism = len(self.stages)
+        self._in_flight = 0
 
     @staticmethod
     def _place(plan: Plan) -> list[dict[str, Any]]:
@@ -67,11 +76,13 @@ class Pipeline:
         return placed
 
     @staticmethod
-    def _threads(node: dict[str, Any], nodes: list[dict[str, Any]]) -> int:
-        """Stages on one node share its cores, so they never oversubscribe it."""
-        cores = int(node["Resources"].get("CPU", os.cpu_count() or 1))
-        sharing = sum(n["NodeID"] == node["NodeID"] for n in nodes)
-        return max(1, cores // sharing)
+    def _cores(node: dict[str, Any]) -> int:
+        return int(node["Resources"].get("CPU", os.cpu_count() or 1))
+
+    @classmethod
+    def _share(cls, node: dict[str, Any], nodes: list[dict[str, Any]]) -> int:
+        """Stages on one node that run at once share its cores, so they never oversubscribe it."""
+        return max(1, cls._cores(node) // sum(n["NodeID"] == node["NodeID"] for n in nodes))
 
     # --- the executor interface ---------------------------------------------------------------
     def add(self, seq_id: int, params: SamplingParams) -> None:
@@ -83,9 +94,12 @@ class Pipeline:
             stage.free.remote(seq_id)
 
     def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> ray.ObjectRef:
+        overlapping = self._in_flight > 0
+        self._in_flight += 1
         ref = None
-        for stage in self.stages:  # each stage gets the previous one's output as a ref
-            ref = stage.step.remote(seq_ids, chunks, sample, ref)
+        for stage, (alone, shared) in zip(self.stages, self._threads, strict=True):
+            # each stage gets the previous one's output as a ref, never through the driver
+            ref = stage.step.remote(seq_ids, chunks, sample, ref, shared if overlapping else alone)
         return ref
 
     def wait(self, handles: list[ray.ObjectRef]) -> int:
@@ -93,6 +107,7 @@ class Pipeline:
         return handles.index(ready[0])
 
     def result(self, handle: ray.ObjectRef) -> list[int | None]:
+        self._in_flight -= 1
         return _get(handle)
 
     def kv_stats(self) -> list[dict[str, int]]:

@@ -17,8 +17,7 @@ from shardwise.model.weights import open_weights
 
 @ray.remote(num_cpus=0)  # threads are set per stage by the plan, not by Ray's CPU accounting
 class StageActor:
-    def __init__(self, model_path: str, layers: tuple[int, int], device: str, dtype: str | None, threads: int):
-        torch.set_num_threads(threads)
+    def __init__(self, model_path: str, layers: tuple[int, int], device: str, dtype: str | None):
         weights = open_weights(Path(model_path))  # memory-mapped: only this stage's tensors are read
         self.worker = Worker(ShardModel(weights.spec, layers, weights=weights, device=device, dtype=dtype))
 
@@ -32,9 +31,11 @@ class StageActor:
         self.worker.free(seq_id)
 
     def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
-             hidden: np.ndarray | None = None) -> np.ndarray | list[int | None]:
+             hidden: np.ndarray | None, threads: int) -> np.ndarray | list[int | None]:
         """Hidden states travel as float32 numpy arrays (zero-copy in Ray's object store);
-        the last stage returns token ids only."""
+        the last stage returns token ids only. threads: how many cores this step may use."""
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         inputs = None if hidden is None else torch.from_numpy(hidden.copy())
         out = self.worker.step(seq_ids, chunks, sample, inputs)
         return out.float().cpu().numpy() if isinstance(out, torch.Tensor) else out
