@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/shardwise generate "$(PROMPT)"
+	$(BIN)/shardwise generate "$(PROMPT)" --stages 2
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks
@@ -23,3 +23,4 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/pipeline.py
