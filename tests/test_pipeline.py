@@ -44,7 +44,7 @@ def test_pipeline_outputs_equal_one_process(ray_session, reference, weights, lay
         plan = Plan.even(weights.spec, layout)
     else:
         plan = Plan.from_dict({"stages": [{"layers": r} for r in layout]})
-    llm = LLM(plan=plan, dtype="float32")
+    llm = LLM(plan=plan, dtype="float32", micro_batches=len(plan.stages))  # every stage busy at once
     try:
         outputs = llm.generate(TEXT_PROMPTS, GREEDY)
     finally:
@@ -54,9 +54,19 @@ def test_pipeline_outputs_equal_one_process(ray_session, reference, weights, lay
 
 @pytest.fixture(scope="module")
 def pipeline(ray_session):
-    llm = LLM(stages=2, dtype="float32")
+    # two micro-batches in flight, as stages on separate machines would run (local stages default to one)
+    llm = LLM(stages=2, dtype="float32", micro_batches=2)
     yield llm
     llm.close()
+
+
+def test_local_stages_share_one_resource(pipeline, ray_session):
+    assert pipeline.executor.parallelism == 2
+    llm = LLM(stages=3, dtype="float32")
+    try:
+        assert llm.executor.parallelism == 1  # one node's cores: stages take turns with all of them
+    finally:
+        llm.close()
 
 
 def test_concurrent_sequences_equal_one_at_a_time(pipeline):

@@ -1,8 +1,11 @@
 """Pipeline: the model's stages as Ray actors, driven like one executor.
 
 Each step's hidden states go from stage to stage as ObjectRefs (never through the
-driver) and only the last stage's token ids come back. The step loop keeps up to
-one micro-batch per stage in flight, so every stage works at once.
+driver) and only the last stage's token ids come back. The step loop keeps one
+micro-batch in flight per compute resource the stages occupy (a node's CPU cores,
+or one GPU), so every resource works at once. Stages that share one resource
+gain nothing from overlapping (they would only split its cores and re-read all
+weights per smaller micro-batch), so they take turns with all of it instead.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ STAGE_ENV = {"env_vars": {"GOMP_SPINCOUNT": "20000"}}
 
 class Pipeline:
     def __init__(self, model_path: Path, spec: ModelSpec, plan: Plan, *, dtype: str | None = None,
-                 address: str | None = None, kv_tokens: int = DEFAULT_KV_TOKENS):
+                 address: str | None = None, kv_tokens: int = DEFAULT_KV_TOKENS, micro_batches: int | None = None):
         plan.check_layers(spec)
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -56,7 +59,9 @@ class Pipeline:
             self.close()
             raise
         self.plan = plan
-        self.parallelism = len(self.stages)
+        resources = {(n["NodeID"], s.device if s.device.startswith("cuda") else "cpu")
+                     for s, n in zip(plan.stages, nodes, strict=True)}
+        self.parallelism = micro_batches or len(resources)
         self._in_flight = 0
 
     @staticmethod

@@ -79,11 +79,13 @@ class _Sequence:
 
 class LLM:
     """stages=N or plan=Plan / "plan.json" run the model as a pipeline of Ray actors (address:
-    an existing Ray cluster, e.g. "auto"); otherwise it runs in this process on `device`."""
+    an existing Ray cluster, e.g. "auto"; micro_batches: steps kept in flight, by default one
+    per compute resource the stages occupy); otherwise it runs in this process on `device`."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, stages: int | None = None, plan: Plan | str | None = None,
-                 address: str | None = None, device: str = "cpu", dtype: str | None = None,
-                 threads: int | None = None, max_num_seqs: int = 32, max_batch_tokens: int = 512):
+                 address: str | None = None, micro_batches: int | None = None, device: str = "cpu",
+                 dtype: str | None = None, threads: int | None = None, max_num_seqs: int = 32,
+                 max_batch_tokens: int = 512):
         if threads:
             torch.set_num_threads(threads)
         path = resolve(model)
@@ -101,7 +103,7 @@ class LLM:
         else:
             from shardwise.cluster.pipeline import Pipeline  # Ray is imported only for pipelines
 
-            self.executor = Pipeline(path, self.spec, plan, dtype=dtype, address=address)
+            self.executor = Pipeline(path, self.spec, plan, dtype=dtype, address=address, micro_batches=micro_batches)
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max(max_batch_tokens, max_num_seqs)
         self._ids = itertools.count()
