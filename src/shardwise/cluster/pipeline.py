@@ -54,7 +54,7 @@ class Pipeline:
             # threads per stage: alone on its node's cores, or sharing them when steps overlap
             self._threads = [(s.threads or self._cores(n), s.threads or self._share(n, nodes))
                              for s, n in zip(plan.stages, nodes, strict=True)]
-            self.pids = _get([s.ready.remote() for s in self.stages])
+            self.pids, self.node_ids = map(list, zip(*_get([s.ready.remote() for s in self.stages]), strict=True))
         except BaseException:
             self.close()
             raise

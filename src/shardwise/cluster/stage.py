@@ -21,8 +21,9 @@ class StageActor:
         weights = open_weights(Path(model_path))  # memory-mapped: only this stage's tensors are read
         self.worker = Worker(ShardModel(weights.spec, layers, weights=weights, device=device, dtype=dtype))
 
-    def ready(self) -> int:
-        return os.getpid()
+    def ready(self) -> tuple[int, str]:
+        """Once loaded: this actor's process id and Ray node id."""
+        return os.getpid(), ray.get_runtime_context().get_node_id()
 
     def add(self, seq_id: int, params: SamplingParams) -> None:
         self.worker.add(seq_id, params)
