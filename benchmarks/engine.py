@@ -16,6 +16,7 @@ import statistics
 import time
 
 import torch
+from report import print_ratio_table
 
 
 def paired_medians(repeats: int, runs, *args) -> list[float]:
@@ -82,10 +83,8 @@ def main() -> None:
         ours, hf = paired_medians(args.repeats, (ours_run, hf_run), ids, 1, "float32")
         rows.append((f"prefill {length:>3} tokens fp32 (s)", ours, hf, hf / ours))
 
-    print(f"\nSmolLM2-135M (Q4_1 GGUF dequantized), {args.threads} threads, medians of {args.repeats}")
-    print(f"{'':32}{'shardwise':>12}{'HF':>12}{'ratio':>8}")
-    for name, a, b, ratio in rows:
-        print(f"{name:32}{a:12.3f}{b:12.3f}{ratio:7.2f}x")
+    title = f"SmolLM2-135M (Q4_1 GGUF dequantized), {args.threads} threads, medians of {args.repeats}"
+    print_ratio_table(title, ("shardwise", "HF"), rows)
 
 
 if __name__ == "__main__":

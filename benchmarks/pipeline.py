@@ -15,6 +15,7 @@ import statistics
 import time
 
 import torch
+from report import print_ratio_table
 
 
 def decode_rate(llm, ids: list[list[int]], new: int) -> float:
@@ -63,10 +64,8 @@ def main() -> None:
     ray.shutdown()
 
     threads = args.stage_threads or f"{cores} cores shared"
-    print(f"\nSmolLM2-135M fp32 decode tokens/s, {cores} cores, stage threads: {threads}, medians of {args.repeats}")
-    print(f"{'':24}{'pipeline':>10}{'one process':>13}{'ratio':>8}")
-    for name, p, b, ratio in rows:
-        print(f"{name:24}{p:10.1f}{b:13.1f}{ratio:7.2f}x")
+    title = f"SmolLM2-135M fp32 decode tokens/s, {cores} cores, stage threads: {threads}, medians of {args.repeats}"
+    print_ratio_table(title, ("pipeline", "one process"), rows)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import os
 import statistics
 import time
 
+from report import print_ratio_table
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,10 +86,8 @@ def main() -> None:
         rows.append((f"batch {batch:>2} step (ms)", refs, compiled, refs / compiled))
     ray.shutdown()
 
-    print(f"\n2-stage SmolLM2-135M pipeline, fp32, {cores} cores, medians of {args.steps} steps")
-    print(f"{'':22}{'ObjectRefs':>12}{'compiled':>12}{'ratio':>8}")
-    for name, a, b, ratio in rows:
-        print(f"{name:22}{a:12.2f}{b:12.2f}{ratio:7.2f}x")
+    title = f"2-stage SmolLM2-135M pipeline, fp32, {cores} cores, medians of {args.steps} steps"
+    print_ratio_table(title, ("ObjectRefs", "compiled"), rows)
 
 
 if __name__ == "__main__":
