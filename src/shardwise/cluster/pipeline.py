@@ -58,7 +58,6 @@ class Pipeline:
         except BaseException:
             self.close()
             raise
-        self.plan = plan
         resources = {(n["NodeID"], s.device if s.device.startswith("cuda") else "cpu")
                      for s, n in zip(plan.stages, nodes, strict=True)}
         self.parallelism = micro_batches or len(resources)

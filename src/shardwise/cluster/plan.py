@@ -47,9 +47,6 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {"stages": [{**asdict(s), "layers": list(s.layers)} for s in self.stages]}
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
         if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:

@@ -85,9 +85,6 @@ class KVCache:
             raise ShardwiseError(f"sequence {seq_id} has no KV cache on this shard: allocate it first") from None
 
     # --- accounting -----------------------------------------------------------------------------
-    def __contains__(self, seq_id: int) -> bool:
-        return seq_id in self._tables
-
     def __len__(self) -> int:
         return len(self._tables)
 

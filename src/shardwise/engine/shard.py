@@ -23,12 +23,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def default_dtype(device: torch.device) -> str:
-    """The faster weight dtype on this device. On CPUs without native bf16 GEMM (AVX2)
-    bf16 matmuls are several times slower than fp32 beyond batch 1, so fp32 wins there."""
+    """The weight dtype for a device. On CPUs fp32: on AVX2, bf16 matmuls are several times
+    slower beyond batch 1, and a bf16 residual stream changes small models' greedy output."""
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device.type == "cpu" and "AMX" in torch.backends.cpu.get_cpu_capability():
-        return "bfloat16"
     return "float32"
 
 
@@ -136,24 +134,29 @@ class ShardModel:
                     f"context of {self.spec.context_length}: shorten the prompt or max_tokens"
                 )
             kv.reserve(seq_id, length)
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
-        write_slots = torch.cat([kv.slots(i, s, s + n) for i, s, n in zip(seq_ids, starts, lengths, strict=True)])
         offsets = [0, *itertools.accumulate(lengths)]
-        chunks = [(offsets[j], n, kv.slots(i, 0, s + n).to(device))
-                  for j, (i, s, n) in enumerate(zip(seq_ids, starts, lengths, strict=True)) if n > 1]
+        # Each sequence's slots for all of its positions; the new tokens' slots are their tail.
+        write_slots = torch.empty(offsets[-1], dtype=torch.long)
+        chunks = []
+        for j, (seq_id, start, length) in enumerate(zip(seq_ids, starts, lengths, strict=True)):
+            if length > 1:
+                slots = kv.slots(seq_id, 0, start + length)
+                write_slots[offsets[j] : offsets[j + 1]] = slots[start:]
+                chunks.append((offsets[j], length, slots.to(device)))
         decoding = [j for j, n in enumerate(lengths) if n == 1]
-        totals = [starts[j] + 1 for j in decoding]
-        slots, bias = torch.empty(0, 0, dtype=torch.long), None
+        rows = torch.tensor([offsets[j] for j in decoding], dtype=torch.long)
+        grid, bias = torch.empty(0, 0, dtype=torch.long), None
         if decoding:
-            slots = kv.slot_grid([seq_ids[j] for j in decoding], torch.arange(max(totals)))
-            if len(set(totals)) > 1:
-                keep = torch.arange(max(totals)) < torch.tensor(totals)[:, None]
-                bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))[:, None, :]
-                bias = bias.to(device, self.dtype)
+            totals = torch.tensor([starts[j] + 1 for j in decoding])
+            grid = kv.slot_grid([seq_ids[j] for j in decoding], torch.arange(int(totals.max())))
+            write_slots[rows] = grid[torch.arange(len(decoding)), totals - 1]
+            if bool((totals != totals[0]).any()):
+                keep = torch.arange(grid.shape[1]) < totals[:, None]
+                bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))[:, None, :].to(device, self.dtype)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
         cos, sin = self.rotary.lookup(positions.to(device), max(s + n for s, n in zip(starts, lengths, strict=True)))
         return PackedBatch(
             cos=cos[:, None].to(self.dtype), sin=sin[:, None].to(self.dtype),
             write_slots=write_slots.to(device), chunks=chunks,
-            decode_rows=torch.tensor([offsets[j] for j in decoding], dtype=torch.long, device=device),
-            decode_slots=slots.to(device), decode_bias=bias,
+            decode_rows=rows.to(device), decode_slots=grid.to(device), decode_bias=bias,
         )
