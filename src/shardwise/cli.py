@@ -74,5 +74,106 @@ def _print_stats(output) -> None:
     )
 
 
+@app.command()
+def estimate(
+    model: Annotated[str, typer.Option(help="Catalog name, .gguf file, or HF config.json / model directory.")],
+    device: Annotated[str | None, typer.Option(help="Catalog device or a `shardwise profile` file.")] = None,
+    tp: Annotated[int, typer.Option(help="Tensor-parallel devices.")] = 1,
+    ep: Annotated[int, typer.Option(help="Expert-parallel devices (MoE).")] = 1,
+    tp_link: Annotated[str, typer.Option(help="Link between tensor/expert-parallel devices.")] = "nvlink4",
+    pp_devices: Annotated[str | None, typer.Option(help="Pipeline stages, one device each: a,b,c.")] = None,
+    link: Annotated[str | None, typer.Option(help="Link between pipeline stages (default: measured, or "
+                                                  "ethernet-10g).")] = None,
+    batch: Annotated[int, typer.Option(help="Concurrent requests.")] = 1,
+    input: Annotated[int, typer.Option("--input", help="Prompt tokens.")] = 512,
+    output: Annotated[int, typer.Option(help="Generated tokens.")] = 128,
+    quant: Annotated[str | None, typer.Option(help="Weights: fp32, bf16, fp16, fp8, int8, int4, q4_1, q8_0.")] = None,
+    kv_quant: Annotated[str | None, typer.Option(help="KV cache precision (default: the activations').")] = None,
+    chunk: Annotated[int | None, typer.Option(help="Chunked prefill: tokens per chunk beside running decodes.")]
+    = None,
+    draft: Annotated[str | None, typer.Option(help="Speculative decoding: the draft model.")] = None,
+    gamma: Annotated[int, typer.Option(help="Draft tokens per verification.")] = 4,
+    accept: Annotated[float, typer.Option(help="Probability that a draft token is accepted.")] = 0.7,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    plot: Annotated[str | None, typer.Option(help="Write a roofline and time-breakdown PNG here.")] = None,
+) -> None:
+    """Predict TTFT, TPOT, throughput and memory of a model on devices, without running it."""
+    import json
+
+    from shardwise.model.catalog import load_spec
+    from shardwise.perf.estimate import Deployment, Draft
+    from shardwise.perf.estimate import estimate as run_estimate
+    from shardwise.perf.hardware import load_device, load_link, profile_link
+    from shardwise.perf.operators import Precision
+
+    try:
+        spec = load_spec(model)
+        if pp_devices:
+            names = [n.strip() for n in pp_devices.split(",") if n.strip()]
+            devices = [load_device(n) for n in names]
+            links = [load_link(link) if link else profile_link(a, b) or load_link("ethernet-10g")
+                     for a, b in zip(names, names[1:], strict=False)]
+            deployment = Deployment.pipeline(spec, devices, links)
+        elif device:
+            deployment = Deployment.single(spec, load_device(device), tp, ep, load_link(tp_link))
+        else:
+            raise ShardwiseError("give --device (one device) or --pp-devices (a pipeline), e.g. --device h100")
+        first = deployment.stages[0].device
+        act = first.default_dtype
+        precision = Precision(quant or act, kv_quant or act, act)
+        if not 0 <= accept <= 1 or gamma < 1:
+            raise ShardwiseError("--accept must be within 0..1 and --gamma at least 1")
+        draft_spec = Draft(load_spec(draft), gamma, accept) if draft else None
+        est = run_estimate(spec, deployment, batch=batch, input_tokens=input, output_tokens=output,
+                           precision=precision, chunk=chunk, draft=draft_spec)
+        if not est.fits:
+            worst = max(est.stages, key=lambda s: s["memory"]["total"] / s["capacity"])
+            raise ShardwiseError(
+                f"{spec.name} does not fit: stage on {worst['device']} needs {worst['memory']['total'] / 1e9:.1f} GB "
+                f"of its {worst['capacity'] / 1e9:.1f} GB; use more devices (--tp, --pp-devices), a smaller "
+                f"--quant (e.g. int4), or a smaller --batch / --input / --output"
+            )
+        if json_out:
+            print(json.dumps(est.to_dict(), indent=2))
+        else:
+            from shardwise.perf.report import print_estimate
+
+            print_estimate(est)
+        if plot:
+            from shardwise.perf.plot import plot_estimate
+
+            plot_estimate(est, first, plot)
+    except ShardwiseError as e:
+        fail(str(e))
+
+
+@app.command()
+def profile(
+    model: Annotated[str, typer.Option(help="The model whose engine steps are timed.")] = DEFAULT_MODEL,
+    out: Annotated[str, typer.Option(help="Where to write the profile (JSON).")] = "this-machine.json",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    address: Annotated[str | None, typer.Option(help="Profile every node of this Ray cluster.")] = None,
+) -> None:
+    """Measure this machine (or every Ray node) and the links between stages into a profile file."""
+    import json
+    from pathlib import Path
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from shardwise.perf.cluster_profile import profile_cluster
+    from shardwise.perf.hardware import DeviceSpec
+    from shardwise.perf.report import print_profile
+
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
+            task = bar.add_task("starting")
+            result = profile_cluster(model, device, address, progress=lambda what: bar.update(task, description=what))
+        Path(out).write_text(json.dumps(result, indent=2))
+        print_profile([DeviceSpec.from_dict(d) for d in result["devices"]], result["links"])
+        typer.echo(f"wrote {out}: use it as --device {out} (estimate) or in a cluster file (plan)")
+    except ShardwiseError as e:
+        fail(str(e))
+
+
 if __name__ == "__main__":
     app()

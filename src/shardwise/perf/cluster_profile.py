@@ -1,0 +1,99 @@
+"""Profile every node of a Ray cluster, and the links between them.
+
+Without a cluster address the local machine is measured in this process and the
+"link" is the Ray hop between two stages on it, which is what a local pipeline pays.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from shardwise.errors import ShardwiseError
+from shardwise.perf.profile import Progress, link_from_round_trips, profile_device
+
+HOP_TOKENS = (1, 512)  # hidden states of a decode step and of a prefill chunk
+
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def receive(self, x: np.ndarray) -> int:
+        return x.shape[0]
+
+    def profile(self, model: str, device: str, name: str) -> dict[str, Any]:
+        return profile_device(model, device, name=name).to_dict()
+
+    def round_trips(self, other: Probe, hidden: int, repeats: int = 20) -> list[tuple[int, float]]:
+        """Median seconds to hand `other` a hidden-state array and hear back, for each size."""
+        out = []
+        for tokens in HOP_TOKENS:
+            x = np.zeros((tokens, hidden), np.float32)
+            ray.get(other.receive.remote(x))
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                ray.get(other.receive.remote(x))
+                times.append(time.perf_counter() - start)
+            out.append((x.nbytes, statistics.median(times)))
+        return out
+
+
+def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
+                    progress: Progress = lambda _: None) -> dict[str, Any]:
+    """{"devices": [DeviceSpec dicts], "links": [{"from", "to", bandwidth, latency}]}."""
+    from shardwise.model.catalog import load_spec
+
+    hidden = load_spec(model).hidden_size
+    owns = not ray.is_initialized()
+    if owns:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except ConnectionError as e:
+            raise ShardwiseError(f"cannot join the Ray cluster at '{address}' ({e}): start it with "
+                                 "'ray start --head', or drop --address to profile this machine") from None
+    try:
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        names = _names(nodes)
+        probes = {n["NodeID"]: Probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], False))
+                  .remote() for n in nodes}
+        if address is None:
+            devices = [profile_device(model, device, name=names[0], progress=progress).to_dict()]
+        else:
+            progress(f"profiling {len(nodes)} nodes")
+            devices = ray.get([probes[n["NodeID"]].profile.remote(model, device, name)
+                               for n, name in zip(nodes, names, strict=True)])
+        links = []
+        for i, u in enumerate(nodes):
+            for j, v in enumerate(nodes):
+                if j < i:  # links are taken as symmetric
+                    continue
+                progress(f"link {names[i]} -> {names[j]}")
+                # two probes on one node measure the hop between local stages
+                target = probes[v["NodeID"]] if j != i else Probe.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(v["NodeID"], False)).remote()
+                small, large = ray.get(probes[u["NodeID"]].round_trips.remote(target, hidden))
+                link = link_from_round_trips(small, large, f"{names[i]}->{names[j]}")
+                links.append({"from": names[i], "to": names[j], **link.to_dict()})
+        return {"devices": devices, "links": links}
+    finally:
+        if owns:
+            ray.shutdown()
+
+
+def _names(nodes: list[dict[str, Any]]) -> list[str]:
+    """Node host names, made unique (several Ray nodes can share a host)."""
+    names, seen = [], {}
+    for n in nodes:
+        base = n.get("NodeName") or n["NodeManagerAddress"]
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
+

@@ -1,0 +1,350 @@
+"""Estimates from operator rooflines: TTFT, TPOT, throughput and memory.
+
+Each operator takes max(compute time, memory time) on its device, plus the
+device's fixed per-operator overhead; collectives take their ring time on the
+link between the devices sharing a stage. A deployment is a pipeline of stages,
+each a device (or tp x ep identical devices) running a contiguous layer range:
+one step's latency is the sum of the stages and the links between them; with
+micro-batches in flight, throughput is set by the slowest stage or link.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from shardwise.errors import ShardwiseError
+from shardwise.model.spec import ModelSpec
+from shardwise.perf.hardware import SAME_DEVICE, DeviceSpec, LinkSpec, dtype_bytes
+from shardwise.perf.operators import (
+    Operator,
+    Precision,
+    Work,
+    embedding_operators,
+    head_operators,
+    layer_operators,
+)
+
+
+@dataclass(frozen=True)
+class TimedOperator:
+    op: Operator
+    count: int  # how many times the step runs it (once per layer)
+    compute_s: float
+    memory_s: float
+    comm_s: float
+    overhead_s: float
+
+    @property
+    def time_s(self) -> float:
+        """One instance."""
+        return max(self.compute_s, self.memory_s, self.comm_s) + self.overhead_s
+
+    @property
+    def total_s(self) -> float:
+        return self.time_s * self.count
+
+    @property
+    def bound(self) -> str:
+        return max((self.compute_s, "compute"), (self.memory_s, "memory"), (self.comm_s, "link"))[1]
+
+
+def collective_time(op: Operator, link: LinkSpec) -> float:
+    """Ring algorithms: all-reduce moves 2(n-1)/n of the message in 2(n-1) hops,
+    all-gather and all-to-all (n-1)/n of it in n-1 hops."""
+    n = op.participants
+    if n <= 1 or not op.message_bytes:
+        return 0.0
+    hops = 2 * (n - 1) if op.collective == "all-reduce" else n - 1
+    return hops * link.latency + hops / n * op.message_bytes / link.bandwidth
+
+
+def time_operator(op: Operator, device: DeviceSpec, link: LinkSpec = SAME_DEVICE, count: int = 1) -> TimedOperator:
+    if op.kind == "collective":
+        return TimedOperator(op, count, 0.0, 0.0, collective_time(op, link), 0.0)
+    compute_eff, memory_eff = device.compute_efficiency, device.memory_efficiency
+    if op.kind == "attention":
+        compute_eff, memory_eff = compute_eff * device.attention_efficiency, memory_eff * device.attention_efficiency
+    measured = device.matmul_efficiency_at(op.rows) if op.kind == "matmul" else None
+    if measured:
+        compute_eff = memory_eff = measured
+    compute = op.flops / (device.peak_flops(op.dtype) * compute_eff)
+    memory = op.bytes / (device.bandwidth * memory_eff)
+    return TimedOperator(op, count, compute, memory, 0.0, device.op_overhead_s)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Layers [start, end) on one device, or on tp x ep identical devices joined by `link`."""
+
+    device: DeviceSpec
+    start: int
+    end: int
+    tp: int = 1
+    ep: int = 1
+    link: LinkSpec = SAME_DEVICE
+
+
+@dataclass(frozen=True)
+class Deployment:
+    stages: tuple[Stage, ...]
+    links: tuple[LinkSpec, ...] = ()  # links[i] hands hidden states from stage i to stage i + 1
+    return_link: LinkSpec = SAME_DEVICE  # the sampled token ids back to the driver beside stage 0
+
+    def __post_init__(self) -> None:
+        if len(self.links) != len(self.stages) - 1:
+            raise ShardwiseError(f"{len(self.stages)} stages need {len(self.stages) - 1} links, got {len(self.links)}")
+
+    @classmethod
+    def single(cls, spec: ModelSpec, device: DeviceSpec, tp: int = 1, ep: int = 1,
+               link: LinkSpec = SAME_DEVICE) -> Deployment:
+        return cls((Stage(device, 0, spec.num_layers, tp, ep, link),))
+
+    @classmethod
+    def pipeline(cls, spec: ModelSpec, devices: list[DeviceSpec], links: LinkSpec | list[LinkSpec],
+                 layers: list[tuple[int, int]] | None = None, return_link: LinkSpec | None = None) -> Deployment:
+        """Stages on `devices` in order, joined by `links` (one for all, or one per gap); layers:
+        the ranges, by default an even split. Token ids return over the first link."""
+        if layers is None:
+            layers = even_split(spec.num_layers, len(devices))
+        stages = tuple(Stage(d, a, b) for d, (a, b) in zip(devices, layers, strict=True))
+        links = [links] * (len(stages) - 1) if isinstance(links, LinkSpec) else list(links)
+        back = return_link or (links[0] if links else SAME_DEVICE)
+        return cls(stages, tuple(links), back)
+
+    def check(self, spec: ModelSpec) -> None:
+        if not self.stages:
+            raise ShardwiseError("a deployment needs at least one stage")
+        ends = [(s.start, s.end) for s in self.stages]
+        expected = 0
+        for a, b in ends:
+            if a != expected or b <= a:
+                raise ShardwiseError(f"stage layer ranges {ends} must be contiguous and cover 0..{spec.num_layers}")
+            expected = b
+        if expected != spec.num_layers:
+            raise ShardwiseError(f"stage layer ranges {ends} must cover all {spec.num_layers} layers")
+        for s in self.stages:
+            if spec.num_heads % s.tp or (spec.num_experts and spec.num_experts % s.ep):
+                raise ShardwiseError(
+                    f"tp={s.tp} must divide the {spec.num_heads} attention heads"
+                    + (f" and ep={s.ep} the {spec.num_experts} experts" if spec.num_experts else "")
+                )
+
+
+def even_split(layers: int, parts: int) -> list[tuple[int, int]]:
+    if not 1 <= parts <= layers:
+        raise ShardwiseError(f"cannot split {layers} layers into {parts} stages: use 1..{layers} stages")
+    bounds = [round(i * layers / parts) for i in range(parts + 1)]
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+def stage_operators(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> list[TimedOperator]:
+    """Every operator a stage runs for one step, each timed once, with its count."""
+    timed = []
+    if stage.start == 0:
+        timed += [time_operator(op, stage.device) for op in embedding_operators(spec, work, p)]
+    layers = stage.end - stage.start
+    timed += [time_operator(op, stage.device, stage.link, layers)
+              for op in layer_operators(spec, work, p, stage.tp, stage.ep)]
+    if stage.end == spec.num_layers:
+        timed += [time_operator(op, stage.device, stage.link) for op in head_operators(spec, work, p, stage.tp)]
+    return timed
+
+
+def stage_time(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> float:
+    return sum(t.total_s for t in stage_operators(spec, stage, work, p)) + stage.device.step_overhead_s
+
+
+@dataclass(frozen=True)
+class StepTime:
+    stages: list[float]
+    links: list[float]  # between stages, then the return of token ids
+
+    @property
+    def latency(self) -> float:
+        """One micro-batch through every stage and link."""
+        return sum(self.stages) + sum(self.links)
+
+    @property
+    def bottleneck(self) -> float:
+        return max(self.stages + self.links)
+
+    def cycle(self, micro_batches: int) -> float:
+        """Time for every micro-batch to take one step, when they follow each other round the pipeline."""
+        return max(self.latency, micro_batches * self.bottleneck)
+
+
+def step_time(spec: ModelSpec, deployment: Deployment, work: Work, p: Precision) -> StepTime:
+    hidden = work.tokens * spec.hidden_size * dtype_bytes(p.activations)
+    stages = [stage_time(spec, s, work, p) for s in deployment.stages]
+    links = [link.time(hidden) for link in deployment.links] + [deployment.return_link.time(4 * work.rows)]
+    return StepTime(stages, links)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Speculative decoding: a draft model proposes gamma tokens, each accepted with probability acceptance."""
+
+    spec: ModelSpec
+    gamma: int = 4
+    acceptance: float = 0.7
+
+    @property
+    def tokens_per_cycle(self) -> float:
+        """Expected tokens per verification: accepted drafts plus the target's own token."""
+        a = self.acceptance
+        return self.gamma + 1 if a >= 1 else (1 - a ** (self.gamma + 1)) / (1 - a)
+
+
+@dataclass
+class Estimate:
+    ttft_s: float
+    tpot_s: float
+    e2e_s: float
+    throughput_tok_s: float  # generated tokens per second over whole requests
+    decode_tok_s: float  # generated tokens per second while decoding
+    prefill_tok_s: float
+    memory: dict[str, float]  # bytes by part, over all devices
+    stages: list[dict[str, Any]]  # per stage: device, layers, memory, capacity, step times
+    max_batch: int  # the largest batch whose KV cache and activations fit everywhere
+    breakdown: dict[str, dict[str, float]]  # prefill / decode: seconds per operator name, links
+    inputs: dict[str, Any]
+    operators: dict[str, list[TimedOperator]] = field(default_factory=dict, repr=False)  # stage 0's, for plots
+
+    @property
+    def fits(self) -> bool:
+        return all(s["fits"] for s in self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("operators")
+        data["fits"] = self.fits
+        return data
+
+
+def estimate(spec: ModelSpec, deployment: Deployment, *, batch: int = 1, input_tokens: int = 512,
+             output_tokens: int = 128, precision: Precision | None = None, chunk: int | None = None,
+             draft: Draft | None = None, micro_batches: int | None = None) -> Estimate:
+    """Serve `batch` requests of input_tokens prompt and output_tokens generated tokens.
+
+    Prefill runs the prompts as micro-batches through the pipeline (chunked: one prompt in
+    chunks of `chunk` tokens beside batch - 1 running decodes); decode is timed at the mean
+    context, input + output / 2, where attention costs are linear in context."""
+    deployment.check(spec)
+    if min(batch, input_tokens, output_tokens) < 1:
+        raise ShardwiseError("batch, input and output tokens must each be at least 1")
+    if chunk is not None and chunk < 1:
+        raise ShardwiseError("the prefill chunk must be at least 1 token")
+    first = deployment.stages[0].device
+    p = precision or Precision(first.default_dtype, first.default_dtype, first.default_dtype)
+    m = micro_batches or min(batch, len(deployment.stages))
+    ub = math.ceil(batch / m)
+    context = input_tokens + output_tokens // 2
+
+    prefill_work = Work.prefill(ub, input_tokens)
+    if chunk:
+        ttft, pos = 0.0, 0
+        while pos < input_tokens:
+            n = min(chunk, input_tokens - pos)
+            mixed = Work(((n, pos),)) + Work.decode(batch - 1, context) if batch > 1 else Work(((n, pos),))
+            ttft += step_time(spec, deployment, mixed, p).latency
+            pos += n
+        prefill_work = Work(((min(chunk, input_tokens), 0),))
+    else:
+        prefill = step_time(spec, deployment, prefill_work, p)
+        ttft = prefill.latency + (m - 1) * prefill.bottleneck
+
+    decode_work = Work.decode(ub, context)
+    tpot = step_time(spec, deployment, decode_work, p).cycle(m)
+    if draft:
+        draft_stage = Stage(first, 0, draft.spec.num_layers)
+        ttft += stage_time(draft.spec, draft_stage, Work.prefill(batch, input_tokens), p)
+        proposing = draft.gamma * stage_time(draft.spec, draft_stage, Work.decode(batch, context), p)
+        verifying = step_time(spec, deployment, Work.decode(ub, context, new=draft.gamma + 1), p).cycle(m)
+        tpot = (proposing + verifying) / draft.tokens_per_cycle
+
+    e2e = ttft + (output_tokens - 1) * tpot
+    stages = _stage_reports(spec, deployment, p, batch, ub, input_tokens + output_tokens, prefill_work, decode_work)
+    memory = {part: sum(s["memory"][part] * s["devices"] for s in stages)
+              for part in ("weights", "kv_cache", "activations", "total")}
+    return Estimate(
+        ttft_s=ttft,
+        tpot_s=tpot,
+        e2e_s=e2e,
+        throughput_tok_s=batch * output_tokens / e2e,
+        decode_tok_s=batch / tpot,
+        prefill_tok_s=batch * input_tokens / ttft,
+        memory=memory,
+        stages=stages,
+        max_batch=min(s["max_batch"] for s in stages),
+        breakdown={"prefill": _breakdown(spec, deployment, prefill_work, p),
+                   "decode": _breakdown(spec, deployment, decode_work, p)},
+        inputs={"model": spec.name, "batch": batch, "input_tokens": input_tokens, "output_tokens": output_tokens,
+                "precision": asdict(p), "micro_batches": m, "chunk": chunk,
+                "draft": {"model": draft.spec.name, "gamma": draft.gamma, "acceptance": draft.acceptance}
+                if draft else None},
+        operators={"prefill": stage_operators(spec, deployment.stages[0], prefill_work, p),
+                   "decode": stage_operators(spec, deployment.stages[0], decode_work, p)},
+    )
+
+
+def _breakdown(spec: ModelSpec, deployment: Deployment, work: Work, p: Precision) -> dict[str, float]:
+    """Seconds per operator name for one step of one micro-batch, over all stages."""
+    seconds: dict[str, float] = defaultdict(float)
+    for stage in deployment.stages:
+        for t in stage_operators(spec, stage, work, p):
+            seconds[t.op.name] += t.total_s
+        seconds["step_overhead"] += stage.device.step_overhead_s
+    step = step_time(spec, deployment, work, p)
+    seconds["links"] = sum(step.links)
+    return {k: v for k, v in seconds.items() if v}
+
+
+def stage_memory(spec: ModelSpec, stage: Stage, p: Precision, sequences: int, tokens_per_sequence: int,
+                 prefill: Work) -> dict[str, float]:
+    """Bytes on each device of a stage: its weights, the KV cache of `sequences` sequences, and
+    the largest activation working set of a prefill step (plus fp32 logits at the last stage)."""
+    h, v = spec.hidden_size, spec.vocab_size
+    layers = stage.end - stage.start
+    per_layer = spec.layer_parameters()
+    if spec.num_experts:  # experts are split over ep, the rest over tp
+        experts = 3 * h * spec.intermediate_size * spec.num_experts
+        per_layer = (per_layer - experts) / stage.tp + experts / (stage.tp * stage.ep)
+    else:
+        per_layer /= stage.tp
+    params = layers * per_layer
+    if stage.start == 0:
+        params += v * h / stage.tp
+    if stage.end == spec.num_layers:
+        shares_embedding = spec.tie_embeddings and stage.start == 0
+        params += h + (0 if shares_embedding else v * h / stage.tp)
+    kv_heads = max(1.0, spec.num_kv_heads / stage.tp)
+    kv = sequences * tokens_per_sequence * 2 * kv_heads * spec.head_dim * dtype_bytes(p.kv) * layers
+    acts = max(op.activation_bytes for op in layer_operators(spec, prefill, p, stage.tp, stage.ep))
+    if stage.end == spec.num_layers:
+        acts += prefill.rows * v * 4.0
+    weights = params * dtype_bytes(p.weights)
+    return {"weights": weights, "kv_cache": kv, "activations": acts, "total": weights + kv + acts}
+
+
+def _stage_reports(spec: ModelSpec, deployment: Deployment, p: Precision, batch: int, ub: int,
+                   tokens_per_sequence: int, prefill: Work, decode: Work) -> list[dict[str, Any]]:
+    reports = []
+    for s in deployment.stages:
+        mem = stage_memory(spec, s, p, batch, tokens_per_sequence, prefill)
+        per_sequence = (mem["kv_cache"] + mem["activations"] / ub) / batch
+        room = s.device.memory_bytes - mem["weights"]
+        reports.append({
+            "device": s.device.name,
+            "devices": s.tp * s.ep,
+            "layers": [s.start, s.end],
+            "memory": mem,
+            "capacity": s.device.memory_bytes,
+            "fits": mem["total"] <= s.device.memory_bytes,
+            "max_batch": max(0, int(room // per_sequence)) if room > 0 else 0,
+            "prefill_s": stage_time(spec, s, prefill, p),
+            "decode_s": stage_time(spec, s, decode, p),
+        })
+    return reports

@@ -1,0 +1,206 @@
+"""DeviceSpec and LinkSpec: what the performance model knows about hardware.
+
+Devices come from the catalog (devices.yaml, datasheet rooflines) or from a file
+that `shardwise profile` wrote (measured rooflines, efficiencies and overheads).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from shardwise.errors import ShardwiseError
+
+# Bytes per stored value. int4 and the GGUF types include their per-group scales.
+DTYPE_BYTES = {"fp32": 4.0, "tf32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5625,
+               "q8_0": 1.0625, "q4_1": 0.625, "q4_0": 0.5625}
+DTYPE_ALIASES = {"float32": "fp32", "f32": "fp32", "bfloat16": "bf16", "float16": "fp16", "f16": "fp16",
+                 "half": "fp16", "float8": "fp8"}
+
+
+_FALLBACK = {"bf16": ("fp16",), "fp16": ("bf16",), "fp8": ("bf16", "fp16"), "int8": ("bf16", "fp16")}
+
+
+def canonical_dtype(dtype: str) -> str:
+    name = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    if name not in DTYPE_BYTES:
+        raise ShardwiseError(f"unknown precision '{dtype}': use one of {', '.join(DTYPE_BYTES)}")
+    return name
+
+
+def dtype_bytes(dtype: str) -> float:
+    return DTYPE_BYTES[canonical_dtype(dtype)]
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    memory_bytes: float
+    bandwidth: float  # bytes/s from main memory
+    flops: dict[str, float]  # peak FLOP/s by dtype
+    kind: str = "gpu"  # gpu, soc or cpu
+    compute_efficiency: float = 1.0  # share of peak FLOP/s that large matmuls reach
+    memory_efficiency: float = 1.0  # share of peak bandwidth that streaming reads reach
+    attention_efficiency: float = 1.0  # share of that roofline attention kernels reach
+    op_overhead_s: float = 0.0  # fixed cost per operator: kernel launch, framework dispatch
+    step_overhead_s: float = 0.0  # fixed cost per forward step: batching, sampling set-up
+    # measured share of the roofline that matmuls reach, by rows (tokens): [[rows, efficiency], ...];
+    # small-row matmuls often fall far below it. Empty: compute/memory efficiency apply.
+    matmul_efficiency: list[list[float]] = field(default_factory=list)
+    default_dtype: str = "bf16"
+    source: str = ""
+    measured: dict[str, Any] = field(default_factory=dict)  # what profile measured, for the record
+
+    def peak_flops(self, dtype: str) -> float:
+        """Peak FLOP/s at a dtype. Without native support, 8-bit runs at 16-bit rate (dequantised),
+        fp16 and bf16 stand in for each other, and anything else falls back to fp32."""
+        dtype = canonical_dtype(dtype)
+        for candidate in (dtype, *_FALLBACK.get(dtype, ()), "fp32"):
+            if candidate in self.flops:
+                return self.flops[candidate]
+        raise ShardwiseError(f"device '{self.name}' lists no FLOP/s for {dtype} or fp32")
+
+    def matmul_efficiency_at(self, rows: int) -> float | None:
+        """The measured matmul efficiency at a row count, interpolated in log rows."""
+        if not self.matmul_efficiency:
+            return None
+        points = np.array(self.matmul_efficiency, dtype=float)
+        return float(np.interp(np.log2(max(rows, 1)), np.log2(points[:, 0]), points[:, 1]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeviceSpec:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    name: str
+    bandwidth: float  # bytes/s, one direction
+    latency: float  # seconds per message
+    source: str = ""
+
+    def time(self, nbytes: float) -> float:
+        return self.latency + nbytes / self.bandwidth if nbytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LinkSpec:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# A link that costs nothing: the hand-over inside one device.
+SAME_DEVICE = LinkSpec("same-device", float("inf"), 0.0)
+
+
+@cache
+def _catalog() -> dict[str, Any]:
+    return yaml.safe_load(resources.files("shardwise.perf").joinpath("devices.yaml").read_text())
+
+
+def catalog_devices() -> dict[str, DeviceSpec]:
+    return {name: _device_from_catalog(name, entry) for name, entry in _catalog()["devices"].items()}
+
+
+def catalog_links() -> dict[str, LinkSpec]:
+    return {
+        name: LinkSpec(name, e["bandwidth_gbs"] * 1e9, e["latency_us"] * 1e-6, e.get("source", ""))
+        for name, e in _catalog()["links"].items()
+    }
+
+
+def _device_from_catalog(name: str, e: dict[str, Any]) -> DeviceSpec:
+    return DeviceSpec(
+        name=name,
+        kind=e["kind"],
+        memory_bytes=e["memory_gb"] * 1e9,
+        bandwidth=e["bandwidth_gbs"] * 1e9,
+        flops={dtype: tflops * 1e12 for dtype, tflops in e["tflops"].items()},
+        default_dtype=e.get("default_dtype", "bf16"),
+        source=e.get("source", ""),
+    )
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("_", "-").replace(" ", "-")
+
+
+def load_profile(path: str | Path) -> dict[str, Any]:
+    """A file `shardwise profile` wrote: {"devices": [...], "links": [...]}."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return {
+            "devices": [DeviceSpec.from_dict(d) for d in data["devices"]],
+            "links": [(link["from"], link["to"], LinkSpec.from_dict(link)) for link in data.get("links", [])],
+        }
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardwiseError(
+            f"cannot read the profile '{path}' ({e}); write it with `shardwise profile --out {path}`"
+        ) from None
+
+
+def profile_link(a: str, b: str) -> LinkSpec | None:
+    """The measured link between two devices named FILE#DEVICE (or FILE) in one profile file."""
+    (path_a, _, dev_a), (path_b, _, dev_b) = a.partition("#"), b.partition("#")
+    if path_a != path_b or not Path(path_a).is_file():
+        return None
+    profile = load_profile(path_a)
+    names = [d.name for d in profile["devices"]]
+    dev_a, dev_b = dev_a or names[0], dev_b or names[0]
+    for u, v, link in profile["links"]:
+        if {u, v} == {dev_a, dev_b}:
+            return link
+    return None
+
+
+def load_device(name: str | DeviceSpec) -> DeviceSpec:
+    """A catalog name (e.g. h100), or a profile file (FILE or FILE#DEVICE when it holds several)."""
+    if isinstance(name, DeviceSpec):
+        return name
+    path, _, which = name.partition("#")
+    if Path(path).is_file():
+        devices = load_profile(path)["devices"]
+        chosen = [d for d in devices if not which or d.name == which]
+        if len(chosen) != 1:
+            raise ShardwiseError(
+                f"the profile '{path}' holds devices {', '.join(d.name for d in devices)}: "
+                f"name one as {path}#DEVICE"
+            )
+        return chosen[0]
+    devices = catalog_devices()
+    if _key(name) not in devices:
+        raise ShardwiseError(
+            f"unknown device '{name}': use a profile file from `shardwise profile` or one of {', '.join(devices)}"
+        )
+    return devices[_key(name)]
+
+
+def load_link(name: str | LinkSpec) -> LinkSpec:
+    """A catalog name (e.g. ethernet-10g) or 'GBPS:US', e.g. '1.25:50' for 1.25 GB/s and 50 µs."""
+    if isinstance(name, LinkSpec):
+        return name
+    links = catalog_links()
+    if _key(name) in links:
+        return links[_key(name)]
+    try:
+        gbps, us = (float(x) for x in name.split(":"))
+        if gbps <= 0 or us < 0:
+            raise ValueError
+        return LinkSpec(name, gbps * 1e9, us * 1e-6)
+    except ValueError:
+        raise ShardwiseError(
+            f"unknown link '{name}': use one of {', '.join(links)} or GBPS:US (e.g. 1.25:50)"
+        ) from None

@@ -1,0 +1,83 @@
+"""Readable tables for estimates and profiles (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from shardwise.perf.estimate import Estimate
+from shardwise.perf.hardware import DeviceSpec
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def print_estimate(est: Estimate, console: Console | None = None) -> None:
+    console = console or Console()
+    i = est.inputs
+    summary = Table(title=f"{i['model']}: batch {i['batch']}, {i['input_tokens']} in, {i['output_tokens']} out, "
+                          f"weights {i['precision']['weights']}, KV {i['precision']['kv']}")
+    summary.add_column("metric")
+    summary.add_column("estimate", justify="right")
+    for name, value in [
+        ("time to first token", _ms(est.ttft_s)),
+        ("time per output token", _ms(est.tpot_s)),
+        ("end-to-end latency", f"{est.e2e_s:.3f} s"),
+        ("throughput (whole requests)", f"{est.throughput_tok_s:.1f} tok/s"),
+        ("decode throughput", f"{est.decode_tok_s:.1f} tok/s"),
+        ("prefill throughput", f"{est.prefill_tok_s:.1f} tok/s"),
+        ("largest batch that fits", str(est.max_batch)),
+    ]:
+        summary.add_row(name, value)
+    console.print(summary)
+
+    stages = Table(title="memory and time per stage (per device)")
+    for col in ("stage", "device", "layers", "weights", "KV cache", "activations", "total / capacity",
+                "prefill step", "decode step"):
+        stages.add_column(col, justify="left" if col in ("device", "layers") else "right")
+    for n, s in enumerate(est.stages):
+        m = s["memory"]
+        fit = "" if s["fits"] else " [red]does not fit[/red]"
+        device = s["device"] + (f" x{s['devices']}" if s["devices"] > 1 else "")
+        stages.add_row(str(n), device, f"{s['layers'][0]}-{s['layers'][1]}", _gb(m["weights"]), _gb(m["kv_cache"]),
+                       _gb(m["activations"]), f"{_gb(m['total'])} / {_gb(s['capacity'])}{fit}",
+                       _ms(s["prefill_s"]), _ms(s["decode_s"]))
+    console.print(stages)
+
+    breakdown = Table(title="time per step by operator (one micro-batch, all stages)")
+    breakdown.add_column("operator")
+    breakdown.add_column("prefill", justify="right")
+    breakdown.add_column("decode", justify="right")
+    names = sorted({n for phase in est.breakdown.values() for n in phase},
+                   key=lambda n: -est.breakdown["prefill"].get(n, 0.0))
+    for name in names:
+        breakdown.add_row(name, _ms(est.breakdown["prefill"].get(name, 0.0)),
+                          _ms(est.breakdown["decode"].get(name, 0.0)))
+    console.print(breakdown)
+
+
+def print_profile(devices: list[DeviceSpec], links: list[dict], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="measured devices")
+    for col in ("device", "FLOP/s", "bandwidth", "memory", "efficiency (compute / memory / attention)",
+                "overhead per op / step"):
+        table.add_column(col)
+    for d in devices:
+        flops = ", ".join(f"{k} {v / 1e9:.0f} G" for k, v in d.flops.items())
+        table.add_row(d.name, flops, f"{d.bandwidth / 1e9:.1f} GB/s", _gb(d.memory_bytes),
+                      f"{d.compute_efficiency:.2f} / {d.memory_efficiency:.2f} / {d.attention_efficiency:.2f}",
+                      f"{d.op_overhead_s * 1e6:.1f} us / {d.step_overhead_s * 1e3:.2f} ms")
+    console.print(table)
+    if links:
+        table = Table(title="measured links (Ray hops)")
+        for col in ("from", "to", "latency", "bandwidth"):
+            table.add_column(col)
+        for link in links:
+            table.add_row(link["from"], link["to"], f"{link['latency'] * 1e6:.0f} us",
+                          f"{link['bandwidth'] / 1e9:.2f} GB/s")
+        console.print(table)
