@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -19,6 +22,12 @@ TEXT_PROMPTS = [
     "Once upon a time, in a land far away, there lived a",
     "1, 2, 3, 4,",
 ]
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `shardwise ARGS` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "shardwise.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch
 from shardwise import LLM, ModelSpec, SamplingParams, ShardModel, ShardwiseError
 from shardwise.model.registry import resolve
 from shardwise.model.weights import open_weights
-from tests.conftest import TEXT_PROMPTS
+from tests.conftest import TEXT_PROMPTS, cli
 from tests.test_parity import run_prompts
 
 
@@ -95,11 +93,6 @@ def test_unsupported_architecture_lists_supported(weights):
     spec = ModelSpec.from_dict({**weights.spec.to_dict(), "architecture": "rwkv"})
     with pytest.raises(ShardwiseError, match="'rwkv' is not supported.*llama"):
         ShardModel(spec, weights=weights)
-
-
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shardwise.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_cli_generate_streams_and_reports():

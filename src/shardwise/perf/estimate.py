@@ -51,6 +51,9 @@ class TimedOperator:
         return max((self.compute_s, "compute"), (self.memory_s, "memory"), (self.comm_s, "link"))[1]
 
 
+COLLECTIVE_LAUNCH_S = 5e-6  # a collective's fixed start-up (NCCL-class libraries), on top of its hops
+
+
 def collective_time(op: Operator, link: LinkSpec) -> float:
     """Ring algorithms: all-reduce moves 2(n-1)/n of the message in 2(n-1) hops,
     all-gather and all-to-all (n-1)/n of it in n-1 hops."""
@@ -58,7 +61,7 @@ def collective_time(op: Operator, link: LinkSpec) -> float:
     if n <= 1 or not op.message_bytes:
         return 0.0
     hops = 2 * (n - 1) if op.collective == "all-reduce" else n - 1
-    return hops * link.latency + hops / n * op.message_bytes / link.bandwidth
+    return COLLECTIVE_LAUNCH_S + hops * link.latency + hops / n * op.message_bytes / link.bandwidth
 
 
 def time_operator(op: Operator, device: DeviceSpec, link: LinkSpec = SAME_DEVICE, count: int = 1) -> TimedOperator:
