@@ -24,3 +24,4 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/engine.py
 	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/estimate_vs_measured.py

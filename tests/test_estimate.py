@@ -174,7 +174,7 @@ def test_chunked_prefill_and_speculative_decoding():
     assert estimate(spec, dep, batch=1, input_tokens=2048, output_tokens=64, chunk=4096).ttft_s == plain.ttft_s
     chunked = estimate(spec, dep, batch=16, input_tokens=2048, output_tokens=64, chunk=512)
     assert chunked.ttft_s > plain.ttft_s  # four chunks, each beside 15 decodes
-    draft = load_spec("llama-2-7b").__class__.from_dict({**load_spec("smollm2-360m").to_dict(), "vocab_size": 128256})
+    draft = load_spec("llama-3.2-1b")
     good = estimate(spec, dep, input_tokens=512, output_tokens=64, draft=Draft(draft, gamma=4, acceptance=0.8))
     bad = estimate(spec, dep, input_tokens=512, output_tokens=64, draft=Draft(draft, gamma=4, acceptance=0.0))
     base = estimate(spec, dep, input_tokens=512, output_tokens=64)

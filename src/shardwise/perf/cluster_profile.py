@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -81,11 +82,39 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(v["NodeID"], False)).remote()
                 small, large = ray.get(probes[u["NodeID"]].round_trips.remote(target, hidden))
                 link = link_from_round_trips(small, large, f"{names[i]}->{names[j]}")
+                if address is None:
+                    progress("the hop between real pipeline stages")
+                    link = replace(link, latency=stage_hop_latency(model, device))
                 links.append({"from": names[i], "to": names[j], **link.to_dict()})
         return {"devices": devices, "links": links}
     finally:
         if owns:
             ray.shutdown()
+
+
+def stage_hop_latency(model: str, device: str, prompt: int = 128, new: int = 17, repeats: int = 3) -> float:
+    """What a stage boundary really costs a local pipeline's decode step: a message hop plus
+    waking the next stage's threads. Measured as (2-stage decode step - one-process step) / 2,
+    the two hops being stage 0 -> stage 1 and the token ids back to the driver."""
+    from shardwise.engine.llm import LLM
+    from shardwise.engine.sampling import SamplingParams
+
+    ids = list(range(100, 100 + prompt))
+
+    def step_seconds(llm: LLM) -> float:
+        def run(n: int) -> float:
+            start = time.perf_counter()
+            llm.generate([ids], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+            return time.perf_counter() - start
+
+        run(2)
+        return statistics.median((run(new) - run(1)) / (new - 1) for _ in range(repeats))
+
+    with LLM(model, device=device) as one:
+        alone = step_seconds(one)
+    with LLM(model, device=device, stages=2) as two:
+        split = step_seconds(two)
+    return max(split - alone, 0.0) / 2
 
 
 def _names(nodes: list[dict[str, Any]]) -> list[str]:
