@@ -270,3 +270,12 @@ def test_profile_measures_this_machine_and_feeds_estimate(tmp_path):
     two = cli("estimate", "--model", "smollm2-135m", "--pp-devices", f"{out},{out}", "--json")
     assert two.returncode == 0, two.stderr
     assert json.loads(two.stdout)["breakdown"]["decode"]["links"] >= 2 * link["latency"]
+
+
+def test_profile_every_node_of_a_ray_cluster_and_their_links():
+    """`shardwise profile --address` on a real 2-node Ray cluster (cluster_utils, in its own process)."""
+    import subprocess
+
+    script = Path(__file__).with_name("multinode_profile_check.py")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900)
+    assert result.stdout.strip().endswith("PASS"), result.stdout[-3000:] + result.stderr[-2000:]
