@@ -1,10 +1,10 @@
-"""Measure a machine into a DeviceSpec, and a Ray cluster's nodes and links.
+"""Measure one device into a DeviceSpec (cluster_profile.py does every Ray node and link).
 
 Three kinds of figures: the raw roofline (matmul FLOP/s at the dtypes the engine
-uses, streaming-read bandwidth), the engine's real step times for a model (whole
-model and half of it, prefill and decode, so per-layer costs follow), and the
-Ray hop between stages. The engine times then fit the efficiencies and fixed
-overheads that turn the raw roofline into the engine's own.
+uses, streaming-read bandwidth), the engine's matmul efficiency by row count, and
+the engine's real step times for a model (whole model and half of it, prefill and
+decode, so per-layer costs follow). The step times then fit the efficiencies and
+fixed overheads that turn the raw roofline into the engine's own.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from shardwise.engine.shard import ShardModel, resolve_device
 from shardwise.engine.worker import Worker
 from shardwise.model.spec import ModelSpec
 from shardwise.perf.estimate import Stage, stage_operators
-from shardwise.perf.hardware import DeviceSpec, LinkSpec
+from shardwise.perf.hardware import DeviceSpec, LinkSpec, canonical_dtype
 from shardwise.perf.operators import Precision, Work
 
 # The engine work profile measures: prefill of one prompt, and decode steps at a cached context.
@@ -199,16 +199,16 @@ def profile_device(model: str, device: str = "cpu", dtype: str | None = None, na
 
     dev = resolve_device(device)
     dtype = dtype or default_dtype(dev)
-    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    short = canonical_dtype(dtype)
     progress("matmul FLOP/s")
-    flops = {short[dtype]: matmul_flops(dev, DTYPES[dtype])}
+    flops = {short: matmul_flops(dev, DTYPES[dtype])}
     if dtype != "float32":
         flops["fp32"] = matmul_flops(dev, torch.float32)
     progress("memory bandwidth")
     bandwidth = read_bandwidth(dev)
     label = name or (torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.node() or "this-machine")
     raw = DeviceSpec(name=label, kind="gpu" if dev.type == "cuda" else "cpu", memory_bytes=memory_capacity(dev),
-                     bandwidth=bandwidth, flops=flops, default_dtype=short[dtype],
+                     bandwidth=bandwidth, flops=flops, default_dtype=short,
                      source=f"shardwise profile, {platform.machine()}, torch {torch.__version__}, "
                             f"{torch.get_num_threads()} threads")
     weights = open_weights(resolve(model))
@@ -217,7 +217,7 @@ def profile_device(model: str, device: str = "cpu", dtype: str | None = None, na
     raw = DeviceSpec(**{**raw.to_dict(), "matmul_efficiency": matmul_efficiency(spec, raw, dev, dtype)})
     samples = engine_steps(spec, weights, dev, dtype, progress)
     progress("fitting efficiencies and overheads")
-    precision = Precision(short[dtype], short[dtype], short[dtype])
+    precision = Precision(short, short, short)
     fitted = fit(spec, raw, samples, precision)
     fitted.measured.update({"model": model, "steps": samples, "per_layer": per_layer(samples, spec.num_layers)})
     return fitted
