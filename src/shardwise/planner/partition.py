@@ -1,0 +1,225 @@
+"""Choose devices and contiguous layer ranges by dynamic programming.
+
+The core works on plain numbers (a CostTable), so it can be checked against
+exhaustive search independently of the estimator.
+
+State: which devices are used so far (as a count per group of identical devices,
+so a subset when every device differs), the device of the last stage, and how many
+layers are covered. A transition appends one stage: an unused device v running
+layers [l, b), allowed only if those layers' memory fits v. Keeping the used set
+in the state is what makes the memory check exact: every device runs at most one
+range, so each device's capacity is checked once, against exactly its layers.
+
+Latency  = sum of stage compute + transfers between stages (+ the return to the source).
+Throughput: minimise the bottleneck = max over stage compute and transfers.
+
+Complexity: O(prod(n_g + 1) * G^2 * L^2) time for G groups of n_g identical devices
+and L layers (O(2^D * D^2 * L^2) for D distinct devices), vectorised over the used-set
+states of one size at a time; memory O(prod(n_g + 1) * G * L).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from shardwise.errors import ShardwiseError
+
+Objective = Literal["latency", "throughput"]
+CHUNK = 256  # states per vectorised block: bounds the [states, L, L] temporaries
+
+
+@dataclass
+class CostTable:
+    compute: Sequence[Sequence[float]]  # seconds, compute[d][l] for device d, layer l
+    memory: Sequence[float]  # bytes each layer needs (weights + KV budget)
+    capacity: Sequence[float]  # bytes available on each device
+    transfer: Sequence[Sequence[float]]  # seconds to hand hidden states from device u to v
+    source: int | None = None  # the first stage runs on this device
+    return_to_source: bool = False  # the sampled token travels back to the source
+
+    def __post_init__(self) -> None:
+        self.compute = np.asarray(self.compute, dtype=float)
+        self.memory = np.asarray(self.memory, dtype=float)
+        self.capacity = np.asarray(self.capacity, dtype=float)
+        self.transfer = np.asarray(self.transfer, dtype=float)
+        if self.compute.ndim != 2 or 0 in self.compute.shape:
+            raise ShardwiseError("compute must be a devices x layers table with at least one of each")
+        devices, layers = self.compute.shape
+        if self.memory.shape != (layers,):
+            raise ShardwiseError(f"memory needs one entry per layer ({layers}), got {self.memory.shape[0]}")
+        if self.capacity.shape != (devices,):
+            raise ShardwiseError(f"capacity needs one entry per device ({devices}), got {self.capacity.shape[0]}")
+        if self.transfer.shape != (devices, devices):
+            raise ShardwiseError(f"transfer must be {devices} x {devices} (device to device)")
+        for name, table in (("compute", self.compute), ("memory", self.memory), ("capacity", self.capacity),
+                            ("transfer", self.transfer)):
+            if np.isnan(table).any() or (table < 0).any():
+                raise ShardwiseError(f"{name} must hold non-negative numbers")
+        if self.source is not None and not 0 <= self.source < devices:
+            raise ShardwiseError(f"source {self.source} is not a device index (0..{devices - 1})")
+        if self.return_to_source and self.source is None:
+            raise ShardwiseError("return_to_source needs a source device")
+
+    @property
+    def devices(self) -> int:
+        return self.compute.shape[0]
+
+    @property
+    def layers(self) -> int:
+        return self.compute.shape[1]
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    value: float  # latency in seconds, or the bottleneck stage / transfer in seconds
+    stages: list[tuple[int, int, int]]  # (device, start, end): half-open layer ranges in pipeline order
+    objective: str
+
+
+def groups_of_identical(table: CostTable) -> list[list[int]]:
+    """Devices interchangeable in every respect (compute, capacity, links to others and to each
+    other) form a group; the source always stands alone."""
+    groups: list[list[int]] = []
+    for d in range(table.devices):
+        for group in groups:
+            if d != table.source and group[0] != table.source and _same(table, group[0], d):
+                group.append(d)
+                break
+        else:
+            groups.append([d])
+    return groups
+
+
+def _same(t: CostTable, u: int, v: int) -> bool:
+    others = [w for w in range(t.devices) if w not in (u, v)]
+    return bool(np.array_equal(t.compute[u], t.compute[v]) and t.capacity[u] == t.capacity[v]
+                and np.array_equal(t.transfer[u, others], t.transfer[v, others])
+                and np.array_equal(t.transfer[others, u], t.transfer[others, v])
+                and t.transfer[u, v] == t.transfer[v, u])
+
+
+def solve(table: CostTable, objective: Objective = "latency") -> PlanResult:
+    if objective not in ("latency", "throughput"):
+        raise ShardwiseError(f"unknown objective '{objective}': use latency or throughput")
+    combine = np.add if objective == "latency" else np.maximum
+    groups = groups_of_identical(table)
+    sizes = np.array([len(g) for g in groups])
+    n_groups, n_layers = len(groups), table.layers
+    tr = _group_transfers(table, groups)
+    stage = np.stack([_stage_costs(table, g[0]) for g in groups])  # [group, l, b]: layers [l, b) there
+    bands = [_band(costs) for costs in stage]
+
+    # used-set states: a count per group, numbered in mixed radix
+    radix = sizes + 1
+    strides = np.concatenate([[1], np.cumprod(radix)[:-1]])
+    counts = np.array(list(itertools.product(*[range(r) for r in radix[::-1]])), dtype=int)[:, ::-1]
+    used = counts.sum(1)
+    best = np.full((len(counts), n_groups, n_layers + 1), np.inf)  # (used set, last group, layers covered)
+    start_of = np.zeros(best.shape, dtype=np.int32)  # where the last stage starts
+    prev_of = np.zeros(best.shape, dtype=np.int32)  # the group of the stage before it
+    for g in range(n_groups):  # the first stage starts at layer 0, on the source if there is one
+        if table.source is None or groups[g][0] == table.source:
+            best[strides[g], g] = stage[g, 0]
+
+    for k in range(1, min(int(used.max()), n_layers)):  # a stage holds at least one layer
+        level = np.flatnonzero(used == k)
+        for v in range(n_groups):
+            movable = level[counts[level, v] < sizes[v]]
+            for chunk in np.array_split(movable, len(movable) // CHUNK + 1):
+                if len(chunk):
+                    _extend(best, start_of, prev_of, chunk, chunk + strides[v], v, tr[:, v], bands[v], combine)
+
+    finals = best[:, :, n_layers]
+    if table.return_to_source:
+        source_group = next(i for i, g in enumerate(groups) if g[0] == table.source)
+        finals = combine(finals, tr[:, source_group][None, :])
+    if not np.isfinite(finals).any():
+        raise ShardwiseError(_infeasible(table))
+    state, last = (int(x) for x in np.unravel_index(np.argmin(finals), finals.shape))
+    stages = []
+    b = n_layers
+    while True:  # walk back stage by stage
+        a = int(start_of[state, last, b])
+        stages.append((last, a, b))
+        if a == 0:
+            break
+        state, last, b = state - strides[last], int(prev_of[state, last, b]), a
+    free = [list(g) for g in groups]
+    return PlanResult(float(finals.min()), [(free[g].pop(0), a, b) for g, a, b in reversed(stages)], objective)
+
+
+def _extend(best, start_of, prev_of, states, targets, v, into_v, band_v, combine) -> None:
+    """Append a stage on group v to each state in `states` (all of one size), into `targets`.
+    band_v[l, w]: the cost of layers [l, l + w + 1) on v (inf where they do not fit)."""
+    n_layers = best.shape[2] - 1
+    entering = combine(best[states], into_v[None, :, None])  # [states, from group u, layers covered l]
+    arrive, via = entering.min(1), entering.argmin(1)  # the best hand-over into v after l layers
+    value = np.full((len(states), n_layers + 1), np.inf)
+    start = np.zeros(value.shape, dtype=np.int32)
+    for w in range(min(band_v.shape[1], n_layers - 1)):  # a stage of w + 1 layers: [l, b = l + w + 1)
+        ends = slice(w + 2, n_layers + 1)
+        candidate = combine(arrive[:, 1:n_layers - w], band_v[None, 1:n_layers - w, w])
+        better = candidate < value[:, ends]
+        value[:, ends] = np.where(better, candidate, value[:, ends])
+        start[:, ends] = np.where(better, np.arange(1, n_layers - w)[None, :], start[:, ends])
+    better = value < best[targets, v]
+    best[targets, v] = np.where(better, value, best[targets, v])
+    start_of[targets, v] = np.where(better, start, start_of[targets, v])
+    prev_of[targets, v] = np.where(better, np.take_along_axis(via, start, 1), prev_of[targets, v])
+
+
+def _group_transfers(table: CostTable, groups: list[list[int]]) -> np.ndarray:
+    """Transfer from group to group; within a group, between two of its (distinct) devices."""
+    out = np.zeros((len(groups), len(groups)))
+    for i, a in enumerate(groups):
+        for j, b in enumerate(groups):
+            if i != j:
+                out[i, j] = table.transfer[a[0], b[0]]
+            elif len(a) > 1:
+                out[i, j] = table.transfer[a[0], a[1]]
+    return out
+
+
+def _stage_costs(table: CostTable, device: int) -> np.ndarray:
+    """[l, b]: compute of layers [l, b) on the device; inf where empty or where they do not fit."""
+    n = table.layers
+    compute = np.concatenate([[0.0], np.cumsum(table.compute[device])])
+    memory = np.concatenate([[0.0], np.cumsum(table.memory)])
+    cost = compute[None, :] - compute[:, None]
+    fits = (memory[None, :] - memory[:, None]) <= table.capacity[device] * (1 + 1e-12)
+    empty = np.arange(n + 1)[None, :] <= np.arange(n + 1)[:, None]
+    return np.where(fits & ~empty, cost, np.inf)
+
+
+def _band(costs: np.ndarray) -> np.ndarray:
+    """[l, w]: the cost of layers [l, l + w + 1), only as wide as the longest stage that fits
+    (memory bounds the band, and with it the DP's work)."""
+    n = costs.shape[0] - 1
+    lengths = np.arange(n + 1)[None, :] - np.arange(n + 1)[:, None]
+    widest = int(lengths[np.isfinite(costs)].max(initial=0))
+    band = np.full((n + 1, widest), np.inf)
+    for w in range(widest):
+        band[: n - w, w] = np.diagonal(costs, offset=w + 1)
+    return band
+
+
+def _infeasible(table: CostTable) -> str:
+    gb = 1e9
+    largest = int(np.argmax(table.memory))
+    if table.memory[largest] > table.capacity.max():
+        return (f"no plan fits: layer {largest} alone needs {table.memory[largest] / gb:.2f} GB, more than any "
+                f"device offers (largest {table.capacity.max() / gb:.2f} GB); add a larger device or quantise")
+    if table.memory.sum() > table.capacity.sum():
+        return (f"no plan fits: the layers need {table.memory.sum() / gb:.2f} GB, the devices offer "
+                f"{table.capacity.sum() / gb:.2f} GB in all; add devices or memory, or quantise")
+    if table.source is not None and table.memory[0] > table.capacity[table.source]:
+        return (f"no plan fits: the source device {table.source} cannot hold even layer 0 "
+                f"({table.memory[0] / gb:.2f} GB > {table.capacity[table.source] / gb:.2f} GB)")
+    return ("no plan fits: the devices' memory cannot be split into contiguous ranges that hold every layer "
+            f"({table.memory.sum() / gb:.2f} GB needed, {table.capacity.sum() / gb:.2f} GB offered); "
+            "add devices or memory, or quantise")
