@@ -31,6 +31,15 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
+def machine_profile(tmp_path_factory):
+    """`shardwise profile` of this machine, run once per session (about a minute)."""
+    out = tmp_path_factory.mktemp("profile") / "this-machine.json"
+    result = cli("profile", "--out", str(out), timeout=900)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
 def model_path():
     return resolve(DEFAULT_MODEL)
 

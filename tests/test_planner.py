@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from shardwise import ShardwiseError
 from shardwise.planner import CostTable, solve, split_client_server, split_frontier
+from tests.conftest import cli
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -169,3 +171,102 @@ def test_split_frontier_trades_server_work_for_latency():
                                                                                           strict=False))
     with pytest.raises(ShardwiseError, match="SLA of 5.0 ms"):
         split_client_server(client, server, 2.0, [1.0] * 6, 6, sla=0.005)
+
+
+CLUSTER = """
+source: laptop
+return_to_source: true
+default_link: ethernet-10g
+devices:
+  - {name: laptop, type: m2-max, memory_gb: 24}
+  - {name: gpu, type: rtx-4090, count: 2, node: 10.0.0.7}
+  - {name: old, type: rtx-3090, node: 10.0.0.8}
+  - {name: pi, type: raspberry-pi-5}
+links:
+  - {from: gpu-0, to: gpu-1, link: pcie4}
+"""
+
+
+def test_cluster_file_to_cost_table_charges_the_ends_where_they_run(tmp_path):
+    from shardwise.model.catalog import load_spec
+    from shardwise.perf.hardware import load_link
+    from shardwise.planner.cluster import Cluster, cost_table
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(CLUSTER)
+    cluster = Cluster.load(path)
+    assert [d.name for d in cluster.devices] == ["laptop", "gpu-0", "gpu-1", "old", "pi"]
+    assert cluster.link("gpu-1", "gpu-0") == load_link("pcie4") and cluster.link("pi", "old").name == "ethernet-10g"
+    spec = load_spec("llama-3.1-8b")
+    table = cost_table(spec, cluster, batch=4, quant="int4", kv_tokens=4096)
+    assert table.source == 0 and table.return_to_source
+    # identical middle layers; layer 0 carries the embedding, the last the (large-vocabulary) head
+    gpu = table.compute[1]
+    assert gpu[1] == pytest.approx(gpu[5]) and gpu[-1] > 1.5 * gpu[5] and gpu[0] > gpu[5]
+    assert table.memory[-1] - table.memory[5] == pytest.approx(spec.vocab_size * spec.hidden_size * 0.5625,
+                                                               rel=0.01)
+    assert table.compute[4].sum() > 10 * table.compute[1].sum()  # a Raspberry Pi is slow
+    assert table.transfer[1, 2] < table.transfer[1, 3]  # PCIe beats 10 GbE
+
+
+def test_plan_cli_beats_or_matches_every_baseline_and_writes_a_plan(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(CLUSTER)
+    out, png = tmp_path / "plan.json", tmp_path / "gantt.png"
+    result = cli("plan", "--model", "llama-3.1-70b", "--cluster", str(path), "--objective", "throughput",
+                 "--batch", "8", "--quant", "int4", "--json", "--out", str(out), "--plot", str(png))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    dp = summary["dp"]["value"]
+    for name, row in summary["baselines"].items():
+        assert row["value"] is None or row["value"] >= dp - 1e-12, name
+    assert "pi" not in summary["dp"]["layout"]  # a device that only slows things down is left out
+    plan = json.loads(out.read_text())
+    assert plan["stages"][0]["layers"][0] == 0 and plan["stages"][-1]["layers"][1] == 80
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    split = cli("plan", "--model", "llama-3.1-8b", "--client", "m2-max", "--server", "h100", "--sla", "20ms",
+                "--json")
+    assert split.returncode == 0, split.stderr
+    best = json.loads(split.stdout)["best"]
+    assert best["latency_s"] <= 0.020 and 0 < best["server_share"] < 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "llama-2-7b", "--cluster", "/nonexistent.yaml"], "does not exist"),
+    (["--model", "llama-2-7b"], "give --cluster"),
+    (["--model", "llama-2-7b", "--client", "m2-max", "--server", "h100"], "needs --client, --server and --sla"),
+    (["--model", "llama-2-7b", "--client", "m2-max", "--server", "h100", "--sla", "1ms"], "no split meets"),
+    (["--model", "llama-2-7b", "--client", "m2-max", "--server", "h100", "--sla", "fast"], "cannot read the time"),
+])
+def test_plan_cli_errors_are_one_line(args, message):
+    result = cli("plan", *args)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_plan_from_this_machines_profile_runs_with_the_default_tokens(machine_profile, tmp_path, llm,
+                                                                      ray_session):
+    """End to end: profile -> cluster file -> plan (memory forces a split) -> pipeline, same greedy tokens."""
+    from shardwise import LLM, SamplingParams
+    from tests.conftest import TEXT_PROMPTS
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(f"""
+devices:
+  - {{name: half-a, profile: {machine_profile}, memory_gb: 0.45, node: local}}
+  - {{name: half-b, profile: {machine_profile}, memory_gb: 0.45, node: local}}
+""")
+    out = tmp_path / "plan.json"
+    result = cli("plan", "--model", "smollm2-135m", "--cluster", str(path), "--kv-tokens", "1024",
+                 "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(out.read_text())
+    assert len(plan["stages"]) == 2
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    expected = [o.token_ids for o in llm.generate(TEXT_PROMPTS, params)]
+    pipeline = LLM(plan=str(out), dtype="float32")
+    try:
+        assert [o.token_ids for o in pipeline.generate(TEXT_PROMPTS, params)] == expected
+    finally:
+        pipeline.close()

@@ -147,6 +147,75 @@ def estimate(
         fail(str(e))
 
 
+def _seconds(text: str) -> float:
+    """'200ms', '0.2s' or '0.2' (seconds)."""
+    value = text.strip().lower()
+    try:
+        if value.endswith("ms"):
+            return float(value[:-2]) / 1e3
+        return float(value.removesuffix("s"))
+    except ValueError:
+        raise ShardwiseError(f"cannot read the time '{text}': write e.g. 200ms or 0.2s") from None
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Option(help="Catalog name, .gguf file, or HF config.json / model directory.")],
+    cluster: Annotated[str | None, typer.Option(help="Cluster file (YAML): devices, links, source.")] = None,
+    objective: Annotated[str, typer.Option(help="latency or throughput.")] = "latency",
+    batch: Annotated[int, typer.Option(help="Decode batch the costs are taken at.")] = 1,
+    context: Annotated[int, typer.Option(help="Cached tokens per sequence the costs are taken at.")] = 512,
+    kv_tokens: Annotated[int, typer.Option(help="KV budget per stage, in tokens.")] = 16384,
+    quant: Annotated[str | None, typer.Option(help="Weights: fp32, bf16, fp8, int8, int4, ... (default: each "
+                                                   "device's own dtype).")] = None,
+    out: Annotated[str | None, typer.Option(help="Write the plan JSON here (for generate / serve --plan).")] = None,
+    plot: Annotated[str | None, typer.Option(help="Write a Gantt chart PNG of a pipeline step here.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    client: Annotated[str | None, typer.Option(help="Collaborative split: the client's device.")] = None,
+    server: Annotated[str | None, typer.Option(help="Collaborative split: the server's device.")] = None,
+    link: Annotated[str, typer.Option(help="Collaborative split: the client-server link.")] = "ethernet-1g",
+    sla: Annotated[str | None, typer.Option(help="Collaborative split: latency per token, e.g. 200ms.")] = None,
+    client_memory: Annotated[float | None, typer.Option(help="Collaborative split: GB the client offers.")] = None,
+) -> None:
+    """Choose devices and layer ranges by dynamic programming, or split layers between a client and a server."""
+    import json
+
+    from shardwise.model.catalog import load_spec
+    from shardwise.planner import cluster as planning
+    from shardwise.planner import report
+
+    try:
+        spec = load_spec(model)
+        if min(batch, context, kv_tokens) < 1:
+            raise ShardwiseError("--batch, --context and --kv-tokens must each be at least 1")
+        if client or server or sla:
+            if not (client and server and sla):
+                raise ShardwiseError("a collaborative split needs --client, --server and --sla")
+            from shardwise.perf.hardware import load_device, load_link
+
+            summary = planning.split_for_client(
+                spec, load_device(client), load_device(server), load_link(link), _seconds(sla),
+                client_memory=client_memory * 1e9 if client_memory else None, batch=batch, context=context,
+                quant=quant, kv_tokens=kv_tokens)
+            print(json.dumps(summary, indent=2)) if json_out else report.print_split(summary)
+            return
+        if not cluster:
+            raise ShardwiseError("give --cluster FILE (or --client/--server/--sla for a collaborative split)")
+        result, summary = planning.plan_cluster(spec, planning.Cluster.load(cluster), objective, batch=batch,
+                                                context=context, quant=quant, kv_tokens=kv_tokens)
+        print(json.dumps(summary, indent=2)) if json_out else report.print_plan(summary)
+        if out:
+            from pathlib import Path
+
+            Path(out).write_text(json.dumps(result.to_dict(), indent=2))
+            if not json_out:
+                typer.echo(f"wrote {out}: run it with `shardwise generate --plan {out} ...`")
+        if plot:
+            report.plot_gantt(summary, plot)
+    except ShardwiseError as e:
+        fail(str(e))
+
+
 @app.command()
 def profile(
     model: Annotated[str, typer.Option(help="The model whose engine steps are timed.")] = DEFAULT_MODEL,

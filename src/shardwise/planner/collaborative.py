@@ -87,6 +87,6 @@ def split_frontier(client: Sequence[float], server: Sequence[float], switch: flo
     frontier: list[SplitResult] = []
     for r in sorted(_pareto_placements(client, server, switch, memory, client_capacity, None),
                     key=lambda r: (r.latency, r.server_work)):
-        if not frontier or r.server_work < frontier[-1].server_work:
+        if not frontier or r.server_work < frontier[-1].server_work - 1e-12 * max(1.0, frontier[-1].server_work):
             frontier.append(r)
     return frontier

@@ -1,0 +1,83 @@
+"""How others split a model, evaluated by the same cost model as the DP.
+
+even (vLLM's pipeline parallelism), memory-proportional (exo, llama.cpp RPC),
+FLOPS-proportional (Cake), and greedy fastest-first (fill the fastest device's
+memory, then the next). Each uses every device (greedy: as many as it needs),
+in the cluster's order with the source first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from shardwise.planner.partition import CostTable
+
+Stages = list[tuple[int, int, int]]
+
+
+def evaluate(table: CostTable, stages: Stages, objective: str) -> float | None:
+    """The plan's latency or bottleneck under the table's costs; None if a stage does not fit."""
+    if any(table.memory[a:b].sum() > table.capacity[d] * (1 + 1e-12) for d, a, b in stages):
+        return None
+    compute = [float(table.compute[d, a:b].sum()) for d, a, b in stages]
+    moves = [float(table.transfer[u, v]) for (u, _, _), (v, _, _) in zip(stages, stages[1:], strict=False)]
+    if table.return_to_source:
+        moves.append(float(table.transfer[stages[-1][0], table.source]))
+    return sum(compute) + sum(moves) if objective == "latency" else max(compute + moves)
+
+
+def _order(table: CostTable) -> list[int]:
+    rest = [d for d in range(table.devices) if d != table.source]
+    return rest if table.source is None else [table.source, *rest]
+
+
+def proportional(table: CostTable, weights: Sequence[float]) -> Stages:
+    """Contiguous ranges sized in proportion to weights (largest remainders; each device >= 1 layer,
+    the smallest-weight devices dropped when there are more devices than layers)."""
+    order = _order(table)
+    order = sorted(order, key=lambda d: -weights[d])[: table.layers]
+    order = [d for d in _order(table) if d in order]
+    w = np.array([weights[d] for d in order], dtype=float)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(order), 1 / len(order))
+    spare = table.layers - len(order)
+    share = w * spare
+    counts = np.floor(share).astype(int) + 1
+    for i in np.argsort(-(share - np.floor(share)))[: table.layers - counts.sum()]:
+        counts[i] += 1
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    return [(d, int(a), int(b)) for d, a, b in zip(order, bounds, bounds[1:], strict=False)]
+
+
+def even(table: CostTable) -> Stages:
+    return proportional(table, [1.0] * table.devices)
+
+
+def memory_proportional(table: CostTable) -> Stages:
+    return proportional(table, list(table.capacity))
+
+
+def flops_proportional(table: CostTable, flops: Sequence[float]) -> Stages:
+    return proportional(table, flops)
+
+
+def greedy_fastest(table: CostTable) -> Stages:
+    """Fastest device first (least compute for the whole model), as many layers as fit, then the next."""
+    order = sorted(range(table.devices), key=lambda d: table.compute[d].sum())
+    if table.source is not None:
+        order = [table.source] + [d for d in order if d != table.source]
+    stages, start = [], 0
+    for d in order:
+        end = start
+        while end < table.layers and table.memory[start:end + 1].sum() <= table.capacity[d]:
+            end += 1
+        if end > start:
+            stages.append((d, start, end))
+            start = end
+        if start == table.layers:
+            break
+    if start < table.layers:  # out of memory: the rest on the last device, reported as not fitting
+        d, a, _ = stages[-1] if stages else (order[0], 0, 0)
+        stages[-1:] = [(d, a, table.layers)]
+    return stages

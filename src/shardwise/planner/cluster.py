@@ -1,0 +1,242 @@
+"""From a model and a cluster file to the planner's cost tables, and from a result to a Plan.
+
+A cluster file (YAML):
+
+    source: laptop                # optional: the first stage runs here (the driver's device)
+    return_to_source: true        # optional: the sampled token travels back to it
+    default_link: ethernet-1g     # catalog name, or {bandwidth_gbs: 1.25, latency_us: 50}
+    devices:
+      - name: laptop
+        profile: this-machine.json    # a `shardwise profile` file (FILE#DEVICE for one of several) ...
+        memory_gb: 8                  # memory available to shardwise (default: the whole device)
+        node: local                   # Ray node: "local", a node id or an IP address
+      - name: gpu
+        type: rtx-4090                # ... or a catalog device
+        node: 10.0.0.7
+        device: cuda                  # torch device on that node (default: cuda for GPUs, else cpu)
+        count: 2                      # identical devices: gpu-0, gpu-1
+    links:
+      - {from: laptop, to: gpu, link: ethernet-1g}   # or bandwidth_gbs / latency_us; both directions
+
+Per-layer costs come from the estimator for one decode step at the given batch and
+context; the embedding is charged to layer 0 (always in the first stage) and the final
+norm, LM head and sampling to the last layer (always in the last stage), so their
+weight counts exactly where it runs. A stage's fixed step overhead is charged to layer 0
+for the first stage and to the transfer into each later stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from shardwise.cluster.plan import DEFAULT_KV_TOKENS, Plan, StageSpec
+from shardwise.errors import ShardwiseError
+from shardwise.model.spec import ModelSpec
+from shardwise.perf.estimate import time_operator
+from shardwise.perf.hardware import SAME_DEVICE, DeviceSpec, LinkSpec, dtype_bytes, load_device, load_link
+from shardwise.perf.operators import (
+    Precision,
+    Work,
+    embedding_operators,
+    head_operators,
+    layer_operators,
+)
+from shardwise.planner.partition import CostTable, PlanResult
+
+DEFAULT_LINK = "ethernet-1g"
+
+
+@dataclass(frozen=True)
+class ClusterDevice:
+    name: str
+    spec: DeviceSpec
+    memory_bytes: float
+    node: str = "local"
+    torch_device: str = "cpu"
+
+
+@dataclass
+class Cluster:
+    devices: list[ClusterDevice]
+    links: dict[tuple[str, str], LinkSpec] = field(default_factory=dict)
+    default_link: LinkSpec = field(default_factory=lambda: load_link(DEFAULT_LINK))
+    source: str | None = None
+    return_to_source: bool = False
+
+    def link(self, a: str, b: str) -> LinkSpec:
+        if a == b:
+            return SAME_DEVICE
+        return self.links.get((a, b)) or self.links.get((b, a)) or self.default_link
+
+    def index(self, name: str) -> int:
+        for i, d in enumerate(self.devices):
+            if d.name == name:
+                return i
+        raise ShardwiseError(f"the cluster has no device '{name}': it has {', '.join(d.name for d in self.devices)}")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Cluster:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ShardwiseError(f"cluster file '{path}' does not exist") from None
+        except yaml.YAMLError as e:
+            raise ShardwiseError(f"cluster file '{path}' is not valid YAML ({e})") from None
+        return cls.from_dict(data, base=Path(path).parent)
+
+    @classmethod
+    def from_dict(cls, data: Any, base: Path = Path(".")) -> Cluster:
+        if not isinstance(data, dict) or not isinstance(data.get("devices"), list) or not data["devices"]:
+            raise ShardwiseError('a cluster file needs a non-empty "devices" list')
+        devices = []
+        for i, d in enumerate(data["devices"]):
+            if not isinstance(d, dict) or "name" not in d or ("type" in d) == ("profile" in d):
+                raise ShardwiseError(f'cluster device {i} needs a "name" and exactly one of "type" (a catalog '
+                                     'device) or "profile" (a `shardwise profile` file)')
+            unknown = set(d) - {"name", "type", "profile", "memory_gb", "node", "device", "count"}
+            if unknown:
+                raise ShardwiseError(f"cluster device '{d['name']}' has unknown fields {sorted(unknown)}")
+            spec = load_device(d["type"]) if "type" in d else load_device(str(base / d["profile"]))
+            memory = float(d.get("memory_gb", spec.memory_bytes / 1e9)) * 1e9
+            torch_device = d.get("device", "cuda" if spec.kind == "gpu" else "cpu")
+            count = int(d.get("count", 1))
+            names = [str(d["name"])] if count == 1 else [f"{d['name']}-{k}" for k in range(count)]
+            devices += [ClusterDevice(n, spec, memory, str(d.get("node", "local")), torch_device) for n in names]
+        if len({d.name for d in devices}) != len(devices):
+            raise ShardwiseError("cluster device names must be unique")
+        cluster = cls(devices, default_link=_link(data.get("default_link", DEFAULT_LINK)),
+                      source=data.get("source"), return_to_source=bool(data.get("return_to_source", False)))
+        for link in data.get("links") or []:
+            if not isinstance(link, dict) or "from" not in link or "to" not in link:
+                raise ShardwiseError('each cluster link needs "from" and "to"')
+            cluster.index(link["from"]), cluster.index(link["to"])
+            cluster.links[(link["from"], link["to"])] = _link(link.get("link", link))
+        if cluster.source is not None:
+            cluster.index(cluster.source)
+        return cluster
+
+
+def _link(value: Any) -> LinkSpec:
+    if isinstance(value, str):
+        return load_link(value)
+    try:
+        return LinkSpec("custom", float(value["bandwidth_gbs"]) * 1e9, float(value.get("latency_us", 0)) * 1e-6)
+    except (TypeError, KeyError, ValueError):
+        raise ShardwiseError("a link is a catalog name or {bandwidth_gbs: ..., latency_us: ...}") from None
+
+
+def layer_memory(spec: ModelSpec, p: Precision, kv_tokens: int) -> np.ndarray:
+    """Bytes per layer: weights and a KV budget; embedding on layer 0, final norm and head on the last."""
+    wb = dtype_bytes(p.weights)
+    memory = np.full(spec.num_layers, spec.layer_parameters() * wb + 2 * spec.kv_size * dtype_bytes(p.kv) * kv_tokens)
+    embed = spec.vocab_size * spec.hidden_size * wb
+    memory[0] += embed
+    memory[-1] += spec.hidden_size * wb + embed  # a separate head, or a tied one copied to the last stage
+    return memory
+
+
+def cost_table(spec: ModelSpec, cluster: Cluster, *, batch: int = 1, context: int = 512,
+               quant: str | None = None, kv_tokens: int = DEFAULT_KV_TOKENS) -> CostTable:
+    """Seconds per layer on each device for one decode step of `batch` sequences at `context`,
+    weights at `quant` (default: each device's own dtype)."""
+    work = Work.decode(batch, context)
+    n = spec.num_layers
+    compute = np.zeros((len(cluster.devices), n))
+    overhead = np.zeros(len(cluster.devices))
+    for i, d in enumerate(cluster.devices):
+        p = _precision(d.spec, quant)
+        layer = sum(time_operator(op, d.spec).time_s for op in layer_operators(spec, work, p))
+        compute[i] = layer
+        compute[i, 0] += sum(time_operator(op, d.spec).time_s for op in embedding_operators(spec, work, p))
+        compute[i, -1] += sum(time_operator(op, d.spec).time_s for op in head_operators(spec, work, p))
+        overhead[i] = d.spec.step_overhead_s
+        compute[i, 0] += overhead[i]
+    p0 = _precision(cluster.devices[0].spec, quant)
+    hidden = batch * spec.hidden_size * dtype_bytes(p0.activations)
+    names = [d.name for d in cluster.devices]
+    transfer = np.array([[0.0 if a == b else cluster.link(a, b).time(hidden) + overhead[j]
+                          for j, b in enumerate(names)] for a in names])
+    if cluster.return_to_source:  # token ids back: no stage starts there, so no overhead
+        s = cluster.index(cluster.source)
+        for a, name in enumerate(names):
+            transfer[a, s] = 0.0 if a == s else cluster.link(name, names[s]).time(4 * batch)
+    return CostTable(compute, layer_memory(spec, p0, kv_tokens), [d.memory_bytes for d in cluster.devices],
+                     transfer, None if cluster.source is None else cluster.index(cluster.source),
+                     cluster.return_to_source)
+
+
+def _precision(device: DeviceSpec, quant: str | None) -> Precision:
+    return Precision(quant or device.default_dtype, device.default_dtype, device.default_dtype)
+
+
+def to_plan(result: PlanResult, cluster: Cluster) -> Plan:
+    return Plan(tuple(StageSpec((a, b), cluster.devices[d].node, cluster.devices[d].torch_device)
+                      for d, a, b in result.stages))
+
+
+def stage_estimates(spec: ModelSpec, cluster: Cluster, table: CostTable,
+                    stages: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
+    """Per stage: device, layers, memory and predicted compute; and the transfer to the next."""
+    rows = []
+    for k, (d, a, b) in enumerate(stages):
+        nxt = stages[k + 1][0] if k + 1 < len(stages) else (table.source if table.return_to_source else None)
+        rows.append({"device": cluster.devices[d].name, "layers": [a, b],
+                     "memory_bytes": float(table.memory[a:b].sum()), "capacity_bytes": float(table.capacity[d]),
+                     "compute_s": float(table.compute[d, a:b].sum()),
+                     "transfer_s": float(table.transfer[d, nxt]) if nxt is not None else 0.0})
+    return rows
+
+def plan_cluster(spec: ModelSpec, cluster: Cluster, objective: str = "latency", *, batch: int = 1,
+                 context: int = 512, quant: str | None = None,
+                 kv_tokens: int = DEFAULT_KV_TOKENS) -> tuple[Plan, dict[str, Any]]:
+    """The DP's plan, and a summary with its stages and the baselines' values under the same costs."""
+    from shardwise.planner import baselines
+    from shardwise.planner.partition import solve
+
+    table = cost_table(spec, cluster, batch=batch, context=context, quant=quant, kv_tokens=kv_tokens)
+    result = solve(table, objective)
+    stages = stage_estimates(spec, cluster, table, result.stages)
+    for row, (d, _, _) in zip(stages, result.stages, strict=True):
+        row["node"] = cluster.devices[d].node
+    flops = [d.spec.peak_flops(d.spec.default_dtype) for d in cluster.devices]
+    others = {"even (vLLM)": baselines.even(table), "memory-proportional (exo, llama.cpp)":
+              baselines.memory_proportional(table), "FLOPS-proportional (Cake)":
+              baselines.flops_proportional(table, flops), "greedy fastest-first": baselines.greedy_fastest(table)}
+
+    def layout(st: list[tuple[int, int, int]]) -> str:
+        return ", ".join(f"{cluster.devices[d].name}:{a}-{b}" for d, a, b in st)
+
+    summary = {
+        "model": spec.name, "objective": objective, "batch": batch, "context": context, "quant": quant,
+        "stages": stages,
+        "dp": {"value": result.value, "layout": layout(result.stages)},
+        "baselines": {name: {"value": baselines.evaluate(table, st, objective), "layout": layout(st)}
+                      for name, st in others.items()},
+    }
+    return to_plan(result, cluster), summary
+
+
+def split_for_client(spec: ModelSpec, client: DeviceSpec, server: DeviceSpec, link: LinkSpec, sla: float, *,
+                     client_memory: float | None = None, batch: int = 1, context: int = 512,
+                     quant: str | None = None, kv_tokens: int = DEFAULT_KV_TOKENS) -> dict[str, Any]:
+    """SplitLLM's question on a real model: which layers may the server hand to the client?"""
+    from shardwise.planner.collaborative import split_client_server, split_frontier
+
+    pair = Cluster([ClusterDevice("client", client, client_memory or client.memory_bytes),
+                    ClusterDevice("server", server, server.memory_bytes)], {("client", "server"): link})
+    table = cost_table(spec, pair, batch=batch, context=context, quant=quant, kv_tokens=kv_tokens)
+    args = (list(table.compute[0]), list(table.compute[1]), float(table.transfer[0, 1]), list(table.memory),
+            float(table.capacity[0]))
+    best = split_client_server(*args, sla)
+    everything = float(table.compute[1].sum())
+
+    def row(r) -> dict[str, Any]:
+        return {"server_work_s": r.server_work, "latency_s": r.latency, "client_memory_bytes": r.client_memory,
+                "server_share": r.server_work / everything if everything else 0.0, "placement": r.placement}
+
+    return {"model": spec.name, "sla_s": sla, "best": row(best), "frontier": [row(r) for r in split_frontier(*args)]}
