@@ -25,3 +25,4 @@ bench: setup
 	$(BIN)/python benchmarks/engine.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/estimate_vs_measured.py
+	$(BIN)/python benchmarks/planner.py
