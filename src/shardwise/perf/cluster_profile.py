@@ -92,10 +92,11 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
             ray.shutdown()
 
 
-def stage_hop_latency(model: str, device: str, prompt: int = 128, new: int = 17, repeats: int = 3) -> float:
+def stage_hop_latency(model: str, device: str, prompt: int = 64, new: int = 17, rounds: int = 7) -> float:
     """What a stage boundary really costs a local pipeline's decode step: a message hop plus
     waking the next stage's threads. Measured as (2-stage decode step - one-process step) / 2,
-    the two hops being stage 0 -> stage 1 and the token ids back to the driver."""
+    the two hops being stage 0 -> stage 1 and the token ids back to the driver; both engines
+    stay loaded and take turns, and the median of the paired differences resists noise bursts."""
     from shardwise.engine.llm import LLM
     from shardwise.engine.sampling import SamplingParams
 
@@ -107,14 +108,12 @@ def stage_hop_latency(model: str, device: str, prompt: int = 128, new: int = 17,
             llm.generate([ids], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
             return time.perf_counter() - start
 
-        run(2)
-        return statistics.median((run(new) - run(1)) / (new - 1) for _ in range(repeats))
+        return (run(new) - run(1)) / (new - 1)
 
-    with LLM(model, device=device) as one:
-        alone = step_seconds(one)
-    with LLM(model, device=device, stages=2) as two:
-        split = step_seconds(two)
-    return max(split - alone, 0.0) / 2
+    with LLM(model, device=device) as one, LLM(model, device=device, stages=2) as two:
+        step_seconds(one), step_seconds(two)  # warm-up
+        differences = [step_seconds(two) - step_seconds(one) for _ in range(rounds)]
+    return max(statistics.median(differences), 0.0) / 2
 
 
 def _names(nodes: list[dict[str, Any]]) -> list[str]:
