@@ -197,13 +197,19 @@ def plan(
                 spec, load_device(client), load_device(server), load_link(link), _seconds(sla),
                 client_memory=client_memory * 1e9 if client_memory else None, batch=batch, context=context,
                 quant=quant, kv_tokens=kv_tokens)
-            print(json.dumps(summary, indent=2)) if json_out else report.print_split(summary)
+            if json_out:
+                print(json.dumps(summary, indent=2))
+            else:
+                report.print_split(summary)
             return
         if not cluster:
             raise ShardwiseError("give --cluster FILE (or --client/--server/--sla for a collaborative split)")
         result, summary = planning.plan_cluster(spec, planning.Cluster.load(cluster), objective, batch=batch,
                                                 context=context, quant=quant, kv_tokens=kv_tokens)
-        print(json.dumps(summary, indent=2)) if json_out else report.print_plan(summary)
+        if json_out:
+            print(json.dumps(summary, indent=2))
+        else:
+            report.print_plan(summary)
         if out:
             from pathlib import Path
 

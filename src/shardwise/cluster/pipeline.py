@@ -18,6 +18,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardwise.cluster.plan import DEFAULT_KV_TOKENS, Plan
+from shardwise.cluster.ray_session import join
 from shardwise.cluster.stage import StageActor
 from shardwise.engine.sampling import SamplingParams
 from shardwise.errors import ShardwiseError
@@ -32,13 +33,7 @@ class Pipeline:
     def __init__(self, model_path: Path, spec: ModelSpec, plan: Plan, *, dtype: str | None = None,
                  address: str | None = None, kv_tokens: int = DEFAULT_KV_TOKENS, micro_batches: int | None = None):
         plan.check_layers(spec)
-        self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-            except ConnectionError as e:
-                raise ShardwiseError(f"cannot join the Ray cluster at '{address}' ({e}): start it with "
-                                     "'ray start --head', or drop --address to run locally") from None
+        self._owns_ray = join(address, instead="run locally")
         try:
             nodes = self._place(plan)
             dtypes = [dtype or ("bfloat16" if s.device.startswith("cuda") else "float32") for s in plan.stages]

@@ -15,8 +15,8 @@ from typing import Any
 
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
+from shardwise.perf.hardware import dtype_bytes
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DEFAULT_KV_TOKENS = 16384  # KV budget each stage must fit besides its weights
 
 
@@ -102,7 +102,7 @@ class Plan:
                      kv_tokens: int) -> None:
         """The stages placed on one memory (where[i], e.g. "10.0.0.7/cpu") must fit it together:
         weights at their dtype plus a KV budget of kv_tokens tokens each."""
-        need: dict[str, int] = {}
+        need: dict[str, float] = {}
         for stage, dtype, key in zip(self.stages, dtypes, where, strict=True):
             need[key] = need.get(key, 0) + stage_bytes(spec, stage.layers, dtype, kv_tokens)
         for key, total in need.items():
@@ -115,15 +115,16 @@ class Plan:
                 )
 
 
-def stage_bytes(spec: ModelSpec, layers: tuple[int, int], dtype: str, kv_tokens: int) -> int:
-    """Memory a stage holds: its layers' weights, embedding / head at the ends, and its KV budget."""
+def stage_bytes(spec: ModelSpec, layers: tuple[int, int], dtype: str, kv_tokens: int,
+                kv_dtype: str | None = None) -> float:
+    """Memory a stage holds: its layers' weights at `dtype`, embedding / head at the ends, and a
+    KV budget of kv_tokens tokens at kv_dtype (default: dtype)."""
     start, end = layers
-    width = DTYPE_BYTES[dtype]
     params = (end - start) * spec.layer_parameters()
     embed = spec.vocab_size * spec.hidden_size
     if start == 0:
         params += embed
     if end == spec.num_layers:
         params += spec.hidden_size + (embed if not (spec.tie_embeddings and start == 0) else 0)
-    kv = 2 * (end - start) * spec.kv_size * width * kv_tokens
-    return params * width + kv
+    kv = 2 * (end - start) * spec.kv_size * dtype_bytes(kv_dtype or dtype) * kv_tokens
+    return params * dtype_bytes(dtype) + kv

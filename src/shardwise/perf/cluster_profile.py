@@ -15,7 +15,7 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from shardwise.errors import ShardwiseError
+from shardwise.cluster.ray_session import join
 from shardwise.perf.profile import Progress, link_from_round_trips, profile_device
 
 HOP_TOKENS = (1, 512)  # hidden states of a decode step and of a prefill chunk
@@ -53,13 +53,7 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
     from shardwise.model.catalog import load_spec
 
     hidden = load_spec(model).hidden_size
-    owns = not ray.is_initialized()
-    if owns:
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        except ConnectionError as e:
-            raise ShardwiseError(f"cannot join the Ray cluster at '{address}' ({e}): start it with "
-                                 "'ray start --head', or drop --address to profile this machine") from None
+    owns = join(address, instead="profile this machine")
     try:
         nodes = [n for n in ray.nodes() if n["Alive"]]
         names = _names(nodes)

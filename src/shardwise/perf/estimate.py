@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from shardwise.cluster.plan import Plan, StageSpec
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
 from shardwise.perf.hardware import SAME_DEVICE, DeviceSpec, LinkSpec, dtype_bytes
@@ -107,40 +108,24 @@ class Deployment:
 
     @classmethod
     def pipeline(cls, spec: ModelSpec, devices: list[DeviceSpec], links: LinkSpec | list[LinkSpec],
-                 layers: list[tuple[int, int]] | None = None, return_link: LinkSpec | None = None) -> Deployment:
+                 layers: list[tuple[int, int]] | None = None) -> Deployment:
         """Stages on `devices` in order, joined by `links` (one for all, or one per gap); layers:
-        the ranges, by default an even split. Token ids return over the first link."""
+        the ranges, by default the pipeline's even split. Token ids return over the first link."""
         if layers is None:
-            layers = even_split(spec.num_layers, len(devices))
+            layers = [s.layers for s in Plan.even(spec, len(devices)).stages]
         stages = tuple(Stage(d, a, b) for d, (a, b) in zip(devices, layers, strict=True))
         links = [links] * (len(stages) - 1) if isinstance(links, LinkSpec) else list(links)
-        back = return_link or (links[0] if links else SAME_DEVICE)
-        return cls(stages, tuple(links), back)
+        return cls(stages, tuple(links), links[0] if links else SAME_DEVICE)
 
     def check(self, spec: ModelSpec) -> None:
-        if not self.stages:
-            raise ShardwiseError("a deployment needs at least one stage")
-        ends = [(s.start, s.end) for s in self.stages]
-        expected = 0
-        for a, b in ends:
-            if a != expected or b <= a:
-                raise ShardwiseError(f"stage layer ranges {ends} must be contiguous and cover 0..{spec.num_layers}")
-            expected = b
-        if expected != spec.num_layers:
-            raise ShardwiseError(f"stage layer ranges {ends} must cover all {spec.num_layers} layers")
+        """The layer ranges as the pipeline checks a plan's, and tp / ep that divide the model."""
+        Plan(tuple(StageSpec((s.start, s.end)) for s in self.stages)).check_layers(spec)
         for s in self.stages:
             if spec.num_heads % s.tp or (spec.num_experts and spec.num_experts % s.ep):
                 raise ShardwiseError(
                     f"tp={s.tp} must divide the {spec.num_heads} attention heads"
                     + (f" and ep={s.ep} the {spec.num_experts} experts" if spec.num_experts else "")
                 )
-
-
-def even_split(layers: int, parts: int) -> list[tuple[int, int]]:
-    if not 1 <= parts <= layers:
-        raise ShardwiseError(f"cannot split {layers} layers into {parts} stages: use 1..{layers} stages")
-    bounds = [round(i * layers / parts) for i in range(parts + 1)]
-    return list(zip(bounds, bounds[1:], strict=False))
 
 
 def stage_operators(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> list[TimedOperator]:
@@ -156,14 +141,19 @@ def stage_operators(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> 
     return timed
 
 
+def _total(operators: list[TimedOperator], device: DeviceSpec) -> float:
+    return sum(t.total_s for t in operators) + device.step_overhead_s
+
+
 def stage_time(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> float:
-    return sum(t.total_s for t in stage_operators(spec, stage, work, p)) + stage.device.step_overhead_s
+    return _total(stage_operators(spec, stage, work, p), stage.device)
 
 
 @dataclass(frozen=True)
 class StepTime:
     stages: list[float]
     links: list[float]  # between stages, then the return of token ids
+    operators: list[list[TimedOperator]] = field(default_factory=list)  # per stage, for breakdowns and plots
 
     @property
     def latency(self) -> float:
@@ -181,9 +171,10 @@ class StepTime:
 
 def step_time(spec: ModelSpec, deployment: Deployment, work: Work, p: Precision) -> StepTime:
     hidden = work.tokens * spec.hidden_size * dtype_bytes(p.activations)
-    stages = [stage_time(spec, s, work, p) for s in deployment.stages]
+    operators = [stage_operators(spec, s, work, p) for s in deployment.stages]
+    stages = [_total(ops, s.device) for ops, s in zip(operators, deployment.stages, strict=True)]
     links = [link.time(hidden) for link in deployment.links] + [deployment.return_link.time(4 * work.rows)]
-    return StepTime(stages, links)
+    return StepTime(stages, links, operators)
 
 
 @dataclass(frozen=True)
@@ -246,7 +237,6 @@ def estimate(spec: ModelSpec, deployment: Deployment, *, batch: int = 1, input_t
     ub = math.ceil(batch / m)
     context = input_tokens + output_tokens // 2
 
-    prefill_work = Work.prefill(ub, input_tokens)
     if chunk:
         ttft, pos = 0.0, 0
         while pos < input_tokens:
@@ -254,13 +244,15 @@ def estimate(spec: ModelSpec, deployment: Deployment, *, batch: int = 1, input_t
             mixed = Work(((n, pos),)) + Work.decode(batch - 1, context) if batch > 1 else Work(((n, pos),))
             ttft += step_time(spec, deployment, mixed, p).latency
             pos += n
-        prefill_work = Work(((min(chunk, input_tokens), 0),))
+        prefill_work = Work(((min(chunk, input_tokens), 0),))  # the step reported and sized for memory
+        prefill = step_time(spec, deployment, prefill_work, p)
     else:
+        prefill_work = Work.prefill(ub, input_tokens)
         prefill = step_time(spec, deployment, prefill_work, p)
         ttft = prefill.latency + (m - 1) * prefill.bottleneck
 
-    decode_work = Work.decode(ub, context)
-    tpot = step_time(spec, deployment, decode_work, p).cycle(m)
+    decode = step_time(spec, deployment, Work.decode(ub, context), p)
+    tpot = decode.cycle(m)
     if draft:
         draft_stage = Stage(first, 0, draft.spec.num_layers)
         ttft += stage_time(draft.spec, draft_stage, Work.prefill(batch, input_tokens), p)
@@ -269,7 +261,8 @@ def estimate(spec: ModelSpec, deployment: Deployment, *, batch: int = 1, input_t
         tpot = (proposing + verifying) / draft.tokens_per_cycle
 
     e2e = ttft + (output_tokens - 1) * tpot
-    stages = _stage_reports(spec, deployment, p, batch, ub, input_tokens + output_tokens, prefill_work, decode_work)
+    stages = _stage_reports(spec, deployment, p, batch, ub, input_tokens + output_tokens, prefill_work,
+                            prefill, decode)
     memory = {part: sum(s["memory"][part] * s["devices"] for s in stages)
               for part in ("weights", "kv_cache", "activations", "total")}
     return Estimate(
@@ -282,25 +275,22 @@ def estimate(spec: ModelSpec, deployment: Deployment, *, batch: int = 1, input_t
         memory=memory,
         stages=stages,
         max_batch=min(s["max_batch"] for s in stages),
-        breakdown={"prefill": _breakdown(spec, deployment, prefill_work, p),
-                   "decode": _breakdown(spec, deployment, decode_work, p)},
+        breakdown={"prefill": _breakdown(deployment, prefill), "decode": _breakdown(deployment, decode)},
         inputs={"model": spec.name, "batch": batch, "input_tokens": input_tokens, "output_tokens": output_tokens,
                 "precision": asdict(p), "micro_batches": m, "chunk": chunk,
                 "draft": {"model": draft.spec.name, "gamma": draft.gamma, "acceptance": draft.acceptance}
                 if draft else None},
-        operators={"prefill": stage_operators(spec, deployment.stages[0], prefill_work, p),
-                   "decode": stage_operators(spec, deployment.stages[0], decode_work, p)},
+        operators={"prefill": prefill.operators[0], "decode": decode.operators[0]},
     )
 
 
-def _breakdown(spec: ModelSpec, deployment: Deployment, work: Work, p: Precision) -> dict[str, float]:
+def _breakdown(deployment: Deployment, step: StepTime) -> dict[str, float]:
     """Seconds per operator name for one step of one micro-batch, over all stages."""
     seconds: dict[str, float] = defaultdict(float)
-    for stage in deployment.stages:
-        for t in stage_operators(spec, stage, work, p):
+    for stage, operators in zip(deployment.stages, step.operators, strict=True):
+        for t in operators:
             seconds[t.op.name] += t.total_s
         seconds["step_overhead"] += stage.device.step_overhead_s
-    step = step_time(spec, deployment, work, p)
     seconds["links"] = sum(step.links)
     return {k: v for k, v in seconds.items() if v}
 
@@ -333,10 +323,11 @@ def stage_memory(spec: ModelSpec, stage: Stage, p: Precision, sequences: int, to
 
 
 def _stage_reports(spec: ModelSpec, deployment: Deployment, p: Precision, batch: int, ub: int,
-                   tokens_per_sequence: int, prefill: Work, decode: Work) -> list[dict[str, Any]]:
+                   tokens_per_sequence: int, prefill_work: Work, prefill: StepTime,
+                   decode: StepTime) -> list[dict[str, Any]]:
     reports = []
-    for s in deployment.stages:
-        mem = stage_memory(spec, s, p, batch, tokens_per_sequence, prefill)
+    for i, s in enumerate(deployment.stages):
+        mem = stage_memory(spec, s, p, batch, tokens_per_sequence, prefill_work)
         per_sequence = (mem["kv_cache"] + mem["activations"] / ub) / batch
         room = s.device.memory_bytes - mem["weights"]
         reports.append({
@@ -347,7 +338,7 @@ def _stage_reports(spec: ModelSpec, deployment: Deployment, p: Precision, batch:
             "capacity": s.device.memory_bytes,
             "fits": mem["total"] <= s.device.memory_bytes,
             "max_batch": max(0, int(room // per_sequence)) if room > 0 else 0,
-            "prefill_s": stage_time(spec, s, prefill, p),
-            "decode_s": stage_time(spec, s, decode, p),
+            "prefill_s": prefill.stages[i],
+            "decode_s": decode.stages[i],
         })
     return reports

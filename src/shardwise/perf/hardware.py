@@ -166,10 +166,8 @@ def profile_link(a: str, b: str) -> LinkSpec | None:
     return None
 
 
-def load_device(name: str | DeviceSpec) -> DeviceSpec:
+def load_device(name: str) -> DeviceSpec:
     """A catalog name (e.g. h100), or a profile file (FILE or FILE#DEVICE when it holds several)."""
-    if isinstance(name, DeviceSpec):
-        return name
     path, _, which = name.partition("#")
     if Path(path).is_file():
         devices = load_profile(path)["devices"]
@@ -188,10 +186,8 @@ def load_device(name: str | DeviceSpec) -> DeviceSpec:
     return devices[_key(name)]
 
 
-def load_link(name: str | LinkSpec) -> LinkSpec:
+def load_link(name: str) -> LinkSpec:
     """A catalog name (e.g. ethernet-10g) or 'GBPS:US', e.g. '1.25:50' for 1.25 GB/s and 50 µs."""
-    if isinstance(name, LinkSpec):
-        return name
     links = catalog_links()
     if _key(name) in links:
         return links[_key(name)]

@@ -9,7 +9,7 @@ from shardwise.perf.estimate import Estimate
 from shardwise.perf.hardware import DeviceSpec
 
 
-def _console() -> Console:
+def console_for_output() -> Console:
     """Rich wraps at 80 columns when not on a terminal: give piped output room for the tables."""
     console = Console()
     return console if console.is_terminal else Console(width=160)
@@ -24,7 +24,7 @@ def _ms(seconds: float) -> str:
 
 
 def print_estimate(est: Estimate, console: Console | None = None) -> None:
-    console = console or _console()
+    console = console or console_for_output()
     i = est.inputs
     summary = Table(title=f"{i['model']}: batch {i['batch']}, {i['input_tokens']} in, {i['output_tokens']} out, "
                           f"weights {i['precision']['weights']}, KV {i['precision']['kv']}")
@@ -68,7 +68,7 @@ def print_estimate(est: Estimate, console: Console | None = None) -> None:
 
 
 def print_profile(devices: list[DeviceSpec], links: list[dict], console: Console | None = None) -> None:
-    console = console or _console()
+    console = console or console_for_output()
     table = Table(title="measured devices")
     for col in ("device", "FLOP/s", "bandwidth", "memory", "efficiency (compute / memory / attention)",
                 "overhead per op / step"):

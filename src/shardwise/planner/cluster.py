@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from shardwise.cluster.plan import DEFAULT_KV_TOKENS, Plan, StageSpec
+from shardwise.cluster.plan import DEFAULT_KV_TOKENS, Plan, StageSpec, stage_bytes
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
 from shardwise.perf.estimate import time_operator
@@ -131,13 +131,10 @@ def _link(value: Any) -> LinkSpec:
 
 
 def layer_memory(spec: ModelSpec, p: Precision, kv_tokens: int) -> np.ndarray:
-    """Bytes per layer: weights and a KV budget; embedding on layer 0, final norm and head on the last."""
-    wb = dtype_bytes(p.weights)
-    memory = np.full(spec.num_layers, spec.layer_parameters() * wb + 2 * spec.kv_size * dtype_bytes(p.kv) * kv_tokens)
-    embed = spec.vocab_size * spec.hidden_size * wb
-    memory[0] += embed
-    memory[-1] += spec.hidden_size * wb + embed  # a separate head, or a tied one copied to the last stage
-    return memory
+    """Bytes per layer, as the pipeline checks them: weights and a KV budget, the embedding on
+    layer 0 and the final norm and head on the last (a tied head is counted there too: the last
+    stage holds its own copy unless it is also the first)."""
+    return np.array([stage_bytes(spec, (i, i + 1), p.weights, kv_tokens, p.kv) for i in range(spec.num_layers)])
 
 
 def cost_table(spec: ModelSpec, cluster: Cluster, *, batch: int = 1, context: int = 512,
@@ -179,17 +176,17 @@ def to_plan(result: PlanResult, cluster: Cluster) -> Plan:
                       for d, a, b in result.stages))
 
 
-def stage_estimates(spec: ModelSpec, cluster: Cluster, table: CostTable,
-                    stages: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
-    """Per stage: device, layers, memory and predicted compute; and the transfer to the next."""
+def stage_estimates(cluster: Cluster, table: CostTable, stages: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
+    """Per stage: device, node, layers, memory and predicted compute; and the transfer to the next."""
     rows = []
     for k, (d, a, b) in enumerate(stages):
         nxt = stages[k + 1][0] if k + 1 < len(stages) else (table.source if table.return_to_source else None)
-        rows.append({"device": cluster.devices[d].name, "layers": [a, b],
+        rows.append({"device": cluster.devices[d].name, "node": cluster.devices[d].node, "layers": [a, b],
                      "memory_bytes": float(table.memory[a:b].sum()), "capacity_bytes": float(table.capacity[d]),
                      "compute_s": float(table.compute[d, a:b].sum()),
                      "transfer_s": float(table.transfer[d, nxt]) if nxt is not None else 0.0})
     return rows
+
 
 def plan_cluster(spec: ModelSpec, cluster: Cluster, objective: str = "latency", *, batch: int = 1,
                  context: int = 512, quant: str | None = None,
@@ -200,9 +197,7 @@ def plan_cluster(spec: ModelSpec, cluster: Cluster, objective: str = "latency", 
 
     table = cost_table(spec, cluster, batch=batch, context=context, quant=quant, kv_tokens=kv_tokens)
     result = solve(table, objective)
-    stages = stage_estimates(spec, cluster, table, result.stages)
-    for row, (d, _, _) in zip(stages, result.stages, strict=True):
-        row["node"] = cluster.devices[d].node
+    stages = stage_estimates(cluster, table, result.stages)
     flops = [d.spec.peak_flops(d.spec.default_dtype) for d in cluster.devices]
     others = {"even (vLLM)": baselines.even(table), "memory-proportional (exo, llama.cpp)":
               baselines.memory_proportional(table), "FLOPS-proportional (Cake)":

@@ -13,9 +13,10 @@ range, so each device's capacity is checked once, against exactly its layers.
 Latency  = sum of stage compute + transfers between stages (+ the return to the source).
 Throughput: minimise the bottleneck = max over stage compute and transfers.
 
-Complexity: O(prod(n_g + 1) * G^2 * L^2) time for G groups of n_g identical devices
-and L layers (O(2^D * D^2 * L^2) for D distinct devices), vectorised over the used-set
-states of one size at a time; memory O(prod(n_g + 1) * G * L).
+Complexity: O(prod(n_g + 1) * G^2 * L * W) time for G groups of n_g identical devices,
+L layers and W the most layers any device can hold (W <= L; O(2^D * D^2 * L * W) for D
+distinct devices), vectorised over the used-set states of one size at a time; memory
+O(prod(n_g + 1) * G * L).
 """
 
 from __future__ import annotations

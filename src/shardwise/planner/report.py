@@ -8,14 +8,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-
-def _console() -> Console:
-    console = Console()
-    return console if console.is_terminal else Console(width=160)
+from shardwise.perf.report import console_for_output
 
 
 def print_plan(summary: dict[str, Any], console: Console | None = None) -> None:
-    console = console or _console()
+    console = console or console_for_output()
     objective, batch = summary["objective"], summary["batch"]
     table = Table(title=f"{summary['model']}: {objective}-optimal plan, decode batch {batch}")
     for col in ("stage", "device", "node", "layers", "memory / available", "compute", "transfer out"):
@@ -40,7 +37,7 @@ def print_plan(summary: dict[str, Any], console: Console | None = None) -> None:
 
 
 def print_split(summary: dict[str, Any], console: Console | None = None) -> None:
-    console = console or _console()
+    console = console or console_for_output()
     best = summary["best"]
     console.print(f"[bold]{summary['model']}[/bold]: least server work within {summary['sla_s'] * 1e3:.1f} ms "
                   f"per token: server {best['server_work_s'] * 1e3:.2f} ms "

@@ -1,0 +1,21 @@
+"""Starting or joining Ray, once, with a clear error when the cluster is not there."""
+
+from __future__ import annotations
+
+import ray
+
+from shardwise.errors import ShardwiseError
+
+
+def join(address: str | None, instead: str) -> bool:
+    """Start Ray locally (address None) or join the cluster at `address`, unless Ray already runs
+    in this process. True when this call started it, so the caller should shut it down.
+    instead: what the user can do without a cluster, for the error message."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except ConnectionError as e:
+        raise ShardwiseError(f"cannot join the Ray cluster at '{address}' ({e}): start it with "
+                             f"'ray start --head', or drop --address to {instead}") from None
+    return True
