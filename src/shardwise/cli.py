@@ -65,6 +65,44 @@ def generate(
         fail("interrupted")
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="Model name, .gguf file or HF model directory.")] = DEFAULT_MODEL,
+    stages: Annotated[int | None, typer.Option(help="Split the model evenly over N local Ray stages.")] = None,
+    plan: Annotated[str | None, typer.Option(help="A plan JSON file: which layers run where.")] = None,
+    address: Annotated[str | None, typer.Option(help="Join a running Ray cluster ('auto' or host:port).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="SHARDWISE_API_KEY",
+                                                help="Require 'Authorization: Bearer KEY' on /v1.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: the device's best.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="Sequences in the running batch at most.")] = 32,
+    max_batch_tokens: Annotated[int, typer.Option(help="Tokens per step at most (decodes + prefill chunks).")]
+    = 256,
+    kv_tokens: Annotated[int, typer.Option(help="KV cache, in tokens, that running requests may reserve.")]
+    = 32768,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (continuous batching, chunked prefill)."""
+    import uvicorn
+
+    try:
+        from shardwise.engine.llm import LLM
+        from shardwise.serve.api import create_app
+
+        if min(max_num_seqs, max_batch_tokens, kv_tokens) < 1:
+            raise ShardwiseError("--max-num-seqs, --max-batch-tokens and --kv-tokens must each be at least 1")
+        llm = LLM(model, stages=stages, plan=plan, address=address, device=device, dtype=dtype, threads=threads,
+                  max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens)
+        app_ = create_app(llm, api_key=api_key)
+    except ShardwiseError as e:
+        fail(str(e))
+    where = f"{stages} stages" if stages else (f"plan {plan}" if plan else "one process")
+    typer.echo(f"serving {llm.name} ({where}) at http://{host}:{port}/v1", err=True)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 def _print_stats(output) -> None:
     rate = output.decode_tokens_per_s
     typer.secho(

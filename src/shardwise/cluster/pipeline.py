@@ -21,6 +21,7 @@ from shardwise.cluster.plan import DEFAULT_KV_TOKENS, Plan
 from shardwise.cluster.ray_session import join
 from shardwise.cluster.stage import StageActor
 from shardwise.engine.sampling import SamplingParams
+from shardwise.engine.worker import Sampled
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
 
@@ -105,7 +106,7 @@ class Pipeline:
         ready, _ = ray.wait(handles, num_returns=1)
         return handles.index(ready[0])
 
-    def result(self, handle: ray.ObjectRef) -> list[int | None]:
+    def result(self, handle: ray.ObjectRef) -> Sampled:
         self._in_flight -= 1
         return _get(handle)
 

@@ -11,7 +11,7 @@ import torch
 
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.shard import ShardModel
-from shardwise.engine.worker import Worker
+from shardwise.engine.worker import Sampled, Worker
 from shardwise.model.weights import open_weights
 
 
@@ -32,9 +32,10 @@ class StageActor:
         self.worker.free(seq_id)
 
     def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
-             hidden: np.ndarray | None, threads: int) -> np.ndarray | list[int | None]:
-        """Hidden states travel as float32 numpy arrays (zero-copy in Ray's object store);
-        the last stage returns token ids only. threads: how many cores this step may use."""
+             hidden: np.ndarray | None, threads: int) -> np.ndarray | Sampled:
+        """Hidden states travel as float32 numpy arrays (zero-copy in Ray's object store); the
+        last stage returns token ids (and any logprobs asked for) only. threads: how many cores
+        this step may use."""
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         inputs = None if hidden is None else torch.from_numpy(hidden.copy())

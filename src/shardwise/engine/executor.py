@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from shardwise.engine.sampling import SamplingParams
-from shardwise.engine.worker import Worker
+from shardwise.engine.worker import Sampled, Worker
 
 
 class LocalExecutor:
@@ -34,7 +34,7 @@ class LocalExecutor:
     def wait(self, handles: list[Any]) -> int:
         return 0
 
-    def result(self, handle: Any) -> list[int | None]:
+    def result(self, handle: Any) -> Sampled:
         return handle
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -25,7 +26,10 @@ class SamplingParams:
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per time a token was generated
     seed: int | None = None
+    logprobs: int | None = None  # return the sampled token's log-probability and this many top alternatives
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -41,6 +45,9 @@ class SamplingParams:
             (self.top_k >= -1, f"top_k must be -1, 0 (off) or positive, got {self.top_k}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -50,6 +57,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 class SequenceSampler:
     """Sampling state of one sequence: its parameters, its generator and the tokens it has seen."""
@@ -58,7 +69,8 @@ class SequenceSampler:
         self.params = params
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = None if params.greedy else torch.Generator().manual_seed(seed)
-        self.seen: Counter[int] = Counter()  # prompt and generated tokens (for penalties)
+        self.seen: Counter[int] = Counter()  # prompt and generated tokens (repetition penalty)
+        self.generated: Counter[int] = Counter()  # generated tokens (presence and frequency penalties)
 
     def observe(self, token_ids: list[int]) -> None:
         if self.params.repetition_penalty != 1.0:
@@ -66,12 +78,27 @@ class SequenceSampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: float32 [vocab] -> the next token id."""
+        token = self._pick(self._penalise(logits))
+        if self.params.presence_penalty or self.params.frequency_penalty:
+            self.generated[token] += 1
+        return token
+
+    def _penalise(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
         if p.repetition_penalty != 1.0 and self.seen:
             ids = torch.tensor(list(self.seen), device=logits.device)
             scores = logits[ids]
             logits = logits.clone()
             logits[ids] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+        if self.generated:
+            ids = torch.tensor(list(self.generated), device=logits.device)
+            counts = torch.tensor(list(self.generated.values()), dtype=logits.dtype, device=logits.device)
+            logits = logits.clone()
+            logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+        return logits
+
+    def _pick(self, logits: torch.Tensor) -> int:
+        p = self.params
         if p.greedy:
             return int(logits.argmax())
         logits = logits / p.temperature
@@ -89,8 +116,22 @@ class SequenceSampler:
         return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
 
 
+class TokenLogprobs(NamedTuple):
+    """The model's log-probability of the sampled token and of the most likely ones (raw logits,
+    before temperature and penalties, as vLLM reports them)."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprobs:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logp.topk(k) if k else (logp[:0], logp[:0].long())
+    return TokenLogprobs(float(logp[token]), list(zip(ids.tolist(), values.tolist(), strict=True)))
+
+
 def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> list[int]:
     """One token per row of logits [sequences, vocab]."""
-    if all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in samplers):
+    if all(s.params.greedy and not s.params.penalised for s in samplers):
         return logits.argmax(dim=-1).tolist()
     return [sampler(row) for sampler, row in zip(samplers, logits, strict=True)]

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from shardwise.engine.sampling import SamplingParams, SequenceSampler, sample_batch
+from shardwise.engine.sampling import SamplingParams, SequenceSampler, TokenLogprobs, sample_batch, token_logprobs
 from shardwise.engine.shard import ShardModel
+
+# What the last worker returns for a step: one token id per sequence (None where it did not
+# sample), and log-probabilities by row for the sequences that asked for them.
+Sampled = tuple[list[int | None], dict[int, TokenLogprobs]]
 
 
 class Worker:
@@ -28,11 +32,11 @@ class Worker:
         self.samplers.pop(seq_id, None)
 
     def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
-             hidden: torch.Tensor | None = None) -> torch.Tensor | list[int | None]:
+             hidden: torch.Tensor | None = None) -> torch.Tensor | Sampled:
         """Run one packed step. chunks: each sequence's new token ids (the first worker embeds
         them; the last one feeds them to the penalties). sample: which sequences need a token
         this step (those whose prompt is complete). Returns hidden states, or at the last
-        worker one token id per sequence (None where sample is False)."""
+        worker what it Sampled."""
         lengths = [len(c) for c in chunks]
         inputs = torch.tensor([t for c in chunks for t in c]) if self.shard.is_first else hidden
         out = self.shard.forward(seq_ids, lengths, inputs)
@@ -42,8 +46,12 @@ class Worker:
             self.samplers[seq_id].observe(chunk)
         rows = [i for i, wanted in enumerate(sample) if wanted]
         tokens: list[int | None] = [None] * len(seq_ids)
+        logprobs: dict[int, TokenLogprobs] = {}
         if rows:
-            picked = sample_batch(out[rows], [self.samplers[seq_ids[i]] for i in rows])
-            for i, token in zip(rows, picked, strict=True):
+            samplers = [self.samplers[seq_ids[i]] for i in rows]
+            picked = sample_batch(out[rows], samplers)
+            for i, token, sampler in zip(rows, picked, samplers, strict=True):
                 tokens[i] = token
-        return tokens
+                if sampler.params.logprobs is not None:
+                    logprobs[i] = token_logprobs(out[i], token, sampler.params.logprobs)
+        return tokens, logprobs

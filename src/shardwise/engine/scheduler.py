@@ -1,0 +1,221 @@
+"""Scheduler: iteration-level (continuous) batching over an executor.
+
+Requests wait in arrival order and join the running set at the next step, as long as
+their KV fits: each admitted sequence reserves room for its prompt plus its
+max_tokens, so a running sequence can never run out of cache and nothing is ever
+evicted; the rest queue. Each step packs the running decodes (one token each) and
+then chunks of prompts into one batch under a token budget, so a long prompt is
+prefilled in pieces and never stalls the sequences already decoding (Sarathi-Serve).
+On a pipeline the running sequences form one micro-batch per compute resource, each
+with a step in flight. A finished or aborted sequence frees its KV at once (or, if a
+step holding it is in flight, as soon as that step returns).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardwise.engine.sampling import SamplingParams, TokenLogprobs
+from shardwise.errors import ShardwiseError
+from shardwise.model.spec import ModelSpec
+from shardwise.model.tokenizer import Detokenizer, Tokenizer
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, when asked for
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from arrival to the first generated token."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        if self.finish_time is None or self.first_token_time is None or len(self.token_ids) < 2:
+            return None
+        return (len(self.token_ids) - 1) / max(self.finish_time - self.first_token_time, 1e-9)
+
+
+class Sequence:
+    def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
+                 kv_tokens: int):
+        self.id, self.prompt, self.params = seq_id, prompt_ids, params
+        self.kv_tokens = kv_tokens  # KV slots reserved while it runs
+        self.fed = 0  # tokens already run through the model
+        self.detok = Detokenizer(tokenizer, params.stop)
+        self.output = RequestOutput(seq_id, prompt_ids)
+        self.aborted = False
+
+    @property
+    def prefilled(self) -> bool:
+        return self.fed >= len(self.prompt)
+
+    def next_chunk(self, budget: int) -> list[int]:
+        if self.prefilled:
+            return [self.output.token_ids[-1]]
+        return self.prompt[self.fed : self.fed + budget]
+
+
+class Scheduler:
+    """Not thread-safe: one thread adds, aborts and steps (the server runs it on its engine thread)."""
+
+    def __init__(self, executor: Any, spec: ModelSpec, tokenizer: Tokenizer, *, max_num_seqs: int,
+                 max_batch_tokens: int, kv_capacity: int):
+        self.executor, self.spec, self.tokenizer = executor, spec, tokenizer
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max(max_batch_tokens, max_num_seqs)
+        self.kv_capacity = kv_capacity  # tokens of KV each stage holds for the running sequences
+        self.kv_reserved = 0
+        self.waiting: deque[Sequence] = deque()
+        self.groups: list[list[Sequence]] = [[] for _ in range(executor.parallelism)]  # micro-batches
+        self.in_flight: list[tuple[Any, int, list[tuple[Sequence, list[int]]]]] = []  # (handle, group, batch)
+
+    # --- requests -------------------------------------------------------------------------------
+    def make_sequence(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """A sequence for this prompt, or a ShardwiseError saying why it can never run."""
+        context = self.spec.context_length
+        if not prompt_ids:
+            raise ShardwiseError("the prompt is empty: give at least one token")
+        if len(prompt_ids) >= context:
+            raise ShardwiseError(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
+                                 f"{context}: shorten the prompt")
+        kv_tokens = min(len(prompt_ids) + params.max_tokens, context)
+        if kv_tokens > self.kv_capacity:
+            raise ShardwiseError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                                 f"needs {kv_tokens} tokens of KV cache but this engine holds {self.kv_capacity}: "
+                                 f"lower max_tokens or shorten the prompt")
+        return Sequence(seq_id, prompt_ids, params, self.tokenizer, kv_tokens)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a sequence (its client left); its KV is freed as soon as no step holds it."""
+        if seq.output.finished:
+            return
+        seq.aborted = True
+        seq.output.finish_reason = "abort"
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif not self._in_flight(seq):
+            self._release(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or any(self.groups))
+
+    @property
+    def num_running(self) -> int:
+        return sum(map(len, self.groups))
+
+    @property
+    def kv_tokens_used(self) -> int:
+        """Tokens whose keys and values are stored now."""
+        return sum(s.fed for g in self.groups for s in g)
+
+    # --- one step ---------------------------------------------------------------------------------
+    def step(self) -> list[tuple[Sequence, str]]:
+        """Admit what fits, keep every idle micro-batch busy, and collect one finished step:
+        (sequence, new text) for each sequence that got a token."""
+        self._admit()
+        busy = {g for _, g, _ in self.in_flight}
+        for g, group in enumerate(self.groups):
+            batch = self._batch(group) if g not in busy else []
+            if batch:
+                handle = self.executor.submit([s.id for s, _ in batch], [c for _, c in batch],
+                                              [s.fed + len(c) >= len(s.prompt) for s, c in batch])
+                self.in_flight.append((handle, g, batch))
+        if not self.in_flight:
+            return []
+        handle, _, batch = self.in_flight.pop(self.executor.wait([h for h, _, _ in self.in_flight]))
+        events = []
+        tokens, logprobs = self.executor.result(handle)
+        for row, ((seq, chunk), token) in enumerate(zip(batch, tokens, strict=True)):
+            seq.fed += len(chunk)
+            if seq.aborted:
+                if not self._in_flight(seq):
+                    self._release(seq)
+                continue
+            if token is None:
+                continue
+            if row in logprobs:
+                seq.output.logprobs.append(logprobs[row])
+            piece = self._append(seq, token)
+            if seq.output.finished:
+                self._release(seq)
+            events.append((seq, piece))
+        return events
+
+    def release_all(self) -> None:
+        """Free every running sequence's KV (after an error, or when the caller gives up)."""
+        for group in self.groups:
+            for seq in list(group):
+                self._release(seq)
+        self.waiting.clear()
+        self.in_flight.clear()
+
+    # --- internals ------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self.waiting and self.num_running < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self.kv_reserved + seq.kv_tokens > self.kv_capacity:
+                return  # first come, first served: later requests wait behind it
+            self.waiting.popleft()
+            self.kv_reserved += seq.kv_tokens
+            self.executor.add(seq.id, seq.params)
+            min(self.groups, key=len).append(seq)  # joins its group's next step
+
+    def _release(self, seq: Sequence) -> None:
+        for group in self.groups:
+            if seq in group:
+                group.remove(seq)
+                self.executor.free(seq.id)
+                self.kv_reserved -= seq.kv_tokens
+
+    def _in_flight(self, seq: Sequence) -> bool:
+        return any(s is seq for _, _, batch in self.in_flight for s, _ in batch)
+
+    def _batch(self, running: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """Decodes first (one token each), then prompt chunks while the token budget lasts."""
+        running = [s for s in running if not s.aborted]
+        batch = [(s, s.next_chunk(1)) for s in running if s.prefilled]
+        budget = self.max_batch_tokens - len(batch)
+        for seq in running:
+            if not seq.prefilled and budget > 0:
+                chunk = seq.next_chunk(budget)
+                batch.append((seq, chunk))
+                budget -= len(chunk)
+        return batch
+
+    def _append(self, seq: Sequence, token: int) -> str:
+        out, params = seq.output, seq.params
+        now = time.perf_counter()
+        out.first_token_time = out.first_token_time or now
+        out.token_ids.append(token)
+        is_eos = token in self.tokenizer.eos_token_ids and not params.ignore_eos
+        piece = "" if is_eos else seq.detok.add(token)
+        if is_eos or token in params.stop_token_ids or seq.detok.stopped:
+            out.finish_reason = "stop"
+        elif len(out.token_ids) >= params.max_tokens or seq.fed + 1 >= self.spec.context_length:
+            out.finish_reason = "length"
+        if out.finished:
+            piece += seq.detok.finish()
+            out.finish_time = now
+        out.text = seq.detok.text
+        return piece

@@ -1,0 +1,310 @@
+"""The OpenAI-compatible HTTP API: chat and text completions (plain or streamed as
+server-sent events), models, health and Prometheus metrics.
+
+Every mistake a client can make gets a 4xx with OpenAI's error body
+({"error": {"message", "type", "param", "code"}}) and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from shardwise.engine.llm import LLM
+from shardwise.engine.sampling import TokenLogprobs
+from shardwise.engine.scheduler import Sequence
+from shardwise.errors import ShardwiseError
+from shardwise.serve.engine import AsyncEngine, EngineError, Event
+from shardwise.serve.metrics import Metrics
+from shardwise.serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+
+MAX_BODY_BYTES = 4 << 20  # a request body larger than this is refused
+DEFAULT_MAX_TOKENS = 1024  # chat requests without max_tokens: up to this, or to the end of the context
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """An app serving `llm` (which it closes on shutdown). With api_key, /v1 needs
+    `Authorization: Bearer <api_key>`."""
+    metrics = Metrics(llm.name)
+    engine = AsyncEngine(llm, metrics)
+    spec, tokenizer = llm.spec, llm.tokenizer
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await asyncio.to_thread(engine.close)
+
+    app = FastAPI(title="shardwise", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+
+    # --- errors ---------------------------------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        return ApiError(e.status_code, str(e.detail), code=str(e.status_code)).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").response()
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def read_body(request: Request, model: type[GenerationRequest]) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            raise _too_large(max_body_bytes)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise _too_large(max_body_bytes)
+        try:
+            parsed = model.model_validate_json(bytes(body))
+        except ValidationError as e:
+            raise _invalid(e) from None
+        if parsed.model != llm.name:
+            raise ApiError(404, f"the model '{parsed.model}' does not exist on this server: use '{llm.name}' "
+                                f"(GET /v1/models lists it)", param="model", code="model_not_found")
+        return parsed
+
+    # --- endpoints --------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "error", "error": engine.failure}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.export(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict:
+        card = {"id": llm.name, "object": "model", "created": int(time.time()), "owned_by": "shardwise",
+                "max_model_len": spec.context_length}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(request: Request) -> Response:
+        body: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
+        try:
+            prompt = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
+        except ShardwiseError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        return await generate(request, body, [prompt], chat=True)
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(request: Request) -> Response:
+        body: CompletionRequest = await read_body(request, CompletionRequest)
+        prompts = body.prompts()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ApiError(400, "the prompt is empty: give at least one token of text", param="prompt")
+        ids = []
+        for p in prompts:
+            if isinstance(p, list) and any(not 0 <= t < spec.vocab_size for t in p):
+                raise ApiError(400, f"prompt token ids must lie in [0, {spec.vocab_size})", param="prompt")
+            ids.append(tokenizer.encode(p) if isinstance(p, str) else p)
+        return await generate(request, body, ids, chat=False)
+
+    # --- generation -------------------------------------------------------------------------------
+    async def generate(request: Request, body: GenerationRequest, prompts: list[list[int]], chat: bool) -> Response:
+        try:
+            seqs = engine.sequences(*_choices(body, prompts, spec.context_length, default_max_tokens, chat))
+        except ShardwiseError as e:
+            raise ApiError(400, str(e), param="max_tokens") from None
+        reply = _Reply(body, prompts, seqs, chat, token_text=_token_text(tokenizer))
+        if body.stream:
+            return StreamingResponse(_sse(reply, engine.stream(seqs)), media_type="text/event-stream")
+        try:
+            await _until_disconnect(request, _consume(engine.stream(seqs)))
+        except EngineError as e:
+            raise ApiError(503, str(e), kind="server_error") from None
+        return JSONResponse(reply.whole())
+
+    return app
+
+
+def _choices(body: GenerationRequest, prompts: list[list[int]], context: int, default_max_tokens: int,
+             chat: bool) -> tuple[list[list[int]], list]:
+    """n sequences per prompt, each with its SamplingParams; a request that cannot fit the
+    context is refused here, like OpenAI does."""
+    where = "messages" if chat else "prompt"
+    seq_prompts, params = [], []
+    for ids in prompts:
+        asked = body.requested_max_tokens()
+        if len(ids) >= context:
+            raise ApiError(400, f"this model's maximum context length is {context} tokens, but the {where} has "
+                                f"{len(ids)}: shorten it", param=where, code="context_length_exceeded")
+        if asked is not None and len(ids) + asked > context:
+            raise ApiError(400, f"this model's maximum context length is {context} tokens, but you requested "
+                                f"{len(ids) + asked} ({len(ids)} in the {where}, {asked} to generate): lower "
+                                f"max_tokens or shorten the {where}", param="max_tokens",
+                           code="context_length_exceeded")
+        max_tokens = asked or min(context - len(ids), default_max_tokens)
+        for choice in range(body.n):
+            seq_prompts.append(ids)
+            try:
+                params.append(body.sampling(max_tokens, choice, body.requested_logprobs()))
+            except ShardwiseError as e:
+                raise ApiError(400, str(e)) from None
+    return seq_prompts, params
+
+
+class _Reply:
+    """Builds OpenAI's response bodies for one request's sequences (choice i = sequence i)."""
+
+    def __init__(self, body: GenerationRequest, prompts: list[list[int]], seqs: list[Sequence], chat: bool,
+                 token_text):
+        self.body, self.prompts, self.seqs, self.chat, self.token_text = body, prompts, seqs, chat, token_text
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def envelope(self, choices: list[dict], object_suffix: str = "") -> dict:
+        return {"id": self.id, "object": self.object + object_suffix, "created": self.created,
+                "model": self.body.model, "choices": choices}
+
+    def usage(self) -> dict:
+        prompt = sum(map(len, self.prompts))
+        completion = sum(len(s.output.token_ids) for s in self.seqs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def whole(self) -> dict:
+        choices = []
+        for i, seq in enumerate(self.seqs):
+            out = seq.output
+            logprobs = self.logprobs(out.token_ids, out.logprobs) if seq.params.logprobs is not None else None
+            if self.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": out.text},
+                                "logprobs": logprobs, "finish_reason": out.finish_reason})
+            else:
+                choices.append({"index": i, "text": out.text, "logprobs": logprobs,
+                                "finish_reason": out.finish_reason})
+        return self.envelope(choices) | {"usage": self.usage()}
+
+    def chunk(self, index: int, text: str | None, finish_reason: str | None = None, role: bool = False,
+              logprobs: dict | None = None) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        return self.envelope([choice], ".chunk" if self.chat else "")
+
+    def logprobs(self, tokens: list[int], values: list[TokenLogprobs]) -> dict:
+        text = self.token_text
+        if self.chat:
+            content = [{"token": text(t), "logprob": v.logprob, "bytes": list(text(t).encode()),
+                        "top_logprobs": [{"token": text(a), "logprob": lp, "bytes": list(text(a).encode())}
+                                         for a, lp in v.top]}
+                       for t, v in zip(tokens, values, strict=True)]
+            return {"content": content}
+        return {"tokens": [text(t) for t in tokens], "token_logprobs": [v.logprob for v in values],
+                "top_logprobs": [{text(a): lp for a, lp in v.top} for v in values]}
+
+
+async def _sse(reply: _Reply, events: AsyncIterator[Event]) -> AsyncIterator[str]:
+    """OpenAI's stream: a chunk per new text, a last chunk per choice with its finish reason,
+    the usage when asked for, then [DONE]."""
+    def data(obj: dict) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    try:
+        if reply.chat:
+            for i in range(len(reply.seqs)):
+                yield data(reply.chunk(i, "", role=True))
+        async for e in events:
+            logprobs = None
+            if e.logprobs is not None:
+                logprobs = reply.logprobs([e.token], [e.logprobs])
+            if e.text or logprobs:
+                yield data(reply.chunk(e.index, e.text, logprobs=logprobs))
+            if e.finished:
+                yield data(reply.chunk(e.index, None, finish_reason=e.seq.output.finish_reason))
+        if reply.body.include_usage:
+            yield data(reply.envelope([], ".chunk" if reply.chat else "") | {"usage": reply.usage()})
+        yield "data: [DONE]\n\n"
+    except EngineError as e:
+        yield data({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+    finally:
+        await events.aclose()  # a client that left aborts its sequences here
+
+
+async def _consume(events: AsyncIterator[Event]) -> None:
+    async for _ in events:
+        pass
+
+
+async def _until_disconnect(request: Request, work) -> None:
+    """Await work, cancelling it (which aborts its sequences) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise ApiError(499, "the client closed the connection", kind="client_closed")
+
+
+def _token_text(tokenizer):
+    @lru_cache(maxsize=65536)
+    def text(token_id: int) -> str:
+        return tokenizer.hf.decode([token_id])
+
+    return text
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit} bytes: send a shorter request",
+                    code="request_too_large")
+
+
+def _invalid(e: ValidationError) -> ApiError:
+    """The first problem, in words a client can act on."""
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    param = ".".join(loc) or None
+    if err["type"] == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON ({err['msg']}): send a JSON object",
+                        code="invalid_json")
+    if err["type"] == "extra_forbidden":
+        return ApiError(400, f"'{param}' is not supported by this server: remove it from the request",
+                        param=param, code="unsupported_parameter")
+    if err["type"] == "missing":
+        return ApiError(400, f"'{param}' is required", param=param, code="missing_parameter")
+    return ApiError(400, f"'{param}': {err['msg']}" if param else err["msg"], param=param,
+                    code="invalid_parameter")

@@ -1,0 +1,160 @@
+"""AsyncEngine: the scheduler on one engine thread, fed by asyncio request handlers.
+
+HTTP handlers run on the event loop; the model steps on a thread of its own that owns
+the Scheduler, so a step never blocks the loop. New sequences and aborts cross over
+through a queue that the thread drains before every step (a request joins the running
+batch at the next step); each token's new text comes back to the waiting handler on
+its asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from shardwise.engine.llm import LLM
+from shardwise.engine.sampling import SamplingParams, TokenLogprobs
+from shardwise.engine.scheduler import Sequence
+from shardwise.serve.metrics import Metrics
+
+log = logging.getLogger("shardwise.serve")
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request (not the request's fault)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    index: int  # which of the request's sequences
+    seq: Sequence
+    text: str  # new text since the last event
+    finished: bool  # seq.output is final once this is True
+    token: int  # the token that produced it
+    logprobs: TokenLogprobs | None  # that token's, when the request asked for them
+
+
+class AsyncEngine:
+    def __init__(self, llm: LLM, metrics: Metrics):
+        self.llm, self.scheduler, self.metrics = llm, llm.scheduler, metrics
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
+        self._last_token: dict[int, float] = {}
+        self.failure: str | None = None  # set if the engine thread itself died
+        self._thread = threading.Thread(target=self._run, name="shardwise-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def sequences(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Sequence]:
+        """Sequences for a request; a ShardwiseError says why one can never run."""
+        return [self.llm.new_sequence(ids, p) for ids, p in zip(prompts, params, strict=True)]
+
+    async def stream(self, seqs: list[Sequence]) -> AsyncIterator[Event]:
+        """Run the sequences; yield an Event per new token of any of them until all finish.
+        Leaving early (the client went away) aborts the unfinished ones and frees their KV."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        for i, seq in enumerate(seqs):
+            self._listeners[seq.id] = (loop, events, i)
+        self._inbox.put(("add", seqs))
+        pending = len(seqs)
+        try:
+            while pending:
+                event = await events.get()
+                if isinstance(event, Exception):
+                    raise event
+                pending -= event.finished
+                yield event
+        finally:
+            if pending:
+                self._inbox.put(("abort", seqs))
+
+    def close(self) -> None:
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=30)
+        self.llm.close()
+
+    # --- the engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self._drain(block=not self.scheduler.has_work):
+                    return
+                try:
+                    events = self.scheduler.step()
+                except Exception as e:  # a stage failed: fail its requests, keep serving the rest
+                    log.exception("engine step failed")
+                    self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
+                    continue
+                for seq, piece in events:
+                    self._on_token(seq, piece)
+                self._update_gauges()
+        except BaseException as e:
+            self.failure = f"{type(e).__name__}: {e}"
+            self._fail_all(EngineError(f"the engine stopped: {self.failure}"))
+            raise
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued adds and aborts; False once asked to stop."""
+        while True:
+            try:
+                command, seqs = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if command == "stop":
+                self.scheduler.release_all()
+                return False
+            for seq in seqs:
+                if command == "add":
+                    self.scheduler.add(seq)
+                elif not seq.output.finished:
+                    self.scheduler.abort(seq)
+                    self._done(seq)
+            self._update_gauges()
+
+    def _on_token(self, seq: Sequence, piece: str) -> None:
+        out, now, m = seq.output, time.perf_counter(), self.metrics
+        m.generation_tokens.inc()
+        if len(out.token_ids) == 1:
+            m.ttft.observe(out.first_token_time - out.arrival_time)
+            m.prompt_tokens.inc(len(seq.prompt))
+        else:
+            m.tpot.observe(now - self._last_token.get(seq.id, now))
+        self._last_token[seq.id] = now
+        listener = self._listeners.get(seq.id)
+        if listener:
+            loop, events, index = listener
+            logprobs = out.logprobs[-1] if seq.params.logprobs is not None else None
+            event = Event(index, seq, piece, out.finished, out.token_ids[-1], logprobs)
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        if out.finished:
+            m.e2e.observe(now - out.arrival_time)
+            self._done(seq)
+
+    def _done(self, seq: Sequence) -> None:
+        self.metrics.finished(seq.output.finish_reason or "abort")
+        self._listeners.pop(seq.id, None)
+        self._last_token.pop(seq.id, None)
+
+    def _fail_all(self, error: Exception) -> None:
+        for seq_id, (loop, events, _) in list(self._listeners.items()):
+            loop.call_soon_threadsafe(events.put_nowait, error)
+            self._listeners.pop(seq_id)
+        try:
+            self.scheduler.release_all()
+        except Exception:
+            log.exception("freeing the failed requests' KV")
+
+    def _update_gauges(self) -> None:
+        s, m = self.scheduler, self.metrics
+        m.running.set(s.num_running)
+        m.waiting.set(len(s.waiting))
+        m.kv_usage.set(s.kv_reserved / s.kv_capacity)
