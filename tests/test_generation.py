@@ -20,11 +20,11 @@ def test_batched_prompts_equal_each_alone(llm):
 def test_chunked_prefill_in_the_step_loop(llm):
     """A small token budget splits prompts over steps beside running decodes; same tokens."""
     reference = llm.generate(TEXT_PROMPTS, GREEDY)
-    budget, llm.max_batch_tokens = llm.max_batch_tokens, 6
+    budget, llm.scheduler.max_batch_tokens = llm.scheduler.max_batch_tokens, 6
     try:
         chunked = llm.generate(TEXT_PROMPTS, GREEDY)
     finally:
-        llm.max_batch_tokens = budget
+        llm.scheduler.max_batch_tokens = budget
     assert [o.token_ids for o in chunked] == [o.token_ids for o in reference]
 
 

@@ -85,22 +85,72 @@ def serve(
     = 32768,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (continuous batching, chunked prefill)."""
-    import uvicorn
-
     try:
         from shardwise.engine.llm import LLM
-        from shardwise.serve.api import create_app
+        from shardwise.serve.server import serve as run_server
 
         if min(max_num_seqs, max_batch_tokens, kv_tokens) < 1:
             raise ShardwiseError("--max-num-seqs, --max-batch-tokens and --kv-tokens must each be at least 1")
         llm = LLM(model, stages=stages, plan=plan, address=address, device=device, dtype=dtype, threads=threads,
                   max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens)
-        app_ = create_app(llm, api_key=api_key)
+        where = f"{stages} stages" if stages else (f"plan {plan}" if plan else "one process")
+        run_server(llm, host=host, port=port, api_key=api_key, on_ready=lambda: typer.echo(
+            f"serving {llm.name} ({where}) at http://{host}:{port}/v1", err=True))
     except ShardwiseError as e:
         fail(str(e))
-    where = f"{stages} stages" if stages else (f"plan {plan}" if plan else "one process")
-    typer.echo(f"serving {llm.name} ({where}) at http://{host}:{port}/v1", err=True)
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def bench(
+    url: Annotated[str, typer.Option(help="The server, e.g. http://127.0.0.1:8000.")] = "http://127.0.0.1:8000",
+    requests: Annotated[int, typer.Option(help="Requests to send.")] = 64,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
+    scale: Annotated[float, typer.Option(help="Scale ShareGPT's mean lengths (161 in, 338 out) by this.")] = 1.0,
+    max_prompt: Annotated[int, typer.Option(help="Longest prompt, in tokens.")] = 1024,
+    max_output: Annotated[int, typer.Option(help="Longest output, in tokens.")] = 1024,
+    seed: Annotated[int, typer.Option(help="Seed of the workload's lengths and prompts.")] = 0,
+    model: Annotated[str | None, typer.Option(help="Model to ask for (default: the server's first).")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="SHARDWISE_API_KEY", help="The server's API key.")] = None,
+    compare_estimate: Annotated[bool, typer.Option("--compare-estimate",
+                                                   help="Print the estimator's prediction beside.")] = False,
+    device: Annotated[str, typer.Option(help="With --compare-estimate: the server's device (catalog name or "
+                                             "`shardwise profile` file).")] = "x86-cpu",
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Load a running server with ShareGPT-like requests; report throughput and TTFT / TPOT percentiles."""
+    import json
+
+    from shardwise.bench.load import run_load, summarize
+    from shardwise.bench.workload import sharegpt_like
+
+    try:
+        if min(requests, concurrency, max_prompt, max_output) < 1 or scale <= 0:
+            raise ShardwiseError("--requests, --concurrency, --max-prompt and --max-output must be at least 1, "
+                                 "--scale above 0")
+        workload = sharegpt_like(requests, scale=scale, seed=seed, max_prompt=max_prompt, max_output=max_output)
+        served, results, wall = run_load(url, workload, concurrency=concurrency, model=model, api_key=api_key)
+        summary = {"model": served, "concurrency": concurrency, **summarize(results, wall)}
+        predicted = None
+        if compare_estimate:
+            from shardwise.model.catalog import load_spec
+            from shardwise.perf.estimate import Deployment, estimate
+            from shardwise.perf.hardware import load_device
+
+            spec = load_spec(served)
+            est = estimate(spec, Deployment.single(spec, load_device(device)), batch=min(concurrency, requests),
+                           input_tokens=round(summary["prompt_tokens"] / requests),
+                           output_tokens=round(summary["generated_tokens"] / requests))
+            predicted = {"device": device, **{k: getattr(est, k) for k in ("ttft_s", "tpot_s", "e2e_s",
+                                                                           "throughput_tok_s")}}
+            summary["estimate"] = predicted
+        if json_out:
+            print(json.dumps(summary, indent=2))
+        else:
+            from shardwise.bench.report import print_bench
+
+            print_bench(summary, predicted)
+    except ShardwiseError as e:
+        fail(str(e))
 
 
 def _print_stats(output) -> None:

@@ -47,8 +47,8 @@ class ApiError(Exception):
 
 def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """An app serving `llm` (which it closes on shutdown). With api_key, /v1 needs
-    `Authorization: Bearer <api_key>`."""
+    """An app serving `llm`; its engine (app.state.engine) must be run by the caller and is
+    stopped when the app shuts down. With api_key, /v1 needs `Authorization: Bearer <api_key>`."""
     metrics = Metrics(llm.name)
     engine = AsyncEngine(llm, metrics)
     spec, tokenizer = llm.spec, llm.tokenizer
@@ -56,7 +56,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        await asyncio.to_thread(engine.close)
+        engine.stop()
 
     app = FastAPI(title="shardwise", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
@@ -103,7 +103,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
     # --- endpoints --------------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> JSONResponse:
-        if engine.alive:
+        if engine.running:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "error", "error": engine.failure}, status_code=503)
 
