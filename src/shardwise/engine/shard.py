@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from shardwise.engine.allocator import keep_buffers_in_heap
 from shardwise.engine.kv_cache import KVCache
 from shardwise.errors import ShardwiseError
 from shardwise.model.layers import Block, PackedBatch, RotaryTable, linear
@@ -19,6 +20,7 @@ from shardwise.model.spec import ModelSpec, require_supported
 from shardwise.model.weights import LAYER_PARTS, Weights
 
 HEAD_BLOCK = 2048  # vocabulary rows per LM-head block
+keep_buffers_in_heap()  # once per process that runs a shard
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -1,0 +1,118 @@
+"""shardwise serve vs HF transformers batch generation, same weights, same workload, one run.
+
+The workload has ShareGPT-like prompt and output lengths (scaled down for a small
+machine). shardwise is a real `shardwise serve` process loaded over HTTP at
+concurrency 1, 8 and 32 (continuous batching: a finished request's slot is refilled
+at the next step). HF transformers runs the same requests in static batches of the
+same size (left-padded, each batch until its longest output), counting only the
+tokens each request asked for. Aggregate generated tokens/s, medians over repeats,
+the two sides interleaved; ratio > 1 favours shardwise. Target: at concurrency 32,
+>= 3x HF's batch-32 aggregate.
+
+    python benchmarks/serve.py [--requests 64] [--scale 0.25] [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+import torch
+from report import print_ratio_table
+
+from shardwise.bench.load import run_load
+from shardwise.bench.workload import BenchRequest, sharegpt_like
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(threads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "shardwise.cli", "serve", "--port", str(port),
+                               "--threads", str(threads)], stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.kill()
+    raise SystemExit("the server did not start")
+
+
+def hf_batches(model, work: list[BenchRequest], batch: int) -> int:
+    """Static batching: left-padded prompts, each batch generating until its longest output.
+    Returns the tokens the requests asked for (the useful ones)."""
+    for i in range(0, len(work), batch):
+        group = work[i : i + batch]
+        width = max(len(r.prompt) for r in group)
+        ids = torch.tensor([[0] * (width - len(r.prompt)) + r.prompt for r in group])
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in group])
+        longest = max(r.output_tokens for r in group)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                           do_sample=False, pad_token_id=0)
+    return sum(r.output_tokens for r in work)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency (8 at concurrency 1)")
+    parser.add_argument("--scale", type=float, default=0.25, help="of ShareGPT's mean lengths (161 in, 338 out)")
+    parser.add_argument("--max-output", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--concurrency", default="1,8,32")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    from shardwise.model.registry import DEFAULT_MODEL, resolve
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    path = resolve(DEFAULT_MODEL)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    server, url = start_server(args.threads)
+    try:
+        rows = []
+        for c in (int(x) for x in args.concurrency.split(",")):
+            work = sharegpt_like(8 if c == 1 else args.requests, scale=args.scale, seed=c,
+                                 max_output=args.max_output)
+            ours, theirs = [], []
+            for _ in range(args.repeats):  # interleaved, so the machine's drift hits both alike
+                _, results, wall = run_load(url, work, concurrency=c)
+                ours.append(sum(r.output_tokens for r in results) / wall)
+                start = time.perf_counter()
+                useful = hf_batches(hf, work, c)
+                theirs.append(useful / (time.perf_counter() - start))
+            a, b = statistics.median(ours), statistics.median(theirs)
+            rows.append((f"concurrency {c:>2} (tok/s)", a, b, a / b))
+            print(f"concurrency {c}: shardwise {ours}, HF {theirs}", file=sys.stderr, flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    mean_in = statistics.mean(len(r.prompt) for r in work)
+    mean_out = statistics.mean(r.output_tokens for r in work)
+    title = (f"SmolLM2-135M fp32, {args.threads} threads ({os.cpu_count()} cores), ShareGPT-like x{args.scale} "
+             f"(mean {mean_in:.0f} in / {mean_out:.0f} out), medians of {args.repeats}: "
+             f"shardwise serve (HTTP, continuous batching) vs HF static batches")
+    print_ratio_table(title, ("shardwise", "HF"), rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""The OpenAI-compatible server: a real `shardwise serve` process on 127.0.0.1 running the real
+model on 2 local Ray stages, driven by the official openai client and by raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import CHAT_PROMPTS, TEXT_PROMPTS, cli
+
+KEY = "sk-shardwise-test"
+MODEL = "smollm2-135m"
+KV_TOKENS = 4096
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardwise.cli", "serve", "--stages", "2", "--port", str(port), "--api-key", KEY,
+         "--kv-tokens", str(KV_TOKENS), "--max-batch-tokens", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("the server did not become healthy in 240 s")
+    yield url
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()  # SIGTERM: a clean shutdown, stages killed
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[re.sub(r'model_name="[^"]*",?', "", name).replace("{}", "")] = float(value)
+    return values
+
+
+def test_chat_and_completions_through_the_openai_client(client, llm):
+    from shardwise import SamplingParams
+
+    assert [m.id for m in client.models.list()] == [MODEL]
+    messages = [{"role": "user", "content": CHAT_PROMPTS[0]}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    expected = llm.chat(messages, SamplingParams(max_tokens=24, temperature=0))[0]
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids) and not chunks[-1].choices
+
+    prompt = TEXT_PROMPTS[0]
+    expected = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0))[0].text
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True)
+    assert plain.choices[0].text == expected == "".join(c.choices[0].text for c in streamed)
+    batch = client.completions.create(model=MODEL, prompt=TEXT_PROMPTS[:2], max_tokens=8, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1] and batch.choices[0].text == expected[: len(batch.choices[0].text)]
+
+
+def test_16_concurrent_streams_equal_each_run_alone(client):
+    prompts = [f"{p} {i}" for i in range(4) for p in TEXT_PROMPTS]
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=20, temperature=0).choices[0].text
+             for p in prompts]
+
+    def streamed(prompt: str) -> str:
+        stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in stream)
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(streamed, prompts))
+    assert together == alone
+
+
+def test_n_seeds_logprobs_and_penalties(client):
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": CHAT_PROMPTS[1]}], max_tokens=12)
+    first = client.chat.completions.create(**ask, n=3, temperature=1.0, seed=7)
+    again = client.chat.completions.create(**ask, n=3, temperature=1.0, seed=7)
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in again.choices]  # seeded: reproducible
+    assert len(set(texts)) > 1  # choice j samples with seed + j
+
+    greedy = client.chat.completions.create(**ask, temperature=0, logprobs=True, top_logprobs=3)
+    content = greedy.choices[0].logprobs.content
+    assert len(content) == greedy.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].token == entry.token  # greedy picks the most likely token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+    legacy = client.completions.create(model=MODEL, prompt=TEXT_PROMPTS[0], max_tokens=4, temperature=0, logprobs=2)
+    assert len(legacy.choices[0].logprobs.token_logprobs) == 4
+    assert all(len(top) == 2 for top in legacy.choices[0].logprobs.top_logprobs)
+
+    penalised = [client.chat.completions.create(**ask, temperature=0, frequency_penalty=2.0,
+                                                presence_penalty=1.0).choices[0].message.content for _ in range(2)]
+    assert penalised[0] == penalised[1]
+
+
+def test_a_disconnect_mid_stream_frees_its_sequence(server):
+    aborted = metrics(server).get('shardwise:request_success_total{finished_reason="abort"}', 0)
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:
+        lines = response.iter_lines()
+        assert sum(1 for line, _ in zip(lines, range(6), strict=False) if line.startswith("data:")) >= 3
+        assert metrics(server)["shardwise:num_requests_running"] == 1
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        now = metrics(server)
+        if now["shardwise:num_requests_running"] == 0 and now["shardwise:kv_cache_usage_perc"] == 0:
+            break
+        time.sleep(0.2)
+    assert now["shardwise:num_requests_running"] == 0 and now["shardwise:kv_cache_usage_perc"] == 0
+    assert now['shardwise:request_success_total{finished_reason="abort"}'] == aborted + 1
+
+
+LONG_PROMPT = [100] * 9000  # longer than the model's 8192-token context
+
+BAD_REQUESTS = [
+    ("/v1/chat/completions", b'{"model": "smollm2-135m", "messages": [', 400, "invalid_json"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}, 400, "invalid_parameter"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400,
+     "invalid_parameter"),
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404,
+     "model_not_found"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "invalid_parameter"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3},
+     400, "invalid_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10**9}, 400, "context_length_exceeded"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": KV_TOKENS + 10}, 400, None),  # KV budget
+    ("/v1/completions", {"model": MODEL, "prompt": LONG_PROMPT}, 400, "context_length_exceeded"),
+    ("/v1/completions", b'{"model": "smollm2-135m", "prompt": "hi", "temperature": NaN}', 400, "invalid_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "invalid_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"50": 100}}, 400, "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, None),
+    ("/v1/completions", {"model": MODEL}, 400, "missing_parameter"),
+    ("/v1/completions", b"x" * (5 << 20), 413, "request_too_large"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "code"), BAD_REQUESTS)
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, path, body, status, code):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{server}{path}", content=content, headers=headers, timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code:
+        assert error["code"] == code
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_api_key_is_required_on_v1(server):
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+    wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+def test_metrics_are_exported_like_vllms(server, client):
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
+    m = metrics(server)
+    assert m["shardwise:time_to_first_token_seconds_count"] >= 1
+    assert m["shardwise:time_per_output_token_seconds_count"] >= 3
+    assert m["shardwise:prompt_tokens_total"] >= 1 and m["shardwise:generation_tokens_total"] >= 4
+    assert m["shardwise:num_requests_waiting"] == 0 and 0 <= m["shardwise:kv_cache_usage_perc"] <= 1
+
+
+def test_bench_cli_against_the_server(server):
+    result = cli("bench", "--url", server, "--requests", "4", "--concurrency", "2", "--scale", "0.05",
+                 "--api-key", KEY, "--json", "--compare-estimate")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["requests"] == 4 and report["generated_tokens"] > 0 and report["throughput_tok_s"] > 0
+    assert 0 < report["ttft_s"]["p50"] <= report["ttft_s"]["p99"]
+    assert report["estimate"]["tpot_s"] > 0
+
+
+def test_serve_and_bench_cli_errors(server):
+    port = server.rsplit(":", 1)[1]
+    taken = cli("serve", "--port", port)
+    assert taken.returncode == 1 and "cannot listen" in taken.stderr and "Traceback" not in taken.stderr
+    unknown = cli("serve", "--model", "no-such-model")
+    assert unknown.returncode == 1 and "no-such-model" in unknown.stderr and "Traceback" not in unknown.stderr
+    nobody = cli("bench", "--url", f"http://127.0.0.1:{free_port()}", "--requests", "1")
+    assert nobody.returncode == 1 and "cannot reach" in nobody.stderr
