@@ -9,7 +9,7 @@ tokens each request asked for. Aggregate generated tokens/s, medians over repeat
 the two sides interleaved; ratio > 1 favours shardwise. Target: at concurrency 32,
 >= 3x HF's batch-32 aggregate.
 
-    python benchmarks/serve.py [--requests 64] [--scale 0.25] [--repeats 3] [--threads 2]
+    python benchmarks/serve.py [--batches 4] [--scale 0.25] [--repeats 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def hf_batches(model, work: list[BenchRequest], batch: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency (8 at concurrency 1)")
+    parser.add_argument("--batches", type=int, default=4,
+                        help="requests per concurrency level, in multiples of it (at least 8 requests)")
     parser.add_argument("--scale", type=float, default=0.25, help="of ShareGPT's mean lengths (161 in, 338 out)")
     parser.add_argument("--max-output", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
@@ -91,8 +92,8 @@ def main() -> None:
     try:
         rows = []
         for c in (int(x) for x in args.concurrency.split(",")):
-            work = sharegpt_like(8 if c == 1 else args.requests, scale=args.scale, seed=c,
-                                 max_output=args.max_output)
+            # several batches' worth, so that the last requests' drain does not dominate the run
+            work = sharegpt_like(max(8, args.batches * c), scale=args.scale, seed=c, max_output=args.max_output)
             ours, theirs = [], []
             for _ in range(args.repeats):  # interleaved, so the machine's drift hits both alike
                 _, results, wall = run_load(url, work, concurrency=c)

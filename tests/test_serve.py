@@ -64,7 +64,8 @@ def metrics(url: str) -> dict[str, float]:
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
-            values[re.sub(r'model_name="[^"]*",?', "", name).replace("{}", "")] = float(value)
+            name = re.sub(r',?model_name="[^"]*"', "", name).replace("{,", "{").replace("{}", "")
+            values[name] = float(value)
     return values
 
 
@@ -93,7 +94,8 @@ def test_chat_and_completions_through_the_openai_client(client, llm):
     streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True)
     assert plain.choices[0].text == expected == "".join(c.choices[0].text for c in streamed)
     batch = client.completions.create(model=MODEL, prompt=TEXT_PROMPTS[:2], max_tokens=8, temperature=0)
-    assert [c.index for c in batch.choices] == [0, 1] and batch.choices[0].text == expected[: len(batch.choices[0].text)]
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert expected.startswith(batch.choices[0].text)
 
 
 def test_16_concurrent_streams_equal_each_run_alone(client):
