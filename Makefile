@@ -26,3 +26,4 @@ bench: setup
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/estimate_vs_measured.py
 	$(BIN)/python benchmarks/planner.py
+	$(BIN)/python benchmarks/serve.py
