@@ -19,13 +19,6 @@ def scheduler_for(llm, **limits) -> Scheduler:
     return Scheduler(llm.executor, llm.spec, llm.tokenizer, **settings)
 
 
-def run(scheduler: Scheduler, seqs) -> None:
-    for seq in seqs:
-        scheduler.add(seq)
-    while not all(s.output.finished for s in seqs):
-        scheduler.step()
-
-
 def test_requests_queue_when_the_kv_cache_is_full(llm):
     prompts = [llm.tokenizer.encode(p) for p in TEXT_PROMPTS]
     need = max(len(p) for p in prompts) + GREEDY.max_tokens

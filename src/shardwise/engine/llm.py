@@ -69,7 +69,7 @@ class LLM:
         """Complete each prompt (text or token ids); outputs come back in prompt order."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        return self._complete([self._prompt_ids(p) for p in prompts], params)
+        return self._complete([self.prompt_ids(p) for p in prompts], params)
 
     def chat(self, messages: Messages | list[Messages],
              params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -89,7 +89,7 @@ class LLM:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             ids = self.tokenizer.apply_chat_template(prompt)
         else:
-            ids = self._prompt_ids(prompt)
+            ids = self.prompt_ids(prompt)
         seq = self.new_sequence(ids, params or SamplingParams())
         for _, piece in self._run([seq]):
             yield piece, seq.output
@@ -117,7 +117,8 @@ class LLM:
             pass
         return [s.output for s in seqs]
 
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text prompt, or the given ids once checked against the vocabulary."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):

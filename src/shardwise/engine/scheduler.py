@@ -81,7 +81,6 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max(max_batch_tokens, max_num_seqs)
         self.kv_capacity = kv_capacity  # tokens of KV each stage holds for the running sequences
-        self.kv_reserved = 0
         self.waiting: deque[Sequence] = deque()
         self.groups: list[list[Sequence]] = [[] for _ in range(executor.parallelism)]  # micro-batches
         self.in_flight: list[tuple[Any, int, list[tuple[Sequence, list[int]]]]] = []  # (handle, group, batch)
@@ -125,9 +124,9 @@ class Scheduler:
         return sum(map(len, self.groups))
 
     @property
-    def kv_tokens_used(self) -> int:
-        """Tokens whose keys and values are stored now."""
-        return sum(s.fed for g in self.groups for s in g)
+    def kv_reserved(self) -> int:
+        """KV tokens the running sequences have reserved."""
+        return sum(s.kv_tokens for g in self.groups for s in g)
 
     # --- one step ---------------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, str]]:
@@ -177,7 +176,6 @@ class Scheduler:
             if self.kv_reserved + seq.kv_tokens > self.kv_capacity:
                 return  # first come, first served: later requests wait behind it
             self.waiting.popleft()
-            self.kv_reserved += seq.kv_tokens
             self.executor.add(seq.id, seq.params)
             min(self.groups, key=len).append(seq)  # joins its group's next step
 
@@ -186,7 +184,6 @@ class Scheduler:
             if seq in group:
                 group.remove(seq)
                 self.executor.free(seq.id)
-                self.kv_reserved -= seq.kv_tokens
 
     def _in_flight(self, seq: Sequence) -> bool:
         return any(s is seq for _, _, batch in self.in_flight for s, _ in batch)

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from shardwise.engine.llm import LLM
-from shardwise.engine.sampling import TokenLogprobs
+from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.engine.scheduler import Sequence
 from shardwise.errors import ShardwiseError
 from shardwise.serve.engine import AsyncEngine, EngineError, Event
@@ -40,9 +40,11 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -52,6 +54,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
     metrics = Metrics(llm.name)
     engine = AsyncEngine(llm, metrics)
     spec, tokenizer = llm.spec, llm.tokenizer
+    token_text = _token_text(tokenizer)  # one cache for the server's lifetime
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -132,20 +135,20 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
         prompts = body.prompts()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ApiError(400, "the prompt is empty: give at least one token of text", param="prompt")
-        ids = []
-        for p in prompts:
-            if isinstance(p, list) and any(not 0 <= t < spec.vocab_size for t in p):
-                raise ApiError(400, f"prompt token ids must lie in [0, {spec.vocab_size})", param="prompt")
-            ids.append(tokenizer.encode(p) if isinstance(p, str) else p)
+        try:
+            ids = [llm.prompt_ids(p) for p in prompts]
+        except ShardwiseError as e:
+            raise ApiError(400, str(e), param="prompt") from None
         return await generate(request, body, ids, chat=False)
 
     # --- generation -------------------------------------------------------------------------------
     async def generate(request: Request, body: GenerationRequest, prompts: list[list[int]], chat: bool) -> Response:
         try:
-            seqs = engine.sequences(*_choices(body, prompts, spec.context_length, default_max_tokens, chat))
+            seqs = [llm.new_sequence(ids, params)
+                    for ids, params in _choices(body, prompts, spec.context_length, default_max_tokens, chat)]
         except ShardwiseError as e:
             raise ApiError(400, str(e), param="max_tokens") from None
-        reply = _Reply(body, prompts, seqs, chat, token_text=_token_text(tokenizer))
+        reply = _Reply(body, prompts, seqs, chat, token_text)
         if body.stream:
             return StreamingResponse(_sse(reply, engine.stream(seqs)), media_type="text/event-stream")
         try:
@@ -158,13 +161,13 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
 
 
 def _choices(body: GenerationRequest, prompts: list[list[int]], context: int, default_max_tokens: int,
-             chat: bool) -> tuple[list[list[int]], list]:
-    """n sequences per prompt, each with its SamplingParams; a request that cannot fit the
-    context is refused here, like OpenAI does."""
+             chat: bool) -> list[tuple[list[int], SamplingParams]]:
+    """n (prompt, SamplingParams) per prompt; a request that cannot fit the context is refused
+    here, like OpenAI does."""
     where = "messages" if chat else "prompt"
-    seq_prompts, params = [], []
+    asked, logprobs = body.requested_max_tokens(), body.requested_logprobs()
+    choices = []
     for ids in prompts:
-        asked = body.requested_max_tokens()
         if len(ids) >= context:
             raise ApiError(400, f"this model's maximum context length is {context} tokens, but the {where} has "
                                 f"{len(ids)}: shorten it", param=where, code="context_length_exceeded")
@@ -175,12 +178,11 @@ def _choices(body: GenerationRequest, prompts: list[list[int]], context: int, de
                            code="context_length_exceeded")
         max_tokens = asked or min(context - len(ids), default_max_tokens)
         for choice in range(body.n):
-            seq_prompts.append(ids)
             try:
-                params.append(body.sampling(max_tokens, choice, body.requested_logprobs()))
+                choices.append((ids, body.sampling(max_tokens, choice, logprobs)))
             except ShardwiseError as e:
                 raise ApiError(400, str(e)) from None
-    return seq_prompts, params
+    return choices
 
 
 class _Reply:
@@ -258,7 +260,7 @@ async def _sse(reply: _Reply, events: AsyncIterator[Event]) -> AsyncIterator[str
             yield data(reply.envelope([], ".chunk" if reply.chat else "") | {"usage": reply.usage()})
         yield "data: [DONE]\n\n"
     except EngineError as e:
-        yield data({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        yield data(ApiError(503, str(e), kind="server_error").body())
     finally:
         await events.aclose()  # a client that left aborts its sequences here
 

@@ -8,8 +8,7 @@ its asyncio queue.
 
 The engine should run on the thread that loaded the model (`run()`; shardwise serve
 puts it on the main thread and the event loop on another): once one thread has used
-torch's OpenMP pool, steps on a second thread ran 40 % slower here. `start()` runs it
-on a thread of its own, for embedding.
+torch's OpenMP pool, steps on a second thread ran 40 % slower here.
 """
 
 from __future__ import annotations
@@ -17,13 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from shardwise.engine.llm import LLM
-from shardwise.engine.sampling import SamplingParams, TokenLogprobs
+from shardwise.engine.sampling import TokenLogprobs
 from shardwise.engine.scheduler import Sequence
 from shardwise.serve.metrics import Metrics
 
@@ -53,18 +51,9 @@ class AsyncEngine:
         self.failure: str | None = None  # set if the engine loop itself died
         self.running = False
 
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name="shardwise-engine", daemon=True)
-        thread.start()
-        return thread
-
     def stop(self) -> None:
         """Ask run() to return after the current step."""
         self._inbox.put(("stop", None))
-
-    def sequences(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Sequence]:
-        """Sequences for a request; a ShardwiseError says why one can never run."""
-        return [self.llm.new_sequence(ids, p) for ids, p in zip(prompts, params, strict=True)]
 
     async def stream(self, seqs: list[Sequence]) -> AsyncIterator[Event]:
         """Run the sequences; yield an Event per new token of any of them until all finish.
