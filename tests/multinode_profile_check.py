@@ -14,7 +14,7 @@ cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
 out = Path(tempfile.mkdtemp()) / "cluster.json"
 try:
-    result = subprocess.run([sys.executable, "-m", "shardwise.cli", "profile", "--address", cluster.address,
+    result = subprocess.run([sys.executable, "-m", "shardwise.cli", "profile", "--quick", "--address", cluster.address,
                              "--out", str(out)], capture_output=True, text=True, timeout=600)
 finally:
     cluster.shutdown()

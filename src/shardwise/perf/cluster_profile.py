@@ -29,8 +29,8 @@ class Probe:
     def receive(self, x: np.ndarray) -> int:
         return x.shape[0]
 
-    def profile(self, model: str, device: str, name: str) -> dict[str, Any]:
-        return profile_device(model, device, name=name).to_dict()
+    def profile(self, model: str, device: str, name: str, quick: bool) -> dict[str, Any]:
+        return profile_device(model, device, name=name, quick=quick).to_dict()
 
     def round_trips(self, other: Probe, hidden: int, repeats: int = 20) -> list[tuple[int, float]]:
         """Median seconds to hand `other` a hidden-state array and hear back, for each size."""
@@ -48,8 +48,9 @@ class Probe:
 
 
 def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
-                    progress: Progress = lambda _: None) -> dict[str, Any]:
-    """{"devices": [DeviceSpec dicts], "links": [{"from", "to", bandwidth, latency}]}."""
+                    progress: Progress = lambda _: None, quick: bool = False) -> dict[str, Any]:
+    """{"devices": [DeviceSpec dicts], "links": [{"from", "to", bandwidth, latency}]}.
+    quick: fewer repeats of every measurement (see profile_device)."""
     from shardwise.model.catalog import load_spec
 
     hidden = load_spec(model).hidden_size
@@ -60,10 +61,10 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
         probes = {n["NodeID"]: Probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], False))
                   .remote() for n in nodes}
         if address is None:
-            devices = [profile_device(model, device, name=names[0], progress=progress).to_dict()]
+            devices = [profile_device(model, device, name=names[0], progress=progress, quick=quick).to_dict()]
         else:
             progress(f"profiling {len(nodes)} nodes")
-            devices = ray.get([probes[n["NodeID"]].profile.remote(model, device, name)
+            devices = ray.get([probes[n["NodeID"]].profile.remote(model, device, name, quick)
                                for n, name in zip(nodes, names, strict=True)])
         links = []
         for i, u in enumerate(nodes):
@@ -74,11 +75,11 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                 # two probes on one node measure the hop between local stages
                 target = probes[v["NodeID"]] if j != i else Probe.options(
                     scheduling_strategy=NodeAffinitySchedulingStrategy(v["NodeID"], False)).remote()
-                small, large = ray.get(probes[u["NodeID"]].round_trips.remote(target, hidden))
+                small, large = ray.get(probes[u["NodeID"]].round_trips.remote(target, hidden, 8 if quick else 20))
                 link = link_from_round_trips(small, large, f"{names[i]}->{names[j]}")
                 if address is None:
                     progress("the hop between real pipeline stages")
-                    link = replace(link, latency=stage_hop_latency(model, device))
+                    link = replace(link, latency=stage_hop_latency(model, device, rounds=3 if quick else 7))
                 links.append({"from": names[i], "to": names[j], **link.to_dict()})
         return {"devices": devices, "links": links}
     finally:
