@@ -30,7 +30,7 @@ def test_registry_reuses_the_cache(model_path):
 
 def test_shard_loads_only_its_layers(weights):
     shard = ShardModel(weights.spec, (10, 12), weights=weights)
-    params = sum(t.numel() for b in shard.blocks for t in (b.qkv, b.o, b.gate_up, b.down))
+    params = sum(t.numel() for b in shard.blocks for t in (b.qkv, b.o, b.mlp.gate_up, b.mlp.down))
     assert len(shard.blocks) == 2 and shard.embed is None and not shard.is_last
     assert params == 2 * (weights.spec.layer_parameters() - 2 * weights.spec.hidden_size)
 
@@ -125,20 +125,3 @@ def test_cli_prompt_longer_than_context():
 def test_cli_help_lists_commands():
     result = cli("--help")
     assert result.returncode == 0 and "generate" in result.stdout
-
-
-def test_llama3_rope_scaling_matches_transformers():
-    from transformers import LlamaConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    from shardwise.model.layers import rope_inv_freq
-
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
-    config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512,
-                         num_hidden_layers=2, vocab_size=1000, max_position_embeddings=131072,
-                         rope_theta=500000.0, rope_scaling=scaling)
-    spec = ModelSpec.from_hf_config(config.to_dict())
-    assert spec.rope_scaling["rope_type"] == "llama3" and spec.rope_theta == 500000.0
-    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-    assert torch.allclose(rope_inv_freq(spec), expected, rtol=1e-6, atol=0)

@@ -21,6 +21,7 @@ from shardwise.engine.shard import ShardModel
 from shardwise.engine.worker import Worker
 from shardwise.errors import ShardwiseError
 from shardwise.model.registry import DEFAULT_MODEL, resolve
+from shardwise.model.spec import require_supported
 from shardwise.model.tokenizer import Tokenizer
 from shardwise.model.weights import open_weights
 
@@ -44,6 +45,7 @@ class LLM:
         path = resolve(model)
         weights = open_weights(path)
         self.spec = weights.spec
+        require_supported(self.spec)  # here, not first inside a Ray stage
         self.tokenizer = Tokenizer(path, weights.eos_token_ids())
         if plan is not None and stages is not None:
             raise ShardwiseError("give either stages or plan, not both")

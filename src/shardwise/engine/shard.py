@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from shardwise.engine.allocator import keep_buffers_in_heap
 from shardwise.engine.kv_cache import KVCache
 from shardwise.errors import ShardwiseError
-from shardwise.model.layers import Block, PackedBatch, RotaryTable, linear
+from shardwise.model.layers import Block, PackedBatch, RotaryTable, linear, rms_norm, softcap
 from shardwise.model.spec import ModelSpec, require_supported
-from shardwise.model.weights import LAYER_PARTS, Weights
+from shardwise.model.weights import Weights
 
 HEAD_BLOCK = 2048  # vocabulary rows per LM-head block
 keep_buffers_in_heap()  # once per process that runs a shard
@@ -71,13 +71,14 @@ class ShardModel:
                 self.head = self.embed
             else:
                 self.head = load("embed.weight" if tied else "head.weight")
-        self.rotary = RotaryTable(spec, self.device)
+        self.rotary = {kind: RotaryTable.for_spec(spec, kind, self.device)
+                       for kind in sorted({block.rope_kind for block in self.blocks})}
         self.kv = KVCache(end - start, spec.num_kv_heads, spec.head_dim, self.dtype, self.device)
 
     @staticmethod
     def _layer_tensors(weights: Weights, i: int, load) -> dict[str, torch.Tensor]:
         tensors = {}
-        for part in LAYER_PARTS:
+        for part in weights.layer_parts:
             for kind in ("weight", "bias"):
                 name = f"layers.{i}.{part}.{kind}"
                 if kind == "weight" or weights.has(name):
@@ -110,7 +111,12 @@ class ShardModel:
                                  f"{inputs.shape[0]} input tokens")
         batch = self._pack(seq_ids, lengths)
         x = inputs.to(self.device)
-        x = F.embedding(x, self.embed) if self.is_first else x.to(self.dtype)
+        if self.is_first:
+            x = F.embedding(x, self.embed)
+            if self.spec.scale_embeddings:  # in the residual dtype, as Gemma does
+                x = x * torch.tensor(self.spec.hidden_size**0.5, dtype=x.dtype)
+        else:
+            x = x.to(self.dtype)
         for layer, block in enumerate(self.blocks):
             x = block(x, batch, self.kv.data[layer])
         for seq_id, length in zip(seq_ids, lengths, strict=True):
@@ -120,11 +126,12 @@ class ShardModel:
         if logits == "last":
             ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
             x = x[ends]
-        x = F.rms_norm(x, (x.shape[-1],), self.norm, self.spec.norm_eps)
+        x = rms_norm(x, self.norm, self.spec.norm_eps)
         if x.shape[0] == 1:
-            return linear(x, self.head).float()
-        # Row blocks of the head keep each block's output in cache: ~25 % faster from batch 8 up.
-        return torch.cat([F.linear(x, rows) for rows in self.head.split(HEAD_BLOCK)], dim=-1).float()
+            out = linear(x, self.head)
+        else:  # row blocks of the head keep each block's output in cache: ~25 % faster from batch 8 up
+            out = torch.cat([F.linear(x, rows) for rows in self.head.split(HEAD_BLOCK)], dim=-1)
+        return softcap(out.float(), self.spec.final_softcap)
 
     def _pack(self, seq_ids: list[int], lengths: list[int]) -> PackedBatch:
         kv, device = self.kv, self.device
@@ -147,18 +154,16 @@ class ShardModel:
                 chunks.append((offsets[j], length, slots.to(device)))
         decoding = [j for j, n in enumerate(lengths) if n == 1]
         rows = torch.tensor([offsets[j] for j in decoding], dtype=torch.long)
-        grid, bias = torch.empty(0, 0, dtype=torch.long), None
+        grid = torch.empty(0, 0, dtype=torch.long)
+        totals = torch.tensor([starts[j] + 1 for j in decoding], dtype=torch.long)
         if decoding:
-            totals = torch.tensor([starts[j] + 1 for j in decoding])
             grid = kv.slot_grid([seq_ids[j] for j in decoding], torch.arange(int(totals.max())))
             write_slots[rows] = grid[torch.arange(len(decoding)), totals - 1]
-            if bool((totals != totals[0]).any()):
-                keep = torch.arange(grid.shape[1]) < totals[:, None]
-                bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))[:, None, :].to(device, self.dtype)
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
-        cos, sin = self.rotary.lookup(positions.to(device), max(s + n for s, n in zip(starts, lengths, strict=True)))
-        return PackedBatch(
-            cos=cos[:, None].to(self.dtype), sin=sin[:, None].to(self.dtype),
-            write_slots=write_slots.to(device), chunks=chunks,
-            decode_rows=rows.to(device), decode_slots=grid.to(device), decode_bias=bias,
-        )
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)]).to(device)
+        upto = max(s + n for s, n in zip(starts, lengths, strict=True))
+        rope = {}
+        for kind, table in self.rotary.items():
+            cos, sin = table.lookup(positions, upto)
+            rope[kind] = cos[:, None].to(self.dtype), sin[:, None].to(self.dtype)
+        return PackedBatch(rope=rope, write_slots=write_slots.to(device), chunks=chunks, decode_rows=rows.to(device),
+                           decode_slots=grid.to(device), decode_totals=totals)

@@ -9,7 +9,8 @@ attend together in one padded, masked batch; prompt chunks attend one by one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +23,26 @@ from shardwise.model.spec import ModelSpec
 class PackedBatch:
     """Where a step's tokens go: their RoPE angles, their KV slots, and how they attend."""
 
-    cos: torch.Tensor  # [tokens, 1, head_dim]
-    sin: torch.Tensor
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # by RoPE kind: cos, sin [tokens, 1, rotary_dim]
     write_slots: torch.Tensor  # [tokens]: the KV slot of each new token
     chunks: list[tuple[int, int, torch.Tensor]]  # prompt chunks: (offset, new tokens, slots of all positions)
     decode_rows: torch.Tensor  # [decoding]: offsets of the one-token sequences, attended as one batch
     decode_slots: torch.Tensor  # [decoding, longest]: their KV slots, padded
-    decode_bias: torch.Tensor | None  # [decoding, 1, longest]: -inf over the padding; None if none
+    decode_totals: torch.Tensor  # [decoding], on the CPU: the tokens each holds, the new one included
+    biases: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+
+    def decode_bias(self, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """[decoding, 1, longest]: -inf where a decoding token must not look (the padding, and
+        before its sliding window); None when it may look everywhere. Made once per step."""
+        if window not in self.biases:
+            totals = self.decode_totals[:, None]
+            position = torch.arange(self.decode_slots.shape[1])
+            keep = position < totals
+            if window is not None:
+                keep &= position >= totals - window
+            self.biases[window] = None if bool(keep.all()) else torch.zeros(keep.shape).masked_fill(
+                ~keep, float("-inf"))[:, None, :].to(self.decode_slots.device, dtype)
+        return self.biases[window]
 
 
 SPLIT_ROWS = 64  # up to this many rows, the split GEMM below beats MKL's own threading here
@@ -49,15 +63,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
-    dim = spec.head_dim
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = spec.rope_scaling
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if not scaling:
         return inv_freq
     kind = scaling.get("rope_type")
     if kind == "linear":
         return inv_freq / scaling["factor"]
+    if kind == "freq_factors":  # per-frequency divisors, as llama.cpp stores Llama 3 scaling
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
     if kind == "llama3":
         factor = scaling["factor"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
@@ -74,9 +88,16 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
 class RotaryTable:
     """cos/sin for every position seen so far, extended on demand."""
 
-    def __init__(self, spec: ModelSpec, device: torch.device):
-        self.inv_freq = rope_inv_freq(spec).to(device)
-        self.cos = self.sin = torch.empty(0, spec.head_dim, device=device)
+    def __init__(self, inv_freq: torch.Tensor, device: torch.device):
+        self.inv_freq = inv_freq.to(device)
+        self.cos = self.sin = torch.empty(0, 2 * len(inv_freq), device=device)
+
+    @classmethod
+    def for_spec(cls, spec: ModelSpec, kind: str, device: torch.device) -> RotaryTable:
+        """kind "global": the model's RoPE; "local": the sliding layers' own base, unscaled (Gemma 3)."""
+        if kind == "local":
+            return cls(rope_inv_freq(spec.rotary_dim, spec.rope_local_theta, None), device)
+        return cls(rope_inv_freq(spec.rotary_dim, spec.rope_theta, spec.rope_scaling), device)
 
     def lookup(self, positions: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         if upto > self.cos.shape[0]:
@@ -88,45 +109,115 @@ class RotaryTable:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [tokens, heads, head_dim]; rotate-half convention (HF)."""
-    half = x.shape[-1] // 2
+    """x: [tokens, heads, head_dim]; rotate-half convention (HF), over the first cos.shape[-1]
+    dims of each head (all of them but with partial rotary)."""
+    dim = cos.shape[-1]
+    if dim < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :dim], cos, sin), x[..., dim:]), dim=-1)
+    half = dim // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def fused(tensors: dict[str, torch.Tensor], name: str, parts: tuple[str, ...]) -> torch.Tensor | None:
+    """A fused projection: stored fused (Phi-3), or the parts concatenated along the outputs
+    (one larger GEMM instead of several); None where the parts are absent (biases)."""
+    if name in tensors:
+        return tensors[name]
+    kind = name.rsplit(".", 1)[1]
+    if f"{parts[0]}.{kind}" not in tensors:
+        return None
+    return torch.cat([tensors[f"{part}.{kind}"] for part in parts])
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+
+
+class GatedMLP:
+    """act(x W_gate) * (x W_up), then W_down: SwiGLU or GeGLU."""
+
+    def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor]):
+        self.gate_up = fused(tensors, "gate_up.weight", ("gate", "up"))
+        self.down = tensors["down.weight"]
+        self.act = ACTIVATIONS[spec.activation]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
+        return linear(self.act(gate) * up, self.down)
+
+
+class SparseMoE:
+    """Mixtral's sparse MLP: a router picks top-k experts per token (softmax, then the k weights
+    renormalised); each expert runs only on the tokens routed to it."""
+
+    def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor]):
+        self.router = tensors["router.weight"]  # [experts, hidden]
+        self.gate_up = torch.cat([tensors["experts_gate.weight"], tensors["experts_up.weight"]], dim=1)
+        self.down = tensors["experts_down.weight"]  # [experts, hidden, intermediate]
+        self.top_k, self.act = spec.experts_per_token, ACTIVATIONS[spec.activation]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        probs = linear(x, self.router).float().softmax(-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # [tokens, k]
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype).view(-1)
+        order = experts.view(-1).argsort()  # token-expert pairs grouped by expert
+        counts = torch.bincount(experts.view(-1), minlength=len(self.router)).tolist()
+        out = torch.zeros_like(x)
+        for expert, pairs in zip(range(len(counts)), order.split(counts), strict=True):
+            if not len(pairs):
+                continue
+            tokens = pairs // self.top_k
+            gate, up = linear(x[tokens], self.gate_up[expert]).chunk(2, dim=-1)
+            y = linear(self.act(gate) * up, self.down[expert])
+            out.index_add_(0, tokens, y * weights[pairs, None])
+        return out
+
+
 class Block:
-    """One decoder layer: pre-norm attention and a SwiGLU MLP, with fused weights."""
+    """One decoder layer: pre-norm attention and a gated MLP (dense or sparse), with the
+    variations of the supported architectures: q/k norms, sandwich norms, a sliding window,
+    soft-capped scores."""
 
     def __init__(self, spec: ModelSpec, index: int, tensors: dict[str, torch.Tensor]):
         self.spec, self.index = spec, index
         self.eps = spec.norm_eps
-        self.attn_norm = tensors["attn_norm.weight"]
-        self.mlp_norm = tensors["mlp_norm.weight"]
-        # One GEMM for q, k, v and one for gate, up: fewer, larger matrix products.
-        self.qkv = torch.cat([tensors["q.weight"], tensors["k.weight"], tensors["v.weight"]])
-        self.qkv_bias = (
-            torch.cat([tensors["q.bias"], tensors["k.bias"], tensors["v.bias"]])
-            if spec.attention_bias else None
-        )
+        self.window = spec.window(index)
+        self.rope_kind = "local" if self.window is not None and spec.rope_local_theta else "global"
+        self.attn_norm, self.mlp_norm = tensors["attn_norm.weight"], tensors["mlp_norm.weight"]
+        self.post_attn_norm = tensors.get("post_attn_norm.weight")
+        self.post_mlp_norm = tensors.get("post_mlp_norm.weight")
+        self.q_norm, self.k_norm = tensors.get("q_norm.weight"), tensors.get("k_norm.weight")
+        self.qkv = fused(tensors, "qkv.weight", ("q", "k", "v"))
+        self.qkv_bias = fused(tensors, "qkv.bias", ("q", "k", "v"))
         self.o = tensors["o.weight"]
-        self.gate_up = torch.cat([tensors["gate.weight"], tensors["up.weight"]])
-        self.down = tensors["down.weight"]
-        self.scale = spec.head_dim ** -0.5
+        self.mlp = SparseMoE(spec, tensors) if spec.num_experts else GatedMLP(spec, tensors)
+        self.scale = (spec.query_scale or spec.head_dim) ** -0.5
 
     def __call__(self, x: torch.Tensor, batch: PackedBatch, cache: torch.Tensor) -> torch.Tensor:
         """cache: this layer's KV pool [2, kv_heads, slots, head_dim]."""
-        x = x + self.attention(F.rms_norm(x, (x.shape[-1],), self.attn_norm, self.eps), batch, cache)
-        h = F.rms_norm(x, (x.shape[-1],), self.mlp_norm, self.eps)
-        gate, up = linear(h, self.gate_up).chunk(2, dim=-1)
-        return x + linear(F.silu(gate) * up, self.down)
+        h = self.attention(rms_norm(x, self.attn_norm, self.eps), batch, cache)
+        x = x + (h if self.post_attn_norm is None else rms_norm(h, self.post_attn_norm, self.eps))
+        h = self.mlp(rms_norm(x, self.mlp_norm, self.eps))
+        return x + (h if self.post_mlp_norm is None else rms_norm(h, self.post_mlp_norm, self.eps))
 
     def attention(self, h: torch.Tensor, batch: PackedBatch, cache: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         tokens = h.shape[0]
         qkv = linear(h, self.qkv, self.qkv_bias)
         q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
-        q = apply_rope(q.view(tokens, spec.num_heads, spec.head_dim), batch.cos, batch.sin)
-        k = apply_rope(k.view(tokens, spec.num_kv_heads, spec.head_dim), batch.cos, batch.sin)
+        q, k = q.view(tokens, spec.num_heads, spec.head_dim), k.view(tokens, spec.num_kv_heads, spec.head_dim)
+        if self.q_norm is not None:
+            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+        cos, sin = batch.rope[self.rope_kind]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(tokens, spec.num_kv_heads, spec.head_dim)
         keys, values = cache[0], cache[1]  # [kv_heads, slots, head_dim]
         keys.index_copy_(1, batch.write_slots, k.transpose(0, 1))
@@ -154,8 +245,10 @@ class Block:
         # query heads grouped by their kv head: [kv_heads, seqs, group, dim]
         grouped = q.view(seqs, kv_heads, -1, dim).transpose(0, 1)
         scores = torch.matmul(grouped, keys.transpose(-1, -2)) * self.scale  # [kv_heads, seqs, group, longest]
-        if batch.decode_bias is not None:
-            scores = scores + batch.decode_bias
+        scores = softcap(scores, self.spec.attn_softcap)
+        bias = batch.decode_bias(self.window, scores.dtype)
+        if bias is not None:
+            scores = scores + bias
         out = torch.matmul(scores.softmax(-1), values)  # [kv_heads, seqs, group, dim]
         return out.transpose(0, 1).reshape(q.shape)
 
@@ -167,9 +260,19 @@ class Block:
         # 3-D inputs fall back to a path ~3x slower), so expand the kv heads and add a batch dim.
         keys = keys.repeat_interleave(group, dim=0)[None]
         values = values.repeat_interleave(group, dim=0)[None]
+        q = q.transpose(0, 1)[None]
         mask = None
-        if new < total:  # a chunk after earlier tokens: causal, offset by what came before
-            mask = torch.arange(total, device=q.device) <= (total - new + torch.arange(new, device=q.device))[:, None]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
-                                             is_causal=mask is None, scale=self.scale)
+        if new < total or self.window is not None or self.spec.attn_softcap is not None:
+            # causal, offset by the tokens before the chunk, and within the window
+            position = total - new + torch.arange(new, device=q.device)[:, None]
+            key = torch.arange(total, device=q.device)
+            mask = key <= position
+            if self.window is not None:
+                mask &= key > position - self.window
+        if self.spec.attn_softcap is not None:  # SDPA cannot soft-cap scores
+            scores = softcap(torch.matmul(q, keys.transpose(-1, -2)) * self.scale, self.spec.attn_softcap)
+            out = torch.matmul(scores.masked_fill(~mask, float("-inf")).softmax(-1), values)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
+                                                 scale=self.scale)
         return out[0].transpose(0, 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +22,59 @@ import torch
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
 
-# canonical part -> (GGUF tensor part, HF tensor part)
-LAYER_PARTS: dict[str, tuple[str, str]] = {
+# The layer parts of each architecture: canonical part -> (GGUF tensor part, HF tensor part).
+# "{e}" in an HF name: one tensor per expert, stacked here as GGUF stores them.
+ATTENTION = {
     "attn_norm": ("attn_norm", "input_layernorm"),
     "q": ("attn_q", "self_attn.q_proj"),
     "k": ("attn_k", "self_attn.k_proj"),
     "v": ("attn_v", "self_attn.v_proj"),
     "o": ("attn_output", "self_attn.o_proj"),
-    "mlp_norm": ("ffn_norm", "post_attention_layernorm"),
-    "gate": ("ffn_gate", "mlp.gate_proj"),
-    "up": ("ffn_up", "mlp.up_proj"),
-    "down": ("ffn_down", "mlp.down_proj"),
+}
+QK_NORM = {"q_norm": ("attn_q_norm", "self_attn.q_norm"), "k_norm": ("attn_k_norm", "self_attn.k_norm")}
+MLP = {"gate": ("ffn_gate", "mlp.gate_proj"), "up": ("ffn_up", "mlp.up_proj"), "down": ("ffn_down", "mlp.down_proj")}
+LLAMA = {**ATTENTION, "mlp_norm": ("ffn_norm", "post_attention_layernorm"), **MLP}
+GEMMA = {  # norms around both attention and the MLP; HF's post_attention_layernorm is a post-norm here
+    **ATTENTION, "post_attn_norm": ("post_attention_norm", "post_attention_layernorm"),
+    "mlp_norm": ("ffn_norm", "pre_feedforward_layernorm"), **MLP,
+    "post_mlp_norm": ("post_ffw_norm", "post_feedforward_layernorm"),
+}
+LAYER_PARTS: dict[str, dict[str, tuple[str, str]]] = {
+    "llama": LLAMA,
+    "mistral": LLAMA,
+    "qwen2": LLAMA,
+    "qwen3": {**LLAMA, **QK_NORM},
+    "mixtral": {
+        **ATTENTION, "mlp_norm": LLAMA["mlp_norm"], "router": ("ffn_gate_inp", "block_sparse_moe.gate"),
+        "experts_gate": ("ffn_gate_exps", "block_sparse_moe.experts.{e}.w1"),
+        "experts_up": ("ffn_up_exps", "block_sparse_moe.experts.{e}.w3"),
+        "experts_down": ("ffn_down_exps", "block_sparse_moe.experts.{e}.w2"),
+    },
+    "phi3": {  # q, k, v and gate, up come fused
+        "attn_norm": ATTENTION["attn_norm"], "qkv": ("attn_qkv", "self_attn.qkv_proj"), "o": ATTENTION["o"],
+        "mlp_norm": LLAMA["mlp_norm"], "gate_up": ("ffn_up", "mlp.gate_up_proj"), "down": MLP["down"],
+    },
+    "gemma2": GEMMA,
+    "gemma3": {**GEMMA, **QK_NORM},
 }
 GLOBAL_TENSORS: dict[str, tuple[str, str]] = {
     "embed.weight": ("token_embd.weight", "model.embed_tokens.weight"),
     "norm.weight": ("output_norm.weight", "model.norm.weight"),
     "head.weight": ("output.weight", "lm_head.weight"),
 }
+# llama.cpp's converter interleaves each head's rotary halves in these architectures' q/k rows
+GGUF_ROPE_PERMUTED = ("llama", "mistral", "mixtral")
+# Gemma's RMSNorm multiplies by (1 + weight): HF stores the weight, GGUF (like us) the multiplier
+HF_NORM_OFFSET = {"gemma2": 1.0, "gemma3": 1.0}
 
 
-def _native_name(name: str, which: int) -> str:
+def native_name(architecture: str, name: str, fmt: int) -> str:
+    """A canonical tensor name as the file calls it: fmt 0 GGUF, 1 HF."""
     if name in GLOBAL_TENSORS:
-        return GLOBAL_TENSORS[name][which]
+        return GLOBAL_TENSORS[name][fmt]
     _, layer, part, kind = name.split(".")
-    prefix = "blk" if which == 0 else "model.layers"
-    return f"{prefix}.{layer}.{LAYER_PARTS[part][which]}.{kind}"
+    prefix = "blk" if fmt == 0 else "model.layers"
+    return f"{prefix}.{layer}.{LAYER_PARTS[architecture][part][fmt]}.{kind}"
 
 
 class Weights(ABC):
@@ -53,6 +82,14 @@ class Weights(ABC):
 
     spec: ModelSpec
     path: Path
+    FORMAT: int  # 0: GGUF names, 1: HF names
+
+    @property
+    def layer_parts(self) -> tuple[str, ...]:
+        return tuple(LAYER_PARTS[self.spec.architecture])
+
+    def native_name(self, name: str) -> str:
+        return native_name(self.spec.architecture, name, self.FORMAT)
 
     @abstractmethod
     def has(self, name: str) -> bool: ...
@@ -71,6 +108,8 @@ class Weights(ABC):
 
 
 class GGUFWeights(Weights):
+    FORMAT = 0
+
     def __init__(self, path: Path):
         import gguf
 
@@ -99,23 +138,28 @@ class GGUFWeights(Weights):
             )
         except (KeyError, TypeError) as e:
             raise ShardwiseError(f"{path}: GGUF metadata lacks {e}; the file is incomplete") from None
+        if "rope_freqs.weight" in self._tensors:  # llama.cpp's form of Llama 3 RoPE scaling
+            factors = self._dequantize(self._tensors["rope_freqs.weight"]).tolist()
+            self.spec = replace(self.spec, rope_scaling={"rope_type": "freq_factors", "factors": factors})
 
     def has(self, name: str) -> bool:
-        return _native_name(name, 0) in self._tensors
+        return self.native_name(name) in self._tensors
 
     def eos_token_ids(self) -> set[int]:
         keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
         return {int(self.metadata[k]) for k in keys if k in self.metadata}
 
-    def get(self, name: str) -> torch.Tensor:
+    @staticmethod
+    def _dequantize(t: Any) -> np.ndarray:
         import gguf
 
-        t = self._tensors[_native_name(name, 0)]
         values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-        values = values.reshape(shape)
+        return values.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists dims innermost first
+
+    def get(self, name: str) -> torch.Tensor:
+        values = self._dequantize(self._tensors[self.native_name(name)])
         part = name.split(".")[2] if name.startswith("layers.") else ""
-        if self.spec.architecture == "llama" and part in ("q", "k"):
+        if self.spec.architecture in GGUF_ROPE_PERMUTED and part in ("q", "k"):
             heads = self.spec.num_heads if part == "q" else self.spec.num_kv_heads
             values = _unpermute_rope(values, heads)
         if not values.flags.writeable:  # unquantized tensors are views of the read-only map
@@ -142,6 +186,8 @@ def _gguf_metadata(reader: Any) -> dict[str, Any]:
 
 
 class SafetensorsWeights(Weights):
+    FORMAT = 1
+
     def __init__(self, path: Path):
         from safetensors import safe_open
 
@@ -159,7 +205,7 @@ class SafetensorsWeights(Weights):
                 self._where[key] = handle
 
     def has(self, name: str) -> bool:
-        return _native_name(name, 1) in self._where
+        return self.native_name(name).format(e=0) in self._where
 
     def eos_token_ids(self) -> set[int]:
         config = self.path / "generation_config.json"
@@ -167,7 +213,15 @@ class SafetensorsWeights(Weights):
         return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
     def get(self, name: str) -> torch.Tensor:
-        native = _native_name(name, 1)
+        native = self.native_name(name)
+        if "{e}" in native:
+            return torch.stack([self.get_native(native.format(e=e)) for e in range(self.spec.num_experts)])
+        tensor = self.get_native(native)
+        if name.endswith("norm.weight"):
+            tensor += HF_NORM_OFFSET.get(self.spec.architecture, 0.0)
+        return tensor
+
+    def get_native(self, native: str) -> torch.Tensor:
         return self._where[native].get_tensor(native).float()
 
 

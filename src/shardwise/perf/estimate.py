@@ -133,9 +133,13 @@ def stage_operators(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> 
     timed = []
     if stage.start == 0:
         timed += [time_operator(op, stage.device) for op in embedding_operators(spec, work, p)]
-    layers = stage.end - stage.start
-    timed += [time_operator(op, stage.device, stage.link, layers)
-              for op in layer_operators(spec, work, p, stage.tp, stage.ep)]
+    # layers alike (the same attention window) are timed once, counted as often as they occur
+    alike = defaultdict(list)
+    for i in range(stage.start, stage.end):
+        alike[spec.window(i)].append(i)
+    for layers in alike.values():
+        timed += [time_operator(op, stage.device, stage.link, len(layers))
+                  for op in layer_operators(spec, work, p, stage.tp, stage.ep, layers[0])]
     if stage.end == spec.num_layers:
         timed += [time_operator(op, stage.device, stage.link) for op in head_operators(spec, work, p, stage.tp)]
     return timed

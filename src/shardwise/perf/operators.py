@@ -115,11 +115,14 @@ def _collective(name: str, kind: str, participants: int, nbytes: float) -> Opera
     return Operator(name, "collective", collective=kind, participants=participants, message_bytes=nbytes)
 
 
-def layer_operators(spec: ModelSpec, work: Work, p: Precision, tp: int = 1, ep: int = 1) -> list[Operator]:
-    """One transformer block on one of tp x ep devices."""
+def layer_operators(spec: ModelSpec, work: Work, p: Precision, tp: int = 1, ep: int = 1,
+                    layer: int = 0) -> list[Operator]:
+    """One transformer block (the layer-th: layers differ only in their attention window) on one
+    of tp x ep devices."""
     t, h, hd = work.tokens, spec.hidden_size, spec.head_dim
     q_heads, kv_heads = spec.num_heads / tp, max(1.0, spec.num_kv_heads / tp)
-    pairs, keys = work.attention_pairs(spec.sliding_window), work.keys_read(spec.sliding_window)
+    window = spec.window(layer)
+    pairs, keys = work.attention_pairs(window), work.keys_read(window)
     ab, kvb = dtype_bytes(p.activations), dtype_bytes(p.kv)
     qkv = (q_heads + 2 * kv_heads) * hd
     ops = [

@@ -147,8 +147,13 @@ def cost_table(spec: ModelSpec, cluster: Cluster, *, batch: int = 1, context: in
     overhead = np.zeros(len(cluster.devices))
     for i, d in enumerate(cluster.devices):
         p = _precision(d.spec, quant)
-        layer = sum(time_operator(op, d.spec).time_s for op in layer_operators(spec, work, p))
-        compute[i] = layer
+        by_window = {}  # layers differ only in their attention window: time each kind once
+        for layer in range(n):
+            window = spec.window(layer)
+            if window not in by_window:
+                by_window[window] = sum(time_operator(op, d.spec).time_s
+                                        for op in layer_operators(spec, work, p, layer=layer))
+            compute[i, layer] = by_window[window]
         compute[i, 0] += sum(time_operator(op, d.spec).time_s for op in embedding_operators(spec, work, p))
         compute[i, -1] += sum(time_operator(op, d.spec).time_s for op in head_operators(spec, work, p))
         overhead[i] = d.spec.step_overhead_s

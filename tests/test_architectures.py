@@ -1,0 +1,168 @@
+"""Every supported architecture against transformers' own implementation, on small random
+models built from transformers' config and model classes and saved with save_pretrained:
+logits, greedy continuations, the model as 3 shards, batched decode, and the same model
+written to GGUF."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from shardwise import LLM, ShardModel, ShardwiseError
+from shardwise.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec
+from shardwise.model.weights import open_weights
+from tests.gguf_writer import write_gguf
+from tests.test_parity import run_prompts
+
+SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+             eos_token_id=2, initializer_range=0.1, tie_word_embeddings=False)
+WINDOW = 12  # shorter than the longer prompts plus their continuations, so the window matters
+# name: (transformers config class, model class, settings over SMALL)
+ARCHITECTURES = {
+    "llama-3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32))),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                          partial_rotary_factor=0.5))),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                                         tie_word_embeddings=True)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        sliding_window=WINDOW, query_pre_attn_scalar=24, tie_word_embeddings=True, rope_parameters=dict(
+            full_attention=dict(rope_type="linear", factor=8.0, rope_theta=1000000.0),
+            sliding_attention=dict(rope_type="default", rope_theta=10000.0)))),
+}
+PROMPT_LENGTHS = (3, 9, 20)
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def model(request, tmp_path_factory):
+    """(the HF model in fp32, its save_pretrained directory) for one architecture."""
+    import transformers
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    config_class, model_class, settings = ARCHITECTURES[request.param]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**{**SMALL, **settings}, attn_implementation="eager")
+    hf = getattr(transformers, model_class)(config).eval()
+    hf.generation_config.eos_token_id = None  # continue for all NEW_TOKENS
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def prompts() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(3, SMALL["vocab_size"], (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+
+
+def hf_logits(hf, prompt: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([prompt])).logits[0]
+
+
+def shards(path, cuts=(0, 6)) -> list[ShardModel]:
+    weights = open_weights(path)
+    return [ShardModel(weights.spec, (a, b), weights=weights, dtype="float32") for a, b in itertools.pairwise(cuts)]
+
+
+def greedy(chain: list[ShardModel], batch: list[list[int]], new: int) -> list[list[int]]:
+    """Greedy continuations of all prompts, decoded together one token per step."""
+    ids = list(range(len(batch)))
+    for shard in chain:
+        for i in ids:
+            shard.allocate(i)
+    x, lengths, out = torch.tensor([t for p in batch for t in p]), [len(p) for p in batch], [[] for _ in batch]
+    for _ in range(new):
+        for shard in chain:
+            x = shard.forward(ids, lengths, x)
+        x, lengths = x.argmax(-1), [1] * len(batch)
+        for row, token in zip(out, x.tolist(), strict=True):
+            row.append(token)
+    for shard in chain:
+        for i in ids:
+            shard.free(i)
+    return out
+
+
+def test_spec_reads_the_architecture(model):
+    hf, path = model
+    spec = open_weights(path).spec
+    assert spec.architecture in SUPPORTED_ARCHITECTURES and spec.num_layers == 6 and spec.head_dim == 16
+    if spec.num_experts:
+        assert spec.parameters(active=True) < spec.parameters()
+    assert spec.parameters() == sum(p.numel() for p in hf.parameters())
+
+
+def test_logits_equal_transformers(model):
+    hf, path = model
+    batch = prompts()
+    ours = run_prompts(shards(path), batch)
+    offset = 0
+    for prompt in batch:
+        diff = (ours[offset : offset + len(prompt)] - hf_logits(hf, prompt)).abs().max().item()
+        assert diff <= 1e-4, f"max |logit diff| {diff} for a prompt of {len(prompt)} tokens"
+        offset += len(prompt)
+
+
+def test_greedy_continuations_equal_transformers_whole_and_as_3_shards(model):
+    hf, path = model
+    batch = prompts()
+    with torch.no_grad():
+        expected = [hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(p):].tolist()
+                    for p in batch]
+    for chain in (shards(path), shards(path, (0, 2, 4, 6))):
+        one_at_a_time = [greedy(chain, [p], NEW_TOKENS)[0] for p in batch]
+        assert one_at_a_time == expected
+        assert greedy(chain, batch, NEW_TOKENS) == expected  # batched decode, different lengths
+
+
+def test_gguf_written_by_the_gguf_library_gives_the_same_logits(model, tmp_path):
+    hf, path = model
+    file = write_gguf(path, tmp_path / "model.gguf")
+    weights = open_weights(file)
+    assert weights.spec.num_experts == open_weights(path).spec.num_experts
+    batch = prompts()
+    ours = run_prompts([ShardModel(weights.spec, weights=weights, dtype="float32")], batch)
+    reference = torch.cat([hf_logits(hf, p) for p in batch])
+    assert (ours - reference).abs().max().item() <= 1e-4
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    message = "architecture 'gpt2' is not supported yet; supported: llama, mistral, mixtral, qwen2, qwen3, phi3, "
+    with pytest.raises(ShardwiseError, match=message):
+        LLM(str(tmp_path))
+    spec = ModelSpec("falcon", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=4, intermediate_size=96,
+                     vocab_size=256)
+    with pytest.raises(ShardwiseError, match="architecture 'falcon' is not supported yet"):
+        ShardModel(spec, weights=None)
+
+
+def test_moe_runs_only_the_experts_each_token_chose():
+    """An expert filled with NaN poisons exactly the tokens routed to it: the others never touch it
+    (computing all experts times a mask would spread the NaN to every token)."""
+    from shardwise.model.layers import SparseMoE
+
+    spec = ModelSpec("mixtral", num_layers=1, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=48,
+                     vocab_size=64, num_experts=4, experts_per_token=2)
+    torch.manual_seed(0)
+    tensors = {"router.weight": torch.randn(4, 32), "experts_gate.weight": torch.randn(4, 48, 32),
+               "experts_up.weight": torch.randn(4, 48, 32), "experts_down.weight": torch.randn(4, 32, 48)}
+    tensors["experts_down.weight"][3] = float("nan")
+    x = torch.randn(64, 32)
+    chose = (x @ tensors["router.weight"].t()).topk(2, dim=-1).indices
+    poisoned = (chose == 3).any(-1)
+    out = SparseMoE(spec, tensors)(x)
+    assert 0 < poisoned.sum() < len(x)
+    assert out[poisoned].isnan().all(-1).all() and out[~poisoned].isfinite().all()
