@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +33,41 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `shardwise ARGS` in a fresh process."""
     return subprocess.run([sys.executable, "-m", "shardwise.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(log: Path, *args: str) -> Iterator[str]:
+    """A real `shardwise serve ARGS` on a free 127.0.0.1 port, its output in `log`; yields its URL
+    once healthy, and on leaving checks that SIGTERM shuts it down cleanly (stages killed)."""
+    import httpx
+
+    port = free_port()
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "shardwise.cli", "serve", "--port", str(port), *args],
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("the server did not become healthy in 240 s")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
 
 
 @pytest.fixture(scope="session")

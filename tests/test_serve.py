@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,42 +12,18 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import CHAT_PROMPTS, TEXT_PROMPTS, cli
+from tests.conftest import CHAT_PROMPTS, TEXT_PROMPTS, cli, free_port, running_server
 
 KEY = "sk-shardwise-test"
 MODEL = "smollm2-135m"
 KV_TOKENS = 4096
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shardwise.cli", "serve", "--stages", "2", "--port", str(port), "--api-key", KEY,
-         "--kv-tokens", str(KV_TOKENS), "--max-batch-tokens", "64"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("the server did not become healthy in 240 s")
-    yield url
-    proc.terminate()
-    assert proc.wait(timeout=60) == 0, proc.stderr.read()  # SIGTERM: a clean shutdown, stages killed
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("server") / "log", "--stages", "2", "--api-key", KEY,
+                        "--kv-tokens", str(KV_TOKENS), "--max-batch-tokens", "64") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -83,16 +83,20 @@ def serve(
     = 256,
     kv_tokens: Annotated[int, typer.Option(help="KV cache, in tokens, that running requests may reserve.")]
     = 32768,
+    stage_timeout: Annotated[float, typer.Option(help="Seconds without an answer before a stage counts as lost.")]
+    = 60.0,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (continuous batching, chunked prefill)."""
     try:
         from shardwise.engine.llm import LLM
         from shardwise.serve.server import serve as run_server
 
-        if min(max_num_seqs, max_batch_tokens, kv_tokens) < 1:
-            raise ShardwiseError("--max-num-seqs, --max-batch-tokens and --kv-tokens must each be at least 1")
+        if min(max_num_seqs, max_batch_tokens, kv_tokens) < 1 or stage_timeout <= 0:
+            raise ShardwiseError("--max-num-seqs, --max-batch-tokens and --kv-tokens must each be at least 1, "
+                                 "and --stage-timeout positive")
         llm = LLM(model, stages=stages, plan=plan, address=address, device=device, dtype=dtype, threads=threads,
-                  max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens)
+                  max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens,
+                  stage_timeout=stage_timeout)
         where = f"{stages} stages" if stages else (f"plan {plan}" if plan else "one process")
         run_server(llm, host=host, port=port, api_key=api_key, on_ready=lambda: typer.echo(
             f"serving {llm.name} ({where}) at http://{host}:{port}/v1", err=True))

@@ -1,6 +1,11 @@
-"""The one exception type for mistakes a user can fix."""
+"""Exceptions: mistakes a user can fix, and a stage lost under the engine."""
 
 
 class ShardwiseError(Exception):
     """A user-caused problem. The message names the problem and how to fix it;
     the CLI prints it as one line, without a traceback."""
+
+
+class StageFailure(Exception):
+    """A pipeline stage died or stopped answering: not the user's doing, and recoverable by
+    replacing the stage (Pipeline.recover) and replaying the running sequences."""

@@ -6,6 +6,11 @@ micro-batch in flight per compute resource the stages occupy (a node's CPU cores
 or one GPU), so every resource works at once. Stages that share one resource
 gain nothing from overlapping (they would only split its cores and re-read all
 weights per smaller micro-batch), so they take turns with all of it instead.
+
+A stage that dies (its actor or node) or answers nothing for stage_timeout seconds
+surfaces as a StageFailure; recover() then starts a fresh actor with its layers (on its
+node if that lives, else on the surviving node with the most memory free) and clears
+every other stage's sequences, for the scheduler to replay.
 """
 
 from __future__ import annotations
@@ -22,42 +27,52 @@ from shardwise.cluster.ray_session import join
 from shardwise.cluster.stage import StageActor
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.worker import Sampled
-from shardwise.errors import ShardwiseError
+from shardwise.errors import ShardwiseError, StageFailure
 from shardwise.model.spec import ModelSpec
 
 # Stages on one node take turns on its cores. OpenMP threads spin only briefly before
 # sleeping: hot between the ops of a step, out of the way while another stage computes.
 STAGE_ENV = {"env_vars": {"GOMP_SPINCOUNT": "20000"}}
+STAGE_TIMEOUT_S = 60.0  # a step or a ping unanswered this long means the stage hangs
 
 
 class Pipeline:
     def __init__(self, model_path: Path, spec: ModelSpec, plan: Plan, *, dtype: str | None = None,
-                 address: str | None = None, kv_tokens: int = DEFAULT_KV_TOKENS, micro_batches: int | None = None):
+                 address: str | None = None, kv_tokens: int = DEFAULT_KV_TOKENS, micro_batches: int | None = None,
+                 stage_timeout: float = STAGE_TIMEOUT_S):
         plan.check_layers(spec)
+        self.model_path, self.spec, self.plan, self.dtype = model_path, spec, plan, dtype
+        self.kv_tokens, self.stage_timeout = kv_tokens, stage_timeout
         self._owns_ray = join(address, instead="run locally")
         try:
-            nodes = self._place(plan)
-            dtypes = [dtype or ("bfloat16" if s.device.startswith("cuda") else "float32") for s in plan.stages]
-            where = [f"{n['NodeManagerAddress']}/{s.device}" for n, s in zip(nodes, plan.stages, strict=True)]
-            capacity = {f"{n['NodeManagerAddress']}/cpu": int(n["Resources"].get("memory", 0)) for n in nodes}
-            plan.check_memory(spec, dtypes, where, capacity, kv_tokens)
-            self.stages = [
-                StageActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
-                                   runtime_env=STAGE_ENV)
-                .remote(str(model_path), s.layers, s.device, dtype)
-                for s, n in zip(plan.stages, nodes, strict=True)
-            ]
-            # threads per stage: alone on its node's cores, or sharing them when steps overlap
-            self._threads = [(s.threads or self._cores(n), s.threads or self._share(n, nodes))
-                             for s, n in zip(plan.stages, nodes, strict=True)]
+            self.nodes = self._place(plan)
+            self._check_memory()
+            self.stages = [self._start(i) for i in range(len(plan.stages))]
             self.pids, self.node_ids = map(list, zip(*_get([s.ready.remote() for s in self.stages]), strict=True))
         except BaseException:
             self.close()
             raise
         resources = {(n["NodeID"], s.device if s.device.startswith("cuda") else "cpu")
-                     for s, n in zip(plan.stages, nodes, strict=True)}
+                     for s, n in zip(plan.stages, self.nodes, strict=True)}
         self.parallelism = micro_batches or len(resources)
         self._in_flight = 0
+
+    def _check_memory(self) -> None:
+        """Each node holds its stages' weights and KV (a ShardwiseError if not); sets each stage's
+        threads: alone on its node's cores, or sharing them when steps overlap."""
+        plan, nodes = self.plan, self.nodes
+        dtypes = [self.dtype or ("bfloat16" if s.device.startswith("cuda") else "float32") for s in plan.stages]
+        where = [f"{n['NodeManagerAddress']}/{s.device}" for n, s in zip(nodes, plan.stages, strict=True)]
+        capacity = {f"{n['NodeManagerAddress']}/cpu": int(n["Resources"].get("memory", 0)) for n in nodes}
+        plan.check_memory(self.spec, dtypes, where, capacity, self.kv_tokens)
+        self._threads = [(s.threads or self._cores(n), s.threads or self._share(n, nodes))
+                         for s, n in zip(plan.stages, nodes, strict=True)]
+
+    def _start(self, i: int) -> Any:
+        stage, node = self.plan.stages[i], self.nodes[i]
+        return (StageActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+                                   runtime_env=STAGE_ENV)
+                .remote(str(self.model_path), stage.layers, stage.device, self.dtype))
 
     @staticmethod
     def _place(plan: Plan) -> list[dict[str, Any]]:
@@ -85,9 +100,9 @@ class Pipeline:
         return max(1, cls._cores(node) // sum(n["NodeID"] == node["NodeID"] for n in nodes))
 
     # --- the executor interface ---------------------------------------------------------------
-    def add(self, seq_id: int, params: SamplingParams) -> None:
+    def add(self, seq_id: int, params: SamplingParams, generated: list[int] = ()) -> None:
         for stage in self.stages:  # an actor runs calls in the order one caller sent them
-            stage.add.remote(seq_id, params)
+            stage.add.remote(seq_id, params, list(generated))
 
     def free(self, seq_id: int) -> None:
         for stage in self.stages:
@@ -103,12 +118,68 @@ class Pipeline:
         return ref
 
     def wait(self, handles: list[ray.ObjectRef]) -> int:
-        ready, _ = ray.wait(handles, num_returns=1)
+        ready, _ = ray.wait(handles, num_returns=1, timeout=self.stage_timeout)
+        if not ready:
+            raise StageFailure(f"no step finished in {self.stage_timeout:.0f} s")
         return handles.index(ready[0])
 
     def result(self, handle: ray.ObjectRef) -> Sampled:
         self._in_flight -= 1
-        return _get(handle)
+        try:
+            return _get(handle)
+        except ray.exceptions.RayError as e:  # the actor, its node or an object it needed is gone
+            raise StageFailure(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"layers": list(s.layers), "device": s.device, "node": node, "pid": pid}
+                for s, node, pid in zip(self.plan.stages, self.node_ids, self.pids, strict=True)]
+
+    # --- recovery -------------------------------------------------------------------------------
+    def recover(self) -> list[int]:
+        """Replace every stage that died or hangs, and clear the sequences of the rest (their KV
+        also holds the steps that were in flight). Returns the replaced stages' indices."""
+        self._in_flight = 0
+        lost = self._lost_stages()
+        alive = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+        for i in lost:
+            ray.kill(self.stages[i], no_restart=True)
+            if self.nodes[i]["NodeID"] not in alive:
+                self.nodes[i] = self._new_home(i, alive)
+                self._check_memory()
+            self.stages[i] = self._start(i)
+        survivors = [s for i, s in enumerate(self.stages) if i not in lost]
+        try:
+            ready = _get([self.stages[i].ready.remote() for i in lost] + [s.reset.remote() for s in survivors],
+                         timeout=max(self.stage_timeout, 300.0))
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+            raise ShardwiseError(f"a replacement pipeline stage failed to start ({type(e).__name__}): "
+                                 "the node may be out of memory; check `ray status`") from None
+        for i, (pid, node_id) in zip(lost, ready, strict=False):
+            self.pids[i], self.node_ids[i] = pid, node_id
+        return lost
+
+    def _lost_stages(self) -> list[int]:
+        """Stages that do not answer a ping within the timeout (an actor runs one call at a time,
+        so a hung step holds its ping back too)."""
+        pings = [s.ready.remote() for s in self.stages]
+        ray.wait(pings, num_returns=len(pings), timeout=self.stage_timeout)
+        lost = []
+        for i, ping in enumerate(pings):
+            try:
+                ray.get(ping, timeout=0)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                lost.append(i)
+        return lost
+
+    def _new_home(self, i: int, alive: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """A surviving node for stage i, whose node died: the one with the most memory free."""
+        if not alive:
+            raise ShardwiseError(f"stage {i}'s node died and no Ray node is left to take its layers")
+        held = {n["NodeID"]: 0 for n in alive.values()}
+        for node in self.nodes:
+            if node["NodeID"] in held:
+                held[node["NodeID"]] += 1
+        return max(alive.values(), key=lambda n: n["Resources"].get("memory", 0) / (1 + held[n["NodeID"]]))
 
     def kv_stats(self) -> list[dict[str, int]]:
         return _get([s.kv_stats.remote() for s in self.stages])
@@ -121,10 +192,10 @@ class Pipeline:
             ray.shutdown()
 
 
-def _get(refs: Any) -> Any:
+def _get(refs: Any, timeout: float | None = None) -> Any:
     """ray.get, with a user mistake raised inside a stage surfacing as itself."""
     try:
-        return ray.get(refs)
+        return ray.get(refs, timeout=timeout)
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, ShardwiseError):
             raise ShardwiseError(str(e.cause)) from None

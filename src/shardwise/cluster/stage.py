@@ -25,11 +25,14 @@ class StageActor:
         """Once loaded: this actor's process id and Ray node id."""
         return os.getpid(), ray.get_runtime_context().get_node_id()
 
-    def add(self, seq_id: int, params: SamplingParams) -> None:
-        self.worker.add(seq_id, params)
+    def add(self, seq_id: int, params: SamplingParams, generated: list[int]) -> None:
+        self.worker.add(seq_id, params, generated)
 
     def free(self, seq_id: int) -> None:
         self.worker.free(seq_id)
+
+    def reset(self) -> None:
+        self.worker.reset()
 
     def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
              hidden: np.ndarray | None, threads: int) -> np.ndarray | Sampled:

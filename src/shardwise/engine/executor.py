@@ -22,8 +22,8 @@ class LocalExecutor:
         self.worker = worker
         self.shard = worker.shard
 
-    def add(self, seq_id: int, params: SamplingParams) -> None:
-        self.worker.add(seq_id, params)
+    def add(self, seq_id: int, params: SamplingParams, generated: list[int] = ()) -> None:
+        self.worker.add(seq_id, params, generated)
 
     def free(self, seq_id: int) -> None:
         self.worker.free(seq_id)

@@ -40,6 +40,9 @@ class KVCache:
         self._free.extend(reversed(self._tables.pop(seq_id, [])))
         self._lengths.pop(seq_id, None)
 
+    def sequences(self) -> list[int]:
+        return list(self._tables)
+
     def reserve(self, seq_id: int, new_tokens: int) -> None:
         """Make room for new_tokens more before a forward pass writes them."""
         table = self._table(seq_id)

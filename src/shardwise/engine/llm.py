@@ -34,12 +34,14 @@ class LLM:
     an existing Ray cluster, e.g. "auto"; micro_batches: steps kept in flight, by default one
     per compute resource the stages occupy); otherwise it runs in this process on `device`.
     max_num_seqs sequences run at once, each step holds at most max_batch_tokens tokens, and
-    kv_tokens is the KV cache (in tokens) that running sequences may reserve; the rest queue."""
+    kv_tokens is the KV cache (in tokens) that running sequences may reserve; the rest queue.
+    A pipeline stage that dies or answers nothing for stage_timeout seconds is replaced and
+    the running sequences replayed: generation pauses, and carries on unchanged."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, stages: int | None = None, plan: Plan | str | None = None,
                  address: str | None = None, micro_batches: int | None = None, device: str = "cpu",
                  dtype: str | None = None, threads: int | None = None, max_num_seqs: int = 32,
-                 max_batch_tokens: int = 512, kv_tokens: int = DEFAULT_KV_TOKENS):
+                 max_batch_tokens: int = 512, kv_tokens: int = DEFAULT_KV_TOKENS, stage_timeout: float = 60.0):
         if threads:
             torch.set_num_threads(threads)
         path = resolve(model)
@@ -59,7 +61,7 @@ class LLM:
             from shardwise.cluster.pipeline import Pipeline  # Ray is imported only for pipelines
 
             self.executor = Pipeline(path, self.spec, plan, dtype=dtype, address=address, kv_tokens=kv_tokens,
-                                     micro_batches=micro_batches)
+                                     micro_batches=micro_batches, stage_timeout=stage_timeout)
         self.name = path.stem if Path(model).exists() else str(model)  # what the server calls it
         self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=max_batch_tokens, kv_capacity=kv_tokens)
@@ -128,6 +130,10 @@ class LLM:
                 raise ShardwiseError(f"prompt token ids must lie in [0, {self.spec.vocab_size})")
             return list(prompt)
         raise ShardwiseError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def stages(self) -> list[dict[str, Any]]:
+        """Where each pipeline stage runs now (layers, Ray node, process id); [] in one process."""
+        return self.executor.describe() if hasattr(self.executor, "describe") else []
 
     def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """A sequence for the scheduler (the server adds it from its engine thread)."""

@@ -1,7 +1,8 @@
 """Sampling parameters and the per-sequence sampler that turns logits into a token.
 
-Each sequence has its own torch.Generator, so a seeded request gives the same
-tokens whatever else shares its batch.
+Each draw of a sequence is seeded from its seed and the draw's index, so a seeded
+request gives the same tokens whatever else shares its batch, and a sampler rebuilt
+mid-sequence (after a lost stage) carries on exactly where the old one was.
 """
 
 from __future__ import annotations
@@ -63,14 +64,18 @@ class SamplingParams:
 
 
 class SequenceSampler:
-    """Sampling state of one sequence: its parameters, its generator and the tokens it has seen."""
+    """Sampling state of one sequence: its parameters, its draws so far and the tokens it has seen.
+    generated: tokens it already produced, when it is rebuilt mid-sequence."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, generated: list[int] = ()):
         self.params = params
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self.generator = None if params.greedy else torch.Generator().manual_seed(seed)
+        self.seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.generator = None if params.greedy else torch.Generator()
+        self.draws = len(generated)
         self.seen: Counter[int] = Counter()  # prompt and generated tokens (repetition penalty)
         self.generated: Counter[int] = Counter()  # generated tokens (presence and frequency penalties)
+        if params.presence_penalty or params.frequency_penalty:
+            self.generated.update(generated)
 
     def observe(self, token_ids: list[int]) -> None:
         if self.params.repetition_penalty != 1.0:
@@ -113,6 +118,8 @@ class SequenceSampler:
             # keep the smallest prefix whose mass reaches top_p (always at least one token)
             drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
             probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        self.generator.manual_seed((self.seed + self.draws * 0x9E3779B97F4A7C15) % 2**63)
+        self.draws += 1
         return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
 
 

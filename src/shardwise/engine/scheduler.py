@@ -9,19 +9,29 @@ prefilled in pieces and never stalls the sequences already decoding (Sarathi-Ser
 On a pipeline the running sequences form one micro-batch per compute resource, each
 with a step in flight. A finished or aborted sequence frees its KV at once (or, if a
 step holding it is in flight, as soon as that step returns).
+
+When a pipeline stage is lost, the executor replaces it and every running sequence is
+replayed: its prompt and the tokens it generated are prefilled again (in chunks, beside
+the others' decodes) without sampling, and decoding resumes where it stopped; the
+samplers are rebuilt with their draw counts, so the output is the undisturbed one.
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
-from shardwise.errors import ShardwiseError
+from shardwise.errors import ShardwiseError, StageFailure
 from shardwise.model.spec import ModelSpec
 from shardwise.model.tokenizer import Detokenizer, Tokenizer
+
+log = logging.getLogger("shardwise.engine")
+MAX_FAILURES_IN_A_ROW = 3  # recoveries with no step completing between them: something is broken for good
 
 
 @dataclass
@@ -63,13 +73,26 @@ class Sequence:
         self.aborted = False
 
     @property
+    def resume_at(self) -> int:
+        """Tokens the KV must hold before it decodes: its prompt and all it generated but the
+        last (the next input). Only above the prompt after a replay."""
+        return len(self.prompt) + max(len(self.output.token_ids) - 1, 0)
+
+    @property
     def prefilled(self) -> bool:
-        return self.fed >= len(self.prompt)
+        return self.fed >= self.resume_at
 
     def next_chunk(self, budget: int) -> list[int]:
         if self.prefilled:
             return [self.output.token_ids[-1]]
-        return self.prompt[self.fed : self.fed + budget]
+        end = min(self.fed + budget, self.resume_at)
+        known = self.prompt if end <= len(self.prompt) else self.prompt + self.output.token_ids
+        return known[self.fed : end]
+
+    def samples_after(self, chunk: list[int]) -> bool:
+        """Whether the step feeding this chunk yields its next token: once the KV holds every
+        token known so far (not while a replay is still catching up)."""
+        return self.fed + len(chunk) >= len(self.prompt) + len(self.output.token_ids)
 
 
 class Scheduler:
@@ -84,6 +107,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.groups: list[list[Sequence]] = [[] for _ in range(executor.parallelism)]  # micro-batches
         self.in_flight: list[tuple[Any, int, list[tuple[Sequence, list[int]]]]] = []  # (handle, group, batch)
+        self.stage_failures = self.recoveries = self.replayed_tokens = 0
+        self.last_recovery_s = 0.0
+        self._failures_in_a_row = 0
 
     # --- requests -------------------------------------------------------------------------------
     def make_sequence(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> Sequence:
@@ -99,6 +125,8 @@ class Scheduler:
             raise ShardwiseError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
                                  f"needs {kv_tokens} tokens of KV cache but this engine holds {self.kv_capacity}: "
                                  f"lower max_tokens or shorten the prompt")
+        if params.seed is None and not params.greedy:  # fixed now, so a replay draws the same tokens
+            params = replace(params, seed=random.getrandbits(63))
         return Sequence(seq_id, prompt_ids, params, self.tokenizer, kv_tokens)
 
     def add(self, seq: Sequence) -> None:
@@ -138,13 +166,18 @@ class Scheduler:
             batch = self._batch(group) if g not in busy else []
             if batch:
                 handle = self.executor.submit([s.id for s, _ in batch], [c for _, c in batch],
-                                              [s.fed + len(c) >= len(s.prompt) for s, c in batch])
+                                              [s.samples_after(c) for s, c in batch])
                 self.in_flight.append((handle, g, batch))
         if not self.in_flight:
             return []
-        handle, _, batch = self.in_flight.pop(self.executor.wait([h for h, _, _ in self.in_flight]))
+        try:
+            handle, _, batch = self.in_flight.pop(self.executor.wait([h for h, _, _ in self.in_flight]))
+            tokens, logprobs = self.executor.result(handle)
+        except StageFailure as failure:
+            self._recover(failure)
+            return []
+        self._failures_in_a_row = 0
         events = []
-        tokens, logprobs = self.executor.result(handle)
         for row, ((seq, chunk), token) in enumerate(zip(batch, tokens, strict=True)):
             seq.fed += len(chunk)
             if seq.aborted:
@@ -170,6 +203,29 @@ class Scheduler:
         self.in_flight.clear()
 
     # --- internals ------------------------------------------------------------------------------
+    def _recover(self, failure: StageFailure) -> None:
+        """Replace the lost stage(s), then replay every running sequence from its first token."""
+        self.stage_failures += 1
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row > MAX_FAILURES_IN_A_ROW:
+            raise ShardwiseError(f"pipeline stages failed {self._failures_in_a_row} times in a row without "
+                                 f"completing a step (last: {failure}): check the nodes and their logs")
+        log.warning("lost a pipeline stage (%s): replacing it and replaying %d sequences", failure,
+                    self.num_running)
+        started = time.perf_counter()
+        self.in_flight.clear()
+        self.executor.recover()  # a ShardwiseError here: nothing can take the stage's place
+        for group in self.groups:
+            for seq in list(group):
+                if seq.aborted:
+                    group.remove(seq)  # the stages forgot it already
+                    continue
+                self.replayed_tokens += seq.resume_at
+                seq.fed = 0
+                self.executor.add(seq.id, seq.params, seq.output.token_ids)
+        self.recoveries += 1
+        self.last_recovery_s = time.perf_counter() - started
+
     def _admit(self) -> None:
         while self.waiting and self.num_running < self.max_num_seqs:
             seq = self.waiting[0]

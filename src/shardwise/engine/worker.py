@@ -22,14 +22,20 @@ class Worker:
         self.shard = shard
         self.samplers: dict[int, SequenceSampler] = {}
 
-    def add(self, seq_id: int, params: SamplingParams) -> None:
+    def add(self, seq_id: int, params: SamplingParams, generated: list[int] = ()) -> None:
+        """generated: the tokens it already produced, when it comes back after a lost stage."""
         self.shard.allocate(seq_id)
         if self.shard.is_last:
-            self.samplers[seq_id] = SequenceSampler(params)
+            self.samplers[seq_id] = SequenceSampler(params, generated)
 
     def free(self, seq_id: int) -> None:
         self.shard.free(seq_id)
         self.samplers.pop(seq_id, None)
+
+    def reset(self) -> None:
+        """Drop every sequence (a pipeline rebuilding its KV after a lost stage)."""
+        for seq_id in self.shard.kv.sequences():
+            self.free(seq_id)
 
     def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
              hidden: torch.Tensor | None = None) -> torch.Tensor | Sampled:

@@ -107,7 +107,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
     @app.get("/health")
     async def health() -> JSONResponse:
         if engine.running:
-            return JSONResponse({"status": "ok"})
+            return JSONResponse({"status": "ok", "stages": llm.stages(), "recoveries": llm.scheduler.recoveries})
         return JSONResponse({"status": "error", "error": engine.failure}, status_code=503)
 
     @app.get("/metrics")

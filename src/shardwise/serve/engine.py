@@ -49,6 +49,7 @@ class AsyncEngine:
         self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
         self._last_token: dict[int, float] = {}
         self.failure: str | None = None  # set if the engine loop itself died
+        self._counted = {"stage_failures": 0, "recoveries": 0, "replayed_tokens": 0}  # reported to metrics
         self.running = False
 
     def stop(self) -> None:
@@ -87,6 +88,7 @@ class AsyncEngine:
                 except Exception as e:  # a stage failed: fail its requests, keep serving the rest
                     log.exception("engine step failed")
                     self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
+                    self._update_gauges()
                     continue
                 deliveries: dict[asyncio.AbstractEventLoop, list] = {}
                 for seq, piece in events:
@@ -158,6 +160,15 @@ class AsyncEngine:
         m.running.set(s.num_running)
         m.waiting.set(len(s.waiting))
         m.kv_usage.set(s.kv_reserved / s.kv_capacity)
+        # the scheduler counts lost stages and replays; the counters follow it
+        for name, counter in (("stage_failures", m.stage_failures), ("recoveries", m.recoveries),
+                              ("replayed_tokens", m.replayed_tokens)):
+            new = getattr(s, name) - self._counted[name]
+            if new:
+                counter.inc(new)
+                self._counted[name] += new
+                if name == "recoveries":
+                    m.recovery_time.observe(s.last_recovery_s)
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, Event]]) -> None:

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0)
+RECOVERY_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
 
 class Metrics:
@@ -32,6 +33,12 @@ class Metrics:
         self.generation_tokens = make(Counter, "generation_tokens", "Tokens generated.").labels(**labels)
         self._success = make(Counter, "request_success", "Finished sequences by reason.",
                              extra_labels=["finished_reason"])
+        self.stage_failures = make(Counter, "stage_failures", "Pipeline stages lost (died or hung).").labels(**labels)
+        self.recoveries = make(Counter, "stage_recoveries", "Lost stages replaced and resumed.").labels(**labels)
+        self.replayed_tokens = make(Counter, "replayed_tokens",
+                                    "Tokens prefilled again to rebuild lost KV caches.").labels(**labels)
+        self.recovery_time = make(Histogram, "recovery_seconds", "From noticing a lost stage to resuming.",
+                                  buckets=RECOVERY_BUCKETS).labels(**labels)
         self._model = model
 
     def finished(self, reason: str) -> None:
