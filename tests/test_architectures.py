@@ -136,6 +136,14 @@ def test_gguf_written_by_the_gguf_library_gives_the_same_logits(model, tmp_path)
     assert (ours - reference).abs().max().item() <= 1e-4
 
 
+def test_a_model_directory_without_a_tokenizer_says_so(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(**SMALL)).save_pretrained(tmp_path)
+    with pytest.raises(ShardwiseError, match="has no tokenizer files"):
+        LLM(str(tmp_path))
+
+
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -35,21 +35,30 @@ def test_even_plans_split_all_layers(weights):
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 
 
-@pytest.mark.parametrize("layout", [
-    1, 2, 3, 5,  # even splits
-    [[0, 10], [10, 30]], [[0, 7], [7, 19], [19, 30]], [[0, 2], [2, 4], [4, 25], [25, 29], [29, 30]],
+@pytest.mark.parametrize("layout, micro_batches", [
+    (2, None),  # an even split; local stages share one node's cores, so they take turns (1 in flight)
+    ([[0, 7], [7, 19], [19, 30]], 3),  # uneven, every stage busy at once
+    ([[0, 2], [2, 4], [4, 25], [25, 29], [29, 30]], 5),
 ])
-def test_pipeline_outputs_equal_one_process(ray_session, reference, weights, layout):
+def test_pipeline_outputs_equal_one_process_and_close_kills_the_actors(ray_session, reference, weights, layout,
+                                                                       micro_batches):
     if isinstance(layout, int):
         plan = Plan.even(weights.spec, layout)
     else:
         plan = Plan.from_dict({"stages": [{"layers": r} for r in layout]})
-    llm = LLM(plan=plan, dtype="float32", micro_batches=len(plan.stages))  # every stage busy at once
+    llm = LLM(plan=plan, dtype="float32", micro_batches=micro_batches)
+    pids = list(llm.executor.pids)
     try:
+        assert llm.executor.parallelism == (micro_batches or 1)
+        assert all(psutil.pid_exists(p) for p in pids)
         outputs = llm.generate(TEXT_PROMPTS, GREEDY)
     finally:
         llm.close()
     assert [o.token_ids for o in outputs] == reference
+    deadline = time.time() + 10
+    while time.time() < deadline and any(psutil.pid_exists(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(psutil.pid_exists(p) for p in pids)
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +67,6 @@ def pipeline(ray_session):
     llm = LLM(stages=2, dtype="float32", micro_batches=2)
     yield llm
     llm.close()
-
-
-def test_local_stages_share_one_resource(pipeline, ray_session):
-    assert pipeline.executor.parallelism == 2
-    llm = LLM(stages=3, dtype="float32")
-    try:
-        assert llm.executor.parallelism == 1  # one node's cores: stages take turns with all of them
-    finally:
-        llm.close()
 
 
 def test_concurrent_sequences_equal_one_at_a_time(pipeline):
@@ -141,17 +141,6 @@ def test_bad_plan_files(tmp_path):
                           ({"stages": [{"layers": [0, 30], "threads": 0}]}, "threads")]:
         with pytest.raises(ShardwiseError, match=message):
             Plan.from_dict(data)
-
-
-def test_close_kills_the_stage_actors(ray_session):
-    llm = LLM(stages=3, dtype="float32")
-    pids = list(llm.executor.pids)
-    assert all(psutil.pid_exists(p) for p in pids)
-    llm.close()
-    deadline = time.time() + 10
-    while time.time() < deadline and any(psutil.pid_exists(p) for p in pids):
-        time.sleep(0.2)
-    assert not any(psutil.pid_exists(p) for p in pids)
 
 
 def test_cli_generate_with_stages_and_plan(tmp_path, weights):

@@ -170,7 +170,8 @@ def test_api_key_is_required_on_v1(server):
     wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.completions.create(model=MODEL, prompt="hi", max_tokens=2)
-    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok" and [s["layers"] for s in health["stages"]] == [[0, 15], [15, 30]]
 
 
 def test_metrics_are_exported_like_vllms(server, client):

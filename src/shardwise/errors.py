@@ -8,4 +8,9 @@ class ShardwiseError(Exception):
 
 class StageFailure(Exception):
     """A pipeline stage died or stopped answering: not the user's doing, and recoverable by
-    replacing the stage (Pipeline.recover) and replaying the running sequences."""
+    replacing the stage (Pipeline.recover) and replaying the running sequences. step: the
+    executor's handle of the step that failed (hung: that did not finish in time)."""
+
+    def __init__(self, message: str, step: object = None, hung: bool = False):
+        super().__init__(message)
+        self.step, self.hung = step, hung

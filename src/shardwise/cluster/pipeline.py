@@ -55,7 +55,7 @@ class Pipeline:
         resources = {(n["NodeID"], s.device if s.device.startswith("cuda") else "cpu")
                      for s, n in zip(plan.stages, self.nodes, strict=True)}
         self.parallelism = micro_batches or len(resources)
-        self._in_flight = 0
+        self._steps: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}  # in flight: last ref -> every stage's
 
     def _check_memory(self) -> None:
         """Each node holds its stages' weights and KV (a ShardwiseError if not); sets each stage's
@@ -109,37 +109,39 @@ class Pipeline:
             stage.free.remote(seq_id)
 
     def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> ray.ObjectRef:
-        overlapping = self._in_flight > 0
-        self._in_flight += 1
-        ref = None
+        overlapping = bool(self._steps)
+        refs = []
         for stage, (alone, shared) in zip(self.stages, self._threads, strict=True):
             # each stage gets the previous one's output as a ref, never through the driver
-            ref = stage.step.remote(seq_ids, chunks, sample, ref, shared if overlapping else alone)
-        return ref
+            refs.append(stage.step.remote(seq_ids, chunks, sample, refs[-1] if refs else None,
+                                          shared if overlapping else alone))
+        self._steps[refs[-1]] = refs
+        return refs[-1]
 
     def wait(self, handles: list[ray.ObjectRef]) -> int:
         ready, _ = ray.wait(handles, num_returns=1, timeout=self.stage_timeout)
-        if not ready:
-            raise StageFailure(f"no step finished in {self.stage_timeout:.0f} s")
+        if not ready:  # the oldest step is the one stuck: each stage runs its steps in order
+            raise StageFailure(f"no step finished in {self.stage_timeout:.0f} s", handles[0], hung=True)
         return handles.index(ready[0])
 
     def result(self, handle: ray.ObjectRef) -> Sampled:
-        self._in_flight -= 1
         try:
-            return _get(handle)
+            out = _get(handle)
         except ray.exceptions.RayError as e:  # the actor, its node or an object it needed is gone
-            raise StageFailure(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+            raise StageFailure(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", handle) from None
+        del self._steps[handle]
+        return out
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"layers": list(s.layers), "device": s.device, "node": node, "pid": pid}
                 for s, node, pid in zip(self.plan.stages, self.node_ids, self.pids, strict=True)]
 
     # --- recovery -------------------------------------------------------------------------------
-    def recover(self) -> list[int]:
-        """Replace every stage that died or hangs, and clear the sequences of the rest (their KV
+    def recover(self, failure: StageFailure) -> list[int]:
+        """Replace the stages that died or hang, and clear the sequences of the rest (their KV
         also holds the steps that were in flight). Returns the replaced stages' indices."""
-        self._in_flight = 0
-        lost = self._lost_stages()
+        lost = self._lost_stages(self._steps.get(failure.step, []), failure.hung)
+        self._steps.clear()
         alive = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
         for i in lost:
             ray.kill(self.stages[i], no_restart=True)
@@ -158,18 +160,27 @@ class Pipeline:
             self.pids[i], self.node_ids[i] = pid, node_id
         return lost
 
-    def _lost_stages(self) -> list[int]:
-        """Stages that do not answer a ping within the timeout (an actor runs one call at a time,
-        so a hung step holds its ping back too)."""
-        pings = [s.ready.remote() for s in self.stages]
-        ray.wait(pings, num_returns=len(pings), timeout=self.stage_timeout)
-        lost = []
-        for i, ping in enumerate(pings):
+    def _lost_stages(self, refs: list[ray.ObjectRef], hung: bool) -> list[int]:
+        """The stages that failed the step whose per-stage refs these are: every stage an error
+        names as a dead actor (its own death, or one it passes on because a dead stage's output
+        was lost with it), and, when the step hung, the first stage that has not finished (its
+        input is there, its output is not; the stages after it only wait on it)."""
+        ids = {stage._actor_id.hex(): i for i, stage in enumerate(self.stages)}
+        lost = set()
+        for i, ref in enumerate(refs):
+            if not ray.wait([ref], timeout=0)[0]:
+                if hung:
+                    lost.add(i)
+                    break
+                continue
             try:
-                ray.get(ping, timeout=0)
-            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-                lost.append(i)
-        return lost
+                ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                if e.actor_id in ids:
+                    lost.add(ids[e.actor_id])
+            except ray.exceptions.RayError:
+                pass
+        return sorted(lost)
 
     def _new_home(self, i: int, alive: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """A surviving node for stage i, whose node died: the one with the most memory free."""

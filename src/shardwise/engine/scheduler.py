@@ -214,7 +214,7 @@ class Scheduler:
                     self.num_running)
         started = time.perf_counter()
         self.in_flight.clear()
-        self.executor.recover()  # a ShardwiseError here: nothing can take the stage's place
+        self.executor.recover(failure)  # a ShardwiseError here: nothing can take the stage's place
         for group in self.groups:
             for seq in list(group):
                 if seq.aborted:

@@ -28,6 +28,9 @@ class Tokenizer:
 
         _quiet_transformers()
         if path.is_dir():
+            if not any(path.glob("tokenizer*")):
+                raise ShardwiseError(f"{path} has no tokenizer files (tokenizer.json or tokenizer.model with "
+                                     "tokenizer_config.json): copy them from the model's original repository")
             self.hf = AutoTokenizer.from_pretrained(path)
         else:
             self.hf = AutoTokenizer.from_pretrained(_converted_gguf_tokenizer(path))

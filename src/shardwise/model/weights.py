@@ -9,10 +9,12 @@ come back as float32 in HF layout ([out_features, in_features]).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from abc import ABC, abstractmethod
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from shardwise.errors import ShardwiseError
+from shardwise.model.registry import cache_dir
 from shardwise.model.spec import ModelSpec
 
 # The layer parts of each architecture: canonical part -> (GGUF tensor part, HF tensor part).
@@ -107,29 +110,22 @@ class Weights(ABC):
         return self.get(name)
 
 
+@dataclass(frozen=True)
+class GGUFTensor:
+    type: int  # GGMLQuantizationType
+    shape: tuple[int, ...]  # HF order: outermost first
+    offset: int  # where its bytes start in the file
+    nbytes: int
+
+
 class GGUFWeights(Weights):
     FORMAT = 0
 
     def __init__(self, path: Path):
-        import gguf
-
         self.path = path
-        try:
-            self._reader = gguf.GGUFReader(path, "r")
-        except Exception as e:  # the gguf library raises many kinds on bad input
-            raise ShardwiseError(
-                f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
-                "it may be truncated or corrupt: download it again"
-            ) from None
-        self._tensors = {t.name: t for t in self._reader.tensors}
-        size = os.path.getsize(path)
-        end = max((t.data_offset + t.n_bytes for t in self._tensors.values()), default=0)
-        if end > size:
-            raise ShardwiseError(
-                f"{path} is truncated ({size} bytes, its tensors need {end}): download it again"
-            )
-        self.metadata = _gguf_metadata(self._reader)
-        matrices = [t.tensor_type.name.lower() for t in self._tensors.values() if len(t.shape) > 1]
+        self.metadata, self._tensors = _gguf_index(path)
+        self._bytes = np.memmap(path, dtype=np.uint8, mode="r")
+        matrices = [_quant_name(t.type) for t in self._tensors.values() if len(t.shape) > 1]
         try:
             self.spec = ModelSpec.from_gguf(
                 self.metadata,
@@ -149,12 +145,13 @@ class GGUFWeights(Weights):
         keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
         return {int(self.metadata[k]) for k in keys if k in self.metadata}
 
-    @staticmethod
-    def _dequantize(t: Any) -> np.ndarray:
+    def _dequantize(self, t: GGUFTensor) -> np.ndarray:
+        """The tensor's bytes, as rows of its innermost dimension, dequantized by the gguf library."""
         import gguf
 
-        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        return values.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists dims innermost first
+        rows = self._bytes[t.offset : t.offset + t.nbytes].reshape(math.prod(t.shape[:-1]), -1)
+        values = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(t.type))
+        return values.astype(np.float32, copy=False).reshape(t.shape)
 
     def get(self, name: str) -> torch.Tensor:
         values = self._dequantize(self._tensors[self.native_name(name)])
@@ -172,6 +169,46 @@ def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
     undo it so the weights match HF's rotate-half RoPE."""
     half = w.shape[0] // heads // 2
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _quant_name(qtype: int) -> str:
+    import gguf
+
+    return gguf.GGMLQuantizationType(qtype).name.lower()
+
+
+def _gguf_index(path: Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
+    """The file's metadata and tensor table. The gguf library's reader takes seconds on a file
+    with a large vocabulary (every stage that starts would pay it), so what it finds is kept
+    beside the model cache, keyed by the file's path, size and modification time."""
+    import gguf
+
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    cached = cache_dir() / "gguf-index" / f"{key}.json"
+    if cached.is_file():
+        index = json.loads(cached.read_text())
+        return index["metadata"], {name: GGUFTensor(t[0], tuple(t[1]), t[2], t[3])
+                                   for name, t in index["tensors"].items()}
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as e:  # the gguf library raises many kinds on bad input
+        raise ShardwiseError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+            "it may be truncated or corrupt: download it again"
+        ) from None
+    tensors = {t.name: GGUFTensor(int(t.tensor_type), tuple(int(d) for d in reversed(t.shape)),  # GGUF: innermost first
+                                  int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
+    end = max((t.offset + t.nbytes for t in tensors.values()), default=0)
+    if end > stat.st_size:
+        raise ShardwiseError(f"{path} is truncated ({stat.st_size} bytes, its tensors need {end}): download it again")
+    metadata = _gguf_metadata(reader)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(f".{os.getpid()}.tmp")  # stages may write it at once: replace atomically
+    partial.write_text(json.dumps({"metadata": metadata, "tensors": {
+        name: [t.type, list(t.shape), t.offset, t.nbytes] for name, t in tensors.items()}}))
+    partial.replace(cached)
+    return metadata, tensors
 
 
 def _gguf_metadata(reader: Any) -> dict[str, Any]:
