@@ -85,6 +85,8 @@ def serve(
     = 32768,
     stage_timeout: Annotated[float, typer.Option(help="Seconds without an answer before a stage counts as lost.")]
     = 60.0,
+    spare_stages: Annotated[bool, typer.Option(help="Keep a warm, empty stage process per node: a lost stage "
+                                                    "is replaced in a fraction of the time.")] = True,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (continuous batching, chunked prefill)."""
     try:
@@ -96,7 +98,7 @@ def serve(
                                  "and --stage-timeout positive")
         llm = LLM(model, stages=stages, plan=plan, address=address, device=device, dtype=dtype, threads=threads,
                   max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens,
-                  stage_timeout=stage_timeout)
+                  stage_timeout=stage_timeout, spare_stages=spare_stages)
         where = f"{stages} stages" if stages else (f"plan {plan}" if plan else "one process")
         run_server(llm, host=host, port=port, api_key=api_key, on_ready=lambda: typer.echo(
             f"serving {llm.name} ({where}) at http://{host}:{port}/v1", err=True))

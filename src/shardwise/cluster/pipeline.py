@@ -8,9 +8,10 @@ gain nothing from overlapping (they would only split its cores and re-read all
 weights per smaller micro-batch), so they take turns with all of it instead.
 
 A stage that dies (its actor or node) or answers nothing for stage_timeout seconds
-surfaces as a StageFailure; recover() then starts a fresh actor with its layers (on its
-node if that lives, else on the surviving node with the most memory free) and clears
-every other stage's sequences, for the scheduler to replay.
+surfaces as a StageFailure; recover() then loads its layers into a fresh actor (on its
+node if that lives, else on the surviving node with the most memory free; with spares,
+into the warm spare kept on that node) and clears every other stage's sequences, for
+the scheduler to replay.
 """
 
 from __future__ import annotations
@@ -39,16 +40,18 @@ STAGE_TIMEOUT_S = 60.0  # a step or a ping unanswered this long means the stage 
 class Pipeline:
     def __init__(self, model_path: Path, spec: ModelSpec, plan: Plan, *, dtype: str | None = None,
                  address: str | None = None, kv_tokens: int = DEFAULT_KV_TOKENS, micro_batches: int | None = None,
-                 stage_timeout: float = STAGE_TIMEOUT_S):
+                 stage_timeout: float = STAGE_TIMEOUT_S, spares: bool = False):
         plan.check_layers(spec)
         self.model_path, self.spec, self.plan, self.dtype = model_path, spec, plan, dtype
         self.kv_tokens, self.stage_timeout = kv_tokens, stage_timeout
+        self.use_spares, self.spares = spares, {}  # node id -> an empty, warm StageActor
         self._owns_ray = join(address, instead="run locally")
         try:
             self.nodes = self._place(plan)
             self._check_memory()
             self.stages = [self._start(i) for i in range(len(plan.stages))]
             self.pids, self.node_ids = map(list, zip(*_get([s.ready.remote() for s in self.stages]), strict=True))
+            self._keep_spares()
         except BaseException:
             self.close()
             raise
@@ -68,11 +71,23 @@ class Pipeline:
         self._threads = [(s.threads or self._cores(n), s.threads or self._share(n, nodes))
                          for s, n in zip(plan.stages, nodes, strict=True)]
 
+    def _load_args(self, i: int) -> tuple:
+        stage = self.plan.stages[i]
+        return str(self.model_path), stage.layers, stage.device, self.dtype
+
     def _start(self, i: int) -> Any:
-        stage, node = self.plan.stages[i], self.nodes[i]
-        return (StageActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
-                                   runtime_env=STAGE_ENV)
-                .remote(str(self.model_path), stage.layers, stage.device, self.dtype))
+        return self._actor_on(self.nodes[i]).remote(*self._load_args(i))
+
+    @staticmethod
+    def _actor_on(node: dict[str, Any]) -> Any:
+        return StageActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+                                  runtime_env=STAGE_ENV)
+
+    def _keep_spares(self) -> None:
+        """With spares: one warm, empty actor on each node that holds stages (started, not awaited)."""
+        for node in self.nodes if self.use_spares else []:
+            if node["NodeID"] not in self.spares:
+                self.spares[node["NodeID"]] = self._actor_on(node).remote()
 
     @staticmethod
     def _place(plan: Plan) -> list[dict[str, Any]]:
@@ -143,21 +158,24 @@ class Pipeline:
         lost = self._lost_stages(self._steps.get(failure.step, []), failure.hung)
         self._steps.clear()
         alive = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+        loading = []
         for i in lost:
             ray.kill(self.stages[i], no_restart=True)
             if self.nodes[i]["NodeID"] not in alive:
                 self.nodes[i] = self._new_home(i, alive)
                 self._check_memory()
-            self.stages[i] = self._start(i)
+            spare = self.spares.pop(self.nodes[i]["NodeID"], None)
+            self.stages[i] = spare or self._start(i)
+            loading.append(spare.load.remote(*self._load_args(i)) if spare else self.stages[i].ready.remote())
         survivors = [s for i, s in enumerate(self.stages) if i not in lost]
         try:
-            ready = _get([self.stages[i].ready.remote() for i in lost] + [s.reset.remote() for s in survivors],
-                         timeout=max(self.stage_timeout, 300.0))
+            ready = _get(loading + [s.reset.remote() for s in survivors], timeout=max(self.stage_timeout, 300.0))
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
             raise ShardwiseError(f"a replacement pipeline stage failed to start ({type(e).__name__}): "
                                  "the node may be out of memory; check `ray status`") from None
         for i, (pid, node_id) in zip(lost, ready, strict=False):
             self.pids[i], self.node_ids[i] = pid, node_id
+        self._keep_spares()
         return lost
 
     def _lost_stages(self, refs: list[ray.ObjectRef], hung: bool) -> list[int]:
@@ -196,9 +214,9 @@ class Pipeline:
         return _get([s.kv_stats.remote() for s in self.stages])
 
     def close(self) -> None:
-        for stage in getattr(self, "stages", []):
-            ray.kill(stage)
-        self.stages = []
+        for actor in [*getattr(self, "stages", []), *getattr(self, "spares", {}).values()]:
+            ray.kill(actor)
+        self.stages, self.spares = [], {}
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
 

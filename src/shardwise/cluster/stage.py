@@ -17,9 +17,19 @@ from shardwise.model.weights import open_weights
 
 @ray.remote(num_cpus=0)  # threads are set per stage by the plan, not by Ray's CPU accounting
 class StageActor:
-    def __init__(self, model_path: str, layers: tuple[int, int], device: str, dtype: str | None):
+    """Started with its layers, or empty: a warm spare (process up, libraries imported) that
+    load()s a lost stage's layers in a fraction of a fresh actor's start."""
+
+    def __init__(self, model_path: str | None = None, layers: tuple[int, int] = (0, 0), device: str = "cpu",
+                 dtype: str | None = None):
+        self.worker = None
+        if model_path is not None:
+            self.load(model_path, layers, device, dtype)
+
+    def load(self, model_path: str, layers: tuple[int, int], device: str, dtype: str | None) -> tuple[int, str]:
         weights = open_weights(Path(model_path))  # memory-mapped: only this stage's tensors are read
         self.worker = Worker(ShardModel(weights.spec, layers, weights=weights, device=device, dtype=dtype))
+        return self.ready()
 
     def ready(self) -> tuple[int, str]:
         """Once loaded: this actor's process id and Ray node id."""

@@ -36,12 +36,14 @@ class LLM:
     max_num_seqs sequences run at once, each step holds at most max_batch_tokens tokens, and
     kv_tokens is the KV cache (in tokens) that running sequences may reserve; the rest queue.
     A pipeline stage that dies or answers nothing for stage_timeout seconds is replaced and
-    the running sequences replayed: generation pauses, and carries on unchanged."""
+    the running sequences replayed: generation pauses, and carries on unchanged. spare_stages
+    keeps a warm empty stage process on each node, so that the replacement only loads layers."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, stages: int | None = None, plan: Plan | str | None = None,
                  address: str | None = None, micro_batches: int | None = None, device: str = "cpu",
                  dtype: str | None = None, threads: int | None = None, max_num_seqs: int = 32,
-                 max_batch_tokens: int = 512, kv_tokens: int = DEFAULT_KV_TOKENS, stage_timeout: float = 60.0):
+                 max_batch_tokens: int = 512, kv_tokens: int = DEFAULT_KV_TOKENS, stage_timeout: float = 60.0,
+                 spare_stages: bool = False):
         if threads:
             torch.set_num_threads(threads)
         path = resolve(model)
@@ -61,7 +63,7 @@ class LLM:
             from shardwise.cluster.pipeline import Pipeline  # Ray is imported only for pipelines
 
             self.executor = Pipeline(path, self.spec, plan, dtype=dtype, address=address, kv_tokens=kv_tokens,
-                                     micro_batches=micro_batches, stage_timeout=stage_timeout)
+                                     micro_batches=micro_batches, stage_timeout=stage_timeout, spares=spare_stages)
         self.name = path.stem if Path(model).exists() else str(model)  # what the server calls it
         self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=max_batch_tokens, kv_capacity=kv_tokens)
