@@ -23,36 +23,17 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
 import httpx
 from report import print_ratio_table
+from server import start_server
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a land far away,",
            "1, 2, 3, 4,", "The three laws of motion are", "Dear diary, today", "import numpy as np\n",
            "A recipe for pancakes:"]
-
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "shardwise.cli", "serve", "--port", str(port),
-                               "--stages", "3"], stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    server.kill()
-    raise SystemExit("the server did not start")
 
 
 async def stream(url: str, prompt: str, max_tokens: int, arrivals: list[float]) -> None:
@@ -102,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     pauses, restart_pauses, before, after, restart_after = [], [], [], [], []
     for r in range(args.rounds):  # the two sides take turns, so the machine's drift hits both alike
-        server, url = start_server()
+        server, url = start_server("--stages", "3")
         try:
             asyncio.run(load(url, args.concurrency, args.max_tokens))  # warm-up
             arrivals, killed = asyncio.run(load(url, args.concurrency, args.max_tokens, kill_stage=r % 3))
@@ -116,7 +97,7 @@ def main() -> None:
         seen = sum(t <= killed for t in arrivals)  # tokens the clients had when the engine died
         # the peer: a fresh server, the requests resent; its tokens count once past what was seen
         start = time.perf_counter()
-        server, url = start_server()
+        server, url = start_server("--stages", "3")
         try:
             again, _ = asyncio.run(load(url, args.concurrency, args.max_tokens))
         finally:

@@ -16,40 +16,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
-import httpx
 import torch
 from report import print_ratio_table
+from server import start_server
 
 from shardwise.bench.load import run_load
 from shardwise.bench.workload import BenchRequest, sharegpt_like
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "shardwise.cli", "serve", "--port", str(port),
-                               "--threads", str(threads)], stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.kill()
-    raise SystemExit("the server did not start")
 
 
 def hf_batches(model, work: list[BenchRequest], batch: int) -> int:
@@ -88,7 +64,7 @@ def main() -> None:
     logging.disable_progress_bar()
     path = resolve(DEFAULT_MODEL)
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    server, url = start_server(args.threads)
+    server, url = start_server("--threads", str(args.threads))
     try:
         rows = []
         for c in (int(x) for x in args.concurrency.split(",")):
