@@ -19,7 +19,7 @@ from tests.conftest import TEXT_PROMPTS, running_server
 
 MODEL = "smollm2-135m"
 REQUESTS = 16
-MAX_TOKENS = 40
+MAX_TOKENS = 32
 STAGE_TIMEOUT = 8  # seconds: a frozen stage is noticed this long after its last answer
 
 

@@ -79,7 +79,8 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                 link = link_from_round_trips(small, large, f"{names[i]}->{names[j]}")
                 if address is None:
                     progress("the hop between real pipeline stages")
-                    link = replace(link, latency=stage_hop_latency(model, device, rounds=3 if quick else 7))
+                    fewer = {"new": 9, "rounds": 2} if quick else {}
+                    link = replace(link, latency=stage_hop_latency(model, device, **fewer))
                 links.append({"from": names[i], "to": names[j], **link.to_dict()})
         return {"devices": devices, "links": links}
     finally:
