@@ -29,3 +29,4 @@ bench: setup
 	$(BIN)/python benchmarks/estimate_vs_measured.py
 	$(BIN)/python benchmarks/planner.py
 	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/recovery.py

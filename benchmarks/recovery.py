@@ -68,8 +68,9 @@ async def load(url: str, concurrency: int, max_tokens: int, kill_stage: int | No
 
 
 def rates(arrivals: list[float], at: float, window: float) -> tuple[float, float]:
-    """Tokens/s over the window before `at` and over the window after it."""
-    before = sum(at - window <= t < at for t in arrivals) / window
+    """Tokens/s over the window before `at` (from the first token at most) and the window after it."""
+    start = max(at - window, arrivals[0])
+    before = sum(start <= t < at for t in arrivals) / max(at - start, 1e-9)
     after = sum(at <= t < at + window for t in arrivals) / window
     return before, after
 
@@ -111,7 +112,7 @@ def main() -> None:
     med = statistics.median
     rows = [("pause: kill -> next new token (s)", med(pauses), med(restart_pauses), med(restart_pauses) / med(pauses)),
             (f"tok/s in the {args.window:.0f} s after the kill", med(after), med(restart_after),
-             med(after) / max(med(restart_after), 1e-9)),
+             med(after) / med(restart_after) if med(restart_after) else float("inf")),
             ("tok/s before the kill", med(before), med(before), 1.0)]
     print_ratio_table(f"Losing 1 of 3 local stages under {args.concurrency} streams of {args.max_tokens} tokens "
                       f"(SmolLM2-135M, {os.cpu_count()} cores), medians of {args.rounds}", ("shardwise", "restart"),

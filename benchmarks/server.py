@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -15,10 +16,11 @@ def start_server(*args: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = tempfile.NamedTemporaryFile("w+", prefix="shardwise-serve-", suffix=".log", delete=False)
     server = subprocess.Popen([sys.executable, "-m", "shardwise.cli", "serve", "--port", str(port), *args],
-                              stderr=subprocess.DEVNULL)
+                              stderr=log)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
+    for _ in range(3000):
         try:
             if httpx.get(f"{url}/health").status_code == 200:
                 return server, url
@@ -26,4 +28,4 @@ def start_server(*args: str) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.1)
     server.kill()
-    raise SystemExit("the server did not start")
+    raise SystemExit(f"the server did not start in 300 s; its log, {log.name}:\n{open(log.name).read()[-3000:]}")
