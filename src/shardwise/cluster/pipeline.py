@@ -9,7 +9,7 @@ weights per smaller micro-batch), so they take turns with all of it instead.
 
 A stage that dies (its actor or node) or answers nothing for stage_timeout seconds
 surfaces as a StageFailure; recover() then loads its layers into a fresh actor (on its
-node if that lives, else on the surviving node with the most memory free; with spares,
+node if that lives, else on the surviving node with the most memory per stage; with spares,
 into the warm spare kept on that node) and clears every other stage's sequences, for
 the scheduler to replay.
 """
@@ -34,7 +34,7 @@ from shardwise.model.spec import ModelSpec
 # Stages on one node take turns on its cores. OpenMP threads spin only briefly before
 # sleeping: hot between the ops of a step, out of the way while another stage computes.
 STAGE_ENV = {"env_vars": {"GOMP_SPINCOUNT": "20000"}}
-STAGE_TIMEOUT_S = 60.0  # a step or a ping unanswered this long means the stage hangs
+STAGE_TIMEOUT_S = 60.0  # no step finishing for this long means a stage hangs
 
 
 class Pipeline:
@@ -201,7 +201,7 @@ class Pipeline:
         return sorted(lost)
 
     def _new_home(self, i: int, alive: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """A surviving node for stage i, whose node died: the one with the most memory free."""
+        """A surviving node for stage i, whose node died: the most memory per stage it would hold."""
         if not alive:
             raise ShardwiseError(f"stage {i}'s node died and no Ray node is left to take its layers")
         held = {n["NodeID"]: 0 for n in alive.values()}
