@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from shardwise.cluster.plan import STAGE_TIMEOUT_S
 from shardwise.errors import ShardwiseError
 from shardwise.model.registry import DEFAULT_MODEL
 
@@ -84,7 +85,7 @@ def serve(
     kv_tokens: Annotated[int, typer.Option(help="KV cache, in tokens, that running requests may reserve.")]
     = 32768,
     stage_timeout: Annotated[float, typer.Option(help="Seconds without an answer before a stage counts as lost.")]
-    = 60.0,
+    = STAGE_TIMEOUT_S,
     spare_stages: Annotated[bool, typer.Option(help="Keep a warm, empty stage process per node: a lost stage "
                                                     "is replaced in a fraction of the time.")] = True,
 ) -> None:

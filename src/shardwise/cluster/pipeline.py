@@ -23,7 +23,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from shardwise.cluster.plan import DEFAULT_KV_TOKENS, Plan
+from shardwise.cluster.plan import DEFAULT_KV_TOKENS, STAGE_TIMEOUT_S, Plan
 from shardwise.cluster.ray_session import join
 from shardwise.cluster.stage import StageActor
 from shardwise.engine.sampling import SamplingParams
@@ -34,7 +34,6 @@ from shardwise.model.spec import ModelSpec
 # Stages on one node take turns on its cores. OpenMP threads spin only briefly before
 # sleeping: hot between the ops of a step, out of the way while another stage computes.
 STAGE_ENV = {"env_vars": {"GOMP_SPINCOUNT": "20000"}}
-STAGE_TIMEOUT_S = 60.0  # no step finishing for this long means a stage hangs
 
 
 class Pipeline:
@@ -49,6 +48,7 @@ class Pipeline:
         try:
             self.nodes = self._place(plan)
             self._check_memory()
+            self._set_threads()
             self.stages = [self._start(i) for i in range(len(plan.stages))]
             self.pids, self.node_ids = map(list, zip(*_get([s.ready.remote() for s in self.stages]), strict=True))
             self._keep_spares()
@@ -61,15 +61,17 @@ class Pipeline:
         self._steps: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}  # in flight: last ref -> every stage's
 
     def _check_memory(self) -> None:
-        """Each node holds its stages' weights and KV (a ShardwiseError if not); sets each stage's
-        threads: alone on its node's cores, or sharing them when steps overlap."""
+        """Each node holds its stages' weights and KV (a ShardwiseError if not)."""
         plan, nodes = self.plan, self.nodes
         dtypes = [self.dtype or ("bfloat16" if s.device.startswith("cuda") else "float32") for s in plan.stages]
         where = [f"{n['NodeManagerAddress']}/{s.device}" for n, s in zip(nodes, plan.stages, strict=True)]
         capacity = {f"{n['NodeManagerAddress']}/cpu": int(n["Resources"].get("memory", 0)) for n in nodes}
         plan.check_memory(self.spec, dtypes, where, capacity, self.kv_tokens)
-        self._threads = [(s.threads or self._cores(n), s.threads or self._share(n, nodes))
-                         for s, n in zip(plan.stages, nodes, strict=True)]
+
+    def _set_threads(self) -> None:
+        """Each stage's threads: alone on its node's cores, or sharing them when steps overlap."""
+        self._threads = [(s.threads or self._cores(n), s.threads or self._share(n, self.nodes))
+                         for s, n in zip(self.plan.stages, self.nodes, strict=True)]
 
     def _load_args(self, i: int) -> tuple:
         stage = self.plan.stages[i]
@@ -164,6 +166,7 @@ class Pipeline:
             if self.nodes[i]["NodeID"] not in alive:
                 self.nodes[i] = self._new_home(i, alive)
                 self._check_memory()
+                self._set_threads()
             spare = self.spares.pop(self.nodes[i]["NodeID"], None)
             self.stages[i] = spare or self._start(i)
             loading.append(spare.load.remote(*self._load_args(i)) if spare else self.stages[i].ready.remote())

@@ -18,6 +18,7 @@ from shardwise.model.spec import ModelSpec
 from shardwise.perf.hardware import dtype_bytes
 
 DEFAULT_KV_TOKENS = 16384  # KV budget each stage must fit besides its weights
+STAGE_TIMEOUT_S = 60.0  # no pipeline step finishing for this long means a stage hangs
 
 
 @dataclass(frozen=True)

@@ -37,5 +37,8 @@ class LocalExecutor:
     def result(self, handle: Any) -> Sampled:
         return handle
 
+    def describe(self) -> list[dict[str, Any]]:
+        return []  # no pipeline stages
+
     def close(self) -> None:
         self.worker = self.shard = None

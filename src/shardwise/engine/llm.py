@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from shardwise.cluster.plan import DEFAULT_KV_TOKENS, Plan
+from shardwise.cluster.plan import DEFAULT_KV_TOKENS, STAGE_TIMEOUT_S, Plan
 from shardwise.engine.executor import LocalExecutor
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.scheduler import RequestOutput, Scheduler, Sequence
@@ -42,8 +42,8 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, *, stages: int | None = None, plan: Plan | str | None = None,
                  address: str | None = None, micro_batches: int | None = None, device: str = "cpu",
                  dtype: str | None = None, threads: int | None = None, max_num_seqs: int = 32,
-                 max_batch_tokens: int = 512, kv_tokens: int = DEFAULT_KV_TOKENS, stage_timeout: float = 60.0,
-                 spare_stages: bool = False):
+                 max_batch_tokens: int = 512, kv_tokens: int = DEFAULT_KV_TOKENS,
+                 stage_timeout: float = STAGE_TIMEOUT_S, spare_stages: bool = False):
         if threads:
             torch.set_num_threads(threads)
         path = resolve(model)
@@ -135,7 +135,7 @@ class LLM:
 
     def stages(self) -> list[dict[str, Any]]:
         """Where each pipeline stage runs now (layers, Ray node, process id); [] in one process."""
-        return self.executor.describe() if hasattr(self.executor, "describe") else []
+        return self.executor.describe()
 
     def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """A sequence for the scheduler (the server adds it from its engine thread)."""

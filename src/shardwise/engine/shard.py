@@ -63,6 +63,8 @@ class ShardModel:
             return weights.require(name).to(self.device, self.dtype)
 
         self.embed = load("embed.weight") if self.is_first else None
+        # Gemma scales embeddings by sqrt(hidden), in the residual dtype
+        self.embed_scale = torch.tensor(spec.hidden_size**0.5, dtype=self.dtype) if spec.scale_embeddings else None
         self.blocks = [Block(spec, i, self._layer_tensors(weights, i, load)) for i in range(start, end)]
         if self.is_last:
             self.norm = load("norm.weight")
@@ -113,8 +115,8 @@ class ShardModel:
         x = inputs.to(self.device)
         if self.is_first:
             x = F.embedding(x, self.embed)
-            if self.spec.scale_embeddings:  # in the residual dtype, as Gemma does
-                x = x * torch.tensor(self.spec.hidden_size**0.5, dtype=x.dtype)
+            if self.embed_scale is not None:
+                x = x * self.embed_scale
         else:
             x = x.to(self.dtype)
         for layer, block in enumerate(self.blocks):

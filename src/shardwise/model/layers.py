@@ -171,7 +171,7 @@ class SparseMoE:
         order = experts.view(-1).argsort()  # token-expert pairs grouped by expert
         counts = torch.bincount(experts.view(-1), minlength=len(self.router)).tolist()
         out = torch.zeros_like(x)
-        for expert, pairs in zip(range(len(counts)), order.split(counts), strict=True):
+        for expert, pairs in enumerate(order.split(counts)):
             if not len(pairs):
                 continue
             tokens = pairs // self.top_k

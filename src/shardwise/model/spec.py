@@ -162,7 +162,7 @@ class ModelSpec:
             "activation": c.get("hidden_activation") or c.get("hidden_act"),
             "attention_bias": c.get("attention_bias"),
             "sliding_window": window,
-            "global_every": _global_every(c.get("layer_types"), c.get("sliding_window_pattern")) if window else 0,
+            "global_every": _global_every(c.get("layer_types"), c.get("sliding_window_pattern")) if window else None,
             "query_scale": c.get("query_pre_attn_scalar"),
             "attn_softcap": c.get("attn_logit_softcapping"),
             "final_softcap": c.get("final_logit_softcapping"),
@@ -212,10 +212,9 @@ class ModelSpec:
             "norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             "tie_embeddings": tie_embeddings,
             "sliding_window": window,
-            "global_every": _gguf_global_every(get("attention.sliding_window_pattern")) if window else 0,
+            "global_every": _gguf_global_every(get("attention.sliding_window_pattern")) if window else None,
             "rope_local_theta": get("rope.freq_base_swa"),
-            "query_scale": get("attention.query_pre_attn_scalar") or _llama_cpp_query_scale(arch, hidden, heads,
-                                                                                         head_dim, get),
+            "query_scale": get("attention.query_pre_attn_scalar") or _llama_cpp_query_scale(arch, hidden, heads, get),
             "attn_softcap": get("attn_logit_softcapping"),
             "final_softcap": get("final_logit_softcapping"),
             "num_experts": experts,
@@ -229,8 +228,6 @@ class ModelSpec:
     def _with_defaults(cls, arch: str, found: dict[str, Any]) -> ModelSpec:
         """What the file says, over what its architecture implies, over the field defaults."""
         given = {k: v for k, v in found.items() if v is not None}
-        if not given.get("sliding_window"):
-            given.pop("global_every", None)
         return cls(**{**ARCHITECTURE_DEFAULTS.get(arch, {}), **given})
 
 
@@ -272,7 +269,7 @@ def _gguf_global_every(pattern: int | list[bool] | None) -> int | None:
     return pattern
 
 
-def _llama_cpp_query_scale(arch: str, hidden: int, heads: int, head_dim: int, get) -> float | None:
+def _llama_cpp_query_scale(arch: str, hidden: int, heads: int, get) -> float | None:
     """GGUF has no key for Gemma's query_pre_attn_scalar: llama.cpp uses hidden / heads for
     the 27B models (46 and 62 layers) and head_dim for the others."""
     if arch in ("gemma2", "gemma3") and get("block_count") in (46, 62):
