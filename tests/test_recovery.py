@@ -1,7 +1,8 @@
 """Losing a pipeline stage mid-generation: a real `shardwise serve` on 3 local Ray stages,
 16 concurrent streaming requests through the official openai client, and a stage actor's
 process SIGKILLed (or frozen with SIGSTOP) while they stream. Every request must finish
-with exactly the text of an undisturbed run: nothing duplicated, nothing missing."""
+with exactly the text of an undisturbed run: nothing duplicated, nothing missing. And a
+whole Ray node killed: the planner re-places its layers, or the requests fail clearly."""
 
 from __future__ import annotations
 
@@ -101,3 +102,15 @@ def test_a_frozen_stage_is_noticed_by_the_timeout_and_replaced(server, undisturb
     now = stage_pids(server)
     assert now[1] != pids[1] and (now[0], now[2]) == (pids[0], pids[2])  # only the frozen stage was replaced
     assert time.perf_counter() - started > STAGE_TIMEOUT
+
+
+def test_a_dead_node_is_planned_around_or_fails_clearly(tmp_path):
+    """A whole node killed mid-generation (two real Ray nodes): the planner puts its layers on the
+    node left and the outputs are unchanged; where they no longer fit, a clear error, no hang."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("node_death_check.py")
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=400)
+    assert result.stdout.strip().endswith("PASS"), result.stdout + result.stderr[-3000:]

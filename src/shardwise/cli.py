@@ -40,6 +40,9 @@ def generate(
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Send the prompt as raw text.")] = False,
     stages: Annotated[int | None, typer.Option(help="Split the model evenly over N local Ray stages.")] = None,
     plan: Annotated[str | None, typer.Option(help="A plan JSON file: which layers run where.")] = None,
+    cluster: Annotated[str | None, typer.Option(help="A cluster file (as `shardwise plan` reads): the planner "
+                                                     "places the stages, and re-plans if a node dies.")] = None,
+    objective: Annotated[str, typer.Option(help="What --cluster plans for: latency or throughput.")] = "latency",
     address: Annotated[str | None, typer.Option(help="Join a running Ray cluster ('auto' or host:port).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: the device's best.")] = None,
@@ -51,7 +54,8 @@ def generate(
         from shardwise.engine.sampling import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        llm = LLM(model, stages=stages, plan=plan, address=address, device=device, dtype=dtype, threads=threads)
+        llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
+                  device=device, dtype=dtype, threads=threads)
         request = prompt if no_chat else [{"role": "user", "content": prompt}]
         try:
             for piece, output in llm.stream_outputs(request, params):  # noqa: B007 (used after the loop)
@@ -71,6 +75,9 @@ def serve(
     model: Annotated[str, typer.Option(help="Model name, .gguf file or HF model directory.")] = DEFAULT_MODEL,
     stages: Annotated[int | None, typer.Option(help="Split the model evenly over N local Ray stages.")] = None,
     plan: Annotated[str | None, typer.Option(help="A plan JSON file: which layers run where.")] = None,
+    cluster: Annotated[str | None, typer.Option(help="A cluster file (as `shardwise plan` reads): the planner "
+                                                     "places the stages, and re-plans if a node dies.")] = None,
+    objective: Annotated[str, typer.Option(help="What --cluster plans for: latency or throughput.")] = "throughput",
     address: Annotated[str | None, typer.Option(help="Join a running Ray cluster ('auto' or host:port).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -97,10 +104,11 @@ def serve(
         if min(max_num_seqs, max_batch_tokens, kv_tokens) < 1 or stage_timeout <= 0:
             raise ShardwiseError("--max-num-seqs, --max-batch-tokens and --kv-tokens must each be at least 1, "
                                  "and --stage-timeout positive")
-        llm = LLM(model, stages=stages, plan=plan, address=address, device=device, dtype=dtype, threads=threads,
-                  max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens,
-                  stage_timeout=stage_timeout, spare_stages=spare_stages)
-        where = f"{stages} stages" if stages else (f"plan {plan}" if plan else "one process")
+        llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
+                  device=device, dtype=dtype, threads=threads, max_num_seqs=max_num_seqs,
+                  max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens, stage_timeout=stage_timeout,
+                  spare_stages=spare_stages)
+        where = f"{len(llm.stages())} stages" if llm.stages() else "one process"
         run_server(llm, host=host, port=port, api_key=api_key, on_ready=lambda: typer.echo(
             f"serving {llm.name} ({where}) at http://{host}:{port}/v1", err=True))
     except ShardwiseError as e:

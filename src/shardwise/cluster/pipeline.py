@@ -8,15 +8,17 @@ gain nothing from overlapping (they would only split its cores and re-read all
 weights per smaller micro-batch), so they take turns with all of it instead.
 
 A stage that dies (its actor or node) or answers nothing for stage_timeout seconds
-surfaces as a StageFailure; recover() then loads its layers into a fresh actor (on its
-node if that lives, else on the surviving node with the most memory per stage; with spares,
-into the warm spare kept on that node) and clears every other stage's sequences, for
-the scheduler to replay.
+surfaces as a StageFailure; recover() then loads its layers into a fresh actor on its
+node (with spares, into the warm spare kept there) and clears every other stage's
+sequences, for the scheduler to replay. If a node died, the planner splits the model
+anew over the devices left (those of the cluster file the plan came from, or else the
+surviving Ray nodes) and every stage restarts under that plan.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.worker import Sampled
 from shardwise.errors import ShardwiseError, StageFailure
 from shardwise.model.spec import ModelSpec
+from shardwise.planner.cluster import Cluster, plan_cluster
 
 # Stages on one node take turns on its cores. OpenMP threads spin only briefly before
 # sleeping: hot between the ops of a step, out of the way while another stage computes.
@@ -39,26 +42,32 @@ STAGE_ENV = {"env_vars": {"GOMP_SPINCOUNT": "20000"}}
 class Pipeline:
     def __init__(self, model_path: Path, spec: ModelSpec, plan: Plan, *, dtype: str | None = None,
                  address: str | None = None, kv_tokens: int = DEFAULT_KV_TOKENS, micro_batches: int | None = None,
-                 stage_timeout: float = STAGE_TIMEOUT_S, spares: bool = False):
-        plan.check_layers(spec)
-        self.model_path, self.spec, self.plan, self.dtype = model_path, spec, plan, dtype
+                 stage_timeout: float = STAGE_TIMEOUT_S, spares: bool = False, cluster: Cluster | None = None,
+                 objective: str = "throughput"):
+        self.model_path, self.spec, self.dtype = model_path, spec, dtype
         self.kv_tokens, self.stage_timeout = kv_tokens, stage_timeout
+        self.cluster, self.objective = cluster, objective  # what a re-plan after a node's death splits over
         self.use_spares, self.spares = spares, {}  # node id -> an empty, warm StageActor
+        self.stages = []
         self._owns_ray = join(address, instead="run locally")
         try:
-            self.nodes = self._place(plan)
-            self._check_memory()
-            self._set_threads()
-            self.stages = [self._start(i) for i in range(len(plan.stages))]
-            self.pids, self.node_ids = map(list, zip(*_get([s.ready.remote() for s in self.stages]), strict=True))
-            self._keep_spares()
+            self._start_plan(plan)
         except BaseException:
             self.close()
             raise
-        resources = {(n["NodeID"], s.device if s.device.startswith("cuda") else "cpu")
-                     for s, n in zip(plan.stages, self.nodes, strict=True)}
-        self.parallelism = micro_batches or len(resources)
+        self.parallelism = micro_batches or len({(n["NodeID"], s.device if s.device.startswith("cuda") else "cpu")
+                                                 for s, n in zip(plan.stages, self.nodes, strict=True)})
         self._steps: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}  # in flight: last ref -> every stage's
+
+    def _start_plan(self, plan: Plan) -> None:
+        """Place, check and start every stage of `plan` (into warm spares where there are some)."""
+        plan.check_layers(self.spec)
+        self.plan, self.nodes = plan, self._place(plan)
+        self._check_memory()
+        self._set_threads()
+        n = len(plan.stages)
+        self.stages, self.pids, self.node_ids = [None] * n, [None] * n, [None] * n
+        self._launch(list(range(n)))
 
     def _check_memory(self) -> None:
         """Each node holds its stages' weights and KV (a ShardwiseError if not)."""
@@ -77,8 +86,23 @@ class Pipeline:
         stage = self.plan.stages[i]
         return str(self.model_path), stage.layers, stage.device, self.dtype
 
-    def _start(self, i: int) -> Any:
-        return self._actor_on(self.nodes[i]).remote(*self._load_args(i))
+    def _launch(self, indices: list[int]) -> None:
+        """Start stages `indices` on their nodes, each into the warm spare there if there is one,
+        while every other stage forgets its sequences; return once all are done."""
+        loading = []
+        for i in indices:
+            spare = self.spares.pop(self.nodes[i]["NodeID"], None)
+            self.stages[i] = spare or self._actor_on(self.nodes[i]).remote(*self._load_args(i))
+            loading.append(spare.load.remote(*self._load_args(i)) if spare else self.stages[i].ready.remote())
+        others = [s.reset.remote() for i, s in enumerate(self.stages) if i not in indices]
+        try:
+            ready = _get(loading + others, timeout=max(self.stage_timeout, 300.0))
+        except ray.exceptions.GetTimeoutError:
+            raise ShardwiseError("pipeline stages did not start in 5 minutes: a node may be out of memory or "
+                                 "gone; check `ray status`") from None
+        for i, (pid, node_id) in zip(indices, ready, strict=False):
+            self.pids[i], self.node_ids[i] = pid, node_id
+        self._keep_spares()
 
     @staticmethod
     def _actor_on(node: dict[str, Any]) -> Any:
@@ -156,30 +180,50 @@ class Pipeline:
     # --- recovery -------------------------------------------------------------------------------
     def recover(self, failure: StageFailure) -> list[int]:
         """Replace the stages that died or hang, and clear the sequences of the rest (their KV
-        also holds the steps that were in flight). Returns the replaced stages' indices."""
+        also holds the steps that were in flight): on the same nodes while those live, else
+        under a new plan. Returns the indices of the stages started afresh."""
         lost = self._lost_stages(self._steps.get(failure.step, []), failure.hung)
         self._steps.clear()
-        alive = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
-        loading = []
-        for i in lost:
-            ray.kill(self.stages[i], no_restart=True)
-            if self.nodes[i]["NodeID"] not in alive:
-                self.nodes[i] = self._new_home(i, alive)
-                self._check_memory()
-                self._set_threads()
-            spare = self.spares.pop(self.nodes[i]["NodeID"], None)
-            self.stages[i] = spare or self._start(i)
-            loading.append(spare.load.remote(*self._load_args(i)) if spare else self.stages[i].ready.remote())
-        survivors = [s for i, s in enumerate(self.stages) if i not in lost]
+        if self._nodes_alive():
+            for i in lost:
+                ray.kill(self.stages[i], no_restart=True)
+            try:
+                self._launch(lost)
+                return lost
+            except ray.exceptions.RayError as e:
+                if self._nodes_alive(wait=self.stage_timeout):  # not a dying node: the replacement fails
+                    raise ShardwiseError(f"a replacement pipeline stage failed to start ({type(e).__name__}): "
+                                         "the node may be out of memory; check `ray status`") from None
+        return self._replan()
+
+    def _nodes_alive(self, wait: float = 0.0) -> bool:
+        """Whether every stage's node lives; with `wait`, whether it still does after up to that
+        many seconds (a node whose processes vanished counts as dead only once Ray's health
+        checks say so)."""
+        deadline = time.monotonic() + wait
+        while True:
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            if any(n["NodeID"] not in alive for n in self.nodes):
+                return False
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.5)
+
+    def _replan(self) -> list[int]:
+        """A node died: the planner splits the model anew over the devices left, and every stage
+        starts afresh under its plan (a ShardwiseError saying what is short if nothing fits)."""
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        cluster = self.cluster.on_nodes(alive) if self.cluster else Cluster.of_ray_nodes(alive)
+        for actor in self.stages:
+            ray.kill(actor, no_restart=True)
+        live = {n["NodeID"] for n in alive}
+        self.spares = {node: spare for node, spare in self.spares.items() if node in live}
         try:
-            ready = _get(loading + [s.reset.remote() for s in survivors], timeout=max(self.stage_timeout, 300.0))
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
-            raise ShardwiseError(f"a replacement pipeline stage failed to start ({type(e).__name__}): "
-                                 "the node may be out of memory; check `ray status`") from None
-        for i, (pid, node_id) in zip(lost, ready, strict=False):
-            self.pids[i], self.node_ids[i] = pid, node_id
-        self._keep_spares()
-        return lost
+            plan, _ = plan_cluster(self.spec, cluster, self.objective, quant=self.dtype, kv_tokens=self.kv_tokens)
+        except ShardwiseError as e:
+            raise ShardwiseError(f"a node died and the model no longer fits on the nodes left: {e}") from None
+        self._start_plan(plan)
+        return list(range(len(plan.stages)))
 
     def _lost_stages(self, refs: list[ray.ObjectRef], hung: bool) -> list[int]:
         """The stages that failed the step whose per-stage refs these are: every stage an error
@@ -203,22 +247,13 @@ class Pipeline:
                 pass
         return sorted(lost)
 
-    def _new_home(self, i: int, alive: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """A surviving node for stage i, whose node died: the most memory per stage it would hold."""
-        if not alive:
-            raise ShardwiseError(f"stage {i}'s node died and no Ray node is left to take its layers")
-        held = {n["NodeID"]: 0 for n in alive.values()}
-        for node in self.nodes:
-            if node["NodeID"] in held:
-                held[node["NodeID"]] += 1
-        return max(alive.values(), key=lambda n: n["Resources"].get("memory", 0) / (1 + held[n["NodeID"]]))
-
     def kv_stats(self) -> list[dict[str, int]]:
         return _get([s.kv_stats.remote() for s in self.stages])
 
     def close(self) -> None:
-        for actor in [*getattr(self, "stages", []), *getattr(self, "spares", {}).values()]:
-            ray.kill(actor)
+        for actor in [*self.stages, *self.spares.values()]:
+            if actor is not None:
+                ray.kill(actor)
         self.stages, self.spares = [], {}
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from shardwise.model.spec import require_supported
 from shardwise.model.tokenizer import Tokenizer
 from shardwise.model.weights import open_weights
 
+if TYPE_CHECKING:
+    from shardwise.planner.cluster import Cluster
+
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
 
@@ -37,13 +40,17 @@ class LLM:
     kv_tokens is the KV cache (in tokens) that running sequences may reserve; the rest queue.
     A pipeline stage that dies or answers nothing for stage_timeout seconds is replaced and
     the running sequences replayed: generation pauses, and carries on unchanged. spare_stages
-    keeps a warm empty stage process on each node, so that the replacement only loads layers."""
+    keeps a warm empty stage process on each node, so that the replacement only loads layers.
+    cluster (a cluster file or Cluster, as `shardwise plan` reads) lets the planner place the
+    stages by `objective` (latency or throughput) unless a plan is given, and is what the
+    model is split over anew when a node dies (without one: the surviving Ray nodes)."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, stages: int | None = None, plan: Plan | str | None = None,
                  address: str | None = None, micro_batches: int | None = None, device: str = "cpu",
                  dtype: str | None = None, threads: int | None = None, max_num_seqs: int = 32,
                  max_batch_tokens: int = 512, kv_tokens: int = DEFAULT_KV_TOKENS,
-                 stage_timeout: float = STAGE_TIMEOUT_S, spare_stages: bool = False):
+                 stage_timeout: float = STAGE_TIMEOUT_S, spare_stages: bool = False,
+                 cluster: Cluster | str | None = None, objective: str = "throughput"):
         if threads:
             torch.set_num_threads(threads)
         path = resolve(model)
@@ -51,10 +58,16 @@ class LLM:
         self.spec = weights.spec
         require_supported(self.spec)  # here, not first inside a Ray stage
         self.tokenizer = Tokenizer(path, weights.eos_token_ids())
-        if plan is not None and stages is not None:
-            raise ShardwiseError("give either stages or plan, not both")
+        if stages is not None and (plan is not None or cluster is not None):
+            raise ShardwiseError("give stages, or a plan and/or a cluster, not both")
         if isinstance(plan, str | Path):
             plan = Plan.load(plan)
+        if cluster is not None:
+            from shardwise.planner.cluster import Cluster, plan_cluster
+
+            cluster = Cluster.load(cluster) if isinstance(cluster, str | Path) else cluster
+            if plan is None:
+                plan, _ = plan_cluster(self.spec, cluster, objective, quant=dtype, kv_tokens=kv_tokens)
         if plan is None and (stages is not None or address is not None):
             plan = Plan.even(self.spec, stages or 1, device=device)
         if plan is None:
@@ -63,7 +76,8 @@ class LLM:
             from shardwise.cluster.pipeline import Pipeline  # Ray is imported only for pipelines
 
             self.executor = Pipeline(path, self.spec, plan, dtype=dtype, address=address, kv_tokens=kv_tokens,
-                                     micro_batches=micro_batches, stage_timeout=stage_timeout, spares=spare_stages)
+                                     micro_batches=micro_batches, stage_timeout=stage_timeout, spares=spare_stages,
+                                     cluster=cluster, objective=objective)
         self.name = path.stem if Path(model).exists() else str(model)  # what the server calls it
         self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=max_batch_tokens, kv_capacity=kv_tokens)

@@ -121,6 +121,25 @@ class Cluster:
         return cluster
 
 
+    def on_nodes(self, alive: list[dict[str, Any]]) -> Cluster:
+        """The devices whose Ray node is among `alive` (ray.nodes() entries; "local" always is)."""
+        keys = {"local"} | {n["NodeID"] for n in alive} | {n["NodeManagerAddress"] for n in alive}
+        devices = [d for d in self.devices if d.node in keys]
+        if not devices:
+            raise ShardwiseError("no device of the cluster file is on a live Ray node: nothing can run the model")
+        source = self.source if self.source in {d.name for d in devices} else None
+        return Cluster(devices, self.links, self.default_link, source, self.return_to_source and source is not None)
+
+    @classmethod
+    def of_ray_nodes(cls, nodes: list[dict[str, Any]]) -> Cluster:
+        """Ray nodes described as a cluster file would, for planning without one: each node one
+        CPU device with the memory Ray gives it, all alike in speed (a cluster file says better)."""
+        cpu = load_device("x86-cpu")
+        return cls([ClusterDevice(f"{n['NodeManagerAddress']}/{n['NodeID'][:8]}", cpu,
+                                  float(n["Resources"].get("memory", cpu.memory_bytes)), n["NodeID"])
+                    for n in nodes])
+
+
 def _link(value: Any) -> LinkSpec:
     if isinstance(value, str):
         return load_link(value)
