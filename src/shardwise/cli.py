@@ -47,6 +47,11 @@ def generate(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: the device's best.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    collab: Annotated[str | None, typer.Option(help="Run collaboratively with this shardwise server (URL): "
+                                                    "some layers here, the rest there.")] = None,
+    sla: Annotated[str, typer.Option(help="With --collab: time per token you need, e.g. 200ms.")] = "250ms",
+    api_key: Annotated[str | None, typer.Option(envvar="SHARDWISE_API_KEY", help="With --collab: the "
+                                                                                 "server's API key.")] = None,
 ) -> None:
     """Generate a reply and stream it to the terminal."""
     try:
@@ -54,8 +59,18 @@ def generate(
         from shardwise.engine.sampling import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
-                  device=device, dtype=dtype, threads=threads)
+        if collab:
+            from shardwise.collab.client import CollaborativeClient
+
+            if stages or plan or cluster or address:
+                raise ShardwiseError("--collab runs with a server: leave out --stages, --plan, --cluster, --address")
+            llm = CollaborativeClient(collab, model, sla=_seconds(sla), api_key=api_key, threads=threads)
+            split = ", ".join(f"{s['side']} {s['layers'][0]}-{s['layers'][1]}" for s in llm.session["segments"])
+            typer.secho(f"split: {split}" + (f" ({llm.session['note']})" if llm.session["note"] else ""), err=True,
+                        dim=True)
+        else:
+            llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
+                      device=device, dtype=dtype, threads=threads)
         request = prompt if no_chat else [{"role": "user", "content": prompt}]
         try:
             for piece, output in llm.stream_outputs(request, params):  # noqa: B007 (used after the loop)
@@ -95,21 +110,23 @@ def serve(
     = STAGE_TIMEOUT_S,
     spare_stages: Annotated[bool, typer.Option(help="Keep a warm, empty stage process per node: a lost stage "
                                                     "is replaced in a fraction of the time.")] = True,
+    collab_ttl: Annotated[float, typer.Option(help="Seconds a collaborative session may idle before it is "
+                                                   "closed and its KV freed.")] = 300.0,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (continuous batching, chunked prefill)."""
     try:
         from shardwise.engine.llm import LLM
         from shardwise.serve.server import serve as run_server
 
-        if min(max_num_seqs, max_batch_tokens, kv_tokens) < 1 or stage_timeout <= 0:
+        if min(max_num_seqs, max_batch_tokens, kv_tokens) < 1 or min(stage_timeout, collab_ttl) <= 0:
             raise ShardwiseError("--max-num-seqs, --max-batch-tokens and --kv-tokens must each be at least 1, "
-                                 "and --stage-timeout positive")
+                                 "and --stage-timeout and --collab-ttl positive")
         llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
                   device=device, dtype=dtype, threads=threads, max_num_seqs=max_num_seqs,
                   max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens, stage_timeout=stage_timeout,
                   spare_stages=spare_stages)
         where = f"{len(llm.stages())} stages" if llm.stages() else "one process"
-        run_server(llm, host=host, port=port, api_key=api_key, on_ready=lambda: typer.echo(
+        run_server(llm, host=host, port=port, api_key=api_key, collab_ttl_s=collab_ttl, on_ready=lambda: typer.echo(
             f"serving {llm.name} ({where}) at http://{host}:{port}/v1", err=True))
     except ShardwiseError as e:
         fail(str(e))

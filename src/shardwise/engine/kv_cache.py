@@ -43,6 +43,9 @@ class KVCache:
     def sequences(self) -> list[int]:
         return list(self._tables)
 
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._tables
+
     def reserve(self, seq_id: int, new_tokens: int) -> None:
         """Make room for new_tokens more before a forward pass writes them."""
         table = self._table(seq_id)

@@ -55,7 +55,7 @@ class LLM:
             torch.set_num_threads(threads)
         path = resolve(model)
         weights = open_weights(path)
-        self.spec = weights.spec
+        self.spec, self.path = weights.spec, path
         require_supported(self.spec)  # here, not first inside a Ray stage
         self.tokenizer = Tokenizer(path, weights.eos_token_ids())
         if stages is not None and (plan is not None or cluster is not None):

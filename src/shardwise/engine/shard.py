@@ -6,6 +6,7 @@ The last shard applies the final norm and the LM head and returns logits.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Literal
 
@@ -76,6 +77,18 @@ class ShardModel:
         self.rotary = {kind: RotaryTable.for_spec(spec, kind, self.device)
                        for kind in sorted({block.rope_kind for block in self.blocks})}
         self.kv = KVCache(end - start, spec.num_kv_heads, spec.head_dim, self.dtype, self.device)
+
+    def view(self, start: int, end: int) -> ShardModel:
+        """Layers [start, end) of this shard as a shard of their own: the same weight tensors,
+        a KV cache of its own (the embedding and head only where the view reaches the ends)."""
+        if not (self.start <= start < end <= self.end):
+            raise ShardwiseError(f"layers [{start}, {end}) are not all in this shard's [{self.start}, {self.end})")
+        view = copy.copy(self)
+        view.start, view.end = start, end
+        view.is_first, view.is_last = start == 0, end == self.spec.num_layers
+        view.blocks = self.blocks[start - self.start:end - self.start]
+        view.kv = KVCache(end - start, self.spec.num_kv_heads, self.spec.head_dim, self.dtype, self.device)
+        return view
 
     @staticmethod
     def _layer_tensors(weights: Weights, i: int, load) -> dict[str, torch.Tensor]:

@@ -22,43 +22,41 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from shardwise.collab.host import DEFAULT_TTL_S, CollabHost
 from shardwise.engine.llm import LLM
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.engine.scheduler import Sequence
 from shardwise.errors import ShardwiseError
+from shardwise.serve.collab_api import add_collab_routes, expire_sessions
 from shardwise.serve.engine import AsyncEngine, EngineError, Event
+from shardwise.serve.http import ApiError, read_bytes
 from shardwise.serve.metrics import Metrics
-from shardwise.serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from shardwise.serve.protocol import (
+    ChatCompletionRequest,
+    CollabSessionRequest,
+    CompletionRequest,
+    GenerationRequest,
+)
 
 MAX_BODY_BYTES = 4 << 20  # a request body larger than this is refused
 DEFAULT_MAX_TOKENS = 1024  # chat requests without max_tokens: up to this, or to the end of the context
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
 def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, collab_ttl_s: float = DEFAULT_TTL_S) -> FastAPI:
     """An app serving `llm`; its engine (app.state.engine) must be run by the caller and is
     stopped when the app shuts down. With api_key, /v1 needs `Authorization: Bearer <api_key>`."""
     metrics = Metrics(llm.name)
     engine = AsyncEngine(llm, metrics)
+    collab = CollabHost(llm, collab_ttl_s, metrics)
     spec, tokenizer = llm.spec, llm.tokenizer
     token_text = _token_text(tokenizer)  # one cache for the server's lifetime
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        expiry = asyncio.create_task(expire_sessions(engine, collab))
         yield
+        expiry.cancel()
         engine.stop()
 
     app = FastAPI(title="shardwise", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -85,17 +83,9 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    async def read_body(request: Request, model: type[GenerationRequest]) -> Any:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_body_bytes:
-            raise _too_large(max_body_bytes)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise _too_large(max_body_bytes)
+    async def read_body(request: Request, model: type[GenerationRequest | CollabSessionRequest]) -> Any:
         try:
-            parsed = model.model_validate_json(bytes(body))
+            parsed = model.model_validate_json(await read_bytes(request, max_body_bytes))
         except ValidationError as e:
             raise _invalid(e) from None
         if parsed.model != llm.name:
@@ -107,7 +97,8 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
     @app.get("/health")
     async def health() -> JSONResponse:
         if engine.running:
-            return JSONResponse({"status": "ok", "stages": llm.stages(), "recoveries": llm.scheduler.recoveries})
+            return JSONResponse({"status": "ok", "stages": llm.stages(), "recoveries": llm.scheduler.recoveries,
+                                 "collab": collab.stats()})
         return JSONResponse({"status": "error", "error": engine.failure}, status_code=503)
 
     @app.get("/metrics")
@@ -157,6 +148,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
             raise ApiError(503, str(e), kind="server_error") from None
         return JSONResponse(reply.whole())
 
+    add_collab_routes(app, engine, collab, authorize, lambda request: read_body(request, CollabSessionRequest))
     return app
 
 
@@ -288,11 +280,6 @@ def _token_text(tokenizer):
         return tokenizer.hf.decode([token_id])
 
     return text
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the request body is larger than {limit} bytes: send a shorter request",
-                    code="request_too_large")
 
 
 def _invalid(e: ValidationError) -> ApiError:

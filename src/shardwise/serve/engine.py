@@ -51,6 +51,14 @@ class AsyncEngine:
         self.failure: str | None = None  # set if the engine loop itself died
         self._counted = {"stage_failures": 0, "recoveries": 0, "replayed_tokens": 0}  # reported to metrics
         self.running = False
+        self.step_s = 0.0  # the last step's duration: what new work waits for while the engine is busy
+
+    async def call(self, fn):
+        """fn() run on the engine thread between two steps (work that uses the model: it
+        waits for the step in progress and never runs beside one); returns its result."""
+        future = asyncio.get_running_loop().create_future()
+        self._inbox.put(("call", (fn, future)))
+        return await future
 
     def stop(self) -> None:
         """Ask run() to return after the current step."""
@@ -84,7 +92,9 @@ class AsyncEngine:
                 if not self._drain(block=not self.scheduler.has_work):
                     return
                 try:
+                    started = time.perf_counter()
                     events = self.scheduler.step()
+                    self.step_s = time.perf_counter() - started
                 except Exception as e:  # a stage failed: fail its requests, keep serving the rest
                     log.exception("engine step failed")
                     self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
@@ -114,6 +124,9 @@ class AsyncEngine:
             if command == "stop":
                 self.scheduler.release_all()
                 return False
+            if command == "call":
+                _call(*seqs)
+                continue
             for seq in seqs:
                 if command == "add":
                     self.scheduler.add(seq)
@@ -169,6 +182,16 @@ class AsyncEngine:
                 self._counted[name] += new
                 if name == "recoveries":
                     m.recovery_time.observe(s.last_recovery_s)
+
+
+def _call(fn, future: asyncio.Future) -> None:
+    try:
+        result, error = fn(), None
+    except Exception as e:  # the caller's to handle
+        result, error = None, e
+    loop = future.get_loop()
+    loop.call_soon_threadsafe(lambda: future.cancelled() or (future.set_exception(error) if error
+                                                              else future.set_result(result)))
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, Event]]) -> None:

@@ -39,6 +39,12 @@ class Metrics:
                                     "Tokens prefilled again to rebuild lost KV caches.").labels(**labels)
         self.recovery_time = make(Histogram, "recovery_seconds", "From noticing a lost stage to resuming.",
                                   buckets=RECOVERY_BUCKETS).labels(**labels)
+        self.collab_sessions = make(Counter, "collab_sessions", "Collaborative sessions opened.").labels(**labels)
+        self.collab_layer_tokens = make(Counter, "collab_layer_tokens",
+                                        "Tokens each layer processed in collaborative sessions, by side "
+                                        "(server: computed here; client: offloaded).", extra_labels=["side", "layer"])
+        self.collab_seconds = make(Counter, "collab_server_seconds",
+                                   "Server compute spent on collaborative segments.").labels(**labels)
         self._model = model
 
     def finished(self, reason: str) -> None:

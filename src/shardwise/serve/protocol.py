@@ -106,3 +106,20 @@ class CompletionRequest(GenerationRequest):
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             return [p]
         return list(p)
+
+
+class CollabClient(Strict):
+    """What a collaborative client says of itself: its per-layer decode seconds (the last
+    layer with the LM head), the memory it offers for layers, and its round trip to us."""
+
+    layer_seconds: list[float] = Field(min_length=1)
+    memory_bytes: float = Field(ge=0)
+    rtt_s: float = Field(ge=0)
+
+
+class CollabSessionRequest(Strict):
+    model: str
+    sla_s: float = Field(gt=0)  # seconds per decode token the client needs
+    client: CollabClient
+    policy: Literal["dp", "greedy", "server"] = "dp"
+    insist: bool = False  # refuse, rather than run all on the server, when the SLA cannot be met

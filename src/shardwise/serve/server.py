@@ -19,9 +19,9 @@ from shardwise.serve.api import create_app
 
 
 def serve(llm: LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          on_ready=None) -> None:
-    """Serve until interrupted (Ctrl-C or SIGTERM); closes llm on the way out."""
-    app = create_app(llm, api_key=api_key)
+          on_ready=None, **options) -> None:
+    """Serve until interrupted (Ctrl-C or SIGTERM); closes llm on the way out. options: create_app's."""
+    app = create_app(llm, api_key=api_key, **options)
     engine = app.state.engine
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     http = threading.Thread(target=server.run, name="shardwise-http", daemon=True)

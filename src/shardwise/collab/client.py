@@ -1,0 +1,182 @@
+"""CollaborativeClient: an LLM whose layers run partly here and partly on a shardwise server.
+
+On start it measures its own per-layer speed (or takes a `shardwise profile` file), times
+its round trip to the server and asks for a session; the server picks the split for its
+SLA and load. The client then loads only the layers it runs and drives each step through
+the segments in turn: its own on a local Worker, the server's over HTTP as safetensors.
+Everything else (batching, sampling, stop rules, streaming) is the LLM's own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import torch
+
+from shardwise.cluster.plan import DEFAULT_KV_TOKENS
+from shardwise.collab.split import measure
+from shardwise.collab.wire import MEDIA_TYPE, decode, encode
+from shardwise.engine.llm import LLM
+from shardwise.engine.sampling import SamplingParams, TokenLogprobs
+from shardwise.engine.scheduler import Scheduler
+from shardwise.engine.shard import ShardModel
+from shardwise.engine.worker import Sampled, Worker
+from shardwise.errors import ShardwiseError
+from shardwise.model.registry import DEFAULT_MODEL, resolve
+from shardwise.model.spec import require_supported
+from shardwise.model.tokenizer import Tokenizer
+from shardwise.model.weights import Weights, open_weights
+
+
+class CollaborativeClient(LLM):
+    """url: the server; sla: seconds per generated token this client needs; profile: a
+    `shardwise profile` file of this device (default: measured now); memory_gb: memory the
+    client offers for layers (default: 80 % of what is free); policy: "dp" (least server
+    work within the SLA), "greedy" (most leading layers here) or "server" (none here);
+    insist: fail rather than fall back to all-server when the SLA cannot be met; slowdown:
+    emulate a device this many times slower (for benchmarks)."""
+
+    def __init__(self, url: str, model: str = DEFAULT_MODEL, *, sla: float = 0.25, profile: str | None = None,
+                 memory_gb: float | None = None, api_key: str | None = None, policy: str = "dp",
+                 insist: bool = False, threads: int | None = None, slowdown: float = 1.0, max_num_seqs: int = 8,
+                 timeout: float = 120.0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.path = resolve(model)
+        weights = open_weights(self.path)
+        self.spec = weights.spec
+        require_supported(self.spec)
+        self.tokenizer = Tokenizer(self.path, weights.eos_token_ids())
+        self.name = self.path.stem if Path(model).exists() else str(model)
+        self.executor = None
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        try:
+            memory = memory_gb * 1e9 if memory_gb is not None else 0.8 * psutil.virtual_memory().available
+            costs = [c * slowdown for c in self._costs(weights, profile, memory)]
+            reply = _json(http.post("/v1/collab/sessions", json={
+                "model": self.name, "sla_s": sla, "policy": policy, "insist": insist,
+                "client": {"layer_seconds": costs, "memory_bytes": memory, "rtt_s": _round_trip(http, self.spec)}}))
+        except httpx.HTTPError as e:
+            http.close()
+            raise ShardwiseError(f"cannot reach the shardwise server at {url} ({e}): is it running?") from None
+        except BaseException:
+            http.close()
+            raise
+        self.session: dict[str, Any] = reply  # its segments, predicted latency and server work, any note
+        segments = [(s["side"], *s["layers"]) for s in reply["segments"]]
+        self.executor = CollabExecutor(http, reply["session"], segments, weights, slowdown)
+        self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=max_num_seqs,
+                                   max_batch_tokens=512, kv_capacity=DEFAULT_KV_TOKENS)
+        self._ids = itertools.count()
+
+    def _costs(self, weights: Weights, profile: str | None, memory: float) -> list[float]:
+        """Seconds per layer for one decode token here: from the profile through the estimator,
+        or timed on the first layer (the others are alike)."""
+        if profile is None:
+            return measure(ShardModel(self.spec, (0, 1), weights=weights))
+        from shardwise.perf.hardware import load_device
+        from shardwise.planner.cluster import Cluster, ClusterDevice, cost_table
+
+        table = cost_table(self.spec, Cluster([ClusterDevice("client", load_device(profile), memory)]))
+        return [float(t) for t in table.compute[0]]
+
+
+class CollabExecutor:
+    """The executor of a collaborative session: each step goes through the segments in order."""
+
+    parallelism = 1
+
+    def __init__(self, http: httpx.Client, session: str, segments: list[tuple[str, int, int]], weights: Weights,
+                 slowdown: float = 1.0):
+        self.http, self.session, self.segments, self.slowdown = http, session, segments, slowdown
+        self.num_layers = weights.spec.num_layers
+        self.workers = {k: Worker(ShardModel(weights.spec, (a, b), weights=weights))
+                        for k, (side, a, b) in enumerate(segments) if side == "client"}
+        self._pending = {k: {"add": [], "free": []} for k, s in enumerate(segments) if s[0] == "server"}
+
+    def add(self, seq_id: int, params: SamplingParams, generated: list[int] = ()) -> None:
+        for worker in self.workers.values():
+            worker.add(seq_id, params, generated)
+        for ops in self._pending.values():  # sent with the next step to that segment
+            ops["add"].append({"seq_id": seq_id, "params": asdict(params), "generated": list(generated)})
+
+    def free(self, seq_id: int) -> None:
+        for worker in self.workers.values():
+            worker.free(seq_id)
+        for ops in self._pending.values():
+            ops["free"].append(seq_id)
+
+    def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled:
+        out = None
+        for k, (side, a, _) in enumerate(self.segments):
+            if side == "client":
+                started = time.perf_counter()
+                out = self.workers[k].step(seq_ids, chunks, sample, out)
+                if self.slowdown > 1:  # an emulated slower device takes proportionally longer
+                    time.sleep((self.slowdown - 1) * (time.perf_counter() - started))
+            else:
+                out = self._remote(k, seq_ids, chunks, sample, out if a > 0 else None)
+        return out
+
+    def _remote(self, k: int, seq_ids, chunks, sample, hidden: torch.Tensor | None) -> torch.Tensor | Sampled:
+        ops = self._pending[k]
+        body = encode(hidden, seq_ids=seq_ids, chunks=chunks, sample=sample, add=ops["add"], free=ops["free"])
+        reply = self.http.post(f"/v1/collab/sessions/{self.session}/segments/{k}", content=body,
+                               headers={"content-type": MEDIA_TYPE})
+        _raise_for_error(reply)
+        ops["add"], ops["free"] = [], []
+        hidden, meta = decode(reply.content)
+        if self.segments[k][2] < self.num_layers:
+            return hidden
+        logprobs = {int(row): TokenLogprobs(lp, [tuple(t) for t in top]) for row, (lp, top) in meta["logprobs"].items()}
+        return meta["tokens"], logprobs
+
+    def wait(self, handles: list[Any]) -> int:
+        return 0
+
+    def result(self, handle: Sampled) -> Sampled:
+        return handle
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"side": side, "layers": [a, b]} for side, a, b in self.segments]
+
+    def close(self) -> None:
+        try:
+            self.http.delete(f"/v1/collab/sessions/{self.session}")
+        except httpx.HTTPError:
+            pass  # the server frees it when it expires
+        self.http.close()
+        self.workers = {}
+
+
+def _round_trip(http: httpx.Client, spec, repeats: int = 5) -> float:
+    """Median seconds for one decode token's hidden states to the server and back."""
+    payload = bytes(4 * spec.hidden_size)
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        _raise_for_error(http.post("/v1/collab/echo", content=payload))
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def _raise_for_error(reply: httpx.Response) -> None:
+    if reply.status_code != 200:
+        try:
+            message = reply.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = reply.text[:300]
+        raise ShardwiseError(f"the server answered {reply.status_code}: {message}")
+
+
+def _json(reply: httpx.Response) -> dict[str, Any]:
+    _raise_for_error(reply)
+    return reply.json()

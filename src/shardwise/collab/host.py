@@ -1,0 +1,191 @@
+"""The server's side of collaborative sessions: it decides each session's split and runs
+the session's server segments on hidden states the client sends, keeping their KV.
+
+All of it runs on the engine thread (between steps, like any other work), so a segment
+waits for the step in progress and reads the same weights as the server's own requests:
+the server segments are views of one full ShardModel, each with a KV cache of its own.
+Sessions idle for `ttl_s` expire and free their KV.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from shardwise.collab.split import Split, choose, measure
+from shardwise.collab.wire import WireError, check_hidden, decode, encode
+from shardwise.engine.sampling import SamplingParams
+from shardwise.engine.shard import ShardModel
+from shardwise.engine.worker import Worker
+from shardwise.errors import ShardwiseError
+from shardwise.model.weights import open_weights
+
+DEFAULT_TTL_S = 300.0
+
+
+class SessionGone(ShardwiseError):
+    """The session id is unknown or expired."""
+
+
+@dataclass
+class Session:
+    id: str
+    split: Split
+    client_layers: int
+    seq_ids: dict[int, int] = field(default_factory=dict)  # the client's sequence id -> the views' id
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class CollabHost:
+    def __init__(self, llm, ttl_s: float = DEFAULT_TTL_S, metrics=None):
+        self.llm, self.spec, self.ttl_s, self.metrics = llm, llm.spec, ttl_s, metrics
+        self.sessions: dict[str, Session] = {}
+        self._views: dict[tuple[int, int], Worker] = {}
+        self._full: ShardModel | None = None
+        self._costs: list[float] | None = None
+        self._ids = itertools.count()
+        self.layer_tokens = {"server": [0] * self.spec.num_layers, "client": [0] * self.spec.num_layers}
+        self.server_seconds = 0.0
+
+    # --- sessions (engine thread) ----------------------------------------------------------------
+    def open(self, client: list[float], client_memory: float, rtt_s: float, sla_s: float, policy: str,
+             insist: bool, server_wait_s: float) -> dict[str, Any]:
+        """A new session and its split. server_wait_s: how long a segment now waits for the step
+        in progress (the server's load), paid once per visit to the server like the round trip."""
+        self.expire()
+        split = choose(self.spec, client, self.costs(), (rtt_s + server_wait_s) / 2, client_memory, sla_s,
+                       policy, insist)
+        session = Session(uuid.uuid4().hex, split, sum(b - a for side, a, b in split.segments if side == "client"))
+        self.sessions[session.id] = session
+        if self.metrics:
+            self.metrics.collab_sessions.inc()
+        for side, a, b in split.segments:
+            if side == "server":
+                self._view(a, b)
+        return {"session": session.id, "segments": [{"side": s, "layers": [a, b]} for s, a, b in split.segments],
+                "predicted": {"latency_s": split.latency_s, "server_work_s": split.server_work_s},
+                "note": split.note, "ttl_s": self.ttl_s}
+
+    def run(self, session_id: str, segment: int, body: bytes) -> bytes:
+        """Run one server segment of a step on a message; the reply's message holds hidden
+        states, or (from the last layer) the sampled token ids and any logprobs."""
+        session = self._session(session_id)
+        if not 0 <= segment < len(session.split.segments) or session.split.segments[segment][0] != "server":
+            raise WireError(f"segment {segment} is not one of this session's server segments "
+                            f"({[i for i, s in enumerate(session.split.segments) if s[0] == 'server']})")
+        _, a, b = session.split.segments[segment]
+        worker = self._view(a, b)
+        hidden, meta = decode(body)
+        seq_ids, chunks, sample = self._step(meta)
+        tokens = sum(map(len, chunks))
+        inputs = None if a == 0 else check_hidden(hidden, tokens, self.spec.hidden_size)
+        for seq_id in meta.get("free", []):  # the message is sound: now it may change the session
+            self._free(session, worker, seq_id)
+        for new in meta.get("add", []):
+            self._add(session, worker, new)
+        unknown = [s for s in seq_ids if s not in session.seq_ids or session.seq_ids[s] not in worker.shard.kv]
+        if unknown:
+            raise WireError(f"sequences {unknown} were never added to segment {segment}: send them in 'add' first")
+        started = time.perf_counter()
+        out = worker.step([session.seq_ids[s] for s in seq_ids], chunks, sample, inputs)
+        self._count(session, segment, tokens, time.perf_counter() - started)
+        session.last_used = time.monotonic()
+        if isinstance(out, torch.Tensor):
+            return encode(out)
+        picked, logprobs = out
+        return encode(tokens=picked, logprobs={str(row): [lp.logprob, lp.top] for row, lp in logprobs.items()})
+
+    def close(self, session_id: str) -> None:
+        session = self._session(session_id)
+        for side, a, b in session.split.segments:
+            if side == "server":
+                for seq_id in session.seq_ids:
+                    self._free(session, self._view(a, b), seq_id)
+        del self.sessions[session_id]
+
+    def expire(self) -> int:
+        """Close the sessions idle for longer than the TTL; returns how many."""
+        now = time.monotonic()
+        stale = [s.id for s in self.sessions.values() if now - s.last_used > self.ttl_s]
+        for session_id in stale:
+            self.close(session_id)
+        return len(stale)
+
+    def stats(self) -> dict[str, Any]:
+        return {"sessions": len(self.sessions),
+                "kv_blocks": sum(w.shard.kv.blocks_in_use for w in self._views.values()),
+                "server_layer_tokens": sum(self.layer_tokens["server"]),
+                "client_layer_tokens": sum(self.layer_tokens["client"])}
+
+    # --- internals ------------------------------------------------------------------------------
+    def _count(self, session: Session, segment: int, tokens: int, seconds: float) -> None:
+        """Layer-tokens per side: the segment's on the server; the client's, once per step (at
+        the session's first server segment)."""
+        self.server_seconds += seconds
+        segments = session.split.segments
+        counted = [segments[segment]]
+        if segment == next(i for i, s in enumerate(segments) if s[0] == "server"):
+            counted += [s for s in segments if s[0] == "client"]
+        for side, a, b in counted:
+            for layer in range(a, b):
+                self.layer_tokens[side][layer] += tokens
+        if self.metrics:
+            self.metrics.collab_seconds.inc(seconds)
+            for side, a, b in counted:
+                for layer in range(a, b):
+                    self.metrics.collab_layer_tokens.labels(self.llm.name, side, str(layer)).inc(tokens)
+
+    def costs(self) -> list[float]:
+        """This server's per-layer decode costs, measured once on its own weights."""
+        if self._costs is None:
+            self._costs = measure(self._model())
+        return self._costs
+
+    def _model(self) -> ShardModel:
+        """Every layer: the server's own in-process model, or (behind a pipeline) one loaded here."""
+        if self._full is None:
+            shard = getattr(self.llm.executor, "shard", None)
+            self._full = shard or ShardModel(self.spec, weights=open_weights(self.llm.path))
+        return self._full
+
+    def _view(self, a: int, b: int) -> Worker:
+        """Layers [a, b) of the full model, sharing its weights, with a KV cache of their own."""
+        if (a, b) not in self._views:
+            self._views[(a, b)] = Worker(self._model().view(a, b))
+        return self._views[(a, b)]
+
+    def _session(self, session_id: str) -> Session:
+        if session_id not in self.sessions:
+            raise SessionGone(f"collaborative session '{session_id}' is unknown or expired (sessions idle for "
+                              f"{self.ttl_s:.0f} s are closed): open a new one")
+        return self.sessions[session_id]
+
+    @staticmethod
+    def _step(meta: dict[str, Any]) -> tuple[list[int], list[list[int]], list[bool]]:
+        seq_ids, chunks, sample = meta.get("seq_ids"), meta.get("chunks"), meta.get("sample")
+        if not (isinstance(seq_ids, list) and isinstance(chunks, list) and isinstance(sample, list)
+                and len(seq_ids) == len(chunks) == len(sample) > 0
+                and all(isinstance(s, int) for s in seq_ids) and all(isinstance(f, bool) for f in sample)
+                and all(isinstance(c, list) and c and all(isinstance(t, int) for t in c) for c in chunks)):
+            raise WireError("the metadata needs 'seq_ids' (ints), 'chunks' (a non-empty list of token ids each) "
+                            "and 'sample' (booleans), one entry per sequence")
+        return seq_ids, chunks, sample
+
+    def _add(self, session: Session, worker: Worker, new: Any) -> None:
+        try:
+            seq_id, params = int(new["seq_id"]), SamplingParams(**new.get("params", {}))
+        except (TypeError, KeyError, ValueError) as e:
+            raise WireError(f"each 'add' entry needs 'seq_id' and valid 'params' ({e})") from None
+        session.seq_ids.setdefault(seq_id, next(self._ids))
+        worker.add(session.seq_ids[seq_id], params, list(new.get("generated", [])))
+
+    @staticmethod
+    def _free(session: Session, worker: Worker, seq_id: int) -> None:
+        if seq_id in session.seq_ids:  # the id stays mapped: the session's other segments free it too
+            worker.free(session.seq_ids[seq_id])
+

@@ -1,0 +1,56 @@
+"""The hidden-state wire format of collaborative sessions: each message is one safetensors
+file. Its metadata carries the step as JSON values (e.g. "seq_ids", "chunks", "sample");
+the tensor "hidden" [tokens, hidden_size], float32 little-endian, carries hidden states
+(absent where a segment starts at the embedding or ends with sampled token ids)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import torch
+from safetensors.torch import load, save
+
+from shardwise.errors import ShardwiseError
+
+MEDIA_TYPE = "application/vnd.safetensors"
+
+
+class WireError(ShardwiseError):
+    """A message that is not what the protocol says (the sender's mistake)."""
+
+
+def encode(hidden: torch.Tensor | None = None, **meta: Any) -> bytes:
+    tensors = {} if hidden is None else {"hidden": hidden.detach().to("cpu", torch.float32).contiguous()}
+    return save(tensors, metadata={key: json.dumps(value) for key, value in meta.items()})
+
+
+def decode(body: bytes) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """The hidden states (if any) and the metadata of a message; a WireError if it is malformed."""
+    try:
+        (size,) = struct.unpack("<Q", body[:8])
+        header = json.loads(body[8:8 + size])
+        tensors = load(body)
+        meta = {key: json.loads(value) for key, value in (header.get("__metadata__") or {}).items()}
+    except Exception as e:  # struct, JSON and safetensors each raise their own
+        raise WireError(f"the body is not a complete safetensors message ({type(e).__name__}: {e}); send "
+                        "safetensors bytes with the step in its metadata") from None
+    hidden = tensors.pop("hidden", None)
+    if tensors:
+        raise WireError(f"unexpected tensors {sorted(tensors)}: only 'hidden' is read")
+    return hidden, meta
+
+
+def check_hidden(hidden: torch.Tensor | None, tokens: int, hidden_size: int) -> torch.Tensor:
+    """Hidden states for `tokens` tokens: float32 [tokens, hidden_size], every value finite."""
+    if hidden is None:
+        raise WireError("this segment starts inside the model: send its input as the tensor 'hidden'")
+    if hidden.dtype != torch.float32:
+        raise WireError(f"'hidden' must be float32, got {str(hidden.dtype).removeprefix('torch.')}")
+    if tuple(hidden.shape) != (tokens, hidden_size):
+        raise WireError(f"'hidden' must have shape [{tokens}, {hidden_size}] (the step's tokens, the model's "
+                        f"hidden size), got {list(hidden.shape)}")
+    if not torch.isfinite(hidden).all():
+        raise WireError("'hidden' holds NaN or infinite values: check the client's layers")
+    return hidden

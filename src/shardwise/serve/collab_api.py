@@ -1,0 +1,63 @@
+"""The collaborative endpoints: open a session (the server picks the split), run one of its
+server segments on hidden states (safetensors in, safetensors out), close it; and an
+echo the client times its round trip with. Same API key, limits and error body as /v1."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from shardwise.collab.host import CollabHost, SessionGone
+from shardwise.collab.wire import MEDIA_TYPE, WireError
+from shardwise.errors import ShardwiseError
+from shardwise.serve.engine import AsyncEngine
+from shardwise.serve.http import ApiError, read_bytes
+
+MAX_HIDDEN_BYTES = 64 << 20  # a prefill of ~28k tokens of a 576-wide model
+
+
+def add_collab_routes(app: FastAPI, engine: AsyncEngine, host: CollabHost, authorize, read_session_request) -> None:
+    auth = [Depends(authorize)]
+
+    @app.post("/v1/collab/sessions", dependencies=auth)
+    async def open_session(request: Request) -> JSONResponse:
+        body = await read_session_request(request)
+        c = body.client
+        wait = engine.step_s if engine.scheduler.has_work else 0.0
+        try:
+            return JSONResponse(await engine.call(lambda: host.open(
+                c.layer_seconds, c.memory_bytes, c.rtt_s, body.sla_s, body.policy, body.insist, wait)))
+        except ShardwiseError as e:
+            raise ApiError(422, str(e), param="sla_s", code="split_impossible") from None
+
+    @app.post("/v1/collab/sessions/{session_id}/segments/{segment}", dependencies=auth)
+    async def run_segment(session_id: str, segment: int, request: Request) -> Response:
+        body = await read_bytes(request, MAX_HIDDEN_BYTES)
+        try:
+            reply = await engine.call(lambda: host.run(session_id, segment, body))
+        except SessionGone as e:
+            raise ApiError(404, str(e), code="session_not_found") from None
+        except ShardwiseError as e:  # a malformed message, or a step the model refuses
+            raise ApiError(400, str(e), code="invalid_tensor" if isinstance(e, WireError) else None) from None
+        return Response(reply, media_type=MEDIA_TYPE)
+
+    @app.delete("/v1/collab/sessions/{session_id}", dependencies=auth)
+    async def close_session(session_id: str) -> JSONResponse:
+        try:
+            await engine.call(lambda: host.close(session_id))
+        except SessionGone as e:
+            raise ApiError(404, str(e), code="session_not_found") from None
+        return JSONResponse({"closed": session_id})
+
+    @app.post("/v1/collab/echo", dependencies=auth)
+    async def echo(request: Request) -> Response:
+        return Response(await read_bytes(request, MAX_HIDDEN_BYTES), media_type="application/octet-stream")
+
+
+async def expire_sessions(engine: AsyncEngine, host: CollabHost) -> None:
+    """Close idle sessions (freeing their KV) a few times per TTL."""
+    while True:
+        await asyncio.sleep(min(host.ttl_s / 4, 5.0))
+        await engine.call(host.expire)

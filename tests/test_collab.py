@@ -1,0 +1,151 @@
+"""Collaborative inference: a real `shardwise serve` (one process) and CollaborativeClients in
+this process running some of the layers, with hidden states crossing real HTTP."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save
+
+from shardwise.collab.client import CollaborativeClient
+from shardwise.collab.wire import MEDIA_TYPE, encode
+from shardwise.engine.sampling import SamplingParams
+from shardwise.errors import ShardwiseError
+from tests.conftest import TEXT_PROMPTS, cli, free_port, running_server
+
+KEY = "sk-collab-test"
+MODEL = "smollm2-135m"
+TTL_S = 6
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("collab") / "log", "--api-key", KEY,
+                        "--collab-ttl", str(TTL_S)) as url:
+        yield url
+
+
+def client(url: str, **kwargs) -> CollaborativeClient:
+    return CollaborativeClient(url, api_key=KEY, threads=1, **kwargs)
+
+
+def client_layers(c: CollaborativeClient) -> int:
+    return sum(b - a for s in c.session["segments"] if s["side"] == "client" for a, b in [s["layers"]])
+
+
+def layer_tokens(url: str) -> dict[tuple[str, int], float]:
+    found = re.findall(r'shardwise:collab_layer_tokens_total\{layer="(\d+)",model_name="[^"]*",side="(\w+)"\} (\S+)',
+                       httpx.get(f"{url}/metrics").text)
+    return {(side, int(layer)): float(value) for layer, side, value in found}
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health").json()["collab"]
+
+
+def test_output_equals_server_only_and_the_offloaded_work_is_counted(server, llm):
+    before = layer_tokens(server)
+    with client(server, sla=0.5, memory_gb=0.5) as c:
+        sides = {s["side"] for s in c.session["segments"]}
+        assert sides == {"client", "server"}, c.session  # the memory cap leaves some layers to the server
+        got = c.generate(TEXT_PROMPTS[:3], GREEDY)
+        for seq in c.executor.workers.values():  # only the client's own layers were loaded here
+            assert len(seq.shard.blocks) < llm.spec.num_layers
+    expected = llm.generate(TEXT_PROMPTS[:3], GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    after = layer_tokens(server)
+    tokens = sum(len(o.prompt_token_ids) + len(o.token_ids) - 1 for o in got)  # the last token is never fed
+    for s in c.session["segments"]:
+        for layer in range(*s["layers"]):
+            assert after.get((s["side"], layer), 0) - before.get((s["side"], layer), 0) == tokens
+            other = "server" if s["side"] == "client" else "client"
+            assert after.get((other, layer), 0) == before.get((other, layer), 0)
+
+
+def test_clients_of_different_speed_and_sla_get_different_splits(server):
+    with client(server, sla=0.3, memory_gb=2) as fast, client(server, sla=0.15, memory_gb=2, slowdown=25) as slow:
+        assert client_layers(fast) > client_layers(slow)
+        assert fast.session["predicted"]["server_work_s"] < slow.session["predicted"]["server_work_s"]
+        assert fast.session["note"] is None and fast.session["predicted"]["latency_s"] <= 0.3
+        # the slow one meets its SLA, or (on a loaded machine) runs all on the server, saying so
+        assert slow.session["predicted"]["latency_s"] <= 0.15 or "SLA" in slow.session["note"]
+
+
+def test_an_sla_that_cannot_be_met_falls_back_or_is_refused(server):
+    with client(server, sla=1e-6) as c:
+        assert [s["side"] for s in c.session["segments"]] == ["server"]
+        assert "SLA" in c.session["note"]
+        assert c.generate("Hi", SamplingParams(max_tokens=4, temperature=0.0))[0].token_ids
+    with pytest.raises(ShardwiseError, match="422.*SLA"):
+        client(server, sla=1e-6, insist=True)
+
+
+def test_idle_sessions_expire_and_free_their_kv(server):
+    c = client(server, sla=0.5, memory_gb=0.5)
+    c.generate("Once upon a time", SamplingParams(max_tokens=8, temperature=0.0))
+    assert health(server)["kv_blocks"] > 0
+    deadline = time.time() + TTL_S + 10
+    while time.time() < deadline and (health(server)["sessions"] or health(server)["kv_blocks"]):
+        time.sleep(0.5)
+    assert health(server)["sessions"] == 0 and health(server)["kv_blocks"] == 0
+    with pytest.raises(ShardwiseError, match="unknown or expired"):
+        c.generate("Again", SamplingParams(max_tokens=2, temperature=0.0))
+    c.close()
+
+
+def test_bad_messages_get_a_clear_4xx_and_the_session_carries_on(server):
+    http = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    opened = http.post("/v1/collab/sessions", json={
+        "model": MODEL, "sla_s": 10.0, "policy": "greedy",
+        "client": {"layer_seconds": [1e-4] * 30, "memory_bytes": 0.3e9, "rtt_s": 0.001}}).json()
+    segments = opened["segments"]
+    assert [s["side"] for s in segments] == ["client", "server"] and segments[1]["layers"][0] > 0, opened
+    url = f"/v1/collab/sessions/{opened['session']}/segments/1"
+    step = {"seq_ids": [0], "chunks": [[1, 2, 3]], "sample": [True],
+            "add": [{"seq_id": 0, "params": {"temperature": 0.0}}]}
+    good = torch.randn(3, 576)
+
+    def post(body: bytes, path: str = url) -> httpx.Response:
+        return http.post(path, content=body, headers={"content-type": MEDIA_TYPE})
+
+    def raw(tensor: torch.Tensor, **meta) -> bytes:  # as sent, dtype and all
+        return save({"hidden": tensor}, metadata={k: json.dumps(v) for k, v in meta.items()})
+
+    cases = [
+        (encode(torch.randn(3, 575), **step), 400, "shape"),
+        (encode(torch.randn(2, 576), **step), 400, "shape"),
+        (raw(good.half(), **step), 400, "float32"),
+        (encode(torch.full((3, 576), float("nan")), **step), 400, "NaN"),
+        (encode(good, **step)[:-100], 400, "safetensors"),
+        (b"hidden states", 400, "safetensors"),
+        (struct.pack("<Q", 10**9) + b"{}", 400, "safetensors"),
+        (encode(good, seq_ids=[0]), 400, "chunks"),
+        (encode(None, **step), 400, "hidden"),
+        (encode(good, **{**step, "add": []}), 400, "never added"),
+    ]
+    for body, status, words in cases:
+        reply = post(body)
+        assert reply.status_code == status and words in reply.json()["error"]["message"], reply.text
+    assert post(encode(good, **step), url.replace("/segments/1", "/segments/0")).status_code == 400  # the client's
+    assert post(encode(good, **step), "/v1/collab/sessions/nope/segments/1").status_code == 404
+    assert http.post(url, content=encode(good, **step)).status_code == 200  # the session still works
+    assert http.delete(f"/v1/collab/sessions/{opened['session']}").status_code == 200
+    assert httpx.post(f"{server}/v1/collab/echo", content=b"x").status_code == 401  # the API key applies
+
+
+def test_generate_cli_with_collab(server, llm):
+    result = cli("generate", "The capital of France is", "--no-chat", "--collab", server, "--api-key", KEY,
+                 "--max-tokens", "8", "--sla", "500ms")
+    assert result.returncode == 0, result.stderr
+    assert "split: " in result.stderr
+    assert llm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0.0))[0].text \
+        in result.stdout
+    result = cli("generate", "hi", "--collab", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "is it running" in result.stderr
