@@ -1,9 +1,11 @@
-"""Run as a script: a 2-node Ray cluster on this machine, one pipeline stage on each node, and
-the worker node killed outright (its raylet and every process on it) mid-generation. Prints
-PASS when the planner re-placed the model on the node left and every output is unchanged;
-then, with a cluster file whose devices fit the model only together, that losing one fails
-the requests with a clear error instead of hanging."""
+"""Run as a script (argv: a scratch folder, the expected token ids as JSON): a 2-node Ray
+cluster on this machine, one pipeline stage on each node, and the worker node killed outright
+(its raylet and every process on it) mid-generation. Prints PASS when the planner re-placed
+the model on the node left and every output is unchanged; then, with a cluster file whose
+devices fit the model only together, that losing one fails the requests with a clear error
+instead of hanging."""
 
+import json
 import sys
 import threading
 import time
@@ -15,10 +17,12 @@ from ray.cluster_utils import Cluster
 from shardwise import LLM, SamplingParams
 from shardwise.cluster.plan import DEFAULT_KV_TOKENS, Plan, stage_bytes
 from shardwise.errors import ShardwiseError
+from shardwise.model.registry import DEFAULT_MODEL, resolve
+from shardwise.model.weights import open_weights
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time", "1, 2, 3, 4,"]
-PARAMS = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
-          SamplingParams(max_tokens=40, temperature=0.8, seed=7, ignore_eos=True)] * 2
+PARAMS = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+          SamplingParams(max_tokens=24, temperature=0.8, seed=7, ignore_eos=True)] * 2
 
 
 def kill_when_generating(llm: LLM, cluster: Cluster, node, tokens: int) -> threading.Thread:
@@ -33,7 +37,7 @@ def kill_when_generating(llm: LLM, cluster: Cluster, node, tokens: int) -> threa
     return thread
 
 
-def replanned_without_the_dead_node(cluster: Cluster) -> bool:
+def replanned_without_the_dead_node(cluster: Cluster, expected: list[list[int]]) -> bool:
     worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     head = cluster.head_node.node_id
@@ -41,8 +45,7 @@ def replanned_without_the_dead_node(cluster: Cluster) -> bool:
                                       {"layers": [15, 30], "placement": worker.node_id}]})
     llm = LLM(plan=plan, address=cluster.address, dtype="float32", spare_stages=True)
     try:
-        expected = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
-        killer = kill_when_generating(llm, cluster, worker, tokens=24)
+        killer = kill_when_generating(llm, cluster, worker, tokens=16)
         started = time.perf_counter()
         got = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
         killer.join()
@@ -58,9 +61,7 @@ def replanned_without_the_dead_node(cluster: Cluster) -> bool:
 def fails_clearly_when_nothing_fits(cluster: Cluster, tmp: Path) -> bool:
     worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    llm = LLM(plan=Plan.from_dict({"stages": [{"layers": [0, 30]}]}), address=cluster.address)
-    whole = stage_bytes(llm.spec, (0, 30), "float32", DEFAULT_KV_TOKENS)
-    llm.close()
+    whole = stage_bytes(open_weights(resolve(DEFAULT_MODEL)).spec, (0, 30), "float32", DEFAULT_KV_TOKENS)
     each = 0.7 * whole / 1e9  # GB: the model fits on the two devices together, on neither alone
     path = tmp / "cluster.yaml"
     path.write_text(yaml.safe_dump({"devices": [
@@ -87,7 +88,8 @@ if __name__ == "__main__":
     checks = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": checks})
     try:
-        ok = replanned_without_the_dead_node(cluster) and fails_clearly_when_nothing_fits(cluster, Path(sys.argv[1]))
+        ok = (replanned_without_the_dead_node(cluster, json.loads(sys.argv[2]))
+              and fails_clearly_when_nothing_fits(cluster, Path(sys.argv[1])))
     finally:
         cluster.shutdown()
     print("PASS" if ok else "FAIL")
