@@ -34,12 +34,13 @@ PROMPTS = ["The capital of France is", "Write a short story about a robot who le
 POLICIES = ["dp", "greedy", "server"]
 
 
-def client(url: str, policy: str, slowdown: float, sla: float, memory: float, tokens: int) -> None:
+def client(url: str, policy: str, slowdown: float, sla: float, memory: float, tokens: int, costs: list[float]) -> None:
     """One client process: open a session under `policy`, generate, print what happened as JSON."""
     from shardwise import SamplingParams
     from shardwise.collab.client import CollaborativeClient
 
-    with CollaborativeClient(url, sla=sla, memory_gb=memory, policy=policy, threads=1, slowdown=slowdown) as c:
+    with CollaborativeClient(url, sla=sla, memory_gb=memory, policy=policy, threads=1, slowdown=slowdown,
+                             profile=costs) as c:
         started = time.perf_counter()
         outs = [c.generate(p, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))[0]
                 for p in PROMPTS]
@@ -54,10 +55,26 @@ def server_seconds(url: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def run(url: str, policy: str, tokens: int) -> dict:
+def client_costs() -> list[float]:
+    """This machine's per-layer decode seconds on one thread, measured once while nothing else
+    runs: every policy then decides from the same numbers (each client scales them by its slowdown)."""
+    import torch
+
+    from shardwise.collab.split import measure
+    from shardwise.engine.shard import ShardModel
+    from shardwise.model.registry import DEFAULT_MODEL, resolve
+    from shardwise.model.weights import open_weights
+
+    torch.set_num_threads(1)
+    weights = open_weights(resolve(DEFAULT_MODEL))
+    return measure(ShardModel(weights.spec, (0, 1), weights=weights), repeats=50)
+
+
+def run(url: str, policy: str, tokens: int, costs: list[float]) -> dict:
     before = server_seconds(url)
     procs = [subprocess.Popen([sys.executable, __file__, "--client", url, policy, str(s), str(sla), str(mem),
-                               str(tokens)], stdout=subprocess.PIPE, text=True) for s, sla, mem in CLIENTS]
+                               str(tokens), json.dumps(costs)], stdout=subprocess.PIPE, text=True)
+             for s, sla, mem in CLIENTS]
     results = []
     for p in procs:
         out, _ = p.communicate(timeout=900)
@@ -76,12 +93,13 @@ def main() -> None:
     args.add_argument("--rounds", type=int, default=3)
     args.add_argument("--tokens", type=int, default=32)
     opts = args.parse_args()
+    costs = client_costs()
     server, url = start_server("--threads", "1")
     try:
         rounds = {p: [] for p in POLICIES}
         for r in range(opts.rounds):
             for policy in POLICIES:
-                rounds[policy].append(run(url, policy, opts.tokens))
+                rounds[policy].append(run(url, policy, opts.tokens, costs))
                 last = rounds[policy][-1]
                 splits = ["/".join(f"{s['side'][0]}{s['layers'][0]}-{s['layers'][1]}" for s in c["segments"])
                           for c in last["clients"]]
@@ -102,7 +120,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--client"]:
-        url, policy, slowdown, sla, memory, tokens = sys.argv[2:]
-        client(url, policy, float(slowdown), float(sla), float(memory), int(tokens))
+        url, policy, slowdown, sla, memory, tokens, costs = sys.argv[2:]
+        client(url, policy, float(slowdown), float(sla), float(memory), int(tokens), json.loads(costs))
     else:
         main()

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save
 
 from shardwise.collab.client import CollaborativeClient
-from shardwise.collab.wire import MEDIA_TYPE, encode
+from shardwise.collab.wire import MEDIA_TYPE, decode, encode
 from shardwise.engine.sampling import SamplingParams
 from shardwise.errors import ShardwiseError
 from tests.conftest import TEXT_PROMPTS, cli, free_port, running_server
@@ -128,6 +128,7 @@ def test_bad_messages_get_a_clear_4xx_and_the_session_carries_on(server):
         (struct.pack("<Q", 10**9) + b"{}", 400, "safetensors"),
         (encode(good, seq_ids=[0]), 400, "chunks"),
         (encode(None, **step), 400, "hidden"),
+        (encode(good, **{**step, "chunks": [[1, 2, 10**9]]}), 400, "token ids"),
         (encode(good, **{**step, "add": []}), 400, "never added"),
     ]
     for body, status, words in cases:
@@ -149,3 +150,23 @@ def test_generate_cli_with_collab(server, llm):
         in result.stdout
     with pytest.raises(ShardwiseError, match="is it running"):
         client(f"http://127.0.0.1:{free_port()}")
+
+
+def test_the_session_stream_answers_errors_in_band_and_needs_the_key(server):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    opened = httpx.post(f"{server}/v1/collab/sessions", headers={"Authorization": f"Bearer {KEY}"}, json={
+        "model": MODEL, "sla_s": 10.0, "policy": "server",
+        "client": {"layer_seconds": [1.0] * 30, "memory_bytes": 1e9, "rtt_s": 0.001}}).json()
+    url = f"{server.replace('http', 'ws')}/v1/collab/sessions/{opened['session']}/stream"
+    with pytest.raises(InvalidStatus):
+        connect(url)
+    step = {"seq_ids": [0], "chunks": [[1, 2, 3]], "sample": [True],
+            "add": [{"seq_id": 0, "params": {"temperature": 0.0}}]}
+    with connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        ws.send(encode(None, **step))  # no segment index
+        assert "'segment'" in json.loads(ws.recv(timeout=60))["error"]["message"]
+        ws.send(encode(None, segment=0, **step))
+        reply = ws.recv(timeout=60)
+        assert isinstance(reply, bytes) and len(decode(reply)[1]["tokens"]) == 1

@@ -3,15 +3,18 @@
 On start it measures its own per-layer speed (or takes a `shardwise profile` file), times
 its round trip to the server and asks for a session; the server picks the split for its
 SLA and load. The client then loads only the layers it runs and drives each step through
-the segments in turn: its own on a local Worker, the server's over HTTP as safetensors.
+the segments in turn: its own on a local Worker, the server's as safetensors messages on
+the session's WebSocket.
 Everything else (batching, sampling, stop rules, streaming) is the LLM's own.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,12 @@ from typing import Any
 import httpx
 import psutil
 import torch
+from websockets.exceptions import WebSocketException
+from websockets.sync.client import connect
 
 from shardwise.cluster.plan import DEFAULT_KV_TOKENS
 from shardwise.collab.split import measure
-from shardwise.collab.wire import MEDIA_TYPE, decode, encode
+from shardwise.collab.wire import MAX_HIDDEN_BYTES, decode, encode
 from shardwise.engine.llm import LLM
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.engine.scheduler import Scheduler
@@ -37,13 +42,15 @@ from shardwise.model.weights import Weights, open_weights
 
 class CollaborativeClient(LLM):
     """url: the server; sla: seconds per generated token this client needs; profile: a
-    `shardwise profile` file of this device (default: measured now); memory_gb: memory the
+    `shardwise profile` file of this device, or its seconds per layer for one decode token
+    (default: measured now); memory_gb: memory the
     client offers for layers (default: 80 % of what is free); policy: "dp" (least server
     work within the SLA), "greedy" (most leading layers here) or "server" (none here);
     insist: fail rather than fall back to all-server when the SLA cannot be met; slowdown:
     emulate a device this many times slower (for benchmarks)."""
 
-    def __init__(self, url: str, model: str = DEFAULT_MODEL, *, sla: float = 0.25, profile: str | None = None,
+    def __init__(self, url: str, model: str = DEFAULT_MODEL, *, sla: float = 0.25,
+                 profile: str | list[float] | None = None,
                  memory_gb: float | None = None, api_key: str | None = None, policy: str = "dp",
                  insist: bool = False, threads: int | None = None, slowdown: float = 1.0, max_num_seqs: int = 8,
                  timeout: float = 120.0):
@@ -72,14 +79,16 @@ class CollaborativeClient(LLM):
             raise
         self.session: dict[str, Any] = reply  # its segments, predicted latency and server work, any note
         segments = [(s["side"], *s["layers"]) for s in reply["segments"]]
-        self.executor = CollabExecutor(http, reply["session"], segments, weights, slowdown)
+        self.executor = CollabExecutor(http, reply["session"], segments, weights, slowdown, headers, timeout)
         self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=512, kv_capacity=DEFAULT_KV_TOKENS)
         self._ids = itertools.count()
 
-    def _costs(self, weights: Weights, profile: str | None, memory: float) -> list[float]:
-        """Seconds per layer for one decode token here: from the profile through the estimator,
-        or timed on the first layer (the others are alike)."""
+    def _costs(self, weights: Weights, profile: str | list[float] | None, memory: float) -> list[float]:
+        """Seconds per layer for one decode token here: as given, from a profile file through the
+        estimator, or timed on the first layer (the others are alike)."""
+        if isinstance(profile, list):
+            return profile
         if profile is None:
             return measure(ShardModel(self.spec, (0, 1), weights=weights))
         from shardwise.perf.hardware import load_device
@@ -95,12 +104,20 @@ class CollabExecutor:
     parallelism = 1
 
     def __init__(self, http: httpx.Client, session: str, segments: list[tuple[str, int, int]], weights: Weights,
-                 slowdown: float = 1.0):
+                 slowdown: float, headers: dict[str, str], timeout: float):
         self.http, self.session, self.segments, self.slowdown = http, session, segments, slowdown
-        self.num_layers = weights.spec.num_layers
+        self.num_layers, self.timeout = weights.spec.num_layers, timeout
         self.workers = {k: Worker(ShardModel(weights.spec, (a, b), weights=weights))
                         for k, (side, a, b) in enumerate(segments) if side == "client"}
         self._pending = {k: {"add": [], "free": []} for k, s in enumerate(segments) if s[0] == "server"}
+        self.stream, self._open = None, ExitStack()
+        if self._pending:
+            url = f"{str(http.base_url).replace('http', 'ws', 1).rstrip('/')}/v1/collab/sessions/{session}/stream"
+            try:
+                self.stream = self._open.enter_context(connect(url, additional_headers=headers,
+                                                               max_size=MAX_HIDDEN_BYTES, open_timeout=timeout))
+            except (OSError, WebSocketException) as e:
+                raise ShardwiseError(f"cannot open the session's stream at {url} ({e})") from None
 
     def add(self, seq_id: int, params: SamplingParams, generated: list[int] = ()) -> None:
         for worker in self.workers.values():
@@ -128,12 +145,16 @@ class CollabExecutor:
 
     def _remote(self, k: int, seq_ids, chunks, sample, hidden: torch.Tensor | None) -> torch.Tensor | Sampled:
         ops = self._pending[k]
-        body = encode(hidden, seq_ids=seq_ids, chunks=chunks, sample=sample, add=ops["add"], free=ops["free"])
-        reply = self.http.post(f"/v1/collab/sessions/{self.session}/segments/{k}", content=body,
-                               headers={"content-type": MEDIA_TYPE})
-        _raise_for_error(reply)
+        try:
+            self.stream.send(encode(hidden, segment=k, seq_ids=seq_ids, chunks=chunks, sample=sample, add=ops["add"],
+                                    free=ops["free"]))
+            reply = self.stream.recv(timeout=self.timeout)
+        except (TimeoutError, WebSocketException) as e:
+            raise ShardwiseError(f"the server's stream broke ({type(e).__name__}: {e}): open a new client") from None
+        if isinstance(reply, str):  # an error, in the API's error body
+            raise ShardwiseError(f"the server refused segment {k}: {json.loads(reply)['error']['message']}")
         ops["add"], ops["free"] = [], []
-        hidden, meta = decode(reply.content)
+        hidden, meta = decode(reply)
         if self.segments[k][2] < self.num_layers:
             return hidden
         logprobs = {int(row): TokenLogprobs(lp, [tuple(t) for t in top]) for row, (lp, top) in meta["logprobs"].items()}
@@ -149,6 +170,7 @@ class CollabExecutor:
         return [{"side": side, "layers": [a, b]} for side, a, b in self.segments]
 
     def close(self) -> None:
+        self._open.close()
         try:
             self.http.delete(f"/v1/collab/sessions/{self.session}")
         except httpx.HTTPError:

@@ -36,7 +36,6 @@ class SessionGone(ShardwiseError):
 class Session:
     id: str
     split: Split
-    client_layers: int
     seq_ids: dict[int, int] = field(default_factory=dict)  # the client's sequence id -> the views' id
     last_used: float = field(default_factory=time.monotonic)
 
@@ -60,7 +59,7 @@ class CollabHost:
         self.expire()
         split = choose(self.spec, client, self.costs(), (rtt_s + server_wait_s) / 2, client_memory, sla_s,
                        policy, insist)
-        session = Session(uuid.uuid4().hex, split, sum(b - a for side, a, b in split.segments if side == "client"))
+        session = Session(uuid.uuid4().hex, split)
         self.sessions[session.id] = session
         if self.metrics:
             self.metrics.collab_sessions.inc()
@@ -91,6 +90,10 @@ class CollabHost:
         unknown = [s for s in seq_ids if s not in session.seq_ids or session.seq_ids[s] not in worker.shard.kv]
         if unknown:
             raise WireError(f"sequences {unknown} were never added to segment {segment}: send them in 'add' first")
+        for seq_id, chunk in zip(seq_ids, chunks, strict=True):
+            if worker.shard.cached_tokens(session.seq_ids[seq_id]) + len(chunk) > self.spec.context_length:
+                raise WireError(f"sequence {seq_id} would pass the model's context of {self.spec.context_length} "
+                                "tokens: end it sooner")
         started = time.perf_counter()
         out = worker.step([session.seq_ids[s] for s in seq_ids], chunks, sample, inputs)
         self._count(session, segment, tokens, time.perf_counter() - started)
@@ -165,8 +168,7 @@ class CollabHost:
                               f"{self.ttl_s:.0f} s are closed): open a new one")
         return self.sessions[session_id]
 
-    @staticmethod
-    def _step(meta: dict[str, Any]) -> tuple[list[int], list[list[int]], list[bool]]:
+    def _step(self, meta: dict[str, Any]) -> tuple[list[int], list[list[int]], list[bool]]:
         seq_ids, chunks, sample = meta.get("seq_ids"), meta.get("chunks"), meta.get("sample")
         if not (isinstance(seq_ids, list) and isinstance(chunks, list) and isinstance(sample, list)
                 and len(seq_ids) == len(chunks) == len(sample) > 0
@@ -174,6 +176,8 @@ class CollabHost:
                 and all(isinstance(c, list) and c and all(isinstance(t, int) for t in c) for c in chunks)):
             raise WireError("the metadata needs 'seq_ids' (ints), 'chunks' (a non-empty list of token ids each) "
                             "and 'sample' (booleans), one entry per sequence")
+        if any(not 0 <= t < self.spec.vocab_size for c in chunks for t in c):
+            raise WireError(f"token ids must lie in [0, {self.spec.vocab_size})")
         return seq_ids, chunks, sample
 
     def _add(self, session: Session, worker: Worker, new: Any) -> None:

@@ -15,6 +15,7 @@ from safetensors.torch import load, save
 from shardwise.errors import ShardwiseError
 
 MEDIA_TYPE = "application/vnd.safetensors"
+MAX_HIDDEN_BYTES = 64 << 20  # the largest message either side takes: a prefill of ~28k tokens 576 wide
 
 
 class WireError(ShardwiseError):
@@ -26,20 +27,32 @@ def encode(hidden: torch.Tensor | None = None, **meta: Any) -> bytes:
     return save(tensors, metadata={key: json.dumps(value) for key, value in meta.items()})
 
 
-def decode(body: bytes) -> tuple[torch.Tensor | None, dict[str, Any]]:
-    """The hidden states (if any) and the metadata of a message; a WireError if it is malformed."""
+def metadata(body: bytes) -> dict[str, Any]:
+    """A message's metadata, read from its header alone."""
     try:
         (size,) = struct.unpack("<Q", body[:8])
         header = json.loads(body[8:8 + size])
+        return {key: json.loads(value) for key, value in (header.get("__metadata__") or {}).items()}
+    except Exception as e:  # struct and JSON each raise their own
+        raise _malformed(e) from None
+
+
+def decode(body: bytes) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """The hidden states (if any) and the metadata of a message; a WireError if it is malformed."""
+    meta = metadata(body)
+    try:
         tensors = load(body)
-        meta = {key: json.loads(value) for key, value in (header.get("__metadata__") or {}).items()}
-    except Exception as e:  # struct, JSON and safetensors each raise their own
-        raise WireError(f"the body is not a complete safetensors message ({type(e).__name__}: {e}); send "
-                        "safetensors bytes with the step in its metadata") from None
+    except Exception as e:  # safetensors' own errors
+        raise _malformed(e) from None
     hidden = tensors.pop("hidden", None)
     if tensors:
         raise WireError(f"unexpected tensors {sorted(tensors)}: only 'hidden' is read")
     return hidden, meta
+
+
+def _malformed(e: Exception) -> WireError:
+    return WireError(f"the body is not a complete safetensors message ({type(e).__name__}: {e}); send "
+                     "safetensors bytes with the step in its metadata")
 
 
 def check_hidden(hidden: torch.Tensor | None, tokens: int, hidden_size: int) -> torch.Tensor:

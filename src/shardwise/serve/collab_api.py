@@ -1,21 +1,21 @@
-"""The collaborative endpoints: open a session (the server picks the split), run one of its
-server segments on hidden states (safetensors in, safetensors out), close it; and an
-echo the client times its round trip with. Same API key, limits and error body as /v1."""
+"""The collaborative endpoints: open a session (the server picks the split), run its server
+segments on hidden states (safetensors in, safetensors out: one POST per segment, or one
+binary WebSocket message each on the session's stream, as the client does), close it; and
+an echo the client times its round trip with. Same API key, limits and error body as /v1;
+on the stream an error is a text message with that body, and the stream stays open."""
 
 from __future__ import annotations
 
 import asyncio
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 
 from shardwise.collab.host import CollabHost, SessionGone
-from shardwise.collab.wire import MEDIA_TYPE, WireError
+from shardwise.collab.wire import MAX_HIDDEN_BYTES, MEDIA_TYPE, WireError, metadata
 from shardwise.errors import ShardwiseError
 from shardwise.serve.engine import AsyncEngine
 from shardwise.serve.http import ApiError, read_bytes
-
-MAX_HIDDEN_BYTES = 64 << 20  # a prefill of ~28k tokens of a 576-wide model
 
 
 def add_collab_routes(app: FastAPI, engine: AsyncEngine, host: CollabHost, authorize, read_session_request) -> None:
@@ -32,16 +32,37 @@ def add_collab_routes(app: FastAPI, engine: AsyncEngine, host: CollabHost, autho
         except ShardwiseError as e:
             raise ApiError(422, str(e), param="sla_s", code="split_impossible") from None
 
-    @app.post("/v1/collab/sessions/{session_id}/segments/{segment}", dependencies=auth)
-    async def run_segment(session_id: str, segment: int, request: Request) -> Response:
-        body = await read_bytes(request, MAX_HIDDEN_BYTES)
+    async def run(session_id: str, segment: int, body: bytes) -> bytes:
         try:
-            reply = await engine.call(lambda: host.run(session_id, segment, body))
+            return await engine.call(lambda: host.run(session_id, segment, body))
         except SessionGone as e:
             raise ApiError(404, str(e), code="session_not_found") from None
         except ShardwiseError as e:  # a malformed message, or a step the model refuses
             raise ApiError(400, str(e), code="invalid_tensor" if isinstance(e, WireError) else None) from None
-        return Response(reply, media_type=MEDIA_TYPE)
+
+    @app.post("/v1/collab/sessions/{session_id}/segments/{segment}", dependencies=auth)
+    async def run_segment(session_id: str, segment: int, request: Request) -> Response:
+        return Response(await run(session_id, segment, await read_bytes(request, MAX_HIDDEN_BYTES)),
+                        media_type=MEDIA_TYPE)
+
+    @app.websocket("/v1/collab/sessions/{session_id}/stream")
+    async def stream(websocket: WebSocket, session_id: str) -> None:
+        """Each binary message: a segment request whose metadata also names its "segment"."""
+        try:
+            authorize(websocket)
+        except ApiError:
+            await websocket.close(code=1008, reason="missing or wrong API key")
+            return
+        await websocket.accept()
+        try:
+            while True:
+                body = await websocket.receive_bytes()
+                try:
+                    await websocket.send_bytes(await run(session_id, segment_of(body), body))
+                except ApiError as e:
+                    await websocket.send_json(e.body())
+        except WebSocketDisconnect:
+            pass
 
     @app.delete("/v1/collab/sessions/{session_id}", dependencies=auth)
     async def close_session(session_id: str) -> JSONResponse:
@@ -54,6 +75,17 @@ def add_collab_routes(app: FastAPI, engine: AsyncEngine, host: CollabHost, autho
     @app.post("/v1/collab/echo", dependencies=auth)
     async def echo(request: Request) -> Response:
         return Response(await read_bytes(request, MAX_HIDDEN_BYTES), media_type="application/octet-stream")
+
+
+def segment_of(body: bytes) -> int:
+    try:
+        segment = metadata(body).get("segment")
+    except WireError as e:
+        raise ApiError(400, str(e), code="invalid_tensor") from None
+    if type(segment) is not int:
+        raise ApiError(400, "a stream message needs the segment's index as the integer 'segment' in its metadata",
+                       code="invalid_tensor")
+    return segment
 
 
 async def expire_sessions(engine: AsyncEngine, host: CollabHost) -> None:

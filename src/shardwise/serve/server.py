@@ -13,6 +13,7 @@ import time
 
 import uvicorn
 
+from shardwise.collab.wire import MAX_HIDDEN_BYTES
 from shardwise.engine.llm import LLM
 from shardwise.errors import ShardwiseError
 from shardwise.serve.api import create_app
@@ -23,7 +24,8 @@ def serve(llm: LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str |
     """Serve until interrupted (Ctrl-C or SIGTERM); closes llm on the way out. options: create_app's."""
     app = create_app(llm, api_key=api_key, **options)
     engine = app.state.engine
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           ws_max_size=MAX_HIDDEN_BYTES))
     http = threading.Thread(target=server.run, name="shardwise-http", daemon=True)
     try:
         http.start()
