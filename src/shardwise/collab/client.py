@@ -16,7 +16,6 @@ import statistics
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,20 +33,18 @@ from shardwise.engine.scheduler import Scheduler
 from shardwise.engine.shard import ShardModel
 from shardwise.engine.worker import Sampled, Worker
 from shardwise.errors import ShardwiseError
-from shardwise.model.registry import DEFAULT_MODEL, resolve
-from shardwise.model.spec import require_supported
-from shardwise.model.tokenizer import Tokenizer
-from shardwise.model.weights import Weights, open_weights
+from shardwise.model.registry import DEFAULT_MODEL
+from shardwise.model.weights import Weights
 
 
 class CollaborativeClient(LLM):
     """url: the server; sla: seconds per generated token this client needs; profile: a
     `shardwise profile` file of this device, or its seconds per layer for one decode token
-    (default: measured now); memory_gb: memory the
-    client offers for layers (default: 80 % of what is free); policy: "dp" (least server
-    work within the SLA), "greedy" (most leading layers here) or "server" (none here);
-    insist: fail rather than fall back to all-server when the SLA cannot be met; slowdown:
-    emulate a device this many times slower (for benchmarks)."""
+    (default: measured now); memory_gb: memory the client offers for layers (default: 80 %
+    of what is free); policy: "dp" (least server work within the SLA), "greedy" (most
+    leading layers here) or "server" (none here); insist: fail rather than fall back to
+    all-server when the SLA cannot be met; slowdown: emulate a device this many times
+    slower (for benchmarks)."""
 
     def __init__(self, url: str, model: str = DEFAULT_MODEL, *, sla: float = 0.25,
                  profile: str | list[float] | None = None,
@@ -56,12 +53,7 @@ class CollaborativeClient(LLM):
                  timeout: float = 120.0):
         if threads:
             torch.set_num_threads(threads)
-        self.path = resolve(model)
-        weights = open_weights(self.path)
-        self.spec = weights.spec
-        require_supported(self.spec)
-        self.tokenizer = Tokenizer(self.path, weights.eos_token_ids())
-        self.name = self.path.stem if Path(model).exists() else str(model)
+        weights = self._open(model)
         self.executor = None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
@@ -79,7 +71,11 @@ class CollaborativeClient(LLM):
             raise
         self.session: dict[str, Any] = reply  # its segments, predicted latency and server work, any note
         segments = [(s["side"], *s["layers"]) for s in reply["segments"]]
-        self.executor = CollabExecutor(http, reply["session"], segments, weights, slowdown, headers, timeout)
+        try:
+            self.executor = CollabExecutor(http, reply["session"], segments, weights, slowdown, headers, timeout)
+        except BaseException:
+            http.close()
+            raise
         self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=512, kv_capacity=DEFAULT_KV_TOKENS)
         self._ids = itertools.count()

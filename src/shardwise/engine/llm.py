@@ -23,7 +23,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.model.registry import DEFAULT_MODEL, resolve
 from shardwise.model.spec import require_supported
 from shardwise.model.tokenizer import Tokenizer
-from shardwise.model.weights import open_weights
+from shardwise.model.weights import Weights, open_weights
 
 if TYPE_CHECKING:
     from shardwise.planner.cluster import Cluster
@@ -53,11 +53,7 @@ class LLM:
                  cluster: Cluster | str | None = None, objective: str = "throughput"):
         if threads:
             torch.set_num_threads(threads)
-        path = resolve(model)
-        weights = open_weights(path)
-        self.spec, self.path = weights.spec, path
-        require_supported(self.spec)  # here, not first inside a Ray stage
-        self.tokenizer = Tokenizer(path, weights.eos_token_ids())
+        weights = self._open(model)
         if stages is not None and (plan is not None or cluster is not None):
             raise ShardwiseError("give stages, or a plan and/or a cluster, not both")
         if isinstance(plan, str | Path):
@@ -75,13 +71,22 @@ class LLM:
         else:
             from shardwise.cluster.pipeline import Pipeline  # Ray is imported only for pipelines
 
-            self.executor = Pipeline(path, self.spec, plan, dtype=dtype, address=address, kv_tokens=kv_tokens,
+            self.executor = Pipeline(self.path, self.spec, plan, dtype=dtype, address=address, kv_tokens=kv_tokens,
                                      micro_batches=micro_batches, stage_timeout=stage_timeout, spares=spare_stages,
                                      cluster=cluster, objective=objective)
-        self.name = path.stem if Path(model).exists() else str(model)  # what the server calls it
         self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=max_batch_tokens, kv_capacity=kv_tokens)
         self._ids = itertools.count()
+
+    def _open(self, model: str) -> Weights:
+        """Find and open the model: its path, spec, tokenizer and the name a server calls it by."""
+        self.path = resolve(model)
+        weights = open_weights(self.path)
+        self.spec = weights.spec
+        require_supported(self.spec)  # here, not first inside a Ray stage
+        self.tokenizer = Tokenizer(self.path, weights.eos_token_ids())
+        self.name = self.path.stem if Path(model).exists() else str(model)
+        return weights
 
     # --- public API ---------------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt],
