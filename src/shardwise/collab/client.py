@@ -14,6 +14,7 @@ import itertools
 import json
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
 from typing import Any
@@ -32,7 +33,7 @@ from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.engine.scheduler import Scheduler
 from shardwise.engine.shard import ShardModel
 from shardwise.engine.worker import Sampled, Worker
-from shardwise.errors import ShardwiseError
+from shardwise.errors import ShardwiseError, StageFailure
 from shardwise.model.registry import DEFAULT_MODEL
 from shardwise.model.weights import Weights
 
@@ -57,22 +58,21 @@ class CollaborativeClient(LLM):
         self.executor = None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.session: dict[str, Any] = {}  # its id, segments, predicted latency and server work, any note
+
+        def open_session() -> dict[str, Any]:
+            self.session = _json(http.post("/v1/collab/sessions", json=request))
+            return self.session
+
         try:
             memory = memory_gb * 1e9 if memory_gb is not None else 0.8 * psutil.virtual_memory().available
             costs = [c * slowdown for c in self._costs(weights, profile, memory)]
-            reply = _json(http.post("/v1/collab/sessions", json={
-                "model": self.name, "sla_s": sla, "policy": policy, "insist": insist,
-                "client": {"layer_seconds": costs, "memory_bytes": memory, "rtt_s": _round_trip(http, self.spec)}}))
+            request = {"model": self.name, "sla_s": sla, "policy": policy, "insist": insist, "client": {
+                "layer_seconds": costs, "memory_bytes": memory, "rtt_s": _round_trip(http, self.spec)}}
+            self.executor = CollabExecutor(http, open_session, weights, slowdown, headers, timeout)
         except httpx.HTTPError as e:
             http.close()
             raise ShardwiseError(f"cannot reach the shardwise server at {url} ({e}): is it running?") from None
-        except BaseException:
-            http.close()
-            raise
-        self.session: dict[str, Any] = reply  # its segments, predicted latency and server work, any note
-        segments = [(s["side"], *s["layers"]) for s in reply["segments"]]
-        try:
-            self.executor = CollabExecutor(http, reply["session"], segments, weights, slowdown, headers, timeout)
         except BaseException:
             http.close()
             raise
@@ -95,25 +95,50 @@ class CollaborativeClient(LLM):
 
 
 class CollabExecutor:
-    """The executor of a collaborative session: each step goes through the segments in order."""
+    """The executor of a collaborative session: each step goes through the segments in order.
+    A session the server no longer has (expired, or the server restarted) or a broken stream
+    is a StageFailure: recover() opens a new session and the scheduler replays every sequence
+    into it, so generation carries on unchanged."""
 
     parallelism = 1
 
-    def __init__(self, http: httpx.Client, session: str, segments: list[tuple[str, int, int]], weights: Weights,
+    def __init__(self, http: httpx.Client, open_session: Callable[[], dict[str, Any]], weights: Weights,
                  slowdown: float, headers: dict[str, str], timeout: float):
-        self.http, self.session, self.segments, self.slowdown = http, session, segments, slowdown
-        self.num_layers, self.timeout = weights.spec.num_layers, timeout
-        self.workers = {k: Worker(ShardModel(weights.spec, (a, b), weights=weights))
-                        for k, (side, a, b) in enumerate(segments) if side == "client"}
-        self._pending = {k: {"add": [], "free": []} for k, s in enumerate(segments) if s[0] == "server"}
-        self.stream, self._open = None, ExitStack()
+        self.http, self.open_session, self.weights, self.slowdown = http, open_session, weights, slowdown
+        self.num_layers, self.headers, self.timeout = weights.spec.num_layers, headers, timeout
+        self.workers: dict[int, Worker] = {}
+        self._stream_context = ExitStack()
+        self._start()
+
+    def _start(self) -> None:
+        """Open a session (its split may differ from the last one's), hold this side's layers of
+        it (reusing those already loaded, emptied) and connect the session's stream."""
+        self._stream_context.close()
+        info = self.open_session()
+        self.session, self.segments = info["session"], [(s["side"], *s["layers"]) for s in info["segments"]]
+        loaded = {(w.shard.start, w.shard.end): w for w in self.workers.values()}
+        for worker in loaded.values():
+            worker.reset()
+        self.workers = {k: loaded.get((a, b)) or Worker(ShardModel(self.weights.spec, (a, b), weights=self.weights))
+                        for k, (side, a, b) in enumerate(self.segments) if side == "client"}
+        self._pending = {k: {"add": [], "free": []} for k, s in enumerate(self.segments) if s[0] == "server"}
+        self.stream = None
         if self._pending:
-            url = f"{str(http.base_url).replace('http', 'ws', 1).rstrip('/')}/v1/collab/sessions/{session}/stream"
+            base = str(self.http.base_url).replace("http", "ws", 1).rstrip("/")
+            url = f"{base}/v1/collab/sessions/{self.session}/stream"
             try:
-                self.stream = self._open.enter_context(connect(url, additional_headers=headers,
-                                                               max_size=MAX_HIDDEN_BYTES, open_timeout=timeout))
+                self.stream = self._stream_context.enter_context(connect(
+                    url, additional_headers=self.headers, max_size=MAX_HIDDEN_BYTES, open_timeout=self.timeout))
             except (OSError, WebSocketException) as e:
                 raise ShardwiseError(f"cannot open the session's stream at {url} ({e})") from None
+
+    def recover(self, failure: StageFailure) -> list[int]:
+        try:
+            self._start()
+        except httpx.HTTPError as e:
+            raise ShardwiseError(f"the collaborative session was lost ({failure}) and no new one opens ({e}): "
+                                 "is the server running?") from None
+        return []
 
     def add(self, seq_id: int, params: SamplingParams, generated: list[int] = ()) -> None:
         for worker in self.workers.values():
@@ -127,16 +152,19 @@ class CollabExecutor:
         for ops in self._pending.values():
             ops["free"].append(seq_id)
 
-    def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled:
+    def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled | StageFailure:
         out = None
-        for k, (side, a, _) in enumerate(self.segments):
-            if side == "client":
-                started = time.perf_counter()
-                out = self.workers[k].step(seq_ids, chunks, sample, out)
-                if self.slowdown > 1:  # an emulated slower device takes proportionally longer
-                    time.sleep((self.slowdown - 1) * (time.perf_counter() - started))
-            else:
-                out = self._remote(k, seq_ids, chunks, sample, out if a > 0 else None)
+        try:
+            for k, (side, a, _) in enumerate(self.segments):
+                if side == "client":
+                    started = time.perf_counter()
+                    out = self.workers[k].step(seq_ids, chunks, sample, out)
+                    if self.slowdown > 1:  # an emulated slower device takes proportionally longer
+                        time.sleep((self.slowdown - 1) * (time.perf_counter() - started))
+                else:
+                    out = self._remote(k, seq_ids, chunks, sample, out if a > 0 else None)
+        except StageFailure as failure:
+            return failure  # result() raises it, where the scheduler expects a step to fail
         return out
 
     def _remote(self, k: int, seq_ids, chunks, sample, hidden: torch.Tensor | None) -> torch.Tensor | Sampled:
@@ -146,9 +174,12 @@ class CollabExecutor:
                                     free=ops["free"]))
             reply = self.stream.recv(timeout=self.timeout)
         except (TimeoutError, WebSocketException) as e:
-            raise ShardwiseError(f"the server's stream broke ({type(e).__name__}: {e}): open a new client") from None
+            raise StageFailure(f"the session's stream broke ({type(e).__name__}: {e})") from None
         if isinstance(reply, str):  # an error, in the API's error body
-            raise ShardwiseError(f"the server refused segment {k}: {json.loads(reply)['error']['message']}")
+            error = json.loads(reply)["error"]
+            if error["code"] == "session_not_found":
+                raise StageFailure(error["message"])
+            raise ShardwiseError(f"the server refused segment {k}: {error['message']}")
         ops["add"], ops["free"] = [], []
         hidden, meta = decode(reply)
         if self.segments[k][2] < self.num_layers:
@@ -159,14 +190,16 @@ class CollabExecutor:
     def wait(self, handles: list[Any]) -> int:
         return 0
 
-    def result(self, handle: Sampled) -> Sampled:
+    def result(self, handle: Sampled | StageFailure) -> Sampled:
+        if isinstance(handle, StageFailure):
+            raise handle
         return handle
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"side": side, "layers": [a, b]} for side, a, b in self.segments]
 
     def close(self) -> None:
-        self._open.close()
+        self._stream_context.close()
         try:
             self.http.delete(f"/v1/collab/sessions/{self.session}")
         except httpx.HTTPError:
