@@ -1,5 +1,6 @@
 """Run as a script (argv: a scratch folder, the expected token ids as JSON): a 2-node Ray
-cluster on this machine, one pipeline stage on each node, and the worker node killed outright
+cluster on this machine, joined through `address`, one pipeline stage placed on each node by
+node id, and the worker node killed outright
 (its raylet and every process on it) mid-generation. Prints PASS when the planner re-placed
 the model on the node left and every output is unchanged; then, with a cluster file whose
 devices fit the model only together, that losing one fails the requests with a clear error
@@ -45,6 +46,7 @@ def replanned_without_the_dead_node(cluster: Cluster, expected: list[list[int]])
                                       {"layers": [15, 30], "placement": worker.node_id}]})
     llm = LLM(plan=plan, address=cluster.address, dtype="float32", spare_stages=True)
     try:
+        placed = [s["node"] for s in llm.stages()]
         killer = kill_when_generating(llm, cluster, worker, tokens=16)
         started = time.perf_counter()
         got = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
@@ -54,8 +56,9 @@ def replanned_without_the_dead_node(cluster: Cluster, expected: list[list[int]])
               f"stages={[(s['layers'], s['node'][:8]) for s in stages]}")
     finally:
         llm.close()
-    return (got == expected and llm.scheduler.recoveries == 1 and all(s["node"] == head for s in stages)
-            and stages[0]["layers"][0] == 0 and stages[-1]["layers"][1] == 30)
+    return (placed == [head, worker.node_id] and got == expected and llm.scheduler.recoveries == 1
+            and all(s["node"] == head for s in stages) and stages[0]["layers"][0] == 0
+            and stages[-1]["layers"][1] == 30)
 
 
 def fails_clearly_when_nothing_fits(cluster: Cluster, tmp: Path) -> bool:

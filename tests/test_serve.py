@@ -201,3 +201,14 @@ def test_serve_and_bench_cli_errors(server):
     assert unknown.returncode == 1 and "no-such-model" in unknown.stderr and "Traceback" not in unknown.stderr
     nobody = cli("bench", "--url", f"http://127.0.0.1:{free_port()}", "--requests", "1")
     assert nobody.returncode == 1 and "cannot reach" in nobody.stderr
+
+
+def test_a_collaborative_client_of_a_pipeline_server(server, llm):
+    """Behind Ray stages the server runs collaborative segments on a model copy of its own."""
+    from shardwise import SamplingParams
+    from shardwise.collab.client import CollaborativeClient
+
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    with CollaborativeClient(server, api_key=KEY, sla=0.5, memory_gb=0.5, threads=1) as c:
+        assert {s["side"] for s in c.session["segments"]} == {"client", "server"}
+        assert c.generate(TEXT_PROMPTS[2], params)[0].token_ids == llm.generate(TEXT_PROMPTS[2], params)[0].token_ids

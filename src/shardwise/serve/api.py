@@ -67,6 +67,10 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
         return e.response()
 
+    @app.exception_handler(EngineError)
+    async def engine_error(_: Request, e: EngineError) -> JSONResponse:
+        return ApiError(503, str(e), kind="server_error").response()
+
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:
         return ApiError(e.status_code, str(e.detail), code=str(e.status_code)).response()

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from shardwise.collab.host import CollabHost, SessionGone
 from shardwise.collab.wire import MAX_HIDDEN_BYTES, MEDIA_TYPE, WireError, metadata
 from shardwise.errors import ShardwiseError
-from shardwise.serve.engine import AsyncEngine
+from shardwise.serve.engine import AsyncEngine, EngineError
 from shardwise.serve.http import ApiError, read_bytes
 
 
@@ -37,6 +37,8 @@ def add_collab_routes(app: FastAPI, engine: AsyncEngine, host: CollabHost, autho
             return await engine.call(lambda: host.run(session_id, segment, body))
         except SessionGone as e:
             raise ApiError(404, str(e), code="session_not_found") from None
+        except EngineError as e:  # on the stream too, not only as the app's 503
+            raise ApiError(503, str(e), kind="server_error") from None
         except ShardwiseError as e:  # a malformed message, or a step the model refuses
             raise ApiError(400, str(e), code="invalid_tensor" if isinstance(e, WireError) else None) from None
 

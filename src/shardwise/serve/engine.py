@@ -56,6 +56,8 @@ class AsyncEngine:
     async def call(self, fn):
         """fn() run on the engine thread between two steps (work that uses the model: it
         waits for the step in progress and never runs beside one); returns its result."""
+        if self.failure:  # nothing would ever run it
+            raise EngineError(f"the engine stopped: {self.failure}")
         future = asyncio.get_running_loop().create_future()
         self._inbox.put(("call", (fn, future)))
         return await future
