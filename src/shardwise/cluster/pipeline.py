@@ -48,16 +48,14 @@ class Pipeline:
         self.kv_tokens, self.stage_timeout = kv_tokens, stage_timeout
         self.cluster, self.objective = cluster, objective  # what a re-plan after a node's death splits over
         self.use_spares, self.spares = spares, {}  # node id -> an empty, warm StageActor
-        self.stages = []
+        self.stages, self._micro_batches = [], micro_batches
+        self._steps: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}  # in flight: last ref -> every stage's
         self._owns_ray = join(address, instead="run locally")
         try:
             self._start_plan(plan)
         except BaseException:
             self.close()
             raise
-        self.parallelism = micro_batches or len({(n["NodeID"], s.device if s.device.startswith("cuda") else "cpu")
-                                                 for s, n in zip(plan.stages, self.nodes, strict=True)})
-        self._steps: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}  # in flight: last ref -> every stage's
 
     def _start_plan(self, plan: Plan) -> None:
         """Place, check and start every stage of `plan` (into warm spares where there are some)."""
@@ -65,6 +63,9 @@ class Pipeline:
         self.plan, self.nodes = plan, self._place(plan)
         self._check_memory()
         self._set_threads()
+        resources = {(n["NodeID"], s.device if s.device.startswith("cuda") else "cpu")
+                     for s, n in zip(plan.stages, self.nodes, strict=True)}
+        self.parallelism = self._micro_batches or len(resources)
         n = len(plan.stages)
         self.stages, self.pids, self.node_ids = [None] * n, [None] * n, [None] * n
         self._launch(list(range(n)))

@@ -24,6 +24,7 @@ from shardwise.engine.shard import ShardModel
 from shardwise.engine.worker import Worker
 from shardwise.errors import ShardwiseError
 from shardwise.model.weights import open_weights
+from shardwise.serve.metrics import Metrics
 
 DEFAULT_TTL_S = 300.0
 
@@ -36,20 +37,19 @@ class SessionGone(ShardwiseError):
 class Session:
     id: str
     split: Split
+    counters: dict[int, list[Any]]  # server segment -> the per-layer token counters a step through it adds to
     seq_ids: dict[int, int] = field(default_factory=dict)  # the client's sequence id -> the views' id
     last_used: float = field(default_factory=time.monotonic)
 
 
 class CollabHost:
-    def __init__(self, llm, ttl_s: float = DEFAULT_TTL_S, metrics=None):
-        self.llm, self.spec, self.ttl_s, self.metrics = llm, llm.spec, ttl_s, metrics
+    def __init__(self, llm, metrics: Metrics, ttl_s: float = DEFAULT_TTL_S):
+        self.llm, self.spec, self.metrics, self.ttl_s = llm, llm.spec, metrics, ttl_s
         self.sessions: dict[str, Session] = {}
         self._views: dict[tuple[int, int], Worker] = {}
         self._full: ShardModel | None = None
         self._costs: list[float] | None = None
         self._ids = itertools.count()
-        self.layer_tokens = {"server": [0] * self.spec.num_layers, "client": [0] * self.spec.num_layers}
-        self.server_seconds = 0.0
 
     # --- sessions (engine thread) ----------------------------------------------------------------
     def open(self, client: list[float], client_memory: float, rtt_s: float, sla_s: float, policy: str,
@@ -59,10 +59,9 @@ class CollabHost:
         self.expire()
         split = choose(self.spec, client, self.costs(), (rtt_s + server_wait_s) / 2, client_memory, sla_s,
                        policy, insist)
-        session = Session(uuid.uuid4().hex, split)
+        session = Session(uuid.uuid4().hex, split, self._counters(split.segments))
         self.sessions[session.id] = session
-        if self.metrics:
-            self.metrics.collab_sessions.inc()
+        self.metrics.collab_sessions.inc()
         for side, a, b in split.segments:
             if side == "server":
                 self._view(a, b)
@@ -96,7 +95,9 @@ class CollabHost:
                                 "tokens: end it sooner")
         started = time.perf_counter()
         out = worker.step([session.seq_ids[s] for s in seq_ids], chunks, sample, inputs)
-        self._count(session, segment, tokens, time.perf_counter() - started)
+        self.metrics.collab_seconds.inc(time.perf_counter() - started)
+        for counter in session.counters[segment]:
+            counter.inc(tokens)
         session.last_used = time.monotonic()
         if isinstance(out, torch.Tensor):
             return encode(out)
@@ -121,27 +122,18 @@ class CollabHost:
 
     def stats(self) -> dict[str, Any]:
         return {"sessions": len(self.sessions),
-                "kv_blocks": sum(w.shard.kv.blocks_in_use for w in self._views.values()),
-                "server_layer_tokens": sum(self.layer_tokens["server"]),
-                "client_layer_tokens": sum(self.layer_tokens["client"])}
+                "kv_blocks": sum(w.shard.kv.blocks_in_use for w in list(self._views.values()))}
 
     # --- internals ------------------------------------------------------------------------------
-    def _count(self, session: Session, segment: int, tokens: int, seconds: float) -> None:
-        """Layer-tokens per side: the segment's on the server; the client's, once per step (at
-        the session's first server segment)."""
-        self.server_seconds += seconds
-        segments = session.split.segments
-        counted = [segments[segment]]
-        if segment == next(i for i, s in enumerate(segments) if s[0] == "server"):
-            counted += [s for s in segments if s[0] == "client"]
-        for side, a, b in counted:
-            for layer in range(a, b):
-                self.layer_tokens[side][layer] += tokens
-        if self.metrics:
-            self.metrics.collab_seconds.inc(seconds)
-            for side, a, b in counted:
-                for layer in range(a, b):
-                    self.metrics.collab_layer_tokens.labels(self.llm.name, side, str(layer)).inc(tokens)
+    def _counters(self, segments: list[tuple[str, int, int]]) -> dict[int, list[Any]]:
+        """Per server segment, the layer-token counters a step through it adds to: its own layers
+        (server), and at the session's first server segment the client's layers (offloaded), so
+        each step counts every layer once. Looked up once per session, not per step."""
+        server = [k for k, s in enumerate(segments) if s[0] == "server"]
+        client = [s for s in segments if s[0] == "client"]
+        return {k: [self.metrics.collab_layer_tokens.labels(self.llm.name, side, str(layer))
+                    for side, a, b in [segments[k], *(client if k == server[0] else [])] for layer in range(a, b)]
+                for k in server}
 
     def costs(self) -> list[float]:
         """This server's per-layer decode costs, measured once on its own weights."""

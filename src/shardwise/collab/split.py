@@ -10,8 +10,6 @@ the input starts and the output ends on the client.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +19,7 @@ from shardwise.cluster.plan import stage_bytes
 from shardwise.engine.shard import ShardModel
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
+from shardwise.perf.profile import timed
 from shardwise.planner.collaborative import CLIENT, SERVER, SplitResult, split_client_server
 
 POLICIES = ("dp", "greedy", "server")
@@ -41,7 +40,7 @@ def measure(shard: ShardModel, repeats: int = 15) -> list[float]:
     spec = shard.spec
     head = shard.head if shard.is_last else torch.randn(spec.vocab_size, spec.hidden_size, dtype=shard.dtype) / 30
     x = torch.randn(1, spec.hidden_size, dtype=shard.dtype)
-    head_s = _median_time(lambda: F.linear(x, head), repeats)
+    head_s = timed(lambda: F.linear(x, head), shard.device, repeats)
     seq = -1  # a sequence id no caller uses
     shard.allocate(seq)
     try:
@@ -51,21 +50,11 @@ def measure(shard: ShardModel, repeats: int = 15) -> list[float]:
             shard.forward([seq], [tokens], inputs)
 
         step(32)
-        step_s = _median_time(lambda: step(1), repeats)
+        step_s = timed(lambda: step(1), shard.device, repeats)
     finally:
         shard.free(seq)
     layer_s = max(step_s - (head_s if shard.is_last else 0.0), 1e-7) / (shard.end - shard.start)
     return [layer_s] * (spec.num_layers - 1) + [layer_s + head_s]
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def choose(spec: ModelSpec, client: list[float], server: list[float], switch_s: float, client_memory: float,

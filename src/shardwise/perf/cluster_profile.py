@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardwise.cluster.ray_session import join
-from shardwise.perf.profile import Progress, link_from_round_trips, profile_device
+from shardwise.perf.profile import Progress, link_from_round_trips, profile_device, timed
 
 HOP_TOKENS = (1, 512)  # hidden states of a decode step and of a prefill chunk
 
@@ -106,18 +107,11 @@ def stage_hop_latency(model: str, device: str, prompt: int = 64, new: int = 17, 
 
         return (run(new) - run(1)) / (new - 1)
 
-    def actor_call_seconds(stage) -> float:  # a bare call and its answer: the least a hop can cost
-        times = []
-        for _ in range(20):
-            start = time.perf_counter()
-            ray.get(stage.ready.remote())
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     with LLM(model, device=device) as one, LLM(model, device=device, stages=2) as two:
         step_seconds(one), step_seconds(two)  # warm-up
         differences = [step_seconds(two) - step_seconds(one) for _ in range(rounds)]
-        floor = actor_call_seconds(two.executor.stages[1])
+        stage = two.executor.stages[1]
+        floor = timed(lambda: ray.get(stage.ready.remote()), torch.device("cpu"), 20)  # a bare call and answer
     # a busy machine can hide the hop in the noise of the two step times; it never costs less than a call
     return max(statistics.median(differences), floor) / 2
 

@@ -37,7 +37,7 @@ DECODE_CONTEXT = 64
 Progress = Callable[[str], None]
 
 
-def _timed(fn: Callable[[], Any], device: torch.device, repeats: int, best: bool = False) -> float:
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, best: bool = False) -> float:
     """Median (or, with best=True, fastest) seconds of fn over repeats, after one warm-up."""
     fn()
     times = []
@@ -55,13 +55,13 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int, best: bool
 def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / _timed(lambda: a @ b, device, repeats)
+    return 2 * n**3 / timed(lambda: a @ b, device, repeats)
 
 
 def read_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Bytes/s of a streaming reduction over a buffer far larger than any cache."""
     x = torch.ones(nbytes // 4, device=device)
-    return nbytes / _timed(lambda: x.sum(), device, repeats)
+    return nbytes / timed(lambda: x.sum(), device, repeats)
 
 
 MATMUL_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -87,7 +87,7 @@ def matmul_efficiency(spec: ModelSpec, raw: DeviceSpec, device: torch.device, dt
     curve = []
     for rows in MATMUL_ROWS:
         inputs = [torch.randn(rows, k, device=device, dtype=DTYPES[dtype]) for _, k in shapes]
-        seconds = _timed(lambda ins=inputs: [linear(x, w) for x, w in zip(ins, weights, strict=True)],
+        seconds = timed(lambda ins=inputs: [linear(x, w) for x, w in zip(ins, weights, strict=True)],
                          device, repeats, best=True)
         ideal = sum(max(2 * rows * n * k / raw.flops[raw.default_dtype],
                         (n * k + rows * (n + k)) * itemsize / raw.bandwidth) for n, k in shapes)
@@ -124,7 +124,7 @@ def _worker_steps(worker: Worker, layers: int, device: torch.device, progress: P
     for tokens in PREFILL_TOKENS:
         progress(f"prefill {tokens} tokens, {layers} layers")
         samples.append({"layers": layers, "batch": 1, "new": tokens, "context": 0,
-                        "seconds": _timed(lambda n=tokens: prefill(n), device, repeats)})
+                        "seconds": timed(lambda n=tokens: prefill(n), device, repeats)})
     for batch in DECODE_BATCHES:
         progress(f"decode batch {batch}, {layers} layers")
         seqs = [next(ids) for _ in range(batch)]
@@ -132,7 +132,7 @@ def _worker_steps(worker: Worker, layers: int, device: torch.device, progress: P
             worker.add(seq, SamplingParams(temperature=0))
         worker.step(seqs, [[1] * DECODE_CONTEXT] * batch, [True] * batch)
         samples.append({"layers": layers, "batch": batch, "new": 1, "context": DECODE_CONTEXT,
-                        "seconds": _timed(lambda s=seqs: worker.step(s, [[1]] * len(s), [True] * len(s)),
+                        "seconds": timed(lambda s=seqs: worker.step(s, [[1]] * len(s), [True] * len(s)),
                                           device, 2 * repeats)})
         for seq in seqs:
             worker.free(seq)

@@ -120,7 +120,6 @@ class Cluster:
             cluster.index(cluster.source)
         return cluster
 
-
     def on_nodes(self, alive: list[dict[str, Any]]) -> Cluster:
         """The devices whose Ray node is among `alive` (ray.nodes() entries; "local" always is)."""
         keys = {"local"} | {n["NodeID"] for n in alive} | {n["NodeManagerAddress"] for n in alive}

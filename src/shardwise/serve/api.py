@@ -48,7 +48,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
     stopped when the app shuts down. With api_key, /v1 needs `Authorization: Bearer <api_key>`."""
     metrics = Metrics(llm.name)
     engine = AsyncEngine(llm, metrics)
-    collab = CollabHost(llm, collab_ttl_s, metrics)
+    collab = CollabHost(llm, metrics, collab_ttl_s)
     spec, tokenizer = llm.spec, llm.tokenizer
     token_text = _token_text(tokenizer)  # one cache for the server's lifetime
 

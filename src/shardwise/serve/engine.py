@@ -116,10 +116,10 @@ class AsyncEngine:
             self.running = False
 
     def _drain(self, block: bool) -> bool:
-        """Apply queued adds and aborts; False once asked to stop."""
+        """Apply queued adds, aborts and calls; False once asked to stop."""
         while True:
             try:
-                command, seqs = self._inbox.get(block=block)
+                command, payload = self._inbox.get(block=block)
             except queue.Empty:
                 return True
             block = False
@@ -127,9 +127,9 @@ class AsyncEngine:
                 self.scheduler.release_all()
                 return False
             if command == "call":
-                _call(*seqs)
+                _call(*payload)
                 continue
-            for seq in seqs:
+            for seq in payload:
                 if command == "add":
                     self.scheduler.add(seq)
                 elif not seq.output.finished:
