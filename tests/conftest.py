@@ -111,6 +111,20 @@ def hf_model(model_path):
 
 
 @pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory, hf_model, llm):
+    """The default model saved the HF way (config.json + fp32 safetensors + tokenizer files)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("hf-model")
+    # transformers refuses to re-save a GGUF-loaded model, so write the HF layout directly
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, path / "model.safetensors")
+    hf_model.config.to_json_file(path / "config.json")
+    llm.tokenizer.hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session (token auth stays on), shut down at the end."""
     import ray

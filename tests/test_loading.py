@@ -35,16 +35,9 @@ def test_shard_loads_only_its_layers(weights):
     assert params == 2 * (weights.spec.layer_parameters() - 2 * weights.spec.hidden_size)
 
 
-def test_hf_directory_with_safetensors(tmp_path, llm, hf_model):
+def test_hf_directory_with_safetensors(hf_dir, llm):
     """The same model saved the HF way (config.json + safetensors + tokenizer) loads and agrees."""
-    from safetensors.torch import save_file
-
-    # transformers refuses to re-save a GGUF-loaded model, so write the HF layout directly
-    state = {k: v.contiguous() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, tmp_path / "model.safetensors")
-    hf_model.config.to_json_file(tmp_path / "config.json")
-    llm.tokenizer.hf.save_pretrained(tmp_path)
-    other = LLM(str(tmp_path), dtype="float32")
+    other = LLM(str(hf_dir), dtype="float32")
     prompts = [llm.tokenizer.encode(p) for p in TEXT_PROMPTS]
     diff = (run_prompts([other.executor.shard], prompts) - run_prompts([llm.executor.shard], prompts)).abs().max()
     assert diff <= 1e-5

@@ -15,7 +15,7 @@ from typing import Any
 
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
-from shardwise.perf.hardware import dtype_bytes
+from shardwise.perf.hardware import dtype_bytes, edge_dtype
 
 DEFAULT_KV_TOKENS = 16384  # KV budget each stage must fit besides its weights
 STAGE_TIMEOUT_S = 60.0  # no pipeline step finishing for this long means a stage hangs
@@ -119,13 +119,16 @@ class Plan:
 def stage_bytes(spec: ModelSpec, layers: tuple[int, int], dtype: str, kv_tokens: int,
                 kv_dtype: str | None = None) -> float:
     """Memory a stage holds: its layers' weights at `dtype`, embedding / head at the ends, and a
-    KV budget of kv_tokens tokens at kv_dtype (default: dtype)."""
+    KV budget of kv_tokens tokens at kv_dtype (default: dtype; fp32 for int8 / int4 weights, whose
+    activations and cache stay float)."""
     start, end = layers
     params = (end - start) * spec.layer_parameters()
-    embed = spec.vocab_size * spec.hidden_size
+    embed, edges = spec.vocab_size * spec.hidden_size, 0
     if start == 0:
-        params += embed
+        edges += embed
     if end == spec.num_layers:
-        params += spec.hidden_size + (embed if not (spec.tie_embeddings and start == 0) else 0)
-    kv = 2 * (end - start) * spec.kv_size * dtype_bytes(kv_dtype or dtype) * kv_tokens
-    return params * dtype_bytes(dtype) + kv
+        params += spec.hidden_size
+        edges += embed if not (spec.tie_embeddings and start == 0) else 0
+    kv_dtype = kv_dtype or ("fp32" if dtype in ("int8", "int4") else dtype)
+    kv = 2 * (end - start) * spec.kv_size * dtype_bytes(kv_dtype) * kv_tokens
+    return params * dtype_bytes(dtype) + edges * dtype_bytes(edge_dtype(dtype)) + kv

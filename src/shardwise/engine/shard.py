@@ -19,10 +19,15 @@ from shardwise.errors import ShardwiseError
 from shardwise.model.layers import Block, PackedBatch, RotaryTable, linear, rms_norm, softcap
 from shardwise.model.spec import ModelSpec, require_supported
 from shardwise.model.weights import Weights
+from shardwise.quant import QuantizedWeight
+from shardwise.quant.weight import BITS
 
 HEAD_BLOCK = 2048  # vocabulary rows per LM-head block
 keep_buffers_in_heap()  # once per process that runs a shard
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_DTYPES = (*DTYPES, *BITS)
+# the projections that int8 / int4 keep quantised (norms, biases and routers stay float)
+MATRICES = {"q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "experts_gate", "experts_up", "experts_down"}
 
 
 def default_dtype(device: torch.device) -> str:
@@ -55,12 +60,21 @@ class ShardModel:
             )
         self.device = resolve_device(device)
         dtype = dtype or default_dtype(self.device)
-        if dtype not in DTYPES or (dtype == "float16" and self.device.type == "cpu"):
-            raise ShardwiseError(f"dtype '{dtype}' is not supported here: use float32 or bfloat16 (float16 on GPUs)")
-        self.spec, self.start, self.end, self.dtype = spec, start, end, DTYPES[dtype]
+        if dtype not in WEIGHT_DTYPES or (dtype == "float16" and self.device.type == "cpu"):
+            raise ShardwiseError(f"dtype '{dtype}' is not supported here: use float32, bfloat16, int8 or int4 "
+                                 "(float16 on GPUs)")
+        # int8 / int4 name the weights' format; activations and the KV cache stay at the device's float dtype
+        self.weight_dtype, bits = dtype, BITS.get(dtype)
+        self.dtype = DTYPES[default_dtype(self.device) if bits else dtype]
+        self.spec, self.start, self.end = spec, start, end
         self.is_first, self.is_last = start == 0, end == spec.num_layers
 
-        def load(name: str) -> torch.Tensor:
+        def load(name: str) -> torch.Tensor | QuantizedWeight:
+            ends = name in ("embed.weight", "head.weight")
+            if bits and (ends or name.endswith(".weight") and name.split(".")[-2] in MATRICES):
+                # the embedding / LM head (which makes every logit) never below 8 bits, as in llama.cpp
+                q = weights.get_quantized(name, 8 if ends else bits)
+                return q.to(self.device) if isinstance(q, QuantizedWeight) else q.to(self.device, self.dtype)
             return weights.require(name).to(self.device, self.dtype)
 
         self.embed = load("embed.weight") if self.is_first else None
@@ -89,6 +103,17 @@ class ShardModel:
         view.blocks = self.blocks[start - self.start:end - self.start]
         view.kv = KVCache(end - start, self.spec.num_kv_heads, self.spec.head_dim, self.dtype, self.device)
         return view
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this shard holds (a tied head counted once)."""
+        held = {}
+        for owner in (self, *self.blocks, *(block.mlp for block in self.blocks)):
+            for value in vars(owner).values():
+                if isinstance(value, QuantizedWeight):
+                    held[id(value)] = value.nbytes
+                elif isinstance(value, torch.Tensor) and value is not getattr(owner, "embed_scale", None):
+                    held[id(value)] = value.numel() * value.element_size()
+        return sum(held.values())
 
     @staticmethod
     def _layer_tensors(weights: Weights, i: int, load) -> dict[str, torch.Tensor]:
@@ -127,7 +152,8 @@ class ShardModel:
         batch = self._pack(seq_ids, lengths)
         x = inputs.to(self.device)
         if self.is_first:
-            x = F.embedding(x, self.embed)
+            x = self.embed.dequantize(self.dtype, x) if isinstance(self.embed, QuantizedWeight) else F.embedding(
+                x, self.embed)
             if self.embed_scale is not None:
                 x = x * self.embed_scale
         else:
@@ -142,7 +168,7 @@ class ShardModel:
             ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
             x = x[ends]
         x = rms_norm(x, self.norm, self.spec.norm_eps)
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 or isinstance(self.head, QuantizedWeight):
             out = linear(x, self.head)
         else:  # row blocks of the head keep each block's output in cache: ~25 % faster from batch 8 up
             out = torch.cat([F.linear(x, rows) for rows in self.head.split(HEAD_BLOCK)], dim=-1)

@@ -15,8 +15,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from shardwise import kernels
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
+from shardwise.quant import QuantizedWeight
 
 
 @dataclass
@@ -48,11 +50,16 @@ class PackedBatch:
 SPLIT_ROWS = 64  # up to this many rows, the split GEMM below beats MKL's own threading here
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except that a CPU fp32 product with few rows (decode, short chunks) is split into
-    row blocks of the weight run as one batched GEMM, a block per core: MKL threads such skinny
-    products poorly (its GEMV uses one core). 1.2-2x faster for 1-64 rows on 2 cores; from ~128
-    rows MKL's own threading wins."""
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear (or a quantised weight's own product), except that a CPU fp32 product with few
+    rows (decode, short chunks) is split into row blocks of the weight run as one batched GEMM, a
+    block per core: MKL threads such skinny products poorly (its GEMV uses one core). 1.2-2x
+    faster for 1-64 rows on 2 cores; from ~128 rows MKL's own threading wins."""
+    if isinstance(weight, QuantizedWeight):
+        if weight.reads_directly(x):
+            return weight.linear(x, bias)
+        out = torch.cat([linear(x, block.dequantize(x.dtype)) for block in weight.row_blocks()], dim=-1)
+        return out if bias is None else out + bias
     rows = x.shape[0]
     if rows <= SPLIT_ROWS and x.device.type == "cpu" and weight.dtype == torch.float32:
         parts = math.gcd(weight.shape[0], torch.get_num_threads())
@@ -120,11 +127,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    out = kernels.rms_norm(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps) if out is None else out
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def cat_rows(parts: list) -> torch.Tensor | QuantizedWeight:
+    """Weights stacked along their output rows, float or quantised."""
+    if isinstance(parts[0], QuantizedWeight):
+        return QuantizedWeight.cat(parts)
+    return torch.cat(parts, dim=-2 if parts[0].dim() > 1 else 0)
 
 
 def fused(tensors: dict[str, torch.Tensor], name: str, parts: tuple[str, ...]) -> torch.Tensor | None:
@@ -135,7 +150,7 @@ def fused(tensors: dict[str, torch.Tensor], name: str, parts: tuple[str, ...]) -
     kind = name.rsplit(".", 1)[1]
     if f"{parts[0]}.{kind}" not in tensors:
         return None
-    return torch.cat([tensors[f"{part}.{kind}"] for part in parts])
+    return cat_rows([tensors[f"{part}.{kind}"] for part in parts])
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
@@ -160,7 +175,7 @@ class SparseMoE:
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor]):
         self.router = tensors["router.weight"]  # [experts, hidden]
-        self.gate_up = torch.cat([tensors["experts_gate.weight"], tensors["experts_up.weight"]], dim=1)
+        self.gate_up = cat_rows([tensors["experts_gate.weight"], tensors["experts_up.weight"]])
         self.down = tensors["experts_down.weight"]  # [experts, hidden, intermediate]
         self.top_k, self.act = spec.experts_per_token, ACTIVATIONS[spec.activation]
 
@@ -236,7 +251,12 @@ class Block:
     def _attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        batch: PackedBatch) -> torch.Tensor:
         """One new token per sequence, all sequences at once. q: [seqs, heads, dim];
-        keys, values: the pool [kv_heads, slots, dim], gathered here by the batch's padded slots."""
+        keys, values: the pool [kv_heads, slots, dim], read in place by the CPU kernel, else
+        gathered here by the batch's padded slots."""
+        out = kernels.decode_attention(q, keys, values, batch.decode_slots, batch.decode_totals, self.window,
+                                       self.scale, self.spec.attn_softcap)
+        if out is not None:
+            return out
         seqs, longest = batch.decode_slots.shape
         kv_heads, dim = keys.shape[0], keys.shape[-1]
         flat = batch.decode_slots.view(-1)

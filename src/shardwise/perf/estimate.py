@@ -18,7 +18,7 @@ from typing import Any
 from shardwise.cluster.plan import Plan, StageSpec
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
-from shardwise.perf.hardware import SAME_DEVICE, DeviceSpec, LinkSpec, dtype_bytes
+from shardwise.perf.hardware import SAME_DEVICE, DeviceSpec, LinkSpec, dtype_bytes, edge_dtype
 from shardwise.perf.operators import (
     Operator,
     Precision,
@@ -311,18 +311,19 @@ def stage_memory(spec: ModelSpec, stage: Stage, p: Precision, sequences: int, to
         per_layer = (per_layer - experts) / stage.tp + experts / (stage.tp * stage.ep)
     else:
         per_layer /= stage.tp
-    params = layers * per_layer
+    params, edges = layers * per_layer, 0.0  # edges: embedding and head parameters
     if stage.start == 0:
-        params += v * h / stage.tp
+        edges += v * h / stage.tp
     if stage.end == spec.num_layers:
         shares_embedding = spec.tie_embeddings and stage.start == 0
-        params += h + (0 if shares_embedding else v * h / stage.tp)
+        params += h
+        edges += 0 if shares_embedding else v * h / stage.tp
     kv_heads = max(1.0, spec.num_kv_heads / stage.tp)
     kv = sequences * tokens_per_sequence * 2 * kv_heads * spec.head_dim * dtype_bytes(p.kv) * layers
     acts = max(op.activation_bytes for op in layer_operators(spec, prefill, p, stage.tp, stage.ep))
     if stage.end == spec.num_layers:
         acts += prefill.rows * v * 4.0
-    weights = params * dtype_bytes(p.weights)
+    weights = params * dtype_bytes(p.weights) + edges * dtype_bytes(edge_dtype(p.weights))
     return {"weights": weights, "kv_cache": kv, "activations": acts, "total": weights + kv + acts}
 
 

@@ -18,9 +18,12 @@ import yaml
 
 from shardwise.errors import ShardwiseError
 
-# Bytes per stored value. int4 and the GGUF types include their per-group scales.
-DTYPE_BYTES = {"fp32": 4.0, "tf32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5625,
+# Bytes per stored value, block scales included: int8 / int4 are shardwise's blocks of 32 with an
+# fp16 scale (int4: and an fp16 min), the size of GGUF's Q8_0 / Q4_1.
+DTYPE_BYTES = {"fp32": 4.0, "tf32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0625, "int4": 0.625,
                "q8_0": 1.0625, "q4_1": 0.625, "q4_0": 0.5625}
+# 4-bit formats keep the embedding and LM head at 8 bits (llama.cpp's Q4 files and shardwise both do)
+EDGE_DTYPE = {"int4": "int8", "q4_0": "q8_0", "q4_1": "q8_0"}
 DTYPE_ALIASES = {"float32": "fp32", "f32": "fp32", "bfloat16": "bf16", "float16": "fp16", "f16": "fp16",
                  "half": "fp16", "float8": "fp8"}
 
@@ -37,6 +40,12 @@ def canonical_dtype(dtype: str) -> str:
 
 def dtype_bytes(dtype: str) -> float:
     return DTYPE_BYTES[canonical_dtype(dtype)]
+
+
+def edge_dtype(weights: str) -> str:
+    """The dtype the embedding and LM head are stored at, for layers stored at `weights`."""
+    name = canonical_dtype(weights)
+    return EDGE_DTYPE.get(name, name)
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ cannot drift apart.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shardwise.model.spec import ModelSpec
-from shardwise.perf.hardware import canonical_dtype, dtype_bytes
+from shardwise.perf.hardware import canonical_dtype, dtype_bytes, edge_dtype
 
 
 @dataclass(frozen=True)
@@ -168,13 +168,15 @@ def layer_operators(spec: ModelSpec, work: Work, p: Precision, tp: int = 1, ep: 
 def embedding_operators(spec: ModelSpec, work: Work, p: Precision) -> list[Operator]:
     """A row gather: bytes only."""
     t, h = work.tokens, spec.hidden_size
-    return [Operator("embedding", "vector", 0.0, t * h * dtype_bytes(p.weights), t * h * dtype_bytes(p.activations))]
+    return [Operator("embedding", "vector", 0.0, t * h * dtype_bytes(edge_dtype(p.weights)),
+                     t * h * dtype_bytes(p.activations))]
 
 
 def head_operators(spec: ModelSpec, work: Work, p: Precision, tp: int = 1) -> list[Operator]:
     """Final norm, LM head and sampling, on the rows that produce logits (not every prompt token)."""
     rows, h, v = work.rows, spec.hidden_size, spec.vocab_size
-    ops = [_vector("final_norm", 4 * rows * h, 2 * rows * h, p, weights=h), _matmul("lm_head", rows, h, v // tp, p)]
+    head = replace(p, weights=edge_dtype(p.weights))
+    ops = [_vector("final_norm", 4 * rows * h, 2 * rows * h, p, weights=h), _matmul("lm_head", rows, h, v // tp, head)]
     if tp > 1:
         ops.append(_collective("logits_all_gather", "all-gather", tp, rows * v * 4))
     # softmax, top-k/p and the draw read the fp32 logits a few times

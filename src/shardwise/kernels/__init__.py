@@ -1,0 +1,101 @@
+"""shardwise's CPU kernels (cpu.cpp): products on quantised weights and decode attention over
+the paged KV pool, built on first use and loaded with ctypes.
+
+The library is built with the machine's C++ compiler against the installed torch (so its
+threads are torch's own), once per source, torch version and CPU, into the shardwise cache;
+stages that start together build it once (a lock) and later processes just load it. Where it
+cannot be built (no compiler, no AVX2, not x86) `library()` returns None and callers fall back
+to torch ops (quantised weights: dequantise, then multiply): correct, slower; the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from shardwise.model.registry import cache_dir
+
+SOURCE = Path(__file__).with_name("cpu.cpp")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+log = logging.getLogger(__name__)
+
+
+def _unavailable(reason: str) -> None:
+    log.warning("shardwise CPU kernels unavailable (%s): falling back to slower torch ops", reason)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    if platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        _unavailable("this CPU has no AVX2")
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if compiler is None:
+        _unavailable("no C++ compiler found: install g++")
+        return None
+    torch_dir = Path(torch.__file__).parent
+    key = hashlib.sha1(SOURCE.read_bytes() + f"{torch.__version__}|{FLAGS}".encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"quant-{key}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others wait, then load
+        if not target.exists():
+            partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            command = [compiler, *FLAGS, f"-I{torch_dir / 'include'}", str(SOURCE), "-o", str(partial),
+                       f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                _unavailable(f"the build failed: {done.stderr.strip()[-500:]}")
+                return None
+            partial.replace(target)
+    lib = ctypes.CDLL(str(target))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.sw_quant_linear.argtypes = [ctypes.c_int, pointer, size, pointer, pointer, pointer, size, size, pointer,
+                                    pointer]
+    lib.sw_dequantize.argtypes = [ctypes.c_int, pointer, pointer, pointer, size, size, pointer]
+    lib.sw_decode_attention.argtypes = [pointer, pointer, pointer, size, pointer, pointer, size, size, size, size,
+                                        size, size, ctypes.c_float, ctypes.c_float, pointer]
+    lib.sw_rms_norm.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer]
+    for function in (lib.sw_quant_linear, lib.sw_dequantize, lib.sw_decode_attention, lib.sw_rms_norm):
+        function.restype = None
+    return lib
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x / rms(x) * weight over the last dimension (one fused pass: torch's CPU rms_norm is several
+    ops); None where the kernel does not apply."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or (
+            lib := library()) is None:
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lib.sw_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
+    return out
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+                     totals: torch.Tensor, window: int | None, scale: float, softcap: float | None
+                     ) -> torch.Tensor | None:
+    """Attention of one new token per sequence, q [seqs, heads, dim], over the KV pool
+    keys/values [kv_heads, pool_slots, dim] at slots [seqs, longest] (the first totals[s] of each
+    valid); None where the kernel does not apply (not a CPU fp32 cache, or no kernels here)."""
+    if q.device.type != "cpu" or keys.dtype != torch.float32 or (lib := library()) is None:
+        return None
+    q, slots, totals = q.contiguous(), slots.contiguous(), totals.contiguous()
+    out = torch.empty_like(q)
+    seqs, heads, dim = q.shape
+    lib.sw_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1], slots.data_ptr(),
+                            totals.data_ptr(), seqs, slots.shape[1], heads, keys.shape[0], dim, window or 0,
+                            scale, softcap or 0.0, out.data_ptr())
+    return out

@@ -1,0 +1,333 @@
+// shardwise's CPU kernels (AVX2): matrix products that read quantised weights directly, their
+// dequantisation, and decode attention over the paged KV pool.
+//
+// Weights come in blocks of 32 along each row. q8: int8 values, w = scale * q. q4: 16 bytes a
+// block, element j in the low nibble of byte j and element j + 16 in its high nibble (GGUF's
+// Q4_0/Q4_1 order), w = scale * q + min. Scales and mins: fp16 [rows, blocks], as in GGUF.
+// Activations are rounded to int16 per block of 32 (scale = max|x| / 32767) so that a block's
+// dot product is integer multiply-adds (two madd) instead of 32 FMAs on widened weights. (int8
+// activations, as llama.cpp rounds them, cost SmolLM2-135M 2.6 % perplexity; int16 ~0.) The mins'
+// term uses the exact fp32 block sums of x. Each weight block is unpacked once and multiplied
+// into up to GROUP rows of x, so a step reads each byte once.
+// Threads: torch's own pool (at::parallel_for, built with -fopenmp against torch's libgomp), so
+// these never fight torch's threads for cores.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK = 32;
+constexpr int GROUP = 4;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// x rounded to int16 per block, with each block's scale and exact sum.
+struct QuantisedRows {
+  std::vector<int16_t> q;
+  std::vector<float> scale, sum;
+};
+
+QuantisedRows quantise_rows(const float* x, int64_t rows, int64_t cols) {
+  const int64_t blocks = rows * cols / BLOCK;
+  QuantisedRows out{std::vector<int16_t>(rows * cols), std::vector<float>(blocks), std::vector<float>(blocks)};
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < blocks; b++) {
+    const float* xb = x + b * BLOCK;
+    __m256 v[4], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      total = _mm256_add_ps(total, v[i]);
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float d = _mm_cvtss_f32(m) / 32767.0f;
+    const __m256 inverse = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+    for (int half = 0; half < 2; half++) {  // packs work within 128-bit lanes; the permute restores order
+      const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * half], inverse));  // round to nearest
+      const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * half + 1], inverse));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + b * BLOCK + 16 * half),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
+    }
+    out.scale[b] = d;
+    out.sum[b] = hsum(total);
+  }
+  return out;
+}
+
+// 32 weights of a block as four vectors of fp32 values (before scale and min)
+inline void widen(const uint8_t* q, bool q4, __m256 v[4]) {
+  if (q4) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i halves[2] = {_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16(bytes, 4), mask)};
+    for (int i = 0; i < 4; i++)
+      v[i] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(i % 2 ? _mm_srli_si128(halves[i / 2], 8) : halves[i / 2]));
+  } else {
+    for (int i = 0; i < 4; i++)
+      v[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i))));
+  }
+}
+
+// sum over blocks of min * (sum of x over the block): the mins' part of a q4 dot product
+inline float min_term(const uint16_t* mins, const float* xsums, int64_t blocks) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= blocks; b += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + b))),
+                          _mm256_loadu_ps(xsums + b), acc);
+  float out = hsum(acc);
+  for (; b < blocks; b++) out += _cvtsh_ss(mins[b]) * xsums[b];
+  return out;
+}
+
+struct Weight {
+  const uint8_t* qs;
+  const uint16_t* scales;
+  const uint16_t* mins;  // null for q8
+  int64_t cols, row_bytes, blocks;
+  bool q4;
+};
+
+// y[r, n] for the rows r of one group and weight rows [n0, n1).
+template <bool Q4, int R>
+void group_product(const Weight& w, const QuantisedRows& x, int64_t r0, int64_t n0, int64_t n1, float* y,
+                   int64_t ldy, const float* bias) {
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  std::vector<float> factor(R * w.blocks);  // weight scale * x scale, per row and block
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* q = w.qs + n * w.row_bytes;
+    const uint16_t* scale = w.scales + n * w.blocks;
+    for (int r = 0; r < R; r++) {
+      const float* xs = x.scale.data() + (r0 + r) * w.blocks;
+      int64_t b = 0;
+      for (; b + 8 <= w.blocks; b += 8)
+        _mm256_storeu_ps(&factor[r * w.blocks + b],
+                         _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + b))),
+                                       _mm256_loadu_ps(xs + b)));
+      for (; b < w.blocks; b++) factor[r * w.blocks + b] = _cvtsh_ss(scale[b]) * xs[b];
+    }
+    const int16_t* xq[R];
+    const float* f[R];
+    for (int r = 0; r < R; r++) xq[r] = x.q.data() + (r0 + r) * w.blocks * BLOCK, f[r] = &factor[r * w.blocks];
+    // acc += dot(block b of the weight row, of each x row) * factor
+    auto step = [&](int64_t b, __m256* acc) __attribute__((always_inline)) {
+      __m256i w0, w1;  // elements 0-15 and 16-31 as int16
+      if constexpr (Q4) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
+        w0 = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, nibble));
+        w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+      } else {
+        w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32)));
+        w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32 + 16)));
+      }
+      for (int r = 0; r < R; r++) {
+        const __m256i* xv = reinterpret_cast<const __m256i*>(xq[r] + b * BLOCK);
+        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xv)),
+                                             _mm256_madd_epi16(w1, _mm256_loadu_si256(xv + 1)));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(f[r] + b), acc[r]);
+      }
+    };
+    __m256 even[R], odd[R];  // two chains of accumulators (even and odd blocks) hide the FMA latency
+    for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= w.blocks; b += 2) step(b, even), step(b + 1, odd);
+    if (b < w.blocks) step(b, even);
+    for (int r = 0; r < R; r++) {
+      float out = hsum(_mm256_add_ps(even[r], odd[r])) + (bias ? bias[n] : 0.0f);
+      if (w.mins) out += min_term(w.mins + n * w.blocks, x.sum.data() + (r0 + r) * w.blocks, w.blocks);
+      y[(r0 + r) * ldy + n] = out;
+    }
+  }
+}
+
+template <bool Q4>
+void product(const Weight& w, const QuantisedRows& x, int64_t rows_x, int64_t n0, int64_t n1, float* y,
+             int64_t ldy, const float* bias) {
+  for (int64_t r = 0; r < rows_x; r += GROUP) {
+    switch (rows_x - r < GROUP ? rows_x - r : GROUP) {
+      case 1: group_product<Q4, 1>(w, x, r, n0, n1, y, ldy, bias); break;
+      case 2: group_product<Q4, 2>(w, x, r, n0, n1, y, ldy, bias); break;
+      case 3: group_product<Q4, 3>(w, x, r, n0, n1, y, ldy, bias); break;
+      default: group_product<Q4, GROUP>(w, x, r, n0, n1, y, ldy, bias); break;
+    }
+  }
+}
+
+Weight weight(int fmt, const uint8_t* qs, const uint16_t* scales, const uint16_t* mins, int64_t cols) {
+  return Weight{qs, scales, mins, cols, fmt == 4 ? cols / 2 : cols, cols / BLOCK, fmt == 4};
+}
+
+}  // namespace
+
+extern "C" {
+
+// y[rows_x, w_rows] = x[rows_x, cols] . W^T (+ bias); fmt 8 or 4; cols a multiple of 32.
+void sw_quant_linear(int fmt, const float* x, int64_t rows_x, const uint8_t* qs, const uint16_t* scales,
+                     const uint16_t* mins, int64_t w_rows, int64_t cols, const float* bias, float* y) {
+  const Weight w = weight(fmt, qs, scales, mins, cols);
+  const QuantisedRows xq = quantise_rows(x, rows_x, cols);
+  at::parallel_for(0, w_rows, 16, [&](int64_t n0, int64_t n1) {
+    if (w.q4) product<true>(w, xq, rows_x, n0, n1, y, w_rows, bias);
+    else product<false>(w, xq, rows_x, n0, n1, y, w_rows, bias);
+  });
+}
+
+// out[w_rows, cols] = the weights as fp32.
+void sw_dequantize(int fmt, const uint8_t* qs, const uint16_t* scales, const uint16_t* mins, int64_t w_rows,
+                   int64_t cols, float* out) {
+  const Weight w = weight(fmt, qs, scales, mins, cols);
+  at::parallel_for(0, w_rows, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+      for (int64_t b = 0; b < w.blocks; b++) {
+        __m256 v[4];
+        widen(w.qs + n * w.row_bytes + b * (w.q4 ? 16 : 32), w.q4, v);
+        const __m256 s = _mm256_set1_ps(_cvtsh_ss(w.scales[n * w.blocks + b]));
+        const __m256 m = _mm256_set1_ps(w.mins ? _cvtsh_ss(w.mins[n * w.blocks + b]) : 0.0f);
+        for (int i = 0; i < 4; i++) _mm256_storeu_ps(out + n * cols + b * BLOCK + 8 * i, _mm256_fmadd_ps(s, v[i], m));
+      }
+    }
+  });
+}
+
+}  // extern "C"
+
+// Decode attention straight from the paged KV pool: one new query token per sequence.
+// q, out: [seqs, heads, dim]; keys, values: [kv_heads, pool_slots, dim]; slots: [seqs, longest]
+// (int64, a sequence's first totals[s] entries valid). One task per (sequence, query head): its
+// kv head's rows are read in place (no gather copies, no padding masks) and stay in cache for
+// the other heads of the group. window > 0 limits a sequence to its last `window` tokens;
+// softcap > 0 applies cap * tanh(score / cap).
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float out = hsum(acc);
+  for (; i < n; i++) out += a[i] * b[i];
+  return out;
+}
+
+// the eight horizontal sums of a[0..7], as one vector
+inline __m256 hsum8(const __m256 a[8]) {
+  const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+// exp(x) for x <= 0: 2^k * p(r), k = round(x / ln 2), |r| <= ln(2) / 2, p of degree 6 (rel. error ~1e-7)
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // below, exp underflows: 2^-126 is close enough to 0
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_k));
+}
+
+// One (sequence, query head) of decode attention. DIM: the head size when known at compile
+// time (loops unroll, accumulators stay in registers), else 0 and `runtime_dim`.
+template <int DIM>
+void attend_one(const float* qh, const float* kh, const float* vh, const int64_t* at, int64_t n,
+                int64_t runtime_dim, float scale, float softcap, std::vector<float>& scores, float* o) {
+  const int64_t dim = DIM ? DIM : runtime_dim;
+  scores.resize(n + 8);
+  int64_t p = 0;
+  for (; p + 8 <= n && dim % 8 == 0; p += 8) {  // eight positions at a time, one reduction
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++) {
+      const float* k = kh + at[p + j] * dim;
+      acc[j] = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(k));
+      for (int64_t i = 8; i < dim; i += 8) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(k + i), acc[j]);
+    }
+    _mm256_storeu_ps(&scores[p], _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+  }
+  for (; p < n; p++) scores[p] = dot(qh, kh + at[p] * dim, dim) * scale;
+  float peak = -INFINITY;
+  for (p = 0; p < n; p++) {
+    if (softcap > 0.0f) scores[p] = softcap * std::tanh(scores[p] / softcap);
+    peak = scores[p] > peak ? scores[p] : peak;
+  }
+  for (p = n; p < n + 8; p++) scores[p] = -INFINITY;  // a whole last vector: its padding exps to ~0
+  __m256 sum = _mm256_setzero_ps();
+  for (p = 0; p < n; p += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(&scores[p]), _mm256_set1_ps(peak)));
+    _mm256_storeu_ps(&scores[p], e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  const float inverse = 1.0f / hsum(sum);
+  int64_t c = 0;
+  for (; c + 64 <= dim; c += 64) {  // o = sum of weight * v, 64 dims at a time in registers
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    for (p = 0; p < n; p++) {
+      const float* v = vh + at[p] * dim + c;
+      const __m256 w = _mm256_set1_ps(scores[p]);
+      for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + c + 8 * i, _mm256_mul_ps(acc[i], _mm256_set1_ps(inverse)));
+  }
+  for (int64_t i = c; i < dim; i++) {  // dims past the last 64
+    float total = 0.0f;
+    for (p = 0; p < n; p++) total += scores[p] * vh[at[p] * dim + i];
+    o[i] = total * inverse;
+  }
+}
+
+}  // namespace
+
+extern "C" void sw_decode_attention(const float* q, const float* keys, const float* values, int64_t pool_slots,
+                                    const int64_t* slots, const int64_t* totals, int64_t seqs, int64_t longest,
+                                    int64_t heads, int64_t kv_heads, int64_t dim, int64_t window, float scale,
+                                    float softcap, float* out) {
+  const int64_t group = heads / kv_heads;
+  // a second thread pays off from a few thousand (position, head) pairs
+  const int64_t grain = (4096 + longest - 1) / (longest > 0 ? longest : 1);
+  at::parallel_for(0, seqs * heads, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores;
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t s = t / heads, kv = t % heads / group;
+      const int64_t end = totals[s], start = window > 0 && end > window ? end - window : 0;
+      const float *kh = keys + kv * pool_slots * dim, *vh = values + kv * pool_slots * dim;
+      const int64_t* at = slots + s * longest + start;
+      switch (dim) {
+        case 64: attend_one<64>(q + t * dim, kh, vh, at, end - start, dim, scale, softcap, scores, out + t * dim); break;
+        case 128: attend_one<128>(q + t * dim, kh, vh, at, end - start, dim, scale, softcap, scores, out + t * dim); break;
+        default: attend_one<0>(q + t * dim, kh, vh, at, end - start, dim, scale, softcap, scores, out + t * dim);
+      }
+    }
+  });
+}
+
+// out = x / rms(x) * weight, per row of x [rows, dim]
+extern "C" void sw_rms_norm(const float* x, const float* weight, int64_t rows, int64_t dim, float eps, float* out) {
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const float* xr = x + r * dim;
+      float* o = out + r * dim;
+      __m256 squares = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 8 <= dim; i += 8) squares = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(xr + i), squares);
+      float total = hsum(squares);
+      for (; i < dim; i++) total += xr[i] * xr[i];
+      const float inverse = 1.0f / std::sqrt(total / dim + eps);
+      const __m256 iv = _mm256_set1_ps(inverse);
+      for (i = 0; i + 8 <= dim; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), iv), _mm256_loadu_ps(weight + i)));
+      for (; i < dim; i++) o[i] = xr[i] * inverse * weight[i];
+    }
+  });
+}
