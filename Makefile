@@ -24,7 +24,9 @@ test: setup
 	$(BIN)/pytest -q --durations=15
 
 bench: setup
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev,bench]'
 	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/estimate_vs_measured.py
 	$(BIN)/python benchmarks/planner.py

@@ -12,25 +12,9 @@ the bf16 kernel uses all of them, so bf16 is the faster single-stream choice.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from report import print_ratio_table
-
-
-def paired_medians(repeats: int, runs, *args) -> list[float]:
-    """Median seconds of each run, the runs interleaved within every repeat so that a
-    noisy machine's drift hits all of them alike."""
-    for run in runs:
-        run(*args)  # warm up
-    times = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, samples in zip(runs, times, strict=True):
-            start = time.perf_counter()
-            run(*args)
-            samples.append(time.perf_counter() - start)
-    return [statistics.median(samples) for samples in times]
+from report import paired_medians, print_ratio_table
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from shardwise import LLM, SamplingParams, ShardModel, ShardwiseError, kernels
-from shardwise.model.layers import linear
+from shardwise.model.layers import apply_rope, linear
 from shardwise.model.weights import open_weights
 from shardwise.perf.estimate import Stage, stage_memory
 from shardwise.perf.hardware import load_device
@@ -105,17 +105,31 @@ def _reference_decode_attention(q, keys, values, slots, totals, window, scale, s
     return torch.stack(outs)
 
 
-@pytest.mark.parametrize("dim", [64, 80, 128])
+@pytest.mark.parametrize("dim,rotary", [(64, 64), (80, 40), (128, 128)])
 @pytest.mark.parametrize("window,softcap", [(None, None), (7, None), (None, 30.0)])
-def test_decode_attention_kernel_matches_torch(dim, window, softcap):
-    """Sequences of different lengths (padded slot rows), GQA, sliding windows and soft-capping."""
+def test_decode_attention_kernel_matches_torch(dim, rotary, window, softcap):
+    """From the fused projection: RoPE (full and partial), the new k / v written into the pool, and
+    attention over sequences of different lengths (padded slot rows), GQA, windows, soft-capping."""
     torch.manual_seed(dim)
-    pool = torch.randn(2, 2, 700, dim)
+    heads, kv_heads, scale = 6, 2, dim**-0.5
+    pool = torch.randn(2, kv_heads, 700, dim)
     totals = torch.tensor([1, 9, 40, 150])
     slots = torch.randperm(700)[: 4 * 150].view(4, 150)
-    q = torch.randn(4, 6, dim)
-    out = kernels.decode_attention(q, pool[0], pool[1], slots, totals, window, dim**-0.5, softcap)
-    expected = _reference_decode_attention(q, pool[0], pool[1], slots, totals, window, dim**-0.5, softcap)
+    write = slots[torch.arange(4), totals - 1]
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * dim)
+    angles = torch.rand(4, rotary // 2) * 6
+    cos, sin = torch.cat((angles.cos(), angles.cos()), -1), torch.cat((angles.sin(), angles.sin()), -1)
+
+    expected_pool = pool.clone()
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    q = apply_rope(q.view(4, heads, dim), cos[:, None], sin[:, None])
+    expected_pool[0][:, write] = apply_rope(k.view(4, kv_heads, dim), cos[:, None], sin[:, None]).transpose(0, 1)
+    expected_pool[1][:, write] = v.view(4, kv_heads, dim).transpose(0, 1)
+    expected = _reference_decode_attention(q, *expected_pool, slots, totals, window, scale, softcap).flatten(1)
+
+    out = kernels.decode_attention(qkv, cos, sin, pool[0], pool[1], write, slots, totals, heads, window, scale,
+                                   softcap)
+    assert torch.allclose(pool, expected_pool, atol=1e-6)
     assert (out - expected).abs().max() <= 1e-5
 
 

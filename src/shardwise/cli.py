@@ -45,7 +45,9 @@ def generate(
     objective: Annotated[str, typer.Option(help="What --cluster plans for: latency or throughput.")] = "latency",
     address: Annotated[str | None, typer.Option(help="Join a running Ray cluster ('auto' or host:port).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: the device's best.")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="Weights: float32, bfloat16 (float16 on GPUs), or int8 / int4 kept quantised (a GGUF's own "
+             "blocks; fast on CPUs); default: float32 on CPUs.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     collab: Annotated[str | None, typer.Option(help="Run collaboratively with this shardwise server (URL): "
                                                     "some layers here, the rest there.")] = None,
@@ -99,7 +101,9 @@ def serve(
     api_key: Annotated[str | None, typer.Option(envvar="SHARDWISE_API_KEY",
                                                 help="Require 'Authorization: Bearer KEY' on /v1.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: the device's best.")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="Weights: float32, bfloat16 (float16 on GPUs), or int8 / int4 kept quantised (a GGUF's own "
+             "blocks; fast on CPUs); default: float32 on CPUs.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="Sequences in the running batch at most.")] = 32,
     max_batch_tokens: Annotated[int, typer.Option(help="Tokens per step at most (decodes + prefill chunks).")]

@@ -64,12 +64,33 @@ def library() -> ctypes.CDLL | None:
     lib.sw_quant_linear.argtypes = [ctypes.c_int, pointer, size, pointer, pointer, pointer, size, size, pointer,
                                     pointer]
     lib.sw_dequantize.argtypes = [ctypes.c_int, pointer, pointer, pointer, size, size, pointer]
-    lib.sw_decode_attention.argtypes = [pointer, pointer, pointer, size, pointer, pointer, size, size, size, size,
-                                        size, size, ctypes.c_float, ctypes.c_float, pointer]
+    lib.sw_decode_attention.argtypes = [pointer, pointer, pointer, size, pointer, pointer, size, pointer, pointer,
+                                        pointer, size, size, size, size, size, size, ctypes.c_float, ctypes.c_float,
+                                        pointer]
     lib.sw_rms_norm.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer]
     for function in (lib.sw_quant_linear, lib.sw_dequantize, lib.sw_decode_attention, lib.sw_rms_norm):
         function.restype = None
     return lib
+
+
+def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, write_slots: torch.Tensor, slots: torch.Tensor, totals: torch.Tensor,
+                     heads: int, window: int | None, scale: float, softcap: float | None) -> torch.Tensor | None:
+    """A decode step's attention (one new token per sequence) from its fused projection qkv
+    [seqs, (heads + 2 kv_heads) * dim]: RoPE (cos, sin [seqs, rotary]) on q and k, k and v written
+    into the pool keys/values [kv_heads, pool_slots, dim] at write_slots, then attention over each
+    sequence's slots [seqs, longest] (the first totals[s] valid), read in place. Returns
+    [seqs, heads * dim]; None where the kernel does not apply (not a CPU fp32 cache, or no kernels)."""
+    if qkv.device.type != "cpu" or keys.dtype != torch.float32 or (lib := library()) is None:
+        return None
+    qkv, cos, sin = qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous()
+    kv_heads, pool_slots, dim = keys.shape
+    out = torch.empty(qkv.shape[0], heads * dim)
+    lib.sw_decode_attention(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[-1], keys.data_ptr(),
+                            values.data_ptr(), pool_slots, write_slots.data_ptr(), slots.data_ptr(),
+                            totals.data_ptr(), qkv.shape[0], slots.shape[1], heads, kv_heads, dim, window or 0,
+                            scale, softcap or 0.0, out.data_ptr())
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -81,21 +102,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     x = x.contiguous()
     out = torch.empty_like(x)
     lib.sw_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
-    return out
-
-
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
-                     totals: torch.Tensor, window: int | None, scale: float, softcap: float | None
-                     ) -> torch.Tensor | None:
-    """Attention of one new token per sequence, q [seqs, heads, dim], over the KV pool
-    keys/values [kv_heads, pool_slots, dim] at slots [seqs, longest] (the first totals[s] of each
-    valid); None where the kernel does not apply (not a CPU fp32 cache, or no kernels here)."""
-    if q.device.type != "cpu" or keys.dtype != torch.float32 or (lib := library()) is None:
-        return None
-    q, slots, totals = q.contiguous(), slots.contiguous(), totals.contiguous()
-    out = torch.empty_like(q)
-    seqs, heads, dim = q.shape
-    lib.sw_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[1], slots.data_ptr(),
-                            totals.data_ptr(), seqs, slots.shape[1], heads, keys.shape[0], dim, window or 0,
-                            scale, softcap or 0.0, out.data_ptr())
     return out

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -280,20 +281,49 @@ void attend_one(const float* qh, const float* kh, const float* vh, const int64_t
     }
     for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + c + 8 * i, _mm256_mul_ps(acc[i], _mm256_set1_ps(inverse)));
   }
-  for (int64_t i = c; i < dim; i++) {  // dims past the last 64
-    float total = 0.0f;
-    for (p = 0; p < n; p++) total += scores[p] * vh[at[p] * dim + i];
-    o[i] = total * inverse;
+  if constexpr (DIM % 64 != 0 || DIM == 0) {
+    for (int64_t i = c; i < dim; i++) {  // dims past the last 64
+      float total = 0.0f;
+      for (p = 0; p < n; p++) total += scores[p] * vh[at[p] * dim + i];
+      o[i] = total * inverse;
+    }
   }
 }
 
 }  // namespace
 
-extern "C" void sw_decode_attention(const float* q, const float* keys, const float* values, int64_t pool_slots,
+// x rotated by RoPE (rotate-half, HF's convention) over its first `rotary` dims into out
+inline void rope(const float* x, const float* cos, const float* sin, int64_t rotary, int64_t dim, float* out) {
+  const int64_t half = rotary / 2;
+  for (int64_t i = 0; i < half; i++) {
+    out[i] = x[i] * cos[i] - x[i + half] * sin[i];
+    out[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+  }
+  for (int64_t i = rotary; i < dim; i++) out[i] = x[i];
+}
+
+// A decode step's attention from its fused q/k/v projection: qkv [seqs, (heads + 2 kv_heads) * dim].
+// RoPE (cos, sin: [seqs, rotary]) turns q and k; k and v are written into the pool at write_slots;
+// then each query attends to its sequence's slots (its new token included).
+extern "C" void sw_decode_attention(const float* qkv, const float* cos, const float* sin, int64_t rotary,
+                                    float* keys, float* values, int64_t pool_slots, const int64_t* write_slots,
                                     const int64_t* slots, const int64_t* totals, int64_t seqs, int64_t longest,
                                     int64_t heads, int64_t kv_heads, int64_t dim, int64_t window, float scale,
                                     float softcap, float* out) {
-  const int64_t group = heads / kv_heads;
+  const int64_t group = heads / kv_heads, width = (heads + 2 * kv_heads) * dim;
+  std::vector<float> q(seqs * heads * dim);
+  at::parallel_for(0, seqs, 8, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; s++) {
+      const float *row = qkv + s * width, *c = cos + s * rotary, *n = sin + s * rotary;
+      for (int64_t h = 0; h < heads; h++) rope(row + h * dim, c, n, rotary, dim, &q[(s * heads + h) * dim]);
+      for (int64_t h = 0; h < kv_heads; h++) {
+        const int64_t at = (h * pool_slots + write_slots[s]) * dim;
+        rope(row + (heads + h) * dim, c, n, rotary, dim, keys + at);
+        const float* v = row + (heads + kv_heads + h) * dim;
+        std::copy(v, v + dim, values + at);
+      }
+    }
+  });
   // a second thread pays off from a few thousand (position, head) pairs
   const int64_t grain = (4096 + longest - 1) / (longest > 0 ? longest : 1);
   at::parallel_for(0, seqs * heads, grain, [&](int64_t t0, int64_t t1) {
@@ -303,10 +333,11 @@ extern "C" void sw_decode_attention(const float* q, const float* keys, const flo
       const int64_t end = totals[s], start = window > 0 && end > window ? end - window : 0;
       const float *kh = keys + kv * pool_slots * dim, *vh = values + kv * pool_slots * dim;
       const int64_t* at = slots + s * longest + start;
+      const float* qh = &q[t * dim];
       switch (dim) {
-        case 64: attend_one<64>(q + t * dim, kh, vh, at, end - start, dim, scale, softcap, scores, out + t * dim); break;
-        case 128: attend_one<128>(q + t * dim, kh, vh, at, end - start, dim, scale, softcap, scores, out + t * dim); break;
-        default: attend_one<0>(q + t * dim, kh, vh, at, end - start, dim, scale, softcap, scores, out + t * dim);
+        case 64: attend_one<64>(qh, kh, vh, at, end - start, dim, scale, softcap, scores, out + t * dim); break;
+        case 128: attend_one<128>(qh, kh, vh, at, end - start, dim, scale, softcap, scores, out + t * dim); break;
+        default: attend_one<0>(qh, kh, vh, at, end - start, dim, scale, softcap, scores, out + t * dim);
       }
     }
   });

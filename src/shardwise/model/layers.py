@@ -227,14 +227,20 @@ class Block:
         spec = self.spec
         tokens = h.shape[0]
         qkv = linear(h, self.qkv, self.qkv_bias)
+        cos, sin = batch.rope[self.rope_kind]
+        keys, values = cache[0], cache[1]  # [kv_heads, slots, head_dim]
+        if not batch.chunks and self.q_norm is None:  # a pure decode step: one kernel call where there is one
+            out = kernels.decode_attention(qkv, cos[:, 0], sin[:, 0], keys, values, batch.write_slots,
+                                           batch.decode_slots, batch.decode_totals, spec.num_heads, self.window,
+                                           self.scale, spec.attn_softcap)
+            if out is not None:
+                return linear(out, self.o)
         q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
         q, k = q.view(tokens, spec.num_heads, spec.head_dim), k.view(tokens, spec.num_kv_heads, spec.head_dim)
         if self.q_norm is not None:
             q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
-        cos, sin = batch.rope[self.rope_kind]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(tokens, spec.num_kv_heads, spec.head_dim)
-        keys, values = cache[0], cache[1]  # [kv_heads, slots, head_dim]
         keys.index_copy_(1, batch.write_slots, k.transpose(0, 1))
         values.index_copy_(1, batch.write_slots, v.transpose(0, 1))
         rows = batch.decode_rows
@@ -251,12 +257,7 @@ class Block:
     def _attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        batch: PackedBatch) -> torch.Tensor:
         """One new token per sequence, all sequences at once. q: [seqs, heads, dim];
-        keys, values: the pool [kv_heads, slots, dim], read in place by the CPU kernel, else
-        gathered here by the batch's padded slots."""
-        out = kernels.decode_attention(q, keys, values, batch.decode_slots, batch.decode_totals, self.window,
-                                       self.scale, self.spec.attn_softcap)
-        if out is not None:
-            return out
+        keys, values: the pool [kv_heads, slots, dim], gathered here by the batch's padded slots."""
         seqs, longest = batch.decode_slots.shape
         kv_heads, dim = keys.shape[0], keys.shape[-1]
         flat = batch.decode_slots.view(-1)

@@ -1,0 +1,81 @@
+"""shardwise vs llama.cpp (llama-cpp-python) on the same SmolLM2-135M Q4_1 GGUF, same threads, one run.
+
+shardwise runs the file's own 4-bit blocks (`dtype="int4"`: the layers Q4_1, the embedding / head
+Q8_0, read directly by shardwise's CPU kernels); llama.cpp runs the same file. Medians over
+repeats, the two interleaved; a ratio > 1 favours shardwise. llama-cpp-python has no batching,
+so the aggregate rates at batch 8 and 32 are compared with its single-stream decode rate.
+
+    pip install -e '.[bench]'    # builds llama-cpp-python from source (~6 minutes here)
+    python benchmarks/decode.py [--threads 2] [--repeats 3] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from report import paired_medians, print_ratio_table
+
+TEXT = (Path(__file__).parent.parent / "tests" / "data" / "perplexity.txt").read_text()
+TARGETS = {"decode": 0.7, "prefill": 1.5, "aggregate 32": 3.0}  # the issue's, against llama.cpp
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise SystemExit("llama-cpp-python is missing: pip install -e '.[bench]' (builds llama.cpp)") from None
+
+    from shardwise import LLM, SamplingParams
+    from shardwise.model.registry import DEFAULT_MODEL, resolve
+
+    ours = LLM(DEFAULT_MODEL, dtype="int4", threads=args.threads)
+    theirs = Llama(model_path=str(resolve(DEFAULT_MODEL)), n_threads=args.threads, n_threads_batch=args.threads,
+                   n_ctx=2048, n_batch=512, verbose=False)
+    text_ids = ours.tokenizer.encode(TEXT)
+    context = {n: (text_ids * 2)[:n] for n in (128, 512)}
+    n = args.new_tokens
+
+    def ours_generate(prompts: list[list[int]], new: int) -> None:
+        ours.generate(prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
+
+    def theirs_generate(prompts: list[list[int]], new: int) -> None:
+        for prompt in prompts:  # one stream at a time: it has no batching
+            theirs.reset()
+            theirs.eval(prompt)
+            for _ in range(new - 1):
+                theirs.eval([theirs.sample(temp=0.0)])
+
+    rows = []
+    for length in (128, 512):
+        # prefill: the prompt and one token; decode: the extra tokens of an n-token run over that
+        first = paired_medians(args.repeats, (ours_generate, theirs_generate), [context[length]], 1)
+        full = paired_medians(args.repeats, (ours_generate, theirs_generate), [context[length]], n)
+        a, b = (length / s for s in first)
+        rows.append((f"prefill {length} tokens (tok/s)", a, b, a / b))
+        a, b = ((n - 1) / (f - s) for f, s in zip(full, first, strict=True))
+        rows.append((f"decode batch 1, {length}-token context (tok/s)", a, b, a / b))
+    single = rows[1][2]  # llama.cpp's single-stream decode rate at a 128-token context
+    for batch in (8, 32):
+        prompts = [text_ids[i * 8 : i * 8 + 16] for i in range(batch)]
+        start = time.perf_counter()
+        ours_generate(prompts, n)
+        rate = batch * n / (time.perf_counter() - start)
+        rows.append((f"aggregate batch {batch} vs single stream (tok/s)", rate, single, rate / single))
+
+    title = (f"SmolLM2-135M Q4_1 GGUF: shardwise int4 vs llama.cpp, {args.threads} threads, "
+             f"medians of {args.repeats}; targets: decode >= {TARGETS['decode']}x, prefill >= "
+             f"{TARGETS['prefill']}x, aggregate at 32 >= {TARGETS['aggregate 32']}x")
+    print_ratio_table(title, ("shardwise", "llama.cpp"), rows)
+
+
+if __name__ == "__main__":
+    main()
