@@ -3,7 +3,9 @@
 shardwise runs the file's own 4-bit blocks (`dtype="int4"`: the layers Q4_1, the embedding / head
 Q8_0, read directly by shardwise's CPU kernels); llama.cpp runs the same file. Medians over
 repeats, the two interleaved; a ratio > 1 favours shardwise. llama-cpp-python has no batching,
-so the aggregate rates at batch 8 and 32 are compared with its single-stream decode rate.
+so the aggregate rates at batch 8 and 32 are compared with its single-stream decode rate; they
+are also run with fp32 weights, which win once a step is bound by arithmetic, not bytes (on an
+AVX2 core integer multiply-adds are no faster than fp32 FMAs, and int4 pays a dequantisation).
 
     pip install -e '.[bench]'    # builds llama-cpp-python from source (~6 minutes here)
     python benchmarks/decode.py [--threads 2] [--repeats 3] [--new-tokens 64]
@@ -12,7 +14,6 @@ so the aggregate rates at batch 8 and 32 are compared with its single-stream dec
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -64,12 +65,14 @@ def main() -> None:
         a, b = ((n - 1) / (f - s) for f, s in zip(full, first, strict=True))
         rows.append((f"decode batch 1, {length}-token context (tok/s)", a, b, a / b))
     single = rows[1][2]  # llama.cpp's single-stream decode rate at a 128-token context
-    for batch in (8, 32):
-        prompts = [text_ids[i * 8 : i * 8 + 16] for i in range(batch)]
-        start = time.perf_counter()
-        ours_generate(prompts, n)
-        rate = batch * n / (time.perf_counter() - start)
-        rows.append((f"aggregate batch {batch} vs single stream (tok/s)", rate, single, rate / single))
+    fp32 = LLM(DEFAULT_MODEL, dtype="float32", threads=args.threads)
+    for dtype, engine in (("int4", ours), ("fp32", fp32)):
+        for batch in (8, 32):
+            prompts = [text_ids[i * 8 : i * 8 + 16] for i in range(batch)]
+            params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+            seconds = paired_medians(args.repeats, (engine.generate,), prompts, params)[0]
+            rate = batch * n / seconds
+            rows.append((f"aggregate batch {batch}, {dtype}, vs single stream (tok/s)", rate, single, rate / single))
 
     title = (f"SmolLM2-135M Q4_1 GGUF: shardwise int4 vs llama.cpp, {args.threads} threads, "
              f"medians of {args.repeats}; targets: decode >= {TARGETS['decode']}x, prefill >= "

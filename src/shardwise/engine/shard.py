@@ -111,7 +111,7 @@ class ShardModel:
             for value in vars(owner).values():
                 if isinstance(value, QuantizedWeight):
                     held[id(value)] = value.nbytes
-                elif isinstance(value, torch.Tensor) and value is not getattr(owner, "embed_scale", None):
+                elif isinstance(value, torch.Tensor) and value.dim() > 0:  # (not the embedding's scalar scale)
                     held[id(value)] = value.numel() * value.element_size()
         return sum(held.values())
 
