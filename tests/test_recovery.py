@@ -26,7 +26,9 @@ STAGE_TIMEOUT = 8  # seconds: a frozen stage is noticed this long after its last
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("recovery") / "log", "--stages", "3", "--kv-tokens", "4096",
+    # int4: a replacement stage loads the file's own blocks in a fraction of fp32's time
+    with running_server(tmp_path_factory.mktemp("recovery") / "log", "--stages", "3", "--dtype", "int4",
+                        "--kv-tokens", "4096",
                         "--max-batch-tokens", "128", "--stage-timeout", str(STAGE_TIMEOUT)) as url:
         yield url
 

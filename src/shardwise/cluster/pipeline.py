@@ -50,6 +50,7 @@ class Pipeline:
         self.use_spares, self.spares = spares, {}  # node id -> an empty, warm StageActor
         self.stages, self._micro_batches = [], micro_batches
         self._steps: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}  # in flight: last ref -> every stage's
+        plan.check_layers(spec)  # a bad plan is an error before Ray starts
         self._owns_ray = join(address, instead="run locally")
         try:
             self._start_plan(plan)
