@@ -68,7 +68,9 @@ def library() -> ctypes.CDLL | None:
                                         pointer, size, size, size, size, size, size, ctypes.c_float, ctypes.c_float,
                                         pointer]
     lib.sw_rms_norm.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer]
-    for function in (lib.sw_quant_linear, lib.sw_dequantize, lib.sw_decode_attention, lib.sw_rms_norm):
+    lib.sw_linear_f32.argtypes = [pointer, size, pointer, size, size, pointer, pointer]
+    for function in (lib.sw_quant_linear, lib.sw_dequantize, lib.sw_decode_attention, lib.sw_rms_norm,
+                     lib.sw_linear_f32):
         function.restype = None
     return lib
 
@@ -102,4 +104,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     x = x.contiguous()
     out = torch.empty_like(x)
     lib.sw_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
+    return out
+
+
+def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [rows, k] . weight [n, k]^T (+ bias) by the register-tiled fp32 kernel; None where it does
+    not apply (not CPU fp32, or no kernels)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or (
+            lib := library()) is None:
+        return None
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0])
+    lib.sw_linear_f32(x.data_ptr(), x.shape[0], weight.data_ptr(), weight.shape[0], weight.shape[1],
+                      None if bias is None else bias.contiguous().data_ptr(), out.data_ptr())
     return out

@@ -47,20 +47,24 @@ class PackedBatch:
         return self.biases[window]
 
 
+TILED_ROWS = 16  # up to this many rows, shardwise's register-tiled fp32 kernel: 1.2-3x MKL here
 SPLIT_ROWS = 64  # up to this many rows, the split GEMM below beats MKL's own threading here
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear (or a quantised weight's own product), except that a CPU fp32 product with few
-    rows (decode, short chunks) is split into row blocks of the weight run as one batched GEMM, a
-    block per core: MKL threads such skinny products poorly (its GEMV uses one core). 1.2-2x
-    faster for 1-64 rows on 2 cores; from ~128 rows MKL's own threading wins."""
+    """F.linear (or a quantised weight's own product), except for CPU fp32 products with few rows
+    (decode, short chunks): up to TILED_ROWS the kernels' register-tiled product; up to SPLIT_ROWS
+    row blocks of the weight run as one batched GEMM, a block per core: MKL threads such skinny
+    products poorly (its GEMV uses one core). 1.2-2x faster for 1-64 rows on 2 cores; from ~128
+    rows MKL's own threading wins."""
     if isinstance(weight, QuantizedWeight):
         if weight.reads_directly(x):
             return weight.linear(x, bias)
         out = torch.cat([linear(x, block.dequantize(x.dtype)) for block in weight.row_blocks()], dim=-1)
         return out if bias is None else out + bias
     rows = x.shape[0]
+    if rows <= TILED_ROWS and (out := kernels.linear_f32(x, weight, bias)) is not None:
+        return out
     if rows <= SPLIT_ROWS and x.device.type == "cpu" and weight.dtype == torch.float32:
         parts = math.gcd(weight.shape[0], torch.get_num_threads())
         if parts > 1:
