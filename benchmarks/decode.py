@@ -47,12 +47,12 @@ def main() -> None:
     context = {n: (text_ids * 2)[:n] for n in (128, 512)}
     n = args.new_tokens
 
-    def ours_generate(prompts: list[list[int]], new: int) -> None:
-        ours.generate(prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
+    def ours_prefill(prompt: list[int]) -> None:  # the prompt and its first token
+        ours.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))
 
-    def theirs_generate(prompts: list[list[int]], new: int) -> None:
+    def theirs_prefill(prompt: list[int]) -> None:  # the prompt (the first token is sampled from its logits)
         theirs.reset()
-        theirs.eval(prompts[0])  # prefill only (new == 1): the first token is sampled from its logits
+        theirs.eval(prompt)
 
     def ours_decode(prompt: list[int]) -> float:
         """tokens/s from the first new token to the last, as the engine reports it"""
@@ -69,9 +69,7 @@ def main() -> None:
 
     rows = []
     for length in (128, 512):
-        # prefill: the prompt and one token, timed whole
-        first = paired_medians(args.repeats, (ours_generate, theirs_generate), [context[length]], 1)
-        a, b = (length / s for s in first)
+        a, b = (length / s for s in paired_medians(args.repeats, (ours_prefill, theirs_prefill), context[length]))
         rows.append((f"prefill {length} tokens (tok/s)", a, b, a / b))
         rates = [[ours_decode(context[length]), theirs_decode(context[length])] for _ in range(args.repeats)]
         a, b = (statistics.median(r[i] for r in rates) for i in (0, 1))

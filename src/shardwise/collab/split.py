@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from shardwise.cluster.plan import stage_bytes
 from shardwise.engine.shard import ShardModel
 from shardwise.errors import ShardwiseError
+from shardwise.model.layers import linear
 from shardwise.model.spec import ModelSpec
 from shardwise.perf.profile import timed
 from shardwise.planner.collaborative import CLIENT, SERVER, SplitResult, split_client_server
@@ -40,7 +40,7 @@ def measure(shard: ShardModel, repeats: int = 15) -> list[float]:
     spec = shard.spec
     head = shard.head if shard.is_last else torch.randn(spec.vocab_size, spec.hidden_size, dtype=shard.dtype) / 30
     x = torch.randn(1, spec.hidden_size, dtype=shard.dtype)
-    head_s = timed(lambda: F.linear(x, head), shard.device, repeats)
+    head_s = timed(lambda: linear(x, head), shard.device, repeats)  # float or quantised
     seq = -1  # a sequence id no caller uses
     shard.allocate(seq)
     try:

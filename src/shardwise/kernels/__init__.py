@@ -1,5 +1,6 @@
-"""shardwise's CPU kernels (cpu.cpp): products on quantised weights and decode attention over
-the paged KV pool, built on first use and loaded with ctypes.
+"""shardwise's CPU kernels (cpu.cpp): products on quantised weights, a register-tiled fp32 product
+for few rows, decode attention over the paged KV pool and RMSNorm, built on first use and loaded
+with ctypes.
 
 The library is built with the machine's C++ compiler against the installed torch (so its
 threads are torch's own), once per source, torch version and CPU, into the shardwise cache;
@@ -46,7 +47,7 @@ def library() -> ctypes.CDLL | None:
         return None
     torch_dir = Path(torch.__file__).parent
     key = hashlib.sha1(SOURCE.read_bytes() + f"{torch.__version__}|{FLAGS}".encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"quant-{key}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
+    target = cache_dir() / "kernels" / f"cpu-{key}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others wait, then load
@@ -75,6 +76,13 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def _library_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernels, where every tensor is a CPU fp32 one (what they take) and they could be built."""
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return library()
+    return None
+
+
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, write_slots: torch.Tensor, slots: torch.Tensor, totals: torch.Tensor,
                      heads: int, window: int | None, scale: float, softcap: float | None) -> torch.Tensor | None:
@@ -83,9 +91,9 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     into the pool keys/values [kv_heads, pool_slots, dim] at write_slots, then attention over each
     sequence's slots [seqs, longest] (the first totals[s] valid), read in place. Returns
     [seqs, heads * dim]; None where the kernel does not apply (not a CPU fp32 cache, or no kernels)."""
-    if qkv.device.type != "cpu" or keys.dtype != torch.float32 or (lib := library()) is None:
+    if (lib := _library_for(qkv, keys, cos)) is None:
         return None
-    qkv, cos, sin = qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous()
+    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     kv_heads, pool_slots, dim = keys.shape
     out = torch.empty(qkv.shape[0], heads * dim)
     lib.sw_decode_attention(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[-1], keys.data_ptr(),
@@ -98,8 +106,7 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """x / rms(x) * weight over the last dimension (one fused pass: torch's CPU rms_norm is several
     ops); None where the kernel does not apply."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or (
-            lib := library()) is None:
+    if (lib := _library_for(x, weight)) is None:
         return None
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -110,8 +117,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [rows, k] . weight [n, k]^T (+ bias) by the register-tiled fp32 kernel; None where it does
     not apply (not CPU fp32, or no kernels)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or (
-            lib := library()) is None:
+    if (lib := _library_for(x, weight)) is None:
         return None
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0])

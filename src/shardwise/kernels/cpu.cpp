@@ -1,5 +1,6 @@
 // shardwise's CPU kernels (AVX2): matrix products that read quantised weights directly, their
-// dequantisation, and decode attention over the paged KV pool.
+// dequantisation, decode attention over the paged KV pool, RMSNorm, and a register-tiled fp32
+// product for few rows.
 //
 // Weights come in blocks of 32 along each row. q8: int8 values, w = scale * q. q4: 16 bytes a
 // block, element j in the low nibble of byte j and element j + 16 in its high nibble (GGUF's
@@ -204,11 +205,10 @@ void sw_dequantize(int fmt, const uint8_t* qs, const uint16_t* scales, const uin
 }  // extern "C"
 
 // Decode attention straight from the paged KV pool: one new query token per sequence.
-// q, out: [seqs, heads, dim]; keys, values: [kv_heads, pool_slots, dim]; slots: [seqs, longest]
-// (int64, a sequence's first totals[s] entries valid). One task per (sequence, query head): its
-// kv head's rows are read in place (no gather copies, no padding masks) and stay in cache for
-// the other heads of the group. window > 0 limits a sequence to its last `window` tokens;
-// softcap > 0 applies cap * tanh(score / cap).
+// keys, values: [kv_heads, pool_slots, dim]; slots: [seqs, longest] (int64, a sequence's first
+// totals[s] entries valid). One task per (sequence, query head): its kv head's rows are read in
+// place (no gather copies, no padding masks) and stay in cache for the other heads of the group.
+// window > 0 limits a sequence to its last `window` tokens; softcap > 0 applies cap * tanh(score / cap).
 namespace {
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -290,8 +290,6 @@ void attend_one(const float* qh, const float* kh, const float* vh, const int64_t
   }
 }
 
-}  // namespace
-
 // x rotated by RoPE (rotate-half, HF's convention) over its first `rotary` dims into out
 inline void rope(const float* x, const float* cos, const float* sin, int64_t rotary, int64_t dim, float* out) {
   const int64_t half = rotary / 2;
@@ -301,6 +299,8 @@ inline void rope(const float* x, const float* cos, const float* sin, int64_t rot
   }
   for (int64_t i = rotary; i < dim; i++) out[i] = x[i];
 }
+
+}  // namespace
 
 // A decode step's attention from its fused q/k/v projection: qkv [seqs, (heads + 2 kv_heads) * dim].
 // RoPE (cos, sin: [seqs, rotary]) turns q and k; k and v are written into the pool at write_slots;

@@ -182,8 +182,10 @@ class GGUFWeights(Weights):
         """The file's own Q8_0 / Q4_0 / Q4_1 / Q4_K blocks as they are (exact) when they are no
         wider than asked (4-bit blocks asked for as 8 stay 4-bit: widening adds bytes, not
         precision); any other type is rounded from its floats."""
-        t = self._tensors[self.native_name(name)] if self.has(name) else None
-        kept = from_gguf(t.type, self._rows(t), t.shape) if t is not None else None
+        if not self.has(name):
+            return super().get_quantized(name, bits)  # which reports the missing tensor
+        t = self._tensors[self.native_name(name)]
+        kept = from_gguf(t.type, self._rows(t), t.shape)
         if kept is None or kept.bits > bits:
             return super().get_quantized(name, bits)
         if (heads := self._rope_heads(name)) is not None:

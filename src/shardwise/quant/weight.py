@@ -55,6 +55,8 @@ class QuantizedWeight:
         return self._map(lambda t: t.to(device))
 
     def row_blocks(self, rows: int = DEQUANTISED_ROWS) -> list[QuantizedWeight]:
+        if self.qs.shape[0] <= rows:
+            return [self]  # (no new views per product for most layer weights)
         return [self._map(lambda t, a=a: t[a : a + rows]) for a in range(0, self.qs.shape[0], rows)]
 
     def permute_rows(self, order: torch.Tensor) -> QuantizedWeight:
