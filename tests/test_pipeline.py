@@ -93,13 +93,13 @@ def test_seeded_sampling_matches_one_process(pipeline, llm):
 def test_kv_is_freed_over_25_requests(pipeline):
     params = SamplingParams(max_tokens=8, temperature=0.0)
     pipeline.generate(TEXT_PROMPTS[0], params)
-    before = pipeline.executor.kv_stats()
+    before = pipeline.executor.stats()
     rss = [psutil.Process(pid).memory_info().rss for pid in pipeline.executor.pids]
     for i in range(24):
         pipeline.generate(TEXT_PROMPTS[i % 4] + " " * (i % 5), params)
-    after = pipeline.executor.kv_stats()
-    assert all(s["sequences"] == 0 and s["blocks_in_use"] == 0 for s in after)
-    assert [s["pool_bytes"] for s in after] == [s["pool_bytes"] for s in before]
+    after = pipeline.executor.stats()
+    assert all(s["sequences"] == 0 and s["kv_blocks_in_use"] == 0 for s in after)
+    assert [s["kv_pool_bytes"] for s in after] == [s["kv_pool_bytes"] for s in before]
     grown = [psutil.Process(pid).memory_info().rss - r for pid, r in zip(pipeline.executor.pids, rss, strict=True)]
     assert max(grown) < 64 * 2**20, grown
 

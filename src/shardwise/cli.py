@@ -224,39 +224,13 @@ def estimate(
     """Predict TTFT, TPOT, throughput and memory of a model on devices, without running it."""
     import json
 
-    from shardwise.model.catalog import load_spec
-    from shardwise.perf.estimate import Deployment, Draft
-    from shardwise.perf.estimate import estimate as run_estimate
-    from shardwise.perf.hardware import load_device, load_link, profile_link
-    from shardwise.perf.operators import Precision
+    from shardwise.perf.query import EstimateQuery
 
     try:
-        spec = load_spec(model)
-        if pp_devices:
-            names = [n.strip() for n in pp_devices.split(",") if n.strip()]
-            devices = [load_device(n) for n in names]
-            links = [load_link(link) if link else profile_link(a, b) or load_link("ethernet-10g")
-                     for a, b in zip(names, names[1:], strict=False)]
-            deployment = Deployment.pipeline(spec, devices, links)
-        elif device:
-            deployment = Deployment.single(spec, load_device(device), tp, ep, load_link(tp_link))
-        else:
-            raise ShardwiseError("give --device (one device) or --pp-devices (a pipeline), e.g. --device h100")
-        first = deployment.stages[0].device
-        act = first.default_dtype
-        precision = Precision(quant or act, kv_quant or act, act)
-        if not 0 <= accept <= 1 or gamma < 1:
-            raise ShardwiseError("--accept must be within 0..1 and --gamma at least 1")
-        draft_spec = Draft(load_spec(draft), gamma, accept) if draft else None
-        est = run_estimate(spec, deployment, batch=batch, input_tokens=input, output_tokens=output,
-                           precision=precision, chunk=chunk, draft=draft_spec)
-        if not est.fits:
-            worst = max(est.stages, key=lambda s: s["memory"]["total"] / s["capacity"])
-            raise ShardwiseError(
-                f"{spec.name} does not fit: stage on {worst['device']} needs {worst['memory']['total'] / 1e9:.1f} GB "
-                f"of its {worst['capacity'] / 1e9:.1f} GB; use more devices (--tp, --pp-devices), a smaller "
-                f"--quant (e.g. int4), or a smaller --batch / --input / --output"
-            )
+        names = [n.strip() for n in pp_devices.split(",") if n.strip()] if pp_devices else None
+        est, first = EstimateQuery(model=model, device=device, tp=tp, ep=ep, tp_link=tp_link, pp_devices=names,
+                                   link=link, batch=batch, input=input, output=output, quant=quant,
+                                   kv_quant=kv_quant, chunk=chunk, draft=draft, gamma=gamma, accept=accept).run()
         if json_out:
             print(json.dumps(est.to_dict(), indent=2))
         else:

@@ -249,8 +249,10 @@ class Pipeline:
                 pass
         return sorted(lost)
 
-    def kv_stats(self) -> list[dict[str, int]]:
-        return _get([s.kv_stats.remote() for s in self.stages])
+    def stats(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Each stage's Worker.stats(), with its Ray node."""
+        return [s | {"node": node} for s, node in zip(_get([s.stats.remote() for s in self.stages], timeout),
+                                                      self.node_ids, strict=True)]
 
     def close(self) -> None:
         for actor in [*self.stages, *self.spares.values()]:

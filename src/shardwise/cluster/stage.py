@@ -55,6 +55,5 @@ class StageActor:
         out = self.worker.step(seq_ids, chunks, sample, inputs)
         return out.float().cpu().numpy() if isinstance(out, torch.Tensor) else out
 
-    def kv_stats(self) -> dict[str, int]:
-        kv = self.worker.shard.kv
-        return {"sequences": len(kv), "blocks_in_use": kv.blocks_in_use, "pool_bytes": kv.nbytes}
+    def stats(self) -> dict:
+        return self.worker.stats()

@@ -40,5 +40,8 @@ class LocalExecutor:
     def describe(self) -> list[dict[str, Any]]:
         return []  # no pipeline stages
 
+    def stats(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        return [self.worker.stats() | {"node": "local"}]  # the whole model, as one stage
+
     def close(self) -> None:
         self.worker = self.shard = None

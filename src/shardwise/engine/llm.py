@@ -156,6 +156,10 @@ class LLM:
         """Where each pipeline stage runs now (layers, Ray node, process id); [] in one process."""
         return self.executor.describe()
 
+    def stage_stats(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Each stage's (one, in one process) layers, node, memory, KV and step times."""
+        return self.executor.stats(timeout)
+
     def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """A sequence for the scheduler (the server adds it from its engine thread)."""
         if self.executor is None:

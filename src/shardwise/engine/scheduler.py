@@ -32,6 +32,7 @@ from shardwise.model.tokenizer import Detokenizer, Tokenizer
 
 log = logging.getLogger("shardwise.engine")
 MAX_FAILURES_IN_A_ROW = 3  # recoveries with no step completing between them: something is broken for good
+EVENTS_KEPT = 100  # the latest failures and recoveries, for the dashboard
 
 
 @dataclass
@@ -110,6 +111,11 @@ class Scheduler:
         self.stage_failures = self.recoveries = self.replayed_tokens = 0
         self.last_recovery_s = 0.0
         self._failures_in_a_row = 0
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+
+    def note(self, kind: str, message: str) -> None:
+        """Record an event an operator should see (a stage lost, a recovery, an engine error)."""
+        self.events.append({"time": time.time(), "kind": kind, "message": message})
 
     # --- requests -------------------------------------------------------------------------------
     def make_sequence(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> Sequence:
@@ -212,6 +218,8 @@ class Scheduler:
                                  f"completing a step (last: {failure}): check the nodes and their logs")
         log.warning("lost a pipeline stage (%s): replacing it and replaying %d sequences", failure,
                     self.num_running)
+        self.note("stage lost", f"{failure}; replacing it and replaying {self.num_running} sequences")
+        replayed = self.replayed_tokens
         started = time.perf_counter()
         self.in_flight.clear()
         self.executor.recover(failure)  # a ShardwiseError here: nothing can take the stage's place
@@ -225,6 +233,8 @@ class Scheduler:
                 self.executor.add(seq.id, seq.params, seq.output.token_ids)
         self.recoveries += 1
         self.last_recovery_s = time.perf_counter() - started
+        self.note("recovered", f"stages replaced in {self.last_recovery_s:.1f} s; "
+                               f"{self.replayed_tokens - replayed} tokens to replay")
 
     def _admit(self) -> None:
         while self.waiting and self.num_running < self.max_num_seqs:

@@ -7,6 +7,11 @@ worker turns logits into token ids, so logits never leave it.
 
 from __future__ import annotations
 
+import os
+import time
+from typing import Any
+
+import psutil
 import torch
 
 from shardwise.engine.sampling import SamplingParams, SequenceSampler, TokenLogprobs, sample_batch, token_logprobs
@@ -21,6 +26,7 @@ class Worker:
     def __init__(self, shard: ShardModel):
         self.shard = shard
         self.samplers: dict[int, SequenceSampler] = {}
+        self.steps, self.busy_s, self.last_step_s = 0, 0.0, 0.0  # time in step(), for the dashboard
 
     def add(self, seq_id: int, params: SamplingParams, generated: list[int] = ()) -> None:
         """generated: the tokens it already produced, when it comes back after a lost stage."""
@@ -43,6 +49,16 @@ class Worker:
         them; the last one feeds them to the penalties). sample: which sequences need a token
         this step (those whose prompt is complete). Returns hidden states, or at the last
         worker what it Sampled."""
+        started = time.perf_counter()
+        try:
+            return self._step(seq_ids, chunks, sample, hidden)
+        finally:
+            self.last_step_s = time.perf_counter() - started
+            self.busy_s += self.last_step_s
+            self.steps += 1
+
+    def _step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
+              hidden: torch.Tensor | None) -> torch.Tensor | Sampled:
         lengths = [len(c) for c in chunks]
         inputs = torch.tensor([t for c in chunks for t in c]) if self.shard.is_first else hidden
         out = self.shard.forward(seq_ids, lengths, inputs)
@@ -61,3 +77,22 @@ class Worker:
                 if sampler.params.logprobs is not None:
                     logprobs[i] = token_logprobs(out[i], token, sampler.params.logprobs)
         return tokens, logprobs
+
+    def stats(self) -> dict[str, Any]:
+        """What this worker holds and how busy it is: layers, memory, KV and step times."""
+        shard, kv = self.shard, self.shard.kv
+        return {"layers": [shard.start, shard.end], "device": str(shard.device), "dtype": shard.weight_dtype,
+                "pid": os.getpid(), "weight_bytes": shard.weight_bytes(), "kv_pool_bytes": kv.nbytes,
+                "kv_blocks_in_use": kv.blocks_in_use, "sequences": len(kv), "steps": self.steps,
+                "busy_s": self.busy_s, "last_step_s": self.last_step_s, **device_memory(shard.device)}
+
+
+def device_memory(device: torch.device) -> dict[str, int]:
+    """This process's memory on the device, and the device's total and free memory."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return {"memory_used_bytes": torch.cuda.memory_reserved(device), "memory_total_bytes": total,
+                "memory_available_bytes": free}
+    host = psutil.virtual_memory()
+    return {"memory_used_bytes": psutil.Process().memory_info().rss, "memory_total_bytes": host.total,
+            "memory_available_bytes": host.available}

@@ -10,6 +10,18 @@ from shardwise.perf.estimate import Estimate
 from shardwise.perf.hardware import DeviceSpec
 
 
+def roofline(est: Estimate, device: DeviceSpec) -> dict:
+    """The first stage's roofline (peak FLOP/s at the activation dtype, bytes/s) and where each
+    of its operators sits on it: intensity (FLOP/byte) and attained FLOP/s."""
+    dtype = est.inputs["precision"]["activations"]
+    points = [{"name": t.op.name, "phase": phase, "intensity": t.op.intensity, "flops_per_s": t.op.flops / t.time_s,
+               "bound": t.bound}
+              for phase in ("prefill", "decode") for t in est.operators[phase]
+              if t.op.kind != "collective" and t.op.flops and t.op.bytes]
+    return {"device": device.name, "dtype": dtype, "peak_flops": device.peak_flops(dtype),
+            "bandwidth": device.bandwidth, "points": points}
+
+
 def plot_estimate(est: Estimate, device: DeviceSpec, path: str | Path) -> None:
     import matplotlib
 
@@ -17,18 +29,14 @@ def plot_estimate(est: Estimate, device: DeviceSpec, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (roof, bars) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
-    dtype = est.inputs["precision"]["activations"]
-    peak, bw = device.peak_flops(dtype), device.bandwidth
+    line = roofline(est, device)
     x = np.geomspace(1e-2, 1e4, 200)
-    roof.loglog(x, np.minimum(peak, bw * x), "k-", label=f"{device.name} roofline ({dtype})")
-    for phase, marker in (("prefill", "o"), ("decode", "s")):
-        for t in est.operators[phase]:
-            if t.op.kind == "collective" or not t.op.flops or not t.op.bytes:
-                continue
-            achieved = t.op.flops / t.time_s
-            roof.scatter(t.op.intensity, achieved, marker=marker, s=30)
-            roof.annotate(f"{t.op.name} ({phase})", (t.op.intensity, achieved), fontsize=6,
-                          xytext=(3, 3), textcoords="offset points")
+    roof.loglog(x, np.minimum(line["peak_flops"], line["bandwidth"] * x), "k-",
+                label=f"{device.name} roofline ({line['dtype']})")
+    for p in line["points"]:
+        roof.scatter(p["intensity"], p["flops_per_s"], marker="o" if p["phase"] == "prefill" else "s", s=30)
+        roof.annotate(f"{p['name']} ({p['phase']})", (p["intensity"], p["flops_per_s"]), fontsize=6,
+                      xytext=(3, 3), textcoords="offset points")
     roof.set_xlabel("operational intensity (FLOP/byte)")
     roof.set_ylabel("attained FLOP/s")
     roof.set_title("operators on the roofline (first stage)")

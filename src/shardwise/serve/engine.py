@@ -99,6 +99,7 @@ class AsyncEngine:
                     self.step_s = time.perf_counter() - started
                 except Exception as e:  # a stage failed: fail its requests, keep serving the rest
                     log.exception("engine step failed")
+                    self.scheduler.note("error", f"a step failed, its requests with it: {e}")
                     self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
                     self._update_gauges()
                     continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 
 class ApiError(Exception):
@@ -34,3 +35,20 @@ async def read_bytes(request: Request, limit: int) -> bytes:
 def too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is larger than {limit} bytes: send a shorter request",
                     code="request_too_large")
+
+
+def invalid(e: ValidationError) -> ApiError:
+    """The first problem, in words a client can act on."""
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    param = ".".join(loc) or None
+    if err["type"] == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON ({err['msg']}): send a JSON object",
+                        code="invalid_json")
+    if err["type"] == "extra_forbidden":
+        return ApiError(400, f"'{param}' is not supported by this server: remove it from the request",
+                        param=param, code="unsupported_parameter")
+    if err["type"] == "missing":
+        return ApiError(400, f"'{param}' is required", param=param, code="missing_parameter")
+    return ApiError(400, f"'{param}': {err['msg']}" if param else err["msg"], param=param,
+                    code="invalid_parameter")

@@ -3,12 +3,18 @@ each server on its own registry."""
 
 from __future__ import annotations
 
+import math
+import time
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0)
 RECOVERY_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+QUANTILES = (0.5, 0.9, 0.99)
+WINDOW_S = 60.0  # snapshot() percentiles cover the requests of about this long
 
 
 class Metrics:
@@ -46,9 +52,53 @@ class Metrics:
         self.collab_seconds = make(Counter, "collab_server_seconds",
                                    "Server compute spent on collaborative segments.").labels(**labels)
         self._model = model
+        self._history: deque[tuple[float, dict]] = deque()  # (time, histogram buckets) of past snapshots
 
     def finished(self, reason: str) -> None:
         self._success.labels(model_name=self._model, finished_reason=reason).inc()
 
     def export(self) -> bytes:
         return generate_latest(self.registry)
+
+    def snapshot(self) -> dict:
+        """The numbers export() gives, as a dict (a metric with labels besides the model's maps
+        their values to its own), plus each histogram's percentiles over the last WINDOW_S
+        seconds ({"p50": ..., "count": n}; None where nothing was observed)."""
+        values, buckets = {}, {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                name = sample.name.removeprefix("shardwise:")
+                labels = {k: v for k, v in sample.labels.items() if k != "model_name"}
+                if name.endswith("_bucket"):
+                    buckets.setdefault(name.removesuffix("_bucket"), []).append((float(labels["le"]), sample.value))
+                elif not name.endswith("_created"):
+                    if labels:
+                        values.setdefault(name, {})["/".join(labels.values())] = sample.value
+                    else:
+                        values[name] = sample.value
+        now = time.monotonic()
+        self._history.append((now, buckets))
+        while len(self._history) > 1 and self._history[1][0] <= now - WINDOW_S:
+            self._history.popleft()  # keep the newest snapshot at least WINDOW_S old as the baseline
+        base = self._history[0][1] if len(self._history) > 1 else {}
+        for name, cumulative in buckets.items():
+            old = dict(base.get(name, []))
+            recent = [(le, count - old.get(le, 0.0)) for le, count in cumulative]
+            total = recent[-1][1]
+            values[name] = {f"p{round(q * 100)}": histogram_quantile(q, recent) if total else None for q in QUANTILES}
+            values[name]["count"] = total
+        return values
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """Prometheus's estimate of quantile q from cumulative (upper bound, count) buckets: linear
+    within the bucket holding it; the highest finite bound if it falls in the +Inf bucket."""
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank and count > below:
+            if math.isinf(upper):
+                return lower
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower

@@ -1,0 +1,66 @@
+"""An estimate asked for by names (a model, devices, links, lengths): what `shardwise
+estimate` and the dashboard's estimate form both run, so they always agree."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from shardwise.errors import ShardwiseError
+from shardwise.perf.estimate import Deployment, Draft, Estimate, estimate
+from shardwise.perf.hardware import DeviceSpec, load_device, load_link, profile_link
+from shardwise.perf.operators import Precision
+
+DEFAULT_PIPELINE_LINK = "ethernet-10g"  # between pipeline stages that no profile measured
+
+
+class EstimateQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # a catalog name, .gguf file, or HF config.json / model directory
+    device: str | None = None  # a catalog device or a `shardwise profile` file
+    tp: int = 1  # tensor-parallel devices
+    ep: int = 1  # expert-parallel devices (MoE)
+    tp_link: str = "nvlink4"
+    pp_devices: list[str] | None = None  # pipeline stages, one device each
+    link: str | None = None  # between pipeline stages (default: measured, or DEFAULT_PIPELINE_LINK)
+    batch: int = 1
+    input: int = 512
+    output: int = 128
+    quant: str | None = None
+    kv_quant: str | None = None
+    chunk: int | None = None
+    draft: str | None = None
+    gamma: int = 4
+    accept: float = 0.7
+
+    def run(self) -> tuple[Estimate, DeviceSpec]:
+        """The estimate, and the first stage's device (its roofline); a ShardwiseError naming
+        the fix if the inputs are wrong or the model does not fit."""
+        from shardwise.model.catalog import load_spec
+
+        spec = load_spec(self.model)
+        if self.pp_devices:
+            devices = [load_device(n) for n in self.pp_devices]
+            links = [load_link(self.link) if self.link else profile_link(a, b) or load_link(DEFAULT_PIPELINE_LINK)
+                     for a, b in zip(self.pp_devices, self.pp_devices[1:], strict=False)]
+            deployment = Deployment.pipeline(spec, devices, links)
+        elif self.device:
+            deployment = Deployment.single(spec, load_device(self.device), self.tp, self.ep, load_link(self.tp_link))
+        else:
+            raise ShardwiseError("give --device (one device) or --pp-devices (a pipeline), e.g. --device h100")
+        first = deployment.stages[0].device
+        act = first.default_dtype
+        precision = Precision(self.quant or act, self.kv_quant or act, act)
+        if not 0 <= self.accept <= 1 or self.gamma < 1:
+            raise ShardwiseError("--accept must be within 0..1 and --gamma at least 1")
+        draft = Draft(load_spec(self.draft), self.gamma, self.accept) if self.draft else None
+        est = estimate(spec, deployment, batch=self.batch, input_tokens=self.input, output_tokens=self.output,
+                       precision=precision, chunk=self.chunk, draft=draft)
+        if not est.fits:
+            worst = max(est.stages, key=lambda s: s["memory"]["total"] / s["capacity"])
+            raise ShardwiseError(
+                f"{spec.name} does not fit: stage on {worst['device']} needs {worst['memory']['total'] / 1e9:.1f} GB "
+                f"of its {worst['capacity'] / 1e9:.1f} GB; use more devices (--tp, --pp-devices), a smaller "
+                f"--quant (e.g. int4), or a smaller --batch / --input / --output"
+            )
+        return est, first
