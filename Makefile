@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= In one sentence, what is the capital of France?
 
-.PHONY: setup demo test lint bench
+.PHONY: setup browser demo test lint bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -19,7 +19,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/shardwise generate "$(PROMPT)" --stages 2
 
-test: setup
+# Debian's Chromium, for the dashboard's browser tests (they skip, saying why, where it cannot be had)
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "could not install chromium (apt-get needs root): the dashboard's browser tests will skip"
+
+test: setup browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest -q --durations=15
 

@@ -70,6 +70,19 @@ def running_server(log: Path, *args: str) -> Iterator[str]:
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
 
 
+API_KEY = "sk-shardwise-test"
+API_KV_TOKENS = 4096
+
+
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory):
+    """The server the API and dashboard tests share: the default model on 2 local Ray stages,
+    behind an API key."""
+    with running_server(tmp_path_factory.mktemp("server") / "log", "--stages", "2", "--api-key", API_KEY,
+                        "--kv-tokens", str(API_KV_TOKENS), "--max-batch-tokens", "64") as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def machine_profile(tmp_path_factory):
     """`shardwise profile` of this machine, run once per session, --quick."""

@@ -92,6 +92,8 @@ def test_first_middle_and_last_stage_killed_in_one_run(server, undisturbed):
     assert metric(server, "stage_recoveries_total") == recoveries + 3
     assert metric(server, "replayed_tokens_total") > 0
     assert all(a != b for a, b in zip(stage_pids(server), pids, strict=True))
+    kinds = [e["kind"] for e in httpx.get(f"{server}/v1/dashboard/state").json()["events"]]  # the dashboard's
+    assert kinds[-6:] == ["stage lost", "recovered"] * 3
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
 
 

@@ -12,23 +12,19 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import CHAT_PROMPTS, TEXT_PROMPTS, cli, free_port, running_server
+from tests.conftest import API_KEY, API_KV_TOKENS, CHAT_PROMPTS, TEXT_PROMPTS, cli, free_port
 
-KEY = "sk-shardwise-test"
 MODEL = "smollm2-135m"
-KV_TOKENS = 4096
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("server") / "log", "--stages", "2", "--api-key", KEY,
-                        "--kv-tokens", str(KV_TOKENS), "--max-batch-tokens", "64") as url:
-        yield url
+def server(api_server):
+    return api_server
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=300)
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -114,7 +110,7 @@ def test_a_disconnect_mid_stream_frees_its_sequence(server):
     aborted = metrics(server).get('shardwise:request_success_total{finished_reason="abort"}', 0)
     body = {"model": MODEL, "prompt": "Count:", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server}/v1/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as response:
         lines = response.iter_lines()
         assert sum(1 for line, _ in zip(lines, range(6), strict=False) if line.startswith("data:")) >= 3
         assert metrics(server)["shardwise:num_requests_running"] == 1
@@ -141,7 +137,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3},
      400, "invalid_parameter"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10**9}, 400, "context_length_exceeded"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": KV_TOKENS + 10}, 400, None),  # KV budget
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": API_KV_TOKENS + 10}, 400, None),  # KV budget
     ("/v1/completions", {"model": MODEL, "prompt": LONG_PROMPT}, 400, "context_length_exceeded"),
     ("/v1/completions", b'{"model": "smollm2-135m", "prompt": "hi", "temperature": NaN}', 400, "invalid_parameter"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "invalid_parameter"),
@@ -154,7 +150,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("path", "body", "status", "code"), BAD_REQUESTS)
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, path, body, status, code):
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(f"{server}{path}", content=content, headers=headers, timeout=60)
     assert response.status_code == status, response.text
@@ -183,9 +179,36 @@ def test_metrics_are_exported_like_vllms(server, client):
     assert m["shardwise:num_requests_waiting"] == 0 and 0 <= m["shardwise:kv_cache_usage_perc"] <= 1
 
 
+def test_dashboard_state_is_the_metrics_and_the_live_stages(server, client):
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    state = httpx.get(f"{server}/v1/dashboard/state", headers=auth).json()
+    m = metrics(server)
+    assert state["metrics"]["generation_tokens_total"] == m["shardwise:generation_tokens_total"]
+    ttft = state["metrics"]["time_to_first_token_seconds"]  # percentiles of the last minute's requests
+    assert ttft["count"] >= 1 and 0 < ttft["p50"] <= ttft["p99"]
+    health = httpx.get(f"{server}/health").json()
+    assert [(s["layers"], s["pid"]) for s in state["stages"]] == [(s["layers"], s["pid"]) for s in health["stages"]]
+    for stage in state["stages"]:
+        assert stage["weight_bytes"] > 0 and stage["kv_pool_bytes"] > 0 and stage["steps"] > 0
+        assert 0 < stage["busy_s"] and 0 < stage["memory_available_bytes"] < stage["memory_total_bytes"]
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/v1/dashboard/estimate", {"model": "no-such-model", "device": "h100"}, "unknown model 'no-such-model'"),
+    ("/v1/dashboard/estimate", {"model": "llama-3.1-70b", "device": "l4"}, "does not fit"),
+    ("/v1/dashboard/estimate", {"model": "llama-3.1-8b", "gpu": "h100"}, "'gpu' is not supported"),
+    ("/v1/dashboard/plan", {"model": "llama-3.1-8b", "cluster": "devices: [oops"}, "not valid YAML"),
+    ("/v1/dashboard/plan", {"model": "llama-3.1-8b", "cluster": {"devices": []}}, "non-empty \"devices\" list"),
+])
+def test_dashboard_forms_refuse_bad_input_clearly(server, path, body, message):
+    response = httpx.post(f"{server}{path}", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+
+
 def test_bench_cli_against_the_server(server):
     result = cli("bench", "--url", server, "--requests", "4", "--concurrency", "2", "--scale", "0.05",
-                 "--api-key", KEY, "--json", "--compare-estimate")
+                 "--api-key", API_KEY, "--json", "--compare-estimate")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["requests"] == 4 and report["generated_tokens"] > 0 and report["throughput_tok_s"] > 0
@@ -209,6 +232,6 @@ def test_a_collaborative_client_of_a_pipeline_server(server, llm):
     from shardwise.collab.client import CollaborativeClient
 
     params = SamplingParams(max_tokens=12, temperature=0.0)
-    with CollaborativeClient(server, api_key=KEY, sla=0.5, memory_gb=0.5, threads=1) as c:
+    with CollaborativeClient(server, api_key=API_KEY, sla=0.5, memory_gb=0.5, threads=1) as c:
         assert {s["side"] for s in c.session["segments"]} == {"client", "server"}
         assert c.generate(TEXT_PROMPTS[2], params)[0].token_ids == llm.generate(TEXT_PROMPTS[2], params)[0].token_ids

@@ -28,8 +28,9 @@ from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.engine.scheduler import Sequence
 from shardwise.errors import ShardwiseError
 from shardwise.serve.collab_api import add_collab_routes, expire_sessions
+from shardwise.serve.dashboard_api import add_dashboard_routes
 from shardwise.serve.engine import AsyncEngine, EngineError, Event
-from shardwise.serve.http import ApiError, read_bytes
+from shardwise.serve.http import ApiError, invalid, read_bytes
 from shardwise.serve.metrics import Metrics
 from shardwise.serve.protocol import (
     ChatCompletionRequest,
@@ -91,7 +92,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
         try:
             parsed = model.model_validate_json(await read_bytes(request, max_body_bytes))
         except ValidationError as e:
-            raise _invalid(e) from None
+            raise invalid(e) from None
         if parsed.model != llm.name:
             raise ApiError(404, f"the model '{parsed.model}' does not exist on this server: use '{llm.name}' "
                                 f"(GET /v1/models lists it)", param="model", code="model_not_found")
@@ -102,7 +103,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
     async def health() -> JSONResponse:
         if engine.running:
             return JSONResponse({"status": "ok", "stages": llm.stages(), "recoveries": llm.scheduler.recoveries,
-                                 "collab": collab.stats()})
+                                 "collab": collab.stats(), "api_key_required": api_key is not None})
         return JSONResponse({"status": "error", "error": engine.failure}, status_code=503)
 
     @app.get("/metrics")
@@ -153,6 +154,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
         return JSONResponse(reply.whole())
 
     add_collab_routes(app, engine, collab, authorize, lambda request: read_body(request, CollabSessionRequest))
+    add_dashboard_routes(app, llm, engine, metrics, authorize)
     return app
 
 
@@ -284,20 +286,3 @@ def _token_text(tokenizer):
         return tokenizer.hf.decode([token_id])
 
     return text
-
-
-def _invalid(e: ValidationError) -> ApiError:
-    """The first problem, in words a client can act on."""
-    err = e.errors()[0]
-    loc = [str(p) for p in err["loc"]]
-    param = ".".join(loc) or None
-    if err["type"] == "json_invalid":
-        return ApiError(400, f"the request body is not valid JSON ({err['msg']}): send a JSON object",
-                        code="invalid_json")
-    if err["type"] == "extra_forbidden":
-        return ApiError(400, f"'{param}' is not supported by this server: remove it from the request",
-                        param=param, code="unsupported_parameter")
-    if err["type"] == "missing":
-        return ApiError(400, f"'{param}' is required", param=param, code="missing_parameter")
-    return ApiError(400, f"'{param}': {err['msg']}" if param else err["msg"], param=param,
-                    code="invalid_parameter")
