@@ -20,7 +20,7 @@ from shardwise.perf.operators import Precision, Work
 from shardwise.quant import quantize
 from shardwise.quant.gguf import from_gguf
 from shardwise.quant.quality import agreement, perplexity
-from shardwise.quant.weight import DIRECT_ROWS
+from shardwise.quant.weight import DIRECT_ROWS, KERNEL_ROWS
 from tests.conftest import TEXT_PROMPTS
 
 TEXT = Path(__file__).with_name("data") / "perplexity.txt"
@@ -34,16 +34,17 @@ def test_the_kernels_are_built_here():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("rows", [1, 3, DIRECT_ROWS, DIRECT_ROWS + 1, 40])
+@pytest.mark.parametrize("rows", [1, 3, DIRECT_ROWS, DIRECT_ROWS + 1, 40, KERNEL_ROWS + 1])
 def test_products_match_the_dequantised_weight(bits, rows):
-    """Direct (few rows, int16-rounded activations) and dequantised (many rows) products both
-    equal x . W^T of the weight they hold, bias included, within activation rounding."""
+    """Direct (few rows, int16-rounded activations), tile-dequantising (more rows) and dequantised
+    (many rows) products all equal x . W^T of the weight they hold, bias included, within
+    activation rounding."""
     torch.manual_seed(rows)
     weight = quantize(torch.randn(96, 320), bits)
     x, bias = torch.randn(rows, 320) * 3, torch.randn(96)
     reference = x @ weight.dequantize().t() + bias
     out = linear(x, weight, bias)
-    assert weight.reads_directly(x) == (rows <= DIRECT_ROWS)
+    assert weight.kernel_applies(x) == (rows <= KERNEL_ROWS)
     assert (out - reference).abs().max() <= 1e-4 * reference.abs().max()
 
 

@@ -71,7 +71,7 @@ class Worker:
         logprobs: dict[int, TokenLogprobs] = {}
         if rows:
             samplers = [self.samplers[seq_ids[i]] for i in rows]
-            picked = sample_batch(out[rows], samplers)
+            picked = sample_batch(out if len(rows) == len(out) else out[rows], samplers)  # no copy if all
             for i, token, sampler in zip(rows, picked, samplers, strict=True):
                 tokens[i] = token
                 if sampler.params.logprobs is not None:

@@ -70,8 +70,9 @@ def library() -> ctypes.CDLL | None:
                                         pointer]
     lib.sw_rms_norm.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer]
     lib.sw_linear_f32.argtypes = [pointer, size, pointer, size, size, pointer, pointer]
+    lib.sw_quant_linear_f32.argtypes = lib.sw_quant_linear.argtypes
     for function in (lib.sw_quant_linear, lib.sw_dequantize, lib.sw_decode_attention, lib.sw_rms_norm,
-                     lib.sw_linear_f32):
+                     lib.sw_linear_f32, lib.sw_quant_linear_f32):
         function.restype = None
     return lib
 

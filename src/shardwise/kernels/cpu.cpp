@@ -170,6 +170,17 @@ Weight weight(int fmt, const uint8_t* qs, const uint16_t* scales, const uint16_t
   return Weight{qs, scales, mins, cols, fmt == 4 ? cols / 2 : cols, cols / BLOCK, fmt == 4};
 }
 
+// weight row n as fp32 into out[cols]
+void dequantize_row(const Weight& w, int64_t n, float* out) {
+  for (int64_t b = 0; b < w.blocks; b++) {
+    __m256 v[4];
+    widen(w.qs + n * w.row_bytes + b * (w.q4 ? 16 : 32), w.q4, v);
+    const __m256 s = _mm256_set1_ps(_cvtsh_ss(w.scales[n * w.blocks + b]));
+    const __m256 m = _mm256_set1_ps(w.mins ? _cvtsh_ss(w.mins[n * w.blocks + b]) : 0.0f);
+    for (int i = 0; i < 4; i++) _mm256_storeu_ps(out + b * BLOCK + 8 * i, _mm256_fmadd_ps(s, v[i], m));
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -190,15 +201,7 @@ void sw_dequantize(int fmt, const uint8_t* qs, const uint16_t* scales, const uin
                    int64_t cols, float* out) {
   const Weight w = weight(fmt, qs, scales, mins, cols);
   at::parallel_for(0, w_rows, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; n++) {
-      for (int64_t b = 0; b < w.blocks; b++) {
-        __m256 v[4];
-        widen(w.qs + n * w.row_bytes + b * (w.q4 ? 16 : 32), w.q4, v);
-        const __m256 s = _mm256_set1_ps(_cvtsh_ss(w.scales[n * w.blocks + b]));
-        const __m256 m = _mm256_set1_ps(w.mins ? _cvtsh_ss(w.mins[n * w.blocks + b]) : 0.0f);
-        for (int i = 0; i < 4; i++) _mm256_storeu_ps(out + n * cols + b * BLOCK + 8 * i, _mm256_fmadd_ps(s, v[i], m));
-      }
-    }
+    for (int64_t n = n0; n < n1; n++) dequantize_row(w, n, out + n * cols);
   });
 }
 
@@ -399,21 +402,43 @@ void f32_column(const float* x, int64_t rows, int64_t k, const float* w, const f
   if (rows - r == 1) f32_tile<1, NW>(x + r * k, k, w, bias, y + r * ldy, ldy);
 }
 
+constexpr int64_t NW = 4;  // weight rows per tile
+
+// y[:, j:j+width] from weight rows w[width, k] (width <= NW)
+void f32_columns(const float* x, int64_t rows, int64_t k, const float* w, int64_t width, const float* bias,
+                 float* y, int64_t ldy) {
+  switch (width) {
+    case 4: f32_column<4>(x, rows, k, w, bias, y, ldy); break;
+    case 3: f32_column<3>(x, rows, k, w, bias, y, ldy); break;
+    case 2: f32_column<2>(x, rows, k, w, bias, y, ldy); break;
+    default: f32_column<1>(x, rows, k, w, bias, y, ldy);
+  }
+}
+
 }  // namespace
 
 extern "C" void sw_linear_f32(const float* x, int64_t rows, const float* w, int64_t n, int64_t k, const float* bias,
                               float* y) {
-  constexpr int64_t NW = 4;
   at::parallel_for(0, (n + NW - 1) / NW, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++) {
+      const int64_t j = t * NW;
+      f32_columns(x, rows, k, w + j * k, n - j < NW ? n - j : NW, bias ? bias + j : nullptr, y + j, n);
+    }
+  });
+}
+
+// The same product from quantised weights (fmt 8 or 4, as sw_quant_linear): each tile's NW weight rows
+// are dequantised into a buffer that stays in L1 and multiplied with every row of x in fp32, so a
+// batch pays the dequantisation once per weight and reads a quarter of fp32's bytes.
+extern "C" void sw_quant_linear_f32(int fmt, const float* x, int64_t rows, const uint8_t* qs, const uint16_t* scales,
+                                    const uint16_t* mins, int64_t n, int64_t k, const float* bias, float* y) {
+  const Weight w = weight(fmt, qs, scales, mins, k);
+  at::parallel_for(0, (n + NW - 1) / NW, 4, [&](int64_t t0, int64_t t1) {
+    std::vector<float> tile(NW * k);
+    for (int64_t t = t0; t < t1; t++) {
       const int64_t j = t * NW, width = n - j < NW ? n - j : NW;
-      const float* b = bias ? bias + j : nullptr;
-      switch (width) {
-        case 4: f32_column<4>(x, rows, k, w + j * k, b, y + j, n); break;
-        case 3: f32_column<3>(x, rows, k, w + j * k, b, y + j, n); break;
-        case 2: f32_column<2>(x, rows, k, w + j * k, b, y + j, n); break;
-        default: f32_column<1>(x, rows, k, w + j * k, b, y + j, n);
-      }
+      for (int64_t r = 0; r < width; r++) dequantize_row(w, j + r, tile.data() + r * k);
+      f32_columns(x, rows, k, tile.data(), width, bias ? bias + j : nullptr, y + j, n);
     }
   });
 }

@@ -58,7 +58,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
     products poorly (its GEMV uses one core). 1.2-2x faster for 1-64 rows on 2 cores; from ~128
     rows MKL's own threading wins."""
     if isinstance(weight, QuantizedWeight):
-        if weight.reads_directly(x):
+        if weight.kernel_applies(x):
             return weight.linear(x, bias)
         out = torch.cat([linear(x, block.dequantize(x.dtype)) for block in weight.row_blocks()], dim=-1)
         return out if bias is None else out + bias

@@ -17,11 +17,13 @@ from shardwise import kernels
 
 BLOCK = 32
 BITS = {"int8": 8, "int4": 4}
-# Up to this many rows of x the kernels read the blocks directly (a product bound by memory: 2-4x
-# faster than fp32 at 1-2 rows); beyond, dequantising blocks of DEQUANTISED_ROWS weight rows for
-# fp32 GEMMs wins, as on an AVX2 core integer multiply-adds are no faster than fp32 FMAs.
-# Measured on this project's 2 AMD EPYC (AVX2) cores, layer- and head-sized weights.
+# Up to DIRECT_ROWS rows of x the kernels read the blocks directly (a product bound by memory: 2-4x
+# faster than fp32 at 1-2 rows); up to KERNEL_ROWS they dequantise a few weight rows at a time into
+# L1 and multiply in fp32 (1.2-1.8x dequantised blocks and a GEMM); beyond, dequantising blocks of
+# DEQUANTISED_ROWS weight rows for MKL's GEMM wins. (On an AVX2 core integer multiply-adds are no
+# faster than fp32 FMAs.) Measured on this project's 2 AMD EPYC (AVX2) cores, layer- and head-sized weights.
 DIRECT_ROWS = 8
+KERNEL_ROWS = 64
 DEQUANTISED_ROWS = 2048  # a few MB of fp32 at a time: stays in the heap, no page faults
 
 
@@ -89,19 +91,20 @@ class QuantizedWeight:
             values += pick(self.mins).to(dtype)[..., None]
         return values.flatten(-2)
 
-    def reads_directly(self, x: torch.Tensor) -> bool:
-        """Whether linear() runs the kernel on x; if not, multiply dequantised row blocks."""
-        return x.shape[0] <= DIRECT_ROWS and x.device.type == "cpu" and x.dtype == torch.float32 and (
+    def kernel_applies(self, x: torch.Tensor) -> bool:
+        """Whether linear() runs a kernel on x; if not, multiply dequantised row blocks."""
+        return x.shape[0] <= KERNEL_ROWS and x.device.type == "cpu" and x.dtype == torch.float32 and (
             kernels.library() is not None)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [rows, cols] . W^T (+ bias), for one matrix, read directly by the kernel."""
+        """x [rows, cols] . W^T (+ bias), for one matrix, by a kernel: reading the blocks directly
+        or dequantising a tile at a time (see DIRECT_ROWS)."""
         lib = kernels.library()
+        product = lib.sw_quant_linear if x.shape[0] <= DIRECT_ROWS else lib.sw_quant_linear_f32
         x = x.contiguous()
         out = torch.empty(x.shape[0], self.qs.shape[0], dtype=torch.float32)
-        lib.sw_quant_linear(self.bits, x.data_ptr(), x.shape[0], self.qs.data_ptr(), self.scales.data_ptr(),
-                            self._mins_ptr(), self.qs.shape[0], x.shape[1],
-                            None if bias is None else bias.contiguous().data_ptr(), out.data_ptr())
+        product(self.bits, x.data_ptr(), x.shape[0], self.qs.data_ptr(), self.scales.data_ptr(), self._mins_ptr(),
+                self.qs.shape[0], x.shape[1], None if bias is None else bias.contiguous().data_ptr(), out.data_ptr())
         return out
 
     def _mins_ptr(self) -> int | None:
