@@ -23,7 +23,7 @@ BITS = {"int8": 8, "int4": 4}
 # DEQUANTISED_ROWS weight rows for MKL's GEMM wins. (On an AVX2 core integer multiply-adds are no
 # faster than fp32 FMAs.) Measured on this project's 2 AMD EPYC (AVX2) cores, layer- and head-sized weights.
 DIRECT_ROWS = 8
-KERNEL_ROWS = 64
+KERNEL_ROWS = 128
 DEQUANTISED_ROWS = 2048  # a few MB of fp32 at a time: stays in the heap, no page faults
 
 
