@@ -9,7 +9,7 @@ tokens each request asked for. Aggregate generated tokens/s, medians over repeat
 the two sides interleaved; ratio > 1 favours shardwise. Target: at concurrency 32,
 >= 3x HF's batch-32 aggregate.
 
-    python benchmarks/serve.py [--batches 4] [--scale 0.25] [--repeats 3] [--threads 2]
+    python benchmarks/serve.py [--batches 4] [--scale 0.25] [--repeats 3] [--threads 2] [--dtype int4]
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--dtype", default="float32", help="the server's weights (HF runs fp32 either way; int4 "
+                                                          "runs the GGUF's own blocks, the same weights)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -64,7 +66,7 @@ def main() -> None:
     logging.disable_progress_bar()
     path = resolve(DEFAULT_MODEL)
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    server, url = start_server("--threads", str(args.threads))
+    server, url = start_server("--threads", str(args.threads), "--dtype", args.dtype)
     try:
         rows = []
         for c in (int(x) for x in args.concurrency.split(",")):
@@ -85,7 +87,8 @@ def main() -> None:
         server.wait(timeout=30)
     mean_in = statistics.mean(len(r.prompt) for r in work)
     mean_out = statistics.mean(r.output_tokens for r in work)
-    title = (f"SmolLM2-135M fp32, {args.threads} threads ({os.cpu_count()} cores), ShareGPT-like x{args.scale} "
+    title = (f"SmolLM2-135M ({args.dtype} served, HF fp32), {args.threads} threads ({os.cpu_count()} cores), "
+             f"ShareGPT-like x{args.scale} "
              f"(mean {mean_in:.0f} in / {mean_out:.0f} out), medians of {args.repeats}: "
              f"shardwise serve (HTTP, continuous batching) vs HF static batches")
     print_ratio_table(title, ("shardwise", "HF"), rows)

@@ -198,6 +198,8 @@ def test_dashboard_state_is_the_metrics_and_the_live_stages(server, client):
     ("/v1/dashboard/estimate", {"model": "no-such-model", "device": "h100"}, "unknown model 'no-such-model'"),
     ("/v1/dashboard/estimate", {"model": "llama-3.1-70b", "device": "l4"}, "does not fit"),
     ("/v1/dashboard/estimate", {"model": "llama-3.1-8b", "gpu": "h100"}, "'gpu' is not supported"),
+    ("/v1/dashboard/estimate", {"model": "/etc/hostname", "device": "h100"}, "catalog models"),  # no files
+    ("/v1/dashboard/estimate", {"model": "llama-3.1-8b", "device": "/etc/hostname"}, "catalog's devices"),
     ("/v1/dashboard/plan", {"model": "llama-3.1-8b", "cluster": "devices: [oops"}, "not valid YAML"),
     ("/v1/dashboard/plan", {"model": "llama-3.1-8b", "cluster": {"devices": []}}, "non-empty \"devices\" list"),
 ])

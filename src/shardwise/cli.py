@@ -120,11 +120,13 @@ def serve(
     """Serve the model over an OpenAI-compatible HTTP API (continuous batching, chunked prefill)."""
     try:
         from shardwise.engine.llm import LLM
+        from shardwise.serve.server import check_address
         from shardwise.serve.server import serve as run_server
 
         if min(max_num_seqs, max_batch_tokens, kv_tokens) < 1 or min(stage_timeout, collab_ttl) <= 0:
             raise ShardwiseError("--max-num-seqs, --max-batch-tokens and --kv-tokens must each be at least 1, "
                                  "and --stage-timeout and --collab-ttl positive")
+        check_address(host, port)  # before minutes of loading
         llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
                   device=device, dtype=dtype, threads=threads, max_num_seqs=max_num_seqs,
                   max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens, stage_timeout=stage_timeout,

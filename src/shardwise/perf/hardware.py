@@ -143,7 +143,8 @@ def _device_from_catalog(name: str, e: dict[str, Any]) -> DeviceSpec:
     )
 
 
-def _key(name: str) -> str:
+def catalog_key(name: str) -> str:
+    """How a name is looked up in the device and link catalogs."""
     return name.strip().lower().replace("_", "-").replace(" ", "-")
 
 
@@ -188,18 +189,18 @@ def load_device(name: str) -> DeviceSpec:
             )
         return chosen[0]
     devices = catalog_devices()
-    if _key(name) not in devices:
+    if catalog_key(name) not in devices:
         raise ShardwiseError(
             f"unknown device '{name}': use a profile file from `shardwise profile` or one of {', '.join(devices)}"
         )
-    return devices[_key(name)]
+    return devices[catalog_key(name)]
 
 
 def load_link(name: str) -> LinkSpec:
     """A catalog name (e.g. ethernet-10g) or 'GBPS:US', e.g. '1.25:50' for 1.25 GB/s and 50 µs."""
     links = catalog_links()
-    if _key(name) in links:
-        return links[_key(name)]
+    if catalog_key(name) in links:
+        return links[catalog_key(name)]
     try:
         gbps, us = (float(x) for x in name.split(":"))
         if gbps <= 0 or us < 0:

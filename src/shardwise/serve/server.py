@@ -8,6 +8,7 @@ no tensor work, so it loses nothing on its own thread.
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 
@@ -31,8 +32,7 @@ def serve(llm: LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str |
         http.start()
         while not server.started:  # uvicorn fails on its thread (e.g. the port is taken): say so here
             if not http.is_alive():
-                raise ShardwiseError(f"cannot listen on {host}:{port}: is another server using it? "
-                                     f"Choose another --port")
+                raise _cannot_listen(host, port)
             time.sleep(0.05)
         if on_ready:
             on_ready()
@@ -44,3 +44,18 @@ def serve(llm: LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str |
         server.should_exit = True
         http.join(timeout=10)
         llm.close()
+
+
+def check_address(host: str, port: int) -> None:
+    """A ShardwiseError now if host:port cannot be listened on (taken, or not this machine's), so
+    that `shardwise serve` says so before it spends time loading the model."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError:
+        raise _cannot_listen(host, port) from None
+
+
+def _cannot_listen(host: str, port: int) -> ShardwiseError:
+    return ShardwiseError(f"cannot listen on {host}:{port}: is another server using it? Choose another --port")
