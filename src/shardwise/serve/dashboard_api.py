@@ -5,14 +5,13 @@ which needs the server's API key like the rest of /v1 (the page asks for it).
 
 - state: every stage (device, node, layers, memory, KV, step times), the numbers /metrics
   exports (with percentiles over the last minute), and the failures and recoveries;
-- catalog: the models, devices and links the estimate and plan forms offer;
+- catalog: the models and devices the estimate and plan forms offer;
 - estimate / plan: `shardwise estimate --json` / `shardwise plan --json` for the form's inputs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from importlib import resources
 from typing import Any
@@ -30,7 +29,6 @@ from shardwise.serve.engine import AsyncEngine
 from shardwise.serve.http import ApiError, invalid, read_bytes
 from shardwise.serve.metrics import Metrics
 
-log = logging.getLogger("shardwise.serve")
 STATS_TIMEOUT_S = 2.0  # a stage that takes longer to report is shown with its last known numbers
 FORM_BODY_BYTES = 64 << 10
 
@@ -84,7 +82,7 @@ def add_dashboard_routes(app: FastAPI, llm: LLM, engine: AsyncEngine, metrics: M
                                             STATS_TIMEOUT_S + 1)
             last_stages.update(stages=stages, time=time.time())
         except Exception as e:  # busy recovering, or a stage is gone: say so, show what was known
-            stale = f"the stages did not report ({type(e).__name__ or 'timeout'}): numbers as last seen"
+            stale = f"the stages did not report ({type(e).__name__}): numbers as last seen"
         return {"model": llm.name, "time": time.time(), "running": engine.running, "failure": engine.failure,
                 "stages": last_stages["stages"], "stages_time": last_stages["time"], "stale": stale,
                 "metrics": metrics.snapshot(), "events": list(llm.scheduler.events)}
@@ -92,11 +90,10 @@ def add_dashboard_routes(app: FastAPI, llm: LLM, engine: AsyncEngine, metrics: M
     @app.get("/v1/dashboard/catalog", dependencies=[Depends(authorize)])
     async def catalog() -> dict[str, Any]:
         from shardwise.model.catalog import catalog as models
-        from shardwise.perf.hardware import catalog_devices, catalog_links
+        from shardwise.perf.hardware import catalog_devices
 
-        devices = {name: {"kind": d.kind, "memory_gb": d.memory_bytes / 1e9, "bandwidth_gbs": d.bandwidth / 1e9}
-                   for name, d in catalog_devices().items()}
-        return {"served": llm.name, "models": list(models()), "devices": devices, "links": list(catalog_links())}
+        devices = {name: {"kind": d.kind, "memory_gb": d.memory_bytes / 1e9} for name, d in catalog_devices().items()}
+        return {"served": llm.name, "models": list(models()), "devices": devices}
 
     @app.post("/v1/dashboard/estimate", dependencies=[Depends(authorize)])
     async def estimate(request: Request) -> dict[str, Any]:
