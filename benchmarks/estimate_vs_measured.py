@@ -5,9 +5,13 @@
      TTFT: prompts of 32, 128 and 512 tokens at batch 1;
      TPOT: batch 1, 8 and 32 at a 64-token prompt;
    each on 1, 2 and 3 local Ray stages (one process for 1). TTFT is a 1-token generation;
-   TPOT is (time of N tokens - time of 1) / (N - 1). The machine is shared and noisy in
-   bursts, so every point is measured once per round, all engines loaded side by side,
-   and the median over rounds is kept: a burst hits one round, not one point's every repeat.
+   TPOT is (time of N tokens - time of 1) / (N - 1). None of these points is one the profile
+   measures. This VM's speed drifts by 10-20 % over minutes and is noisy in bursts, so the
+   measurement goes in rounds: each round profiles the device again (in this process; the
+   Ray hop is measured once) and then times every point once, all engines loaded side by
+   side, each engine warmed by a short generation just before its point (an engine left idle
+   while the others ran pays page-ins and thread wake-ups on its first step). Predictions
+   and measurements are each the median over rounds.
 2. GenZ on shared inputs (benchmarks/genz_peer.py).
 Prints each point and the geometric-mean absolute percentage error,
 exp(mean(log(1 + |pred / measured - 1|))) - 1, which no single lucky point can pull to zero.
@@ -61,13 +65,13 @@ def main() -> None:
     from shardwise.perf.estimate import Deployment, estimate
     from shardwise.perf.hardware import DeviceSpec, LinkSpec
     from shardwise.perf.operators import Precision
+    from shardwise.perf.profile import profile_device
 
     if args.profile:
         profile = json.loads(Path(args.profile).read_text())
     else:
-        print("profiling this machine ...", flush=True)
+        print("profiling this machine and the hop between local stages ...", flush=True)
         profile = profile_cluster("smollm2-135m", progress=lambda what: None)
-    device = DeviceSpec.from_dict(profile["devices"][0])
     hop = LinkSpec.from_dict(profile["links"][0])
     spec = load_spec("smollm2-135m")
     fp32 = Precision("fp32", "fp32", "fp32")
@@ -76,32 +80,32 @@ def main() -> None:
     engines = {n: LLM(dtype="float32") if n == 1 else LLM(dtype="float32", stages=n) for n in STAGES}
     points = [("TTFT", n, prompt, 1) for n in STAGES for prompt in PROMPTS]
     points += [("TPOT", n, TPOT_PROMPT, batch) for n in STAGES for batch in BATCHES]
-    for _, n, prompt, batch in points:  # warm-up
+    measured: dict[tuple, list[float]] = {p: [] for p in points}
+    predicted: dict[tuple, list[float]] = {p: [] for p in points}
+    for _, n, prompt, batch in points:  # first allocations, first page-ins
         timed_generate(engines[n], prompt, batch, 2)
-    samples: dict[tuple, list[float]] = {p: [] for p in points}
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", flush=True)
+        device = DeviceSpec.from_dict(profile["devices"][0]) if args.profile or r == 0 else profile_device(
+            "smollm2-135m")
         for point in points:
             kind, n, prompt, batch = point
+            dep = Deployment.pipeline(spec, [device] * n, hop) if n > 1 else Deployment.single(spec, device)
+            est = estimate(spec, dep, batch=batch, input_tokens=prompt, precision=fp32, micro_batches=1,
+                           output_tokens=1 if kind == "TTFT" else NEW_TOKENS)
+            predicted[point].append(est.ttft_s if kind == "TTFT" else est.tpot_s)
+            timed_generate(engines[n], 8, 1, 2)  # warm
             if kind == "TTFT":
-                samples[point].append(timed_generate(engines[n], prompt, batch, 1))
+                measured[point].append(timed_generate(engines[n], prompt, batch, 1))
             else:
                 full = timed_generate(engines[n], prompt, batch, NEW_TOKENS)
-                samples[point].append((full - timed_generate(engines[n], prompt, batch, 1)) / (NEW_TOKENS - 1))
+                measured[point].append((full - timed_generate(engines[n], prompt, batch, 1)) / (NEW_TOKENS - 1))
     for llm in engines.values():
         llm.close()
     ray.shutdown()
 
-    rows = []  # (label, predicted, measured)
-    for point in points:
-        kind, n, prompt, batch = point
-        dep = Deployment.pipeline(spec, [device] * n, hop) if n > 1 else Deployment.single(spec, device)
-        est = estimate(spec, dep, batch=batch, input_tokens=prompt, output_tokens=1 if kind == "TTFT" else NEW_TOKENS,
-                       precision=fp32, micro_batches=1)
-        predicted = est.ttft_s if kind == "TTFT" else est.tpot_s
-        rows.append((f"{kind}  prompt {prompt:3d}  batch {batch:2d}  stages {n}", predicted,
-                     statistics.median(samples[point])))
-
+    rows = [(f"{kind}  prompt {prompt:3d}  batch {batch:2d}  stages {n}", statistics.median(predicted[point]),
+             statistics.median(measured[point])) for point in points for kind, n, prompt, batch in [point]]
     print("\npredicted vs measured on this machine (SmolLM2-135M, fp32)")
     print(f"{'point':38s}{'predicted':>12s}{'measured':>12s}{'error':>9s}")
     for row in rows:

@@ -249,7 +249,7 @@ def test_profile_measures_this_machine_and_feeds_estimate(machine_profile):
     data = json.loads(out.read_text())
     (dev,) = data["devices"]
     assert dev["flops"]["fp32"] > 1e9 and dev["bandwidth"] > 1e9 and dev["memory_bytes"] > 1e9
-    assert len(dev["matmul_efficiency"]) >= 5 and all(0 < e <= 1 for _, e in dev["matmul_efficiency"])
+    assert len(dev["matmul_efficiency"]) >= 5 and all(e > 0 for _, e in dev["matmul_efficiency"])
     per_layer = dev["measured"]["per_layer"]
     assert per_layer and all(p["seconds"] > 0 for p in per_layer)
     (link,) = data["links"]

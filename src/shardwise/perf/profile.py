@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.optimize import nnls
 
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.shard import ShardModel, resolve_device
@@ -31,25 +32,41 @@ from shardwise.perf.operators import Precision, Work
 
 # The engine work profile measures: prefill of one prompt, and decode steps at a cached context,
 # spread over the range users run (and apart from the points benchmarks check it on).
-PREFILL_TOKENS = (24, 96, 384)
-DECODE_BATCHES = (2, 6, 24)
+PREFILL_TOKENS = (12, 24, 48, 96, 192, 384)
+DECODE_BATCHES = (2, 4, 12, 24)
 DECODE_CONTEXT = 64
 Progress = Callable[[str], None]
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int, best: bool = False) -> float:
-    """Median (or, with best=True, fastest) seconds of fn over repeats, after one warm-up."""
+def seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median seconds of fn over repeats, after one warm-up."""
+    fn()
+    return statistics.median(seconds(fn, device) for _ in range(repeats))
+
+
+def timed_in_rounds(fns: list[Callable[[], Any]], device: torch.device, rounds: int,
+                    progress: Progress = lambda _: None, what: str = "") -> list[float]:
+    """Median seconds of each fn, each run once per round after a warm-up. On a shared machine
+    slow spells come in bursts: a burst then slows one round of every point, which the median
+    drops, instead of every repeat of one point, which would bend the curve the fit follows."""
+    for fn in fns:
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times) if best else statistics.median(times)
+    times = [[] for _ in fns]
+    for r in range(rounds):
+        progress(f"{what}, round {r + 1}/{rounds}")
+        for fn, spent in zip(fns, times, strict=True):
+            spent.append(seconds(fn, device))
+    return [statistics.median(spent) for spent in times]
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
@@ -64,16 +81,16 @@ def read_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int =
     return nbytes / timed(lambda: x.sum(), device, repeats)
 
 
-MATMUL_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MATMUL_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 CACHE_BUSTING_BYTES = 256 << 20
 
 
-def matmul_efficiency(spec: ModelSpec, raw: DeviceSpec, device: torch.device, dtype: str,
-                      repeats: int = 7) -> list[list[float]]:
-    """For each row count, the share of the roofline that the engine's matmuls reach on one
-    layer's weight shapes (ideal roofline time / measured time). The fastest of several runs:
-    on a shared machine noise only ever slows a run down, and one slow point would bend the
-    whole curve the estimator interpolates."""
+def engine_matmuls(spec: ModelSpec, raw: DeviceSpec, device: torch.device, dtype: str, rounds: int = 5,
+                   progress: Progress = lambda _: None) -> DeviceSpec:
+    """The engine's matmuls on one layer's weight shapes at each row count: raw's roofline raised
+    to the best rates they reach (a streaming product can read faster than a reduction, a model's
+    GEMM run faster than a square one), and their efficiency by rows against it (median times,
+    as the engine's steps are timed)."""
     from shardwise.engine.shard import DTYPES
     from shardwise.model.layers import linear
 
@@ -84,15 +101,19 @@ def matmul_efficiency(spec: ModelSpec, raw: DeviceSpec, device: torch.device, dt
     copies = max(1, min(16, math.ceil(CACHE_BUSTING_BYTES / (sum(n * k for n, k in shapes) * itemsize))))
     shapes = shapes * copies
     weights = [torch.randn(n, k, device=device, dtype=DTYPES[dtype]) for n, k in shapes]
-    curve = []
+    runs, products = [], []  # (rows, flops, bytes), and each row count's products
     for rows in MATMUL_ROWS:
         inputs = [torch.randn(rows, k, device=device, dtype=DTYPES[dtype]) for _, k in shapes]
-        seconds = timed(lambda ins=inputs: [linear(x, w) for x, w in zip(ins, weights, strict=True)],
-                         device, repeats, best=True)
-        ideal = sum(max(2 * rows * n * k / raw.flops[raw.default_dtype],
-                        (n * k + rows * (n + k)) * itemsize / raw.bandwidth) for n, k in shapes)
-        curve.append([rows, min(1.0, ideal / seconds)])
-    return curve
+        products.append(lambda ins=inputs: [linear(x, w) for x, w in zip(ins, weights, strict=True)])
+        runs.append((rows, sum(2 * rows * n * k for n, k in shapes), sum((n * k + rows * (n + k)) * itemsize
+                                                                         for n, k in shapes)))
+    runs = [(*run, t) for run, t in zip(runs, timed_in_rounds(products, device, rounds, progress, "matmuls"),
+                                        strict=True)]
+    peak = max(raw.flops[raw.default_dtype], *(f / t for _, f, _, t in runs))
+    bandwidth = max(raw.bandwidth, *(b / t for _, _, b, t in runs))
+    curve = [[rows, max(f / peak, b / bandwidth) / t] for rows, f, b, t in runs]
+    return DeviceSpec(**{**raw.to_dict(), "flops": {**raw.flops, raw.default_dtype: peak}, "bandwidth": bandwidth,
+                         "matmul_efficiency": curve})
 
 
 def memory_capacity(device: torch.device) -> float:
@@ -101,19 +122,23 @@ def memory_capacity(device: torch.device) -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def engine_steps(spec: ModelSpec, weights, device: torch.device, dtype: str | None,
-                 progress: Progress, repeats: int = 3) -> list[dict[str, Any]]:
+def engine_steps(spec: ModelSpec, weights, device: torch.device, dtype: str | None, progress: Progress,
+                 rounds: int = 5) -> list[dict[str, Any]]:
     """Real step times of the whole model and of its first half, for each work point."""
-    samples = []
-    for layers in (spec.num_layers, spec.num_layers // 2):
-        worker = Worker(ShardModel(spec, (0, layers), weights=weights, device=device, dtype=dtype))
-        samples += _worker_steps(worker, layers, device, progress, repeats)
-    return samples
+    whole = ShardModel(spec, weights=weights, device=device, dtype=dtype)
+    samples, steps = [], []
+    for shard in (whole, whole.view(0, spec.num_layers // 2)):
+        for sample, step in _step_points(Worker(shard), len(shard.blocks)):
+            samples.append(sample)
+            steps.append(step)
+    spent = timed_in_rounds(steps, device, rounds, progress, "engine steps")
+    return [sample | {"seconds": t} for sample, t in zip(samples, spent, strict=True)]
 
 
-def _worker_steps(worker: Worker, layers: int, device: torch.device, progress: Progress,
-                  repeats: int) -> list[dict[str, Any]]:
-    samples, ids = [], itertools.count()
+def _step_points(worker: Worker, layers: int) -> list[tuple[dict[str, Any], Callable[[], Any]]]:
+    """(work point, one step of it) for prefills of one prompt and decode steps of a batch,
+    whose sequences stay allocated (each step adds a token to their context)."""
+    points, ids = [], itertools.count()
 
     def prefill(tokens: int) -> None:
         seq = next(ids)
@@ -122,21 +147,16 @@ def _worker_steps(worker: Worker, layers: int, device: torch.device, progress: P
         worker.free(seq)
 
     for tokens in PREFILL_TOKENS:
-        progress(f"prefill {tokens} tokens, {layers} layers")
-        samples.append({"layers": layers, "batch": 1, "new": tokens, "context": 0,
-                        "seconds": timed(lambda n=tokens: prefill(n), device, repeats)})
+        points.append(({"layers": layers, "batch": 1, "new": tokens, "context": 0},
+                       lambda n=tokens: prefill(n)))
     for batch in DECODE_BATCHES:
-        progress(f"decode batch {batch}, {layers} layers")
         seqs = [next(ids) for _ in range(batch)]
         for seq in seqs:
             worker.add(seq, SamplingParams(temperature=0))
         worker.step(seqs, [[1] * DECODE_CONTEXT] * batch, [True] * batch)
-        samples.append({"layers": layers, "batch": batch, "new": 1, "context": DECODE_CONTEXT,
-                        "seconds": timed(lambda s=seqs: worker.step(s, [[1]] * len(s), [True] * len(s)),
-                                          device, 2 * repeats)})
-        for seq in seqs:
-            worker.free(seq)
-    return samples
+        points.append(({"layers": layers, "batch": batch, "new": 1, "context": DECODE_CONTEXT},
+                       lambda s=seqs: worker.step(s, [[1]] * len(s), [True] * len(s))))
+    return points
 
 
 def _work(sample: dict[str, Any]) -> Work:
@@ -145,43 +165,36 @@ def _work(sample: dict[str, Any]) -> Work:
 
 def fit(spec: ModelSpec, raw: DeviceSpec, samples: list[dict[str, Any]], precision: Precision) -> DeviceSpec:
     """The efficiencies and overheads that best predict the measured steps, in least relative
-    squares: a grid over compute, memory and attention efficiency (matmuls follow their measured
-    curve), and at each point the per-operator and per-step overheads solved linearly (>= 0)."""
+    squares: a grid over compute, memory and attention efficiency; at each point, solved linearly
+    (>= 0), how much slower than alone matmuls run inside a step (their measured curve, scaled),
+    and the per-operator and per-step overheads."""
     grid = np.geomspace(0.05, 1.0, 24)
     ce, me, ae = (g.reshape(-1) for g in np.meshgrid(grid, grid, grid, indexing="ij"))
     measured = np.array([s["seconds"] for s in samples])
-    roof = np.zeros((len(ce), len(samples)))
-    op_counts = np.zeros(len(samples))
+    roof = np.zeros((len(ce), len(samples)))  # operators other than matmuls, at each grid point
+    matmuls, op_counts = np.zeros(len(samples)), np.zeros(len(samples))
     for j, s in enumerate(samples):
         for t in stage_operators(spec, Stage(raw, 0, s["layers"]), _work(s), precision):
             if t.op.kind == "collective":
                 continue
             op_counts[j] += t.count
-            if t.op.kind == "matmul":  # already at its measured efficiency
-                roof[:, j] += t.count * max(t.compute_s, t.memory_s)
+            if t.op.kind == "matmul":  # at its measured efficiency
+                matmuls[j] += t.count * max(t.compute_s, t.memory_s)
             else:
                 scale = ae if t.op.kind == "attention" else 1.0
                 roof[:, j] += t.count * np.maximum(t.compute_s / (ce * scale), t.memory_s / (me * scale))
-    a = np.stack([op_counts / measured, 1 / measured], 1)
-    best = (float("inf"), 0, np.zeros(2))
+    a = np.stack([matmuls, op_counts, np.ones(len(samples))], 1) / measured[:, None]
+    best = (float("inf"), 0, np.zeros(3))
     for i in range(len(ce)):
-        overhead = _nonnegative_lstsq(a, 1 - roof[i] / measured)
-        err = float(((a @ overhead + roof[i] / measured - 1) ** 2).sum())
-        if err < best[0]:
-            best = (err, i, overhead)
-    _, i, (op_overhead, step_overhead) = best
+        solution, residual = nnls(a, 1 - roof[i] / measured)
+        if residual < best[0]:
+            best = (residual, i, solution)
+    _, i, (slowdown, op_overhead, step_overhead) = best
+    slowdown = max(slowdown, 1e-3)
+    curve = [[rows, efficiency / slowdown] for rows, efficiency in raw.matmul_efficiency]
     return DeviceSpec(**{**raw.to_dict(), "compute_efficiency": float(ce[i]), "memory_efficiency": float(me[i]),
                          "attention_efficiency": float(ae[i]), "op_overhead_s": float(op_overhead),
-                         "step_overhead_s": float(step_overhead)})
-
-
-def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """min |a x - b| over x >= 0, for two unknowns: the free solution, or the best with one at zero."""
-    x = np.linalg.lstsq(a, b, rcond=None)[0]
-    if (x >= 0).all():
-        return x
-    candidates = [np.zeros(2)] + [np.eye(2)[k] * max(0.0, float(a[:, k] @ b / (a[:, k] @ a[:, k]))) for k in range(2)]
-    return min(candidates, key=lambda c: float(((a @ c - b) ** 2).sum()))
+                         "step_overhead_s": float(step_overhead), "matmul_efficiency": curve})
 
 
 def per_layer(samples: list[dict[str, Any]], layers: int) -> list[dict[str, Any]]:
@@ -196,7 +209,7 @@ def per_layer(samples: list[dict[str, Any]], layers: int) -> list[dict[str, Any]
 def profile_device(model: str, device: str = "cpu", dtype: str | None = None, name: str | None = None,
                    progress: Progress = lambda _: None, quick: bool = False) -> DeviceSpec:
     """Measure this machine's device: roofline, engine steps for `model`, and the fit.
-    quick: each point timed about a third as often (~3x faster, noisier)."""
+    quick: two rounds of every measurement instead of five (faster, noisier)."""
     from shardwise.engine.shard import DTYPES, default_dtype
     from shardwise.model.registry import resolve
     from shardwise.model.weights import open_weights
@@ -218,10 +231,9 @@ def profile_device(model: str, device: str = "cpu", dtype: str | None = None, na
                             f"{torch.get_num_threads()} threads")
     weights = open_weights(resolve(model))
     spec = weights.spec
-    progress("matmul efficiency by rows")
-    raw = DeviceSpec(**{**raw.to_dict(), "matmul_efficiency": matmul_efficiency(spec, raw, dev, dtype,
-                                                                          repeats=3 if quick else 7)})
-    samples = engine_steps(spec, weights, dev, dtype, progress, repeats=1 if quick else 3)
+    rounds = 2 if quick else 5
+    raw = engine_matmuls(spec, raw, dev, dtype, rounds, progress)
+    samples = engine_steps(spec, weights, dev, dtype, progress, rounds)
     progress("fitting efficiencies and overheads")
     precision = Precision(short, short, short)
     fitted = fit(spec, raw, samples, precision)
