@@ -139,6 +139,16 @@ def test_rms_norm_kernel_matches_torch():
     assert torch.allclose(kernels.rms_norm(x, weight, 1e-5), F.rms_norm(x, (200,), weight, 1e-5), atol=1e-6)
 
 
+def test_silu_mul_kernel_matches_torch():
+    """SwiGLU's silu(gate) * up in one pass: over a wide range of gates (both signs, saturated
+    tails, zero) and a width that is not a multiple of the vector size."""
+    gate_up = torch.randn(5, 2 * 1539) * 8
+    gate_up[0, :12] = torch.tensor([0.0, -0.0, 1e-8, -1e-8, 30.0, -30.0, 90.0, -90.0, 200.0, -200.0, 0.5, -0.5])
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    assert torch.allclose(kernels.silu_mul(gate_up), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_each_format_keeps_quality(weights, hf_dir, llm):
     """Perplexity on a fixed text within the stated tolerance of fp32, for the model file's own
     blocks and for blocks rounded from fp32 safetensors; greedy agreement with fp32 is reported

@@ -1,6 +1,6 @@
 """shardwise's CPU kernels (cpu.cpp): products on quantised weights, a register-tiled fp32 product
-for few rows, decode attention over the paged KV pool and RMSNorm, built on first use and loaded
-with ctypes.
+for few rows, decode attention over the paged KV pool, RMSNorm and SwiGLU's silu * up, built on
+first use and loaded with ctypes.
 
 The library is built with the machine's C++ compiler against the installed torch (so its
 threads are torch's own), once per source, torch version and CPU, into the shardwise cache;
@@ -71,8 +71,9 @@ def library() -> ctypes.CDLL | None:
     lib.sw_rms_norm.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer]
     lib.sw_linear_f32.argtypes = [pointer, size, pointer, size, size, pointer, pointer]
     lib.sw_quant_linear_f32.argtypes = lib.sw_quant_linear.argtypes
+    lib.sw_silu_mul.argtypes = [pointer, size, size, pointer]
     for function in (lib.sw_quant_linear, lib.sw_dequantize, lib.sw_decode_attention, lib.sw_rms_norm,
-                     lib.sw_linear_f32, lib.sw_quant_linear_f32):
+                     lib.sw_linear_f32, lib.sw_quant_linear_f32, lib.sw_silu_mul):
         function.restype = None
     return lib
 
@@ -112,6 +113,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     x = x.contiguous()
     out = torch.empty_like(x)
     lib.sw_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for gate_up [rows, 2 * inter] = [gate, up] (SwiGLU), in one pass; None
+    where the kernel does not apply."""
+    if (lib := _library_for(gate_up)) is None:
+        return None
+    gate_up = gate_up.contiguous()
+    out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2)
+    lib.sw_silu_mul(gate_up.data_ptr(), gate_up.shape[0], out.shape[1], out.data_ptr())
     return out
 
 

@@ -167,9 +167,13 @@ class GatedMLP:
         self.gate_up = fused(tensors, "gate_up.weight", ("gate", "up"))
         self.down = tensors["down.weight"]
         self.act = ACTIVATIONS[spec.activation]
+        self.swiglu = spec.activation == "silu"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
+        gate_up = linear(x, self.gate_up)
+        if self.swiglu and (hidden := kernels.silu_mul(gate_up)) is not None:
+            return linear(hidden, self.down)
+        gate, up = gate_up.chunk(2, dim=-1)
         return linear(self.act(gate) * up, self.down)
 
 
