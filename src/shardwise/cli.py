@@ -328,7 +328,7 @@ def profile(
     out: Annotated[str, typer.Option(help="Where to write the profile (JSON).")] = "this-machine.json",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     address: Annotated[str | None, typer.Option(help="Profile every node of this Ray cluster.")] = None,
-    quick: Annotated[bool, typer.Option(help="Time each point fewer times: ~3x faster, noisier.")] = False,
+    quick: Annotated[bool, typer.Option(help="One round of each measurement, not five: faster, noisier.")] = False,
 ) -> None:
     """Measure this machine (or every Ray node) and the links between stages into a profile file."""
     import json

@@ -191,7 +191,7 @@ def fit(spec: ModelSpec, raw: DeviceSpec, samples: list[dict[str, Any]], precisi
             best = (residual, i, solution)
     _, i, (slowdown, op_overhead, step_overhead) = best
     slowdown = max(slowdown, 1e-3)
-    curve = [[rows, efficiency / slowdown] for rows, efficiency in raw.matmul_efficiency]
+    curve = [[rows, float(efficiency / slowdown)] for rows, efficiency in raw.matmul_efficiency]
     return DeviceSpec(**{**raw.to_dict(), "compute_efficiency": float(ce[i]), "memory_efficiency": float(me[i]),
                          "attention_efficiency": float(ae[i]), "op_overhead_s": float(op_overhead),
                          "step_overhead_s": float(step_overhead), "matmul_efficiency": curve})
@@ -209,7 +209,7 @@ def per_layer(samples: list[dict[str, Any]], layers: int) -> list[dict[str, Any]
 def profile_device(model: str, device: str = "cpu", dtype: str | None = None, name: str | None = None,
                    progress: Progress = lambda _: None, quick: bool = False) -> DeviceSpec:
     """Measure this machine's device: roofline, engine steps for `model`, and the fit.
-    quick: two rounds of every measurement instead of five (faster, noisier)."""
+    quick: one round of every measurement instead of five (faster, noisier)."""
     from shardwise.engine.shard import DTYPES, default_dtype
     from shardwise.model.registry import resolve
     from shardwise.model.weights import open_weights
@@ -231,7 +231,7 @@ def profile_device(model: str, device: str = "cpu", dtype: str | None = None, na
                             f"{torch.get_num_threads()} threads")
     weights = open_weights(resolve(model))
     spec = weights.spec
-    rounds = 2 if quick else 5
+    rounds = 1 if quick else 5
     raw = engine_matmuls(spec, raw, dev, dtype, rounds, progress)
     samples = engine_steps(spec, weights, dev, dtype, progress, rounds)
     progress("fitting efficiencies and overheads")
