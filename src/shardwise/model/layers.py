@@ -160,6 +160,15 @@ def fused(tensors: dict[str, torch.Tensor], name: str, parts: tuple[str, ...]) -
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
 
+def gated(gate_up: torch.Tensor, act) -> torch.Tensor:
+    """act(gate) * up for gate_up = [gate, up] along the last dimension; SwiGLU by the kernels'
+    single pass where they apply."""
+    if act is F.silu and (out := kernels.silu_mul(gate_up)) is not None:
+        return out
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act(gate) * up
+
+
 class GatedMLP:
     """act(x W_gate) * (x W_up), then W_down: SwiGLU or GeGLU."""
 
@@ -167,14 +176,9 @@ class GatedMLP:
         self.gate_up = fused(tensors, "gate_up.weight", ("gate", "up"))
         self.down = tensors["down.weight"]
         self.act = ACTIVATIONS[spec.activation]
-        self.swiglu = spec.activation == "silu"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = linear(x, self.gate_up)
-        if self.swiglu and (hidden := kernels.silu_mul(gate_up)) is not None:
-            return linear(hidden, self.down)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return linear(self.act(gate) * up, self.down)
+        return linear(gated(linear(x, self.gate_up), self.act), self.down)
 
 
 class SparseMoE:
@@ -198,8 +202,7 @@ class SparseMoE:
             if not len(pairs):
                 continue
             tokens = pairs // self.top_k
-            gate, up = linear(x[tokens], self.gate_up[expert]).chunk(2, dim=-1)
-            y = linear(self.act(gate) * up, self.down[expert])
+            y = linear(gated(linear(x[tokens], self.gate_up[expert]), self.act), self.down[expert])
             out.index_add_(0, tokens, y * weights[pairs, None])
         return out
 

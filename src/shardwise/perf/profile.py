@@ -101,17 +101,17 @@ def engine_matmuls(spec: ModelSpec, raw: DeviceSpec, device: torch.device, dtype
     copies = max(1, min(16, math.ceil(CACHE_BUSTING_BYTES / (sum(n * k for n, k in shapes) * itemsize))))
     shapes = shapes * copies
     weights = [torch.randn(n, k, device=device, dtype=DTYPES[dtype]) for n, k in shapes]
-    runs, products = [], []  # (rows, flops, bytes), and each row count's products
+    flops = [sum(2 * rows * n * k for n, k in shapes) for rows in MATMUL_ROWS]
+    nbytes = [sum((n * k + rows * (n + k)) * itemsize for n, k in shapes) for rows in MATMUL_ROWS]
+    products = []
     for rows in MATMUL_ROWS:
         inputs = [torch.randn(rows, k, device=device, dtype=DTYPES[dtype]) for _, k in shapes]
         products.append(lambda ins=inputs: [linear(x, w) for x, w in zip(ins, weights, strict=True)])
-        runs.append((rows, sum(2 * rows * n * k for n, k in shapes), sum((n * k + rows * (n + k)) * itemsize
-                                                                         for n, k in shapes)))
-    runs = [(*run, t) for run, t in zip(runs, timed_in_rounds(products, device, rounds, progress, "matmuls"),
-                                        strict=True)]
-    peak = max(raw.flops[raw.default_dtype], *(f / t for _, f, _, t in runs))
-    bandwidth = max(raw.bandwidth, *(b / t for _, _, b, t in runs))
-    curve = [[rows, max(f / peak, b / bandwidth) / t] for rows, f, b, t in runs]
+    times = timed_in_rounds(products, device, rounds, progress, "matmuls")
+    peak = max(raw.flops[raw.default_dtype], *(f / t for f, t in zip(flops, times, strict=True)))
+    bandwidth = max(raw.bandwidth, *(b / t for b, t in zip(nbytes, times, strict=True)))
+    curve = [[rows, max(f / peak, b / bandwidth) / t]
+             for rows, f, b, t in zip(MATMUL_ROWS, flops, nbytes, times, strict=True)]
     return DeviceSpec(**{**raw.to_dict(), "flops": {**raw.flops, raw.default_dtype: peak}, "bandwidth": bandwidth,
                          "matmul_efficiency": curve})
 
