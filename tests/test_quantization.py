@@ -48,6 +48,28 @@ def test_products_match_the_dequantised_weight(bits, rows):
     assert (out - reference).abs().max() <= 1e-4 * reference.abs().max()
 
 
+GPU = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU, Triton's interpreter (see conftest)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, *([torch.bfloat16] if GPU == "cuda" else [])])
+def test_gpu_kernel_matches_the_dequantised_weight(bits, rows, dtype):
+    """The Triton product reads the same blocks to the same product, in the activations' dtype.
+    (The interpreter's bf16 matmul is wrong, so bf16 is checked on GPUs only.)"""
+    pytest.importorskip("triton")
+    from shardwise.kernels import gpu
+
+    torch.manual_seed(rows)
+    weight = quantize(torch.randn(80, 320), bits)  # 80 rows: a partial tile of 64
+    x, bias = torch.randn(rows, 320), torch.randn(80)
+    reference = x @ weight.dequantize().t() + bias
+    out = gpu.quant_linear(x.to(GPU, dtype), weight.to(GPU), bias.to(GPU, dtype))
+    assert out.dtype == dtype and out.shape == (rows, 80)
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    assert (out.float().cpu() - reference).abs().max() <= tolerance * reference.abs().max()
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_kernel_and_torch_dequantise_alike(bits):
     weight = quantize(torch.randn(70, 64) * torch.logspace(-3, 1, 64), bits)

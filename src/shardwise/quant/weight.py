@@ -3,8 +3,9 @@
 bits 8: int8 values, w = scale * q (GGUF's Q8_0). bits 4: two values a byte, element j of a
 block in the low nibble of byte j and element j + 16 in its high nibble, w = scale * q + min
 (GGUF's Q4_1; Q4_0 and Q4_K convert to it exactly). Scales and mins are fp16, one a block.
-On a CPU with the compiled kernels a product reads these bytes directly; elsewhere (CUDA, no
-compiler) the weight is dequantised for each product, which is correct but not fast.
+A product reads these bytes directly: on a CPU by the compiled kernels, on a GPU by the Triton
+kernel; elsewhere (no compiler, no Triton) the weight is dequantised for each product, which is
+correct but not fast.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from shardwise import kernels
+from shardwise.kernels import gpu
 
 BLOCK = 32
 BITS = {"int8": 8, "int4": 4}
@@ -93,12 +95,17 @@ class QuantizedWeight:
 
     def kernel_applies(self, x: torch.Tensor) -> bool:
         """Whether linear() runs a kernel on x; if not, multiply dequantised row blocks."""
-        return x.shape[0] <= KERNEL_ROWS and x.device.type == "cpu" and x.dtype == torch.float32 and (
-            kernels.library() is not None)
+        if x.shape[0] > KERNEL_ROWS:
+            return False
+        if x.device.type == "cpu":
+            return x.dtype == torch.float32 and kernels.library() is not None
+        return gpu.applies(x)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [rows, cols] . W^T (+ bias), for one matrix, by a kernel: reading the blocks directly
-        or dequantising a tile at a time (see DIRECT_ROWS)."""
+        """x [rows, cols] . W^T (+ bias), for one matrix, by a kernel: on a GPU Triton's; on a CPU
+        reading the blocks directly or dequantising a tile at a time (see DIRECT_ROWS)."""
+        if x.device.type != "cpu":
+            return gpu.quant_linear(x, self, bias)
         lib = kernels.library()
         product = lib.sw_quant_linear if x.shape[0] <= DIRECT_ROWS else lib.sw_quant_linear_f32
         x = x.contiguous()
