@@ -224,3 +224,32 @@ def test_a_quantised_mixtral_computes_with_its_blocks(dtype, tmp_path):
     expected = run_prompts([floats], batch)
     assert (run_prompts([quantised], batch) - expected).abs().max() <= 1e-4 * expected.abs().max()
     assert greedy([quantised], batch, NEW_TOKENS) == greedy([floats], batch, NEW_TOKENS)
+
+
+# the architectures whose layers are plain (no q/k or sandwich norms, SwiGLU, one RoPE): their
+# decode steps run all layers in one kernel call (shardwise.model.fused_decode)
+PLAIN = {"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int4"])
+def test_decode_in_one_kernel_call_equals_layer_by_layer(model, dtype):
+    """Logits of 12 sequences decoding together (past the direct kernels' 8 rows), fused and op by op."""
+    hf, path = model
+    weights = open_weights(path)
+    fused, by_layer = (ShardModel(weights.spec, weights=weights, dtype=dtype) for _ in range(2))
+    assert (fused.fused is not None) == (type(hf).__name__ in PLAIN)
+    if fused.fused is None:
+        return
+    by_layer.fused = None
+    generator = torch.Generator().manual_seed(2)
+    batch = [torch.randint(3, SMALL["vocab_size"], (n,), generator=generator) for n in range(2, 26, 2)]
+    ids = list(range(len(batch)))
+    for shard in (fused, by_layer):
+        for i, prompt in zip(ids, batch, strict=True):
+            shard.allocate(i)
+            shard.forward([i], [len(prompt)], prompt)
+    tokens = torch.arange(3, 3 + len(batch))
+    for _ in range(4):
+        logits = fused.forward(ids, [1] * len(ids), tokens)
+        assert torch.equal(logits, by_layer.forward(ids, [1] * len(ids), tokens))
+        tokens = logits.argmax(-1)

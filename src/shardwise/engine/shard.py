@@ -17,6 +17,7 @@ from shardwise import kernels
 from shardwise.engine.allocator import keep_buffers_in_heap
 from shardwise.engine.kv_cache import KVCache
 from shardwise.errors import ShardwiseError
+from shardwise.model.fused_decode import FusedDecode
 from shardwise.model.layers import TILED_ROWS, Block, PackedBatch, RotaryTable, linear, rms_norm, softcap
 from shardwise.model.spec import ModelSpec, require_supported
 from shardwise.model.weights import Weights
@@ -83,6 +84,7 @@ class ShardModel:
         # Gemma scales embeddings by sqrt(hidden), in the residual dtype
         self.embed_scale = torch.tensor(spec.hidden_size**0.5, dtype=self.dtype) if spec.scale_embeddings else None
         self.blocks = [Block(spec, i, self._layer_tensors(weights, i, load)) for i in range(start, end)]
+        self.fused = FusedDecode.for_blocks(self.blocks)  # decode steps in one kernel call, where it applies
         if self.is_last:
             self.norm = load("norm.weight")
             tied = spec.tie_embeddings or not weights.has("head.weight")
@@ -103,6 +105,7 @@ class ShardModel:
         view.start, view.end = start, end
         view.is_first, view.is_last = start == 0, end == self.spec.num_layers
         view.blocks = self.blocks[start - self.start:end - self.start]
+        view.fused = FusedDecode.for_blocks(view.blocks)
         view.kv = KVCache(end - start, self.spec.num_kv_heads, self.spec.head_dim, self.dtype, self.device)
         return view
 
@@ -160,8 +163,11 @@ class ShardModel:
                 x = x * self.embed_scale
         else:
             x = x.to(self.dtype)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, batch, self.kv.data[layer])
+        if self.fused is not None and self.fused.applies(batch, x.shape[0]):
+            x = self.fused(x, batch, self.kv.data)
+        else:
+            for layer, block in enumerate(self.blocks):
+                x = block(x, batch, self.kv.data[layer])
         for seq_id, length in zip(seq_ids, lengths, strict=True):
             self.kv.advance(seq_id, length)
         if not self.is_last:

@@ -36,6 +36,28 @@ def _unavailable(reason: str) -> None:
     log.warning("shardwise CPU kernels unavailable (%s): falling back to slower torch ops", reason)
 
 
+class Matrix(ctypes.Structure):
+    """cpu.cpp's Matrix: fmt 0 an fp32 [n, k] weight at data, 8 / 4 quantised blocks (qs at data)."""
+    _fields_ = [("fmt", ctypes.c_int64), ("data", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("mins", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64)]
+
+
+class DecodeLayer(ctypes.Structure):
+    """cpu.cpp's DecodeLayer: one plain decoder layer's weights and attention shape."""
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv_bias", ctypes.c_void_p),
+                ("qkv", Matrix), ("o", Matrix), ("gate_up", Matrix), ("down", Matrix), ("heads", ctypes.c_int64),
+                ("kv_heads", ctypes.c_int64), ("dim", ctypes.c_int64), ("window", ctypes.c_int64),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("softcap", ctypes.c_float)]
+
+
+class DecodeStep(ctypes.Structure):
+    """cpu.cpp's DecodeStep: where a decode step's tokens go (RoPE, KV pool slots)."""
+    _fields_ = [("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("rotary", ctypes.c_int64),
+                ("kv", ctypes.c_void_p), ("pool_slots", ctypes.c_int64), ("write_slots", ctypes.c_void_p),
+                ("slots", ctypes.c_void_p), ("totals", ctypes.c_void_p), ("seqs", ctypes.c_int64),
+                ("longest", ctypes.c_int64), ("direct_rows", ctypes.c_int64)]
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     if platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
@@ -72,8 +94,9 @@ def library() -> ctypes.CDLL | None:
     lib.sw_linear_f32.argtypes = [pointer, size, pointer, size, size, pointer, pointer]
     lib.sw_quant_linear_f32.argtypes = lib.sw_quant_linear.argtypes
     lib.sw_silu_mul.argtypes = [pointer, size, size, pointer]
+    lib.sw_decode_layers.argtypes = [ctypes.POINTER(DecodeLayer), size, ctypes.POINTER(DecodeStep), size, pointer]
     for function in (lib.sw_quant_linear, lib.sw_dequantize, lib.sw_decode_attention, lib.sw_rms_norm,
-                     lib.sw_linear_f32, lib.sw_quant_linear_f32, lib.sw_silu_mul):
+                     lib.sw_linear_f32, lib.sw_quant_linear_f32, lib.sw_silu_mul, lib.sw_decode_layers):
         function.restype = None
     return lib
 
