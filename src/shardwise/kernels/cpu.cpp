@@ -426,9 +426,52 @@ void f32_column(const float* x, int64_t rows, int64_t k, const float* w, const f
 
 constexpr int64_t NW = 4;  // weight rows per tile
 
+// The same tile in AVX-512 where the CPU has it (twice the FMAs an instruction, 32 registers: 6 rows
+// of x a tile), compiled for that target alone and picked at run time.
+#define AVX512 __attribute__((target("avx512f,fma")))
+
+template <int R, int W>
+AVX512 void f32_tile512(const float* x, int64_t k, const float* w, const float* bias, float* y, int64_t ldy) {
+  __m512 acc[R][W];
+  for (int r = 0; r < R; r++)
+    for (int j = 0; j < W; j++) acc[r][j] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    __m512 wv[W];
+    for (int j = 0; j < W; j++) wv[j] = _mm512_loadu_ps(w + j * k + i);
+    for (int r = 0; r < R; r++) {
+      const __m512 xv = _mm512_loadu_ps(x + r * k + i);
+      for (int j = 0; j < W; j++) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int j = 0; j < W; j++) {
+      float out = _mm512_reduce_add_ps(acc[r][j]) + (bias ? bias[j] : 0.0f);
+      for (int64_t t = i; t < k; t++) out += x[r * k + t] * w[j * k + t];
+      y[r * ldy + j] = out;
+    }
+}
+
+template <int W>
+AVX512 void f32_column512(const float* x, int64_t rows, int64_t k, const float* w, const float* bias, float* y,
+                          int64_t ldy) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) f32_tile512<6, W>(x + r * k, k, w, bias, y + r * ldy, ldy);
+  switch (rows - r) {
+    case 5: f32_tile512<5, W>(x + r * k, k, w, bias, y + r * ldy, ldy); break;
+    case 4: f32_tile512<4, W>(x + r * k, k, w, bias, y + r * ldy, ldy); break;
+    case 3: f32_tile512<3, W>(x + r * k, k, w, bias, y + r * ldy, ldy); break;
+    case 2: f32_tile512<2, W>(x + r * k, k, w, bias, y + r * ldy, ldy); break;
+    case 1: f32_tile512<1, W>(x + r * k, k, w, bias, y + r * ldy, ldy); break;
+  }
+}
+
+const bool HAS_AVX512 = __builtin_cpu_supports("avx512f");
+
 // y[:, j:j+width] from weight rows w[width, k] (width <= NW)
 void f32_columns(const float* x, int64_t rows, int64_t k, const float* w, int64_t width, const float* bias,
                  float* y, int64_t ldy) {
+  if (HAS_AVX512 && width == NW) return f32_column512<NW>(x, rows, k, w, bias, y, ldy);
   switch (width) {
     case 4: f32_column<4>(x, rows, k, w, bias, y, ldy); break;
     case 3: f32_column<3>(x, rows, k, w, bias, y, ldy); break;
