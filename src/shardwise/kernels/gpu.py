@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from shardwise.quant.weight import QuantizedWeight
 
 log = logging.getLogger(__name__)
-QBLOCK = 32  # values per quantisation block (QuantizedWeight's)
 
 
 @functools.cache
