@@ -1,6 +1,6 @@
 """shardwise's CPU kernels (cpu.cpp): products on quantised weights, a register-tiled fp32 product
-for few rows, decode attention over the paged KV pool, RMSNorm and SwiGLU's silu * up, built on
-first use and loaded with ctypes.
+for few rows, decode attention over the paged KV pool, RMSNorm, SwiGLU's silu * up, and a whole
+decode step through plain layers (sw_decode_layers), built on first use and loaded with ctypes.
 
 The library is built with the machine's C++ compiler against the installed torch (so its
 threads are torch's own), once per source, torch version and CPU, into the shardwise cache;

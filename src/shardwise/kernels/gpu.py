@@ -5,9 +5,9 @@ Each program computes a BLOCK_M x BLOCK_N tile of y = x . W^T: it walks the weig
 along k, widens each [BLOCK_N, 32] tile of blocks to x's dtype in registers (q8: scale * q; q4:
 scale * q + min, the low nibbles of a block's 16 bytes its first 16 values and the high nibbles
 the rest) and multiplies it on the tensor cores, so a token reads each weight byte once instead
-of a dequantised copy. `quant_linear` returns None where it does not apply (not a CUDA tensor,
-no Triton), and the caller dequantises instead. Under TRITON_INTERPRET=1 the same kernel runs on
-CPU tensors, which is how the tests check it on machines without a GPU.
+of a dequantised copy. Where `applies` says no (not a CUDA tensor, no Triton) the caller
+dequantises instead. Under TRITON_INTERPRET=1 the same kernel runs on CPU tensors, which is how
+the tests check it on machines without a GPU.
 """
 
 from __future__ import annotations
