@@ -22,13 +22,14 @@ from tests.conftest import TEXT_PROMPTS, cli, free_port, running_server
 KEY = "sk-collab-test"
 MODEL = "smollm2-135m"
 TTL_S = 6
+KV_TOKENS = 4096
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("collab") / "log", "--api-key", KEY,
-                        "--collab-ttl", str(TTL_S)) as url:
+                        "--collab-ttl", str(TTL_S), "--kv-tokens", str(KV_TOKENS)) as url:
         yield url
 
 
@@ -47,7 +48,7 @@ def layer_tokens(url: str) -> dict[tuple[str, int], float]:
 
 
 def health(url: str) -> dict:
-    return httpx.get(f"{url}/health").json()["collab"]
+    return httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}).json()["collab"]
 
 
 def test_output_equals_server_only_and_the_offloaded_work_is_counted(server, llm):
@@ -133,6 +134,13 @@ def test_bad_messages_get_a_clear_4xx_and_the_session_carries_on(server):
         (encode(None, **step), 400, "hidden"),
         (encode(good, **{**step, "chunks": [[1, 2, 10**9]]}), 400, "token ids"),
         (encode(good, **{**step, "add": []}), 400, "never added"),
+        (encode(good, **{**step, "free": 5}), 400, "free"),  # malformed metadata: a 400 naming it, never a 500
+        (encode(good, **{**step, "free": [[1]]}), 400, "free"),
+        (encode(good, **{**step, "add": [{"seq_id": 0, "generated": 5}]}), 400, "generated"),
+        (encode(good, **{**step, "add": [{"seq_id": 0, "params": {"temperature": -1}}]}), 400, "temperature"),
+        (encode(torch.randn(2000, 576), seq_ids=list(range(2000)), chunks=[[1]] * 2000, sample=[True] * 2000,
+                add=[{"seq_id": i} for i in range(2000)]), 400, "at most 64 sequences"),  # bounded per message
+        (encode(torch.randn(3000, 576), seq_ids=[0], chunks=[[1] * 3000], sample=[True]), 400, "at most 2048 tokens"),
     ]
     for body, status, words in cases:
         reply = post(body)
@@ -173,3 +181,48 @@ def test_the_session_stream_answers_errors_in_band_and_needs_the_key(server):
         ws.send(encode(None, segment=0, **step))
         reply = ws.recv(timeout=60)
         assert isinstance(reply, bytes) and len(decode(reply)[1]["tokens"]) == 1
+
+
+def test_the_stream_survives_malformed_metadata_and_text_frames(server):
+    from websockets.sync.client import connect
+
+    opened = httpx.post(f"{server}/v1/collab/sessions", headers={"Authorization": f"Bearer {KEY}"}, json={
+        "model": MODEL, "sla_s": 10.0, "policy": "server",
+        "client": {"layer_seconds": [1.0] * 30, "memory_bytes": 1e9, "rtt_s": 0.001}}).json()
+    url = f"{server.replace('http', 'ws')}/v1/collab/sessions/{opened['session']}/stream"
+    step = {"segment": 0, "seq_ids": [0], "chunks": [[1, 2, 3]], "sample": [True],
+            "add": [{"seq_id": 0, "params": {"temperature": 0.0}}]}
+    with connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        for bad in (encode(None, **{**step, "free": 5}), encode(None, **{**step, "generated": 5}), "a text frame"):
+            ws.send(bad)
+            error = json.loads(ws.recv(timeout=60))["error"]
+            assert error["type"] == "invalid_request_error" and error["code"] == "invalid_tensor", error
+        ws.send(encode(None, **step))  # the same socket still serves
+        assert len(decode(ws.recv(timeout=60))[1]["tokens"]) == 1
+
+
+def test_collaborative_kv_comes_out_of_the_servers_one_budget(server):
+    """A session's KV counts in kv_cache_usage_perc like the server's own requests, and a step that
+    does not fit is refused (503, Retry-After) before it changes anything."""
+    http = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    opened = http.post("/v1/collab/sessions", json={
+        "model": MODEL, "sla_s": 10.0, "policy": "server",
+        "client": {"layer_seconds": [1.0] * 30, "memory_bytes": 1e9, "rtt_s": 0.001}}).json()
+    url = f"/v1/collab/sessions/{opened['session']}/segments/0"
+
+    def prefill(seq_id: int, tokens: int) -> httpx.Response:
+        return http.post(url, content=encode(None, seq_ids=[seq_id], chunks=[[7] * tokens], sample=[False],
+                                             add=[{"seq_id": seq_id}]), headers={"content-type": MEDIA_TYPE})
+
+    def kv_usage() -> float:
+        return float(re.search(r"shardwise:kv_cache_usage_perc\{[^}]*\} (\S+)", http.get("/metrics").text)[1])
+
+    before = kv_usage()  # other tests' sessions may hold a few tokens until they expire
+    assert prefill(0, 2000).status_code == 200
+    assert kv_usage() - before == pytest.approx(2000 / KV_TOKENS, abs=16 / KV_TOKENS)
+    assert prefill(1, 2000).status_code == 200
+    full = prefill(2, 200 + int(before * KV_TOKENS))
+    assert full.status_code == 503 and full.headers["retry-after"] and "KV cache is full" in full.text
+    assert health(server)["sessions"] >= 1
+    assert http.delete(f"/v1/collab/sessions/{opened['session']}").status_code == 200
+    assert kv_usage() <= before

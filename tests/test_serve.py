@@ -166,7 +166,8 @@ def test_api_key_is_required_on_v1(server):
     wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.completions.create(model=MODEL, prompt="hi", max_tokens=2)
-    health = httpx.get(f"{server}/health").json()
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}  # without the key: only whether it is healthy
+    health = httpx.get(f"{server}/health", headers={"Authorization": f"Bearer {API_KEY}"}).json()
     assert health["status"] == "ok" and [s["layers"] for s in health["stages"]] == [[0, 15], [15, 30]]
 
 
@@ -187,7 +188,7 @@ def test_dashboard_state_is_the_metrics_and_the_live_stages(server, client):
     assert state["metrics"]["generation_tokens_total"] == m["shardwise:generation_tokens_total"]
     ttft = state["metrics"]["time_to_first_token_seconds"]  # percentiles of the last minute's requests
     assert ttft["count"] >= 1 and 0 < ttft["p50"] <= ttft["p99"]
-    health = httpx.get(f"{server}/health").json()
+    health = httpx.get(f"{server}/health", headers=auth).json()
     assert [(s["layers"], s["pid"]) for s in state["stages"]] == [(s["layers"], s["pid"]) for s in health["stages"]]
     for stage in state["stages"]:
         assert stage["weight_bytes"] > 0 and stage["kv_pool_bytes"] > 0 and stage["steps"] > 0
@@ -199,7 +200,12 @@ def test_dashboard_state_is_the_metrics_and_the_live_stages(server, client):
     ("/v1/dashboard/estimate", {"model": "llama-3.1-70b", "device": "l4"}, "does not fit"),
     ("/v1/dashboard/estimate", {"model": "llama-3.1-8b", "gpu": "h100"}, "'gpu' is not supported"),
     ("/v1/dashboard/estimate", {"model": "/etc/hostname", "device": "h100"}, "catalog models"),  # no files
-    ("/v1/dashboard/estimate", {"model": "llama-3.1-8b", "device": "/etc/hostname"}, "catalog's devices"),
+    ("/v1/dashboard/estimate", {"model": "llama-3.1-8b", "device": "/etc/hostname"}, "unknown device"),
+    ("/v1/dashboard/estimate", {"model": "llama-3.1-8b", "pp_devices": ["h100", "/etc/passwd"]}, "unknown device"),
+    ("/v1/dashboard/plan", {"model": "llama-3.1-8b", "cluster": {"devices": [{"name": "a", "type": "/etc/passwd"}]}},
+     "unknown device '/etc/passwd'"),
+    ("/v1/dashboard/plan", {"model": "llama-3.1-8b", "cluster": {"devices": [{"name": "a", "profile": "/etc/passwd"}]}},
+     "only catalog devices"),
     ("/v1/dashboard/plan", {"model": "llama-3.1-8b", "cluster": "devices: [oops"}, "not valid YAML"),
     ("/v1/dashboard/plan", {"model": "llama-3.1-8b", "cluster": {"devices": []}}, "non-empty \"devices\" list"),
 ])

@@ -10,6 +10,7 @@ import typer
 from shardwise.cluster.plan import STAGE_TIMEOUT_S
 from shardwise.errors import ShardwiseError
 from shardwise.model.registry import DEFAULT_MODEL
+from shardwise.serve.limits import ServerLimits
 
 app = typer.Typer(
     help="shardwise: predict, plan and run LLM inference across heterogeneous devices.",
@@ -116,6 +117,16 @@ def serve(
                                                     "is replaced in a fraction of the time.")] = True,
     collab_ttl: Annotated[float, typer.Option(help="Seconds a collaborative session may idle before it is "
                                                    "closed and its KV freed.")] = 300.0,
+    max_waiting: Annotated[int, typer.Option(help="Sequences that may queue for a slot; more are refused with "
+                                                  "503 and Retry-After.")] = ServerLimits.max_waiting,
+    max_queue_time: Annotated[float, typer.Option(help="Seconds a sequence may queue before it is refused with "
+                                                       "503 and Retry-After.")] = ServerLimits.max_queue_time_s,
+    max_request_sequences: Annotated[int, typer.Option(help="Sequences (prompts x n) one request may ask for.")]
+    = ServerLimits.max_request_sequences,
+    max_request_tokens: Annotated[int, typer.Option(help="Tokens (prompts + max_tokens, over its sequences) one "
+                                                         "request may ask for.")] = ServerLimits.max_request_tokens,
+    drain_timeout: Annotated[float, typer.Option(help="On SIGTERM: seconds running requests may take to finish "
+                                                      "before they end with an error.")] = ServerLimits.drain_timeout_s,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (continuous batching, chunked prefill)."""
     try:
@@ -126,14 +137,17 @@ def serve(
         if min(max_num_seqs, max_batch_tokens, kv_tokens) < 1 or min(stage_timeout, collab_ttl) <= 0:
             raise ShardwiseError("--max-num-seqs, --max-batch-tokens and --kv-tokens must each be at least 1, "
                                  "and --stage-timeout and --collab-ttl positive")
+        limits = ServerLimits(max_waiting=max_waiting, max_queue_time_s=max_queue_time,
+                              max_request_sequences=max_request_sequences, max_request_tokens=max_request_tokens,
+                              drain_timeout_s=drain_timeout)
         check_address(host, port)  # before minutes of loading
         llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
                   device=device, dtype=dtype, threads=threads, max_num_seqs=max_num_seqs,
                   max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens, stage_timeout=stage_timeout,
                   spare_stages=spare_stages)
         where = f"{len(llm.stages())} stages" if llm.stages() else "one process"
-        run_server(llm, host=host, port=port, api_key=api_key, collab_ttl_s=collab_ttl, on_ready=lambda: typer.echo(
-            f"serving {llm.name} ({where}) at http://{host}:{port}/v1", err=True))
+        run_server(llm, host=host, port=port, api_key=api_key, limits=limits, collab_ttl_s=collab_ttl,
+                   on_ready=lambda: typer.echo(f"serving {llm.name} ({where}) at http://{host}:{port}/v1", err=True))
     except ShardwiseError as e:
         fail(str(e))
 

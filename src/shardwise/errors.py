@@ -6,6 +6,10 @@ class ShardwiseError(Exception):
     the CLI prints it as one line, without a traceback."""
 
 
+class StepError(Exception):
+    """A pipeline stage raised while running a step, and lives: the step failed, not the stage."""
+
+
 class StageFailure(Exception):
     """A pipeline stage died or stopped answering: not the user's doing, and recoverable by
     replacing the stage (Pipeline.recover) and replaying the running sequences. step: the

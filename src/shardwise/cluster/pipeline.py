@@ -30,7 +30,7 @@ from shardwise.cluster.ray_session import join
 from shardwise.cluster.stage import StageActor
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.worker import Sampled
-from shardwise.errors import ShardwiseError, StageFailure
+from shardwise.errors import ShardwiseError, StageFailure, StepError
 from shardwise.model.spec import ModelSpec
 from shardwise.planner.cluster import Cluster, plan_cluster
 
@@ -151,6 +151,10 @@ class Pipeline:
         for stage in self.stages:
             stage.free.remote(seq_id)
 
+    def rewind(self, seq_id: int, length: int) -> None:
+        for stage in self.stages:
+            stage.rewind.remote(seq_id, length)
+
     def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> ray.ObjectRef:
         overlapping = bool(self._steps)
         refs = []
@@ -170,6 +174,11 @@ class Pipeline:
     def result(self, handle: ray.ObjectRef) -> Sampled:
         try:
             out = _get(handle)
+        except ray.exceptions.RayTaskError as e:
+            if not isinstance(e.cause, Exception) or isinstance(e.cause, ray.exceptions.RayError):
+                raise StageFailure(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", handle) from None
+            del self._steps[handle]  # a stage raised: the step failed, but every stage lives
+            raise StepError(f"{type(e.cause).__name__}: {e.cause}") from None
         except ray.exceptions.RayError as e:  # the actor, its node or an object it needed is gone
             raise StageFailure(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", handle) from None
         del self._steps[handle]

@@ -14,8 +14,12 @@ def join(address: str | None, instead: str) -> bool:
     if ray.is_initialized():
         return False
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # "local": a new instance of our own, never a stale session another (killed) `ray start` left behind
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     except ConnectionError as e:
+        if address is None:
+            raise ShardwiseError(f"cannot start a local Ray instance ({e}): check /tmp/ray's space and "
+                                 "permissions, or give --address of a running cluster") from None
         raise ShardwiseError(f"cannot join the Ray cluster at '{address}' ({e}): start it with "
                              f"'ray start --head', or drop --address to {instead}") from None
     return True

@@ -41,6 +41,9 @@ class StageActor:
     def free(self, seq_id: int) -> None:
         self.worker.free(seq_id)
 
+    def rewind(self, seq_id: int, length: int) -> None:
+        self.worker.rewind(seq_id, length)
+
     def reset(self) -> None:
         self.worker.reset()
 

@@ -121,7 +121,8 @@ class CollabExecutor:
             worker.reset()
         self.workers = {k: loaded.get((a, b)) or Worker(ShardModel(self.weights.spec, (a, b), weights=self.weights))
                         for k, (side, a, b) in enumerate(self.segments) if side == "client"}
-        self._pending = {k: {"add": [], "free": []} for k, s in enumerate(self.segments) if s[0] == "server"}
+        self._pending = {k: {"add": [], "free": [], "rewind": []}
+                         for k, s in enumerate(self.segments) if s[0] == "server"}
         self.stream = None
         if self._pending:
             base = str(self.http.base_url).replace("http", "ws", 1).rstrip("/")
@@ -152,7 +153,13 @@ class CollabExecutor:
         for ops in self._pending.values():
             ops["free"].append(seq_id)
 
-    def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled | StageFailure:
+    def rewind(self, seq_id: int, length: int) -> None:
+        for worker in self.workers.values():
+            worker.rewind(seq_id, length)
+        for ops in self._pending.values():
+            ops["rewind"].append([seq_id, length])
+
+    def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled | Exception:
         out = None
         try:
             for k, (side, a, _) in enumerate(self.segments):
@@ -163,15 +170,14 @@ class CollabExecutor:
                         time.sleep((self.slowdown - 1) * (time.perf_counter() - started))
                 else:
                     out = self._remote(k, seq_ids, chunks, sample, out if a > 0 else None)
-        except StageFailure as failure:
-            return failure  # result() raises it, where the scheduler expects a step to fail
+        except Exception as e:
+            return e  # result() raises it, where the scheduler takes a step's outcome
         return out
 
     def _remote(self, k: int, seq_ids, chunks, sample, hidden: torch.Tensor | None) -> torch.Tensor | Sampled:
         ops = self._pending[k]
         try:
-            self.stream.send(encode(hidden, segment=k, seq_ids=seq_ids, chunks=chunks, sample=sample, add=ops["add"],
-                                    free=ops["free"]))
+            self.stream.send(encode(hidden, segment=k, seq_ids=seq_ids, chunks=chunks, sample=sample, **ops))
             reply = self.stream.recv(timeout=self.timeout)
         except (TimeoutError, WebSocketException) as e:
             raise StageFailure(f"the session's stream broke ({type(e).__name__}: {e})") from None
@@ -180,18 +186,18 @@ class CollabExecutor:
             if error["code"] == "session_not_found":
                 raise StageFailure(error["message"])
             raise ShardwiseError(f"the server refused segment {k}: {error['message']}")
-        ops["add"], ops["free"] = [], []
+        ops["add"], ops["free"], ops["rewind"] = [], [], []
         hidden, meta = decode(reply)
         if self.segments[k][2] < self.num_layers:
             return hidden
         logprobs = {int(row): TokenLogprobs(lp, [tuple(t) for t in top]) for row, (lp, top) in meta["logprobs"].items()}
-        return meta["tokens"], logprobs
+        return Sampled(meta["tokens"], logprobs, {int(row): e for row, e in meta.get("errors", {}).items()})
 
     def wait(self, handles: list[Any]) -> int:
         return 0
 
-    def result(self, handle: Sampled | StageFailure) -> Sampled:
-        if isinstance(handle, StageFailure):
+    def result(self, handle: Sampled | Exception) -> Sampled:
+        if isinstance(handle, Exception):
             raise handle
         return handle
 

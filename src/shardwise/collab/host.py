@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from shardwise.collab.split import Split, choose, measure
-from shardwise.collab.wire import WireError, check_hidden, decode, encode
+from shardwise.collab.wire import AddedSequence, StepMessage, WireError, check_hidden, decode, encode
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.shard import ShardModel
 from shardwise.engine.worker import Worker
@@ -27,10 +27,16 @@ from shardwise.model.weights import open_weights
 from shardwise.serve.metrics import Metrics
 
 DEFAULT_TTL_S = 300.0
+MAX_MESSAGE_SEQUENCES = 64  # sequences one segment message may step, or add
+MAX_MESSAGE_TOKENS = 2048  # tokens one segment message may carry
 
 
 class SessionGone(ShardwiseError):
     """The session id is unknown or expired."""
+
+
+class ServerBusy(ShardwiseError):
+    """The server has no room for this now (its KV budget is spent): retry later."""
 
 
 @dataclass
@@ -39,6 +45,7 @@ class Session:
     split: Split
     counters: dict[int, list[Any]]  # server segment -> the per-layer token counters a step through it adds to
     seq_ids: dict[int, int] = field(default_factory=dict)  # the client's sequence id -> the views' id
+    tokens: dict[int, int] = field(default_factory=dict)  # the client's sequence id -> KV tokens it holds
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -79,30 +86,70 @@ class CollabHost:
         _, a, b = session.split.segments[segment]
         worker = self._view(a, b)
         hidden, meta = decode(body)
-        seq_ids, chunks, sample = self._step(meta)
-        tokens = sum(map(len, chunks))
+        step = StepMessage.read(meta)
+        self._check_bounds(step)
+        tokens = sum(map(len, step.chunks))
         inputs = None if a == 0 else check_hidden(hidden, tokens, self.spec.hidden_size)
-        for seq_id in meta.get("free", []):  # the message is sound: now it may change the session
+        self._reserve(tokens)
+        for seq_id in step.free:  # the message is sound: now it may change the session
             self._free(session, worker, seq_id)
-        for new in meta.get("add", []):
+        for seq_id, length in step.rewind:
+            if seq_id in session.seq_ids:
+                worker.rewind(session.seq_ids[seq_id], length)
+                session.tokens[seq_id] = min(session.tokens.get(seq_id, 0), length)
+        for new in step.add:
             self._add(session, worker, new)
-        unknown = [s for s in seq_ids if s not in session.seq_ids or session.seq_ids[s] not in worker.shard.kv]
+        unknown = [s for s in step.seq_ids if s not in session.seq_ids or session.seq_ids[s] not in worker.shard.kv]
         if unknown:
             raise WireError(f"sequences {unknown} were never added to segment {segment}: send them in 'add' first")
-        for seq_id, chunk in zip(seq_ids, chunks, strict=True):
+        for seq_id, chunk in zip(step.seq_ids, step.chunks, strict=True):
             if worker.shard.cached_tokens(session.seq_ids[seq_id]) + len(chunk) > self.spec.context_length:
                 raise WireError(f"sequence {seq_id} would pass the model's context of {self.spec.context_length} "
                                 "tokens: end it sooner")
         started = time.perf_counter()
-        out = worker.step([session.seq_ids[s] for s in seq_ids], chunks, sample, inputs)
+        out = worker.step([session.seq_ids[s] for s in step.seq_ids], step.chunks, step.sample, inputs)
         self.metrics.collab_seconds.inc(time.perf_counter() - started)
+        for seq_id in step.seq_ids:
+            held = worker.shard.cached_tokens(session.seq_ids[seq_id])
+            session.tokens[seq_id] = max(session.tokens.get(seq_id, 0), held)
+        self._publish_kv()
         for counter in session.counters[segment]:
             counter.inc(tokens)
         session.last_used = time.monotonic()
         if isinstance(out, torch.Tensor):
             return encode(out)
-        picked, logprobs = out
-        return encode(tokens=picked, logprobs={str(row): [lp.logprob, lp.top] for row, lp in logprobs.items()})
+        return encode(tokens=out.tokens, errors={str(row): e for row, e in out.errors.items()},
+                      logprobs={str(row): [lp.logprob, lp.top] for row, lp in out.logprobs.items()})
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV tokens the sessions hold (a sequence counted once, at its longest segment)."""
+        return sum(sum(s.tokens.values()) for s in self.sessions.values())
+
+    def _check_bounds(self, step: StepMessage) -> None:
+        """One message is bounded work: the engine thread runs it between two of the server's steps."""
+        if len(step.seq_ids) > MAX_MESSAGE_SEQUENCES or len(step.add) > MAX_MESSAGE_SEQUENCES:
+            raise WireError(f"a message may step or add at most {MAX_MESSAGE_SEQUENCES} sequences, this one "
+                            f"{max(len(step.seq_ids), len(step.add))}: split it into several steps")
+        tokens = sum(map(len, step.chunks))
+        if tokens > MAX_MESSAGE_TOKENS:
+            raise WireError(f"a message may carry at most {MAX_MESSAGE_TOKENS} tokens, this one {tokens}: "
+                            "prefill in smaller chunks")
+        if any(not 0 <= t < self.spec.vocab_size for c in step.chunks for t in c):
+            raise WireError(f"token ids must lie in [0, {self.spec.vocab_size})")
+
+    def _reserve(self, tokens: int) -> None:
+        """A step's new KV (at most its tokens) comes out of the server's one KV budget, which its
+        own requests share: refused, before it changes anything, when that is spent."""
+        scheduler = self.llm.scheduler
+        self._publish_kv()
+        if scheduler.kv_reserved + tokens > scheduler.kv_capacity:
+            raise ServerBusy(f"the server's KV cache is full ({scheduler.kv_reserved} of {scheduler.kv_capacity} "
+                             f"tokens in use, this step adds up to {tokens}): retry shortly, or free finished "
+                             "sequences")
+
+    def _publish_kv(self) -> None:
+        self.llm.scheduler.external_kv = self.kv_tokens
 
     def close(self, session_id: str) -> None:
         session = self._session(session_id)
@@ -111,6 +158,7 @@ class CollabHost:
                 for seq_id in session.seq_ids:
                     self._free(session, self._view(a, b), seq_id)
         del self.sessions[session_id]
+        self._publish_kv()
 
     def expire(self) -> int:
         """Close the sessions idle for longer than the TTL; returns how many."""
@@ -160,28 +208,17 @@ class CollabHost:
                               f"{self.ttl_s:.0f} s are closed): open a new one")
         return self.sessions[session_id]
 
-    def _step(self, meta: dict[str, Any]) -> tuple[list[int], list[list[int]], list[bool]]:
-        seq_ids, chunks, sample = meta.get("seq_ids"), meta.get("chunks"), meta.get("sample")
-        if not (isinstance(seq_ids, list) and isinstance(chunks, list) and isinstance(sample, list)
-                and len(seq_ids) == len(chunks) == len(sample) > 0
-                and all(isinstance(s, int) for s in seq_ids) and all(isinstance(f, bool) for f in sample)
-                and all(isinstance(c, list) and c and all(isinstance(t, int) for t in c) for c in chunks)):
-            raise WireError("the metadata needs 'seq_ids' (ints), 'chunks' (a non-empty list of token ids each) "
-                            "and 'sample' (booleans), one entry per sequence")
-        if any(not 0 <= t < self.spec.vocab_size for c in chunks for t in c):
-            raise WireError(f"token ids must lie in [0, {self.spec.vocab_size})")
-        return seq_ids, chunks, sample
-
-    def _add(self, session: Session, worker: Worker, new: Any) -> None:
+    def _add(self, session: Session, worker: Worker, new: AddedSequence) -> None:
         try:
-            seq_id, params = int(new["seq_id"]), SamplingParams(**new.get("params", {}))
-        except (TypeError, KeyError, ValueError) as e:
-            raise WireError(f"each 'add' entry needs 'seq_id' and valid 'params' ({e})") from None
-        session.seq_ids.setdefault(seq_id, next(self._ids))
-        worker.add(session.seq_ids[seq_id], params, list(new.get("generated", [])))
+            params = SamplingParams(**new.params)
+        except (TypeError, ValueError, ShardwiseError) as e:
+            raise WireError(f"sequence {new.seq_id}'s 'params' are not valid SamplingParams ({e})") from None
+        session.seq_ids.setdefault(new.seq_id, next(self._ids))
+        worker.add(session.seq_ids[new.seq_id], params, new.generated)
 
     @staticmethod
     def _free(session: Session, worker: Worker, seq_id: int) -> None:
         if seq_id in session.seq_ids:  # the id stays mapped: the session's other segments free it too
             worker.free(session.seq_ids[seq_id])
+            session.tokens.pop(seq_id, None)
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load, save
 
 from shardwise.errors import ShardwiseError
@@ -48,6 +49,44 @@ def decode(body: bytes) -> tuple[torch.Tensor | None, dict[str, Any]]:
     if tensors:
         raise WireError(f"unexpected tensors {sorted(tensors)}: only 'hidden' is read")
     return hidden, meta
+
+
+class AddedSequence(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    seq_id: int
+    params: dict[str, Any] = {}  # SamplingParams' fields
+    generated: list[int] = []  # tokens it already produced (coming back after a lost session)
+
+
+class StepMessage(BaseModel):
+    """A segment request's metadata: the step's sequences, and the session changes sent with it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    segment: int | None = None  # on the stream: which server segment
+    seq_ids: list[int] = Field(min_length=1)
+    chunks: list[Annotated[list[int], Field(min_length=1)]]  # each sequence's new token ids
+    sample: list[bool]
+    add: list[AddedSequence] = []
+    free: list[int] = []
+    rewind: list[tuple[int, int]] = []  # (sequence, length): drop a failed step's KV past length
+
+    @model_validator(mode="after")
+    def _one_entry_each(self) -> StepMessage:
+        if not len(self.seq_ids) == len(self.chunks) == len(self.sample):
+            raise ValueError("'seq_ids', 'chunks' and 'sample' need one entry per sequence")
+        return self
+
+    @classmethod
+    def read(cls, meta: dict[str, Any]) -> StepMessage:
+        try:
+            return cls.model_validate(meta)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise WireError(f"the message's metadata is malformed: {where + ': ' if where else ''}{err['msg']} "
+                            "(it needs 'seq_ids' (ints), 'chunks' (a non-empty list of token ids each) and "
+                            "'sample' (booleans), one entry per sequence; 'add', 'free' and 'rewind' are lists)"
+                            ) from None
 
 
 def _malformed(e: Exception) -> WireError:

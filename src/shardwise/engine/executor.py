@@ -2,7 +2,8 @@
 
 Both take a step with submit() and hand its token ids back through wait()/result(),
 so the loop can keep several micro-batches in flight where the executor allows it
-(parallelism: how many steps it can overlap).
+(parallelism: how many steps it can overlap). A step that fails raises from result(),
+never from submit(); rewind() then drops what it wrote to a sequence's KV.
 """
 
 from __future__ import annotations
@@ -28,13 +29,21 @@ class LocalExecutor:
     def free(self, seq_id: int) -> None:
         self.worker.free(seq_id)
 
-    def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Any:
-        return self.worker.step(seq_ids, chunks, sample)
+    def rewind(self, seq_id: int, length: int) -> None:
+        self.worker.rewind(seq_id, length)
+
+    def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled | Exception:
+        try:
+            return self.worker.step(seq_ids, chunks, sample)
+        except Exception as e:  # raised by result(), where the scheduler takes a step's outcome
+            return e
 
     def wait(self, handles: list[Any]) -> int:
         return 0
 
-    def result(self, handle: Any) -> Sampled:
+    def result(self, handle: Sampled | Exception) -> Sampled:
+        if isinstance(handle, Exception):
+            raise handle
         return handle
 
     def describe(self) -> list[dict[str, Any]]:

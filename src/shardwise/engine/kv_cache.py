@@ -54,6 +54,10 @@ class KVCache:
             self._grow(need - len(self._free))
         table.extend(self._free.pop() for _ in range(need))
 
+    def rewind(self, seq_id: int, length: int) -> None:
+        """Forget positions from `length` on (a failed step's writes): the next step rewrites them."""
+        self._lengths[seq_id] = min(self._lengths[seq_id], length)
+
     def advance(self, seq_id: int, new_tokens: int) -> None:
         """Count new_tokens as stored, once every layer has written them."""
         self._lengths[seq_id] += new_tokens

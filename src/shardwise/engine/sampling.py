@@ -3,10 +3,15 @@
 Each draw of a sequence is seeded from its seed and the draw's index, so a seeded
 request gives the same tokens whatever else shares its batch, and a sampler rebuilt
 mid-sequence (after a lost stage) carries on exactly where the old one was.
+
+Every accepted value samples without NaN: logits are clamped to finite values after the
+penalties and shifted so their maximum is 0 before the temperature divides them, so the
+most likely token always keeps a probability of 1 before normalisation.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,6 +20,8 @@ from typing import NamedTuple
 import torch
 
 from shardwise.errors import ShardwiseError
+
+GREEDY_BELOW = 1e-5  # a temperature under this samples greedily (vLLM's epsilon)
 
 
 @dataclass
@@ -39,6 +46,12 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
+        numbers = {"temperature": self.temperature, "top_p": self.top_p, "min_p": self.min_p,
+                   "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
+                   "frequency_penalty": self.frequency_penalty}
+        for name, value in numbers.items():
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise ShardwiseError(f"{name} must be a finite number, got {value!r}")
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
@@ -56,7 +69,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalised(self) -> bool:
@@ -90,23 +103,31 @@ class SequenceSampler:
 
     def _penalise(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
+        penalised = False
         if p.repetition_penalty != 1.0 and self.seen:
             ids = torch.tensor(list(self.seen), device=logits.device)
             scores = logits[ids]
             logits = logits.clone()
             logits[ids] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+            penalised = True
         if self.generated:
             ids = torch.tensor(list(self.generated), device=logits.device)
             counts = torch.tensor(list(self.generated.values()), dtype=logits.dtype, device=logits.device)
             logits = logits.clone()
             logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+            penalised = True
+        if penalised:  # an extreme penalty overflows: keep every logit finite
+            limit = torch.finfo(logits.dtype).max
+            logits = logits.nan_to_num(nan=-limit, posinf=limit, neginf=-limit)
         return logits
 
     def _pick(self, logits: torch.Tensor) -> int:
         p = self.params
         if p.greedy:
             return int(logits.argmax())
-        logits = logits / p.temperature
+        # shifted to a maximum of 0 first: a tiny temperature then sends the others to -inf, never
+        # the best token to inf (which softmax would turn into NaN)
+        logits = (logits - logits.max()) / p.temperature
         if p.top_k > 0 and p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -115,8 +136,9 @@ class SequenceSampler:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         if p.top_p < 1:
             sorted_probs, order = probs.sort(descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            # keep the smallest prefix whose mass reaches top_p, and always the most likely token
             drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+            drop[0] = False
             probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
         self.generator.manual_seed((self.seed + self.draws * 0x9E3779B97F4A7C15) % 2**63)
         self.draws += 1
@@ -137,8 +159,16 @@ def token_logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprobs:
     return TokenLogprobs(float(logp[token]), list(zip(ids.tolist(), values.tolist(), strict=True)))
 
 
-def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> list[int]:
-    """One token per row of logits [sequences, vocab]."""
+def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> list[int | Exception]:
+    """One token per row of logits [sequences, vocab], or that row's error: a sampler that fails
+    fails its own sequence only."""
     if all(s.params.greedy and not s.params.penalised for s in samplers):
         return logits.argmax(dim=-1).tolist()
-    return [sampler(row) for sampler, row in zip(samplers, logits, strict=True)]
+    return [_sample(sampler, row) for sampler, row in zip(samplers, logits, strict=True)]
+
+
+def _sample(sampler: SequenceSampler, logits: torch.Tensor) -> int | Exception:
+    try:
+        return sampler(logits)
+    except Exception as e:
+        return e

@@ -14,6 +14,11 @@ When a pipeline stage is lost, the executor replaces it and every running sequen
 replayed: its prompt and the tokens it generated are prefilled again (in chunks, beside
 the others' decodes) without sampling, and decoding resumes where it stopped; the
 samplers are rebuilt with their draw counts, so the output is the undisturbed one.
+
+One request never fails another. A sequence whose sampling fails fails alone. A step that
+fails with no stage lost (an error in the model that no single row owns) is rewound and
+bisected: its sequences are held out in halves, each half retried alone (the older half
+first), until the one that fails by itself is found and failed; the rest carry on.
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ from shardwise.model.tokenizer import Detokenizer, Tokenizer
 
 log = logging.getLogger("shardwise.engine")
 MAX_FAILURES_IN_A_ROW = 3  # recoveries with no step completing between them: something is broken for good
+MAX_STEP_ERRORS = 4  # failed steps a sequence may be part of before it is failed itself (one that fails
+# only in company, e.g. out of memory in a large batch, must not be retried for ever)
 EVENTS_KEPT = 100  # the latest failures and recoveries, for the dashboard
+PROBE = -1  # the group of a step that retries a failed step's suspects alone
 
 
 @dataclass
@@ -41,7 +49,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" once finished
+    error: str | None = None  # why, when finish_reason is "error"
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, when asked for
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
@@ -72,6 +81,7 @@ class Sequence:
         self.detok = Detokenizer(tokenizer, params.stop)
         self.output = RequestOutput(seq_id, prompt_ids)
         self.aborted = False
+        self.step_errors = 0  # failed steps it was part of
 
     @property
     def resume_at(self) -> int:
@@ -105,9 +115,11 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max(max_batch_tokens, max_num_seqs)
         self.kv_capacity = kv_capacity  # tokens of KV each stage holds for the running sequences
+        self.external_kv = 0  # KV tokens held outside the scheduler from the same budget (collaborative sessions)
         self.waiting: deque[Sequence] = deque()
         self.groups: list[list[Sequence]] = [[] for _ in range(executor.parallelism)]  # micro-batches
         self.in_flight: list[tuple[Any, int, list[tuple[Sequence, list[int]]]]] = []  # (handle, group, batch)
+        self.held: deque[list[Sequence]] = deque()  # suspects of a failed step, retried alone group by group
         self.stage_failures = self.recoveries = self.replayed_tokens = 0
         self.last_recovery_s = 0.0
         self._failures_in_a_row = 0
@@ -149,6 +161,14 @@ class Scheduler:
         elif not self._in_flight(seq):
             self._release(seq)
 
+    def expire_waiting(self, max_wait_s: float) -> list[Sequence]:
+        """Take out (aborted) the sequences that have waited longer than max_wait_s to start."""
+        now = time.perf_counter()
+        expired = [s for s in self.waiting if now - s.output.arrival_time > max_wait_s]
+        for seq in expired:
+            self.abort(seq)
+        return expired
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or any(self.groups))
@@ -159,36 +179,51 @@ class Scheduler:
 
     @property
     def kv_reserved(self) -> int:
-        """KV tokens the running sequences have reserved."""
-        return sum(s.kv_tokens for g in self.groups for s in g)
+        """KV tokens the running sequences have reserved, and those held outside the scheduler."""
+        return sum(s.kv_tokens for g in self.groups for s in g) + self.external_kv
 
     # --- one step ---------------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, str]]:
         """Admit what fits, keep every idle micro-batch busy, and collect one finished step:
-        (sequence, new text) for each sequence that got a token."""
+        (sequence, new text) for each sequence that got a token or failed."""
         self._admit()
-        busy = {g for _, g, _ in self.in_flight}
-        for g, group in enumerate(self.groups):
-            batch = self._batch(group) if g not in busy else []
-            if batch:
-                handle = self.executor.submit([s.id for s, _ in batch], [c for _, c in batch],
-                                              [s.samples_after(c) for s, c in batch])
-                self.in_flight.append((handle, g, batch))
+        if self.held:  # a failed step's suspects run alone, one group at a time, nothing beside them
+            self.held[0] = [s for s in self.held[0] if not s.output.finished]
+            if not self.held[0]:
+                self.held.popleft()
+            elif not self.in_flight:
+                self._submit(PROBE, self._batch(self.held[0]))
+        else:
+            busy = {g for _, g, _ in self.in_flight}
+            for g, group in enumerate(self.groups):
+                if g not in busy:
+                    self._submit(g, self._batch(group))
         if not self.in_flight:
             return []
         try:
-            handle, _, batch = self.in_flight.pop(self.executor.wait([h for h, _, _ in self.in_flight]))
-            tokens, logprobs = self.executor.result(handle)
+            handle, g, batch = self.in_flight.pop(self.executor.wait([h for h, _, _ in self.in_flight]))
         except StageFailure as failure:
             self._recover(failure)
             return []
+        try:
+            tokens, logprobs, errors = self.executor.result(handle)
+        except StageFailure as failure:
+            self._recover(failure)
+            return []
+        except Exception as error:  # the step failed, yet every stage lives: find whose it is
+            return self._isolate(g, batch, error)
         self._failures_in_a_row = 0
+        if g == PROBE:
+            self.held.popleft()  # they step without trouble alone: back among the others
         events = []
         for row, ((seq, chunk), token) in enumerate(zip(batch, tokens, strict=True)):
             seq.fed += len(chunk)
             if seq.aborted:
                 if not self._in_flight(seq):
                     self._release(seq)
+                continue
+            if row in errors:
+                events.append(self._fail(seq, errors[row]))
                 continue
             if token is None:
                 continue
@@ -207,8 +242,52 @@ class Scheduler:
                 self._release(seq)
         self.waiting.clear()
         self.in_flight.clear()
+        self.held.clear()
 
     # --- internals ------------------------------------------------------------------------------
+    def _submit(self, g: int, batch: list[tuple[Sequence, list[int]]]) -> None:
+        if batch:
+            handle = self.executor.submit([s.id for s, _ in batch], [c for _, c in batch],
+                                          [s.samples_after(c) for s, c in batch])
+            self.in_flight.append((handle, g, batch))
+
+    def _isolate(self, g: int, batch: list[tuple[Sequence, list[int]]], error: Exception) -> list[tuple[Sequence, str]]:
+        """A step failed with every stage alive: rewind its sequences' KV to what the scheduler
+        knows is stored, then fail the sequence if it ran alone (or failed too often), else hold
+        the batch out in two halves, older first, each retried alone."""
+        log.warning("a step of %d sequences failed (%s: %s); isolating the cause", len(batch),
+                    type(error).__name__, error)
+        if g == PROBE:
+            self.held.popleft()
+        suspects = []
+        for seq, _ in batch:
+            seq.step_errors += 1
+            if seq.aborted:
+                if not self._in_flight(seq):
+                    self._release(seq)
+                continue
+            self.executor.rewind(seq.id, seq.fed)
+            suspects.append(seq)
+        message = f"the engine failed on this request ({type(error).__name__}: {error})"
+        failed = [s for s in suspects if len(suspects) == 1 or s.step_errors >= MAX_STEP_ERRORS]
+        suspects = [s for s in suspects if s not in failed]
+        if suspects:
+            self.note("error", f"a step failed ({error}); retrying its {len(suspects)} sequences in halves")
+            half = (len(suspects) + 1) // 2
+            self.held.extendleft([suspects[half:], suspects[:half]])  # the older half runs first
+        return [self._fail(seq, message) for seq in failed]
+
+    def _fail(self, seq: Sequence, message: str) -> tuple[Sequence, str]:
+        """End one sequence with an error; every other sequence carries on."""
+        self.note("error", f"request {seq.id} failed: {message}")
+        seq.output.finish_reason, seq.output.error = "error", message
+        seq.output.finish_time = time.perf_counter()
+        if not self._in_flight(seq):
+            self._release(seq)
+        else:
+            seq.aborted = True  # released when its step in flight comes back
+        return seq, ""
+
     def _recover(self, failure: StageFailure) -> None:
         """Replace the lost stage(s), then replay every running sequence from its first token."""
         self.stage_failures += 1
@@ -222,6 +301,7 @@ class Scheduler:
         replayed = self.replayed_tokens
         started = time.perf_counter()
         self.in_flight.clear()
+        self.held.clear()  # every sequence replays from its start: suspects too
         self.executor.recover(failure)  # a ShardwiseError here: nothing can take the stage's place
         for group in self.groups:
             for seq in list(group):
@@ -256,7 +336,7 @@ class Scheduler:
 
     def _batch(self, running: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """Decodes first (one token each), then prompt chunks while the token budget lasts."""
-        running = [s for s in running if not s.aborted]
+        running = [s for s in running if not s.aborted and not s.output.finished]
         batch = [(s, s.next_chunk(1)) for s in running if s.prefilled]
         budget = self.max_batch_tokens - len(batch)
         for seq in running:

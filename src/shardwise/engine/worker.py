@@ -7,9 +7,10 @@ worker turns logits into token ids, so logits never leave it.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 import torch
@@ -17,9 +18,17 @@ import torch
 from shardwise.engine.sampling import SamplingParams, SequenceSampler, TokenLogprobs, sample_batch, token_logprobs
 from shardwise.engine.shard import ShardModel
 
-# What the last worker returns for a step: one token id per sequence (None where it did not
-# sample), and log-probabilities by row for the sequences that asked for them.
-Sampled = tuple[list[int | None], dict[int, TokenLogprobs]]
+log = logging.getLogger("shardwise.engine")
+
+
+class Sampled(NamedTuple):
+    """What the last worker returns for a step: one token id per sequence (None where it did not
+    sample), log-probabilities by row for the sequences that asked for them, and by row the
+    error of any sequence whose sampling failed (that sequence alone fails; the others go on)."""
+
+    tokens: list[int | None]
+    logprobs: dict[int, TokenLogprobs]
+    errors: dict[int, str]
 
 
 class Worker:
@@ -37,6 +46,11 @@ class Worker:
     def free(self, seq_id: int) -> None:
         self.shard.free(seq_id)
         self.samplers.pop(seq_id, None)
+
+    def rewind(self, seq_id: int, length: int) -> None:
+        """Keep only the first `length` positions of a sequence's KV (after a step that failed)."""
+        if seq_id in self.shard.kv:
+            self.shard.kv.rewind(seq_id, length)
 
     def reset(self) -> None:
         """Drop every sequence (a pipeline rebuilding its KV after a lost stage)."""
@@ -66,17 +80,26 @@ class Worker:
             return out
         for seq_id, chunk in zip(seq_ids, chunks, strict=True):
             self.samplers[seq_id].observe(chunk)
-        rows = [i for i, wanted in enumerate(sample) if wanted]
         tokens: list[int | None] = [None] * len(seq_ids)
+        rows = [i for i, wanted in enumerate(sample) if wanted]
+        if not rows:
+            return Sampled(tokens, {}, {})
+        logits = out if len(rows) == len(out) else out[rows]  # no copy if all
+        samplers = [self.samplers[seq_ids[i]] for i in rows]
+        picked = sample_batch(logits, samplers)
         logprobs: dict[int, TokenLogprobs] = {}
-        if rows:
-            samplers = [self.samplers[seq_ids[i]] for i in rows]
-            picked = sample_batch(out if len(rows) == len(out) else out[rows], samplers)  # no copy if all
-            for i, token, sampler in zip(rows, picked, samplers, strict=True):
-                tokens[i] = token
+        errors: dict[int, str] = {}
+        for i, token, sampler, row in zip(rows, picked, samplers, logits, strict=True):
+            try:
+                if isinstance(token, Exception):
+                    raise token
                 if sampler.params.logprobs is not None:
-                    logprobs[i] = token_logprobs(out[i], token, sampler.params.logprobs)
-        return tokens, logprobs
+                    logprobs[i] = token_logprobs(row, token, sampler.params.logprobs)
+                tokens[i] = token
+            except Exception as e:  # this request's alone: its neighbours keep their tokens
+                log.warning("sampling failed for sequence %d: %s", seq_ids[i], e)
+                errors[i] = f"sampling failed for this request ({type(e).__name__}: {e})"
+        return Sampled(tokens, logprobs, errors)
 
     def stats(self) -> dict[str, Any]:
         """What this worker holds and how busy it is: layers, memory, KV and step times."""

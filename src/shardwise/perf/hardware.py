@@ -176,10 +176,11 @@ def profile_link(a: str, b: str) -> LinkSpec | None:
     return None
 
 
-def load_device(name: str) -> DeviceSpec:
-    """A catalog name (e.g. h100), or a profile file (FILE or FILE#DEVICE when it holds several)."""
+def load_device(name: str, files: bool = True) -> DeviceSpec:
+    """A catalog name (e.g. h100), or a profile file (FILE or FILE#DEVICE when it holds several).
+    files=False: catalog names only (a name from a remote user must never open a file here)."""
     path, _, which = name.partition("#")
-    if Path(path).is_file():
+    if files and Path(path).is_file():
         devices = load_profile(path)["devices"]
         chosen = [d for d in devices if not which or d.name == which]
         if len(chosen) != 1:
@@ -190,9 +191,8 @@ def load_device(name: str) -> DeviceSpec:
         return chosen[0]
     devices = catalog_devices()
     if catalog_key(name) not in devices:
-        raise ShardwiseError(
-            f"unknown device '{name}': use a profile file from `shardwise profile` or one of {', '.join(devices)}"
-        )
+        files_too = "a profile file from `shardwise profile` or " if files else ""
+        raise ShardwiseError(f"unknown device '{name}': use {files_too}one of {', '.join(devices)}")
     return devices[catalog_key(name)]
 
 

@@ -33,19 +33,22 @@ class EstimateQuery(BaseModel):
     gamma: int = 4
     accept: float = 0.7
 
-    def run(self) -> tuple[Estimate, DeviceSpec]:
+    def run(self, files: bool = True) -> tuple[Estimate, DeviceSpec]:
         """The estimate, and the first stage's device (its roofline); a ShardwiseError naming
-        the fix if the inputs are wrong or the model does not fit."""
+        the fix if the inputs are wrong or the model does not fit. files=False: devices are
+        catalog names only (the query came from a remote user)."""
         from shardwise.model.catalog import load_spec
 
         spec = load_spec(self.model)
         if self.pp_devices:
-            devices = [load_device(n) for n in self.pp_devices]
-            links = [load_link(self.link) if self.link else profile_link(a, b) or load_link(DEFAULT_PIPELINE_LINK)
-                     for a, b in zip(self.pp_devices, self.pp_devices[1:], strict=False)]
+            devices = [load_device(n, files) for n in self.pp_devices]
+            pairs = zip(self.pp_devices, self.pp_devices[1:], strict=False)
+            measured = [profile_link(a, b) if files else None for a, b in pairs]
+            links = [load_link(self.link) if self.link else m or load_link(DEFAULT_PIPELINE_LINK) for m in measured]
             deployment = Deployment.pipeline(spec, devices, links)
         elif self.device:
-            deployment = Deployment.single(spec, load_device(self.device), self.tp, self.ep, load_link(self.tp_link))
+            deployment = Deployment.single(spec, load_device(self.device, files), self.tp, self.ep,
+                                           load_link(self.tp_link))
         else:
             raise ShardwiseError("give --device (one device) or --pp-devices (a pipeline), e.g. --device h100")
         first = deployment.stages[0].device

@@ -90,7 +90,9 @@ class Cluster:
         return cls.from_dict(data, base=Path(path).parent)
 
     @classmethod
-    def from_dict(cls, data: Any, base: Path = Path(".")) -> Cluster:
+    def from_dict(cls, data: Any, base: Path | None = Path(".")) -> Cluster:
+        """base: where "profile" paths are relative to; None takes catalog devices only (a cluster
+        that a remote user sent must never open files here)."""
         if not isinstance(data, dict) or not isinstance(data.get("devices"), list) or not data["devices"]:
             raise ShardwiseError('a cluster file needs a non-empty "devices" list')
         devices = []
@@ -101,7 +103,10 @@ class Cluster:
             unknown = set(d) - {"name", "type", "profile", "memory_gb", "node", "device", "count"}
             if unknown:
                 raise ShardwiseError(f"cluster device '{d['name']}' has unknown fields {sorted(unknown)}")
-            spec = load_device(d["type"]) if "type" in d else load_device(str(base / d["profile"]))
+            if "profile" in d and base is None:
+                raise ShardwiseError(f'cluster device \'{d["name"]}\' names a "profile" file: here only catalog '
+                                     'devices ("type") are taken; use `shardwise plan` for profile files')
+            spec = load_device(str(d["type"]), files=False) if "type" in d else load_device(str(base / d["profile"]))
             memory = float(d.get("memory_gb", spec.memory_bytes / 1e9)) * 1e9
             torch_device = d.get("device", "cuda" if spec.kind == "gpu" else "cpu")
             count = int(d.get("count", 1))

@@ -2,7 +2,9 @@
 server-sent events), models, health and Prometheus metrics.
 
 Every mistake a client can make gets a 4xx with OpenAI's error body
-({"error": {"message", "type", "param", "code"}}) and the server keeps serving.
+({"error": {"message", "type", "param", "code"}}) and the server keeps serving. The work
+one request may ask for is bounded (ServerLimits), and tokenising and chat templates run
+off the event loop, so no request holds up another's stream.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from functools import lru_cache
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from shardwise.collab.host import DEFAULT_TTL_S, CollabHost
@@ -28,9 +32,11 @@ from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.engine.scheduler import Sequence
 from shardwise.errors import ShardwiseError
 from shardwise.serve.collab_api import add_collab_routes, expire_sessions
-from shardwise.serve.dashboard_api import add_dashboard_routes
-from shardwise.serve.engine import AsyncEngine, EngineError, Event
+from shardwise.perf.query import EstimateQuery
+from shardwise.serve.dashboard_api import PlanQuery, add_dashboard_routes
+from shardwise.serve.engine import AsyncEngine, EngineError, Event, Overloaded, RequestFailed
 from shardwise.serve.http import ApiError, invalid, read_bytes
+from shardwise.serve.limits import ServerLimits
 from shardwise.serve.metrics import Metrics
 from shardwise.serve.protocol import (
     ChatCompletionRequest,
@@ -39,16 +45,14 @@ from shardwise.serve.protocol import (
     GenerationRequest,
 )
 
-MAX_BODY_BYTES = 4 << 20  # a request body larger than this is refused
-DEFAULT_MAX_TOKENS = 1024  # chat requests without max_tokens: up to this, or to the end of the context
 
-
-def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-               max_body_bytes: int = MAX_BODY_BYTES, collab_ttl_s: float = DEFAULT_TTL_S) -> FastAPI:
+def create_app(llm: LLM, *, api_key: str | None = None, limits: ServerLimits | None = None,
+               collab_ttl_s: float = DEFAULT_TTL_S) -> FastAPI:
     """An app serving `llm`; its engine (app.state.engine) must be run by the caller and is
     stopped when the app shuts down. With api_key, /v1 needs `Authorization: Bearer <api_key>`."""
+    limits = limits or ServerLimits()
     metrics = Metrics(llm.name)
-    engine = AsyncEngine(llm, metrics)
+    engine = AsyncEngine(llm, metrics, limits.max_waiting, limits.max_queue_time_s)
     collab = CollabHost(llm, metrics, collab_ttl_s)
     spec, tokenizer = llm.spec, llm.tokenizer
     token_text = _token_text(tokenizer)  # one cache for the server's lifetime
@@ -70,7 +74,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
 
     @app.exception_handler(EngineError)
     async def engine_error(_: Request, e: EngineError) -> JSONResponse:
-        return ApiError(503, str(e), kind="server_error").response()
+        return engine_api_error(e).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:
@@ -80,17 +84,18 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
     async def unexpected(_: Request, e: Exception) -> JSONResponse:
         return ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").response()
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
+    def authorized(request: Request) -> bool:
         given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        return api_key is None or hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+
+    def authorize(request: Request) -> None:
+        if not authorized(request):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
     async def read_body(request: Request, model: type[GenerationRequest | CollabSessionRequest]) -> Any:
         try:
-            parsed = model.model_validate_json(await read_bytes(request, max_body_bytes))
+            parsed = model.model_validate_json(await read_bytes(request, limits.max_body_bytes))
         except ValidationError as e:
             raise invalid(e) from None
         if parsed.model != llm.name:
@@ -100,11 +105,16 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
 
     # --- endpoints --------------------------------------------------------------------------------
     @app.get("/health")
-    async def health() -> JSONResponse:
-        if engine.running:
-            return JSONResponse({"status": "ok", "stages": llm.stages(), "recoveries": llm.scheduler.recoveries,
-                                 "collab": collab.stats(), "api_key_required": api_key is not None})
-        return JSONResponse({"status": "error", "error": engine.failure}, status_code=503)
+    async def health(request: Request) -> JSONResponse:
+        """Whether the server is healthy; with the API key, also where its stages run."""
+        healthy = engine.running and not engine.draining
+        body: dict[str, Any] = {"status": "ok" if healthy else "error"}
+        if authorized(request):
+            body |= {"stages": llm.stages(), "recoveries": llm.scheduler.recoveries, "collab": collab.stats(),
+                     "api_key_required": api_key is not None}
+            if not healthy:
+                body["error"] = engine.failure or "the server is shutting down"
+        return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -119,8 +129,13 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request) -> Response:
         body: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
+        if len(body.messages) > limits.max_messages:  # refused before the template runs over them
+            raise ApiError(400, f"this chat has {len(body.messages)} messages, more than this server's limit of "
+                                f"{limits.max_messages}: shorten the conversation", param="messages",
+                           code="too_many_messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            prompt = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages])
+            prompt = await run_in_threadpool(tokenizer.apply_chat_template, messages)
         except ShardwiseError as e:
             raise ApiError(400, str(e), param="messages") from None
         return await generate(request, body, [prompt], chat=True)
@@ -131,31 +146,81 @@ def create_app(llm: LLM, *, api_key: str | None = None, default_max_tokens: int 
         prompts = body.prompts()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ApiError(400, "the prompt is empty: give at least one token of text", param="prompt")
+        check_sequences(len(prompts) * body.n, "prompt")
         try:
-            ids = [llm.prompt_ids(p) for p in prompts]
+            ids = await run_in_threadpool(lambda: [llm.prompt_ids(p) for p in prompts])
         except ShardwiseError as e:
             raise ApiError(400, str(e), param="prompt") from None
         return await generate(request, body, ids, chat=False)
 
+    # --- limits ---------------------------------------------------------------------------------
+    def check_sequences(count: int, where: str) -> None:
+        if count > limits.max_request_sequences:
+            raise ApiError(400, f"this request asks for {count} sequences (prompts x n), more than this server's "
+                                f"limit of {limits.max_request_sequences}: split it into several requests",
+                           param=where, code="too_many_sequences")
+
+    def too_many_tokens(tokens: int, where: str) -> ApiError:
+        return ApiError(400, f"this request needs {tokens} tokens (prompts and max_tokens over all its choices), "
+                             f"more than this server's limit of {limits.max_request_tokens}: lower n or max_tokens, "
+                             "shorten the prompt, or split the request", param=where, code="request_too_large")
+
     # --- generation -------------------------------------------------------------------------------
     async def generate(request: Request, body: GenerationRequest, prompts: list[list[int]], chat: bool) -> Response:
+        where = "messages" if chat else "prompt"
+        check_sequences(len(prompts) * body.n, where)
+        choices = _choices(body, prompts, spec.context_length, limits.default_max_tokens, chat)
+        tokens = sum(len(ids) + params.max_tokens for ids, params in choices)
+        if tokens > limits.max_request_tokens:
+            raise too_many_tokens(tokens, where)
         try:
-            seqs = [llm.new_sequence(ids, params)
-                    for ids, params in _choices(body, prompts, spec.context_length, default_max_tokens, chat)]
+            seqs = [llm.new_sequence(ids, params) for ids, params in choices]
         except ShardwiseError as e:
             raise ApiError(400, str(e), param="max_tokens") from None
         reply = _Reply(body, prompts, seqs, chat, token_text)
-        if body.stream:
-            return StreamingResponse(_sse(reply, engine.stream(seqs)), media_type="text/event-stream")
-        try:
-            await _until_disconnect(request, _consume(engine.stream(seqs)))
-        except EngineError as e:
-            raise ApiError(503, str(e), kind="server_error") from None
+        events = engine.stream(seqs)
+        if body.stream:  # the first event is awaited here, so a request refused before it runs gets a status
+            first = await _until_disconnect(request, anext(events))
+            return StreamingResponse(_sse(reply, _prepend(first, events)), media_type="text/event-stream")
+        await _until_disconnect(request, _consume(events))
         return JSONResponse(reply.whole())
 
     add_collab_routes(app, engine, collab, authorize, lambda request: read_body(request, CollabSessionRequest))
     add_dashboard_routes(app, llm, engine, metrics, authorize)
+    declare_bodies(app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+                         "/v1/collab/sessions": CollabSessionRequest, "/v1/dashboard/estimate": EstimateQuery,
+                         "/v1/dashboard/plan": PlanQuery})
     return app
+
+
+def engine_api_error(e: EngineError) -> ApiError:
+    """The status a client sees for an engine error: 503 with Retry-After when not taken now,
+    500 when this request alone failed, 503 when the engine failed under it."""
+    if isinstance(e, Overloaded):
+        return ApiError(503, str(e), kind="server_error", code="server_overloaded", retry_after_s=e.retry_after_s)
+    if isinstance(e, RequestFailed):
+        return ApiError(500, str(e), kind="server_error", code="request_failed")
+    return ApiError(503, str(e), kind="server_error")
+
+
+def declare_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> None:
+    """Declare the JSON bodies that the endpoints read themselves (to bound their size and answer in
+    OpenAI's error format) in /openapi.json, so clients and API fuzzers see the schemas."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for path, model in bodies.items():
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+                schema["paths"][path]["post"]["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _choices(body: GenerationRequest, prompts: list[list[int]], context: int, default_max_tokens: int,
@@ -258,9 +323,18 @@ async def _sse(reply: _Reply, events: AsyncIterator[Event]) -> AsyncIterator[str
             yield data(reply.envelope([], ".chunk" if reply.chat else "") | {"usage": reply.usage()})
         yield "data: [DONE]\n\n"
     except EngineError as e:
-        yield data(ApiError(503, str(e), kind="server_error").body())
+        yield data(engine_api_error(e).body())
     finally:
         await events.aclose()  # a client that left aborts its sequences here
+
+
+async def _prepend(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    yield first
+    try:
+        async for event in rest:
+            yield event
+    finally:
+        await rest.aclose()
 
 
 async def _consume(events: AsyncIterator[Event]) -> None:

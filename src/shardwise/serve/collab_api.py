@@ -11,7 +11,7 @@ import asyncio
 from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 
-from shardwise.collab.host import CollabHost, SessionGone
+from shardwise.collab.host import CollabHost, ServerBusy, SessionGone
 from shardwise.collab.wire import MAX_HIDDEN_BYTES, MEDIA_TYPE, WireError, metadata
 from shardwise.errors import ShardwiseError
 from shardwise.serve.engine import AsyncEngine, EngineError
@@ -37,6 +37,8 @@ def add_collab_routes(app: FastAPI, engine: AsyncEngine, host: CollabHost, autho
             return await engine.call(lambda: host.run(session_id, segment, body))
         except SessionGone as e:
             raise ApiError(404, str(e), code="session_not_found") from None
+        except ServerBusy as e:
+            raise ApiError(503, str(e), kind="server_error", code="server_busy", retry_after_s=1) from None
         except EngineError as e:  # on the stream too, not only as the app's 503
             raise ApiError(503, str(e), kind="server_error") from None
         except ShardwiseError as e:  # a malformed message, or a step the model refuses
@@ -58,10 +60,16 @@ def add_collab_routes(app: FastAPI, engine: AsyncEngine, host: CollabHost, autho
         await websocket.accept()
         try:
             while True:
-                body = await websocket.receive_bytes()
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
                 try:
+                    body = message.get("bytes")
+                    if body is None:
+                        raise ApiError(400, "each stream message is a binary safetensors message, not text",
+                                       code="invalid_tensor")
                     await websocket.send_bytes(await run(session_id, segment_of(body), body))
-                except ApiError as e:
+                except ApiError as e:  # answered in band: the stream stays open
                     await websocket.send_json(e.body())
         except WebSocketDisconnect:
             pass

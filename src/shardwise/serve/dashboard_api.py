@@ -56,10 +56,9 @@ class PlanQuery(BaseModel):
             data = yaml.safe_load(self.cluster) if isinstance(self.cluster, str) else self.cluster
         except yaml.YAMLError as e:
             raise ShardwiseError(f"the cluster is not valid YAML ({e})") from None
-        if isinstance(data, dict) and any(isinstance(d, dict) and "profile" in d for d in data.get("devices") or []):
-            raise ShardwiseError('the dashboard plans over catalog devices ("type"); use `shardwise plan` for '
-                                 '"profile" files')
-        _, summary = plan_cluster(load_spec(self.model), Cluster.from_dict(data), self.objective, batch=self.batch,
+        # base=None: catalog devices only, never a file named by the form
+        cluster = Cluster.from_dict(data, base=None)
+        _, summary = plan_cluster(load_spec(self.model), cluster, self.objective, batch=self.batch,
                                   context=self.context, quant=self.quant, kv_tokens=self.kv_tokens)
         return summary
 
@@ -101,31 +100,26 @@ def add_dashboard_routes(app: FastAPI, llm: LLM, engine: AsyncEngine, metrics: M
         from shardwise.perf.query import EstimateQuery
 
         query = await _form(request, EstimateQuery)
-        _catalog_only([query.model, query.draft], [query.device, *(query.pp_devices or [])])
-        est, device = await _answer(query.run)
+        _catalog_models([query.model, query.draft])
+        est, device = await _answer(lambda: query.run(files=False))
         return {"estimate": est.to_dict(), "roofline": roofline(est, device)}
 
     @app.post("/v1/dashboard/plan", dependencies=[Depends(authorize)])
     async def plan(request: Request) -> dict[str, Any]:
         query = await _form(request, PlanQuery)
-        _catalog_only([query.model], [])
+        _catalog_models([query.model])
         return await _answer(query.run)
 
 
-def _catalog_only(models: list[str | None], devices: list[str | None]) -> None:
-    """The forms name catalog entries only: a path would let an API user read files on the server."""
+def _catalog_models(models: list[str | None]) -> None:
+    """The forms name catalog models only: a path would let an API user read files on the server
+    (devices are held to the catalog where they are loaded)."""
     from shardwise.model.catalog import catalog
-    from shardwise.perf.hardware import catalog_devices, catalog_key
 
     for name in filter(None, models):
         if name.lower() not in catalog():
             raise ApiError(400, f"unknown model '{name}': the dashboard estimates catalog models "
                                 f"({', '.join(catalog())}); use `shardwise estimate` for files", param="model")
-    for name in filter(None, devices):
-        if catalog_key(name) not in catalog_devices():
-            raise ApiError(400, f"unknown device '{name}': the dashboard knows the catalog's devices "
-                                f"({', '.join(catalog_devices())}); use `shardwise estimate` for profile files",
-                           param="device")
 
 
 async def _form(request: Request, model: type[BaseModel]) -> Any:

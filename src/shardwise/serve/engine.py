@@ -9,6 +9,10 @@ its asyncio queue.
 The engine should run on the thread that loaded the model (`run()`; shardwise serve
 puts it on the main thread and the event loop on another): once one thread has used
 torch's OpenMP pool, steps on a second thread ran 40 % slower here.
+
+It protects the requests it accepted: a sequence that fails fails its own request only; the
+queue is bounded in length (refused at once) and in time (refused once waited too long), both
+with a Retry-After; and drain() stops taking requests and lets the running ones finish.
 """
 
 from __future__ import annotations
@@ -32,6 +36,19 @@ class EngineError(RuntimeError):
     """The engine failed while running a request (not the request's fault)."""
 
 
+class RequestFailed(EngineError):
+    """This request alone failed in the engine; every other request carries on."""
+
+
+class Overloaded(EngineError):
+    """Not taken now (the queue is full, waited too long, or the server is shutting down):
+    nothing of it ran, and trying again after retry_after_s may succeed."""
+
+    def __init__(self, message: str, retry_after_s: float, reason: str):
+        super().__init__(message)
+        self.retry_after_s, self.reason = retry_after_s, reason
+
+
 @dataclass(frozen=True)
 class Event:
     index: int  # which of the request's sequences
@@ -43,12 +60,16 @@ class Event:
 
 
 class AsyncEngine:
-    def __init__(self, llm: LLM, metrics: Metrics):
+    def __init__(self, llm: LLM, metrics: Metrics, max_waiting: int, max_queue_time_s: float):
         self.llm, self.scheduler, self.metrics = llm, llm.scheduler, metrics
+        self.max_waiting, self.max_queue_time_s = max_waiting, max_queue_time_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
         self._last_token: dict[int, float] = {}
-        self.failure: str | None = None  # set if the engine loop itself died
+        self._queued: dict[int, float] = {}  # (event loop side) sequences accepted and not started: arrival
+        self.draining = False  # shutting down: no new requests
+        self._drain_deadline: float | None = None
+        self.failure: str | None = None  # set if the engine loop itself died, or stopped
         self._counted = {"stage_failures": 0, "recoveries": 0, "replayed_tokens": 0}  # reported to metrics
         self.running = False
         self.step_s = 0.0  # the last step's duration: what new work waits for while the engine is busy
@@ -66,12 +87,35 @@ class AsyncEngine:
         """Ask run() to return after the current step."""
         self._inbox.put(("stop", None))
 
+    def drain(self, timeout_s: float) -> None:
+        """Take no new requests, and have run() return once the running ones finish, or after
+        timeout_s (the unfinished then end with an error). Safe in a signal handler."""
+        self.draining = True
+        self._inbox.put(("drain", time.monotonic() + timeout_s))
+
+    def admit(self, sequences: int) -> None:
+        """Overloaded, unless `sequences` more may queue now (on the event loop, before any work)."""
+        if self.draining:
+            self.metrics.rejected("shutting_down")
+            raise Overloaded("the server is shutting down: send the request to another replica or retry later",
+                             5.0, "shutting_down")
+        if self._queued and len(self._queued) + sequences > self.max_waiting:  # alone, any request may wait
+            self.metrics.rejected("queue_full")
+            raise Overloaded(f"the server is overloaded: {len(self._queued)} sequences are waiting (at most "
+                             f"{self.max_waiting}): retry later", max(1.0, self.oldest_wait_s()), "queue_full")
+
+    def oldest_wait_s(self) -> float:
+        """How long the longest-waiting accepted sequence has waited for a slot."""
+        return time.perf_counter() - min(self._queued.values()) if self._queued else 0.0
+
     async def stream(self, seqs: list[Sequence]) -> AsyncIterator[Event]:
         """Run the sequences; yield an Event per new token of any of them until all finish.
         Leaving early (the client went away) aborts the unfinished ones and frees their KV."""
+        self.admit(len(seqs))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         for i, seq in enumerate(seqs):
             self._listeners[seq.id] = (loop, events, i)
+            self._queued[seq.id] = seq.output.arrival_time
         self._inbox.put(("add", seqs))
         pending = len(seqs)
         try:
@@ -79,9 +123,12 @@ class AsyncEngine:
                 event = await events.get()
                 if isinstance(event, Exception):
                     raise event
+                self._queued.pop(event.seq.id, None)
                 pending -= event.finished
                 yield event
         finally:
+            for seq in seqs:
+                self._queued.pop(seq.id, None)
             if pending:
                 self._inbox.put(("abort", seqs))
 
@@ -91,19 +138,22 @@ class AsyncEngine:
         self.running = True
         try:
             while True:
-                if not self._drain(block=not self.scheduler.has_work):
+                if self._drained():
                     return
+                if not self._take_inbox(block=not self.scheduler.has_work):
+                    return
+                deliveries: dict[asyncio.AbstractEventLoop, list] = {}
+                self._expire_waiting(deliveries)
                 try:
                     started = time.perf_counter()
                     events = self.scheduler.step()
                     self.step_s = time.perf_counter() - started
-                except Exception as e:  # a stage failed: fail its requests, keep serving the rest
+                except Exception as e:  # nothing could replace a lost stage: fail what runs, keep serving
                     log.exception("engine step failed")
                     self.scheduler.note("error", f"a step failed, its requests with it: {e}")
                     self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
                     self._update_gauges()
                     continue
-                deliveries: dict[asyncio.AbstractEventLoop, list] = {}
                 for seq, piece in events:
                     self._on_token(seq, piece, deliveries)
                 for loop, batch in deliveries.items():  # one wake-up of each event loop per step
@@ -115,20 +165,41 @@ class AsyncEngine:
             raise
         finally:
             self.running = False
+            self.failure = self.failure or "the server is shutting down"
+            self._refuse_calls()
 
-    def _drain(self, block: bool) -> bool:
-        """Apply queued adds, aborts and calls; False once asked to stop."""
+    def _drained(self) -> bool:
+        """While draining: True once nothing runs, or the drain timeout passed (what still runs
+        then ends with an error event; nothing is cut without one)."""
+        if self._drain_deadline is None:
+            return False
+        if self.scheduler.has_work and time.monotonic() < self._drain_deadline:
+            return False
+        if self.scheduler.has_work:
+            self._fail_all(EngineError("the server shut down before this request finished (drain timeout)"))
+        return True
+
+    def _take_inbox(self, block: bool) -> bool:
+        """Apply queued adds, aborts and calls; False once asked to stop. At most one call (a
+        collaborative segment, a dashboard read) runs while requests wait for a step, so calls
+        interleave with the server's own steps."""
         while True:
             try:
-                command, payload = self._inbox.get(block=block)
+                command, payload = self._inbox.get(block=block, timeout=1.0 if block and self.draining else None)
             except queue.Empty:
                 return True
             block = False
             if command == "stop":
                 self.scheduler.release_all()
                 return False
+            if command == "drain":
+                self._drain_deadline = payload
+                return True
             if command == "call":
                 _call(*payload)
+                self._update_gauges()  # a collaborative segment may have changed the KV in use
+                if self.scheduler.has_work:
+                    return True
                 continue
             for seq in payload:
                 if command == "add":
@@ -140,6 +211,9 @@ class AsyncEngine:
 
     def _on_token(self, seq: Sequence, piece: str, deliveries: dict) -> None:
         out, now, m = seq.output, time.perf_counter(), self.metrics
+        if out.error is not None:  # this sequence failed: its request alone hears of it
+            self._send(seq, RequestFailed(out.error), deliveries)
+            return
         m.generation_tokens.inc()
         if len(out.token_ids) == 1:
             m.ttft.observe(out.first_token_time - out.arrival_time)
@@ -162,6 +236,31 @@ class AsyncEngine:
         self._listeners.pop(seq.id, None)
         self._last_token.pop(seq.id, None)
 
+    def _expire_waiting(self, deliveries: dict) -> None:
+        """Refuse the sequences that waited longer than max_queue_time_s for a slot."""
+        for seq in self.scheduler.expire_waiting(self.max_queue_time_s):
+            self.metrics.rejected("queue_timeout")
+            error = Overloaded(f"the server is overloaded: this request waited {self.max_queue_time_s:.0f} s "
+                               "without starting: retry later", self.max_queue_time_s / 4, "queue_timeout")
+            self._send(seq, error, deliveries)
+
+    def _send(self, seq: Sequence, error: Exception, deliveries: dict) -> None:
+        listener = self._listeners.get(seq.id)
+        if listener:
+            loop, events, _ = listener
+            deliveries.setdefault(loop, []).append((events, error))
+        self._done(seq)
+
+    def _refuse_calls(self) -> None:
+        """Calls still queued when the loop ends would wait for ever: fail them."""
+        while True:
+            try:
+                command, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command == "call":
+                _settle(payload[1], error=EngineError(f"the engine stopped: {self.failure}"))
+
     def _fail_all(self, error: Exception) -> None:
         for seq_id, (loop, events, _) in list(self._listeners.items()):
             loop.call_soon_threadsafe(events.put_nowait, error)
@@ -175,6 +274,7 @@ class AsyncEngine:
         s, m = self.scheduler, self.metrics
         m.running.set(s.num_running)
         m.waiting.set(len(s.waiting))
+        m.queue_age.set(time.perf_counter() - s.waiting[0].output.arrival_time if s.waiting else 0.0)
         m.kv_usage.set(s.kv_reserved / s.kv_capacity)
         # the scheduler counts lost stages and replays; the counters follow it
         for name, counter in (("stage_failures", m.stage_failures), ("recoveries", m.recoveries),
@@ -189,12 +289,15 @@ class AsyncEngine:
 
 def _call(fn, future: asyncio.Future) -> None:
     try:
-        result, error = fn(), None
+        _settle(future, result=fn())
     except Exception as e:  # the caller's to handle
-        result, error = None, e
-    loop = future.get_loop()
-    loop.call_soon_threadsafe(lambda: future.cancelled() or (future.set_exception(error) if error
-                                                              else future.set_result(result)))
+        _settle(future, error=e)
+
+
+def _settle(future: asyncio.Future, result=None, error: Exception | None = None) -> None:
+    """Complete an event loop's future from the engine thread."""
+    future.get_loop().call_soon_threadsafe(
+        lambda: future.cancelled() or (future.set_exception(error) if error else future.set_result(result)))
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, Event]]) -> None:

@@ -33,6 +33,11 @@ class Metrics:
                         buckets=E2E_BUCKETS).labels(**labels)
         self.running = make(Gauge, "num_requests_running", "Sequences in the running batch.").labels(**labels)
         self.waiting = make(Gauge, "num_requests_waiting", "Sequences queued for admission.").labels(**labels)
+        self.queue_age = make(Gauge, "queue_oldest_wait_seconds",
+                              "How long the oldest queued sequence has waited for admission.").labels(**labels)
+        self._rejected = make(Counter, "requests_rejected",
+                              "Requests refused before any work, by reason (queue_full, queue_timeout, "
+                              "shutting_down): each got a 503 with Retry-After.", extra_labels=["reason"])
         self.kv_usage = make(Gauge, "kv_cache_usage_perc",
                              "Fraction of the KV cache reserved by running sequences (1 = full).").labels(**labels)
         self.prompt_tokens = make(Counter, "prompt_tokens", "Prompt tokens prefilled.").labels(**labels)
@@ -53,6 +58,9 @@ class Metrics:
                                    "Server compute spent on collaborative segments.").labels(**labels)
         self._model = model
         self._history: deque[tuple[float, dict]] = deque()  # (time, histogram buckets) of past snapshots
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(model_name=self._model, reason=reason).inc()
 
     def finished(self, reason: str) -> None:
         self._success.labels(model_name=self._model, finished_reason=reason).inc()

@@ -18,15 +18,19 @@ from shardwise.collab.wire import MAX_HIDDEN_BYTES
 from shardwise.engine.llm import LLM
 from shardwise.errors import ShardwiseError
 from shardwise.serve.api import create_app
+from shardwise.serve.limits import ServerLimits
 
 
 def serve(llm: LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          on_ready=None, **options) -> None:
-    """Serve until interrupted (Ctrl-C or SIGTERM); closes llm on the way out. options: create_app's."""
-    app = create_app(llm, api_key=api_key, **options)
+          limits: ServerLimits | None = None, on_ready=None, **options) -> None:
+    """Serve until interrupted; closes llm on the way out. SIGTERM drains: new requests are refused,
+    running ones may finish for limits.drain_timeout_s, then each still open ends with an error
+    event. options: create_app's."""
+    limits = limits or ServerLimits()
+    app = create_app(llm, api_key=api_key, limits=limits, **options)
     engine = app.state.engine
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           ws_max_size=MAX_HIDDEN_BYTES))
+                                           ws_max_size=MAX_HIDDEN_BYTES, timeout_graceful_shutdown=5))
     http = threading.Thread(target=server.run, name="shardwise-http", daemon=True)
     try:
         http.start()
@@ -36,8 +40,8 @@ def serve(llm: LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str |
             time.sleep(0.05)
         if on_ready:
             on_ready()
-        signal.signal(signal.SIGTERM, lambda *_: engine.stop())
-        engine.run()  # returns on SIGTERM or when the app shuts down
+        signal.signal(signal.SIGTERM, lambda *_: engine.drain(limits.drain_timeout_s))
+        engine.run()  # returns once drained after SIGTERM, or when the app shuts down
     except KeyboardInterrupt:
         pass
     finally:
