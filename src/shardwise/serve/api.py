@@ -31,8 +31,8 @@ from shardwise.engine.llm import LLM
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.engine.scheduler import Sequence
 from shardwise.errors import ShardwiseError
-from shardwise.serve.collab_api import add_collab_routes, expire_sessions
 from shardwise.perf.query import EstimateQuery
+from shardwise.serve.collab_api import add_collab_routes, expire_sessions
 from shardwise.serve.dashboard_api import PlanQuery, add_dashboard_routes
 from shardwise.serve.engine import AsyncEngine, EngineError, Event, Overloaded, RequestFailed
 from shardwise.serve.http import ApiError, invalid, read_bytes

@@ -166,7 +166,7 @@ class AsyncEngine:
         finally:
             self.running = False
             self.failure = self.failure or "the server is shutting down"
-            self._refuse_calls()
+            self._refuse_pending()
 
     def _drained(self) -> bool:
         """While draining: True once nothing runs, or the drain timeout passed (what still runs
@@ -251,15 +251,17 @@ class AsyncEngine:
             deliveries.setdefault(loop, []).append((events, error))
         self._done(seq)
 
-    def _refuse_calls(self) -> None:
-        """Calls still queued when the loop ends would wait for ever: fail them."""
+    def _refuse_pending(self) -> None:
+        """Requests and calls still queued when the loop ends would wait for ever: fail them."""
+        error = EngineError(f"the engine stopped: {self.failure}")
         while True:
             try:
                 command, payload = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if command == "call":
-                _settle(payload[1], error=EngineError(f"the engine stopped: {self.failure}"))
+                _settle(payload[1], error=error)
+        self._fail_all(error)
 
     def _fail_all(self, error: Exception) -> None:
         for seq_id, (loop, events, _) in list(self._listeners.items()):
