@@ -36,18 +36,19 @@ POLICIES = ["dp", "greedy", "server"]
 
 def client(url: str, policy: str, slowdown: float, sla: float, memory: float, tokens: int, costs: list[float]) -> None:
     """One client process: open a session under `policy`, generate, print what happened as JSON."""
-    from shardwise import SamplingParams
-    from shardwise.collab.client import CollaborativeClient
+    from shardwise import LLM, SamplingParams
+    from shardwise.collab.client import collaborative
 
-    with CollaborativeClient(url, sla=sla, memory_gb=memory, policy=policy, threads=1, slowdown=slowdown,
-                             profile=costs) as c:
+    executor = collaborative(url, sla=sla, memory_gb=memory, policy=policy, slowdown=slowdown, profile=costs)
+    with LLM(executor=executor, threads=1, max_num_seqs=8) as c:
         started = time.perf_counter()
         outs = [c.generate(p, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))[0]
                 for p in PROMPTS]
         elapsed = time.perf_counter() - started
         tpot = statistics.median(1 / o.decode_tokens_per_s for o in outs)
         print(json.dumps({"tokens": sum(len(o.token_ids) for o in outs), "seconds": elapsed, "tpot": tpot,
-                          "sla": sla, "segments": c.session["segments"], "note": c.session["note"]}))
+                          "sla": sla, "segments": c.executor.session["segments"],
+                          "note": c.executor.session["note"]}))
 
 
 def server_seconds(url: str) -> float:

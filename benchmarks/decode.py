@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from report import paired_medians, print_ratio_table
+from side_by_side import paired_medians, print_ratio_table
 
 TEXT = (Path(__file__).parent.parent / "tests" / "data" / "perplexity.txt").read_text()
 TARGETS = {"decode": 0.7, "prefill": 1.5, "aggregate 32": 3.0}  # the issue's, against llama.cpp

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from report import paired_medians, print_ratio_table
+from side_by_side import paired_medians, print_ratio_table
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import statistics
 import time
 
 import torch
-from report import print_ratio_table
+from side_by_side import print_ratio_table
 
 
 def decode_rate(llm, ids: list[list[int]], new: int) -> float:
@@ -41,7 +41,7 @@ def main() -> None:
     import ray
 
     from shardwise import LLM
-    from shardwise.cluster.plan import Plan
+    from shardwise.planner.plan import Plan
 
     cores = os.cpu_count() or 1
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)

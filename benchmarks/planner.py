@@ -16,11 +16,11 @@ import statistics
 import time
 
 import numpy as np
-from report import print_ratio_table
+from side_by_side import print_ratio_table
 
 from shardwise.model.catalog import load_spec
 from shardwise.planner import CostTable, solve
-from shardwise.planner.cluster import Cluster, plan_cluster
+from shardwise.planner.topology import Cluster, plan_cluster
 
 CLUSTERS = {
     "home lab (70B int4)": ("llama-3.1-70b", "int4", """

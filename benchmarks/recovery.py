@@ -28,8 +28,8 @@ import sys
 import time
 
 import httpx
-from report import print_ratio_table
 from server import start_server
+from side_by_side import print_ratio_table
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a land far away,",
            "1, 2, 3, 4,", "The three laws of motion are", "Dear diary, today", "import numpy as np\n",

@@ -21,11 +21,11 @@ import sys
 import time
 
 import torch
-from report import print_ratio_table
 from server import start_server
+from side_by_side import print_ratio_table
 
-from shardwise.bench.load import run_load
-from shardwise.bench.workload import BenchRequest, sharegpt_like
+from shardwise.loadtest.load import run_load
+from shardwise.loadtest.workload import BenchRequest, sharegpt_like
 
 
 def hf_batches(model, work: list[BenchRequest], batch: int) -> int:

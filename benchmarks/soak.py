@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 from server import start_server
 
-from shardwise.bench.workload import sharegpt_like
+from shardwise.loadtest.workload import sharegpt_like
 
 MODEL = "smollm2-135m"
 

@@ -14,7 +14,7 @@ import os
 import statistics
 import time
 
-from report import print_ratio_table
+from side_by_side import print_ratio_table
 
 
 def main() -> None:
@@ -26,10 +26,10 @@ def main() -> None:
     from ray.dag import InputNode
 
     from shardwise import SamplingParams
-    from shardwise.cluster.plan import Plan
     from shardwise.cluster.stage import StageActor
     from shardwise.model.registry import DEFAULT_MODEL, resolve
     from shardwise.model.weights import open_weights
+    from shardwise.planner.plan import Plan
 
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     path = resolve(DEFAULT_MODEL)

@@ -16,10 +16,11 @@ import yaml
 from ray.cluster_utils import Cluster
 
 from shardwise import LLM, SamplingParams
-from shardwise.cluster.plan import DEFAULT_KV_TOKENS, Plan, stage_bytes
 from shardwise.errors import ShardwiseError
 from shardwise.model.registry import DEFAULT_MODEL, resolve
 from shardwise.model.weights import open_weights
+from shardwise.perf.memory import stage_bytes
+from shardwise.planner.plan import DEFAULT_KV_TOKENS, Plan
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time", "1, 2, 3, 4,"]
 PARAMS = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),

@@ -1,4 +1,4 @@
-"""Collaborative inference: a real `shardwise serve` (one process) and CollaborativeClients in
+"""Collaborative inference: a real `shardwise serve` (one process) and collaborative clients in
 this process running some of the layers, with hidden states crossing real HTTP."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from shardwise.collab.client import CollaborativeClient
+from shardwise import LLM
+from shardwise.collab.client import collaborative
 from shardwise.collab.wire import MEDIA_TYPE, decode, encode
 from shardwise.engine.sampling import SamplingParams
 from shardwise.errors import ShardwiseError
@@ -33,12 +34,13 @@ def server(tmp_path_factory):
         yield url
 
 
-def client(url: str, **kwargs) -> CollaborativeClient:
-    return CollaborativeClient(url, api_key=KEY, threads=1, **kwargs)
+def client(url: str, **kwargs) -> LLM:
+    """The facade with a collaborative executor: some layers here, the rest on the server."""
+    return LLM(MODEL, executor=collaborative(url, api_key=KEY, **kwargs), threads=1, max_num_seqs=8)
 
 
-def client_layers(c: CollaborativeClient) -> int:
-    return sum(b - a for s in c.session["segments"] if s["side"] == "client" for a, b in [s["layers"]])
+def client_layers(c: LLM) -> int:
+    return sum(b - a for s in c.executor.session["segments"] if s["side"] == "client" for a, b in [s["layers"]])
 
 
 def layer_tokens(url: str) -> dict[tuple[str, int], float]:
@@ -54,8 +56,9 @@ def health(url: str) -> dict:
 def test_output_equals_server_only_and_the_offloaded_work_is_counted(server, llm):
     before = layer_tokens(server)
     with client(server, sla=0.5, memory_gb=0.5) as c:
-        sides = {s["side"] for s in c.session["segments"]}
-        assert sides == {"client", "server"}, c.session  # the memory cap leaves some layers to the server
+        session = c.executor.session
+        sides = {s["side"] for s in session["segments"]}
+        assert sides == {"client", "server"}, session  # the memory cap leaves some layers to the server
         got = c.generate(TEXT_PROMPTS[:3], GREEDY)
         for seq in c.executor.workers.values():  # only the client's own layers were loaded here
             assert len(seq.shard.blocks) < llm.spec.num_layers
@@ -63,7 +66,7 @@ def test_output_equals_server_only_and_the_offloaded_work_is_counted(server, llm
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
     after = layer_tokens(server)
     tokens = sum(len(o.prompt_token_ids) + len(o.token_ids) - 1 for o in got)  # the last token is never fed
-    for s in c.session["segments"]:
+    for s in session["segments"]:
         for layer in range(*s["layers"]):
             assert after.get((s["side"], layer), 0) - before.get((s["side"], layer), 0) == tokens
             other = "server" if s["side"] == "client" else "client"
@@ -73,16 +76,16 @@ def test_output_equals_server_only_and_the_offloaded_work_is_counted(server, llm
 def test_clients_of_different_speed_and_sla_get_different_splits(server):
     with client(server, sla=0.3, memory_gb=2) as fast, client(server, sla=0.15, memory_gb=2, slowdown=25) as slow:
         assert client_layers(fast) > client_layers(slow)
-        assert fast.session["predicted"]["server_work_s"] < slow.session["predicted"]["server_work_s"]
-        assert fast.session["note"] is None and fast.session["predicted"]["latency_s"] <= 0.3
+        assert fast.executor.session["predicted"]["server_work_s"] < slow.executor.session["predicted"]["server_work_s"]
+        assert fast.executor.session["note"] is None and fast.executor.session["predicted"]["latency_s"] <= 0.3
         # the slow one meets its SLA, or (on a loaded machine) runs all on the server, saying so
-        assert slow.session["predicted"]["latency_s"] <= 0.15 or "SLA" in slow.session["note"]
+        assert slow.executor.session["predicted"]["latency_s"] <= 0.15 or "SLA" in slow.executor.session["note"]
 
 
 def test_an_sla_that_cannot_be_met_falls_back_or_is_refused(server):
     with client(server, sla=1e-6) as c:
-        assert [s["side"] for s in c.session["segments"]] == ["server"]
-        assert "SLA" in c.session["note"]
+        assert [s["side"] for s in c.executor.session["segments"]] == ["server"]
+        assert "SLA" in c.executor.session["note"]
         assert c.generate("Hi", SamplingParams(max_tokens=4, temperature=0.0))[0].token_ids
     with pytest.raises(ShardwiseError, match="422.*SLA"):
         client(server, sla=1e-6, insist=True)
@@ -91,7 +94,7 @@ def test_an_sla_that_cannot_be_met_falls_back_or_is_refused(server):
 def test_idle_sessions_expire_and_free_their_kv_and_the_client_carries_on(server, llm):
     c = client(server, sla=0.5, memory_gb=0.5)
     c.generate("Once upon a time", SamplingParams(max_tokens=8, temperature=0.0))
-    first = c.session["session"]
+    first = c.executor.session["session"]
     assert health(server)["kv_blocks"] > 0  # the finished sequence is freed with the next step, or on expiry
     deadline = time.time() + TTL_S + 10
     while time.time() < deadline and (health(server)["sessions"] or health(server)["kv_blocks"]):
@@ -100,7 +103,7 @@ def test_idle_sessions_expire_and_free_their_kv_and_the_client_carries_on(server
     # the expired session is replaced by a new one and the request replayed into it: same output
     again = c.generate(TEXT_PROMPTS[1], GREEDY)[0]
     assert again.token_ids == llm.generate(TEXT_PROMPTS[1], GREEDY)[0].token_ids
-    assert c.scheduler.recoveries == 1 and c.session["session"] != first
+    assert c.scheduler.recoveries == 1 and c.executor.session["session"] != first
     c.close()
 
 

@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from shardwise import LLM, SamplingParams, ShardwiseError
-from shardwise.cluster.plan import Plan
+from shardwise.planner.plan import Plan
 from tests.conftest import TEXT_PROMPTS
 from tests.test_loading import cli
 

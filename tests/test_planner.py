@@ -190,7 +190,7 @@ links:
 def test_cluster_file_to_cost_table_charges_the_ends_where_they_run(tmp_path):
     from shardwise.model.catalog import load_spec
     from shardwise.perf.hardware import load_link
-    from shardwise.planner.cluster import Cluster, cost_table
+    from shardwise.planner.topology import Cluster, cost_table
 
     path = tmp_path / "cluster.yaml"
     path.write_text(CLUSTER)

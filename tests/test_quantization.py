@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from shardwise import LLM, SamplingParams, ShardModel, ShardwiseError, kernels
+from shardwise.engine.quality import agreement, perplexity
 from shardwise.model.layers import apply_rope, linear
 from shardwise.model.weights import open_weights
 from shardwise.perf.estimate import Stage, stage_memory
@@ -19,8 +20,7 @@ from shardwise.perf.hardware import load_device
 from shardwise.perf.operators import Precision, Work
 from shardwise.quant import quantize
 from shardwise.quant.gguf import from_gguf
-from shardwise.quant.quality import agreement, perplexity
-from shardwise.quant.weight import DIRECT_ROWS, KERNEL_ROWS
+from shardwise.quant.quantized import DIRECT_ROWS, KERNEL_ROWS
 from tests.conftest import TEXT_PROMPTS
 
 TEXT = Path(__file__).with_name("data") / "perplexity.txt"

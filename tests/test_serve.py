@@ -236,10 +236,10 @@ def test_serve_and_bench_cli_errors(server):
 
 def test_a_collaborative_client_of_a_pipeline_server(server, llm):
     """Behind Ray stages the server runs collaborative segments on a model copy of its own."""
-    from shardwise import SamplingParams
-    from shardwise.collab.client import CollaborativeClient
+    from shardwise import LLM, SamplingParams
+    from shardwise.collab.client import collaborative
 
     params = SamplingParams(max_tokens=12, temperature=0.0)
-    with CollaborativeClient(server, api_key=API_KEY, sla=0.5, memory_gb=0.5, threads=1) as c:
-        assert {s["side"] for s in c.session["segments"]} == {"client", "server"}
+    with LLM(executor=collaborative(server, api_key=API_KEY, sla=0.5, memory_gb=0.5), threads=1, max_num_seqs=8) as c:
+        assert {s["side"] for s in c.executor.session["segments"]} == {"client", "server"}
         assert c.generate(TEXT_PROMPTS[2], params)[0].token_ids == llm.generate(TEXT_PROMPTS[2], params)[0].token_ids

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from shardwise.cluster.plan import STAGE_TIMEOUT_S
+from shardwise.config import SERVING
 from shardwise.errors import ShardwiseError
 from shardwise.model.registry import DEFAULT_MODEL
 from shardwise.serve.limits import ServerLimits
@@ -58,19 +58,20 @@ def generate(
 ) -> None:
     """Generate a reply and stream it to the terminal."""
     try:
-        from shardwise.engine.llm import LLM
         from shardwise.engine.sampling import SamplingParams
+        from shardwise.llm import LLM
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if collab:
-            from shardwise.collab.client import CollaborativeClient
+            from shardwise.collab.client import collaborative
 
             if stages or plan or cluster or address:
                 raise ShardwiseError("--collab runs with a server: leave out --stages, --plan, --cluster, --address")
-            llm = CollaborativeClient(collab, model, sla=_seconds(sla), api_key=api_key, threads=threads)
-            split = ", ".join(f"{s['side']} {s['layers'][0]}-{s['layers'][1]}" for s in llm.session["segments"])
-            typer.secho(f"split: {split}" + (f" ({llm.session['note']})" if llm.session["note"] else ""), err=True,
-                        dim=True)
+            llm = LLM(model, executor=collaborative(collab, sla=_seconds(sla), api_key=api_key), threads=threads,
+                      max_num_seqs=8)
+            session = llm.executor.session
+            split = ", ".join(f"{s['side']} {s['layers'][0]}-{s['layers'][1]}" for s in session["segments"])
+            typer.secho(f"split: {split}" + (f" ({session['note']})" if session["note"] else ""), err=True, dim=True)
         else:
             llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
                       device=device, dtype=dtype, threads=threads)
@@ -106,15 +107,16 @@ def serve(
         help="Weights: float32, bfloat16 (float16 on GPUs), or int8 / int4 kept quantised (a GGUF's own "
              "blocks; fast on CPUs); default: float32 on CPUs.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
-    max_num_seqs: Annotated[int, typer.Option(help="Sequences in the running batch at most.")] = 32,
+    max_num_seqs: Annotated[int, typer.Option(help="Sequences in the running batch at most.")]
+    = SERVING.max_num_seqs,
     max_batch_tokens: Annotated[int, typer.Option(help="Tokens per step at most (decodes + prefill chunks).")]
-    = 256,
+    = SERVING.max_batch_tokens,
     kv_tokens: Annotated[int, typer.Option(help="KV cache, in tokens, that running requests may reserve.")]
-    = 32768,
+    = SERVING.kv_tokens,
     stage_timeout: Annotated[float, typer.Option(help="Seconds without an answer before a stage counts as lost.")]
-    = STAGE_TIMEOUT_S,
+    = SERVING.stage_timeout,
     spare_stages: Annotated[bool, typer.Option(help="Keep a warm, empty stage process per node: a lost stage "
-                                                    "is replaced in a fraction of the time.")] = True,
+                                                    "is replaced in a fraction of the time.")] = SERVING.spare_stages,
     collab_ttl: Annotated[float, typer.Option(help="Seconds a collaborative session may idle before it is "
                                                    "closed and its KV freed.")] = 300.0,
     max_waiting: Annotated[int, typer.Option(help="Sequences that may queue for a slot; more are refused with "
@@ -130,21 +132,21 @@ def serve(
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (continuous batching, chunked prefill)."""
     try:
-        from shardwise.engine.llm import LLM
+        from shardwise.llm import LLM
         from shardwise.serve.server import check_address
         from shardwise.serve.server import serve as run_server
 
-        if min(max_num_seqs, max_batch_tokens, kv_tokens) < 1 or min(stage_timeout, collab_ttl) <= 0:
-            raise ShardwiseError("--max-num-seqs, --max-batch-tokens and --kv-tokens must each be at least 1, "
-                                 "and --stage-timeout and --collab-ttl positive")
+        if collab_ttl <= 0:
+            raise ShardwiseError("--collab-ttl must be positive")
+        config = SERVING.with_options(device=device, dtype=dtype, threads=threads, max_num_seqs=max_num_seqs,
+                                      max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens,
+                                      stage_timeout=stage_timeout, spare_stages=spare_stages)
         limits = ServerLimits(max_waiting=max_waiting, max_queue_time_s=max_queue_time,
                               max_request_sequences=max_request_sequences, max_request_tokens=max_request_tokens,
                               drain_timeout_s=drain_timeout)
         check_address(host, port)  # before minutes of loading
         llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
-                  device=device, dtype=dtype, threads=threads, max_num_seqs=max_num_seqs,
-                  max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens, stage_timeout=stage_timeout,
-                  spare_stages=spare_stages)
+                  config=config)
         where = f"{len(llm.stages())} stages" if llm.stages() else "one process"
         run_server(llm, host=host, port=port, api_key=api_key, limits=limits, collab_ttl_s=collab_ttl,
                    on_ready=lambda: typer.echo(f"serving {llm.name} ({where}) at http://{host}:{port}/v1", err=True))
@@ -172,8 +174,8 @@ def bench(
     """Load a running server with ShareGPT-like requests; report throughput and TTFT / TPOT percentiles."""
     import json
 
-    from shardwise.bench.load import run_load, summarize
-    from shardwise.bench.workload import sharegpt_like
+    from shardwise.loadtest.load import run_load, summarize
+    from shardwise.loadtest.workload import sharegpt_like
 
     try:
         if min(requests, concurrency, max_prompt, max_output) < 1 or scale <= 0:
@@ -198,7 +200,7 @@ def bench(
         if json_out:
             print(json.dumps(summary, indent=2))
         else:
-            from shardwise.bench.report import print_bench
+            from shardwise.loadtest.table import print_bench
 
             print_bench(summary, predicted)
     except ShardwiseError as e:
@@ -250,7 +252,7 @@ def estimate(
         if json_out:
             print(json.dumps(est.to_dict(), indent=2))
         else:
-            from shardwise.perf.report import print_estimate
+            from shardwise.perf.tables import print_estimate
 
             print_estimate(est)
         if plot:
@@ -295,8 +297,7 @@ def plan(
     import json
 
     from shardwise.model.catalog import load_spec
-    from shardwise.planner import cluster as planning
-    from shardwise.planner import report
+    from shardwise.planner import display, topology
 
     try:
         spec = load_spec(model)
@@ -307,23 +308,23 @@ def plan(
                 raise ShardwiseError("a collaborative split needs --client, --server and --sla")
             from shardwise.perf.hardware import load_device, load_link
 
-            summary = planning.split_for_client(
+            summary = topology.split_for_client(
                 spec, load_device(client), load_device(server), load_link(link), _seconds(sla),
                 client_memory=client_memory * 1e9 if client_memory else None, batch=batch, context=context,
                 quant=quant, kv_tokens=kv_tokens)
             if json_out:
                 print(json.dumps(summary, indent=2))
             else:
-                report.print_split(summary)
+                display.print_split(summary)
             return
         if not cluster:
             raise ShardwiseError("give --cluster FILE (or --client/--server/--sla for a collaborative split)")
-        result, summary = planning.plan_cluster(spec, planning.Cluster.load(cluster), objective, batch=batch,
+        result, summary = topology.plan_cluster(spec, topology.Cluster.load(cluster), objective, batch=batch,
                                                 context=context, quant=quant, kv_tokens=kv_tokens)
         if json_out:
             print(json.dumps(summary, indent=2))
         else:
-            report.print_plan(summary)
+            display.print_plan(summary)
         if out:
             from pathlib import Path
 
@@ -331,7 +332,7 @@ def plan(
             if not json_out:
                 typer.echo(f"wrote {out}: run it with `shardwise generate --plan {out} ...`")
         if plot:
-            report.plot_gantt(summary, plot)
+            display.plot_gantt(summary, plot)
     except ShardwiseError as e:
         fail(str(e))
 
@@ -352,7 +353,7 @@ def profile(
 
     from shardwise.perf.cluster_profile import profile_cluster
     from shardwise.perf.hardware import DeviceSpec
-    from shardwise.perf.report import print_profile
+    from shardwise.perf.tables import print_profile
 
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:

@@ -25,14 +25,15 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from shardwise.cluster.plan import DEFAULT_KV_TOKENS, STAGE_TIMEOUT_S, Plan
 from shardwise.cluster.ray_session import join
 from shardwise.cluster.stage import StageActor
+from shardwise.config import EngineConfig
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.worker import Sampled
 from shardwise.errors import ShardwiseError, StageFailure, StepError
 from shardwise.model.spec import ModelSpec
-from shardwise.planner.cluster import Cluster, plan_cluster
+from shardwise.planner.plan import Plan
+from shardwise.planner.topology import Cluster, plan_cluster
 
 # Stages on one node take turns on its cores. OpenMP threads spin only briefly before
 # sleeping: hot between the ops of a step, out of the way while another stage computes.
@@ -41,8 +42,9 @@ STAGE_ENV = {"env_vars": {"GOMP_SPINCOUNT": "20000"}}
 
 class Pipeline:
     def __init__(self, model_path: Path, spec: ModelSpec, plan: Plan, *, dtype: str | None = None,
-                 address: str | None = None, kv_tokens: int = DEFAULT_KV_TOKENS, micro_batches: int | None = None,
-                 stage_timeout: float = STAGE_TIMEOUT_S, spares: bool = False, cluster: Cluster | None = None,
+                 address: str | None = None, kv_tokens: int = EngineConfig.kv_tokens,
+                 micro_batches: int | None = None, stage_timeout: float = EngineConfig.stage_timeout,
+                 spares: bool = False, cluster: Cluster | None = None,
                  objective: str = "throughput"):
         self.model_path, self.spec, self.dtype = model_path, spec, dtype
         self.kv_tokens, self.stage_timeout = kv_tokens, stage_timeout

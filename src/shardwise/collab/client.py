@@ -1,4 +1,5 @@
-"""CollaborativeClient: an LLM whose layers run partly here and partly on a shardwise server.
+"""A collaborative client: an LLM whose executor runs some layers here and the rest on a
+shardwise server, `LLM(model, executor=collaborative(url, ...))`.
 
 On start it measures its own per-layer speed (or takes a `shardwise profile` file), times
 its round trip to the server and asks for a session; the server picks the split for its
@@ -10,7 +11,6 @@ Everything else (batching, sampling, stop rules, streaming) is the LLM's own.
 
 from __future__ import annotations
 
-import itertools
 import json
 import statistics
 import time
@@ -25,73 +25,60 @@ import torch
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import connect
 
-from shardwise.cluster.plan import DEFAULT_KV_TOKENS
 from shardwise.collab.split import measure
 from shardwise.collab.wire import MAX_HIDDEN_BYTES, decode, encode
-from shardwise.engine.llm import LLM
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
-from shardwise.engine.scheduler import Scheduler
 from shardwise.engine.shard import ShardModel
 from shardwise.engine.worker import Sampled, Worker
 from shardwise.errors import ShardwiseError, StageFailure
-from shardwise.model.registry import DEFAULT_MODEL
+from shardwise.llm import LLM, ExecutorFactory
 from shardwise.model.weights import Weights
 
 
-class CollaborativeClient(LLM):
-    """url: the server; sla: seconds per generated token this client needs; profile: a
+def collaborative(url: str, *, sla: float = 0.25, profile: str | list[float] | None = None,
+                  memory_gb: float | None = None, api_key: str | None = None, policy: str = "dp",
+                  insist: bool = False, slowdown: float = 1.0, timeout: float = 120.0) -> ExecutorFactory:
+    """An executor factory for LLM(executor=...): the model runs partly here, partly on the
+    shardwise server at url. sla: seconds per generated token this client needs; profile: a
     `shardwise profile` file of this device, or its seconds per layer for one decode token
-    (default: measured now); memory_gb: memory the client offers for layers (default: 80 %
-    of what is free); policy: "dp" (least server work within the SLA), "greedy" (most
-    leading layers here) or "server" (none here); insist: fail rather than fall back to
-    all-server when the SLA cannot be met; slowdown: emulate a device this many times
-    slower (for benchmarks)."""
+    (default: measured now); memory_gb: memory the client offers for layers (default: 80 % of
+    what is free); policy: "dp" (least server work within the SLA), "greedy" (most leading
+    layers here) or "server" (none here); insist: fail rather than fall back to all-server when
+    the SLA cannot be met; slowdown: emulate a device this many times slower (for benchmarks).
+    The session the server chose (segments, prediction, note) is the executor's `session`."""
 
-    def __init__(self, url: str, model: str = DEFAULT_MODEL, *, sla: float = 0.25,
-                 profile: str | list[float] | None = None,
-                 memory_gb: float | None = None, api_key: str | None = None, policy: str = "dp",
-                 insist: bool = False, threads: int | None = None, slowdown: float = 1.0, max_num_seqs: int = 8,
-                 timeout: float = 120.0):
-        if threads:
-            torch.set_num_threads(threads)
-        weights = self._open(model)
-        self.executor = None
+    def build(llm: LLM) -> CollabExecutor:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
-        self.session: dict[str, Any] = {}  # its id, segments, predicted latency and server work, any note
-
-        def open_session() -> dict[str, Any]:
-            self.session = _json(http.post("/v1/collab/sessions", json=request))
-            return self.session
-
         try:
             memory = memory_gb * 1e9 if memory_gb is not None else 0.8 * psutil.virtual_memory().available
-            costs = [c * slowdown for c in self._costs(weights, profile, memory)]
-            request = {"model": self.name, "sla_s": sla, "policy": policy, "insist": insist, "client": {
-                "layer_seconds": costs, "memory_bytes": memory, "rtt_s": _round_trip(http, self.spec)}}
-            self.executor = CollabExecutor(http, open_session, weights, slowdown, headers, timeout)
+            costs = [c * slowdown for c in _costs(llm, profile, memory)]
+            request = {"model": llm.name, "sla_s": sla, "policy": policy, "insist": insist, "client": {
+                "layer_seconds": costs, "memory_bytes": memory, "rtt_s": _round_trip(http, llm.spec)}}
+            return CollabExecutor(http, lambda: _json(http.post("/v1/collab/sessions", json=request)), llm.weights,
+                                  slowdown, headers, timeout)
         except httpx.HTTPError as e:
             http.close()
             raise ShardwiseError(f"cannot reach the shardwise server at {url} ({e}): is it running?") from None
         except BaseException:
             http.close()
             raise
-        self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=max_num_seqs,
-                                   max_batch_tokens=512, kv_capacity=DEFAULT_KV_TOKENS)
-        self._ids = itertools.count()
 
-    def _costs(self, weights: Weights, profile: str | list[float] | None, memory: float) -> list[float]:
-        """Seconds per layer for one decode token here: as given, from a profile file through the
-        estimator, or timed on the first layer (the others are alike)."""
-        if isinstance(profile, list):
-            return profile
-        if profile is None:
-            return measure(ShardModel(self.spec, (0, 1), weights=weights))
-        from shardwise.perf.hardware import load_device
-        from shardwise.planner.cluster import Cluster, ClusterDevice, cost_table
+    return build
 
-        table = cost_table(self.spec, Cluster([ClusterDevice("client", load_device(profile), memory)]))
-        return [float(t) for t in table.compute[0]]
+
+def _costs(llm: LLM, profile: str | list[float] | None, memory: float) -> list[float]:
+    """Seconds per layer for one decode token here: as given, from a profile file through the
+    estimator, or timed on the first layer (the others are alike)."""
+    if isinstance(profile, list):
+        return profile
+    if profile is None:
+        return measure(ShardModel(llm.spec, (0, 1), weights=llm.weights))
+    from shardwise.perf.hardware import load_device
+    from shardwise.planner.topology import Cluster, ClusterDevice, cost_table
+
+    table = cost_table(llm.spec, Cluster([ClusterDevice("client", load_device(profile), memory)]))
+    return [float(t) for t in table.compute[0]]
 
 
 class CollabExecutor:
@@ -114,8 +101,8 @@ class CollabExecutor:
         """Open a session (its split may differ from the last one's), hold this side's layers of
         it (reusing those already loaded, emptied) and connect the session's stream."""
         self._stream_context.close()
-        info = self.open_session()
-        self.session, self.segments = info["session"], [(s["side"], *s["layers"]) for s in info["segments"]]
+        info = self.session = self.open_session()
+        self.session_id, self.segments = info["session"], [(s["side"], *s["layers"]) for s in info["segments"]]
         loaded = {(w.shard.start, w.shard.end): w for w in self.workers.values()}
         for worker in loaded.values():
             worker.reset()
@@ -126,7 +113,7 @@ class CollabExecutor:
         self.stream = None
         if self._pending:
             base = str(self.http.base_url).replace("http", "ws", 1).rstrip("/")
-            url = f"{base}/v1/collab/sessions/{self.session}/stream"
+            url = f"{base}/v1/collab/sessions/{self.session_id}/stream"
             try:
                 self.stream = self._stream_context.enter_context(connect(
                     url, additional_headers=self.headers, max_size=MAX_HIDDEN_BYTES, open_timeout=self.timeout))
@@ -207,7 +194,7 @@ class CollabExecutor:
     def close(self) -> None:
         self._stream_context.close()
         try:
-            self.http.delete(f"/v1/collab/sessions/{self.session}")
+            self.http.delete(f"/v1/collab/sessions/{self.session_id}")
         except httpx.HTTPError:
             pass  # the server frees it when it expires
         self.http.close()

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from shardwise.cluster.plan import stage_bytes
 from shardwise.engine.shard import ShardModel
 from shardwise.errors import ShardwiseError
 from shardwise.model.layers import linear
 from shardwise.model.spec import ModelSpec
+from shardwise.perf.memory import stage_bytes
 from shardwise.perf.profile import timed
 from shardwise.planner.collaborative import CLIENT, SERVER, SplitResult, split_client_server
 

@@ -22,7 +22,7 @@ from shardwise.model.layers import TILED_ROWS, Block, PackedBatch, RotaryTable, 
 from shardwise.model.spec import ModelSpec, require_supported
 from shardwise.model.weights import Weights
 from shardwise.quant import QuantizedWeight
-from shardwise.quant.weight import BITS
+from shardwise.quant.quantized import BITS
 
 HEAD_BLOCK = 2048  # vocabulary rows per LM-head block
 HEAD_TILED_ROWS = 64  # an fp32 head up to this many rows: the tiled kernel, 1.2-1.7x the blocked GEMM here
@@ -62,6 +62,8 @@ class ShardModel:
                 f"so use 0 <= start < end <= {spec.num_layers}"
             )
         self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            kernels.library()  # loaded (built the first time) now, with a log line, not inside the first step
         dtype = dtype or default_dtype(self.device)
         if dtype not in WEIGHT_DTYPES or (dtype == "float16" and self.device.type == "cpu"):
             raise ShardwiseError(f"dtype '{dtype}' is not supported here: use float32, bfloat16, int8 or int4 "

@@ -1,6 +1,7 @@
 """shardwise's CPU kernels (cpu.cpp): products on quantised weights, a register-tiled fp32 product
 for few rows, decode attention over the paged KV pool, RMSNorm, SwiGLU's silu * up, and a whole
-decode step through plain layers (sw_decode_layers), built on first use and loaded with ctypes.
+decode step through plain layers (sw_decode_layers), built and loaded (ctypes) when the first
+CPU shard is made.
 
 The library is built with the machine's C++ compiler against the installed torch (so its
 threads are torch's own), once per source, torch version and CPU, into the shardwise cache;
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from shardwise.model.registry import cache_dir
+from shardwise.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
@@ -74,6 +75,7 @@ def library() -> ctypes.CDLL | None:
     with open(target.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others wait, then load
         if not target.exists():
+            log.info("shardwise CPU kernels: building %s (once per source, torch version and CPU)", target.name)
             partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
             command = [compiler, *FLAGS, f"-I{torch_dir / 'include'}", str(SOURCE), "-o", str(partial),
                        f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
@@ -83,6 +85,7 @@ def library() -> ctypes.CDLL | None:
                 return None
             partial.replace(target)
     lib = ctypes.CDLL(str(target))
+    log.info("shardwise CPU kernels: loaded %s", target)
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.sw_quant_linear.argtypes = [ctypes.c_int, pointer, size, pointer, pointer, pointer, size, size, pointer,
                                     pointer]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from shardwise.quant.weight import QuantizedWeight
+    from shardwise.quant.quantized import QuantizedWeight
 
 log = logging.getLogger(__name__)
 

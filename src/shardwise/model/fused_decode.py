@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from shardwise import kernels
 from shardwise.model.layers import TILED_ROWS, Block, GatedMLP, PackedBatch
 from shardwise.quant import QuantizedWeight
-from shardwise.quant.weight import DIRECT_ROWS, KERNEL_ROWS
+from shardwise.quant.quantized import DIRECT_ROWS, KERNEL_ROWS
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:

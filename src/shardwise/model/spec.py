@@ -290,3 +290,32 @@ def require_supported(spec: ModelSpec) -> None:
         raise ShardwiseError(f"activation '{spec.activation}' is not supported yet; supported: "
                              "silu, gelu_pytorch_tanh")
 
+
+# --- splitting the layers -------------------------------------------------------------------------
+def even_layer_ranges(num_layers: int, n: int) -> list[tuple[int, int]]:
+    """n contiguous ranges of (nearly) equal layer counts, earlier ranges taking the remainder."""
+    if not 1 <= n <= num_layers:
+        raise ShardwiseError(f"cannot split {num_layers} layers into {n} stages: use 1..{num_layers}")
+    size, extra = divmod(num_layers, n)
+    bounds = [0]
+    for i in range(n):
+        bounds.append(bounds[-1] + size + (i < extra))
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+def check_layer_ranges(ranges: list[tuple[int, int]], num_layers: int) -> None:
+    """Stages must cover layers 0..L-1 in order, each non-empty, with no gap or overlap."""
+    expected = 0
+    for i, (start, end) in enumerate(ranges):
+        if end <= start:
+            raise ShardwiseError(f"plan stage {i} is empty or reversed: layers [{start}, {end})")
+        if start > expected:
+            raise ShardwiseError(f"plan has a gap: layers [{expected}, {start}) belong to no stage "
+                                 f"(stage {i} starts at {start})")
+        if start < expected:
+            raise ShardwiseError(f"plan stages overlap: stage {i} starts at layer {start}, "
+                                 f"but layers up to {expected - 1} are already placed")
+        expected = end
+    if expected != num_layers:
+        raise ShardwiseError(f"plan covers layers [0, {expected}) but the model has {num_layers}: "
+                             f"the last stage must end at {num_layers}")

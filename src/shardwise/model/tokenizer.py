@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from shardwise.cache import cache_dir
 from shardwise.errors import ShardwiseError
-from shardwise.model.registry import cache_dir
 
 
 def _quiet_transformers() -> None:

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from shardwise.cache import cache_dir
 from shardwise.errors import ShardwiseError
-from shardwise.model.registry import cache_dir
 from shardwise.model.spec import ModelSpec
 from shardwise.quant import QuantizedWeight, quantize
 from shardwise.quant.gguf import from_gguf

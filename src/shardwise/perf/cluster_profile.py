@@ -94,8 +94,8 @@ def stage_hop_latency(model: str, device: str, prompt: int = 64, new: int = 17, 
     waking the next stage's threads. Measured as (2-stage decode step - one-process step) / 2,
     the two hops being stage 0 -> stage 1 and the token ids back to the driver; both engines
     stay loaded and take turns, and the median of the paired differences resists noise bursts."""
-    from shardwise.engine.llm import LLM
     from shardwise.engine.sampling import SamplingParams
+    from shardwise.llm import LLM
 
     ids = list(range(100, 100 + prompt))
 

@@ -15,10 +15,10 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shardwise.cluster.plan import Plan, StageSpec
 from shardwise.errors import ShardwiseError
-from shardwise.model.spec import ModelSpec
-from shardwise.perf.hardware import SAME_DEVICE, DeviceSpec, LinkSpec, dtype_bytes, edge_dtype
+from shardwise.model.spec import ModelSpec, check_layer_ranges, even_layer_ranges
+from shardwise.perf.hardware import SAME_DEVICE, DeviceSpec, LinkSpec, dtype_bytes
+from shardwise.perf.memory import kv_bytes, weight_bytes
 from shardwise.perf.operators import (
     Operator,
     Precision,
@@ -112,14 +112,14 @@ class Deployment:
         """Stages on `devices` in order, joined by `links` (one for all, or one per gap); layers:
         the ranges, by default the pipeline's even split. Token ids return over the first link."""
         if layers is None:
-            layers = [s.layers for s in Plan.even(spec, len(devices)).stages]
+            layers = even_layer_ranges(spec.num_layers, len(devices))
         stages = tuple(Stage(d, a, b) for d, (a, b) in zip(devices, layers, strict=True))
         links = [links] * (len(stages) - 1) if isinstance(links, LinkSpec) else list(links)
         return cls(stages, tuple(links), links[0] if links else SAME_DEVICE)
 
     def check(self, spec: ModelSpec) -> None:
         """The layer ranges as the pipeline checks a plan's, and tp / ep that divide the model."""
-        Plan(tuple(StageSpec((s.start, s.end)) for s in self.stages)).check_layers(spec)
+        check_layer_ranges([(s.start, s.end) for s in self.stages], spec.num_layers)
         for s in self.stages:
             if spec.num_heads % s.tp or (spec.num_experts and spec.num_experts % s.ep):
                 raise ShardwiseError(
@@ -303,27 +303,12 @@ def stage_memory(spec: ModelSpec, stage: Stage, p: Precision, sequences: int, to
                  prefill: Work) -> dict[str, float]:
     """Bytes on each device of a stage: its weights, the KV cache of `sequences` sequences, and
     the largest activation working set of a prefill step (plus fp32 logits at the last stage)."""
-    h, v = spec.hidden_size, spec.vocab_size
-    layers = stage.end - stage.start
-    per_layer = spec.layer_parameters()
-    if spec.num_experts:  # experts are split over ep, the rest over tp
-        experts = 3 * h * spec.intermediate_size * spec.num_experts
-        per_layer = (per_layer - experts) / stage.tp + experts / (stage.tp * stage.ep)
-    else:
-        per_layer /= stage.tp
-    params, edges = layers * per_layer, 0.0  # edges: embedding and head parameters
-    if stage.start == 0:
-        edges += v * h / stage.tp
-    if stage.end == spec.num_layers:
-        shares_embedding = spec.tie_embeddings and stage.start == 0
-        params += h
-        edges += 0 if shares_embedding else v * h / stage.tp
-    kv_heads = max(1.0, spec.num_kv_heads / stage.tp)
-    kv = sequences * tokens_per_sequence * 2 * kv_heads * spec.head_dim * dtype_bytes(p.kv) * layers
+    layers = (stage.start, stage.end)
+    weights = weight_bytes(spec, layers, p.weights, stage.tp, stage.ep)
+    kv = kv_bytes(spec, layers, sequences * tokens_per_sequence, p.kv, stage.tp)
     acts = max(op.activation_bytes for op in layer_operators(spec, prefill, p, stage.tp, stage.ep))
     if stage.end == spec.num_layers:
-        acts += prefill.rows * v * 4.0
-    weights = params * dtype_bytes(p.weights) + edges * dtype_bytes(edge_dtype(p.weights))
+        acts += prefill.rows * spec.vocab_size * 4.0  # fp32 logits
     return {"weights": weights, "kv_cache": kv, "activations": acts, "total": weights + kv + acts}
 
 

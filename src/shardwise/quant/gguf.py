@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from shardwise.quant.weight import QuantizedWeight
+from shardwise.quant.quantized import QuantizedWeight
 
 Q4_0, Q4_1, Q8_0, Q4_K = 2, 3, 8, 12  # GGMLQuantizationType
 

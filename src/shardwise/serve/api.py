@@ -26,15 +26,15 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from shardwise.collab.host import DEFAULT_TTL_S, CollabHost
-from shardwise.engine.llm import LLM
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.engine.scheduler import Sequence
 from shardwise.errors import ShardwiseError
+from shardwise.llm import LLM
 from shardwise.perf.query import EstimateQuery
+from shardwise.serve.async_engine import AsyncEngine, EngineError, Event, Overloaded, RequestFailed
 from shardwise.serve.collab_api import add_collab_routes, expire_sessions
+from shardwise.serve.collab_host import DEFAULT_TTL_S, CollabHost
 from shardwise.serve.dashboard_api import PlanQuery, add_dashboard_routes
-from shardwise.serve.engine import AsyncEngine, EngineError, Event, Overloaded, RequestFailed
 from shardwise.serve.http import ApiError, invalid, read_bytes
 from shardwise.serve.limits import ServerLimits
 from shardwise.serve.metrics import Metrics

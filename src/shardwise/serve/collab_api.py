@@ -11,10 +11,10 @@ import asyncio
 from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 
-from shardwise.collab.host import CollabHost, ServerBusy, SessionGone
 from shardwise.collab.wire import MAX_HIDDEN_BYTES, MEDIA_TYPE, WireError, metadata
 from shardwise.errors import ShardwiseError
-from shardwise.serve.engine import AsyncEngine, EngineError
+from shardwise.serve.async_engine import AsyncEngine, EngineError
+from shardwise.serve.collab_host import CollabHost, ServerBusy, SessionGone
 from shardwise.serve.http import ApiError, read_bytes
 
 

@@ -23,9 +23,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from shardwise.engine.llm import LLM
 from shardwise.errors import ShardwiseError
-from shardwise.serve.engine import AsyncEngine
+from shardwise.llm import LLM
+from shardwise.serve.async_engine import AsyncEngine
 from shardwise.serve.http import ApiError, invalid, read_bytes
 from shardwise.serve.metrics import Metrics
 
@@ -48,7 +48,7 @@ class PlanQuery(BaseModel):
 
     def run(self) -> dict[str, Any]:
         from shardwise.model.catalog import load_spec
-        from shardwise.planner.cluster import Cluster, plan_cluster
+        from shardwise.planner.topology import Cluster, plan_cluster
 
         if min(self.batch, self.context, self.kv_tokens) < 1:
             raise ShardwiseError("batch, context and kv_tokens must each be at least 1")

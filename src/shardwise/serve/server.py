@@ -15,8 +15,8 @@ import time
 import uvicorn
 
 from shardwise.collab.wire import MAX_HIDDEN_BYTES
-from shardwise.engine.llm import LLM
 from shardwise.errors import ShardwiseError
+from shardwise.llm import LLM
 from shardwise.serve.api import create_app
 from shardwise.serve.limits import ServerLimits
 

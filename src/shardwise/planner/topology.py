@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from shardwise.cluster.plan import DEFAULT_KV_TOKENS, Plan, StageSpec, stage_bytes
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
 from shardwise.perf.estimate import time_operator
 from shardwise.perf.hardware import SAME_DEVICE, DeviceSpec, LinkSpec, dtype_bytes, load_device, load_link
+from shardwise.perf.memory import stage_bytes
 from shardwise.perf.operators import (
     Precision,
     Work,
@@ -47,6 +47,7 @@ from shardwise.perf.operators import (
     layer_operators,
 )
 from shardwise.planner.partition import CostTable, PlanResult
+from shardwise.planner.plan import DEFAULT_KV_TOKENS, Plan, StageSpec
 
 DEFAULT_LINK = "ethernet-1g"
 

@@ -24,9 +24,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from shardwise.engine.llm import LLM
 from shardwise.engine.sampling import TokenLogprobs
 from shardwise.engine.scheduler import Sequence
+from shardwise.llm import LLM
 from shardwise.serve.metrics import Metrics
 
 log = logging.getLogger("shardwise.serve")
@@ -196,8 +196,13 @@ class AsyncEngine:
                 self._drain_deadline = payload
                 return True
             if command == "call":
-                _call(*payload)
-                self._update_gauges()  # a collaborative segment may have changed the KV in use
+                fn, future = payload
+                try:
+                    result, error = fn(), None
+                except Exception as e:  # the caller's to handle
+                    result, error = None, e
+                self._update_gauges()  # (a segment may change the KV in use) before the caller hears back
+                _settle(future, result, error)
                 if self.scheduler.has_work:
                     return True
                 continue
@@ -287,13 +292,6 @@ class AsyncEngine:
                 self._counted[name] += new
                 if name == "recoveries":
                     m.recovery_time.observe(s.last_recovery_s)
-
-
-def _call(fn, future: asyncio.Future) -> None:
-    try:
-        _settle(future, result=fn())
-    except Exception as e:  # the caller's to handle
-        _settle(future, error=e)
 
 
 def _settle(future: asyncio.Future, result=None, error: Exception | None = None) -> None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 
-from shardwise.bench.workload import BenchRequest
 from shardwise.errors import ShardwiseError
+from shardwise.loadtest.workload import BenchRequest
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from shardwise.perf.report import console_for_output
+from shardwise.perf.tables import console_for_output
 
 
 def print_plan(summary: dict[str, Any], console: Console | None = None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from shardwise.perf.report import console_for_output
+from shardwise.perf.tables import console_for_output
 
 
 def print_bench(summary: dict, predicted: dict | None = None) -> None:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from shardwise.engine.shard import ShardModel
-from shardwise.quant.weight import BITS, DIRECT_ROWS
+from shardwise.quant.quantized import BITS, DIRECT_ROWS
 
 
 def perplexity(shard: ShardModel, ids: list[int]) -> float:

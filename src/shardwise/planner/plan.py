@@ -13,12 +13,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from shardwise.config import EngineConfig
 from shardwise.errors import ShardwiseError
-from shardwise.model.spec import ModelSpec
-from shardwise.perf.hardware import dtype_bytes, edge_dtype
+from shardwise.model.spec import ModelSpec, check_layer_ranges, even_layer_ranges
+from shardwise.perf.memory import stage_bytes
 
-DEFAULT_KV_TOKENS = 16384  # KV budget each stage must fit besides its weights
-STAGE_TIMEOUT_S = 60.0  # no pipeline step finishing for this long means a stage hangs
+DEFAULT_KV_TOKENS = EngineConfig.kv_tokens  # KV budget each stage must fit besides its weights
 
 
 @dataclass(frozen=True)
@@ -36,13 +36,7 @@ class Plan:
     @classmethod
     def even(cls, spec: ModelSpec, n: int, **stage: Any) -> Plan:
         """n stages of (nearly) equal layer counts, earlier stages taking the remainder."""
-        if not 1 <= n <= spec.num_layers:
-            raise ShardwiseError(f"cannot split {spec.num_layers} layers into {n} stages: use 1..{spec.num_layers}")
-        size, extra = divmod(spec.num_layers, n)
-        bounds = [0]
-        for i in range(n):
-            bounds.append(bounds[-1] + size + (i < extra))
-        return cls(tuple(StageSpec((a, b), **stage) for a, b in zip(bounds, bounds[1:], strict=False)))
+        return cls(tuple(StageSpec(layers, **stage) for layers in even_layer_ranges(spec.num_layers, n)))
 
     # --- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -83,21 +77,7 @@ class Plan:
     # --- validation ---------------------------------------------------------------------------
     def check_layers(self, spec: ModelSpec) -> None:
         """Stages must cover layers 0..L-1 in order, each non-empty, with no gap or overlap."""
-        expected = 0
-        for i, stage in enumerate(self.stages):
-            start, end = stage.layers
-            if end <= start:
-                raise ShardwiseError(f"plan stage {i} is empty or reversed: layers [{start}, {end})")
-            if start > expected:
-                raise ShardwiseError(f"plan has a gap: layers [{expected}, {start}) belong to no stage "
-                                     f"(stage {i} starts at {start})")
-            if start < expected:
-                raise ShardwiseError(f"plan stages overlap: stage {i} starts at layer {start}, "
-                                     f"but layers up to {expected - 1} are already placed")
-            expected = end
-        if expected != spec.num_layers:
-            raise ShardwiseError(f"plan covers layers [0, {expected}) but the model has {spec.num_layers}: "
-                                 f"the last stage must end at {spec.num_layers}")
+        check_layer_ranges([s.layers for s in self.stages], spec.num_layers)
 
     def check_memory(self, spec: ModelSpec, dtypes: list[str], where: list[str], capacity: dict[str, int],
                      kv_tokens: int) -> None:
@@ -114,21 +94,3 @@ class Plan:
                     f"tokens) but it has {capacity[key] / 2**30:.2f} GiB: move layers elsewhere, add stages "
                     "on other devices, or lower the KV budget"
                 )
-
-
-def stage_bytes(spec: ModelSpec, layers: tuple[int, int], dtype: str, kv_tokens: int,
-                kv_dtype: str | None = None) -> float:
-    """Memory a stage holds: its layers' weights at `dtype`, embedding / head at the ends, and a
-    KV budget of kv_tokens tokens at kv_dtype (default: dtype; fp32 for int8 / int4 weights, whose
-    activations and cache stay float)."""
-    start, end = layers
-    params = (end - start) * spec.layer_parameters()
-    embed, edges = spec.vocab_size * spec.hidden_size, 0
-    if start == 0:
-        edges += embed
-    if end == spec.num_layers:
-        params += spec.hidden_size
-        edges += embed if not (spec.tie_embeddings and start == 0) else 0
-    kv_dtype = kv_dtype or ("fp32" if dtype in ("int8", "int4") else dtype)
-    kv = 2 * (end - start) * spec.kv_size * dtype_bytes(kv_dtype) * kv_tokens
-    return params * dtype_bytes(dtype) + edges * dtype_bytes(edge_dtype(dtype)) + kv

@@ -1,19 +1,20 @@
-"""LLM: the Python API, shaped like vLLM's (generate, chat, stream, close).
-
-Requests become sequences that the Scheduler steps with continuous batching and
-chunked prefill, in this process or over a pipeline of Ray stages.
+"""LLM: the Python API, shaped like vLLM's (generate, chat, stream, close), and the composition
+root: it opens the model, builds the executor a factory describes (in this process, a pipeline of
+Ray stages, or a collaborative session with a server) and steps requests through the Scheduler
+with continuous batching and chunked prefill. The server and the collaborative client are faces
+over this one class.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from shardwise.cluster.plan import DEFAULT_KV_TOKENS, STAGE_TIMEOUT_S, Plan
+from shardwise.config import EngineConfig
 from shardwise.engine.executor import LocalExecutor
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.scheduler import RequestOutput, Scheduler, Sequence
@@ -24,58 +25,75 @@ from shardwise.model.registry import DEFAULT_MODEL, resolve
 from shardwise.model.spec import require_supported
 from shardwise.model.tokenizer import Tokenizer
 from shardwise.model.weights import Weights, open_weights
+from shardwise.planner.plan import Plan
 
 if TYPE_CHECKING:
-    from shardwise.planner.cluster import Cluster
+    from shardwise.planner.topology import Cluster
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
+ExecutorFactory = Callable[["LLM"], Any]  # the facade, its model opened -> the executor that runs it
+
+
+def in_process(llm: LLM) -> LocalExecutor:
+    """Every layer in this process, on config.device."""
+    c = llm.config
+    return LocalExecutor(Worker(ShardModel(llm.spec, weights=llm.weights, device=c.device, dtype=c.dtype)))
+
+
+def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = None, address: str | None = None,
+                 cluster: Cluster | str | Path | None = None, objective: str = "throughput") -> ExecutorFactory:
+    """A pipeline of Ray stage actors: stages=N splits the layers evenly, plan= places them as
+    a plan says, cluster= (a cluster file or Cluster) lets the planner place them by objective
+    and is what the model is split over anew when a node dies; address: an existing Ray
+    cluster (e.g. "auto"), else a local Ray of our own."""
+    if stages is not None and (plan is not None or cluster is not None):
+        raise ShardwiseError("give stages, or a plan and/or a cluster, not both")
+
+    def build(llm: LLM):
+        from shardwise.cluster.pipeline import Pipeline  # Ray is imported only for pipelines
+        from shardwise.planner.topology import Cluster, plan_cluster
+
+        c, chosen, where = llm.config, plan, cluster
+        if isinstance(chosen, str | Path):
+            chosen = Plan.load(chosen)
+        if where is not None:
+            where = Cluster.load(where) if isinstance(where, str | Path) else where
+            if chosen is None:
+                chosen, _ = plan_cluster(llm.spec, where, objective, quant=c.dtype, kv_tokens=c.kv_tokens)
+        if chosen is None:
+            chosen = Plan.even(llm.spec, stages or 1, device=c.device)
+        return Pipeline(llm.path, llm.spec, chosen, dtype=c.dtype, address=address, kv_tokens=c.kv_tokens,
+                        micro_batches=c.micro_batches, stage_timeout=c.stage_timeout, spares=c.spare_stages,
+                        cluster=where, objective=objective)
+
+    return build
 
 
 class LLM:
-    """stages=N or plan=Plan / "plan.json" run the model as a pipeline of Ray actors (address:
-    an existing Ray cluster, e.g. "auto"; micro_batches: steps kept in flight, by default one
-    per compute resource the stages occupy); otherwise it runs in this process on `device`.
-    max_num_seqs sequences run at once, each step holds at most max_batch_tokens tokens, and
-    kv_tokens is the KV cache (in tokens) that running sequences may reserve; the rest queue.
-    A pipeline stage that dies or answers nothing for stage_timeout seconds is replaced and
-    the running sequences replayed: generation pauses, and carries on unchanged. spare_stages
-    keeps a warm empty stage process on each node, so that the replacement only loads layers.
-    cluster (a cluster file or Cluster, as `shardwise plan` reads) lets the planner place the
-    stages by `objective` (latency or throughput) unless a plan is given, and is what the
-    model is split over anew when a node dies (without one: the surviving Ray nodes)."""
+    """model: a catalog name, .gguf file or HF model directory. Where it runs: in this process
+    by default; stages / plan / cluster / address (see ray_pipeline) run it as a pipeline of Ray
+    stages, where a stage that dies or hangs is replaced and the running sequences replayed
+    (generation pauses and carries on unchanged); executor= takes any factory instead (e.g.
+    shardwise.collab.client.collaborative). config: the runtime options (EngineConfig); keyword
+    options override its fields, e.g. LLM(dtype="int4", kv_tokens=4096)."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, stages: int | None = None, plan: Plan | str | None = None,
-                 address: str | None = None, micro_batches: int | None = None, device: str = "cpu",
-                 dtype: str | None = None, threads: int | None = None, max_num_seqs: int = 32,
-                 max_batch_tokens: int = 512, kv_tokens: int = DEFAULT_KV_TOKENS,
-                 stage_timeout: float = STAGE_TIMEOUT_S, spare_stages: bool = False,
-                 cluster: Cluster | str | None = None, objective: str = "throughput"):
-        if threads:
-            torch.set_num_threads(threads)
-        weights = self._open(model)
-        if stages is not None and (plan is not None or cluster is not None):
-            raise ShardwiseError("give stages, or a plan and/or a cluster, not both")
-        if isinstance(plan, str | Path):
-            plan = Plan.load(plan)
-        if cluster is not None:
-            from shardwise.planner.cluster import Cluster, plan_cluster
-
-            cluster = Cluster.load(cluster) if isinstance(cluster, str | Path) else cluster
-            if plan is None:
-                plan, _ = plan_cluster(self.spec, cluster, objective, quant=dtype, kv_tokens=kv_tokens)
-        if plan is None and (stages is not None or address is not None):
-            plan = Plan.even(self.spec, stages or 1, device=device)
-        if plan is None:
-            self.executor = LocalExecutor(Worker(ShardModel(self.spec, weights=weights, device=device, dtype=dtype)))
-        else:
-            from shardwise.cluster.pipeline import Pipeline  # Ray is imported only for pipelines
-
-            self.executor = Pipeline(self.path, self.spec, plan, dtype=dtype, address=address, kv_tokens=kv_tokens,
-                                     micro_batches=micro_batches, stage_timeout=stage_timeout, spares=spare_stages,
-                                     cluster=cluster, objective=objective)
-        self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=max_num_seqs,
-                                   max_batch_tokens=max_batch_tokens, kv_capacity=kv_tokens)
+                 address: str | None = None, cluster: Cluster | str | None = None, objective: str = "throughput",
+                 executor: ExecutorFactory | None = None, config: EngineConfig | None = None, **options: Any):
+        self.config = (config or EngineConfig()).with_options(**options)
+        placed = stages is not None or plan is not None or cluster is not None or address is not None
+        if executor is not None and placed:
+            raise ShardwiseError("give an executor, or stages / plan / cluster / address, not both")
+        if placed:
+            executor = ray_pipeline(stages, plan, address, cluster, objective)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.executor = None
+        self.weights = self._open(model)
+        self.executor = (executor or in_process)(self)
+        self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=self.config.max_num_seqs,
+                                   max_batch_tokens=self.config.max_batch_tokens, kv_capacity=self.config.kv_tokens)
         self._ids = itertools.count()
 
     def _open(self, model: str) -> Weights:

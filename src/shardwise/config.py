@@ -1,0 +1,40 @@
+"""EngineConfig: the runtime options of one engine, with their defaults in one place. The LLM
+facade, `shardwise generate` and `shardwise serve` all read them from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from shardwise.errors import ShardwiseError
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "cpu"  # cpu, cuda or cuda:N (a pipeline's stages take theirs from the plan)
+    dtype: str | None = None  # weights: float32, bfloat16, float16, int8, int4 (None: float32 on CPUs)
+    threads: int | None = None  # torch CPU threads in this process
+    max_num_seqs: int = 32  # sequences in the running batch at most
+    max_batch_tokens: int = 512  # tokens per step at most (decodes + prefill chunks)
+    kv_tokens: int = 16384  # KV cache, in tokens, that running sequences may reserve (each stage must fit it)
+    micro_batches: int | None = None  # pipeline steps in flight (None: one per compute resource)
+    stage_timeout: float = 60.0  # seconds without a finished pipeline step before a stage counts as lost
+    spare_stages: bool = False  # keep a warm empty stage process per node, for fast recovery
+
+    def __post_init__(self) -> None:
+        if min(self.max_num_seqs, self.max_batch_tokens, self.kv_tokens) < 1 or self.stage_timeout <= 0:
+            raise ShardwiseError("max_num_seqs, max_batch_tokens and kv_tokens must each be at least 1, and "
+                                 "stage_timeout positive")
+
+    def with_options(self, **options: Any) -> EngineConfig:
+        """This config with some fields changed; an unknown name is a ShardwiseError listing the known."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ShardwiseError(f"unknown engine options {unknown}: use {', '.join(sorted(known))}")
+        return replace(self, **options)
+
+
+# A server keeps each step short (its decodes wait on the prefill chunks beside them), holds more
+# requests' KV at once, and keeps spare stages so that a lost one is replaced in seconds.
+SERVING = EngineConfig(max_batch_tokens=256, kv_tokens=32768, spare_stages=True)
