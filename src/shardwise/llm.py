@@ -7,8 +7,10 @@ over this one class.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +97,7 @@ class LLM:
         self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=self.config.max_num_seqs,
                                    max_batch_tokens=self.config.max_batch_tokens, kv_capacity=self.config.kv_tokens)
         self._ids = itertools.count()
+        self._token_text = functools.lru_cache(maxsize=65536)(lambda t: self.tokenizer.hf.decode([t]))
 
     def _open(self, model: str) -> Weights:
         """Find and open the model: its path, spec, tokenizer and the name a server calls it by."""
@@ -118,7 +121,7 @@ class LLM:
              params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Answer one conversation, or a list of them, through the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self._complete([self.tokenizer.apply_chat_template(c) for c in conversations], params)
+        return self._complete([self.chat_ids(c) for c in conversations], params)
 
     def stream(self, prompt: Prompt | Messages, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces as tokens arrive (a list of messages goes through the chat template)."""
@@ -130,7 +133,7 @@ class LLM:
                        params: SamplingParams | None = None) -> Iterator[tuple[str, RequestOutput]]:
         """Like stream, with the request's output (token ids, timings) beside each piece."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            ids = self.tokenizer.apply_chat_template(prompt)
+            ids = self.chat_ids(prompt)
         else:
             ids = self.prompt_ids(prompt)
         seq = self.new_sequence(ids, params or SamplingParams())
@@ -178,23 +181,93 @@ class LLM:
         """Each stage's (one, in one process) layers, node, memory, KV and step times."""
         return self.executor.stats(timeout)
 
+    def chat_ids(self, messages: Messages) -> list[int]:
+        """Token ids of a conversation through the model's chat template."""
+        return self.tokenizer.apply_chat_template(messages)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own (as logprobs report it)."""
+        return self._token_text(token_id)
+
     def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        """A sequence for the scheduler (the server adds it from its engine thread)."""
+        """A sequence for the engine loop (the server adds it from its engine thread)."""
         if self.executor is None:
             raise ShardwiseError("this LLM is closed: create a new one")
         return self.scheduler.make_sequence(next(self._ids), prompt_ids, params)
 
-    def _run(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, str]]:
-        """Step until every sequence finishes, yielding (sequence, new text) as tokens arrive."""
-        for seq in seqs:
-            self.scheduler.add(seq)
+    # --- the engine loop: one step at a time (generate / stream here, the server's engine thread) --
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; it joins the running batch at a step when its KV fits."""
+        self.scheduler.add(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a sequence (its client left); its KV is freed as soon as no step holds it."""
+        self.scheduler.abort(seq)
+
+    def step(self) -> list[tuple[Sequence, str]]:
+        """One step: (sequence, new text) for each sequence that got a token, or failed (its
+        output then has finish_reason "error"). An error nothing recovers from (no stage can
+        replace a lost one) frees every running sequence's KV and is raised."""
         try:
-            while not all(s.output.finished for s in seqs):
-                yield from self.scheduler.step()
-        except Exception:
+            return self.scheduler.step()
+        except Exception as e:
+            self.scheduler.note("error", f"a step failed, the running requests with it: {e}")
             if self.executor is not None:
                 self.scheduler.release_all()  # an error must not leak KV
             raise
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def expire_waiting(self, max_wait_s: float) -> list[Sequence]:
+        """Take out (aborted) the sequences that waited longer than max_wait_s to start."""
+        return self.scheduler.expire_waiting(max_wait_s)
+
+    def release_all(self) -> None:
+        """Drop every running and waiting sequence, freeing its KV."""
+        self.scheduler.release_all()
+
+    def load(self) -> EngineLoad:
+        """What the engine holds now: sequences running and waiting, KV, losses and recoveries."""
+        s = self.scheduler
+        return EngineLoad(s.num_running, len(s.waiting), s.waiting[0].output.arrival_time if s.waiting else None,
+                          s.kv_reserved, s.kv_capacity, s.stage_failures, s.recoveries, s.replayed_tokens,
+                          s.last_recovery_s)
+
+    def events(self) -> list[dict[str, Any]]:
+        """The latest stage losses, recoveries and errors an operator should see."""
+        return list(self.scheduler.events)
+
+    def hold_kv(self, tokens: int) -> None:
+        """Count `tokens` of KV held outside the engine's own sequences (a server's collaborative
+        sessions) against the same budget: admission waits for them as for any sequence."""
+        self.scheduler.external_kv = tokens
+
+    def local_shard(self) -> ShardModel | None:
+        """The in-process model (every layer), or None when the layers run elsewhere."""
+        return getattr(self.executor, "shard", None)
+
+    def _run(self, seqs: list[Sequence]) -> Iterator[tuple[Sequence, str]]:
+        """Step until every sequence finishes, yielding (sequence, new text) as tokens arrive."""
+        for seq in seqs:
+            self.add(seq)
+        try:
+            while not all(s.output.finished for s in seqs):
+                yield from self.step()
         finally:  # an abandoned stream frees its sequences
             for seq in seqs:
-                self.scheduler.abort(seq)
+                self.abort(seq)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    running: int  # sequences in the running batch
+    waiting: int  # sequences queued for admission
+    oldest_arrival: float | None  # perf_counter() of the longest-waiting one
+    kv_reserved: int  # KV tokens reserved (running sequences and held_kv)
+    kv_capacity: int
+    stage_failures: int
+    recoveries: int
+    replayed_tokens: int
+    last_recovery_s: float

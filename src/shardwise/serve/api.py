@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import lru_cache
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -54,8 +53,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, limits: ServerLimits | N
     metrics = Metrics(llm.name)
     engine = AsyncEngine(llm, metrics, limits.max_waiting, limits.max_queue_time_s)
     collab = CollabHost(llm, metrics, collab_ttl_s)
-    spec, tokenizer = llm.spec, llm.tokenizer
-    token_text = _token_text(tokenizer)  # one cache for the server's lifetime
+    spec = llm.spec
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -110,7 +108,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, limits: ServerLimits | N
         healthy = engine.running and not engine.draining
         body: dict[str, Any] = {"status": "ok" if healthy else "error"}
         if authorized(request):
-            body |= {"stages": llm.stages(), "recoveries": llm.scheduler.recoveries, "collab": collab.stats(),
+            body |= {"stages": llm.stages(), "recoveries": llm.load().recoveries, "collab": collab.stats(),
                      "api_key_required": api_key is not None}
             if not healthy:
                 body["error"] = engine.failure or "the server is shutting down"
@@ -135,7 +133,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, limits: ServerLimits | N
                            code="too_many_messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            prompt = await run_in_threadpool(tokenizer.apply_chat_template, messages)
+            prompt = await run_in_threadpool(llm.chat_ids, messages)
         except ShardwiseError as e:
             raise ApiError(400, str(e), param="messages") from None
         return await generate(request, body, [prompt], chat=True)
@@ -177,7 +175,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, limits: ServerLimits | N
             seqs = [llm.new_sequence(ids, params) for ids, params in choices]
         except ShardwiseError as e:
             raise ApiError(400, str(e), param="max_tokens") from None
-        reply = _Reply(body, prompts, seqs, chat, token_text)
+        reply = _Reply(body, prompts, seqs, chat, llm.token_text)
         events = engine.stream(seqs)
         if body.stream:  # the first event is awaited here, so a request refused before it runs gets a status
             first = await _until_disconnect(request, anext(events))
@@ -353,10 +351,3 @@ async def _until_disconnect(request: Request, work) -> None:
             task.cancel()
             raise ApiError(499, "the client closed the connection", kind="client_closed")
 
-
-def _token_text(tokenizer):
-    @lru_cache(maxsize=65536)
-    def text(token_id: int) -> str:
-        return tokenizer.hf.decode([token_id])
-
-    return text

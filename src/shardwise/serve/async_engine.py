@@ -1,4 +1,4 @@
-"""AsyncEngine: the scheduler on one engine thread, fed by asyncio request handlers.
+"""AsyncEngine: the LLM's engine loop on one engine thread, fed by asyncio request handlers.
 
 HTTP handlers run on an event loop; the model steps on another thread that owns the
 Scheduler, so a step never blocks the loop. New sequences and aborts cross over
@@ -61,7 +61,7 @@ class Event:
 
 class AsyncEngine:
     def __init__(self, llm: LLM, metrics: Metrics, max_waiting: int, max_queue_time_s: float):
-        self.llm, self.scheduler, self.metrics = llm, llm.scheduler, metrics
+        self.llm, self.metrics = llm, metrics
         self.max_waiting, self.max_queue_time_s = max_waiting, max_queue_time_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
@@ -140,17 +140,16 @@ class AsyncEngine:
             while True:
                 if self._drained():
                     return
-                if not self._take_inbox(block=not self.scheduler.has_work):
+                if not self._take_inbox(block=not self.llm.has_work):
                     return
                 deliveries: dict[asyncio.AbstractEventLoop, list] = {}
                 self._expire_waiting(deliveries)
                 try:
                     started = time.perf_counter()
-                    events = self.scheduler.step()
+                    events = self.llm.step()
                     self.step_s = time.perf_counter() - started
                 except Exception as e:  # nothing could replace a lost stage: fail what runs, keep serving
                     log.exception("engine step failed")
-                    self.scheduler.note("error", f"a step failed, its requests with it: {e}")
                     self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
                     self._update_gauges()
                     continue
@@ -173,9 +172,9 @@ class AsyncEngine:
         then ends with an error event; nothing is cut without one)."""
         if self._drain_deadline is None:
             return False
-        if self.scheduler.has_work and time.monotonic() < self._drain_deadline:
+        if self.llm.has_work and time.monotonic() < self._drain_deadline:
             return False
-        if self.scheduler.has_work:
+        if self.llm.has_work:
             self._fail_all(EngineError("the server shut down before this request finished (drain timeout)"))
         return True
 
@@ -190,7 +189,7 @@ class AsyncEngine:
                 return True
             block = False
             if command == "stop":
-                self.scheduler.release_all()
+                self.llm.release_all()
                 return False
             if command == "drain":
                 self._drain_deadline = payload
@@ -203,14 +202,14 @@ class AsyncEngine:
                     result, error = None, e
                 self._update_gauges()  # (a segment may change the KV in use) before the caller hears back
                 _settle(future, result, error)
-                if self.scheduler.has_work:
+                if self.llm.has_work:
                     return True
                 continue
             for seq in payload:
                 if command == "add":
-                    self.scheduler.add(seq)
+                    self.llm.add(seq)
                 elif not seq.output.finished:
-                    self.scheduler.abort(seq)
+                    self.llm.abort(seq)
                     self._done(seq)
             self._update_gauges()
 
@@ -243,7 +242,7 @@ class AsyncEngine:
 
     def _expire_waiting(self, deliveries: dict) -> None:
         """Refuse the sequences that waited longer than max_queue_time_s for a slot."""
-        for seq in self.scheduler.expire_waiting(self.max_queue_time_s):
+        for seq in self.llm.expire_waiting(self.max_queue_time_s):
             self.metrics.rejected("queue_timeout")
             error = Overloaded(f"the server is overloaded: this request waited {self.max_queue_time_s:.0f} s "
                                "without starting: retry later", self.max_queue_time_s / 4, "queue_timeout")
@@ -273,17 +272,17 @@ class AsyncEngine:
             loop.call_soon_threadsafe(events.put_nowait, error)
             self._listeners.pop(seq_id)
         try:
-            self.scheduler.release_all()
+            self.llm.release_all()
         except Exception:
             log.exception("freeing the failed requests' KV")
 
     def _update_gauges(self) -> None:
-        s, m = self.scheduler, self.metrics
-        m.running.set(s.num_running)
-        m.waiting.set(len(s.waiting))
-        m.queue_age.set(time.perf_counter() - s.waiting[0].output.arrival_time if s.waiting else 0.0)
+        s, m = self.llm.load(), self.metrics
+        m.running.set(s.running)
+        m.waiting.set(s.waiting)
+        m.queue_age.set(0.0 if s.oldest_arrival is None else time.perf_counter() - s.oldest_arrival)
         m.kv_usage.set(s.kv_reserved / s.kv_capacity)
-        # the scheduler counts lost stages and replays; the counters follow it
+        # the engine counts lost stages and replays; the counters follow it
         for name, counter in (("stage_failures", m.stage_failures), ("recoveries", m.recoveries),
                               ("replayed_tokens", m.replayed_tokens)):
             new = getattr(s, name) - self._counted[name]

@@ -25,7 +25,7 @@ def add_collab_routes(app: FastAPI, engine: AsyncEngine, host: CollabHost, autho
     async def open_session(request: Request) -> JSONResponse:
         body = await read_session_request(request)
         c = body.client
-        wait = engine.step_s if engine.scheduler.has_work else 0.0
+        wait = engine.step_s if engine.llm.has_work else 0.0
         try:
             return JSONResponse(await engine.call(lambda: host.open(
                 c.layer_seconds, c.memory_bytes, c.rtt_s, body.sla_s, body.policy, body.insist, wait)))

@@ -141,15 +141,15 @@ class CollabHost:
     def _reserve(self, tokens: int) -> None:
         """A step's new KV (at most its tokens) comes out of the server's one KV budget, which its
         own requests share: refused, before it changes anything, when that is spent."""
-        scheduler = self.llm.scheduler
         self._publish_kv()
-        if scheduler.kv_reserved + tokens > scheduler.kv_capacity:
-            raise ServerBusy(f"the server's KV cache is full ({scheduler.kv_reserved} of {scheduler.kv_capacity} "
+        load = self.llm.load()
+        if load.kv_reserved + tokens > load.kv_capacity:
+            raise ServerBusy(f"the server's KV cache is full ({load.kv_reserved} of {load.kv_capacity} "
                              f"tokens in use, this step adds up to {tokens}): retry shortly, or free finished "
                              "sequences")
 
     def _publish_kv(self) -> None:
-        self.llm.scheduler.external_kv = self.kv_tokens
+        self.llm.hold_kv(self.kv_tokens)
 
     def close(self, session_id: str) -> None:
         session = self._session(session_id)
@@ -192,8 +192,7 @@ class CollabHost:
     def _model(self) -> ShardModel:
         """Every layer: the server's own in-process model, or (behind a pipeline) one loaded here."""
         if self._full is None:
-            shard = getattr(self.llm.executor, "shard", None)
-            self._full = shard or ShardModel(self.spec, weights=open_weights(self.llm.path))
+            self._full = self.llm.local_shard() or ShardModel(self.spec, weights=open_weights(self.llm.path))
         return self._full
 
     def _view(self, a: int, b: int) -> Worker:

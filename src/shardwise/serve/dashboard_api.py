@@ -84,7 +84,7 @@ def add_dashboard_routes(app: FastAPI, llm: LLM, engine: AsyncEngine, metrics: M
             stale = f"the stages did not report ({type(e).__name__}): numbers as last seen"
         return {"model": llm.name, "time": time.time(), "running": engine.running, "failure": engine.failure,
                 "stages": last_stages["stages"], "stages_time": last_stages["time"], "stale": stale,
-                "metrics": metrics.snapshot(), "events": list(llm.scheduler.events)}
+                "metrics": metrics.snapshot(), "events": llm.events()}
 
     @app.get("/v1/dashboard/catalog", dependencies=[Depends(authorize)])
     async def catalog() -> dict[str, Any]:
