@@ -43,6 +43,9 @@ def add_collab_routes(app: FastAPI, engine: AsyncEngine, host: CollabHost, autho
             raise ApiError(503, str(e), kind="server_error") from None
         except ShardwiseError as e:  # a malformed message, or a step the model refuses
             raise ApiError(400, str(e), code="invalid_tensor" if isinstance(e, WireError) else None) from None
+        except Exception as e:  # the step itself failed: said in band, the stream stays open
+            raise ApiError(500, f"the segment failed on the server ({type(e).__name__}: {e})",
+                           kind="server_error", code="segment_failed") from None
 
     @app.post("/v1/collab/sessions/{session_id}/segments/{segment}", dependencies=auth)
     async def run_segment(session_id: str, segment: int, request: Request) -> Response:
