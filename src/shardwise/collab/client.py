@@ -27,6 +27,7 @@ from websockets.sync.client import connect
 
 from shardwise.collab.split import measure
 from shardwise.collab.wire import MAX_HIDDEN_BYTES, decode, encode
+from shardwise.engine.executor import SynchronousExecutor
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.engine.shard import ShardModel
 from shardwise.engine.worker import Sampled, Worker
@@ -81,13 +82,11 @@ def _costs(llm: LLM, profile: str | list[float] | None, memory: float) -> list[f
     return [float(t) for t in table.compute[0]]
 
 
-class CollabExecutor:
+class CollabExecutor(SynchronousExecutor):
     """The executor of a collaborative session: each step goes through the segments in order.
     A session the server no longer has (expired, or the server restarted) or a broken stream
     is a StageFailure: recover() opens a new session and the scheduler replays every sequence
     into it, so generation carries on unchanged."""
-
-    parallelism = 1
 
     def __init__(self, http: httpx.Client, open_session: Callable[[], dict[str, Any]], weights: Weights,
                  slowdown: float, headers: dict[str, str], timeout: float):
@@ -146,19 +145,16 @@ class CollabExecutor:
         for ops in self._pending.values():
             ops["rewind"].append([seq_id, length])
 
-    def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled | Exception:
+    def run_step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled:
         out = None
-        try:
-            for k, (side, a, _) in enumerate(self.segments):
-                if side == "client":
-                    started = time.perf_counter()
-                    out = self.workers[k].step(seq_ids, chunks, sample, out)
-                    if self.slowdown > 1:  # an emulated slower device takes proportionally longer
-                        time.sleep((self.slowdown - 1) * (time.perf_counter() - started))
-                else:
-                    out = self._remote(k, seq_ids, chunks, sample, out if a > 0 else None)
-        except Exception as e:
-            return e  # result() raises it, where the scheduler takes a step's outcome
+        for k, (side, a, _) in enumerate(self.segments):
+            if side == "client":
+                started = time.perf_counter()
+                out = self.workers[k].step(seq_ids, chunks, sample, out)
+                if self.slowdown > 1:  # an emulated slower device takes proportionally longer
+                    time.sleep((self.slowdown - 1) * (time.perf_counter() - started))
+            else:
+                out = self._remote(k, seq_ids, chunks, sample, out if a > 0 else None)
         return out
 
     def _remote(self, k: int, seq_ids, chunks, sample, hidden: torch.Tensor | None) -> torch.Tensor | Sampled:
@@ -179,14 +175,6 @@ class CollabExecutor:
             return hidden
         logprobs = {int(row): TokenLogprobs(lp, [tuple(t) for t in top]) for row, (lp, top) in meta["logprobs"].items()}
         return Sampled(meta["tokens"], logprobs, {int(row): e for row, e in meta.get("errors", {}).items()})
-
-    def wait(self, handles: list[Any]) -> int:
-        return 0
-
-    def result(self, handle: Sampled | Exception) -> Sampled:
-        if isinstance(handle, Exception):
-            raise handle
-        return handle
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"side": side, "layers": [a, b]} for side, a, b in self.segments]

@@ -14,10 +14,32 @@ from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.worker import Sampled, Worker
 
 
-class LocalExecutor:
-    """The whole model in this process; a step completes inside submit()."""
+class SynchronousExecutor:
+    """An executor whose step completes inside submit() (nothing overlaps): its outcome, a result
+    or the error it raised, waits in the handle for result()."""
 
     parallelism = 1
+
+    def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled | Exception:
+        try:
+            return self.run_step(seq_ids, chunks, sample)
+        except Exception as e:  # raised by result(), where the scheduler takes a step's outcome
+            return e
+
+    def run_step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled:
+        raise NotImplementedError
+
+    def wait(self, handles: list[Any]) -> int:
+        return 0
+
+    def result(self, handle: Sampled | Exception) -> Sampled:
+        if isinstance(handle, Exception):
+            raise handle
+        return handle
+
+
+class LocalExecutor(SynchronousExecutor):
+    """The whole model in this process."""
 
     def __init__(self, worker: Worker):
         self.worker = worker
@@ -32,19 +54,8 @@ class LocalExecutor:
     def rewind(self, seq_id: int, length: int) -> None:
         self.worker.rewind(seq_id, length)
 
-    def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled | Exception:
-        try:
-            return self.worker.step(seq_ids, chunks, sample)
-        except Exception as e:  # raised by result(), where the scheduler takes a step's outcome
-            return e
-
-    def wait(self, handles: list[Any]) -> int:
-        return 0
-
-    def result(self, handle: Sampled | Exception) -> Sampled:
-        if isinstance(handle, Exception):
-            raise handle
-        return handle
+    def run_step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled:
+        return self.worker.step(seq_ids, chunks, sample)
 
     def describe(self) -> list[dict[str, Any]]:
         return []  # no pipeline stages

@@ -9,6 +9,7 @@ placement is "local" (the driver's node), a Ray node id, or a node's IP address.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -66,13 +67,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ShardwiseError(f"plan file '{path}' does not exist") from None
-        except json.JSONDecodeError as e:
-            raise ShardwiseError(f"plan file '{path}' is not valid JSON ({e})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_file(path, "plan", json.loads, json.JSONDecodeError, "JSON"))
 
     # --- validation ---------------------------------------------------------------------------
     def check_layers(self, spec: ModelSpec) -> None:
@@ -94,3 +89,14 @@ class Plan:
                     f"tokens) but it has {capacity[key] / 2**30:.2f} GiB: move layers elsewhere, add stages "
                     "on other devices, or lower the KV budget"
                 )
+
+
+def read_file(path: str | Path, what: str, parse: Callable[[str], Any], malformed: type[Exception],
+              language: str) -> Any:
+    """A plan or cluster file's parsed contents, or a ShardwiseError saying what is wrong with it."""
+    try:
+        return parse(Path(path).read_text())
+    except FileNotFoundError:
+        raise ShardwiseError(f"{what} file '{path}' does not exist") from None
+    except malformed as e:
+        raise ShardwiseError(f"{what} file '{path}' is not valid {language} ({e})") from None

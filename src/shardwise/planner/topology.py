@@ -47,7 +47,7 @@ from shardwise.perf.operators import (
     layer_operators,
 )
 from shardwise.planner.partition import CostTable, PlanResult
-from shardwise.planner.plan import DEFAULT_KV_TOKENS, Plan, StageSpec
+from shardwise.planner.plan import DEFAULT_KV_TOKENS, Plan, StageSpec, read_file
 
 DEFAULT_LINK = "ethernet-1g"
 
@@ -82,13 +82,7 @@ class Cluster:
 
     @classmethod
     def load(cls, path: str | Path) -> Cluster:
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ShardwiseError(f"cluster file '{path}' does not exist") from None
-        except yaml.YAMLError as e:
-            raise ShardwiseError(f"cluster file '{path}' is not valid YAML ({e})") from None
-        return cls.from_dict(data, base=Path(path).parent)
+        return cls.from_dict(read_file(path, "cluster", yaml.safe_load, yaml.YAMLError, "YAML"), base=Path(path).parent)
 
     @classmethod
     def from_dict(cls, data: Any, base: Path | None = Path(".")) -> Cluster:
