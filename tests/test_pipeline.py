@@ -129,6 +129,30 @@ def test_unknown_node_and_plan_that_cannot_fit(ray_session, model_path, weights)
     assert stage_actors_alive(ray_session) == alive
 
 
+def test_a_stage_that_raises_fails_the_step_not_the_stage(ray_session, model_path, weights, llm):
+    """A stage raising inside a step (here: a sequence it never saw) is a StepError: every stage
+    lives on, and once its KV is rewound the batch's good sequence steps again as if nothing
+    happened."""
+    from shardwise.cluster.pipeline import Pipeline
+    from shardwise.errors import StepError
+
+    prompt = llm.prompt_ids(TEXT_PROMPTS[0])
+    pipeline = Pipeline(model_path, weights.spec, Plan.even(weights.spec, 2))
+    try:
+        pids = list(pipeline.pids)
+        pipeline.add(1, SamplingParams(temperature=0))
+        with pytest.raises(StepError):
+            pipeline.result(pipeline.submit([1, 99], [prompt, [5]], [True, True]))
+        pipeline.rewind(1, 0)
+        handle = pipeline.submit([1], [prompt], [True])
+        pipeline.wait([handle])
+        tokens = pipeline.result(handle).tokens
+        assert pipeline.pids == pids  # no stage was replaced
+        assert tokens == [llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0))[0].token_ids[0]]
+    finally:
+        pipeline.close()
+
+
 def test_bad_plan_files(tmp_path):
     with pytest.raises(ShardwiseError, match="does not exist"):
         Plan.load(tmp_path / "nope.json")

@@ -175,12 +175,12 @@ class Pipeline:
 
     def result(self, handle: ray.ObjectRef) -> Sampled:
         try:
-            out = _get(handle)
+            out = ray.get(handle)
         except ray.exceptions.RayTaskError as e:
             if not isinstance(e.cause, Exception) or isinstance(e.cause, ray.exceptions.RayError):
                 raise StageFailure(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", handle) from None
             del self._steps[handle]  # a stage raised: the step failed, but every stage lives
-            raise StepError(f"{type(e.cause).__name__}: {e.cause}") from None
+            raise StepError(f"a stage failed the step ({type(e.cause).__name__}: {e.cause})") from None
         except ray.exceptions.RayError as e:  # the actor, its node or an object it needed is gone
             raise StageFailure(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", handle) from None
         del self._steps[handle]
