@@ -177,7 +177,7 @@ def test_the_work_one_request_may_ask_for_is_bounded(server):
         reply = http.post(path, json={"model": MODEL, **body})
         assert reply.status_code == 400 and reply.json()["error"]["code"] == code, reply.text
         assert time.perf_counter() - started < 5  # refused before any work
-    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server}/health").json() == {"status": "ok", "api_key_required": True}
 
 
 def test_an_overloaded_server_refuses_with_retry_after_and_its_queue_drains(server, client):
@@ -214,7 +214,7 @@ def test_the_api_schema_declares_the_bodies_and_survives_fuzzing(fuzz_server, tm
     summary = result.stdout[-3000:]
     assert result.returncode == 0, summary
     assert int(re.search(r"(\d+) generated", summary)[1]) >= 200, summary
-    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server}/health").json() == {"status": "ok", "api_key_required": True}
 
 
 # --- shutdown ------------------------------------------------------------------------------------

@@ -166,7 +166,8 @@ def test_api_key_is_required_on_v1(server):
     wrong = openai.OpenAI(base_url=f"{server}/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.completions.create(model=MODEL, prompt="hi", max_tokens=2)
-    assert httpx.get(f"{server}/health").json() == {"status": "ok"}  # without the key: only whether it is healthy
+    # without the key: only whether it is healthy (and that it wants a key)
+    assert httpx.get(f"{server}/health").json() == {"status": "ok", "api_key_required": True}
     health = httpx.get(f"{server}/health", headers={"Authorization": f"Bearer {API_KEY}"}).json()
     assert health["status"] == "ok" and [s["layers"] for s in health["stages"]] == [[0, 15], [15, 30]]
 

@@ -82,7 +82,7 @@ def test_the_page_asks_for_the_key_and_holds_no_secret(page, api_server):
 
 def test_cluster_view_draws_the_running_plan(page, api_server):
     view(page, "cluster")
-    stages = httpx.get(f"{api_server}/health").json()["stages"]
+    stages = httpx.get(f"{api_server}/health", headers={"Authorization": f"Bearer {API_KEY}"}).json()["stages"]
     expected = [f"{a}-{b}" for a, b in (s["layers"] for s in stages)]
     boxes = page.locator("#pipeline .stage")
     expect(boxes).to_have_count(len(stages))

@@ -104,12 +104,12 @@ def create_app(llm: LLM, *, api_key: str | None = None, limits: ServerLimits | N
     # --- endpoints --------------------------------------------------------------------------------
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        """Whether the server is healthy; with the API key, also where its stages run."""
+        """Whether the server is healthy, and whether /v1 needs a key (a 401 says so anyway; the
+        dashboard asks for the key on it); with the key, also where its stages run."""
         healthy = engine.running and not engine.draining
-        body: dict[str, Any] = {"status": "ok" if healthy else "error"}
+        body: dict[str, Any] = {"status": "ok" if healthy else "error", "api_key_required": api_key is not None}
         if authorized(request):
-            body |= {"stages": llm.stages(), "recoveries": llm.load().recoveries, "collab": collab.stats(),
-                     "api_key_required": api_key is not None}
+            body |= {"stages": llm.stages(), "recoveries": llm.load().recoveries, "collab": collab.stats()}
             if not healthy:
                 body["error"] = engine.failure or "the server is shutting down"
         return JSONResponse(body, status_code=200 if healthy else 503)
