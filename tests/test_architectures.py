@@ -207,19 +207,31 @@ def test_a_quantised_mixtral_computes_with_its_blocks(dtype, tmp_path):
     gives the logits and greedy tokens of the same model holding those blocks dequantised to fp32
     (random weights are too sensitive to rounding for a quality check: test_quantization measures
     quality on the real model)."""
+    from shardwise.model.product import Product, product
     from shardwise.quant import QuantizedWeight
 
     _, path = build("mixtral", tmp_path)
     weights = open_weights(path)
     quantised = ShardModel(weights.spec, weights=weights, dtype=dtype)
-    moe = quantised.blocks[0].mlp
-    assert isinstance(moe.gate_up, QuantizedWeight) and moe.gate_up.shape == (4, 2 * 96, 64)
-    assert isinstance(moe.down, QuantizedWeight) and moe.down.bits == int(dtype[3:])
+    gate_up, down = quantised.blocks[0].mlp.experts[0]
+    assert isinstance(gate_up.weight, QuantizedWeight) and gate_up.weight.shape == (2 * 96, 64)
+    assert isinstance(down.weight, QuantizedWeight) and down.weight.bits == int(dtype[3:])
+
+    def dequantised(value):
+        if isinstance(value, QuantizedWeight):
+            return value.dequantize()
+        if isinstance(value, Product) and isinstance(value.weight, QuantizedWeight):
+            return product(value.weight.dequantize(), value.bias)
+        if isinstance(value, tuple):  # an expert's products
+            return tuple(map(dequantised, value))
+        if isinstance(value, list) and value and isinstance(value[0], tuple):
+            return list(map(dequantised, value))
+        return value
+
     floats = ShardModel(weights.spec, weights=weights, dtype=dtype)
     for owner in (floats, *floats.blocks, *(block.mlp for block in floats.blocks)):
         for name, value in vars(owner).items():
-            if isinstance(value, QuantizedWeight):
-                setattr(owner, name, value.dequantize())
+            setattr(owner, name, dequantised(value))
     batch = prompts()
     expected = run_prompts([floats], batch)
     assert (run_prompts([quantised], batch) - expected).abs().max() <= 1e-4 * expected.abs().max()

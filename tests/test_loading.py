@@ -30,7 +30,7 @@ def test_registry_reuses_the_cache(model_path):
 
 def test_shard_loads_only_its_layers(weights):
     shard = ShardModel(weights.spec, (10, 12), weights=weights)
-    params = sum(t.numel() for b in shard.blocks for t in (b.qkv, b.o, b.mlp.gate_up, b.mlp.down))
+    params = sum(p.weight.numel() for b in shard.blocks for p in (b.qkv, b.o, b.mlp.gate_up, b.mlp.down))
     assert len(shard.blocks) == 2 and shard.embed is None and not shard.is_last
     assert params == 2 * (weights.spec.layer_parameters() - 2 * weights.spec.hidden_size)
 

@@ -169,10 +169,13 @@ def test_bad_plan_files(tmp_path):
 
 def test_cli_generate_with_stages_and_plan(tmp_path, weights):
     # int4: the stages load the file's own blocks in a fraction of fp32's time
-    result = cli("generate", "What is the capital of France?", "--stages", "2", "--max-tokens", "12",
+    result = cli("-v", "generate", "What is the capital of France?", "--stages", "2", "--max-tokens", "12",
                  "--dtype", "int4")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+    # --verbose: each stage says, as it loads, which kernels it loaded and each range's product
+    loaded = [line for line in result.stderr.splitlines() if "products by rows" in line]
+    assert len(loaded) == 2 and all("qkv 1-8 q4 direct, 9-128 q4 tile" in line for line in loaded), result.stderr
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"stages": [{"layers": [0, 10]}, {"layers": [12, 30]}]}))
     result = cli("generate", "hi", "--plan", str(plan))

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 
 from shardwise import LLM, SamplingParams, ShardModel, ShardwiseError, kernels
 from shardwise.engine.quality import agreement, perplexity
-from shardwise.model.layers import apply_rope, linear
+from shardwise.model.layers import apply_rope
+from shardwise.model.product import DIRECT_ROWS, KERNEL_ROWS, product
 from shardwise.model.weights import open_weights
 from shardwise.perf.estimate import Stage, stage_memory
 from shardwise.perf.hardware import load_device
 from shardwise.perf.operators import Precision, Work
 from shardwise.quant import quantize
 from shardwise.quant.gguf import from_gguf
-from shardwise.quant.quantized import DIRECT_ROWS, KERNEL_ROWS
 from tests.conftest import TEXT_PROMPTS
 
 TEXT = Path(__file__).with_name("data") / "perplexity.txt"
@@ -43,8 +43,9 @@ def test_products_match_the_dequantised_weight(bits, rows):
     weight = quantize(torch.randn(96, 320), bits)
     x, bias = torch.randn(rows, 320) * 3, torch.randn(96)
     reference = x @ weight.dequantize().t() + bias
-    out = linear(x, weight, bias)
-    assert weight.kernel_applies(x) == (rows <= KERNEL_ROWS)
+    matmul = product(weight, bias)
+    out = matmul(x)
+    assert matmul.route_for(rows).compiled == (rows <= KERNEL_ROWS)
     assert (out - reference).abs().max() <= 1e-4 * reference.abs().max()
 
 

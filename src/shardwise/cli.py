@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Annotated
 
@@ -21,8 +23,13 @@ app = typer.Typer(
 
 
 @app.callback()
-def main() -> None:
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what loads and how (kernels, "
+                                              "each weight's product, stages), here and in Ray stages.")] = False,
+         ) -> None:
     """shardwise: predict, plan and run LLM inference across heterogeneous devices."""
+    if verbose:
+        os.environ["SHARDWISE_LOG_LEVEL"] = "INFO"  # read by Ray stages as they start
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
 def fail(message: str) -> None:

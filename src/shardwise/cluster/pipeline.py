@@ -35,9 +35,13 @@ from shardwise.model.spec import ModelSpec
 from shardwise.planner.plan import Plan
 from shardwise.planner.topology import Cluster, plan_cluster
 
-# Stages on one node take turns on its cores. OpenMP threads spin only briefly before
-# sleeping: hot between the ops of a step, out of the way while another stage computes.
-STAGE_ENV = {"env_vars": {"GOMP_SPINCOUNT": "20000"}}
+
+def stage_env() -> dict:
+    """The stages' environment. Stages on one node take turns on its cores: OpenMP threads spin
+    only briefly before sleeping (hot between the ops of a step, out of the way while another
+    stage computes). And the log level asked for (shardwise --verbose)."""
+    level = {"SHARDWISE_LOG_LEVEL": os.environ["SHARDWISE_LOG_LEVEL"]} if "SHARDWISE_LOG_LEVEL" in os.environ else {}
+    return {"env_vars": {"GOMP_SPINCOUNT": "20000", **level}}
 
 
 class Pipeline:
@@ -111,7 +115,7 @@ class Pipeline:
     @staticmethod
     def _actor_on(node: dict[str, Any]) -> Any:
         return StageActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
-                                  runtime_env=STAGE_ENV)
+                                  runtime_env=stage_env())
 
     def _keep_spares(self) -> None:
         """With spares: one warm, empty actor on each node that holds stages (started, not awaited)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ray
 
 from shardwise.errors import ShardwiseError
@@ -15,7 +17,9 @@ def join(address: str | None, instead: str) -> bool:
         return False
     try:
         # "local": a new instance of our own, never a stale session another (killed) `ray start` left behind
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # (stages' logs reach this process only when asked for: shardwise --verbose)
+        ray.init(address=address or "local", include_dashboard=False,
+                 log_to_driver="SHARDWISE_LOG_LEVEL" in os.environ, configure_logging=False)
     except ConnectionError as e:
         if address is None:
             raise ShardwiseError(f"cannot start a local Ray instance ({e}): check /tmp/ray's space and "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +23,8 @@ class StageActor:
 
     def __init__(self, model_path: str | None = None, layers: tuple[int, int] = (0, 0), device: str = "cpu",
                  dtype: str | None = None):
+        logging.basicConfig(level=os.environ.get("SHARDWISE_LOG_LEVEL", "WARNING"),
+                            format="%(asctime)s %(name)s: %(message)s")
         self.worker = None
         if model_path is not None:
             self.load(model_path, layers, device, dtype)

@@ -16,7 +16,7 @@ import torch
 
 from shardwise.engine.shard import ShardModel
 from shardwise.errors import ShardwiseError
-from shardwise.model.layers import linear
+from shardwise.model.product import head_product
 from shardwise.model.spec import ModelSpec
 from shardwise.perf.memory import stage_bytes
 from shardwise.perf.profile import timed
@@ -38,9 +38,10 @@ def measure(shard: ShardModel, repeats: int = 15) -> list[float]:
     """Per-layer decode costs timed on this machine: a decode step through `shard` at a short
     context (every layer of the model is taken to cost what these do) and one LM head."""
     spec = shard.spec
-    head = shard.head if shard.is_last else torch.randn(spec.vocab_size, spec.hidden_size, dtype=shard.dtype) / 30
+    head = shard.head if shard.is_last else head_product(
+        torch.randn(spec.vocab_size, spec.hidden_size, dtype=shard.dtype) / 30)
     x = torch.randn(1, spec.hidden_size, dtype=shard.dtype)
-    head_s = timed(lambda: linear(x, head), shard.device, repeats)  # float or quantised
+    head_s = timed(lambda: head(x), shard.device, repeats)  # float or quantised
     seq = -1  # a sequence id no caller uses
     shard.allocate(seq)
     try:

@@ -7,7 +7,8 @@ import math
 import torch
 
 from shardwise.engine.shard import ShardModel
-from shardwise.quant.quantized import BITS, DIRECT_ROWS
+from shardwise.model.product import DIRECT_ROWS
+from shardwise.quant.quantized import BITS
 
 
 def perplexity(shard: ShardModel, ids: list[int]) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 from typing import Literal
 
 import torch
@@ -18,14 +19,14 @@ from shardwise.engine.allocator import keep_buffers_in_heap
 from shardwise.engine.kv_cache import KVCache
 from shardwise.errors import ShardwiseError
 from shardwise.model.fused_decode import FusedDecode
-from shardwise.model.layers import TILED_ROWS, Block, PackedBatch, RotaryTable, linear, rms_norm, softcap
+from shardwise.model.layers import Block, PackedBatch, RMSNorm, RotaryTable, softcap
+from shardwise.model.product import Product, head_product
 from shardwise.model.spec import ModelSpec, require_supported
 from shardwise.model.weights import Weights
 from shardwise.quant import QuantizedWeight
 from shardwise.quant.quantized import BITS
 
-HEAD_BLOCK = 2048  # vocabulary rows per LM-head block
-HEAD_TILED_ROWS = 64  # an fp32 head up to this many rows: the tiled kernel, 1.2-1.7x the blocked GEMM here
+log = logging.getLogger("shardwise.engine")
 keep_buffers_in_heap()  # once per process that runs a shard
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_DTYPES = (*DTYPES, *BITS)
@@ -88,15 +89,16 @@ class ShardModel:
         self.blocks = [Block(spec, i, self._layer_tensors(weights, i, load)) for i in range(start, end)]
         self.fused = FusedDecode.for_blocks(self.blocks)  # decode steps in one kernel call, where it applies
         if self.is_last:
-            self.norm = load("norm.weight")
+            self.norm = RMSNorm(load("norm.weight"), spec.norm_eps)
             tied = spec.tie_embeddings or not weights.has("head.weight")
-            if tied and self.embed is not None:
-                self.head = self.embed
-            else:
-                self.head = load("embed.weight" if tied else "head.weight")
+            self.head = head_product(self.embed if tied and self.embed is not None
+                                     else load("embed.weight" if tied else "head.weight"))
         self.rotary = {kind: RotaryTable.for_spec(spec, kind, self.device)
                        for kind in sorted({block.rope_kind for block in self.blocks})}
         self.kv = KVCache(end - start, spec.num_kv_heads, spec.head_dim, self.dtype, self.device)
+        log.info("layers [%d, %d) on %s, %s weights; products by rows: qkv %s%s; decode steps %s", start, end,
+                 self.device, dtype, self.blocks[0].qkv, f"; head {self.head}" if self.is_last else "",
+                 "in one kernel call" if self.fused else "layer by layer")
 
     def view(self, start: int, end: int) -> ShardModel:
         """Layers [start, end) of this shard as a shard of their own: the same weight tensors,
@@ -114,12 +116,22 @@ class ShardModel:
     def weight_bytes(self) -> int:
         """Bytes of the weights this shard holds (a tied head counted once)."""
         held = {}
+
+        def hold(value) -> None:
+            if isinstance(value, QuantizedWeight):
+                held[id(value)] = value.nbytes
+            elif isinstance(value, torch.Tensor) and value.dim() > 0:  # (not the embedding's scalar scale)
+                held[id(value)] = value.numel() * value.element_size()
+            elif isinstance(value, Product | RMSNorm):
+                hold(value.weight)
+                hold(getattr(value, "bias", None))
+            elif isinstance(value, list | tuple):  # experts
+                for item in value:
+                    hold(item)
+
         for owner in (self, *self.blocks, *(block.mlp for block in self.blocks)):
             for value in vars(owner).values():
-                if isinstance(value, QuantizedWeight):
-                    held[id(value)] = value.nbytes
-                elif isinstance(value, torch.Tensor) and value.dim() > 0:  # (not the embedding's scalar scale)
-                    held[id(value)] = value.numel() * value.element_size()
+                hold(value)
         return sum(held.values())
 
     @staticmethod
@@ -177,16 +189,7 @@ class ShardModel:
         if logits == "last":
             ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
             x = x[ends]
-        x = rms_norm(x, self.norm, self.spec.norm_eps)
-        return softcap(self._head(x).float(), self.spec.final_softcap)
-
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.head, QuantizedWeight) or x.shape[0] <= TILED_ROWS:
-            return linear(x, self.head)
-        if x.shape[0] <= HEAD_TILED_ROWS and (out := kernels.linear_f32(x, self.head, None)) is not None:
-            return out
-        # row blocks of the head keep each block's output in cache: ~25 % faster than one GEMM from batch 8 up
-        return torch.cat([F.linear(x, block) for block in self.head.split(HEAD_BLOCK)], dim=-1)
+        return softcap(self.head(self.norm(x)).float(), self.spec.final_softcap)
 
     def _pack(self, seq_ids: list[int], lengths: list[int]) -> PackedBatch:
         kv, device = self.kv, self.device

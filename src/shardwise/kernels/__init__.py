@@ -1,13 +1,14 @@
 """shardwise's CPU kernels (cpu.cpp): products on quantised weights, a register-tiled fp32 product
 for few rows, decode attention over the paged KV pool, RMSNorm, SwiGLU's silu * up, and a whole
 decode step through plain layers (sw_decode_layers), built and loaded (ctypes) when the first
-CPU shard is made.
+CPU shard is made (each weight's product is chosen then: shardwise.model.product).
 
 The library is built with the machine's C++ compiler against the installed torch (so its
 threads are torch's own), once per source, torch version and CPU, into the shardwise cache;
 stages that start together build it once (a lock) and later processes just load it. Where it
-cannot be built (no compiler, no AVX2, not x86) `library()` returns None and callers fall back
-to torch ops (quantised weights: dequantise, then multiply): correct, slower; the reason is logged once.
+cannot be built (no compiler, no AVX2, not x86) `library()` returns None and shards load with
+torch ops instead (quantised weights: dequantise, then multiply): correct, slower; the reason is
+logged once.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def library() -> ctypes.CDLL | None:
         _unavailable("this CPU has no AVX2")
         return None
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if compiler is None:
-        _unavailable("no C++ compiler found: install g++")
+    if compiler is None or shutil.which(compiler) is None:
+        _unavailable(f"no C++ compiler found{f' (CXX={compiler})' if compiler else ''}: install g++")
         return None
     torch_dir = Path(torch.__file__).parent
     key = hashlib.sha1(SOURCE.read_bytes() + f"{torch.__version__}|{FLAGS}".encode()).hexdigest()[:16]
@@ -104,23 +105,21 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def _library_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The kernels, where every tensor is a CPU fp32 one (what they take) and they could be built."""
-    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
-        return library()
-    return None
+def takes(t: torch.Tensor) -> bool:
+    """Whether the kernels take tensors like t here: CPU fp32 ones, where they could be built.
+    Asked once per weight when a shard loads; the functions below assume the answer was yes."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and library() is not None
 
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, write_slots: torch.Tensor, slots: torch.Tensor, totals: torch.Tensor,
-                     heads: int, window: int | None, scale: float, softcap: float | None) -> torch.Tensor | None:
+                     heads: int, window: int | None, scale: float, softcap: float | None) -> torch.Tensor:
     """A decode step's attention (one new token per sequence) from its fused projection qkv
     [seqs, (heads + 2 kv_heads) * dim]: RoPE (cos, sin [seqs, rotary]) on q and k, k and v written
     into the pool keys/values [kv_heads, pool_slots, dim] at write_slots, then attention over each
     sequence's slots [seqs, longest] (the first totals[s] valid), read in place. Returns
-    [seqs, heads * dim]; None where the kernel does not apply (not a CPU fp32 cache, or no kernels)."""
-    if (lib := _library_for(qkv, keys, cos)) is None:
-        return None
+    [seqs, heads * dim]."""
+    lib = library()
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     kv_heads, pool_slots, dim = keys.shape
     out = torch.empty(qkv.shape[0], heads * dim)
@@ -131,33 +130,28 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     return out
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight over the last dimension (one fused pass: torch's CPU rms_norm is several
-    ops); None where the kernel does not apply."""
-    if (lib := _library_for(x, weight)) is None:
-        return None
+    ops)."""
+    lib = library()
     x = x.contiguous()
     out = torch.empty_like(x)
     lib.sw_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
     return out
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
-    """silu(gate) * up for gate_up [rows, 2 * inter] = [gate, up] (SwiGLU), in one pass; None
-    where the kernel does not apply."""
-    if (lib := _library_for(gate_up)) is None:
-        return None
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [rows, 2 * inter] = [gate, up] (SwiGLU), in one pass."""
+    lib = library()
     gate_up = gate_up.contiguous()
     out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2)
     lib.sw_silu_mul(gate_up.data_ptr(), gate_up.shape[0], out.shape[1], out.data_ptr())
     return out
 
 
-def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x [rows, k] . weight [n, k]^T (+ bias) by the register-tiled fp32 kernel; None where it does
-    not apply (not CPU fp32, or no kernels)."""
-    if (lib := _library_for(x, weight)) is None:
-        return None
+def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, k] . weight [n, k]^T (+ bias) by the register-tiled fp32 kernel."""
+    lib = library()
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0])
     lib.sw_linear_f32(x.data_ptr(), x.shape[0], weight.data_ptr(), weight.shape[0], weight.shape[1],

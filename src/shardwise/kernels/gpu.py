@@ -5,7 +5,7 @@ Each program computes a BLOCK_M x BLOCK_N tile of y = x . W^T: it walks the weig
 along k, widens each [BLOCK_N, 32] tile of blocks to x's dtype in registers (q8: scale * q; q4:
 scale * q + min, the low nibbles of a block's 16 bytes its first 16 values and the high nibbles
 the rest) and multiplies it on the tensor cores, so a token reads each weight byte once instead
-of a dequantised copy. Where `applies` says no (not a CUDA tensor, no Triton) the caller
+of a dequantised copy. Where `takes` says no (not a CUDA tensor, no Triton) the caller
 dequantises instead. Under TRITON_INTERPRET=1 the same kernel runs on CPU tensors, which is how
 the tests check it on machines without a GPU.
 """
@@ -71,13 +71,13 @@ def _kernel():
     return quant_matmul
 
 
-def applies(x: torch.Tensor) -> bool:
-    """Whether the Triton kernel runs on x: a CUDA tensor, where Triton is installed."""
-    return x.device.type == "cuda" and _kernel() is not None
+def takes(device: torch.device) -> bool:
+    """Whether the Triton kernel runs on this device: a CUDA one, where Triton is installed."""
+    return device.type == "cuda" and _kernel() is not None
 
 
 def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [rows, k] . W^T (+ bias) in x's dtype, for one matrix; where applies(x), or on CPU
+    """x [rows, k] . W^T (+ bias) in x's dtype, for one matrix; where takes(x.device), or on CPU
     tensors under TRITON_INTERPRET=1."""
     kernel = _kernel()
     x = x.contiguous()

@@ -12,12 +12,11 @@ from __future__ import annotations
 import ctypes
 
 import torch
-import torch.nn.functional as F
 
 from shardwise import kernels
-from shardwise.model.layers import TILED_ROWS, Block, GatedMLP, PackedBatch
+from shardwise.model.layers import Block, GatedMLP, PackedBatch
+from shardwise.model.product import DIRECT_ROWS, Product
 from shardwise.quant import QuantizedWeight
-from shardwise.quant.quantized import DIRECT_ROWS, KERNEL_ROWS
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
@@ -31,19 +30,23 @@ def _matrix(weight: torch.Tensor | QuantizedWeight) -> kernels.Matrix:
     return kernels.Matrix(0, weight.data_ptr(), None, None, *weight.shape)
 
 
+def _matrices(block: Block) -> tuple[Product, ...]:
+    return block.qkv, block.o, block.mlp.gate_up, block.mlp.down
+
+
 def _plain(block: Block) -> bool:
-    """Whether cpu.cpp's DecodeLayer describes the block: what sw_decode_layers runs."""
+    """Whether cpu.cpp's DecodeLayer describes the block: what sw_decode_layers runs. Its
+    products must all be the compiled kernels' (the C code chooses among them by rows as the
+    products do), on contiguous weights."""
     mlp = block.mlp
-    if not isinstance(mlp, GatedMLP) or mlp.act is not F.silu or block.rope_kind != "global":
+    if not isinstance(mlp, GatedMLP) or not mlp.gate.compiled or not block.compiled_decode:
         return False
-    if any(t is not None for t in (block.q_norm, block.post_attn_norm, block.post_mlp_norm)):
+    if block.rope_kind != "global" or any(norm is not None for norm in (block.post_attn_norm, block.post_mlp_norm)):
         return False
-    matrices = (block.qkv, block.o, mlp.gate_up, mlp.down)
-    floats = [t for t in (block.attn_norm, block.mlp_norm, block.qkv_bias, *matrices)
-              if isinstance(t, torch.Tensor)]
-    quantised = [w for w in matrices if isinstance(w, QuantizedWeight)]
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in floats) and all(
-        w.device.type == "cpu" and w.qs.is_contiguous() for w in quantised)
+    matrices = _matrices(block)
+    tensors = [block.attn_norm.weight, block.mlp_norm.weight, block.qkv.bias,
+               *(p.weight.qs if isinstance(p.weight, QuantizedWeight) else p.weight for p in matrices)]
+    return all(p.kernel_rows for p in matrices) and all(t is None or t.is_contiguous() for t in tensors)
 
 
 class FusedDecode:
@@ -52,20 +55,18 @@ class FusedDecode:
         spec = blocks[0].spec
         self.hidden = spec.hidden_size
         self.layers = (kernels.DecodeLayer * len(blocks))(*[
-            kernels.DecodeLayer(_pointer(b.attn_norm), _pointer(b.mlp_norm), _pointer(b.qkv_bias), _matrix(b.qkv),
-                                _matrix(b.o), _matrix(b.mlp.gate_up), _matrix(b.mlp.down), spec.num_heads,
+            kernels.DecodeLayer(_pointer(b.attn_norm.weight), _pointer(b.mlp_norm.weight), _pointer(b.qkv.bias),
+                                *(_matrix(p.weight) for p in _matrices(b)), spec.num_heads,
                                 spec.num_kv_heads, spec.head_dim, b.window or 0, b.eps, b.scale,
                                 spec.attn_softcap or 0.0)
             for b in blocks])
-        # fp32 matrices take the register-tiled kernel, which beats MKL up to TILED_ROWS rows
-        all_quantised = all(isinstance(w, QuantizedWeight) for b in blocks for w in (b.qkv, b.o, b.mlp.gate_up,
-                                                                                      b.mlp.down))
-        self.max_rows = KERNEL_ROWS if all_quantised else TILED_ROWS
+        # up to the rows where every product is still a compiled kernel's
+        self.max_rows = min(p.kernel_rows for b in blocks for p in _matrices(b))
 
     @classmethod
     def for_blocks(cls, blocks: list[Block]) -> FusedDecode | None:
-        """The fused step for these blocks, or None where one is not plain or there are no kernels."""
-        if not blocks or not all(_plain(b) for b in blocks) or kernels.library() is None:
+        """The fused step for these blocks, or None where one is not plain (or there are no kernels)."""
+        if not blocks or not all(_plain(b) for b in blocks):
             return None
         return cls(blocks)
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from shardwise import kernels
 from shardwise.errors import ShardwiseError
+from shardwise.model.product import product
 from shardwise.model.spec import ModelSpec
 from shardwise.quant import QuantizedWeight
 
@@ -45,33 +46,6 @@ class PackedBatch:
             self.biases[window] = None if bool(keep.all()) else torch.zeros(keep.shape).masked_fill(
                 ~keep, float("-inf"))[:, None, :].to(self.decode_slots.device, dtype)
         return self.biases[window]
-
-
-TILED_ROWS = 16  # up to this many rows, shardwise's register-tiled fp32 kernel: 1.2-3x MKL here
-SPLIT_ROWS = 64  # up to this many rows, the split GEMM below beats MKL's own threading here
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear (or a quantised weight's own product), except for CPU fp32 products with few rows
-    (decode, short chunks): up to TILED_ROWS the kernels' register-tiled product; up to SPLIT_ROWS
-    row blocks of the weight run as one batched GEMM, a block per core: MKL threads such skinny
-    products poorly (its GEMV uses one core). 1.2-2x faster for 1-64 rows on 2 cores; from ~128
-    rows MKL's own threading wins."""
-    if isinstance(weight, QuantizedWeight):
-        if weight.kernel_applies(x):
-            return weight.linear(x, bias)
-        out = torch.cat([linear(x, block.dequantize(x.dtype)) for block in weight.row_blocks()], dim=-1)
-        return out if bias is None else out + bias
-    rows = x.shape[0]
-    if rows <= TILED_ROWS and (out := kernels.linear_f32(x, weight, bias)) is not None:
-        return out
-    if rows <= SPLIT_ROWS and x.device.type == "cpu" and weight.dtype == torch.float32:
-        parts = math.gcd(weight.shape[0], torch.get_num_threads())
-        if parts > 1:
-            blocks = torch.bmm(weight.view(parts, -1, weight.shape[1]), x.t().expand(parts, -1, -1))
-            out = blocks.permute(2, 0, 1).reshape(rows, -1)  # [parts, out / parts, rows] -> [rows, out]
-            return out if bias is None else out + bias
-    return F.linear(x, weight, bias)
 
 
 def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -130,9 +104,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    out = kernels.rms_norm(x, weight, eps)
-    return F.rms_norm(x, (x.shape[-1],), weight, eps) if out is None else out
+class RMSNorm:
+    """x / rms(x) * weight over the last dimension: the kernels' single pass where they take the
+    weight (a CPU fp32 one: torch's CPU rms_norm is several ops), torch's elsewhere."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        self.weight, self.eps = weight, eps
+        self.compiled = kernels.takes(weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def optional_norm(tensors: dict[str, torch.Tensor], name: str, eps: float) -> RMSNorm | None:
+    return RMSNorm(tensors[name], eps) if name in tensors else None
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -160,25 +147,38 @@ def fused(tensors: dict[str, torch.Tensor], name: str, parts: tuple[str, ...]) -
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
 
-def gated(gate_up: torch.Tensor, act) -> torch.Tensor:
+def activations_compiled(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether the kernels take a layer's activations: its float tensors (norms, router) are held
+    in the activations' dtype (quantised matrices are not), so they answer for them."""
+    floats = [t for t in tensors.values() if isinstance(t, torch.Tensor)]
+    return bool(floats) and kernels.takes(floats[0])
+
+
+class Gate:
     """act(gate) * up for gate_up = [gate, up] along the last dimension; SwiGLU by the kernels'
-    single pass where they apply."""
-    if act is F.silu and (out := kernels.silu_mul(gate_up)) is not None:
-        return out
-    gate, up = gate_up.chunk(2, dim=-1)
-    return act(gate) * up
+    single pass where they take the activations."""
+
+    def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor]):
+        self.act = ACTIVATIONS[spec.activation]
+        self.compiled = self.act is F.silu and activations_compiled(tensors)
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.compiled:
+            return kernels.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
 
 
 class GatedMLP:
     """act(x W_gate) * (x W_up), then W_down: SwiGLU or GeGLU."""
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor]):
-        self.gate_up = fused(tensors, "gate_up.weight", ("gate", "up"))
-        self.down = tensors["down.weight"]
-        self.act = ACTIVATIONS[spec.activation]
+        self.gate_up = product(fused(tensors, "gate_up.weight", ("gate", "up")))
+        self.down = product(tensors["down.weight"])
+        self.gate = Gate(spec, tensors)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(gated(linear(x, self.gate_up), self.act), self.down)
+        return self.down(self.gate(self.gate_up(x)))
 
 
 class SparseMoE:
@@ -186,23 +186,25 @@ class SparseMoE:
     renormalised); each expert runs only on the tokens routed to it."""
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor]):
-        self.router = tensors["router.weight"]  # [experts, hidden]
-        self.gate_up = cat_rows([tensors["experts_gate.weight"], tensors["experts_up.weight"]])
-        self.down = tensors["experts_down.weight"]  # [experts, hidden, intermediate]
-        self.top_k, self.act = spec.experts_per_token, ACTIVATIONS[spec.activation]
+        self.router = product(tensors["router.weight"])  # [experts, hidden]
+        gate_up = cat_rows([tensors["experts_gate.weight"], tensors["experts_up.weight"]])
+        down = tensors["experts_down.weight"]  # [experts, hidden, intermediate]
+        self.experts = [(product(gate_up[e]), product(down[e])) for e in range(spec.num_experts)]
+        self.top_k, self.gate = spec.experts_per_token, Gate(spec, tensors)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        probs = linear(x, self.router).float().softmax(-1)
+        probs = self.router(x).float().softmax(-1)
         weights, experts = probs.topk(self.top_k, dim=-1)  # [tokens, k]
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype).view(-1)
         order = experts.view(-1).argsort()  # token-expert pairs grouped by expert
-        counts = torch.bincount(experts.view(-1), minlength=len(self.router)).tolist()
+        counts = torch.bincount(experts.view(-1), minlength=len(self.experts)).tolist()
         out = torch.zeros_like(x)
         for expert, pairs in enumerate(order.split(counts)):
             if not len(pairs):
                 continue
             tokens = pairs // self.top_k
-            y = linear(gated(linear(x[tokens], self.gate_up[expert]), self.act), self.down[expert])
+            gate_up, down = self.experts[expert]
+            y = down(self.gate(gate_up(x[tokens])))
             out.index_add_(0, tokens, y * weights[pairs, None])
         return out
 
@@ -217,53 +219,54 @@ class Block:
         self.eps = spec.norm_eps
         self.window = spec.window(index)
         self.rope_kind = "local" if self.window is not None and spec.rope_local_theta else "global"
-        self.attn_norm, self.mlp_norm = tensors["attn_norm.weight"], tensors["mlp_norm.weight"]
-        self.post_attn_norm = tensors.get("post_attn_norm.weight")
-        self.post_mlp_norm = tensors.get("post_mlp_norm.weight")
-        self.q_norm, self.k_norm = tensors.get("q_norm.weight"), tensors.get("k_norm.weight")
-        self.qkv = fused(tensors, "qkv.weight", ("q", "k", "v"))
-        self.qkv_bias = fused(tensors, "qkv.bias", ("q", "k", "v"))
-        self.o = tensors["o.weight"]
+        self.attn_norm, self.mlp_norm = (RMSNorm(tensors[f"{name}.weight"], spec.norm_eps)
+                                         for name in ("attn_norm", "mlp_norm"))
+        self.post_attn_norm = optional_norm(tensors, "post_attn_norm.weight", spec.norm_eps)
+        self.post_mlp_norm = optional_norm(tensors, "post_mlp_norm.weight", spec.norm_eps)
+        self.q_norm = optional_norm(tensors, "q_norm.weight", spec.norm_eps)
+        self.k_norm = optional_norm(tensors, "k_norm.weight", spec.norm_eps)
+        self.qkv = product(fused(tensors, "qkv.weight", ("q", "k", "v")), fused(tensors, "qkv.bias", ("q", "k", "v")))
+        self.o = product(tensors["o.weight"])
         self.mlp = SparseMoE(spec, tensors) if spec.num_experts else GatedMLP(spec, tensors)
         self.scale = (spec.query_scale or spec.head_dim) ** -0.5
+        # a pure decode step's attention in one kernel call (RoPE, KV writes, attention) where it applies
+        self.compiled_decode = self.q_norm is None and activations_compiled(tensors)
 
     def __call__(self, x: torch.Tensor, batch: PackedBatch, cache: torch.Tensor) -> torch.Tensor:
         """cache: this layer's KV pool [2, kv_heads, slots, head_dim]."""
-        h = self.attention(rms_norm(x, self.attn_norm, self.eps), batch, cache)
-        x = x + (h if self.post_attn_norm is None else rms_norm(h, self.post_attn_norm, self.eps))
-        h = self.mlp(rms_norm(x, self.mlp_norm, self.eps))
-        return x + (h if self.post_mlp_norm is None else rms_norm(h, self.post_mlp_norm, self.eps))
+        h = self.attention(self.attn_norm(x), batch, cache)
+        x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
+        h = self.mlp(self.mlp_norm(x))
+        return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h))
 
     def attention(self, h: torch.Tensor, batch: PackedBatch, cache: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         tokens = h.shape[0]
-        qkv = linear(h, self.qkv, self.qkv_bias)
+        qkv = self.qkv(h)
         cos, sin = batch.rope[self.rope_kind]
         keys, values = cache[0], cache[1]  # [kv_heads, slots, head_dim]
-        if not batch.chunks and self.q_norm is None:  # a pure decode step: one kernel call where there is one
-            out = kernels.decode_attention(qkv, cos[:, 0], sin[:, 0], keys, values, batch.write_slots,
-                                           batch.decode_slots, batch.decode_totals, spec.num_heads, self.window,
-                                           self.scale, spec.attn_softcap)
-            if out is not None:
-                return linear(out, self.o)
+        if not batch.chunks and self.compiled_decode:
+            return self.o(kernels.decode_attention(qkv, cos[:, 0], sin[:, 0], keys, values, batch.write_slots,
+                                                   batch.decode_slots, batch.decode_totals, spec.num_heads,
+                                                   self.window, self.scale, spec.attn_softcap))
         q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
         q, k = q.view(tokens, spec.num_heads, spec.head_dim), k.view(tokens, spec.num_kv_heads, spec.head_dim)
         if self.q_norm is not None:
-            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(tokens, spec.num_kv_heads, spec.head_dim)
         keys.index_copy_(1, batch.write_slots, k.transpose(0, 1))
         values.index_copy_(1, batch.write_slots, v.transpose(0, 1))
         rows = batch.decode_rows
         if not batch.chunks:  # a pure decode step
-            return linear(self._attend_decode(q, keys, values, batch).view(tokens, spec.q_size), self.o)
+            return self.o(self._attend_decode(q, keys, values, batch).view(tokens, spec.q_size))
         out = torch.empty_like(q)
         for offset, length, slots in batch.chunks:
             end = offset + length
             out[offset:end] = self._attend_chunk(q[offset:end], keys[:, slots], values[:, slots])
         if len(rows):
             out[rows] = self._attend_decode(q[rows], keys, values, batch)
-        return linear(out.view(tokens, spec.q_size), self.o)
+        return self.o(out.view(tokens, spec.q_size))
 
     def _attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        batch: PackedBatch) -> torch.Tensor:

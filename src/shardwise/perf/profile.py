@@ -92,7 +92,7 @@ def engine_matmuls(spec: ModelSpec, raw: DeviceSpec, device: torch.device, dtype
     GEMM run faster than a square one), and their efficiency by rows against it (median times,
     as the engine's steps are timed)."""
     from shardwise.engine.shard import DTYPES
-    from shardwise.model.layers import linear
+    from shardwise.model.product import product
 
     h, i = spec.hidden_size, spec.intermediate_size
     shapes = [(spec.q_size + 2 * spec.kv_size, h), (h, spec.q_size), (2 * i, h), (h, i)]  # (out, in)
@@ -100,13 +100,13 @@ def engine_matmuls(spec: ModelSpec, raw: DeviceSpec, device: torch.device, dtype
     # enough layers' weights that they stream from memory, as in a real step, not from cache
     copies = max(1, min(16, math.ceil(CACHE_BUSTING_BYTES / (sum(n * k for n, k in shapes) * itemsize))))
     shapes = shapes * copies
-    weights = [torch.randn(n, k, device=device, dtype=DTYPES[dtype]) for n, k in shapes]
+    weights = [product(torch.randn(n, k, device=device, dtype=DTYPES[dtype])) for n, k in shapes]
     flops = [sum(2 * rows * n * k for n, k in shapes) for rows in MATMUL_ROWS]
     nbytes = [sum((n * k + rows * (n + k)) * itemsize for n, k in shapes) for rows in MATMUL_ROWS]
     products = []
     for rows in MATMUL_ROWS:
         inputs = [torch.randn(rows, k, device=device, dtype=DTYPES[dtype]) for _, k in shapes]
-        products.append(lambda ins=inputs: [linear(x, w) for x, w in zip(ins, weights, strict=True)])
+        products.append(lambda ins=inputs: [w(x) for x, w in zip(ins, weights, strict=True)])
     times = timed_in_rounds(products, device, rounds, progress, "matmuls")
     peak = max(raw.flops[raw.default_dtype], *(f / t for f, t in zip(flops, times, strict=True)))
     bandwidth = max(raw.bandwidth, *(b / t for b, t in zip(nbytes, times, strict=True)))

@@ -5,7 +5,7 @@ block in the low nibble of byte j and element j + 16 in its high nibble, w = sca
 (GGUF's Q4_1; Q4_0 and Q4_K convert to it exactly). Scales and mins are fp16, one a block.
 A product reads these bytes directly: on a CPU by the compiled kernels, on a GPU by the Triton
 kernel; elsewhere (no compiler, no Triton) the weight is dequantised for each product, which is
-correct but not fast.
+correct but not fast (shardwise.model.product chooses, per weight, when it loads).
 """
 
 from __future__ import annotations
@@ -15,18 +15,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from shardwise import kernels
-from shardwise.kernels import gpu
 
 BLOCK = 32
 BITS = {"int8": 8, "int4": 4}
-# Up to DIRECT_ROWS rows of x the kernels read the blocks directly (a product bound by memory: 2-4x
-# faster than fp32 at 1-2 rows); up to KERNEL_ROWS they dequantise a few weight rows at a time into
-# L1 and multiply in fp32 (1.2-1.8x dequantised blocks and a GEMM); beyond, dequantising blocks of
-# DEQUANTISED_ROWS weight rows for MKL's GEMM wins. (On an AVX2 core integer multiply-adds are no
-# faster than fp32 FMAs.) Measured on this project's 2 AMD EPYC (AVX2) cores, layer- and head-sized weights.
-DIRECT_ROWS = 8
-KERNEL_ROWS = 128
-DEQUANTISED_ROWS = 2048  # a few MB of fp32 at a time: stays in the heap, no page faults
 
 
 @dataclass(frozen=True)
@@ -58,7 +49,7 @@ class QuantizedWeight:
     def to(self, device: torch.device | str) -> QuantizedWeight:
         return self._map(lambda t: t.to(device))
 
-    def row_blocks(self, rows: int = DEQUANTISED_ROWS) -> list[QuantizedWeight]:
+    def row_blocks(self, rows: int) -> list[QuantizedWeight]:
         if self.qs.shape[0] <= rows:
             return [self]  # (no new views per product for most layer weights)
         return [self._map(lambda t, a=a: t[a : a + rows]) for a in range(0, self.qs.shape[0], rows)]
@@ -92,27 +83,6 @@ class QuantizedWeight:
             values = torch.cat((nibbles & 0x0F, nibbles >> 4), -1).to(dtype) * scales
             values += pick(self.mins).to(dtype)[..., None]
         return values.flatten(-2)
-
-    def kernel_applies(self, x: torch.Tensor) -> bool:
-        """Whether linear() runs a kernel on x; if not, multiply dequantised row blocks."""
-        if x.shape[0] > KERNEL_ROWS:
-            return False
-        if x.device.type == "cpu":
-            return x.dtype == torch.float32 and kernels.library() is not None
-        return gpu.applies(x)
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [rows, cols] . W^T (+ bias), for one matrix, by a kernel: on a GPU Triton's; on a CPU
-        reading the blocks directly or dequantising a tile at a time (see DIRECT_ROWS)."""
-        if x.device.type != "cpu":
-            return gpu.quant_linear(x, self, bias)
-        lib = kernels.library()
-        product = lib.sw_quant_linear if x.shape[0] <= DIRECT_ROWS else lib.sw_quant_linear_f32
-        x = x.contiguous()
-        out = torch.empty(x.shape[0], self.qs.shape[0], dtype=torch.float32)
-        product(self.bits, x.data_ptr(), x.shape[0], self.qs.data_ptr(), self.scales.data_ptr(), self._mins_ptr(),
-                self.qs.shape[0], x.shape[1], None if bias is None else bias.contiguous().data_ptr(), out.data_ptr())
-        return out
 
     def _mins_ptr(self) -> int | None:
         return None if self.mins is None else self.mins.data_ptr()
