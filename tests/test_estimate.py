@@ -279,3 +279,16 @@ def test_profile_every_node_of_a_ray_cluster_and_their_links():
     script = Path(__file__).with_name("multinode_profile_check.py")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900)
     assert result.stdout.strip().endswith("PASS"), result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_stages_sharing_a_host_take_turns_on_it():
+    """Two stages on one host (CPU devices of one node): the pipeline is as busy as the host, the
+    sum of both stages, however many micro-batches are in flight; one stream is unchanged."""
+    spec, cpu = load_spec("smollm2-135m"), load_device("x86-cpu")
+    apart = Deployment.pipeline(spec, [cpu, cpu], SAME_DEVICE)
+    shared = Deployment.pipeline(spec, [cpu, cpu], SAME_DEVICE, hosts=["node-a", "node-a"])
+    work, p = Work.decode(8, 256), Precision("fp32", "fp32", "fp32")
+    own, together = step_time(spec, apart, work, p), step_time(spec, shared, work, p)
+    assert together.latency == own.latency
+    assert together.bottleneck == pytest.approx(sum(own.stages))
+    assert together.cycle(2) == pytest.approx(2 * sum(own.stages)) and together.cycle(2) > own.cycle(2)

@@ -16,7 +16,7 @@ PARTS = {  # the longest matching prefix names a module's part
     "shardwise/engine/": "engine", "shardwise/perf/": "perf", "shardwise/perf/profile.py": "profile",
     "shardwise/perf/cluster_profile.py": "profile", "shardwise/planner/": "planner", "shardwise/cluster/": "cluster",
     "shardwise/llm.py": "facade", "shardwise/serve/": "serve", "shardwise/collab/": "collab",
-    "shardwise/cli.py": "cli",
+    "shardwise/cli.py": "cli", "shardwise/lab/": "lab",
 }
 NEVER = {  # part -> the parts it must not import, and why
     "kernels": ({"quant", "model", "engine", "perf", "planner", "cluster", "facade", "serve", "collab", "cli"},
@@ -34,6 +34,8 @@ NEVER = {  # part -> the parts it must not import, and why
     "facade": ({"serve", "collab", "cli"}, "the facade is below its faces"),
     "collab": ({"serve", "cli"}, "the collaborative client is below the server"),
     "serve": ({"cli"}, "no CLI below the top"),
+    "lab": ({"kernels", "quant", "model", "engine", "perf", "profile", "planner", "cluster", "facade", "serve",
+             "collab", "cli"}, "the lab makes machines to run on; it knows nothing of what runs"),
 }
 
 

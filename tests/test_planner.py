@@ -24,6 +24,8 @@ def exhaustive(t: CostTable, objective: str) -> float | None:
         for order in itertools.permutations(range(t.devices), k):
             if t.source is not None and order[0] != t.source:
                 continue
+            if len({t.hosts[d] for d in order}) < len(order):  # one stage a host at most
+                continue
             for cuts in itertools.combinations(range(1, t.layers), k - 1):
                 bounds = (0, *cuts, t.layers)
                 ranges = list(zip(bounds, bounds[1:], strict=False))
@@ -61,8 +63,10 @@ def tables(draw):
                 transfer[1][w], transfer[w][1] = transfer[0][w], transfer[w][0]
         transfer[1][0] = transfer[0][1]
     source = draw(st.one_of(st.none(), st.integers(0, devices - 1)))
+    # some devices sharing a host (CPUs of one node): they hold one stage between them
+    hosts = [draw(st.integers(0, devices - 1)) for _ in range(devices)] if draw(st.booleans()) else None
     return CostTable(compute, [float(draw(st.integers(1, 5))) for _ in range(layers)], capacity, transfer,
-                     source, source is not None and draw(st.booleans()))
+                     source, source is not None and draw(st.booleans()), hosts)
 
 
 @SETTINGS
@@ -118,6 +122,18 @@ def test_memory_tight_tables_and_clear_errors():
         CostTable([[1, 1]], [1], [1], [[0]])
     with pytest.raises(ShardwiseError, match="objective"):
         solve(CostTable([[1]], [1], [1], [[0]]), "cost")
+
+
+def test_stages_sharing_a_host_take_turns_on_it():
+    """Two CPU devices of one node: the DP puts one stage there; a baseline that puts two there
+    is charged their sum (they take turns on the cores) in throughput, not the larger one."""
+    from shardwise.planner.baselines import evaluate as evaluate_baseline
+
+    t = CostTable(np.ones((3, 6)), np.ones(6), np.full(3, 6.0), np.zeros((3, 3)), hosts=[0, 0, 1])
+    result = solve(t, "throughput")
+    assert len({t.hosts[d] for d, _, _ in result.stages}) == len(result.stages) and result.value == 3.0
+    assert evaluate_baseline(t, [(0, 0, 2), (1, 2, 4), (2, 4, 6)], "throughput") == 4.0
+    assert evaluate_baseline(t, [(0, 0, 2), (1, 2, 4), (2, 4, 6)], "latency") == 6.0
 
 
 def test_identical_devices_are_grouped_and_still_each_used_once():

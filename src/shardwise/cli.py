@@ -356,11 +356,13 @@ def profile(
     import json
     from pathlib import Path
 
+    import yaml
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from shardwise.perf.cluster_profile import profile_cluster
     from shardwise.perf.hardware import DeviceSpec
     from shardwise.perf.tables import print_profile
+    from shardwise.planner.topology import cluster_file
 
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
@@ -370,8 +372,61 @@ def profile(
         Path(out).write_text(json.dumps(result, indent=2))
         print_profile([DeviceSpec.from_dict(d) for d in result["devices"]], result["links"])
         typer.echo(f"wrote {out}: use it as --device {out} (estimate) or in a cluster file (plan)")
+        if address is not None:
+            cluster = Path(out).with_name(f"{Path(out).stem}-cluster.yaml")
+            cluster.write_text(yaml.safe_dump(cluster_file(result, Path(out).name), sort_keys=False))
+            typer.echo(f"wrote {cluster}: plan over the measured nodes with `shardwise plan --cluster {cluster}`, "
+                       f"run with `--cluster {cluster} --address {address}`")
     except ShardwiseError as e:
         fail(str(e))
+
+
+lab_app = typer.Typer(help="An emulated heterogeneous cluster on this Linux machine (root): each node a Ray "
+                           "worker in its own network namespace (a shaped link) and cgroup (CPU share, memory cap).",
+                      no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
+
+
+@lab_app.command("up")
+def lab_up(lab_file: Annotated[str, typer.Argument(help="A lab file (YAML): nodes with cpus, memory_gb and link "
+                                                         "{rate_mbit, delay_ms}.")]) -> None:
+    """Start the lab's head and nodes; print the address to give --address."""
+    from shardwise.lab import lab
+    from shardwise.lab.spec import LabSpec
+
+    try:
+        state = lab.up(LabSpec.load(lab_file), progress=lambda what: typer.echo(f"starting {what}", err=True))
+    except ShardwiseError as e:
+        fail(str(e))
+    for node in state.nodes:
+        typer.echo(f"  {node.name:<12} {node.ip:<12} {node.cpus:g} cores, {node.memory_gb:g} GB, "
+                   f"{node.rate_mbit:g} Mbit/s{f', {node.delay_ms:g} ms' if node.delay_ms else ''}")
+    typer.echo(f"lab up at {state.address}: use --address {state.address}; stop it with `shardwise lab down`")
+
+
+@lab_app.command("down")
+def lab_down() -> None:
+    """Stop the lab's processes and remove its namespaces, links and cgroups."""
+    from shardwise.lab import lab
+
+    try:
+        state = lab.down()
+    except ShardwiseError as e:
+        fail(str(e))
+    typer.echo("no lab was up" if state is None else f"lab at {state.address} is down")
+
+
+@lab_app.command("set")
+def lab_set(node: Annotated[str, typer.Argument(help="The node's name.")],
+            cpus: Annotated[float, typer.Option(help="Its new CPU share, in cores.")]) -> None:
+    """Change a running node's CPU share (as another tenant or a new quota would)."""
+    from shardwise.lab import lab
+
+    try:
+        changed = lab.set_cpus(node, cpus)
+    except ShardwiseError as e:
+        fail(str(e))
+    typer.echo(f"{changed.name} now has {changed.cpus:g} cores")
 
 
 if __name__ == "__main__":

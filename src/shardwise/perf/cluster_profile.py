@@ -50,14 +50,16 @@ class Probe:
 
 def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                     progress: Progress = lambda _: None, quick: bool = False) -> dict[str, Any]:
-    """{"devices": [DeviceSpec dicts], "links": [{"from", "to", bandwidth, latency}]}.
+    """{"devices": [DeviceSpec dicts], "links": [{"from", "to", bandwidth, latency}], "nodes": [{"name",
+    "node": its IP, or "local"}]}; a node's memory is what Ray offers there (its --memory).
     quick: fewer repeats of every measurement (see profile_device)."""
     from shardwise.model.catalog import load_spec
 
     hidden = load_spec(model).hidden_size
     owns = join(address, instead="profile this machine")
     try:
-        nodes = [n for n in ray.nodes() if n["Alive"]]
+        # nodes that offer no CPU to tasks (a head started with --num-cpus=0) coordinate; they run no stage
+        nodes = [n for n in ray.nodes() if n["Alive"] and (address is None or n["Resources"].get("CPU", 0) > 0)]
         names = _names(nodes)
         probes = {n["NodeID"]: Probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], False))
                   .remote() for n in nodes}
@@ -67,6 +69,8 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
             progress(f"profiling {len(nodes)} nodes")
             devices = ray.get([probes[n["NodeID"]].profile.remote(model, device, name, quick)
                                for n, name in zip(nodes, names, strict=True)])
+            for d, n in zip(devices, nodes, strict=True):  # what the node offers, not its host's RAM
+                d["memory_bytes"] = float(n["Resources"].get("memory", d["memory_bytes"]))
         links = []
         for i, u in enumerate(nodes):
             for j, v in enumerate(nodes):
@@ -83,7 +87,9 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                     fewer = {"new": 9, "rounds": 2} if quick else {}
                     link = replace(link, latency=stage_hop_latency(model, device, **fewer))
                 links.append({"from": names[i], "to": names[j], **link.to_dict()})
-        return {"devices": devices, "links": links}
+        return {"devices": devices, "links": links,
+                "nodes": [{"name": name, "node": n["NodeManagerAddress"] if address else "local"}
+                          for n, name in zip(nodes, names, strict=True)]}
     finally:
         if owns:
             ray.shutdown()

@@ -89,6 +89,7 @@ class Stage:
     tp: int = 1
     ep: int = 1
     link: LinkSpec = SAME_DEVICE
+    host: str | None = None  # stages on one host take turns on its cores (None: a host of its own)
 
 
 @dataclass(frozen=True)
@@ -108,12 +109,14 @@ class Deployment:
 
     @classmethod
     def pipeline(cls, spec: ModelSpec, devices: list[DeviceSpec], links: LinkSpec | list[LinkSpec],
-                 layers: list[tuple[int, int]] | None = None) -> Deployment:
+                 layers: list[tuple[int, int]] | None = None, hosts: list[str | None] | None = None) -> Deployment:
         """Stages on `devices` in order, joined by `links` (one for all, or one per gap); layers:
-        the ranges, by default the pipeline's even split. Token ids return over the first link."""
+        the ranges, by default the pipeline's even split; hosts: where each stage runs (stages
+        on one host share its compute). Token ids return over the first link."""
         if layers is None:
             layers = even_layer_ranges(spec.num_layers, len(devices))
-        stages = tuple(Stage(d, a, b) for d, (a, b) in zip(devices, layers, strict=True))
+        hosts = hosts or [None] * len(devices)
+        stages = tuple(Stage(d, a, b, host=h) for d, (a, b), h in zip(devices, layers, hosts, strict=True))
         links = [links] * (len(stages) - 1) if isinstance(links, LinkSpec) else list(links)
         return cls(stages, tuple(links), links[0] if links else SAME_DEVICE)
 
@@ -158,6 +161,7 @@ class StepTime:
     stages: list[float]
     links: list[float]  # between stages, then the return of token ids
     operators: list[list[TimedOperator]] = field(default_factory=list)  # per stage, for breakdowns and plots
+    hosts: list[str | None] = field(default_factory=list)  # per stage; None: a host of its own
 
     @property
     def latency(self) -> float:
@@ -166,7 +170,8 @@ class StepTime:
 
     @property
     def bottleneck(self) -> float:
-        return max(self.stages + self.links)
+        """The busiest host or link per micro-batch: stages that share a host take turns on it."""
+        return max(shared_host_busy(self.stages, self.hosts) + self.links)
 
     def cycle(self, micro_batches: int) -> float:
         """Time for every micro-batch to take one step, when they follow each other round the pipeline."""
@@ -178,7 +183,16 @@ def step_time(spec: ModelSpec, deployment: Deployment, work: Work, p: Precision)
     operators = [stage_operators(spec, s, work, p) for s in deployment.stages]
     stages = [_total(ops, s.device) for ops, s in zip(operators, deployment.stages, strict=True)]
     links = [link.time(hidden) for link in deployment.links] + [deployment.return_link.time(4 * work.rows)]
-    return StepTime(stages, links, operators)
+    return StepTime(stages, links, operators, [s.host for s in deployment.stages])
+
+
+def shared_host_busy(stage_seconds: list[float], hosts: list | None) -> list[float]:
+    """Busy seconds per host: the stages' own seconds, summed where they share a host."""
+    busy: dict[Any, float] = {}
+    for k, (seconds, host) in enumerate(zip(stage_seconds, hosts or [None] * len(stage_seconds), strict=True)):
+        key = ("own", k) if host is None else host
+        busy[key] = busy.get(key, 0.0) + seconds
+    return list(busy.values())
 
 
 @dataclass(frozen=True)

@@ -38,47 +38,57 @@ DECODE_CONTEXT = 64
 Progress = Callable[[str], None]
 
 
-def seconds(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+# A sample of a profile runs its work back to back for at least this long: several CFS periods
+# (100 ms), so that a CPU quota (a cgroup's, a burstable or shared machine's) shows in it. A sample
+# shorter than one period never meets the quota: such a node measures as fast as an unthrottled one.
+SUSTAINED_S = 0.25
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median seconds of fn over repeats, after one warm-up."""
+def seconds(fn: Callable[[], Any], device: torch.device, at_least: float = 0.0) -> float:
+    """Seconds a call of fn takes: one call, or as many back to back as fill `at_least` seconds."""
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= at_least:
+            return elapsed / calls
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, at_least: float = 0.0) -> float:
+    """Median seconds of fn over repeats (each sustained for at_least seconds), after one warm-up."""
     fn()
-    return statistics.median(seconds(fn, device) for _ in range(repeats))
+    return statistics.median(seconds(fn, device, at_least) for _ in range(repeats))
 
 
 def timed_in_rounds(fns: list[Callable[[], Any]], device: torch.device, rounds: int,
                     progress: Progress = lambda _: None, what: str = "") -> list[float]:
-    """Median seconds of each fn, each run once per round after a warm-up. On a shared machine
-    slow spells come in bursts: a burst then slows one round of every point, which the median
-    drops, instead of every repeat of one point, which would bend the curve the fit follows."""
+    """Median seconds of each fn, sustained (SUSTAINED_S), once per round after a warm-up. On a
+    shared machine slow spells come in bursts: a burst then slows one round of every point, which
+    the median drops, instead of every repeat of one point, which would bend the curve the fit
+    follows."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
     for r in range(rounds):
         progress(f"{what}, round {r + 1}/{rounds}")
         for fn, spent in zip(fns, times, strict=True):
-            spent.append(seconds(fn, device))
+            spent.append(seconds(fn, device, SUSTAINED_S))
     return [statistics.median(spent) for spent in times]
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / timed(lambda: a @ b, device, repeats)
+    return 2 * n**3 / timed(lambda: a @ b, device, repeats, SUSTAINED_S)
 
 
 def read_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Bytes/s of a streaming reduction over a buffer far larger than any cache."""
     x = torch.ones(nbytes // 4, device=device)
-    return nbytes / timed(lambda: x.sum(), device, repeats)
+    return nbytes / timed(lambda: x.sum(), device, repeats, SUSTAINED_S)
 
 
 MATMUL_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -136,8 +146,8 @@ def engine_steps(spec: ModelSpec, weights, device: torch.device, dtype: str | No
 
 
 def _step_points(worker: Worker, layers: int) -> list[tuple[dict[str, Any], Callable[[], Any]]]:
-    """(work point, one step of it) for prefills of one prompt and decode steps of a batch,
-    whose sequences stay allocated (each step adds a token to their context)."""
+    """(work point, one step of it) for prefills of one prompt and decode steps of a batch at
+    DECODE_CONTEXT cached tokens (each step's token is rewound, so repeats keep the context)."""
     points, ids = [], itertools.count()
 
     def prefill(tokens: int) -> None:
@@ -145,6 +155,11 @@ def _step_points(worker: Worker, layers: int) -> list[tuple[dict[str, Any], Call
         worker.add(seq, SamplingParams(temperature=0))
         worker.step([seq], [[1] * tokens], [True])
         worker.free(seq)
+
+    def decode(seqs: list[int]) -> None:
+        worker.step(seqs, [[1]] * len(seqs), [True] * len(seqs))
+        for seq in seqs:
+            worker.rewind(seq, DECODE_CONTEXT)
 
     for tokens in PREFILL_TOKENS:
         points.append(({"layers": layers, "batch": 1, "new": tokens, "context": 0},
@@ -155,7 +170,7 @@ def _step_points(worker: Worker, layers: int) -> list[tuple[dict[str, Any], Call
             worker.add(seq, SamplingParams(temperature=0))
         worker.step(seqs, [[1] * DECODE_CONTEXT] * batch, [True] * batch)
         points.append(({"layers": layers, "batch": batch, "new": 1, "context": DECODE_CONTEXT},
-                       lambda s=seqs: worker.step(s, [[1]] * len(s), [True] * len(s))))
+                       lambda s=seqs: decode(s)))
     return points
 
 

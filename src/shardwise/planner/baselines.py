@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from shardwise.perf.estimate import shared_host_busy
 from shardwise.planner.partition import CostTable
 
 Stages = list[tuple[int, int, int]]
@@ -25,7 +26,9 @@ def evaluate(table: CostTable, stages: Stages, objective: str) -> float | None:
     moves = [float(table.transfer[u, v]) for (u, _, _), (v, _, _) in zip(stages, stages[1:], strict=False)]
     if table.return_to_source:
         moves.append(float(table.transfer[stages[-1][0], table.source]))
-    return sum(compute) + sum(moves) if objective == "latency" else max(compute + moves)
+    if objective == "latency":
+        return sum(compute) + sum(moves)
+    return max(shared_host_busy(compute, [int(table.hosts[d]) for d, _, _ in stages]) + moves)
 
 
 def _order(table: CostTable) -> list[int]:

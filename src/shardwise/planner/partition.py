@@ -12,6 +12,7 @@ range, so each device's capacity is checked once, against exactly its layers.
 
 Latency  = sum of stage compute + transfers between stages (+ the return to the source).
 Throughput: minimise the bottleneck = max over stage compute and transfers.
+Devices that share a host (CPU devices of one node) hold at most one stage between them.
 
 Complexity: O(prod(n_g + 1) * G^2 * L * W) time for G groups of n_g identical devices,
 L layers and W the most layers any device can hold (W <= L; O(2^D * D^2 * L * W) for D
@@ -42,6 +43,7 @@ class CostTable:
     transfer: Sequence[Sequence[float]]  # seconds to hand hidden states from device u to v
     source: int | None = None  # the first stage runs on this device
     return_to_source: bool = False  # the sampled token travels back to the source
+    hosts: Sequence[int] | None = None  # devices with one host number share compute (CPUs of one node)
 
     def __post_init__(self) -> None:
         self.compute = np.asarray(self.compute, dtype=float)
@@ -65,6 +67,9 @@ class CostTable:
             raise ShardwiseError(f"source {self.source} is not a device index (0..{devices - 1})")
         if self.return_to_source and self.source is None:
             raise ShardwiseError("return_to_source needs a source device")
+        self.hosts = np.arange(devices) if self.hosts is None else np.asarray(self.hosts, dtype=int)
+        if self.hosts.shape != (devices,):
+            raise ShardwiseError(f"hosts needs one entry per device ({devices})")
 
     @property
     def devices(self) -> int:
@@ -98,7 +103,9 @@ def groups_of_identical(table: CostTable) -> list[list[int]]:
 
 def _same(t: CostTable, u: int, v: int) -> bool:
     others = [w for w in range(t.devices) if w not in (u, v)]
+    shared = (t.hosts == t.hosts[u]).sum() > 1 or (t.hosts == t.hosts[v]).sum() > 1
     return bool(np.array_equal(t.compute[u], t.compute[v]) and t.capacity[u] == t.capacity[v]
+                and (t.hosts[u] == t.hosts[v] or not shared)
                 and np.array_equal(t.transfer[u, others], t.transfer[v, others])
                 and np.array_equal(t.transfer[others, u], t.transfer[others, v])
                 and t.transfer[u, v] == t.transfer[v, u])
@@ -109,7 +116,10 @@ def solve(table: CostTable, objective: Objective = "latency") -> PlanResult:
         raise ShardwiseError(f"unknown objective '{objective}': use latency or throughput")
     combine = np.add if objective == "latency" else np.maximum
     groups = groups_of_identical(table)
-    sizes = np.array([len(g) for g in groups])
+    # Devices that share a host hold one stage between them: two stages there would take turns on
+    # its compute (the same busy time as one stage holding both ranges, plus a hand-over).
+    host_of = [int(table.hosts[g[0]]) for g in groups]
+    sizes = np.array([1 if len(set(table.hosts[g].tolist())) == 1 and len(g) > 1 else len(g) for g in groups])
     n_groups, n_layers = len(groups), table.layers
     tr = _group_transfers(table, groups)
     stage = np.stack([_stage_costs(table, g[0]) for g in groups])  # [group, l, b]: layers [l, b) there
@@ -131,6 +141,9 @@ def solve(table: CostTable, objective: Objective = "latency") -> PlanResult:
         level = np.flatnonzero(used == k)
         for v in range(n_groups):
             movable = level[counts[level, v] < sizes[v]]
+            neighbours = [u for u in range(n_groups) if u != v and host_of[u] == host_of[v]]
+            if neighbours:  # a host already holding a stage takes no second
+                movable = movable[counts[movable][:, neighbours].sum(1) == 0]
             for chunk in np.array_split(movable, len(movable) // CHUNK + 1):
                 if len(chunk):
                     _extend(best, start_of, prev_of, chunk, chunk + strides[v], v, tr[:, v], bands[v], combine)

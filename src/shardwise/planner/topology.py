@@ -74,6 +74,13 @@ class Cluster:
             return SAME_DEVICE
         return self.links.get((a, b)) or self.links.get((b, a)) or self.default_link
 
+    def hosts(self) -> list[int]:
+        """A number per device; CPU devices placed on one Ray node share it (they share its cores).
+        ("local" is not taken as one node: a cluster file planned without Ray names no nodes.)"""
+        keys = [(d.node, "cpu") if d.spec.kind == "cpu" and d.node != "local" else (d.node, d.name)
+                for d in self.devices]
+        return [keys.index(key) for key in keys]
+
     def index(self, name: str) -> int:
         for i, d in enumerate(self.devices):
             if d.name == name:
@@ -134,9 +141,21 @@ class Cluster:
         """Ray nodes described as a cluster file would, for planning without one: each node one
         CPU device with the memory Ray gives it, all alike in speed (a cluster file says better)."""
         cpu = load_device("x86-cpu")
+        workers = [n for n in nodes if n["Resources"].get("CPU", 0) > 0] or nodes  # (a --num-cpus=0 head runs none)
         return cls([ClusterDevice(f"{n['NodeManagerAddress']}/{n['NodeID'][:8]}", cpu,
                                   float(n["Resources"].get("memory", cpu.memory_bytes)), n["NodeID"])
-                    for n in nodes])
+                    for n in workers])
+
+
+def cluster_file(profile: dict[str, Any], profile_path: str) -> dict[str, Any]:
+    """A cluster file (as Cluster.load reads) for the nodes a `shardwise profile --address` measured:
+    each node a device of its profile, on its Ray node (by IP), offering the memory Ray gives it;
+    the links between nodes as measured."""
+    devices = [{"name": d["name"], "profile": f"{profile_path}#{d['name']}", "memory_gb": d["memory_bytes"] / 1e9,
+                "node": node["node"]} for d, node in zip(profile["devices"], profile["nodes"], strict=True)]
+    links = [{"from": link["from"], "to": link["to"], "bandwidth_gbs": link["bandwidth"] / 1e9,
+              "latency_us": link["latency"] * 1e6} for link in profile["links"] if link["from"] != link["to"]]
+    return {"devices": devices, "links": links}
 
 
 def _link(value: Any) -> LinkSpec:
@@ -187,7 +206,7 @@ def cost_table(spec: ModelSpec, cluster: Cluster, *, batch: int = 1, context: in
             transfer[a, s] = 0.0 if a == s else cluster.link(name, names[s]).time(4 * batch)
     return CostTable(compute, layer_memory(spec, p0, kv_tokens), [d.memory_bytes for d in cluster.devices],
                      transfer, None if cluster.source is None else cluster.index(cluster.source),
-                     cluster.return_to_source)
+                     cluster.return_to_source, cluster.hosts())
 
 
 def _precision(device: DeviceSpec, quant: str | None) -> Precision:

@@ -1,0 +1,1 @@
+"""An emulated heterogeneous cluster on one Linux machine (shardwise lab up / down)."""

@@ -1,0 +1,157 @@
+"""Bring a lab up and down: a Ray head on the host's end of the lab's bridge (it coordinates: no CPU
+for tasks, so nothing is profiled or planned on it), and each node a real
+`ray start` worker in its own network namespace and cgroup, joined to the head (Ray's token
+authentication stays on: the nodes share this host's token).
+
+What `up` makes is written to a state file as it is made, so `down` (or a failed `up`, or Ctrl-C)
+removes exactly that and nothing else. One lab at a time; its address is the head's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from shardwise.errors import ShardwiseError
+from shardwise.lab import host
+from shardwise.lab.spec import LabSpec
+
+STATE = Path("/run/shardwise-lab/state.json")
+HEAD_PORT = 6390
+OBJECT_STORE_BYTES = 128 * 2**20  # hidden states are small: keep each node's shared memory small
+RAY_CURRENT = Path("/tmp/ray/ray_current_cluster")  # what a plain ray.init() would join
+
+
+@dataclass
+class NodeState:
+    name: str
+    ip: str
+    cpus: float
+    memory_gb: float
+    rate_mbit: float
+    delay_ms: float
+    namespace: str
+    veth: str
+
+
+@dataclass
+class LabState:
+    address: str = ""
+    bridge: bool = False
+    head: bool = False
+    nodes: list[NodeState] = field(default_factory=list)
+
+    def save(self) -> None:
+        STATE.parent.mkdir(parents=True, exist_ok=True)
+        STATE.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls) -> LabState | None:
+        if not STATE.exists():
+            return None
+        data = json.loads(STATE.read_text())
+        return cls(data["address"], data["bridge"], data["head"], [NodeState(**n) for n in data["nodes"]])
+
+    def node(self, name: str) -> NodeState:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise ShardwiseError(f"the lab has no node '{name}'; its nodes: {', '.join(n.name for n in self.nodes)}")
+
+
+def ray_command() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _start_ray(group: host.Cgroup, arguments: list[str], namespace: str | None) -> None:
+    """`ray start ARGUMENTS` inside the group (and namespace): its daemons, and every worker they
+    start, stay in the group."""
+    inside = f"exec ip netns exec {namespace} " if namespace else "exec "
+    # token authentication on: a joining node does not turn it on by itself
+    command = (f"{group.enter_command()}; export RAY_AUTH_MODE=token; "
+               f"{inside}{ray_command()} start {' '.join(arguments)}")
+    done = host.run("sh", "-c", command, check=False)
+    if done.returncode != 0:
+        raise ShardwiseError(f"lab: ray start failed: {(done.stderr or done.stdout).strip()[-800:]}")
+
+
+def up(spec: LabSpec, progress: Callable[[str], None] = lambda _: None) -> LabState:
+    host.check_host()
+    if STATE.exists():
+        raise ShardwiseError(f"a lab is up already ({STATE}): run `shardwise lab down` first")
+    if any(n.link.delay_ms for n in spec.nodes) and not host.netem_available():
+        raise ShardwiseError("link delay needs the kernel's netem qdisc, which this host lacks (modprobe sch_netem, "
+                             "or drop delay_ms: the links are still rate-shaped)")
+    state = LabState()
+    try:
+        progress("bridge")
+        head_ip = host.add_bridge()
+        state.bridge = True
+        state.save()
+        host.run(ray_command(), "get-auth-token", "--generate")  # this host's token, made if there is none
+        progress("head node")
+        head = host.Cgroup("head")
+        head.create()
+        state.head = True
+        state.save()
+        state.address = f"{head_ip}:{HEAD_PORT}"
+        _start_ray(head, ["--head", f"--node-ip-address={head_ip}", f"--port={HEAD_PORT}", "--node-name=head",
+                          "--num-cpus=0", f"--object-store-memory={OBJECT_STORE_BYTES}", "--include-dashboard=false",
+                          "--disable-usage-stats"], None)
+        state.save()
+        for i, node in enumerate(spec.nodes):
+            progress(f"node {node.name}")
+            ip = f"{host.SUBNET}.{10 + i}"
+            record = NodeState(node.name, ip, node.cpus, node.memory_gb, node.link.rate_mbit, node.link.delay_ms,
+                               f"swlab-{node.name}", f"swl{i}")
+            group = host.Cgroup(node.name)
+            group.create()
+            state.nodes.append(record)
+            state.save()
+            group.set_memory(int((node.memory_gb + spec.runtime_gb) * 1e9))
+            host.add_namespace(record.namespace, record.veth, ip, node.link.rate_mbit, node.link.delay_ms)
+            _start_ray(group, [f"--address={state.address}", f"--node-ip-address={ip}", f"--node-name={node.name}",
+                               f"--num-cpus={max(1, round(node.cpus))}", f"--memory={int(node.memory_gb * 1e9)}",
+                               f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"],
+                       record.namespace)
+            group.set_cpus(node.cpus)  # after the start: Ray's start-up times out on a fraction of a core
+        return state
+    except BaseException:
+        down(state)
+        raise
+
+
+def down(state: LabState | None = None) -> LabState | None:
+    """Stop every process of the lab and remove what it made; None when no lab was up."""
+    state = state or LabState.load()
+    if state is None:
+        return None
+    for node in reversed(state.nodes):
+        host.Cgroup(node.name).remove()
+        host.remove_namespace(node.namespace)
+    if state.head:
+        host.Cgroup("head").remove()
+    host.remove_group_root()
+    if state.bridge:
+        host.remove_bridge()
+    if state.address and RAY_CURRENT.exists() and RAY_CURRENT.read_text().strip() == state.address:
+        RAY_CURRENT.unlink()
+    STATE.unlink(missing_ok=True)
+    return state
+
+
+def set_cpus(name: str, cpus: float) -> NodeState:
+    """Change a running node's CPU share (another tenant took its cores; its quota changed)."""
+    state = LabState.load()
+    if state is None:
+        raise ShardwiseError("no lab is up: start one with `shardwise lab up LAB.yaml`")
+    if cpus <= 0:
+        raise ShardwiseError(f"cpus must be > 0, not {cpus}")
+    node = state.node(name)
+    host.Cgroup(name).set_cpus(cpus)
+    node.cpus = cpus
+    state.save()
+    return node
