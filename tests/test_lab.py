@@ -45,6 +45,16 @@ def test_without_a_lab_down_says_so():
     assert result.returncode == 0 and "no lab was up" in result.stdout
 
 
+def test_down_sweeps_what_an_up_killed_midway_left_without_its_state():
+    if STATE.exists():
+        pytest.skip("a lab is up")
+    subprocess.run(["ip", "netns", "add", "swlab-ghost"], check=True)
+    (host.CGROUPS / "cpu" / host.GROUP / "ghost").mkdir(parents=True)
+    result = cli("lab", "down")
+    assert result.returncode == 0 and "is down" in result.stdout, result.stderr
+    assert leftovers() == []
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     path = tmp_path_factory.mktemp("lab") / "lab.yaml"

@@ -32,6 +32,18 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
+def join_lab(address: str | None) -> None:
+    """A lab keeps Ray's token authentication on, and Ray sends this host's token to a cluster
+    named by its address only when RAY_AUTH_MODE says so: say it for a lab's address. (Before
+    Ray is imported: it reads the mode then.)"""
+    if address and "RAY_AUTH_MODE" not in os.environ:
+        from shardwise.lab.lab import LabState
+
+        state = LabState.load()
+        if state is not None and state.address == address:
+            os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
@@ -64,6 +76,7 @@ def generate(
                                                                                  "server's API key.")] = None,
 ) -> None:
     """Generate a reply and stream it to the terminal."""
+    join_lab(address)
     try:
         from shardwise.engine.sampling import SamplingParams
         from shardwise.llm import LLM
@@ -138,6 +151,7 @@ def serve(
                                                       "before they end with an error.")] = ServerLimits.drain_timeout_s,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (continuous batching, chunked prefill)."""
+    join_lab(address)
     try:
         from shardwise.llm import LLM
         from shardwise.serve.server import check_address
@@ -353,6 +367,7 @@ def profile(
     quick: Annotated[bool, typer.Option(help="One round of each measurement, not five: faster, noisier.")] = False,
 ) -> None:
     """Measure this machine (or every Ray node) and the links between stages into a profile file."""
+    join_lab(address)
     import json
     from pathlib import Path
 

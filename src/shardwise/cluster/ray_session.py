@@ -15,8 +15,6 @@ def join(address: str | None, instead: str) -> bool:
     instead: what the user can do without a cluster, for the error message."""
     if ray.is_initialized():
         return False
-    if address not in (None, "auto"):
-        _token_auth_if_token()
     try:
         # "local": a new instance of our own, never a stale session another (killed) `ray start` left behind
         # (stages' logs reach this process only when asked for: shardwise --verbose)
@@ -27,19 +25,6 @@ def join(address: str | None, instead: str) -> bool:
             raise ShardwiseError(f"cannot start a local Ray instance ({e}): check /tmp/ray's space and "
                                  "permissions, or give --address of a running cluster") from None
         raise ShardwiseError(f"cannot join the Ray cluster at '{address}' ({e}): start it with "
-                             f"'ray start --head', or drop --address to {instead}") from None
+                             f"'ray start --head', or drop --address to {instead}; a cluster with token "
+                             "authentication (Ray's default) needs RAY_AUTH_MODE=token here") from None
     return True
-
-
-
-def _token_auth_if_token() -> None:
-    """Ray turns token authentication on by itself only for a cluster it finds locally: a cluster
-    named by its address (e.g. a `shardwise lab`'s) gets this host's token too, where there is one
-    and RAY_AUTH_MODE does not say otherwise."""
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:  # a Ray without token authentication
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)

@@ -125,8 +125,9 @@ def up(spec: LabSpec, progress: Callable[[str], None] = lambda _: None) -> LabSt
 
 
 def down(state: LabState | None = None) -> LabState | None:
-    """Stop every process of the lab and remove what it made; None when no lab was up."""
-    state = state or LabState.load()
+    """Stop every process of the lab and remove what it made; None when no lab was up. Without a
+    state file (a lab killed while it came up) what carries the lab's names is swept instead."""
+    state = state or LabState.load() or _leftovers()
     if state is None:
         return None
     for node in reversed(state.nodes):
@@ -141,6 +142,19 @@ def down(state: LabState | None = None) -> LabState | None:
         RAY_CURRENT.unlink()
     STATE.unlink(missing_ok=True)
     return state
+
+
+def _leftovers() -> LabState | None:
+    """What a lab whose state was lost left behind: its bridge, namespaces and cgroups, by name."""
+    namespaces = [n for n in host.run("ip", "netns", "list", check=False).stdout.split() if n.startswith("swlab-")]
+    groups = {p.name for c in ("cpu", "memory") if (host.CGROUPS / c / host.GROUP).is_dir()
+              for p in (host.CGROUPS / c / host.GROUP).iterdir() if p.is_dir()}
+    names = {n.removeprefix("swlab-") for n in namespaces} | (groups - {"head"})
+    bridge = host.run("ip", "link", "show", host.BRIDGE, check=False).returncode == 0
+    if not (names or bridge or groups):
+        return None
+    nodes = [NodeState(name, "", 0, 0, 0, 0, f"swlab-{name}", "") for name in sorted(names)]
+    return LabState(f"{host.SUBNET}.1:{HEAD_PORT}", bridge, "head" in groups, nodes)
 
 
 def set_cpus(name: str, cpus: float) -> NodeState:
