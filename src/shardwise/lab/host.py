@@ -86,9 +86,11 @@ def add_namespace(namespace: str, veth: str, ip: str, rate_mbit: float, delay_ms
 
 
 def shape(device: str, rate_mbit: float, delay_ms: float, namespace: str | None) -> None:
-    """A token bucket at rate_mbit (a burst of 1 ms of traffic, at least a few packets), after a
-    netem delay where one is asked for."""
-    burst = max(int(rate_mbit * 1e6 / 8 / 1000), 16 * 1514)
+    """A token bucket at rate_mbit, after a netem delay where one is asked for. Its bucket holds
+    4 ms of traffic (what a 250 Hz kernel needs to keep the rate), at least one full packet: a
+    larger bucket would let a slow link pass a whole decode step's hidden state at once, where
+    a real link of that rate takes its serialisation time."""
+    burst = max(int(rate_mbit * 1e6 / 8 * 0.004), 1514)
     tbf = ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "200ms"]
     if delay_ms:
         run("tc", "qdisc", "add", "dev", device, "root", "handle", "1:", "netem", "delay", f"{delay_ms}ms",
