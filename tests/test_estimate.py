@@ -273,8 +273,17 @@ def test_profile_measures_this_machine_and_feeds_estimate(machine_profile):
 
 
 def test_profile_every_node_of_a_ray_cluster_and_their_links():
-    """`shardwise profile --address` on a real 2-node Ray cluster (cluster_utils, in its own process)."""
+    """`shardwise profile --address` on a real 2-node Ray cluster (cluster_utils, in its own process).
+    Where a lab can run, tests/test_lab.py profiles a real two-node lab instead (and its links)."""
     import subprocess
+
+    from shardwise.lab.host import LabUnavailable, check_host
+
+    try:
+        check_host()
+        pytest.skip("tests/test_lab.py profiles the nodes and links of a real two-node lab here")
+    except LabUnavailable:
+        pass
 
     script = Path(__file__).with_name("multinode_profile_check.py")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900)

@@ -95,8 +95,15 @@ def test_the_profile_sees_the_quota_and_the_plan_leaves_the_slow_node_out(lab, t
     profiled = cli("profile", "--quick", "--model", str(tiny_llama(tmp_path / "tiny")), "--address", lab,
                    "--out", str(out), timeout=900)
     assert profiled.returncode == 0, profiled.stderr
-    devices = {d["name"]: d for d in json.loads(out.read_text())["devices"]}
+    profile = json.loads(out.read_text())
+    devices = {d["name"]: d for d in profile["devices"]}
     assert set(devices) == {"fast", "slow"}  # (the head coordinates: it offers no CPU, so it is not profiled)
+    links = {(link["from"], link["to"]): link for link in profile["links"]}
+    assert set(links) in ({("fast", "fast"), ("fast", "slow"), ("slow", "slow")},
+                          {("slow", "slow"), ("slow", "fast"), ("fast", "fast")})
+    crossing = links.get(("fast", "slow")) or links[("slow", "fast")]
+    assert crossing["bandwidth"] < 100e6 / 8  # the slow node's 100 Mbit/s link, shaped
+    assert crossing["bandwidth"] < links[("fast", "fast")]["bandwidth"] / 5
     fast, slow = devices["fast"], devices["slow"]
     assert slow["flops"]["fp32"] < 0.5 * fast["flops"]["fp32"]
     assert slow["memory_bytes"] == pytest.approx(2e9)  # what the node offers, not the host's RAM
