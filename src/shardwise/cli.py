@@ -137,6 +137,12 @@ def serve(
     = SERVING.stage_timeout,
     spare_stages: Annotated[bool, typer.Option(help="Keep a warm, empty stage process per node: a lost stage "
                                                     "is replaced in a fraction of the time.")] = SERVING.spare_stages,
+    drift_threshold: Annotated[float, typer.Option(help="With --cluster: a node whose steps take this many times "
+                                                        "the predicted time (or 1/this) for --drift-window seconds "
+                                                        "has its speed corrected, and the model is re-planned if "
+                                                        "that pays; 0: never.")] = SERVING.drift_threshold,
+    drift_window: Annotated[float, typer.Option(help="Seconds a node's speed must stay drifted.")]
+    = SERVING.drift_window_s,
     collab_ttl: Annotated[float, typer.Option(help="Seconds a collaborative session may idle before it is "
                                                    "closed and its KV freed.")] = 300.0,
     max_waiting: Annotated[int, typer.Option(help="Sequences that may queue for a slot; more are refused with "
@@ -161,7 +167,8 @@ def serve(
             raise ShardwiseError("--collab-ttl must be positive")
         config = SERVING.with_options(device=device, dtype=dtype, threads=threads, max_num_seqs=max_num_seqs,
                                       max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens,
-                                      stage_timeout=stage_timeout, spare_stages=spare_stages)
+                                      stage_timeout=stage_timeout, spare_stages=spare_stages,
+                                      drift_threshold=drift_threshold, drift_window_s=drift_window)
         limits = ServerLimits(max_waiting=max_waiting, max_queue_time_s=max_queue_time,
                               max_request_sequences=max_request_sequences, max_request_tokens=max_request_tokens,
                               drain_timeout_s=drain_timeout)

@@ -20,11 +20,18 @@ class EngineConfig:
     micro_batches: int | None = None  # pipeline steps in flight (None: one per compute resource)
     stage_timeout: float = 60.0  # seconds without a finished pipeline step before a stage counts as lost
     spare_stages: bool = False  # keep a warm empty stage process per node, for fast recovery
+    # with a cluster file: a node whose steps take this many times the predicted time (or 1/this)
+    # for drift_window_s seconds has its speed corrected, and the model re-planned if that pays (0: never)
+    drift_threshold: float = 1.5
+    drift_window_s: float = 10.0
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_batch_tokens, self.kv_tokens) < 1 or self.stage_timeout <= 0:
             raise ShardwiseError("max_num_seqs, max_batch_tokens and kv_tokens must each be at least 1, and "
                                  "stage_timeout positive")
+        if not (self.drift_threshold == 0 or self.drift_threshold > 1) or self.drift_window_s <= 0:
+            raise ShardwiseError(f"drift_threshold must be above 1 (or 0: never re-plan for speed), got "
+                                 f"{self.drift_threshold}, and drift_window_s positive, got {self.drift_window_s}")
 
     def with_options(self, **options: Any) -> EngineConfig:
         """This config with some fields changed; an unknown name is a ShardwiseError listing the known."""

@@ -18,3 +18,12 @@ class StageFailure(Exception):
     def __init__(self, message: str, step: object = None, hung: bool = False):
         super().__init__(message)
         self.step, self.hung = step, hung
+
+
+class Drifted(StageFailure):
+    """Every stage lives, but a node's speed drifted from its profile and a new plan (`plan`)
+    pays: the pipeline moves to it as it recovers from a lost stage, replaying the sequences."""
+
+    def __init__(self, message: str, plan: object):
+        super().__init__(message)
+        self.plan = plan

@@ -67,7 +67,8 @@ def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = Non
             chosen = Plan.even(llm.spec, stages or 1, device=c.device)
         return Pipeline(llm.path, llm.spec, chosen, dtype=c.dtype, address=address, kv_tokens=c.kv_tokens,
                         micro_batches=c.micro_batches, stage_timeout=c.stage_timeout, spares=c.spare_stages,
-                        cluster=where, objective=objective)
+                        cluster=where, objective=objective, drift_threshold=c.drift_threshold,
+                        drift_window_s=c.drift_window_s)
 
     return build
 
@@ -229,11 +230,12 @@ class LLM:
         self.scheduler.release_all()
 
     def load(self) -> EngineLoad:
-        """What the engine holds now: sequences running and waiting, KV, losses and recoveries."""
+        """What the engine holds now: sequences running and waiting, KV, losses, recoveries and
+        re-plans, and each stage's predicted and measured step time (a pipeline with a cluster file)."""
         s = self.scheduler
         return EngineLoad(s.num_running, len(s.waiting), s.waiting[0].output.arrival_time if s.waiting else None,
                           s.kv_reserved, s.kv_capacity, s.stage_failures, s.recoveries, s.replayed_tokens,
-                          s.last_recovery_s)
+                          s.last_recovery_s, s.replans, self.executor.timing())
 
     def events(self) -> list[dict[str, Any]]:
         """The latest stage losses, recoveries and errors an operator should see."""
@@ -271,3 +273,5 @@ class EngineLoad:
     recoveries: int
     replayed_tokens: int
     last_recovery_s: float
+    replans: int  # moves to a new plan after a node's speed drifted
+    stage_timing: list[tuple[float, float]]  # per stage: median predicted, measured step seconds (or [])

@@ -13,28 +13,37 @@ node (with spares, into the warm spare kept there) and clears every other stage'
 sequences, for the scheduler to replay. If a node died, the planner splits the model
 anew over the devices left (those of the cluster file the plan came from, or else the
 surviving Ray nodes) and every stage restarts under that plan.
+
+With a cluster file, a DriftWatch compares each stage's measured seconds with the
+estimator's (see drift.py); when a node's speed drifted and a new plan pays, the next
+wait() raises Drifted and recover() moves every stage to that plan, the same way.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from shardwise.cluster.drift import DriftWatch
 from shardwise.cluster.ray_session import join
 from shardwise.cluster.stage import StageActor
 from shardwise.config import EngineConfig
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.worker import Sampled
-from shardwise.errors import ShardwiseError, StageFailure, StepError
+from shardwise.errors import Drifted, ShardwiseError, StageFailure, StepError
 from shardwise.model.spec import ModelSpec
+from shardwise.perf.operators import Work
 from shardwise.planner.plan import Plan
 from shardwise.planner.topology import Cluster, plan_cluster
 
+log = logging.getLogger("shardwise.cluster")
 
 def stage_env() -> dict:
     """The stages' environment. Stages on one node take turns on its cores: OpenMP threads spin
@@ -49,13 +58,20 @@ class Pipeline:
                  address: str | None = None, kv_tokens: int = EngineConfig.kv_tokens,
                  micro_batches: int | None = None, stage_timeout: float = EngineConfig.stage_timeout,
                  spares: bool = False, cluster: Cluster | None = None,
-                 objective: str = "throughput"):
+                 objective: str = "throughput", drift_threshold: float = EngineConfig.drift_threshold,
+                 drift_window_s: float = EngineConfig.drift_window_s):
         self.model_path, self.spec, self.dtype = model_path, spec, dtype
         self.kv_tokens, self.stage_timeout = kv_tokens, stage_timeout
-        self.cluster, self.objective = cluster, objective  # what a re-plan after a node's death splits over
+        self.cluster, self.objective = cluster, objective  # what a re-plan splits over
         self.use_spares, self.spares = spares, {}  # node id -> an empty, warm StageActor
         self.stages, self._micro_batches = [], micro_batches
         self._steps: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}  # in flight: last ref -> every stage's
+        self._work: dict[ray.ObjectRef, Work] = {}  # in flight: what each step computes
+        self._context: dict[int, int] = {}  # tokens each sequence's KV holds once its submitted steps ran
+        self.drift = (drift_threshold, drift_window_s)
+        self.watch: DriftWatch | None = None
+        self._drifted: Drifted | None = None  # raised by the next wait()
+        self.on_event: Callable[[str, str], None] = lambda kind, message: None  # the scheduler's note()
         plan.check_layers(spec)  # a bad plan is an error before Ray starts
         self._owns_ray = join(address, instead="run locally")
         try:
@@ -76,6 +92,23 @@ class Pipeline:
         n = len(plan.stages)
         self.stages, self.pids, self.node_ids = [None] * n, [None] * n, [None] * n
         self._launch(list(range(n)))
+        self._watch(plan)
+
+    def _watch(self, plan: Plan) -> None:
+        """Watch the stages' speeds against the cluster file's (without one, nothing predicts them)."""
+        threshold, window_s = self.drift
+        if self.cluster is None or not threshold:
+            return
+        try:
+            if self.watch is None:
+                self.watch = DriftWatch(self.spec, self.cluster, plan, quant=self.dtype, objective=self.objective,
+                                        kv_tokens=self.kv_tokens, threshold=threshold, window_s=window_s)
+            else:  # a new plan (its cluster corrected by the watch, or without a dead node's devices)
+                self.watch.cluster = self.cluster
+                self.watch.follow(plan)
+        except ValueError as e:
+            log.warning("not watching the stages' speeds: %s", e)
+            self.watch = None
 
     def _check_memory(self) -> None:
         """Each node holds its stages' weights and KV (a ShardwiseError if not)."""
@@ -150,14 +183,17 @@ class Pipeline:
 
     # --- the executor interface ---------------------------------------------------------------
     def add(self, seq_id: int, params: SamplingParams, generated: list[int] = ()) -> None:
+        self._context[seq_id] = 0
         for stage in self.stages:  # an actor runs calls in the order one caller sent them
             stage.add.remote(seq_id, params, list(generated))
 
     def free(self, seq_id: int) -> None:
+        self._context.pop(seq_id, None)
         for stage in self.stages:
             stage.free.remote(seq_id)
 
     def rewind(self, seq_id: int, length: int) -> None:
+        self._context[seq_id] = length
         for stage in self.stages:
             stage.rewind.remote(seq_id, length)
 
@@ -169,9 +205,16 @@ class Pipeline:
             refs.append(stage.step.remote(seq_ids, chunks, sample, refs[-1] if refs else None,
                                           shared if overlapping else alone))
         self._steps[refs[-1]] = refs
+        self._work[refs[-1]] = Work(tuple((len(c), self._context.get(i, 0)) for i, c in zip(seq_ids, chunks,
+                                                                                           strict=True)))
+        for i, chunk in zip(seq_ids, chunks, strict=True):
+            self._context[i] = self._context.get(i, 0) + len(chunk)
         return refs[-1]
 
     def wait(self, handles: list[ray.ObjectRef]) -> int:
+        if self._drifted:  # the steps in flight are replayed under the new plan
+            drifted, self._drifted = self._drifted, None
+            raise drifted
         ready, _ = ray.wait(handles, num_returns=1, timeout=self.stage_timeout)
         if not ready:  # the oldest step is the one stuck: each stage runs its steps in order
             raise StageFailure(f"no step finished in {self.stage_timeout:.0f} s", handles[0], hung=True)
@@ -183,12 +226,34 @@ class Pipeline:
         except ray.exceptions.RayTaskError as e:
             if not isinstance(e.cause, Exception) or isinstance(e.cause, ray.exceptions.RayError):
                 raise StageFailure(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", handle) from None
-            del self._steps[handle]  # a stage raised: the step failed, but every stage lives
+            self._forget(handle)  # a stage raised: the step failed, but every stage lives
             raise StepError(f"a stage failed the step ({type(e.cause).__name__}: {e.cause})") from None
         except ray.exceptions.RayError as e:  # the actor, its node or an object it needed is gone
             raise StageFailure(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", handle) from None
-        del self._steps[handle]
+        work = self._forget(handle)
+        if self.watch and out.stage_seconds:
+            verdict = self.watch.observe(work, out.stage_seconds)
+            if verdict:
+                self._judged(verdict)
         return out
+
+    def _forget(self, handle: ray.ObjectRef) -> Work:
+        del self._steps[handle]
+        return self._work.pop(handle)
+
+    def _judged(self, verdict) -> None:
+        """A node drifted: keep its corrected speed; with a new plan, move to it at the next wait()."""
+        log.warning("%s", verdict.message)
+        self.cluster = self.watch.cluster
+        if verdict.plan is None:
+            self.on_event("recalibrated", verdict.message)
+        else:
+            self._drifted = Drifted(verdict.message, verdict.plan)
+
+    def timing(self) -> list[tuple[float, float]]:
+        """Per stage, the median (predicted, measured) seconds of a step over the watch's last
+        window; [] when nothing is watched."""
+        return self.watch.medians if self.watch else []
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"layers": list(s.layers), "device": s.device, "node": node, "pid": pid}
@@ -199,8 +264,12 @@ class Pipeline:
         """Replace the stages that died or hang, and clear the sequences of the rest (their KV
         also holds the steps that were in flight): on the same nodes while those live, else
         under a new plan. Returns the indices of the stages started afresh."""
-        lost = self._lost_stages(self._steps.get(failure.step, []), failure.hung)
+        lost = [] if isinstance(failure, Drifted) else self._lost_stages(self._steps.get(failure.step, []),
+                                                                          failure.hung)
         self._steps.clear()
+        self._work.clear()
+        if isinstance(failure, Drifted):  # every stage lives, and moves to the new plan
+            return self._restart(failure.plan)
         if self._nodes_alive():
             for i in lost:
                 ray.kill(self.stages[i], no_restart=True)
@@ -231,14 +300,18 @@ class Pipeline:
         starts afresh under its plan (a ShardwiseError saying what is short if nothing fits)."""
         alive = [n for n in ray.nodes() if n["Alive"]]
         cluster = self.cluster.on_nodes(alive) if self.cluster else Cluster.of_ray_nodes(alive)
-        for actor in self.stages:
-            ray.kill(actor, no_restart=True)
         live = {n["NodeID"] for n in alive}
         self.spares = {node: spare for node, spare in self.spares.items() if node in live}
         try:
             plan, _ = plan_cluster(self.spec, cluster, self.objective, quant=self.dtype, kv_tokens=self.kv_tokens)
         except ShardwiseError as e:
             raise ShardwiseError(f"a node died and the model no longer fits on the nodes left: {e}") from None
+        return self._restart(plan)
+
+    def _restart(self, plan: Plan) -> list[int]:
+        """Every stage afresh under `plan` (into the warm spares where there are some)."""
+        for actor in self.stages:
+            ray.kill(actor, no_restart=True)
         self._start_plan(plan)
         return list(range(len(plan.stages)))
 
@@ -265,9 +338,11 @@ class Pipeline:
         return sorted(lost)
 
     def stats(self, timeout: float | None = None) -> list[dict[str, Any]]:
-        """Each stage's Worker.stats(), with its Ray node."""
-        return [s | {"node": node} for s, node in zip(_get([s.stats.remote() for s in self.stages], timeout),
-                                                      self.node_ids, strict=True)]
+        """Each stage's Worker.stats(), with its Ray node (and, watched, its median predicted and
+        measured step seconds)."""
+        stats = _get([s.stats.remote() for s in self.stages], timeout)
+        timing = [{"predicted_s": p, "measured_s": m} for p, m in self.timing()] or [{}] * len(stats)
+        return [s | {"node": node} | t for s, node, t in zip(stats, self.node_ids, timing, strict=True)]
 
     def close(self) -> None:
         for actor in [*self.stages, *self.spares.values()]:

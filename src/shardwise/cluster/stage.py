@@ -51,15 +51,20 @@ class StageActor:
         self.worker.reset()
 
     def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
-             hidden: np.ndarray | None, threads: int) -> np.ndarray | Sampled:
-        """Hidden states travel as float32 numpy arrays (zero-copy in Ray's object store); the
-        last stage returns token ids (and any logprobs asked for) only. threads: how many cores
-        this step may use."""
+             previous: tuple[np.ndarray, tuple[float, ...]] | None, threads: int) -> tuple | Sampled:
+        """Hidden states travel as float32 numpy arrays (zero-copy in Ray's object store), with
+        the seconds each stage so far computed; the last stage returns token ids (and any
+        logprobs asked for) only, with every stage's seconds. threads: how many cores this step
+        may use."""
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+        hidden, seconds = previous or (None, ())
         inputs = None if hidden is None else torch.from_numpy(hidden.copy())
         out = self.worker.step(seq_ids, chunks, sample, inputs)
-        return out.float().cpu().numpy() if isinstance(out, torch.Tensor) else out
+        seconds = (*seconds, self.worker.last_step_s)
+        if isinstance(out, torch.Tensor):
+            return out.float().cpu().numpy(), seconds
+        return out._replace(stage_seconds=seconds)
 
     def stats(self) -> dict:
         return self.worker.stats()

@@ -32,6 +32,9 @@ class SynchronousExecutor:
     def wait(self, handles: list[Any]) -> int:
         return 0
 
+    def timing(self) -> list[tuple[float, float]]:
+        return []  # nothing predicts its steps
+
     def result(self, handle: Sampled | Exception) -> Sampled:
         if isinstance(handle, Exception):
             raise handle

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
-from shardwise.errors import ShardwiseError, StageFailure
+from shardwise.errors import Drifted, ShardwiseError, StageFailure
 from shardwise.model.spec import ModelSpec
 from shardwise.model.tokenizer import Detokenizer, Tokenizer
 
@@ -120,10 +120,12 @@ class Scheduler:
         self.groups: list[list[Sequence]] = [[] for _ in range(executor.parallelism)]  # micro-batches
         self.in_flight: list[tuple[Any, int, list[tuple[Sequence, list[int]]]]] = []  # (handle, group, batch)
         self.held: deque[list[Sequence]] = deque()  # suspects of a failed step, retried alone group by group
-        self.stage_failures = self.recoveries = self.replayed_tokens = 0
+        self.stage_failures = self.recoveries = self.replans = self.replayed_tokens = 0
         self.last_recovery_s = 0.0
         self._failures_in_a_row = 0
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        if hasattr(executor, "on_event"):  # a pipeline tells of what it notices between steps
+            executor.on_event = self.note
 
     def note(self, kind: str, message: str) -> None:
         """Record an event an operator should see (a stage lost, a recovery, an engine error)."""
@@ -206,7 +208,7 @@ class Scheduler:
             self._recover(failure)
             return []
         try:
-            tokens, logprobs, errors = self.executor.result(handle)
+            tokens, logprobs, errors, _ = self.executor.result(handle)
         except StageFailure as failure:
             self._recover(failure)
             return []
@@ -289,15 +291,20 @@ class Scheduler:
         return seq, ""
 
     def _recover(self, failure: StageFailure) -> None:
-        """Replace the lost stage(s), then replay every running sequence from its first token."""
-        self.stage_failures += 1
-        self._failures_in_a_row += 1
-        if self._failures_in_a_row > MAX_FAILURES_IN_A_ROW:
-            raise ShardwiseError(f"pipeline stages failed {self._failures_in_a_row} times in a row without "
-                                 f"completing a step (last: {failure}): check the nodes and their logs")
-        log.warning("lost a pipeline stage (%s): replacing it and replaying %d sequences", failure,
-                    self.num_running)
-        self.note("stage lost", f"{failure}; replacing it and replaying {self.num_running} sequences")
+        """Replace the lost stage(s), or move every stage to a new plan (Drifted), then replay
+        every running sequence from its first token."""
+        drifted = isinstance(failure, Drifted)
+        if drifted:
+            self.note("re-plan", f"{failure}; moving the stages and replaying {self.num_running} sequences")
+        else:
+            self.stage_failures += 1
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row > MAX_FAILURES_IN_A_ROW:
+                raise ShardwiseError(f"pipeline stages failed {self._failures_in_a_row} times in a row without "
+                                     f"completing a step (last: {failure}): check the nodes and their logs")
+            log.warning("lost a pipeline stage (%s): replacing it and replaying %d sequences", failure,
+                        self.num_running)
+            self.note("stage lost", f"{failure}; replacing it and replaying {self.num_running} sequences")
         replayed = self.replayed_tokens
         started = time.perf_counter()
         self.in_flight.clear()
@@ -311,10 +318,14 @@ class Scheduler:
                 self.replayed_tokens += seq.resume_at
                 seq.fed = 0
                 self.executor.add(seq.id, seq.params, seq.output.token_ids)
-        self.recoveries += 1
-        self.last_recovery_s = time.perf_counter() - started
-        self.note("recovered", f"stages replaced in {self.last_recovery_s:.1f} s; "
-                               f"{self.replayed_tokens - replayed} tokens to replay")
+        seconds, tokens = time.perf_counter() - started, self.replayed_tokens - replayed
+        if drifted:
+            self.replans += 1
+            self.note("re-planned", f"stages moved in {seconds:.1f} s; {tokens} tokens to replay")
+        else:
+            self.recoveries += 1
+            self.last_recovery_s = seconds
+            self.note("recovered", f"stages replaced in {seconds:.1f} s; {tokens} tokens to replay")
 
     def _admit(self) -> None:
         while self.waiting and self.num_running < self.max_num_seqs:

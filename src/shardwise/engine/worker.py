@@ -24,11 +24,13 @@ log = logging.getLogger("shardwise.engine")
 class Sampled(NamedTuple):
     """What the last worker returns for a step: one token id per sequence (None where it did not
     sample), log-probabilities by row for the sequences that asked for them, and by row the
-    error of any sequence whose sampling failed (that sequence alone fails; the others go on)."""
+    error of any sequence whose sampling failed (that sequence alone fails; the others go on).
+    A pipeline adds each stage's seconds of compute for the step, first stage first."""
 
     tokens: list[int | None]
     logprobs: dict[int, TokenLogprobs]
     errors: dict[int, str]
+    stage_seconds: tuple[float, ...] = ()
 
 
 class Worker:

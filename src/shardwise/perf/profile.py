@@ -35,6 +35,9 @@ from shardwise.perf.operators import Precision, Work
 PREFILL_TOKENS = (12, 24, 48, 96, 192, 384)
 DECODE_BATCHES = (2, 4, 12, 24)
 DECODE_CONTEXT = 64
+# and some batches again at a longer context: attention's cost grows with it, the rest does not,
+# so only two contexts tell attention's speed apart from the other small operators'
+LONG_CONTEXT, LONG_CONTEXT_BATCHES = 384, (4, 12)
 Progress = Callable[[str], None]
 
 
@@ -147,7 +150,8 @@ def engine_steps(spec: ModelSpec, weights, device: torch.device, dtype: str | No
 
 def _step_points(worker: Worker, layers: int) -> list[tuple[dict[str, Any], Callable[[], Any]]]:
     """(work point, one step of it) for prefills of one prompt and decode steps of a batch at
-    DECODE_CONTEXT cached tokens (each step's token is rewound, so repeats keep the context)."""
+    DECODE_CONTEXT (and LONG_CONTEXT) cached tokens (each step's token is rewound, so repeats
+    keep the context)."""
     points, ids = [], itertools.count()
 
     def prefill(tokens: int) -> None:
@@ -156,21 +160,22 @@ def _step_points(worker: Worker, layers: int) -> list[tuple[dict[str, Any], Call
         worker.step([seq], [[1] * tokens], [True])
         worker.free(seq)
 
-    def decode(seqs: list[int]) -> None:
+    def decode(seqs: list[int], context: int) -> None:
         worker.step(seqs, [[1]] * len(seqs), [True] * len(seqs))
         for seq in seqs:
-            worker.rewind(seq, DECODE_CONTEXT)
+            worker.rewind(seq, context)
 
     for tokens in PREFILL_TOKENS:
         points.append(({"layers": layers, "batch": 1, "new": tokens, "context": 0},
                        lambda n=tokens: prefill(n)))
-    for batch in DECODE_BATCHES:
+    decodes = [(b, DECODE_CONTEXT) for b in DECODE_BATCHES] + [(b, LONG_CONTEXT) for b in LONG_CONTEXT_BATCHES]
+    for batch, context in decodes:
         seqs = [next(ids) for _ in range(batch)]
         for seq in seqs:
             worker.add(seq, SamplingParams(temperature=0))
-        worker.step(seqs, [[1] * DECODE_CONTEXT] * batch, [True] * batch)
-        points.append(({"layers": layers, "batch": batch, "new": 1, "context": DECODE_CONTEXT},
-                       lambda s=seqs: decode(s)))
+        worker.step(seqs, [[1] * context] * batch, [True] * batch)
+        points.append(({"layers": layers, "batch": batch, "new": 1, "context": context},
+                       lambda s=seqs, c=context: decode(s, c)))
     return points
 
 

@@ -183,7 +183,7 @@ def cost_table(spec: ModelSpec, cluster: Cluster, *, batch: int = 1, context: in
     compute = np.zeros((len(cluster.devices), n))
     overhead = np.zeros(len(cluster.devices))
     for i, d in enumerate(cluster.devices):
-        p = _precision(d.spec, quant)
+        p = precision(d.spec, quant)
         by_window = {}  # layers differ only in their attention window: time each kind once
         for layer in range(n):
             window = spec.window(layer)
@@ -195,7 +195,7 @@ def cost_table(spec: ModelSpec, cluster: Cluster, *, batch: int = 1, context: in
         compute[i, -1] += sum(time_operator(op, d.spec).time_s for op in head_operators(spec, work, p))
         overhead[i] = d.spec.step_overhead_s
         compute[i, 0] += overhead[i]
-    p0 = _precision(cluster.devices[0].spec, quant)
+    p0 = precision(cluster.devices[0].spec, quant)
     hidden = batch * spec.hidden_size * dtype_bytes(p0.activations)
     names = [d.name for d in cluster.devices]
     transfer = np.array([[0.0 if a == b else cluster.link(a, b).time(hidden) + overhead[j]
@@ -209,7 +209,8 @@ def cost_table(spec: ModelSpec, cluster: Cluster, *, batch: int = 1, context: in
                      cluster.return_to_source, cluster.hosts())
 
 
-def _precision(device: DeviceSpec, quant: str | None) -> Precision:
+def precision(device: DeviceSpec, quant: str | None) -> Precision:
+    """Weights at `quant` (default: the device's own dtype); activations and KV at the device's."""
     return Precision(quant or device.default_dtype, device.default_dtype, device.default_dtype)
 
 

@@ -70,7 +70,7 @@ class AsyncEngine:
         self.draining = False  # shutting down: no new requests
         self._drain_deadline: float | None = None
         self.failure: str | None = None  # set if the engine loop itself died, or stopped
-        self._counted = {"stage_failures": 0, "recoveries": 0, "replayed_tokens": 0}  # reported to metrics
+        self._counted = {"stage_failures": 0, "recoveries": 0, "replans": 0, "replayed_tokens": 0}  # in metrics
         self.running = False
         self.step_s = 0.0  # the last step's duration: what new work waits for while the engine is busy
 
@@ -282,9 +282,10 @@ class AsyncEngine:
         m.waiting.set(s.waiting)
         m.queue_age.set(0.0 if s.oldest_arrival is None else time.perf_counter() - s.oldest_arrival)
         m.kv_usage.set(s.kv_reserved / s.kv_capacity)
-        # the engine counts lost stages and replays; the counters follow it
+        m.stage_timing(s.stage_timing)
+        # the engine counts lost stages, re-plans and replays; the counters follow it
         for name, counter in (("stage_failures", m.stage_failures), ("recoveries", m.recoveries),
-                              ("replayed_tokens", m.replayed_tokens)):
+                              ("replans", m.replans), ("replayed_tokens", m.replayed_tokens)):
             new = getattr(s, name) - self._counted[name]
             if new:
                 counter.inc(new)

@@ -48,6 +48,11 @@ class Metrics:
         self.recoveries = make(Counter, "stage_recoveries", "Lost stages replaced and resumed.").labels(**labels)
         self.replayed_tokens = make(Counter, "replayed_tokens",
                                     "Tokens prefilled again to rebuild lost KV caches.").labels(**labels)
+        self.replans = make(Counter, "replans", "Moves to a new plan after a node's speed drifted from its "
+                            "profile.").labels(**labels)
+        self._stage_seconds = make(Gauge, "stage_step_seconds",
+                                   "Each pipeline stage's median step time over the drift window: predicted "
+                                   "from the cluster file's profiles, and measured.", extra_labels=["stage", "source"])
         self.recovery_time = make(Histogram, "recovery_seconds", "From noticing a lost stage to resuming.",
                                   buckets=RECOVERY_BUCKETS).labels(**labels)
         self.collab_sessions = make(Counter, "collab_sessions", "Collaborative sessions opened.").labels(**labels)
@@ -57,10 +62,19 @@ class Metrics:
         self.collab_seconds = make(Counter, "collab_server_seconds",
                                    "Server compute spent on collaborative segments.").labels(**labels)
         self._model = model
+        self._stages_timed = 0
         self._history: deque[tuple[float, dict]] = deque()  # (time, histogram buckets) of past snapshots
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(model_name=self._model, reason=reason).inc()
+
+    def stage_timing(self, timing: list[tuple[float, float]]) -> None:
+        if len(timing) != self._stages_timed:  # a new plan: no stale stages
+            self._stage_seconds.clear()
+            self._stages_timed = len(timing)
+        for stage, pair in enumerate(timing):
+            for source, seconds in zip(("predicted", "measured"), pair, strict=True):
+                self._stage_seconds.labels(model_name=self._model, stage=str(stage), source=source).set(seconds)
 
     def finished(self, reason: str) -> None:
         self._success.labels(model_name=self._model, finished_reason=reason).inc()

@@ -1,0 +1,63 @@
+"""DriftWatch on its own: the estimator's predictions for a plan's stages against step times fed
+to it (real time passes; only the waits are shortened)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from shardwise.cluster import drift
+from shardwise.cluster.drift import DriftWatch
+from shardwise.model.catalog import load_spec
+from shardwise.perf.operators import Work
+from shardwise.planner.topology import Cluster, plan_cluster
+
+SPEC = load_spec("smollm2-135m")
+DECODE = Work.decode(8, 100)
+
+
+@pytest.fixture
+def watch(monkeypatch):
+    monkeypatch.setattr(drift, "WARMUP_S", 0.0)
+    monkeypatch.setattr(drift, "CHECK_EVERY_S", 0.05)
+    cluster = Cluster.from_dict({"devices": [{"name": "a", "type": "x86-cpu", "node": "10.0.0.1"},
+                                             {"name": "b", "type": "x86-cpu", "node": "10.0.0.2"}]})
+    plan, _ = plan_cluster(SPEC, cluster, "throughput", quant="int4")
+    assert len(plan.stages) == 2
+    return DriftWatch(SPEC, cluster, plan, quant="int4", objective="throughput", kv_tokens=4096, threshold=1.5,
+                      window_s=0.4)
+
+
+def feed(watch: DriftWatch, slower: list[float], seconds: float) -> list:
+    """Steps whose stages take `slower` times the predicted, for `seconds`; the verdicts given."""
+    verdicts, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        taken = tuple(p * f for p, f in zip(watch.predict(DECODE), slower, strict=True))
+        verdicts.append(watch.observe(DECODE, taken))
+        time.sleep(0.01)
+    return [v for v in verdicts if v]
+
+
+def test_a_shared_error_calibrates_every_node_and_keeps_the_plan(watch):
+    first = feed(watch, [3.0, 3.0], 0.6)
+    assert len(first) == 1 and first[0].plan is None and "3.00x the estimator's time" in first[0].message
+    assert feed(watch, [1.0, 1.0], 0.6) == []  # calibrated: the same speeds are no drift
+
+
+def test_a_node_that_slows_down_moves_layers_off_it(watch):
+    feed(watch, [1.0, 1.0], 0.6)
+    layers_on_a = watch.plan.stages[0].layers
+    verdicts = feed(watch, [4.0, 1.0], 0.6)
+    assert len(verdicts) == 1 and verdicts[0].plan is not None, verdicts
+    assert "node a ran 4.00x" in verdicts[0].message
+    moved = {s.placement: s.layers[1] - s.layers[0] for s in verdicts[0].plan.stages}
+    assert moved["10.0.0.1"] < layers_on_a[1] - layers_on_a[0]
+
+
+def test_prompt_steps_and_a_node_idling_faster_are_not_drift(watch):
+    prefill = Work.prefill(2, 64)
+    for _ in range(20):
+        assert watch.observe(prefill, (1.0, 1.0)) is None  # far off, but not a decode step
+    feed(watch, [1.0, 1.0], 0.6)
+    assert feed(watch, [1.0, 0.3], 0.6) == []  # b runs in bursts while idle: not busy, not counted
