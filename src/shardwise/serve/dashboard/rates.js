@@ -51,6 +51,7 @@ export function renderRates(state) {
     ["TPOT p50 / p99", `${ms(tpot.p50)} / ${ms(tpot.p99)}`, "kpi-tpot"],
     ["requests done", String(finished), "kpi-done"],
     ["stages lost / recovered", `${m.stage_failures_total} / ${m.stage_recoveries_total}`, "kpi-recoveries"],
+    ["re-plans (a node drifted)", String(m.replans_total), "kpi-replans"],
   ];
   document.getElementById("kpis").replaceChildren(...kpis.map(([label, value, id]) => {
     const box = el("div");
