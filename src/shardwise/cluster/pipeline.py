@@ -31,7 +31,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from shardwise.cluster.drift import DriftWatch
+from shardwise.cluster.drift import DriftWatch, Verdict
 from shardwise.cluster.ray_session import join
 from shardwise.cluster.stage import StageActor
 from shardwise.config import EngineConfig
@@ -44,6 +44,7 @@ from shardwise.planner.plan import Plan
 from shardwise.planner.topology import Cluster, plan_cluster
 
 log = logging.getLogger("shardwise.cluster")
+
 
 def stage_env() -> dict:
     """The stages' environment. Stages on one node take turns on its cores: OpenMP threads spin
@@ -241,7 +242,7 @@ class Pipeline:
         del self._steps[handle]
         return self._work.pop(handle)
 
-    def _judged(self, verdict) -> None:
+    def _judged(self, verdict: Verdict) -> None:
         """A node drifted: keep its corrected speed; with a new plan, move to it at the next wait()."""
         log.warning("%s", verdict.message)
         self.cluster = self.watch.cluster
