@@ -6,13 +6,13 @@ context) from the cluster file's profiles. The first window calibrates: the rati
 share (the estimator's own error for this model and dtype) scales every node's profile, used
 or not, so a node left out of the plan is not left looking faster than the rest. After that,
 a node whose measured seconds stay beyond a threshold of the predicted (or below it, while
-the node is busy) in both halves of a window has drifted: another tenant took its cores, its quota
-or clock changed, or its profile missed how it behaves under load. Its profile is scaled by
-the ratio of the window's later half (re-measured in place, by the work it serves, not by a benchmark that would take
-its cores from the requests) and the planner plans again over the corrected cluster. When
-that plan beats the running one by REPLAN_GAIN, the pipeline moves to it; otherwise it keeps
-its plan and predicts with the corrected speeds. Either way the window starts afresh, so
-decisions are at least a window apart.
+the node is busy) in both halves of a window has drifted: another tenant took its cores, its
+quota or clock changed, or its profile missed how it behaves under load. Its profile is
+scaled by the ratio of the window's later half (re-measured in place, by the work it serves,
+not by a benchmark that would take its cores from the requests) and the planner plans again
+over the corrected cluster. When that plan beats the running one by REPLAN_GAIN, the pipeline
+moves to it; otherwise it keeps its plan and predicts with the corrected speeds. Either way
+the window starts afresh, so decisions are at least a window apart.
 """
 
 from __future__ import annotations
@@ -109,8 +109,6 @@ class DriftWatch:
         self.medians = list(zip(np.median(predicted, 0).tolist(), np.median(taken, 0).tolist(), strict=True))
         if now - self.since < self.window_s or len(self.samples) < MIN_STEPS:
             return None
-        # per host, its stages' seconds over the window against the predicted: a sum, as a node under a
-        # CPU quota runs some steps at full speed and stalls in others, and only the total tells
         # per host, its stages' seconds against the predicted, in each half of the window: sums, as a
         # node under a CPU quota runs some steps at full speed and stalls in others; only what both
         # halves show is sustained (a change caught mid-window would be corrected by half of it)

@@ -66,10 +66,10 @@ class Pipeline:
         self.cluster, self.objective = cluster, objective  # what a re-plan splits over
         self.use_spares, self.spares = spares, {}  # node id -> an empty, warm StageActor
         self.stages, self._micro_batches = [], micro_batches
-        self._steps: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}  # in flight: last ref -> every stage's
-        self._work: dict[ray.ObjectRef, Work] = {}  # in flight: what each step computes
+        # in flight: a step's last ref -> every stage's refs, and the work it computes
+        self._steps: dict[ray.ObjectRef, tuple[list[ray.ObjectRef], Work]] = {}
         self._context: dict[int, int] = {}  # tokens each sequence's KV holds once its submitted steps ran
-        self.drift = (drift_threshold, drift_window_s)
+        self.drift_threshold, self.drift_window_s = drift_threshold, drift_window_s
         self.watch: DriftWatch | None = None
         self._drifted: Drifted | None = None  # raised by the next wait()
         self.on_event: Callable[[str, str], None] = lambda kind, message: None  # the scheduler's note()
@@ -97,13 +97,13 @@ class Pipeline:
 
     def _watch(self, plan: Plan) -> None:
         """Watch the stages' speeds against the cluster file's (without one, nothing predicts them)."""
-        threshold, window_s = self.drift
-        if self.cluster is None or not threshold:
+        if self.cluster is None or not self.drift_threshold:
             return
         try:
             if self.watch is None:
                 self.watch = DriftWatch(self.spec, self.cluster, plan, quant=self.dtype, objective=self.objective,
-                                        kv_tokens=self.kv_tokens, threshold=threshold, window_s=window_s)
+                                        kv_tokens=self.kv_tokens, threshold=self.drift_threshold,
+                                        window_s=self.drift_window_s)
             else:  # a new plan (its cluster corrected by the watch, or without a dead node's devices)
                 self.watch.cluster = self.cluster
                 self.watch.follow(plan)
@@ -205,9 +205,8 @@ class Pipeline:
             # each stage gets the previous one's output as a ref, never through the driver
             refs.append(stage.step.remote(seq_ids, chunks, sample, refs[-1] if refs else None,
                                           shared if overlapping else alone))
-        self._steps[refs[-1]] = refs
-        self._work[refs[-1]] = Work(tuple((len(c), self._context.get(i, 0)) for i, c in zip(seq_ids, chunks,
-                                                                                           strict=True)))
+        work = Work(tuple((len(c), self._context.get(i, 0)) for i, c in zip(seq_ids, chunks, strict=True)))
+        self._steps[refs[-1]] = (refs, work)
         for i, chunk in zip(seq_ids, chunks, strict=True):
             self._context[i] = self._context.get(i, 0) + len(chunk)
         return refs[-1]
@@ -239,8 +238,7 @@ class Pipeline:
         return out
 
     def _forget(self, handle: ray.ObjectRef) -> Work:
-        del self._steps[handle]
-        return self._work.pop(handle)
+        return self._steps.pop(handle)[1]
 
     def _judged(self, verdict: Verdict) -> None:
         """A node drifted: keep its corrected speed; with a new plan, move to it at the next wait()."""
@@ -265,12 +263,11 @@ class Pipeline:
         """Replace the stages that died or hang, and clear the sequences of the rest (their KV
         also holds the steps that were in flight): on the same nodes while those live, else
         under a new plan. Returns the indices of the stages started afresh."""
-        lost = [] if isinstance(failure, Drifted) else self._lost_stages(self._steps.get(failure.step, []),
-                                                                          failure.hung)
-        self._steps.clear()
-        self._work.clear()
         if isinstance(failure, Drifted):  # every stage lives, and moves to the new plan
+            self._steps.clear()
             return self._restart(failure.plan)
+        lost = self._lost_stages(self._steps.get(failure.step, ([],))[0], failure.hung)
+        self._steps.clear()
         if self._nodes_alive():
             for i in lost:
                 ray.kill(self.stages[i], no_restart=True)
