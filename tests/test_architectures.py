@@ -1,7 +1,7 @@
 """Every supported architecture against transformers' own implementation, on small random
 models built from transformers' config and model classes and saved with save_pretrained:
-logits, greedy continuations, the model as 3 shards, batched decode, and the same model
-written to GGUF."""
+logits, greedy continuations, the model as 3 shards, batched decode, sequences moving to
+another split of the layers, and the same model written to GGUF."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import itertools
 import pytest
 import torch
 
-from shardwise import LLM, ShardModel, ShardwiseError
+from shardwise import LLM, SamplingParams, ShardModel, ShardwiseError
+from shardwise.engine.worker import Worker
 from shardwise.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec
 from shardwise.model.weights import open_weights
 from tests.gguf_writer import write_gguf
@@ -265,3 +266,34 @@ def test_decode_in_one_kernel_call_equals_layer_by_layer(model, dtype):
         logits = fused.forward(ids, [1] * len(ids), tokens)
         assert torch.equal(logits, by_layer.forward(ids, [1] * len(ids), tokens))
         tokens = logits.argmax(-1)
+
+
+def test_sequences_move_to_a_new_split_of_the_layers_with_their_kv_bit_for_bit(model):
+    """Mid-decode, each worker of one split exports its sequences (KV of its layers, and at the
+    last its samplers); the workers of another split take them in and decode on exactly as the
+    first split does: the same logits, bit for bit, and the samplers with them."""
+    _, path = model
+    old, new = ([Worker(s) for s in shards(path, cuts)] for cuts in ((0, 3, 6), (0, 1, 5, 6)))
+    batch = prompts()
+    ids = list(range(len(batch)))
+
+    def run(workers: list[Worker], lengths: list[int], x: torch.Tensor) -> torch.Tensor:
+        for worker in workers:
+            x = worker.shard.forward(ids, lengths, x)
+        return x
+
+    for worker in old:
+        for i in ids:
+            worker.add(i, SamplingParams(temperature=0.7, seed=i))
+    logits = run(old, [len(p) for p in batch], torch.tensor([t for p in batch for t in p]))
+    for _ in range(3):
+        logits = run(old, [1] * len(ids), logits.argmax(-1))
+    exports = [worker.export(ids) for worker in old]
+    for worker in new:
+        worker.adopt(*exports)
+    assert [new[0].shard.kv.length(i) for i in ids] == [len(p) + 3 for p in batch]
+    assert {i: s.seed for i, s in new[-1].samplers.items()} == {i: i for i in ids} and not new[0].samplers
+    for _ in range(3):
+        tokens = logits.argmax(-1)
+        logits, moved = run(old, [1] * len(ids), tokens), run(new, [1] * len(ids), tokens)
+        assert torch.equal(logits, moved)

@@ -104,6 +104,31 @@ def test_kv_is_freed_over_25_requests(pipeline):
     assert max(grown) < 64 * 2**20, grown
 
 
+def test_a_move_to_a_new_plan_mid_decode_carries_every_sequence_on_bit_for_bit(pipeline):
+    """An operator's new plan (or the drift watch's): the stages move twice mid-decode, each
+    time with their sequences' KV and samplers. Greedy and seeded streams come out as
+    undisturbed, and nothing is replayed."""
+    prompts = TEXT_PROMPTS * 2
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0.8, seed=5, ignore_eos=True)] * 4
+    undisturbed = [o.token_ids for o in pipeline.generate(prompts, params)]
+    scheduler, pids = pipeline.scheduler, list(pipeline.executor.pids)
+    replans, replayed = scheduler.replans, scheduler.replayed_tokens
+    seqs = [pipeline.new_sequence(pipeline.prompt_ids(p), q) for p, q in zip(prompts, params, strict=True)]
+    for seq in seqs:
+        pipeline.add(seq)
+    plans = [Plan.from_dict({"stages": [{"layers": [0, 9]}, {"layers": [9, 30]}]}), pipeline.executor.plan]
+    tokens = 0
+    while not all(seq.output.finished for seq in seqs):
+        tokens += len(pipeline.step())
+        if plans and tokens >= (3 - len(plans)) * 48:  # after about 6, then 12 tokens each
+            pipeline.executor.move_to(plans.pop(0), "an operator's new plan")
+    assert not plans and [seq.output.token_ids for seq in seqs] == undisturbed
+    assert scheduler.replans == replans + 2 and scheduler.replayed_tokens == replayed
+    assert [e["kind"] for e in pipeline.events()][-4:] == ["re-plan", "re-planned"] * 2
+    assert not set(pids) & set(pipeline.executor.pids)
+
+
 @pytest.mark.parametrize("stages, message", [
     ([[0, 10], [12, 30]], "gap"),
     ([[0, 15], [10, 30]], "overlap"),

@@ -66,12 +66,13 @@ class Pipeline:
         self.cluster, self.objective = cluster, objective  # what a re-plan splits over
         self.use_spares, self.spares = spares, {}  # node id -> an empty, warm StageActor
         self.stages, self._micro_batches = [], micro_batches
-        # in flight: a step's last ref -> every stage's refs, and the work it computes
-        self._steps: dict[ray.ObjectRef, tuple[list[ray.ObjectRef], Work]] = {}
+        # in flight: a step's last ref -> every stage's refs, and the work it computes (None: under
+        # a plan since left)
+        self._steps: dict[ray.ObjectRef, tuple[list[ray.ObjectRef], Work | None]] = {}
         self._context: dict[int, int] = {}  # tokens each sequence's KV holds once its submitted steps ran
         self.drift_threshold, self.drift_window_s = drift_threshold, drift_window_s
         self.watch: DriftWatch | None = None
-        self._drifted: Drifted | None = None  # raised by the next wait()
+        self._moving: Drifted | None = None  # a move to a new plan, raised by the next wait()
         self.on_event: Callable[[str, str], None] = lambda kind, message: None  # the scheduler's note()
         plan.check_layers(spec)  # a bad plan is an error before Ray starts
         self._owns_ray = join(address, instead="run locally")
@@ -212,8 +213,8 @@ class Pipeline:
         return refs[-1]
 
     def wait(self, handles: list[ray.ObjectRef]) -> int:
-        if self._drifted:  # the steps in flight are replayed under the new plan
-            drifted, self._drifted = self._drifted, None
+        if self._moving:  # the scheduler moves the stages (and the steps in flight) to the new plan
+            drifted, self._moving = self._moving, None
             raise drifted
         ready, _ = ray.wait(handles, num_returns=1, timeout=self.stage_timeout)
         if not ready:  # the oldest step is the one stuck: each stage runs its steps in order
@@ -231,13 +232,13 @@ class Pipeline:
         except ray.exceptions.RayError as e:  # the actor, its node or an object it needed is gone
             raise StageFailure(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", handle) from None
         work = self._forget(handle)
-        if self.watch and out.stage_seconds:
+        if self.watch and work is not None and out.stage_seconds:
             verdict = self.watch.observe(work, out.stage_seconds)
             if verdict:
                 self._judged(verdict)
         return out
 
-    def _forget(self, handle: ray.ObjectRef) -> Work:
+    def _forget(self, handle: ray.ObjectRef) -> Work | None:
         return self._steps.pop(handle)[1]
 
     def _judged(self, verdict: Verdict) -> None:
@@ -247,7 +248,12 @@ class Pipeline:
         if verdict.plan is None:
             self.on_event("recalibrated", verdict.message)
         else:
-            self._drifted = Drifted(verdict.message, verdict.plan)
+            self.move_to(verdict.plan, verdict.message)
+
+    def move_to(self, plan: Plan, why: str) -> None:
+        """Move every stage to `plan` at the next wait(), the sequences with them (see migrate())."""
+        plan.check_layers(self.spec)
+        self._moving = Drifted(why, plan)
 
     def timing(self) -> list[tuple[float, float]]:
         """Per stage, the median (predicted, measured) seconds of a step over the watch's last
@@ -258,7 +264,26 @@ class Pipeline:
         return [{"layers": list(s.layers), "device": s.device, "node": node, "pid": pid}
                 for s, node, pid in zip(self.plan.stages, self.node_ids, self.pids, strict=True)]
 
-    # --- recovery -------------------------------------------------------------------------------
+    # --- moving and recovery ---------------------------------------------------------------------
+    def migrate(self, plan: Plan) -> bool:
+        """Move every stage to `plan` with its sequences: once the steps in flight have run, each
+        old stage exports its sequences' KV (and the last, their samplers) and the new stages take
+        in the layers they hold, so decoding carries on bit for bit, nothing replayed. False where
+        that fails (a stage died, or a step did not finish): recover() then replays instead."""
+        steps = list(self._steps)
+        if steps and ray.wait(steps, num_returns=len(steps), timeout=self.stage_timeout)[1]:
+            return False
+        try:
+            exports = [stage.export.remote(list(self._context)) for stage in self.stages]
+            ray.wait(exports, num_returns=len(exports), timeout=self.stage_timeout, fetch_local=False)
+            self._restart(plan)
+            _get([stage.adopt.remote(*exports) for stage in self.stages], timeout=self.stage_timeout)
+        except (ray.exceptions.RayError, ShardwiseError, ValueError) as e:
+            log.warning("could not move the sequences' KV to the new plan (%s): replaying them", e)
+            return False
+        self._steps = {ref: (refs, None) for ref, (refs, _) in self._steps.items()}  # timed under the old plan
+        return True
+
     def recover(self, failure: StageFailure) -> list[int]:
         """Replace the stages that died or hang, and clear the sequences of the rest (their KV
         also holds the steps that were in flight): on the same nodes while those live, else

@@ -12,7 +12,7 @@ import torch
 
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.shard import ShardModel
-from shardwise.engine.worker import Sampled, Worker
+from shardwise.engine.worker import Moving, Sampled, Worker
 from shardwise.model.weights import open_weights
 
 
@@ -49,6 +49,12 @@ class StageActor:
 
     def reset(self) -> None:
         self.worker.reset()
+
+    def export(self, seq_ids: list[int]) -> dict[int, Moving]:
+        return self.worker.export(seq_ids)
+
+    def adopt(self, *exports: dict[int, Moving]) -> None:
+        self.worker.adopt(*exports)  # (Ray fetches each export from the old stage's node)
 
     def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
              previous: tuple[np.ndarray, tuple[float, ...]] | None, threads: int) -> tuple | Sampled:

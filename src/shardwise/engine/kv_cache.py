@@ -62,6 +62,20 @@ class KVCache:
         """Count new_tokens as stored, once every layer has written them."""
         self._lengths[seq_id] += new_tokens
 
+    def extract(self, seq_id: int) -> torch.Tensor:
+        """A copy of a sequence's stored KV, [layers, 2, kv_heads, length, head_dim]: what
+        insert() takes on another shard (a sequence moving with its layers)."""
+        return self.data[:, :, :, self.slots(seq_id, 0, self.length(seq_id))].clone()
+
+    def insert(self, seq_id: int, kv: torch.Tensor) -> None:
+        """Allocate a sequence holding `kv` (as extract() returns it, for this cache's layers)."""
+        if kv.shape[:3] != self.data.shape[:3] or kv.shape[-1] != self.data.shape[-1]:
+            raise ShardwiseError(f"KV of shape {tuple(kv.shape)} does not fit this cache's {tuple(self.data.shape)}")
+        self.allocate(seq_id)
+        self.reserve(seq_id, kv.shape[3])
+        self.data[:, :, :, self.slots(seq_id, 0, kv.shape[3])] = kv.to(self.data.device, self.data.dtype)
+        self.advance(seq_id, kv.shape[3])
+
     def _grow(self, at_least: int) -> None:
         blocks = self.data.shape[3] // BLOCK_SIZE
         extra = max(at_least, blocks)

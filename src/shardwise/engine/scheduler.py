@@ -13,7 +13,10 @@ step holding it is in flight, as soon as that step returns).
 When a pipeline stage is lost, the executor replaces it and every running sequence is
 replayed: its prompt and the tokens it generated are prefilled again (in chunks, beside
 the others' decodes) without sampling, and decoding resumes where it stopped; the
-samplers are rebuilt with their draw counts, so the output is the undisturbed one.
+samplers are rebuilt with their draw counts. (A prefill sums in another order than the
+decodes did, so a greedy near-tie may flip.) When the stages move to a new plan with every
+stage alive (a node's speed drifted), the sequences' KV moves with the layers instead:
+nothing is replayed and the output is the undisturbed one, bit for bit.
 
 One request never fails another. A sequence whose sampling fails fails alone. A step that
 fails with no stage lost (an error in the model that no single row owns) is rewound and
@@ -291,11 +294,18 @@ class Scheduler:
         return seq, ""
 
     def _recover(self, failure: StageFailure) -> None:
-        """Replace the lost stage(s), or move every stage to a new plan (Drifted), then replay
-        every running sequence from its first token."""
+        """Move every stage to a new plan (Drifted), its sequences' KV with it where the executor
+        can; or replace the lost stage(s), or move without the KV, and replay every running
+        sequence from its first token."""
         drifted = isinstance(failure, Drifted)
+        started = time.perf_counter()
         if drifted:
-            self.note("re-plan", f"{failure}; moving the stages and replaying {self.num_running} sequences")
+            self.note("re-plan", f"{failure}; moving the stages and {self.num_running} sequences")
+            if self.executor.migrate(failure.plan):  # the steps in flight come back as usual
+                self.replans += 1
+                self.note("re-planned", f"stages and the sequences' KV moved in {time.perf_counter() - started:.1f} s; "
+                                        "nothing to replay")
+                return
         else:
             self.stage_failures += 1
             self._failures_in_a_row += 1
@@ -306,7 +316,6 @@ class Scheduler:
                         self.num_running)
             self.note("stage lost", f"{failure}; replacing it and replaying {self.num_running} sequences")
         replayed = self.replayed_tokens
-        started = time.perf_counter()
         self.in_flight.clear()
         self.held.clear()  # every sequence replays from its start: suspects too
         self.executor.recover(failure)  # a ShardwiseError here: nothing can take the stage's place

@@ -33,6 +33,15 @@ class Sampled(NamedTuple):
     stage_seconds: tuple[float, ...] = ()
 
 
+class Moving(NamedTuple):
+    """A sequence leaving a worker for a new split of the layers: its KV for the worker's layers
+    (the first of them `first_layer`) and, from the last worker, its sampler."""
+
+    first_layer: int
+    kv: torch.Tensor  # [layers, 2, kv_heads, length, head_dim]
+    sampler: SequenceSampler | None
+
+
 class Worker:
     def __init__(self, shard: ShardModel):
         self.shard = shard
@@ -58,6 +67,25 @@ class Worker:
         """Drop every sequence (a pipeline rebuilding its KV after a lost stage)."""
         for seq_id in self.shard.kv.sequences():
             self.free(seq_id)
+
+    def export(self, seq_ids: list[int]) -> dict[int, Moving]:
+        """The state of these sequences, for workers holding the same layers split anew."""
+        return {seq_id: Moving(self.shard.start, self.shard.kv.extract(seq_id), self.samplers.get(seq_id))
+                for seq_id in seq_ids}
+
+    def adopt(self, *exports: dict[int, Moving]) -> None:
+        """Take in the sequences that workers of the old split exported (each export covering
+        some layers): each gets its KV for this worker's layers and, here at the last, its sampler."""
+        start, end = self.shard.start, self.shard.end
+        for seq_id in exports[0] if exports else ():
+            parts = sorted((e[seq_id] for e in exports), key=lambda m: m.first_layer)
+            kv = torch.cat([m.kv[max(start - m.first_layer, 0):end - m.first_layer] for m in parts
+                            if m.first_layer < end and m.first_layer + len(m.kv) > start])
+            if len(kv) != end - start:
+                raise ValueError(f"sequence {seq_id}: the exports hold {len(kv)} of layers [{start}, {end})")
+            self.shard.kv.insert(seq_id, kv)
+            if self.shard.is_last:
+                self.samplers[seq_id] = next(m.sampler for m in parts if m.sampler is not None)
 
     def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
              hidden: torch.Tensor | None = None) -> torch.Tensor | Sampled:
