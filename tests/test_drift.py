@@ -29,12 +29,12 @@ def watch(monkeypatch):
                       window_s=0.4)
 
 
-def feed(watch: DriftWatch, slower: list[float], seconds: float) -> list:
+def feed(watch: DriftWatch, slower: list[float], seconds: float, judge: bool = True) -> list:
     """Steps whose stages take `slower` times the predicted, for `seconds`; the verdicts given."""
     verdicts, end = [], time.monotonic() + seconds
     while time.monotonic() < end:
         taken = tuple(p * f for p, f in zip(watch.predict(DECODE), slower, strict=True))
-        verdicts.append(watch.observe(DECODE, taken))
+        verdicts.append(watch.observe(DECODE, taken, judge))
         time.sleep(0.01)
     return [v for v in verdicts if v]
 
@@ -61,3 +61,13 @@ def test_prompt_steps_and_a_node_idling_faster_are_not_drift(watch):
         assert watch.observe(prefill, (1.0, 1.0)) is None  # far off, but not a decode step
     feed(watch, [1.0, 1.0], 0.6)
     assert feed(watch, [1.0, 0.3], 0.6) == []  # b runs in bursts while idle: not busy, not counted
+
+
+def test_steps_beside_a_starting_process_show_but_are_not_judged(watch):
+    """While a stage process starts beside the stages (a spare, a move's), steps count for the
+    medians shown, not for a verdict; one comes a full window after the last of them."""
+    feed(watch, [1.0, 1.0], 0.6)
+    assert feed(watch, [4.0, 1.0], 0.6, judge=False) == []
+    assert watch.medians and watch.medians[0][1] > 3 * watch.medians[0][0]
+    assert feed(watch, [4.0, 1.0], 0.3) == []  # less than a window since
+    assert len(feed(watch, [4.0, 1.0], 0.3)) == 1

@@ -132,8 +132,10 @@ def test_the_profile_sees_the_quota_and_the_plan_leaves_the_slow_node_out(lab, p
 
 def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(lab, profiled, tmp_path):
     """The closed loop: 8 greedy requests stream from the throughput plan (most layers on the
-    fast node); another tenant takes three quarters of the fast node's core (its quota cut twice
-    in half) mid-run. The stages' measured times leave the predicted, the pipeline re-plans
+    fast node); another tenant takes four fifths of the fast node's core (its quota cut to a
+    fifth: a quota slows only a node busier than it allows, and the plan, made from this run's
+    profile, may leave the fast node idle much of the time) mid-run. The stages' measured
+    times leave the predicted, the pipeline re-plans
     (layers move to the now faster node, the sequences' KV with them), and every request runs
     to its end with the undisturbed text.
     (A node under a CFS quota stalls per 100 ms period, so how much slower it runs depends on
@@ -164,29 +166,32 @@ def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(
                     counted[i] += len(chunk.choices[0].logprobs.tokens) if chunk.choices[0].logprobs else 0
                     streamed[0] += 1
                     if streamed[0] == cut_after:
-                        await asyncio.to_thread(running_lab.set_cpus, "fast", 0.25)
+                        await asyncio.to_thread(running_lab.set_cpus, "fast", 0.2)
 
             await asyncio.gather(*(one(i) for i in range(requests)))
             assert counted == [tokens] * requests  # none lost, none repeated
             return texts
 
         before = [s["layers"] for s in httpx.get(f"{url}/health").json()["stages"]]
-        undisturbed = asyncio.run(stream_all(None))
+        for _ in range(3):  # until the watch has calibrated (once the spare stages that start beside it are up)
+            undisturbed = asyncio.run(stream_all(None))
+            if any(e["kind"] == "recalibrated" for e in httpx.get(f"{url}/v1/dashboard/state").json()["events"]):
+                break
         disturbed = asyncio.run(stream_all(requests * tokens // 4))
         # every request ran to its end, with the undisturbed text: the sequences' KV moved with the layers
         assert disturbed == undisturbed
         metrics = httpx.get(f"{url}/metrics").text
         replans = re.search(r'^shardwise:replans_total{model_name="smollm2-135m"} (\S+)$', metrics, re.M)
-        assert 1 <= float(replans.group(1)) <= 2
+        state = httpx.get(f"{url}/v1/dashboard/state").json()
+        assert 1 <= float(replans.group(1)) <= 2, state["events"]
         assert 'shardwise:stage_failures_total{model_name="smollm2-135m"} 0.0' in metrics
         assert 'shardwise:replayed_tokens_total{model_name="smollm2-135m"} 0.0' in metrics
         assert 'source="predicted"' in metrics and 'source="measured"' in metrics
         assert [s["layers"] for s in httpx.get(f"{url}/health").json()["stages"]] != before
-        state = httpx.get(f"{url}/v1/dashboard/state").json()
         moves = [e["kind"] for e in state["events"] if e["kind"].startswith("re-plan")]
         assert moves == ["re-plan", "re-planned"] * int(float(replans.group(1)))
         assert all("predicted_s" in s and "measured_s" in s for s in state["stages"])
     quota = (host.CGROUPS / "cpu" / host.GROUP / "fast" / "cpu.cfs_quota_us").read_text()
-    assert int(quota) == host.CFS_PERIOD_US // 4
+    assert int(quota) == host.CFS_PERIOD_US // 5
     wrong = cli("lab", "set", "nowhere", "--cpus", "1")
     assert wrong.returncode == 1 and "no node 'nowhere'" in wrong.stderr

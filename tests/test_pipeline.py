@@ -106,8 +106,8 @@ def test_kv_is_freed_over_25_requests(pipeline):
 
 def test_a_move_to_a_new_plan_mid_decode_carries_every_sequence_on_bit_for_bit(pipeline):
     """An operator's new plan (or the drift watch's): the stages move twice mid-decode, each
-    time with their sequences' KV and samplers. Greedy and seeded streams come out as
-    undisturbed, and nothing is replayed."""
+    time with their sequences' KV and samplers (the new stages loaded beside the old). Greedy
+    and seeded streams come out as undisturbed, and nothing is replayed."""
     prompts = TEXT_PROMPTS * 2
     params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
               SamplingParams(max_tokens=24, temperature=0.8, seed=5, ignore_eos=True)] * 4
@@ -122,7 +122,8 @@ def test_a_move_to_a_new_plan_mid_decode_carries_every_sequence_on_bit_for_bit(p
     while not all(seq.output.finished for seq in seqs):
         tokens += len(pipeline.step())
         if plans and tokens >= (3 - len(plans)) * 48:  # after about 6, then 12 tokens each
-            pipeline.executor.move_to(plans.pop(0), "an operator's new plan")
+            pipeline.move_to(plans.pop(0))
+            assert pipeline.executor.ready_to_move(timeout=120)  # (the new stages load while the old serve)
     assert not plans and [seq.output.token_ids for seq in seqs] == undisturbed
     assert scheduler.replans == replans + 2 and scheduler.replayed_tokens == replayed
     assert [e["kind"] for e in pipeline.events()][-4:] == ["re-plan", "re-planned"] * 2

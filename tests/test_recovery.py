@@ -42,12 +42,13 @@ def metric(url: str, name: str) -> float:
     return float(match.group(1))
 
 
-async def stream_all(url: str, kills: list[tuple[int, int]] = (), how: int = signal.SIGKILL
-                     ) -> tuple[list[str], list[int]]:
+async def stream_all(url: str, kills: list[tuple[int, int]] = (), how: int = signal.SIGKILL,
+                     move: tuple[int, dict] | None = None) -> tuple[list[str], list[int]]:
     """Stream REQUESTS completions at once (greedy and seeded sampling alternating); for each
     (tokens, stage) in kills, send that stage's process `how` once that many tokens have
-    streamed in all, and wait for its replacement. Returns the texts, and the tokens streamed
-    before each kill."""
+    streamed in all, and wait for its replacement; with move (tokens, plan), POST the plan
+    once that many have streamed, and wait for the stages to hold its layers. Returns the
+    texts, and the tokens streamed before each kill (or the move)."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
     texts, tokens, before_kill = [""] * REQUESTS, [0], []
 
@@ -70,6 +71,14 @@ async def stream_all(url: str, kills: list[tuple[int, int]] = (), how: int = sig
                 os.kill(pid, how)
                 before_kill.append(tokens[0])
                 while (await http.get(f"{url}/health")).json()["stages"][stage]["pid"] == pid:
+                    await asyncio.sleep(0.2)
+            if move:
+                while tokens[0] < move[0]:
+                    await asyncio.sleep(0.02)
+                assert (await http.post(f"{url}/v1/plan", json=move[1])).status_code == 200
+                before_kill.append(tokens[0])
+                layers = [s["layers"] for s in move[1]["stages"]]
+                while [s["layers"] for s in (await http.get(f"{url}/health")).json()["stages"]] != layers:
                     await asyncio.sleep(0.2)
 
     await asyncio.gather(*(one(i) for i in range(REQUESTS)), killer())
@@ -123,3 +132,22 @@ def test_a_dead_node_is_planned_around_or_fails_clearly(tmp_path, llm):
     result = subprocess.run([sys.executable, str(script), str(tmp_path), expected], capture_output=True, text=True,
                             timeout=400)
     assert result.stdout.strip().endswith("PASS"), result.stdout + result.stderr[-3000:]
+
+
+def test_a_plan_posted_while_streaming_moves_the_stages_with_their_kv(server, undisturbed):
+    """POST /v1/plan: the new stages load beside the old, then every running request moves
+    over with its KV: the texts as undisturbed, nothing replayed, no stage lost. A plan that
+    cannot run is a 400 that says why, and nothing moves."""
+    wrong = httpx.post(f"{server}/v1/plan", json={"stages": [{"layers": [0, 10]}, {"layers": [12, 30]}]})
+    assert wrong.status_code == 400 and "gap" in wrong.json()["error"]["message"]
+    nowhere = httpx.post(f"{server}/v1/plan", json={"stages": [{"layers": [0, 30], "placement": "10.9.9.9"}]})
+    assert nowhere.status_code == 400 and "unknown node '10.9.9.9'" in nowhere.json()["error"]["message"]
+    replayed, failures = metric(server, "replayed_tokens_total"), metric(server, "stage_failures_total")
+    plan = {"stages": [{"layers": [0, 4]}, {"layers": [4, 22]}, {"layers": [22, 30]}]}
+    texts, moved_at = asyncio.run(stream_all(server, move=(2 * REQUESTS, plan)))
+    assert moved_at[0] < REQUESTS * MAX_TOKENS and texts == undisturbed
+    assert metric(server, "replayed_tokens_total") == replayed
+    assert metric(server, "stage_failures_total") == failures and metric(server, "replans_total") >= 1
+    events = httpx.get(f"{server}/v1/dashboard/state").json()["events"]
+    assert [e["kind"] for e in events[-2:]] == ["re-plan", "re-planned"]
+    assert int(re.match(r"(\d+) sequences moved with their KV", events[-1]["message"]).group(1)) > 0, events[-1]

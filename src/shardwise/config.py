@@ -24,6 +24,8 @@ class EngineConfig:
     # for drift_window_s seconds has its speed corrected, and the model re-planned if that pays (0: never)
     drift_threshold: float = 1.5
     drift_window_s: float = 10.0
+    # a move to a new plan carries the running sequences' KV to the new stages (False: replays them)
+    move_kv: bool = True
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_batch_tokens, self.kv_tokens) < 1 or self.stage_timeout <= 0:

@@ -21,8 +21,9 @@ class StageFailure(Exception):
 
 
 class Drifted(StageFailure):
-    """Every stage lives, but a node's speed drifted from its profile and a new plan (`plan`)
-    pays: the pipeline moves to it as it recovers from a lost stage, replaying the sequences."""
+    """Every stage lives, but the pipeline moves to a new plan (`plan`): a node's speed drifted
+    from its profile and the plan pays, or an operator gave it. The scheduler moves the
+    sequences' KV with the layers (Pipeline.migrate), or else replays them as after a lost stage."""
 
     def __init__(self, message: str, plan: object):
         super().__init__(message)

@@ -68,7 +68,7 @@ def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = Non
         return Pipeline(llm.path, llm.spec, chosen, dtype=c.dtype, address=address, kv_tokens=c.kv_tokens,
                         micro_batches=c.micro_batches, stage_timeout=c.stage_timeout, spares=c.spare_stages,
                         cluster=where, objective=objective, drift_threshold=c.drift_threshold,
-                        drift_window_s=c.drift_window_s)
+                        drift_window_s=c.drift_window_s, move_kv=c.move_kv)
 
     return build
 
@@ -140,6 +140,18 @@ class LLM:
         seq = self.new_sequence(ids, params or SamplingParams())
         for _, piece in self._run([seq]):
             yield piece, seq.output
+
+    def move_to(self, plan: Plan | str | Path | dict) -> None:
+        """Move a pipeline's stages to a new plan (a Plan, plan file or its JSON as a dict) while
+        it serves: the new stages load beside the old, then the running sequences move with
+        their KV (see Pipeline.migrate). A bad plan is a ShardwiseError, raised here."""
+        move = getattr(self.executor, "move_to", None)
+        if move is None:
+            raise ShardwiseError("this engine runs in one process, not as a pipeline of stages: start it with "
+                                 "stages, a plan or a cluster to move its layers")
+        if not isinstance(plan, Plan):
+            plan = Plan.load(plan) if isinstance(plan, str | Path) else Plan.from_dict(plan)
+        move(plan, "an operator's new plan")
 
     def close(self) -> None:
         """Release the model; a pipeline's stage actors are killed."""

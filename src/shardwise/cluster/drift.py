@@ -89,10 +89,12 @@ class DriftWatch:
                            precision(self.cluster.devices[d].spec, self.quant))
                 for d, (a, b) in zip(self.devices, (s.layers for s in self.plan.stages), strict=True)]
 
-    def observe(self, work: Work, measured: tuple[float, ...]) -> Verdict | None:
+    def observe(self, work: Work, measured: tuple[float, ...], judge: bool = True) -> Verdict | None:
         """Record one step; a Verdict once a node has drifted for a window. Only decode steps
         count, from WARMUP_S after the plan's first: prompt chunks (and the replays after a
-        re-plan) are the estimator's weaker side, and would pass its error off as a node's."""
+        re-plan) are the estimator's weaker side, and would pass its error off as a node's.
+        judge=False: processes starting beside the stages take the nodes' cores; the step counts
+        for the medians, and the next verdict waits for a full window after the last such step."""
         if any(new != 1 for new, _ in work.sequences):
             return None
         now = time.monotonic()
@@ -102,6 +104,8 @@ class DriftWatch:
         self.samples.append((now, self.predict(work), list(measured)))
         while self.samples[0][0] < now - self.window_s:
             self.samples.popleft()
+        if not judge:
+            self.since = now
         if now - self._checked < CHECK_EVERY_S:
             return None
         self._checked = now

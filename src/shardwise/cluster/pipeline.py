@@ -15,8 +15,11 @@ anew over the devices left (those of the cluster file the plan came from, or els
 surviving Ray nodes) and every stage restarts under that plan.
 
 With a cluster file, a DriftWatch compares each stage's measured seconds with the
-estimator's (see drift.py); when a node's speed drifted and a new plan pays, the next
-wait() raises Drifted and recover() moves every stage to that plan, the same way.
+estimator's (see drift.py); when a node's speed drifted and a new plan pays, the pipeline
+moves to it live (move_to): the new stages load beside the old ones, which serve on;
+once they are ready, wait() raises Drifted and the scheduler calls migrate(), which lets
+the steps in flight finish and moves each sequence's KV from the old stages to the new.
+Where that fails, recover() moves to the plan as after a lost stage, for a replay.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -40,7 +43,7 @@ from shardwise.engine.worker import Sampled
 from shardwise.errors import Drifted, ShardwiseError, StageFailure, StepError
 from shardwise.model.spec import ModelSpec
 from shardwise.perf.operators import Work
-from shardwise.planner.plan import Plan
+from shardwise.planner.plan import Plan, StageSpec
 from shardwise.planner.topology import Cluster, plan_cluster
 
 log = logging.getLogger("shardwise.cluster")
@@ -60,7 +63,7 @@ class Pipeline:
                  micro_batches: int | None = None, stage_timeout: float = EngineConfig.stage_timeout,
                  spares: bool = False, cluster: Cluster | None = None,
                  objective: str = "throughput", drift_threshold: float = EngineConfig.drift_threshold,
-                 drift_window_s: float = EngineConfig.drift_window_s):
+                 drift_window_s: float = EngineConfig.drift_window_s, move_kv: bool = EngineConfig.move_kv):
         self.model_path, self.spec, self.dtype = model_path, spec, dtype
         self.kv_tokens, self.stage_timeout = kv_tokens, stage_timeout
         self.cluster, self.objective = cluster, objective  # what a re-plan splits over
@@ -70,9 +73,10 @@ class Pipeline:
         # a plan since left)
         self._steps: dict[ray.ObjectRef, tuple[list[ray.ObjectRef], Work | None]] = {}
         self._context: dict[int, int] = {}  # tokens each sequence's KV holds once its submitted steps ran
-        self.drift_threshold, self.drift_window_s = drift_threshold, drift_window_s
+        self.drift_threshold, self.drift_window_s, self.move_kv = drift_threshold, drift_window_s, move_kv
         self.watch: DriftWatch | None = None
-        self._moving: Drifted | None = None  # a move to a new plan, raised by the next wait()
+        self._move: Move | None = None  # to a new plan: raised by wait() once its stages are loaded
+        self._starting: list[ray.ObjectRef] = []  # spare stage processes starting: ready() of each
         self.on_event: Callable[[str, str], None] = lambda kind, message: None  # the scheduler's note()
         plan.check_layers(spec)  # a bad plan is an error before Ray starts
         self._owns_ray = join(address, instead="run locally")
@@ -82,18 +86,23 @@ class Pipeline:
             self.close()
             raise
 
-    def _start_plan(self, plan: Plan) -> None:
-        """Place, check and start every stage of `plan` (into warm spares where there are some)."""
+    def _start_plan(self, plan: Plan, started: Move | None = None) -> None:
+        """Place, check and start every stage of `plan` (into warm spares where there are some),
+        or take over the stages a move already `started` for it."""
         plan.check_layers(self.spec)
-        self.plan, self.nodes = plan, self._place(plan)
-        self._check_memory()
+        self.plan, self.nodes = plan, started.nodes if started else self._place(plan)
+        self._check_memory(plan.stages, self.nodes)
         self._set_threads()
         resources = {(n["NodeID"], s.device if s.device.startswith("cuda") else "cpu")
                      for s, n in zip(plan.stages, self.nodes, strict=True)}
         self.parallelism = self._micro_batches or len(resources)
         n = len(plan.stages)
         self.stages, self.pids, self.node_ids = [None] * n, [None] * n, [None] * n
-        self._launch(list(range(n)))
+        if started:
+            self.stages = list(started.actors)
+            self._await(list(range(n)), started.loading)
+        else:
+            self._launch(list(range(n)))
         self._watch(plan)
 
     def _watch(self, plan: Plan) -> None:
@@ -112,34 +121,41 @@ class Pipeline:
             log.warning("not watching the stages' speeds: %s", e)
             self.watch = None
 
-    def _check_memory(self) -> None:
-        """Each node holds its stages' weights and KV (a ShardwiseError if not)."""
-        plan, nodes = self.plan, self.nodes
-        dtypes = [self.dtype or ("bfloat16" if s.device.startswith("cuda") else "float32") for s in plan.stages]
-        where = [f"{n['NodeManagerAddress']}/{s.device}" for n, s in zip(nodes, plan.stages, strict=True)]
+    def _check_memory(self, stages: tuple[StageSpec, ...], nodes: list[dict[str, Any]]) -> None:
+        """Each node holds these stages' weights and KV (a ShardwiseError if not)."""
+        dtypes = [self.dtype or ("bfloat16" if s.device.startswith("cuda") else "float32") for s in stages]
+        where = [f"{n['NodeManagerAddress']}/{s.device}" for n, s in zip(nodes, stages, strict=True)]
         capacity = {f"{n['NodeManagerAddress']}/cpu": int(n["Resources"].get("memory", 0)) for n in nodes}
-        plan.check_memory(self.spec, dtypes, where, capacity, self.kv_tokens)
+        Plan(stages).check_memory(self.spec, dtypes, where, capacity, self.kv_tokens)
 
     def _set_threads(self) -> None:
         """Each stage's threads: alone on its node's cores, or sharing them when steps overlap."""
         self._threads = [(s.threads or self._cores(n), s.threads or self._share(n, self.nodes))
                          for s, n in zip(self.plan.stages, self.nodes, strict=True)]
 
-    def _load_args(self, i: int) -> tuple:
-        stage = self.plan.stages[i]
-        return str(self.model_path), stage.layers, stage.device, self.dtype
+    def _start_actors(self, stages: list[StageSpec], nodes: list[dict[str, Any]]) -> tuple[list, list]:
+        """An actor loading each stage on its node (into the warm spare there if there is one),
+        and a ref to each one's (pid, node id) once loaded."""
+        actors, loading = [], []
+        for stage, node in zip(stages, nodes, strict=True):
+            spare = self.spares.pop(node["NodeID"], None)
+            args = str(self.model_path), stage.layers, stage.device, self.dtype
+            actors.append(spare or self._actor_on(node).remote(*args))
+            loading.append(spare.load.remote(*args) if spare else actors[-1].ready.remote())
+        return actors, loading
 
     def _launch(self, indices: list[int]) -> None:
-        """Start stages `indices` on their nodes, each into the warm spare there if there is one,
-        while every other stage forgets its sequences; return once all are done."""
-        loading = []
-        for i in indices:
-            spare = self.spares.pop(self.nodes[i]["NodeID"], None)
-            self.stages[i] = spare or self._actor_on(self.nodes[i]).remote(*self._load_args(i))
-            loading.append(spare.load.remote(*self._load_args(i)) if spare else self.stages[i].ready.remote())
-        others = [s.reset.remote() for i, s in enumerate(self.stages) if i not in indices]
+        """Start stages `indices` on their nodes while every other stage forgets its sequences;
+        return once all are done."""
+        actors, loading = self._start_actors([self.plan.stages[i] for i in indices], [self.nodes[i] for i in indices])
+        for i, actor in zip(indices, actors, strict=True):
+            self.stages[i] = actor
+        self._await(indices, loading + [s.reset.remote() for i, s in enumerate(self.stages) if i not in indices])
+
+    def _await(self, indices: list[int], loading: list[ray.ObjectRef]) -> None:
+        """Wait for stages `indices` to load (and whatever else `loading` holds after their refs)."""
         try:
-            ready = _get(loading + others, timeout=max(self.stage_timeout, 300.0))
+            ready = _get(loading, timeout=max(self.stage_timeout, 300.0))
         except ray.exceptions.GetTimeoutError:
             raise ShardwiseError("pipeline stages did not start in 5 minutes: a node may be out of memory or "
                                  "gone; check `ray status`") from None
@@ -157,6 +173,7 @@ class Pipeline:
         for node in self.nodes if self.use_spares else []:
             if node["NodeID"] not in self.spares:
                 self.spares[node["NodeID"]] = self._actor_on(node).remote()
+                self._starting.append(self.spares[node["NodeID"]].ready.remote())
 
     @staticmethod
     def _place(plan: Plan) -> list[dict[str, Any]]:
@@ -213,9 +230,8 @@ class Pipeline:
         return refs[-1]
 
     def wait(self, handles: list[ray.ObjectRef]) -> int:
-        if self._moving:  # the scheduler moves the stages (and the steps in flight) to the new plan
-            drifted, self._moving = self._moving, None
-            raise drifted
+        if self.ready_to_move():
+            raise self._move.drifted  # the scheduler moves to the new plan (see migrate() and recover())
         ready, _ = ray.wait(handles, num_returns=1, timeout=self.stage_timeout)
         if not ready:  # the oldest step is the one stuck: each stage runs its steps in order
             raise StageFailure(f"no step finished in {self.stage_timeout:.0f} s", handles[0], hung=True)
@@ -233,7 +249,7 @@ class Pipeline:
             raise StageFailure(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", handle) from None
         work = self._forget(handle)
         if self.watch and work is not None and out.stage_seconds:
-            verdict = self.watch.observe(work, out.stage_seconds)
+            verdict = self.watch.observe(work, out.stage_seconds, judge=self._settled())
             if verdict:
                 self._judged(verdict)
         return out
@@ -241,8 +257,15 @@ class Pipeline:
     def _forget(self, handle: ray.ObjectRef) -> Work | None:
         return self._steps.pop(handle)[1]
 
+    def _settled(self) -> bool:
+        """Whether no stage process starts beside the serving ones (a spare, a move's new stages):
+        one takes the cores the watch judges the nodes' speeds by."""
+        if self._starting:
+            self._starting = ray.wait(self._starting, num_returns=len(self._starting), timeout=0)[1]
+        return not self._starting and not self._move
+
     def _judged(self, verdict: Verdict) -> None:
-        """A node drifted: keep its corrected speed; with a new plan, move to it at the next wait()."""
+        """A node drifted: keep its corrected speed; with a new plan, move to it."""
         log.warning("%s", verdict.message)
         self.cluster = self.watch.cluster
         if verdict.plan is None:
@@ -251,9 +274,38 @@ class Pipeline:
             self.move_to(verdict.plan, verdict.message)
 
     def move_to(self, plan: Plan, why: str) -> None:
-        """Move every stage to `plan` at the next wait(), the sequences with them (see migrate())."""
+        """Move every stage to `plan`, the sequences with them (see migrate()). Where the nodes
+        hold the old stages and the new at once, the new ones load while the old serve on, and
+        wait() hands the move over once they are ready; else at the next wait(), the old
+        stopping first."""
         plan.check_layers(self.spec)
-        self._moving = Drifted(why, plan)
+        nodes = self._place(plan)
+        self._drop_move()  # a newer plan replaces one still loading
+        actors = loading = []
+        try:
+            self._check_memory(self.plan.stages + plan.stages, self.nodes + nodes)
+            actors, loading = self._start_actors(list(plan.stages), nodes)
+        except ShardwiseError:
+            log.info("the nodes cannot hold the old stages and the new at once: the old stop first")
+        self._move = Move(Drifted(why, plan), nodes, actors, loading)
+        self.on_event("re-plan", f"{why}; " + ("the new stages load beside the old" if actors else
+                                               "the stages stop for the move (the nodes cannot hold both)"))
+
+    @property
+    def moving(self) -> Drifted | None:
+        """The move under way (its plan and why), raised by wait() once its stages are ready."""
+        return self._move.drifted if self._move else None
+
+    def ready_to_move(self, timeout: float = 0) -> bool:
+        """Whether a move's new stages are loaded (waiting up to `timeout` seconds for them)."""
+        loading = self._move.loading if self._move else []
+        return bool(self._move) and not (loading and ray.wait(loading, num_returns=len(loading), timeout=timeout)[1])
+
+    def _drop_move(self) -> None:
+        """Forget a move not yet made, and kill the stages it started."""
+        for actor in self._move.actors if self._move else []:
+            ray.kill(actor, no_restart=True)
+        self._move = None
 
     def timing(self) -> list[tuple[float, float]]:
         """Per stage, the median (predicted, measured) seconds of a step over the watch's last
@@ -269,7 +321,10 @@ class Pipeline:
         """Move every stage to `plan` with its sequences: once the steps in flight have run, each
         old stage exports its sequences' KV (and the last, their samplers) and the new stages take
         in the layers they hold, so decoding carries on bit for bit, nothing replayed. False where
-        that fails (a stage died, or a step did not finish): recover() then replays instead."""
+        that fails (a stage died, or a step did not finish), or with move_kv off: recover() then
+        replays instead."""
+        if not self.move_kv:
+            return False
         steps = list(self._steps)
         if steps and ray.wait(steps, num_returns=len(steps), timeout=self.stage_timeout)[1]:
             return False
@@ -332,10 +387,15 @@ class Pipeline:
         return self._restart(plan)
 
     def _restart(self, plan: Plan) -> list[int]:
-        """Every stage afresh under `plan` (into the warm spares where there are some)."""
+        """Every stage afresh under `plan` (into the warm spares where there are some, or the
+        stages a move to it started already)."""
+        started = self._move if self._move and self._move.drifted.plan is plan and self._move.actors else None
+        if started:
+            self._move = None
+        self._drop_move()
         for actor in self.stages:
             ray.kill(actor, no_restart=True)
-        self._start_plan(plan)
+        self._start_plan(plan, started)
         return list(range(len(plan.stages)))
 
     def _lost_stages(self, refs: list[ray.ObjectRef], hung: bool) -> list[int]:
@@ -368,12 +428,23 @@ class Pipeline:
         return [s | {"node": node} | t for s, node, t in zip(stats, self.node_ids, timing, strict=True)]
 
     def close(self) -> None:
+        self._drop_move()
         for actor in [*self.stages, *self.spares.values()]:
             if actor is not None:
                 ray.kill(actor)
         self.stages, self.spares = [], {}
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
+
+
+class Move(NamedTuple):
+    """A move to a new plan not yet made: the stages it started (none where the nodes cannot
+    hold the old and the new at once) and their refs that say when they are loaded."""
+
+    drifted: Drifted  # its plan and why
+    nodes: list[dict[str, Any]]
+    actors: list[Any]
+    loading: list[ray.ObjectRef]
 
 
 def _get(refs: Any, timeout: float | None = None) -> Any:

@@ -19,6 +19,7 @@ class SynchronousExecutor:
     or the error it raised, waits in the handle for result()."""
 
     parallelism = 1
+    moving = None  # a move to a new plan under way (a pipeline's: see Pipeline.move_to); never here
 
     def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled | Exception:
         try:
@@ -34,6 +35,9 @@ class SynchronousExecutor:
 
     def timing(self) -> list[tuple[float, float]]:
         return []  # nothing predicts its steps
+
+    def ready_to_move(self, timeout: float = 0) -> bool:
+        return False
 
     def result(self, handle: Sampled | Exception) -> Sampled:
         if isinstance(handle, Exception):

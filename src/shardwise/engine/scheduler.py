@@ -40,6 +40,7 @@ from shardwise.model.tokenizer import Detokenizer, Tokenizer
 
 log = logging.getLogger("shardwise.engine")
 MAX_FAILURES_IN_A_ROW = 3  # recoveries with no step completing between them: something is broken for good
+IDLE_MOVE_WAIT_S = 0.05  # with nothing to step, how long a step waits for a move's stages to be ready
 MAX_STEP_ERRORS = 4  # failed steps a sequence may be part of before it is failed itself (one that fails
 # only in company, e.g. out of memory in a large batch, must not be retried for ever)
 EVENTS_KEPT = 100  # the latest failures and recoveries, for the dashboard
@@ -176,7 +177,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or any(self.groups))
+        return bool(self.waiting or any(self.groups) or self.executor.moving)
 
     @property
     def num_running(self) -> int:
@@ -203,7 +204,9 @@ class Scheduler:
             for g, group in enumerate(self.groups):
                 if g not in busy:
                     self._submit(g, self._batch(group))
-        if not self.in_flight:
+        if not self.in_flight:  # idle: a move under way happens once its stages are ready
+            if self.executor.moving and self.executor.ready_to_move(timeout=IDLE_MOVE_WAIT_S):
+                self._recover(self.executor.moving)
             return []
         try:
             handle, g, batch = self.in_flight.pop(self.executor.wait([h for h, _, _ in self.in_flight]))
@@ -299,12 +302,11 @@ class Scheduler:
         sequence from its first token."""
         drifted = isinstance(failure, Drifted)
         started = time.perf_counter()
-        if drifted:
-            self.note("re-plan", f"{failure}; moving the stages and {self.num_running} sequences")
+        if drifted:  # (the executor noted the re-plan when it began)
             if self.executor.migrate(failure.plan):  # the steps in flight come back as usual
                 self.replans += 1
-                self.note("re-planned", f"stages and the sequences' KV moved in {time.perf_counter() - started:.1f} s; "
-                                        "nothing to replay")
+                self.note("re-planned", f"{self.num_running} sequences moved with their KV in "
+                                        f"{time.perf_counter() - started:.1f} s; nothing to replay")
                 return
         else:
             self.stage_failures += 1

@@ -114,6 +114,18 @@ def create_app(llm: LLM, *, api_key: str | None = None, limits: ServerLimits | N
                 body["error"] = engine.failure or "the server is shutting down"
         return JSONResponse(body, status_code=200 if healthy else 503)
 
+    @app.post("/v1/plan", dependencies=[Depends(authorize)])
+    async def move(request: Request) -> dict[str, Any]:
+        """Move the stages to a new plan (a plan file's JSON) while serving: the new stages load
+        beside the old, then the running requests move over with their KV; /health shows the
+        stages once they did."""
+        try:
+            plan = json.loads(await read_bytes(request, limits.max_body_bytes))
+            await engine.call(lambda: llm.move_to(plan))
+        except (ValueError, ShardwiseError) as e:
+            raise ApiError(400, f"{e}" if isinstance(e, ShardwiseError) else f"the body is not JSON: {e}") from None
+        return {"status": "moving", "plan": plan}
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.export(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,98 @@
+"""What a move to a new plan costs the clients: the running requests' KV moved with the layers
+(shardwise's default) against replaying them (`--no-move-kv`, the path a lost stage takes).
+
+A real `shardwise serve --stages 2` streams --concurrency greedy requests of --max-tokens
+each; once half of their tokens have arrived, a new split of the layers is POSTed to
+/v1/plan. The new stages load beside the old ones in both modes; then either every sequence's
+KV moves to them, or every sequence is prefilled again there. Measured from every token's
+arrival: the pause (the longest gap between two tokens of any stream after the POST) and
+the tokens/s over the run. The two modes take turns, so the machine's drift hits both alike;
+medians over rounds, a ratio > 1 favours moving the KV. Also counted: the greedy texts the
+replay changed (a prefill sums in another order than the decodes did).
+
+    python benchmarks/migration.py [--rounds 2] [--concurrency 16] [--max-tokens 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+
+import httpx
+from recovery import PROMPTS
+from server import start_server
+from side_by_side import print_ratio_table
+
+MOVED_TO = {"stages": [{"layers": [0, 10]}, {"layers": [10, 30]}]}  # from the even split, 15 + 15
+
+
+async def run(url: str, concurrency: int, max_tokens: int) -> tuple[list[str], list[float], float]:
+    """Stream the requests, POSTing the new plan once half the tokens are in. Returns the texts,
+    every token's arrival time (sorted) and the moment of the POST."""
+    texts, arrivals, posted = [""] * concurrency, [], [0.0]
+
+    async def one(i: int, http: httpx.AsyncClient) -> None:
+        body = {"model": "smollm2-135m", "prompt": f"{PROMPTS[i % len(PROMPTS)]} ({i})", "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": True, "logprobs": 0}
+        async with http.stream("POST", f"{url}/v1/completions", json=body) as reply:
+            async for line in reply.aiter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"]
+                    if choice and choice[0]["logprobs"]:
+                        texts[i] += choice[0]["text"]
+                        arrivals.extend([time.perf_counter()] * len(choice[0]["logprobs"]["tokens"]))
+
+    async def mover(http: httpx.AsyncClient) -> None:
+        while len(arrivals) < concurrency * max_tokens // 2:
+            await asyncio.sleep(0.01)
+        posted[0] = time.perf_counter()
+        (await http.post(f"{url}/v1/plan", json=MOVED_TO)).raise_for_status()
+
+    async with httpx.AsyncClient(timeout=1200) as http:
+        await asyncio.gather(*(one(i, http) for i in range(concurrency)), mover(http))
+    return texts, sorted(arrivals), posted[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=500)
+    parser.add_argument("--dtype", default="int4")
+    args = parser.parse_args()
+    modes = {"move KV": (), "replay": ("--no-move-kv",)}
+    pauses, rates, texts = {m: [] for m in modes}, {m: [] for m in modes}, {}
+    for r in range(args.rounds):
+        for mode, flags in modes.items():
+            server, url = start_server("--stages", "2", "--dtype", args.dtype, "--kv-tokens", "32768", *flags)
+            try:
+                texts[mode], arrivals, posted = asyncio.run(run(url, args.concurrency, args.max_tokens))
+                events = httpx.get(f"{url}/v1/dashboard/state").json()["events"]
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+            after = [t for t in arrivals if t >= posted]
+            pauses[mode].append(max(b - a for a, b in zip(after, after[1:], strict=False)))
+            rates[mode].append(len(arrivals) / (arrivals[-1] - arrivals[0]))
+            moved = next(e["message"] for e in reversed(events) if e["kind"] == "re-planned")
+            print(f"round {r}, {mode}: pause {pauses[mode][-1]:.2f} s, {rates[mode][-1]:.0f} tok/s; {moved}",
+                  file=sys.stderr, flush=True)
+        changed = sum(a != b for a, b in zip(texts["move KV"], texts["replay"], strict=True))
+        print(f"round {r}: {changed} of {args.concurrency} greedy texts differ after the replay", file=sys.stderr)
+    med = statistics.median
+    move, replay = (med(pauses[m]) for m in modes)
+    rows = [("pause after the new plan (s)", move, replay, replay / move),
+            ("tokens/s over the run", med(rates["move KV"]), med(rates["replay"]),
+             med(rates["move KV"]) / med(rates["replay"]))]
+    print_ratio_table(f"A move from 15+15 to 10+20 layers while {args.concurrency} streams of {args.max_tokens} "
+                      f"tokens run, half-way (SmolLM2-135M {args.dtype}, 2 local stages, {os.cpu_count()} cores), "
+                      f"medians of {args.rounds}", ("move KV", "replay"), rows)
+
+
+if __name__ == "__main__":
+    main()
