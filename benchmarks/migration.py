@@ -5,8 +5,8 @@ A real `shardwise serve --stages 2` streams --concurrency greedy requests of --m
 each; once half of their tokens have arrived, a new split of the layers is POSTed to
 /v1/plan. The new stages load beside the old ones in both modes; then either every sequence's
 KV moves to them, or every sequence is prefilled again there. Measured from every token's
-arrival: the pause (the longest gap between two tokens of any stream after the POST) and
-the tokens/s over the run. The two modes take turns, so the machine's drift hits both alike;
+arrival: the pause (the gap between two tokens of any stream around the move, the server's
+"re-planned" event) and the tokens/s over the run. The two modes take turns, so the machine's drift hits both alike;
 medians over rounds, a ratio > 1 favours moving the KV. Also counted: the greedy texts the
 replay changed (a prefill sums in another order than the decodes did).
 
@@ -31,10 +31,10 @@ from side_by_side import print_ratio_table
 MOVED_TO = {"stages": [{"layers": [0, 10]}, {"layers": [10, 30]}]}  # from the even split, 15 + 15
 
 
-async def run(url: str, concurrency: int, max_tokens: int) -> tuple[list[str], list[float], float]:
-    """Stream the requests, POSTing the new plan once half the tokens are in. Returns the texts,
-    every token's arrival time (sorted) and the moment of the POST."""
-    texts, arrivals, posted = [""] * concurrency, [], [0.0]
+async def run(url: str, concurrency: int, max_tokens: int) -> tuple[list[str], list[float]]:
+    """Stream the requests, POSTing the new plan once half the tokens are in. Returns the texts
+    and every token's arrival time (time.time(), sorted)."""
+    texts, arrivals = [""] * concurrency, []
 
     async def one(i: int, http: httpx.AsyncClient) -> None:
         body = {"model": "smollm2-135m", "prompt": f"{PROMPTS[i % len(PROMPTS)]} ({i})", "max_tokens": max_tokens,
@@ -45,17 +45,16 @@ async def run(url: str, concurrency: int, max_tokens: int) -> tuple[list[str], l
                     choice = json.loads(line[6:])["choices"]
                     if choice and choice[0]["logprobs"]:
                         texts[i] += choice[0]["text"]
-                        arrivals.extend([time.perf_counter()] * len(choice[0]["logprobs"]["tokens"]))
+                        arrivals.extend([time.time()] * len(choice[0]["logprobs"]["tokens"]))
 
     async def mover(http: httpx.AsyncClient) -> None:
         while len(arrivals) < concurrency * max_tokens // 2:
             await asyncio.sleep(0.01)
-        posted[0] = time.perf_counter()
         (await http.post(f"{url}/v1/plan", json=MOVED_TO)).raise_for_status()
 
     async with httpx.AsyncClient(timeout=1200) as http:
         await asyncio.gather(*(one(i, http) for i in range(concurrency)), mover(http))
-    return texts, sorted(arrivals), posted[0]
+    return texts, sorted(arrivals)
 
 
 def main() -> None:
@@ -71,17 +70,17 @@ def main() -> None:
         for mode, flags in modes.items():
             server, url = start_server("--stages", "2", "--dtype", args.dtype, "--kv-tokens", "32768", *flags)
             try:
-                texts[mode], arrivals, posted = asyncio.run(run(url, args.concurrency, args.max_tokens))
-                events = httpx.get(f"{url}/v1/dashboard/state").json()["events"]
+                texts[mode], arrivals = asyncio.run(run(url, args.concurrency, args.max_tokens))
+                moved = next(e for e in reversed(httpx.get(f"{url}/v1/dashboard/state").json()["events"])
+                             if e["kind"] == "re-planned")
             finally:
                 server.terminate()
                 server.wait(timeout=60)
-            after = [t for t in arrivals if t >= posted]
-            pauses[mode].append(max(b - a for a, b in zip(after, after[1:], strict=False)))
+            pauses[mode].append(min(t for t in arrivals if t > moved["time"]) -
+                                max(t for t in arrivals if t < moved["time"]))
             rates[mode].append(len(arrivals) / (arrivals[-1] - arrivals[0]))
-            moved = next(e["message"] for e in reversed(events) if e["kind"] == "re-planned")
-            print(f"round {r}, {mode}: pause {pauses[mode][-1]:.2f} s, {rates[mode][-1]:.0f} tok/s; {moved}",
-                  file=sys.stderr, flush=True)
+            print(f"round {r}, {mode}: pause {pauses[mode][-1]:.2f} s, {rates[mode][-1]:.0f} tok/s; "
+                  f"{moved['message']}", file=sys.stderr, flush=True)
         changed = sum(a != b for a, b in zip(texts["move KV"], texts["replay"], strict=True))
         print(f"round {r}: {changed} of {args.concurrency} greedy texts differ after the replay", file=sys.stderr)
     med = statistics.median

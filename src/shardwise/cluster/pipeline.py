@@ -98,7 +98,7 @@ class Pipeline:
         self.parallelism = self._micro_batches or len(resources)
         n = len(plan.stages)
         self.stages, self.pids, self.node_ids = [None] * n, [None] * n, [None] * n
-        if started:
+        if started:  # (its spares are kept once the sequences moved in: see migrate())
             self.stages = list(started.actors)
             self._await(list(range(n)), started.loading)
         else:
@@ -151,6 +151,7 @@ class Pipeline:
         for i, actor in zip(indices, actors, strict=True):
             self.stages[i] = actor
         self._await(indices, loading + [s.reset.remote() for i, s in enumerate(self.stages) if i not in indices])
+        self._keep_spares()
 
     def _await(self, indices: list[int], loading: list[ray.ObjectRef]) -> None:
         """Wait for stages `indices` to load (and whatever else `loading` holds after their refs)."""
@@ -161,7 +162,6 @@ class Pipeline:
                                  "gone; check `ray status`") from None
         for i, (pid, node_id) in zip(indices, ready, strict=False):
             self.pids[i], self.node_ids[i] = pid, node_id
-        self._keep_spares()
 
     @staticmethod
     def _actor_on(node: dict[str, Any]) -> Any:
@@ -325,18 +325,24 @@ class Pipeline:
         replays instead."""
         if not self.move_kv:
             return False
+        started = time.perf_counter()
         steps = list(self._steps)
         if steps and ray.wait(steps, num_returns=len(steps), timeout=self.stage_timeout)[1]:
             return False
+        drained = time.perf_counter()
         try:
             exports = [stage.export.remote(list(self._context)) for stage in self.stages]
             ray.wait(exports, num_returns=len(exports), timeout=self.stage_timeout, fetch_local=False)
+            exported = time.perf_counter()
             self._restart(plan)
             _get([stage.adopt.remote(*exports) for stage in self.stages], timeout=self.stage_timeout)
         except (ray.exceptions.RayError, ShardwiseError, ValueError) as e:
             log.warning("could not move the sequences' KV to the new plan (%s): replaying them", e)
             return False
+        log.info("moved %d sequences: steps in flight ran in %.2f s, exported in %.2f s, taken in in %.2f s",
+                 len(self._context), drained - started, exported - drained, time.perf_counter() - exported)
         self._steps = {ref: (refs, None) for ref, (refs, _) in self._steps.items()}  # timed under the old plan
+        self._keep_spares()  # (not before: a process starting takes cores from the move)
         return True
 
     def recover(self, failure: StageFailure) -> list[int]:
@@ -345,7 +351,9 @@ class Pipeline:
         under a new plan. Returns the indices of the stages started afresh."""
         if isinstance(failure, Drifted):  # every stage lives, and moves to the new plan
             self._steps.clear()
-            return self._restart(failure.plan)
+            restarted = self._restart(failure.plan)
+            self._keep_spares()
+            return restarted
         lost = self._lost_stages(self._steps.get(failure.step, ([],))[0], failure.hung)
         self._steps.clear()
         if self._nodes_alive():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +52,16 @@ class StageActor:
         self.worker.reset()
 
     def export(self, seq_ids: list[int]) -> dict[int, Moving]:
-        return self.worker.export(seq_ids)
+        """KV travels as numpy arrays, as hidden states do (Ray pickles a torch tensor through
+        copies, ~5x slower)."""
+        return {i: m._replace(kv=m.kv.cpu().numpy()) for i, m in self.worker.export(seq_ids).items()}
 
     def adopt(self, *exports: dict[int, Moving]) -> None:
-        self.worker.adopt(*exports)  # (Ray fetches each export from the old stage's node)
+        """(Ray fetches each export from the old stage's node, read-only: the KV is only read,
+        into this stage's pool.)"""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            self.worker.adopt(*({i: m._replace(kv=torch.from_numpy(m.kv)) for i, m in e.items()} for e in exports))
 
     def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
              previous: tuple[np.ndarray, tuple[float, ...]] | None, threads: int) -> tuple | Sampled:

@@ -65,16 +65,22 @@ class KVCache:
     def extract(self, seq_id: int) -> torch.Tensor:
         """A copy of a sequence's stored KV, [layers, 2, kv_heads, length, head_dim]: what
         insert() takes on another shard (a sequence moving with its layers)."""
-        return self.data[:, :, :, self.slots(seq_id, 0, self.length(seq_id))].clone()
+        return self.data.index_select(3, self.slots(seq_id, 0, self.length(seq_id)).to(self.data.device))
 
-    def insert(self, seq_id: int, kv: torch.Tensor) -> None:
-        """Allocate a sequence holding `kv` (as extract() returns it, for this cache's layers)."""
-        if kv.shape[:3] != self.data.shape[:3] or kv.shape[-1] != self.data.shape[-1]:
-            raise ShardwiseError(f"KV of shape {tuple(kv.shape)} does not fit this cache's {tuple(self.data.shape)}")
+    def insert(self, seq_id: int, pieces: list[tuple[int, torch.Tensor]]) -> None:
+        """Allocate a sequence holding the KV of `pieces`: (the first of this cache's layers it
+        holds, KV as extract() gives it), together covering every layer once."""
+        length = pieces[0][1].shape[3]
+        held = sorted((first, first + len(kv)) for first, kv in pieces)
+        if [layer for a, b in held for layer in range(a, b)] != list(range(len(self.data))):
+            raise ShardwiseError(f"sequence {seq_id}: the KV given holds layers {held} of this cache's "
+                                 f"{len(self.data)}")
         self.allocate(seq_id)
-        self.reserve(seq_id, kv.shape[3])
-        self.data[:, :, :, self.slots(seq_id, 0, kv.shape[3])] = kv.to(self.data.device, self.data.dtype)
-        self.advance(seq_id, kv.shape[3])
+        self.reserve(seq_id, length)
+        slots = self.slots(seq_id, 0, length).to(self.data.device)
+        for first, kv in pieces:
+            self.data[first:first + len(kv)].index_copy_(3, slots, kv.to(self.data.device, self.data.dtype))
+        self.advance(seq_id, length)
 
     def _grow(self, at_least: int) -> None:
         blocks = self.data.shape[3] // BLOCK_SIZE

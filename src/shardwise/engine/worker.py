@@ -78,12 +78,10 @@ class Worker:
         some layers): each gets its KV for this worker's layers and, here at the last, its sampler."""
         start, end = self.shard.start, self.shard.end
         for seq_id in exports[0] if exports else ():
-            parts = sorted((e[seq_id] for e in exports), key=lambda m: m.first_layer)
-            kv = torch.cat([m.kv[max(start - m.first_layer, 0):end - m.first_layer] for m in parts
-                            if m.first_layer < end and m.first_layer + len(m.kv) > start])
-            if len(kv) != end - start:
-                raise ValueError(f"sequence {seq_id}: the exports hold {len(kv)} of layers [{start}, {end})")
-            self.shard.kv.insert(seq_id, kv)
+            parts = [e[seq_id] for e in exports]
+            self.shard.kv.insert(seq_id, [
+                (max(m.first_layer, start) - start, m.kv[max(start - m.first_layer, 0):end - m.first_layer])
+                for m in parts if m.first_layer < end and m.first_layer + len(m.kv) > start])
             if self.shard.is_last:
                 self.samplers[seq_id] = next(m.sampler for m in parts if m.sampler is not None)
 
