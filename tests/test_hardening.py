@@ -180,6 +180,14 @@ def test_the_work_one_request_may_ask_for_is_bounded(server):
     assert httpx.get(f"{server}/health").json() == {"status": "ok", "api_key_required": True}
 
 
+def test_a_plan_posted_to_a_one_process_server_says_what_to_run_instead(server):
+    http = httpx.Client(base_url=server, headers=AUTH, timeout=60)
+    reply = http.post("/v1/plan", json={"stages": [{"layers": [0, 30]}]})
+    assert reply.status_code == 400 and "runs in one process" in reply.json()["error"]["message"], reply.text
+    reply = http.post("/v1/plan", content=b"{stages: oops")
+    assert reply.status_code == 400 and "not JSON" in reply.json()["error"]["message"], reply.text
+
+
 def test_an_overloaded_server_refuses_with_retry_after_and_its_queue_drains(server, client):
     long = dict(model=MODEL, prompt=TEXT_PROMPTS[3], max_tokens=600, temperature=0, extra_body={"ignore_eos": True})
     with ThreadPoolExecutor(10) as pool:

@@ -209,8 +209,11 @@ def test_dashboard_state_is_the_metrics_and_the_live_stages(server, client):
      "only catalog devices"),
     ("/v1/dashboard/plan", {"model": "llama-3.1-8b", "cluster": "devices: [oops"}, "not valid YAML"),
     ("/v1/dashboard/plan", {"model": "llama-3.1-8b", "cluster": {"devices": []}}, "non-empty \"devices\" list"),
+    ("/v1/plan", [[0, 15], [15, 30]], "non-empty \"stages\" list"),
+    ("/v1/plan", {"stages": [{"layers": [0, 15]}, {"layers": [15, 40]}]}, "must end at 30"),
+    ("/v1/plan", {"stages": [{"layers": [0, 30], "placement": "/etc/passwd"}]}, "unknown node '/etc/passwd'"),
 ])
-def test_dashboard_forms_refuse_bad_input_clearly(server, path, body, message):
+def test_dashboard_forms_and_posted_plans_refuse_bad_input_clearly(server, path, body, message):
     response = httpx.post(f"{server}{path}", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
     assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
 
