@@ -130,6 +130,16 @@ def test_a_move_to_a_new_plan_mid_decode_carries_every_sequence_on_bit_for_bit(p
     assert not set(pids) & set(pipeline.executor.pids)
 
 
+def test_a_plan_whose_stages_fail_to_load_is_given_up_and_the_old_stages_serve_on(pipeline):
+    pids = list(pipeline.executor.pids)
+    pipeline.move_to({"stages": [{"layers": [0, 30], "device": "cuda:7"}]})  # no such device here
+    assert not pipeline.executor.ready_to_move(timeout=120)
+    assert pipeline.executor.moving is None and pipeline.executor.pids == pids
+    event = pipeline.events()[-1]
+    assert event["kind"] == "re-plan failed" and "cuda" in event["message"], event
+    assert pipeline.generate(TEXT_PROMPTS[0], GREEDY)[0].token_ids
+
+
 @pytest.mark.parametrize("stages, message", [
     ([[0, 10], [12, 30]], "gap"),
     ([[0, 15], [10, 30]], "overlap"),

@@ -297,9 +297,20 @@ class Pipeline:
         return self._move.drifted if self._move else None
 
     def ready_to_move(self, timeout: float = 0) -> bool:
-        """Whether a move's new stages are loaded (waiting up to `timeout` seconds for them)."""
+        """Whether a move's new stages are loaded (waiting up to `timeout` seconds for them). A
+        move whose stages failed to load is given up, the old stages serving on."""
         loading = self._move.loading if self._move else []
-        return bool(self._move) and not (loading and ray.wait(loading, num_returns=len(loading), timeout=timeout)[1])
+        if not self._move or (loading and ray.wait(loading, num_returns=len(loading), timeout=timeout)[1]):
+            return False
+        try:
+            _get(loading)
+        except (ray.exceptions.RayError, ShardwiseError) as e:
+            why = str(e).strip().splitlines()[-1][:300]
+            log.warning("the new stages failed to load (%s): the plan stays", why)
+            self._drop_move()
+            self.on_event("re-plan failed", f"the new stages failed to load ({why}); the plan stays")
+            return False
+        return True
 
     def _drop_move(self) -> None:
         """Forget a move not yet made, and kill the stages it started."""
