@@ -15,7 +15,8 @@ replayed: its prompt and the tokens it generated are prefilled again (in chunks,
 the others' decodes) without sampling, and decoding resumes where it stopped; the
 samplers are rebuilt with their draw counts. (A prefill sums in another order than the
 decodes did, so a greedy near-tie may flip.) When the stages move to a new plan with every
-stage alive (a node's speed drifted), the sequences' KV moves with the layers instead:
+stage alive (a node's speed drifted, or an operator gave one), the sequences' KV moves
+with the layers instead:
 nothing is replayed and the output is the undisturbed one, bit for bit.
 
 One request never fails another. A sequence whose sampling fails fails alone. A step that

@@ -121,9 +121,12 @@ def create_app(llm: LLM, *, api_key: str | None = None, limits: ServerLimits | N
         stages once they did."""
         try:
             plan = json.loads(await read_bytes(request, limits.max_body_bytes))
+        except ValueError as e:  # (not JSON, or not text)
+            raise ApiError(400, f"the body is not JSON: {e}") from None
+        try:
             await engine.call(lambda: llm.move_to(plan))
-        except (ValueError, ShardwiseError) as e:
-            raise ApiError(400, f"{e}" if isinstance(e, ShardwiseError) else f"the body is not JSON: {e}") from None
+        except ShardwiseError as e:
+            raise ApiError(400, str(e)) from None
         return {"status": "moving", "plan": plan}
 
     @app.get("/metrics")
