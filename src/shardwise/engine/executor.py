@@ -36,9 +36,6 @@ class SynchronousExecutor:
     def timing(self) -> list[tuple[float, float]]:
         return []  # nothing predicts its steps
 
-    def ready_to_move(self, timeout: float = 0) -> bool:
-        return False
-
     def result(self, handle: Sampled | Exception) -> Sampled:
         if isinstance(handle, Exception):
             raise handle
