@@ -12,6 +12,7 @@ from shardwise import LLM, SamplingParams, ShardwiseError
 from shardwise.planner.plan import Plan
 from tests.conftest import TEXT_PROMPTS
 from tests.test_loading import cli
+from tests.test_prefix_cache import conversation, without_prefix_cache
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0)
 
@@ -102,6 +103,25 @@ def test_kv_is_freed_over_25_requests(pipeline):
     assert [s["kv_pool_bytes"] for s in after] == [s["kv_pool_bytes"] for s in before]
     grown = [psutil.Process(pid).memory_info().rss - r for pid, r in zip(pipeline.executor.pids, rss, strict=True)]
     assert max(grown) < 64 * 2**20, grown
+
+
+def test_every_stage_caches_the_same_prefixes_and_a_lost_stage_empties_the_cache(pipeline, llm):
+    """Each stage keeps its layers of the same blocks; a replacement stage starts empty, and so
+    does the cache (the survivors drop theirs): the chat goes on as without any cache."""
+    import ray
+
+    with without_prefix_cache(llm):
+        expected = conversation(llm, GREEDY)
+    cache, scheduler = pipeline.scheduler.prefix_cache, pipeline.scheduler
+    hit = cache.hit_tokens
+    assert conversation(pipeline, GREEDY) == expected
+    assert cache.hit_tokens > hit
+    assert [s["kv_blocks_kept"] for s in pipeline.executor.stats()] == [len(cache)] * 2
+    recoveries = scheduler.recoveries
+    ray.kill(pipeline.executor.stages[1])
+    assert conversation(pipeline, GREEDY) == expected
+    assert scheduler.recoveries == recoveries + 1
+    assert [s["kv_blocks_kept"] for s in pipeline.executor.stats()] == [len(cache)] * 2
 
 
 def test_a_move_to_a_new_plan_mid_decode_carries_every_sequence_on_bit_for_bit(pipeline):

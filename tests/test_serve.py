@@ -181,6 +181,23 @@ def test_metrics_are_exported_like_vllms(server, client):
     assert m["shardwise:num_requests_waiting"] == 0 and 0 <= m["shardwise:kv_cache_usage_perc"] <= 1
 
 
+def test_a_resent_prompt_hits_the_prefix_cache_and_metrics_count_it(server, client):
+    """Every stage of the server keeps the prompt's full blocks; resent, only its last partial
+    block is prefilled, and /metrics counts the hit (in tokens, as vLLM's counters do)."""
+    prompt = "A shared system prompt for a chat assistant, long enough to fill a few blocks. " * 4
+    before = metrics(server)
+    first, again = (client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+                    for _ in range(2))
+    assert first.choices[0].text == again.choices[0].text
+    m = metrics(server)
+    prompt_tokens = first.usage.prompt_tokens
+    assert m["shardwise:prefix_cache_queries_total"] - before["shardwise:prefix_cache_queries_total"] \
+        == 2 * prompt_tokens
+    assert m["shardwise:prefix_cache_hits_total"] - before["shardwise:prefix_cache_hits_total"] \
+        >= prompt_tokens - 2 * 16
+    assert m["shardwise:prefix_cache_blocks"] >= prompt_tokens // 16 and 0 < m["shardwise:prefix_cache_hit_rate"] < 1
+
+
 def test_dashboard_state_is_the_metrics_and_the_live_stages(server, client):
     client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
     auth = {"Authorization": f"Bearer {API_KEY}"}

@@ -146,6 +146,9 @@ def serve(
     move_kv: Annotated[bool, typer.Option(help="A move to a new plan (after a drift, or POST /v1/plan) carries "
                                                "the running requests' KV to the new stages; --no-move-kv "
                                                "replays them instead.")] = SERVING.move_kv,
+    prefix_cache: Annotated[bool, typer.Option(help="Keep full KV blocks after their request ends, so that later "
+                                                    "prompts starting the same way (a system prompt, earlier "
+                                                    "turns) prefill only the rest.")] = SERVING.prefix_cache,
     collab_ttl: Annotated[float, typer.Option(help="Seconds a collaborative session may idle before it is "
                                                    "closed and its KV freed.")] = 300.0,
     max_waiting: Annotated[int, typer.Option(help="Sequences that may queue for a slot; more are refused with "
@@ -172,7 +175,7 @@ def serve(
                                       max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens,
                                       stage_timeout=stage_timeout, spare_stages=spare_stages,
                                       drift_threshold=drift_threshold, drift_window_s=drift_window,
-                                      move_kv=move_kv)
+                                      move_kv=move_kv, prefix_cache=prefix_cache)
         limits = ServerLimits(max_waiting=max_waiting, max_queue_time_s=max_queue_time,
                               max_request_sequences=max_request_sequences, max_request_tokens=max_request_tokens,
                               drain_timeout_s=drain_timeout)

@@ -26,6 +26,8 @@ class EngineConfig:
     drift_window_s: float = 10.0
     # a move to a new plan carries the running sequences' KV to the new stages (False: replays them)
     move_kv: bool = True
+    # full KV blocks stay cached after their sequence ends, for later prompts that start the same way
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_batch_tokens, self.kv_tokens) < 1 or self.stage_timeout <= 0:

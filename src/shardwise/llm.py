@@ -18,6 +18,7 @@ import torch
 
 from shardwise.config import EngineConfig
 from shardwise.engine.executor import LocalExecutor
+from shardwise.engine.prefix_cache import PrefixCache
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.scheduler import RequestOutput, Scheduler, Sequence
 from shardwise.engine.shard import ShardModel
@@ -95,8 +96,10 @@ class LLM:
         self.executor = None
         self.weights = self._open(model)
         self.executor = (executor or in_process)(self)
+        caching = self.config.prefix_cache and getattr(self.executor, "prefix_caching", False)
         self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=self.config.max_num_seqs,
-                                   max_batch_tokens=self.config.max_batch_tokens, kv_capacity=self.config.kv_tokens)
+                                   max_batch_tokens=self.config.max_batch_tokens, kv_capacity=self.config.kv_tokens,
+                                   prefix_cache=PrefixCache() if caching else None)
         self._ids = itertools.count()
         self._token_text = functools.lru_cache(maxsize=65536)(lambda t: self.tokenizer.hf.decode([t]))
 
@@ -244,10 +247,11 @@ class LLM:
     def load(self) -> EngineLoad:
         """What the engine holds now: sequences running and waiting, KV, losses, recoveries and
         re-plans, and each stage's predicted and measured step time (a pipeline with a cluster file)."""
-        s = self.scheduler
+        s, cache = self.scheduler, self.scheduler.prefix_cache
         return EngineLoad(s.num_running, len(s.waiting), s.waiting[0].output.arrival_time if s.waiting else None,
                           s.kv_reserved, s.kv_capacity, s.stage_failures, s.recoveries, s.replayed_tokens,
-                          s.last_recovery_s, s.replans, self.executor.timing())
+                          s.last_recovery_s, s.replans, self.executor.timing(),
+                          *((cache.query_tokens, cache.hit_tokens, len(cache)) if cache is not None else ()))
 
     def events(self) -> list[dict[str, Any]]:
         """The latest stage losses, recoveries and errors an operator should see."""
@@ -287,3 +291,6 @@ class EngineLoad:
     last_recovery_s: float
     replans: int  # moves to a new plan after a node's speed drifted
     stage_timing: list[tuple[float, float]]  # per stage: median predicted, measured step seconds (or [])
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of them, found cached (not prefilled)
+    prefix_cached_blocks: int = 0  # KV blocks the prefix cache holds

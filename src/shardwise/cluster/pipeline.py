@@ -38,6 +38,7 @@ from shardwise.cluster.drift import DriftWatch, Verdict
 from shardwise.cluster.ray_session import join
 from shardwise.cluster.stage import StageActor
 from shardwise.config import EngineConfig
+from shardwise.engine.prefix_cache import CachedPrefix
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.worker import Sampled
 from shardwise.errors import Drifted, ShardwiseError, StageFailure, StepError
@@ -201,10 +202,21 @@ class Pipeline:
         return max(1, cls._cores(node) // sum(n["NodeID"] == node["NodeID"] for n in nodes))
 
     # --- the executor interface ---------------------------------------------------------------
-    def add(self, seq_id: int, params: SamplingParams, generated: list[int] = ()) -> None:
-        self._context[seq_id] = 0
+    prefix_caching = True
+
+    def add(self, seq_id: int, params: SamplingParams, generated: list[int] = (),
+            prefix: CachedPrefix | None = None) -> None:
+        self._context[seq_id] = len(prefix.tokens) if prefix else 0
         for stage in self.stages:  # an actor runs calls in the order one caller sent them
-            stage.add.remote(seq_id, params, list(generated))
+            stage.add.remote(seq_id, params, list(generated), prefix)
+
+    def keep(self, seq_id: int, first: int, keys: list[bytes]) -> None:
+        for stage in self.stages:
+            stage.keep.remote(seq_id, first, keys)
+
+    def evict(self, keys: list[bytes]) -> None:
+        for stage in self.stages:
+            stage.evict.remote(keys)
 
     def free(self, seq_id: int) -> None:
         self._context.pop(seq_id, None)

@@ -11,6 +11,7 @@ import numpy as np
 import ray
 import torch
 
+from shardwise.engine.prefix_cache import CachedPrefix
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.shard import ShardModel
 from shardwise.engine.worker import Moving, Sampled, Worker
@@ -39,8 +40,14 @@ class StageActor:
         """Once loaded: this actor's process id and Ray node id."""
         return os.getpid(), ray.get_runtime_context().get_node_id()
 
-    def add(self, seq_id: int, params: SamplingParams, generated: list[int]) -> None:
-        self.worker.add(seq_id, params, generated)
+    def add(self, seq_id: int, params: SamplingParams, generated: list[int], prefix: CachedPrefix | None) -> None:
+        self.worker.add(seq_id, params, generated, prefix)
+
+    def keep(self, seq_id: int, first: int, keys: list[bytes]) -> None:
+        self.worker.keep(seq_id, first, keys)
+
+    def evict(self, keys: list[bytes]) -> None:
+        self.worker.evict(keys)
 
     def free(self, seq_id: int) -> None:
         self.worker.free(seq_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from shardwise.engine.prefix_cache import CachedPrefix
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.worker import Sampled, Worker
 
@@ -19,6 +20,7 @@ class SynchronousExecutor:
     or the error it raised, waits in the handle for result()."""
 
     parallelism = 1
+    prefix_caching = False  # whether add() takes a cached prefix, and keep() / evict() exist
     moving = None  # a move to a new plan under way (a pipeline's: see Pipeline.move_to); never here
 
     def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled | Exception:
@@ -45,12 +47,21 @@ class SynchronousExecutor:
 class LocalExecutor(SynchronousExecutor):
     """The whole model in this process."""
 
+    prefix_caching = True
+
     def __init__(self, worker: Worker):
         self.worker = worker
         self.shard = worker.shard
 
-    def add(self, seq_id: int, params: SamplingParams, generated: list[int] = ()) -> None:
-        self.worker.add(seq_id, params, generated)
+    def add(self, seq_id: int, params: SamplingParams, generated: list[int] = (),
+            prefix: CachedPrefix | None = None) -> None:
+        self.worker.add(seq_id, params, generated, prefix)
+
+    def keep(self, seq_id: int, first: int, keys: list[bytes]) -> None:
+        self.worker.keep(seq_id, first, keys)
+
+    def evict(self, keys: list[bytes]) -> None:
+        self.worker.evict(keys)
 
     def free(self, seq_id: int) -> None:
         self.worker.free(seq_id)

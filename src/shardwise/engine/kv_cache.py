@@ -6,6 +6,9 @@ to slots, so a whole batch's new keys are written, and a whole decode batch's
 keys are gathered, with one tensor op per layer however many sequences there
 are. A sequence is allocated, reserves room before each step, and on free its
 blocks return to the pool at once. The pool doubles when it runs out.
+Full blocks can be kept under a key after their sequence ends, and a new sequence can start
+with kept blocks (prefix caching); which, and when they go, the scheduler's PrefixCache
+decides for every stage alike. A kept block is only read: sequences write past it.
 Keys are stored after RoPE. Head-major, so a gather yields the [kv_heads, ...]
 layout that attention multiplies without another copy.
 """
@@ -29,16 +32,42 @@ class KVCache:
         self._free = list(range(initial_blocks - 1, -1, -1))  # a stack: low block ids first
         self._tables: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
+        self._kept: dict[bytes, int] = {}  # prefix-cache key -> block
+        self._kept_blocks: set[int] = set()
 
     # --- lifecycle ------------------------------------------------------------------------------
-    def allocate(self, seq_id: int) -> None:
+    def allocate(self, seq_id: int, prefix: list[bytes] = ()) -> None:
+        """A new sequence, starting with the kept blocks of these keys (a cached prefix)."""
         if seq_id in self._tables:
             raise ShardwiseError(f"sequence {seq_id} already has a KV cache on this shard")
-        self._tables[seq_id], self._lengths[seq_id] = [], 0
+        try:
+            table = [self._kept[key] for key in prefix]
+        except KeyError:
+            raise ShardwiseError(f"sequence {seq_id}: a block of its cached prefix is not kept on this shard") from None
+        self._tables[seq_id], self._lengths[seq_id] = table, len(table) * BLOCK_SIZE
 
     def free(self, seq_id: int) -> None:
-        self._free.extend(reversed(self._tables.pop(seq_id, [])))
+        self._free.extend(b for b in reversed(self._tables.pop(seq_id, [])) if b not in self._kept_blocks)
         self._lengths.pop(seq_id, None)
+
+    def keep(self, seq_id: int, first: int, keys: list[bytes]) -> None:
+        """Keep a sequence's full blocks from block `first` on under these keys, past its end
+        (a key kept already keeps its own block: this sequence's copy goes when it does)."""
+        for key, block in zip(keys, self._table(seq_id)[first:first + len(keys)], strict=True):
+            if key not in self._kept:
+                self._kept[key] = block
+                self._kept_blocks.add(block)
+
+    def evict(self, keys: list[bytes]) -> None:
+        """Give kept blocks back to the pool (no sequence uses them any more)."""
+        for key in keys:
+            block = self._kept.pop(key, None)
+            if block is not None:
+                self._kept_blocks.discard(block)
+                self._free.append(block)
+
+    def kept_keys(self) -> list[bytes]:
+        return list(self._kept)
 
     def sequences(self) -> list[int]:
         return list(self._tables)
@@ -120,7 +149,13 @@ class KVCache:
 
     @property
     def blocks_in_use(self) -> int:
-        return sum(len(t) for t in self._tables.values())
+        """Blocks the running sequences use that the prefix cache does not keep."""
+        return len({b for t in self._tables.values() for b in t} - self._kept_blocks)
+
+    @property
+    def blocks_kept(self) -> int:
+        """Blocks the prefix cache keeps (some of them also in running sequences' use)."""
+        return len(self._kept_blocks)
 
     @property
     def nbytes(self) -> int:

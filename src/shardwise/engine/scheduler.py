@@ -2,8 +2,11 @@
 
 Requests wait in arrival order and join the running set at the next step, as long as
 their KV fits: each admitted sequence reserves room for its prompt plus its
-max_tokens, so a running sequence can never run out of cache and nothing is ever
-evicted; the rest queue. Each step packs the running decodes (one token each) and
+max_tokens, so a running sequence can never run out of cache and nothing it uses is
+ever evicted; the rest queue. With prefix caching, a sequence starts with the cached
+blocks its prompt begins with (prefilling only the rest), its full blocks are cached as
+they fill, and cached blocks no one uses are evicted, least recently used first, when a
+new sequence needs their room. Each step packs the running decodes (one token each) and
 then chunks of prompts into one batch under a token budget, so a long prompt is
 prefilled in pieces and never stalls the sequences already decoding (Sarathi-Serve).
 On a pipeline the running sequences form one micro-batch per compute resource, each
@@ -34,6 +37,8 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from shardwise.engine.kv_cache import BLOCK_SIZE
+from shardwise.engine.prefix_cache import CachedPrefix, PrefixCache, block_keys
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.errors import Drifted, ShardwiseError, StageFailure
 from shardwise.model.spec import ModelSpec
@@ -87,12 +92,19 @@ class Sequence:
         self.output = RequestOutput(seq_id, prompt_ids)
         self.aborted = False
         self.step_errors = 0  # failed steps it was part of
+        self.block_keys: list[bytes] = []  # prefix-cache keys of its full blocks so far
+        self.held: list[bytes] = []  # those it holds in the prefix cache (not private copies)
 
     @property
     def resume_at(self) -> int:
         """Tokens the KV must hold before it decodes: its prompt and all it generated but the
         last (the next input). Only above the prompt after a replay."""
         return len(self.prompt) + max(len(self.output.token_ids) - 1, 0)
+
+    @property
+    def kv_own(self) -> int:
+        """KV tokens it reserves beyond the cached blocks it holds."""
+        return self.kv_tokens - BLOCK_SIZE * len(self.held)
 
     @property
     def prefilled(self) -> bool:
@@ -115,12 +127,13 @@ class Scheduler:
     """Not thread-safe: one thread adds, aborts and steps (the server runs it on its engine thread)."""
 
     def __init__(self, executor: Any, spec: ModelSpec, tokenizer: Tokenizer, *, max_num_seqs: int,
-                 max_batch_tokens: int, kv_capacity: int):
+                 max_batch_tokens: int, kv_capacity: int, prefix_cache: PrefixCache | None = None):
         self.executor, self.spec, self.tokenizer = executor, spec, tokenizer
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max(max_batch_tokens, max_num_seqs)
         self.kv_capacity = kv_capacity  # tokens of KV each stage holds for the running sequences
         self.external_kv = 0  # KV tokens held outside the scheduler from the same budget (collaborative sessions)
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Sequence] = deque()
         self.groups: list[list[Sequence]] = [[] for _ in range(executor.parallelism)]  # micro-batches
         self.in_flight: list[tuple[Any, int, list[tuple[Sequence, list[int]]]]] = []  # (handle, group, batch)
@@ -186,8 +199,11 @@ class Scheduler:
 
     @property
     def kv_reserved(self) -> int:
-        """KV tokens the running sequences have reserved, and those held outside the scheduler."""
-        return sum(s.kv_tokens for g in self.groups for s in g) + self.external_kv
+        """KV tokens the running sequences have reserved (cached blocks they share counted once),
+        and those held outside the scheduler; cached blocks no one uses are not counted (they
+        give way to any sequence that needs their room)."""
+        cached = len(self.prefix_cache) - self.prefix_cache.unused if self.prefix_cache is not None else 0
+        return sum(s.kv_own for g in self.groups for s in g) + BLOCK_SIZE * cached + self.external_kv
 
     # --- one step ---------------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, str]]:
@@ -227,6 +243,8 @@ class Scheduler:
         events = []
         for row, ((seq, chunk), token) in enumerate(zip(batch, tokens, strict=True)):
             seq.fed += len(chunk)
+            if self.prefix_cache is not None and not seq.aborted and row not in errors:
+                self._keep_blocks(seq)
             if seq.aborted:
                 if not self._in_flight(seq):
                     self._release(seq)
@@ -305,6 +323,7 @@ class Scheduler:
         started = time.perf_counter()
         if drifted:  # (the executor noted the re-plan when it began)
             if self.executor.migrate(failure.plan):  # the steps in flight come back as usual
+                self._forget_cached_blocks()  # the new stages hold each sequence's KV as its own
                 self.replans += 1
                 self.note("re-planned", f"{self.num_running} sequences moved with their KV in "
                                         f"{time.perf_counter() - started:.1f} s; nothing to replay")
@@ -322,6 +341,7 @@ class Scheduler:
         self.in_flight.clear()
         self.held.clear()  # every sequence replays from its start: suspects too
         self.executor.recover(failure)  # a ShardwiseError here: nothing can take the stage's place
+        self._forget_cached_blocks()  # every stage starts empty
         for group in self.groups:
             for seq in list(group):
                 if seq.aborted:
@@ -342,17 +362,76 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and self.num_running < self.max_num_seqs:
             seq = self.waiting[0]
-            if self.kv_reserved + seq.kv_tokens > self.kv_capacity:
+            prefix = self._hold_cached_prefix(seq)
+            if not self._room_for(seq.kv_own):
+                self._let_go(seq)
                 return  # first come, first served: later requests wait behind it
             self.waiting.popleft()
-            self.executor.add(seq.id, seq.params)
+            if prefix:
+                seq.fed = len(prefix.tokens)
+                self.executor.add(seq.id, seq.params, prefix=prefix)
+            else:
+                self.executor.add(seq.id, seq.params)
             min(self.groups, key=len).append(seq)  # joins its group's next step
+
+    def _hold_cached_prefix(self, seq: Sequence) -> CachedPrefix | None:
+        """Hold the cached blocks the prompt starts with (all but its last token: that one must
+        run to give the first token's logits)."""
+        if self.prefix_cache is None:
+            return None
+        cache = self.prefix_cache
+        keys = block_keys(seq.prompt[:len(seq.prompt) - 1])
+        hit = cache.match(keys)
+        cache.query_tokens += len(seq.prompt)
+        cache.hit_tokens += BLOCK_SIZE * hit
+        seq.block_keys = seq.held = keys[:hit]
+        cache.hold(seq.held)
+        return CachedPrefix(seq.held, seq.prompt[:BLOCK_SIZE * hit]) if hit else None
+
+    def _let_go(self, seq: Sequence) -> None:
+        """Release a sequence's cached blocks (they stay cached for others)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.release(seq.held)
+        seq.block_keys, seq.held = [], []
+
+    def _room_for(self, tokens: int) -> bool:
+        """Whether `tokens` more KV fit, evicting cached blocks no one uses to make room."""
+        if self.kv_reserved + tokens > self.kv_capacity:
+            return False
+        if self.prefix_cache is not None:
+            over = self.kv_reserved + tokens + BLOCK_SIZE * self.prefix_cache.unused - self.kv_capacity
+            if over > 0:
+                self.executor.evict(self.prefix_cache.evict(-(-over // BLOCK_SIZE)))
+        return True
+
+    def _keep_blocks(self, seq: Sequence) -> None:
+        """Cache the blocks of a sequence that filled in the step just done (on every stage)."""
+        full = seq.fed // BLOCK_SIZE
+        if full <= len(seq.block_keys):
+            return
+        known = (seq.prompt + seq.output.token_ids)[:full * BLOCK_SIZE]
+        first = len(seq.block_keys)
+        keys = block_keys(known, first, seq.block_keys[-1] if seq.block_keys else b"")
+        seq.block_keys = seq.block_keys + keys
+        new = self.prefix_cache.insert(keys)
+        if new:
+            seq.held = seq.held + new
+            self.executor.keep(seq.id, first, keys)
+
+    def _forget_cached_blocks(self) -> None:
+        """The stages hold no cached blocks any more (replaced, or moved): nor does the index."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+        for group in self.groups:
+            for seq in group:
+                seq.block_keys, seq.held = [], []
 
     def _release(self, seq: Sequence) -> None:
         for group in self.groups:
             if seq in group:
                 group.remove(seq)
                 self.executor.free(seq.id)
+                self._let_go(seq)
 
     def _in_flight(self, seq: Sequence) -> bool:
         return any(s is seq for _, _, batch in self.in_flight for s, _ in batch)

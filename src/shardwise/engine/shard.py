@@ -145,8 +145,8 @@ class ShardModel:
         return tensors
 
     # --- KV lifecycle -------------------------------------------------------------------------
-    def allocate(self, seq_id: int) -> None:
-        self.kv.allocate(seq_id)
+    def allocate(self, seq_id: int, prefix: list[bytes] = ()) -> None:
+        self.kv.allocate(seq_id, prefix)
 
     def free(self, seq_id: int) -> None:
         self.kv.free(seq_id)

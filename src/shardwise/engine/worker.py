@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import psutil
 import torch
 
+from shardwise.engine.prefix_cache import CachedPrefix
 from shardwise.engine.sampling import SamplingParams, SequenceSampler, TokenLogprobs, sample_batch, token_logprobs
 from shardwise.engine.shard import ShardModel
 
@@ -48,11 +49,22 @@ class Worker:
         self.samplers: dict[int, SequenceSampler] = {}
         self.steps, self.busy_s, self.last_step_s = 0, 0.0, 0.0  # time in step(), for the dashboard
 
-    def add(self, seq_id: int, params: SamplingParams, generated: list[int] = ()) -> None:
-        """generated: the tokens it already produced, when it comes back after a lost stage."""
-        self.shard.allocate(seq_id)
+    def add(self, seq_id: int, params: SamplingParams, generated: list[int] = (),
+            prefix: CachedPrefix | None = None) -> None:
+        """generated: the tokens it already produced, when it comes back after a lost stage.
+        prefix: the cached blocks it starts with."""
+        self.shard.allocate(seq_id, prefix.keys if prefix else ())
         if self.shard.is_last:
             self.samplers[seq_id] = SequenceSampler(params, generated)
+            if prefix:
+                self.samplers[seq_id].observe(prefix.tokens)
+
+    def keep(self, seq_id: int, first: int, keys: list[bytes]) -> None:
+        """Keep a sequence's full blocks from block `first` on, under these keys (prefix caching)."""
+        self.shard.kv.keep(seq_id, first, keys)
+
+    def evict(self, keys: list[bytes]) -> None:
+        self.shard.kv.evict(keys)
 
     def free(self, seq_id: int) -> None:
         self.shard.free(seq_id)
@@ -64,9 +76,10 @@ class Worker:
             self.shard.kv.rewind(seq_id, length)
 
     def reset(self) -> None:
-        """Drop every sequence (a pipeline rebuilding its KV after a lost stage)."""
+        """Drop every sequence and kept block (a pipeline rebuilding its KV after a lost stage)."""
         for seq_id in self.shard.kv.sequences():
             self.free(seq_id)
+        self.evict(self.shard.kv.kept_keys())
 
     def export(self, seq_ids: list[int]) -> dict[int, Moving]:
         """The state of these sequences, for workers holding the same layers split anew."""
@@ -134,7 +147,8 @@ class Worker:
         shard, kv = self.shard, self.shard.kv
         return {"layers": [shard.start, shard.end], "device": str(shard.device), "dtype": shard.weight_dtype,
                 "pid": os.getpid(), "weight_bytes": shard.weight_bytes(), "kv_pool_bytes": kv.nbytes,
-                "kv_blocks_in_use": kv.blocks_in_use, "sequences": len(kv), "steps": self.steps,
+                "kv_blocks_in_use": kv.blocks_in_use, "kv_blocks_kept": kv.blocks_kept, "sequences": len(kv),
+                "steps": self.steps,
                 "busy_s": self.busy_s, "last_step_s": self.last_step_s, **device_memory(shard.device)}
 
 

@@ -70,7 +70,8 @@ class AsyncEngine:
         self.draining = False  # shutting down: no new requests
         self._drain_deadline: float | None = None
         self.failure: str | None = None  # set if the engine loop itself died, or stopped
-        self._counted = {"stage_failures": 0, "recoveries": 0, "replans": 0, "replayed_tokens": 0}  # in metrics
+        self._counted = dict.fromkeys(("stage_failures", "recoveries", "replans", "replayed_tokens",
+                                       "prefix_query_tokens", "prefix_hit_tokens"), 0)  # in the metrics so far
         self.running = False
         self.step_s = 0.0  # the last step's duration: what new work waits for while the engine is busy
 
@@ -283,9 +284,12 @@ class AsyncEngine:
         m.queue_age.set(0.0 if s.oldest_arrival is None else time.perf_counter() - s.oldest_arrival)
         m.kv_usage.set(s.kv_reserved / s.kv_capacity)
         m.stage_timing(s.stage_timing)
+        m.prefix_blocks.set(s.prefix_cached_blocks)
+        m.prefix_hit_rate.set(s.prefix_hit_tokens / s.prefix_query_tokens if s.prefix_query_tokens else 0.0)
         # the engine counts lost stages, re-plans and replays; the counters follow it
         for name, counter in (("stage_failures", m.stage_failures), ("recoveries", m.recoveries),
-                              ("replans", m.replans), ("replayed_tokens", m.replayed_tokens)):
+                              ("replans", m.replans), ("replayed_tokens", m.replayed_tokens),
+                              ("prefix_query_tokens", m.prefix_queries), ("prefix_hit_tokens", m.prefix_hits)):
             new = getattr(s, name) - self._counted[name]
             if new:
                 counter.inc(new)

@@ -41,6 +41,14 @@ class Metrics:
         self.kv_usage = make(Gauge, "kv_cache_usage_perc",
                              "Fraction of the KV cache reserved by running sequences (1 = full).").labels(**labels)
         self.prompt_tokens = make(Counter, "prompt_tokens", "Prompt tokens prefilled.").labels(**labels)
+        self.prefix_queries = make(Counter, "prefix_cache_queries",
+                                   "Prompt tokens looked up in the prefix cache.").labels(**labels)
+        self.prefix_hits = make(Counter, "prefix_cache_hits",
+                                "Prompt tokens found in the prefix cache (their KV reused, not prefilled)."
+                                ).labels(**labels)
+        self.prefix_hit_rate = make(Gauge, "prefix_cache_hit_rate",
+                                    "Prefix cache hits over queries, in tokens, since the start.").labels(**labels)
+        self.prefix_blocks = make(Gauge, "prefix_cache_blocks", "KV blocks the prefix cache holds.").labels(**labels)
         self.generation_tokens = make(Counter, "generation_tokens", "Tokens generated.").labels(**labels)
         self._success = make(Counter, "request_success", "Finished sequences by reason.",
                              extra_labels=["finished_reason"])

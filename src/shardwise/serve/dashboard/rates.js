@@ -47,6 +47,7 @@ export function renderRates(state) {
     ["running", String(m.num_requests_running), "kpi-running"],
     ["waiting", String(m.num_requests_waiting), "kpi-waiting"],
     ["KV reserved", percent(m.kv_cache_usage_perc), "kpi-kv"],
+    ["prefix cache hits / blocks", `${percent(m.prefix_cache_hit_rate)} / ${m.prefix_cache_blocks}`, "kpi-prefix"],
     ["TTFT p50 / p99", `${ms(ttft.p50)} / ${ms(ttft.p99)}`, "kpi-ttft"],
     ["TPOT p50 / p99", `${ms(tpot.p50)} / ${ms(tpot.p99)}`, "kpi-tpot"],
     ["requests done", String(finished), "kpi-done"],
