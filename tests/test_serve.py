@@ -144,6 +144,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"50": 100}}, 400, "unsupported_parameter"),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, None),
     ("/v1/completions", {"model": MODEL}, 400, "missing_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "priority": "high"}, 400, "invalid_parameter"),
     ("/v1/completions", b"x" * (5 << 20), 413, "request_too_large"),
 ]
 
@@ -173,7 +174,8 @@ def test_api_key_is_required_on_v1(server):
 
 
 def test_metrics_are_exported_like_vllms(server, client):
-    client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
+                              extra_body={"priority": -2})  # vLLM's request priority (lower first)
     m = metrics(server)
     assert m["shardwise:time_to_first_token_seconds_count"] >= 1
     assert m["shardwise:time_per_output_token_seconds_count"] >= 3

@@ -149,6 +149,10 @@ def serve(
     prefix_cache: Annotated[bool, typer.Option(help="Keep full KV blocks after their request ends, so that later "
                                                     "prompts starting the same way (a system prompt, earlier "
                                                     "turns) prefill only the rest.")] = SERVING.prefix_cache,
+    policy: Annotated[str, typer.Option(help="Which requests run first: fcfs (arrival order), or mlfq (FastServe's "
+                                             "preemptive multi-level feedback queue: short requests overtake long "
+                                             "ones). Both honour a request's priority (lower first).")]
+    = SERVING.policy,
     collab_ttl: Annotated[float, typer.Option(help="Seconds a collaborative session may idle before it is "
                                                    "closed and its KV freed.")] = 300.0,
     max_waiting: Annotated[int, typer.Option(help="Sequences that may queue for a slot; more are refused with "
@@ -175,7 +179,7 @@ def serve(
                                       max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens,
                                       stage_timeout=stage_timeout, spare_stages=spare_stages,
                                       drift_threshold=drift_threshold, drift_window_s=drift_window,
-                                      move_kv=move_kv, prefix_cache=prefix_cache)
+                                      move_kv=move_kv, prefix_cache=prefix_cache, policy=policy)
         limits = ServerLimits(max_waiting=max_waiting, max_queue_time_s=max_queue_time,
                               max_request_sequences=max_request_sequences, max_request_tokens=max_request_tokens,
                               drain_timeout_s=drain_timeout)

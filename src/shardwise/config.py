@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from shardwise.engine.policy import POLICIES
 from shardwise.errors import ShardwiseError
 
 
@@ -28,11 +29,15 @@ class EngineConfig:
     move_kv: bool = True
     # full KV blocks stay cached after their sequence ends, for later prompts that start the same way
     prefix_cache: bool = True
+    # which sequences run first: fcfs (arrival order), or mlfq (FastServe's preemptive skip-join MLFQ)
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_batch_tokens, self.kv_tokens) < 1 or self.stage_timeout <= 0:
             raise ShardwiseError("max_num_seqs, max_batch_tokens and kv_tokens must each be at least 1, and "
                                  "stage_timeout positive")
+        if self.policy not in POLICIES:
+            raise ShardwiseError(f"unknown scheduling policy '{self.policy}': use {' or '.join(POLICIES)}")
         if not (self.drift_threshold == 0 or self.drift_threshold > 1) or self.drift_window_s <= 0:
             raise ShardwiseError(f"drift_threshold must be above 1 (or 0: never re-plan for speed), got "
                                  f"{self.drift_threshold}, and drift_window_s positive, got {self.drift_window_s}")

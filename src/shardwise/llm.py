@@ -18,6 +18,7 @@ import torch
 
 from shardwise.config import EngineConfig
 from shardwise.engine.executor import LocalExecutor
+from shardwise.engine.policy import make_policy
 from shardwise.engine.prefix_cache import PrefixCache
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.scheduler import RequestOutput, Scheduler, Sequence
@@ -99,7 +100,8 @@ class LLM:
         caching = self.config.prefix_cache and getattr(self.executor, "prefix_caching", False)
         self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=self.config.max_num_seqs,
                                    max_batch_tokens=self.config.max_batch_tokens, kv_capacity=self.config.kv_tokens,
-                                   prefix_cache=PrefixCache() if caching else None)
+                                   prefix_cache=PrefixCache() if caching else None,
+                                   policy=make_policy(self.config.policy))
         self._ids = itertools.count()
         self._token_text = functools.lru_cache(maxsize=65536)(lambda t: self.tokenizer.hf.decode([t]))
 
@@ -114,18 +116,19 @@ class LLM:
         return weights
 
     # --- public API ---------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | list[Prompt],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Complete each prompt (text or token ids); outputs come back in prompt order."""
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
+                 priority: int | list[int] = 0) -> list[RequestOutput]:
+        """Complete each prompt (text or token ids); outputs come back in prompt order.
+        priority: each prompt's, or one for all (lower runs first, as vLLM's)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        return self._complete([self.prompt_ids(p) for p in prompts], params)
+        return self._complete([self.prompt_ids(p) for p in prompts], params, priority)
 
-    def chat(self, messages: Messages | list[Messages],
-             params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+    def chat(self, messages: Messages | list[Messages], params: SamplingParams | list[SamplingParams] | None = None,
+             priority: int | list[int] = 0) -> list[RequestOutput]:
         """Answer one conversation, or a list of them, through the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self._complete([self.chat_ids(c) for c in conversations], params)
+        return self._complete([self.chat_ids(c) for c in conversations], params, priority)
 
     def stream(self, prompt: Prompt | Messages, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces as tokens arrive (a list of messages goes through the chat template)."""
@@ -169,12 +172,15 @@ class LLM:
         self.close()
 
     # --- the step loop ------------------------------------------------------------------------
-    def _complete(self, prompt_ids: list[list[int]], params) -> list[RequestOutput]:
+    def _complete(self, prompt_ids: list[list[int]], params, priority) -> list[RequestOutput]:
         if not isinstance(params, list):
             params = [params or SamplingParams()] * len(prompt_ids)
-        if len(params) != len(prompt_ids):
-            raise ShardwiseError(f"{len(prompt_ids)} prompts but {len(params)} SamplingParams: give one or one each")
-        seqs = [self.new_sequence(ids, p) for ids, p in zip(prompt_ids, params, strict=True)]
+        if not isinstance(priority, list):
+            priority = [priority] * len(prompt_ids)
+        if not len(params) == len(priority) == len(prompt_ids):
+            raise ShardwiseError(f"{len(prompt_ids)} prompts but {len(params)} SamplingParams and {len(priority)} "
+                                 "priorities: give one or one each")
+        seqs = [self.new_sequence(ids, p, q) for ids, p, q in zip(prompt_ids, params, priority, strict=True)]
         for _ in self._run(seqs):
             pass
         return [s.output for s in seqs]
@@ -205,11 +211,11 @@ class LLM:
         """One token's text on its own (as logprobs report it)."""
         return self._token_text(token_id)
 
-    def new_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams, priority: int = 0) -> Sequence:
         """A sequence for the engine loop (the server adds it from its engine thread)."""
         if self.executor is None:
             raise ShardwiseError("this LLM is closed: create a new one")
-        return self.scheduler.make_sequence(next(self._ids), prompt_ids, params)
+        return self.scheduler.make_sequence(next(self._ids), prompt_ids, params, priority)
 
     # --- the engine loop: one step at a time (generate / stream here, the server's engine thread) --
     def add(self, seq: Sequence) -> None:
@@ -250,7 +256,7 @@ class LLM:
         s, cache = self.scheduler, self.scheduler.prefix_cache
         return EngineLoad(s.num_running, len(s.waiting), s.waiting[0].output.arrival_time if s.waiting else None,
                           s.kv_reserved, s.kv_capacity, s.stage_failures, s.recoveries, s.replayed_tokens,
-                          s.last_recovery_s, s.replans, self.executor.timing(),
+                          s.last_recovery_s, s.replans, self.executor.timing(), s.preemptions,
                           *((cache.query_tokens, cache.hit_tokens, len(cache)) if cache is not None else ()))
 
     def events(self) -> list[dict[str, Any]]:
@@ -291,6 +297,7 @@ class EngineLoad:
     last_recovery_s: float
     replans: int  # moves to a new plan after a node's speed drifted
     stage_timing: list[tuple[float, float]]  # per stage: median predicted, measured step seconds (or [])
+    preemptions: int = 0  # running sequences paused for higher-ranked ones (a preemptive policy)
     prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hit_tokens: int = 0  # of them, found cached (not prefilled)
     prefix_cached_blocks: int = 0  # KV blocks the prefix cache holds

@@ -1,12 +1,17 @@
 """Scheduler: iteration-level (continuous) batching over an executor.
 
-Requests wait in arrival order and join the running set at the next step, as long as
+Requests wait, and join the running set at the next step in the order the policy gives
+(policy.py: first come first served, or FastServe's skip-join MLFQ), as long as
 their KV fits: each admitted sequence reserves room for its prompt plus its
 max_tokens, so a running sequence can never run out of cache and nothing it uses is
 ever evicted; the rest queue. With prefix caching, a sequence starts with the cached
 blocks its prompt begins with (prefilling only the rest), its full blocks are cached as
 they fill, and cached blocks no one uses are evicted, least recently used first, when a
-new sequence needs their room. Each step packs the running decodes (one token each) and
+new sequence needs their room. A preemptive policy pauses running sequences that newer,
+higher-ranked ones outrank (they keep their KV and resume where they stopped), and gives
+a paused sequence's KV back when a higher-ranked one needs the room: it waits again and,
+readmitted, prefills its prompt and tokens anew, through the prefix cache where its blocks
+are still cached. Each step packs the running decodes (one token each) and
 then chunks of prompts into one batch under a token budget, so a long prompt is
 prefilled in pieces and never stalls the sequences already decoding (Sarathi-Serve).
 On a pipeline the running sequences form one micro-batch per compute resource, each
@@ -30,6 +35,7 @@ first), until the one that fails by itself is found and failed; the rest carry o
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -38,6 +44,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shardwise.engine.kv_cache import BLOCK_SIZE
+from shardwise.engine.policy import FirstComeFirstServed, SkipJoinMLFQ
 from shardwise.engine.prefix_cache import CachedPrefix, PrefixCache, block_keys
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.errors import Drifted, ShardwiseError, StageFailure
@@ -84,8 +91,8 @@ class RequestOutput:
 
 class Sequence:
     def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
-                 kv_tokens: int):
-        self.id, self.prompt, self.params = seq_id, prompt_ids, params
+                 kv_tokens: int, priority: int = 0):
+        self.id, self.prompt, self.params, self.priority = seq_id, prompt_ids, params, priority
         self.kv_tokens = kv_tokens  # KV slots reserved while it runs
         self.fed = 0  # tokens already run through the model
         self.detok = Detokenizer(tokenizer, params.stop)
@@ -94,6 +101,9 @@ class Sequence:
         self.step_errors = 0  # failed steps it was part of
         self.block_keys: list[bytes] = []  # prefix-cache keys of its full blocks so far
         self.held: list[bytes] = []  # those it holds in the prefix cache (not private copies)
+        self.paused = False  # outranked: it keeps its KV but is left out of the steps
+        self.preemptions = 0  # times it was paused or had its KV given back
+        self.level, self.level_tokens, self.last_served = 0, 0, 0.0  # the policy's account of it
 
     @property
     def resume_at(self) -> int:
@@ -127,13 +137,17 @@ class Scheduler:
     """Not thread-safe: one thread adds, aborts and steps (the server runs it on its engine thread)."""
 
     def __init__(self, executor: Any, spec: ModelSpec, tokenizer: Tokenizer, *, max_num_seqs: int,
-                 max_batch_tokens: int, kv_capacity: int, prefix_cache: PrefixCache | None = None):
+                 max_batch_tokens: int, kv_capacity: int, prefix_cache: PrefixCache | None = None,
+                 policy: FirstComeFirstServed | SkipJoinMLFQ | None = None):
         self.executor, self.spec, self.tokenizer = executor, spec, tokenizer
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max(max_batch_tokens, max_num_seqs)
         self.kv_capacity = kv_capacity  # tokens of KV each stage holds for the running sequences
         self.external_kv = 0  # KV tokens held outside the scheduler from the same budget (collaborative sessions)
         self.prefix_cache = prefix_cache
+        self.policy = policy or FirstComeFirstServed()
+        self.preemptions = 0  # running sequences paused for higher-ranked ones
+        self.recomputations = 0  # paused sequences whose KV was given back (prefilled again later)
         self.waiting: deque[Sequence] = deque()
         self.groups: list[list[Sequence]] = [[] for _ in range(executor.parallelism)]  # micro-batches
         self.in_flight: list[tuple[Any, int, list[tuple[Sequence, list[int]]]]] = []  # (handle, group, batch)
@@ -150,7 +164,8 @@ class Scheduler:
         self.events.append({"time": time.time(), "kind": kind, "message": message})
 
     # --- requests -------------------------------------------------------------------------------
-    def make_sequence(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def make_sequence(self, seq_id: int, prompt_ids: list[int], params: SamplingParams,
+                      priority: int = 0) -> Sequence:
         """A sequence for this prompt, or a ShardwiseError saying why it can never run."""
         context = self.spec.context_length
         if not prompt_ids:
@@ -165,9 +180,10 @@ class Scheduler:
                                  f"lower max_tokens or shorten the prompt")
         if params.seed is None and not params.greedy:  # fixed now, so a replay draws the same tokens
             params = replace(params, seed=random.getrandbits(63))
-        return Sequence(seq_id, prompt_ids, params, self.tokenizer, kv_tokens)
+        return Sequence(seq_id, prompt_ids, params, self.tokenizer, kv_tokens, priority)
 
     def add(self, seq: Sequence) -> None:
+        self.policy.enter(seq, time.perf_counter())
         self.waiting.append(seq)
 
     def abort(self, seq: Sequence) -> None:
@@ -184,7 +200,7 @@ class Scheduler:
     def expire_waiting(self, max_wait_s: float) -> list[Sequence]:
         """Take out (aborted) the sequences that have waited longer than max_wait_s to start."""
         now = time.perf_counter()
-        expired = [s for s in self.waiting if now - s.output.arrival_time > max_wait_s]
+        expired = [s for s in self.waiting if now - s.output.arrival_time > max_wait_s and not s.preemptions]
         for seq in expired:
             self.abort(seq)
         return expired
@@ -195,7 +211,12 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
+        """Sequences holding KV on the stages (paused ones too)."""
         return sum(map(len, self.groups))
+
+    @property
+    def num_paused(self) -> int:
+        return sum(s.paused for g in self.groups for s in g)
 
     @property
     def kv_reserved(self) -> int:
@@ -256,6 +277,7 @@ class Scheduler:
                 continue
             if row in logprobs:
                 seq.output.logprobs.append(logprobs[row])
+            self.policy.served(seq, time.perf_counter())
             piece = self._append(seq, token)
             if seq.output.finished:
                 self._release(seq)
@@ -360,33 +382,52 @@ class Scheduler:
             self.note("recovered", f"stages replaced in {seconds:.1f} s; {tokens} tokens to replay")
 
     def _admit(self) -> None:
-        while self.waiting and self.num_running < self.max_num_seqs:
-            seq = self.waiting[0]
+        now = time.perf_counter()
+        rank = functools.partial(self._rank, now=now)
+        if self.policy.preemptive:
+            self._pause_outranked(rank)
+        while self.waiting and self.num_running - self.num_paused < self.max_num_seqs:
+            seq = min(self.waiting, key=rank)
             prefix = self._hold_cached_prefix(seq)
-            if not self._room_for(seq.kv_own):
+            if not self._room_for(seq, rank):
                 self._let_go(seq)
-                return  # first come, first served: later requests wait behind it
-            self.waiting.popleft()
+                return  # in the policy's order: the others wait behind it
+            self.waiting.remove(seq)
+            seq.fed = len(prefix.tokens) if prefix else 0
             if prefix:
-                seq.fed = len(prefix.tokens)
-                self.executor.add(seq.id, seq.params, prefix=prefix)
+                self.executor.add(seq.id, seq.params, seq.output.token_ids, prefix=prefix)
             else:
-                self.executor.add(seq.id, seq.params)
+                self.executor.add(seq.id, seq.params, seq.output.token_ids)
             min(self.groups, key=len).append(seq)  # joins its group's next step
 
+    def _rank(self, seq: Sequence, now: float) -> tuple:
+        return self.policy.rank(seq, now)
+
+    def _pause_outranked(self, rank: Any) -> None:
+        """Give the batch's slots to the best-ranked sequences, running or waiting: the running
+        ones outside them pause (keeping their KV), paused ones inside them resume."""
+        running = [s for g in self.groups for s in g if not s.aborted and not s.output.finished]
+        best = set(map(id, sorted(running + list(self.waiting), key=rank)[:self.max_num_seqs]))
+        for seq in running:
+            paused = id(seq) not in best
+            self.preemptions += paused and not seq.paused
+            seq.preemptions += paused and not seq.paused
+            seq.paused = paused
+
     def _hold_cached_prefix(self, seq: Sequence) -> CachedPrefix | None:
-        """Hold the cached blocks the prompt starts with (all but its last token: that one must
-        run to give the first token's logits)."""
+        """Hold the cached blocks that the tokens it must store before its next step start with
+        (a new prompt's all but last: that one must run to give the first token's logits)."""
         if self.prefix_cache is None:
             return None
         cache = self.prefix_cache
-        keys = block_keys(seq.prompt[:len(seq.prompt) - 1])
+        known = (seq.prompt + seq.output.token_ids)[:seq.resume_at - (not seq.output.token_ids)]
+        keys = block_keys(known)
         hit = cache.match(keys)
-        cache.query_tokens += len(seq.prompt)
+        cache.query_tokens += seq.resume_at
         cache.hit_tokens += BLOCK_SIZE * hit
         seq.block_keys = seq.held = keys[:hit]
         cache.hold(seq.held)
-        return CachedPrefix(seq.held, seq.prompt[:BLOCK_SIZE * hit]) if hit else None
+        return CachedPrefix(seq.held, known[:BLOCK_SIZE * hit]) if hit else None
 
     def _let_go(self, seq: Sequence) -> None:
         """Release a sequence's cached blocks (they stay cached for others)."""
@@ -394,15 +435,33 @@ class Scheduler:
             self.prefix_cache.release(seq.held)
         seq.block_keys, seq.held = [], []
 
-    def _room_for(self, tokens: int) -> bool:
-        """Whether `tokens` more KV fit, evicting cached blocks no one uses to make room."""
+    def _room_for(self, seq: Sequence, rank: Any) -> bool:
+        """Whether seq's KV fits: giving back the KV of paused sequences it outranks if it must
+        (a preemptive policy), and evicting cached blocks no one uses."""
+        tokens = seq.kv_own
         if self.kv_reserved + tokens > self.kv_capacity:
-            return False
+            if not self.policy.preemptive:
+                return False
+            outranked = sorted((s for g in self.groups for s in g if s.paused and not self._in_flight(s)
+                                and rank(s) > rank(seq)), key=rank)
+            if self.kv_reserved - sum(s.kv_tokens for s in outranked) + tokens > self.kv_capacity:
+                return False  # not even all of them would make room: give back none
+            while outranked and self.kv_reserved + tokens > self.kv_capacity:
+                self._give_back(outranked.pop())  # the lowest ranked first
+            if self.kv_reserved + tokens > self.kv_capacity:
+                return False  # (blocks they share with others stay)
         if self.prefix_cache is not None:
             over = self.kv_reserved + tokens + BLOCK_SIZE * self.prefix_cache.unused - self.kv_capacity
             if over > 0:
                 self.executor.evict(self.prefix_cache.evict(-(-over // BLOCK_SIZE)))
         return True
+
+    def _give_back(self, seq: Sequence) -> None:
+        """A paused sequence's KV goes back to the pool; it waits again, to be prefilled anew."""
+        self._release(seq)
+        seq.paused, seq.fed = False, 0
+        self.recomputations += 1
+        self.waiting.append(seq)
 
     def _keep_blocks(self, seq: Sequence) -> None:
         """Cache the blocks of a sequence that filled in the step just done (on every stage)."""
@@ -438,7 +497,7 @@ class Scheduler:
 
     def _batch(self, running: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """Decodes first (one token each), then prompt chunks while the token budget lasts."""
-        running = [s for s in running if not s.aborted and not s.output.finished]
+        running = [s for s in running if not s.aborted and not s.output.finished and not s.paused]
         batch = [(s, s.next_chunk(1)) for s in running if s.prefilled]
         budget = self.max_batch_tokens - len(batch)
         for seq in running:

@@ -187,7 +187,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, limits: ServerLimits | N
         if tokens > limits.max_request_tokens:
             raise too_many_tokens(tokens, where)
         try:
-            seqs = [llm.new_sequence(ids, params) for ids, params in choices]
+            seqs = [llm.new_sequence(ids, params, body.priority) for ids, params in choices]
         except ShardwiseError as e:
             raise ApiError(400, str(e), param="max_tokens") from None
         reply = _Reply(body, prompts, seqs, chat, llm.token_text)

@@ -70,8 +70,8 @@ class AsyncEngine:
         self.draining = False  # shutting down: no new requests
         self._drain_deadline: float | None = None
         self.failure: str | None = None  # set if the engine loop itself died, or stopped
-        self._counted = dict.fromkeys(("stage_failures", "recoveries", "replans", "replayed_tokens",
-                                       "prefix_query_tokens", "prefix_hit_tokens"), 0)  # in the metrics so far
+        self._counted = dict.fromkeys(("stage_failures", "recoveries", "replans", "replayed_tokens",  # in the
+                                       "prefix_query_tokens", "prefix_hit_tokens", "preemptions"), 0)  # metrics
         self.running = False
         self.step_s = 0.0  # the last step's duration: what new work waits for while the engine is busy
 
@@ -289,7 +289,8 @@ class AsyncEngine:
         # the engine counts lost stages, re-plans and replays; the counters follow it
         for name, counter in (("stage_failures", m.stage_failures), ("recoveries", m.recoveries),
                               ("replans", m.replans), ("replayed_tokens", m.replayed_tokens),
-                              ("prefix_query_tokens", m.prefix_queries), ("prefix_hit_tokens", m.prefix_hits)):
+                              ("prefix_query_tokens", m.prefix_queries), ("prefix_hit_tokens", m.prefix_hits),
+                              ("preemptions", m.preemptions)):
             new = getattr(s, name) - self._counted[name]
             if new:
                 counter.inc(new)

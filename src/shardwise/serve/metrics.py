@@ -41,6 +41,8 @@ class Metrics:
         self.kv_usage = make(Gauge, "kv_cache_usage_perc",
                              "Fraction of the KV cache reserved by running sequences (1 = full).").labels(**labels)
         self.prompt_tokens = make(Counter, "prompt_tokens", "Prompt tokens prefilled.").labels(**labels)
+        self.preemptions = make(Counter, "num_preemptions", "Running sequences paused (or their KV given "
+                                "back) for higher-ranked ones, under --policy mlfq.").labels(**labels)
         self.prefix_queries = make(Counter, "prefix_cache_queries",
                                    "Prompt tokens looked up in the prefix cache.").labels(**labels)
         self.prefix_hits = make(Counter, "prefix_cache_hits",

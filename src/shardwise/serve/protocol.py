@@ -60,6 +60,7 @@ class GenerationRequest(Strict):
     repetition_penalty: float = Field(1.0, gt=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    priority: int = 0  # lower runs first (vLLM's); ties go by the server's --policy
 
     def sampling(self, max_tokens: int, choice: int, logprobs: int | None) -> SamplingParams:
         """The SamplingParams of one choice: choice j of a seeded request uses seed + j, so the
