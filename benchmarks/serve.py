@@ -71,10 +71,11 @@ def main() -> None:
         rows = []
         for c in (int(x) for x in args.concurrency.split(",")):
             # several batches' worth, so that the last requests' drain does not dominate the run
-            work = sharegpt_like(max(8, args.batches * c), scale=args.scale, seed=c, max_output=args.max_output)
+            sessions = sharegpt_like(max(8, args.batches * c), scale=args.scale, seed=c, max_output=args.max_output)
+            work = [request for request, in sessions]
             ours, theirs = [], []
             for _ in range(args.repeats):  # interleaved, so the machine's drift hits both alike
-                _, results, wall = run_load(url, work, concurrency=c)
+                _, results, wall = run_load(url, sessions, concurrency=c)
                 ours.append(sum(r.output_tokens for r in results) / wall)
                 start = time.perf_counter()
                 useful = hf_batches(hf, work, c)

@@ -33,7 +33,7 @@ MODEL = "smollm2-135m"
 async def client(url: str, seed: int, scale: float, deadline: float, outcomes: Counter,
                  latencies: list[float]) -> None:
     rng = random.Random(seed)
-    work = sharegpt_like(200, scale=scale, seed=seed, max_output=256)
+    work = [request for request, in sharegpt_like(200, scale=scale, seed=seed, max_output=256)]
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         while time.monotonic() < deadline:
             request = rng.choice(work)

@@ -247,6 +247,21 @@ def test_bench_cli_against_the_server(server):
     assert report["estimate"]["tpot_s"] > 0
 
 
+@pytest.mark.parametrize("workload", [("chat", "--turns", "3", "--system-tokens", "64"), ("mixed", "--longs-first")])
+def test_bench_chat_and_mixed_workloads(server, workload):
+    """chat: 2 conversations of 3 turns, each turn resending the last (so the server's prefix
+    cache hits); mixed: short answers and a long one, the long sent first."""
+    hits = metrics(server)["shardwise:prefix_cache_hits_total"]
+    result = cli("bench", "--url", server, "--workload", *workload, "--requests", "6", "--concurrency", "2",
+                 "--scale", "0.1", "--max-output", "24", "--api-key", API_KEY, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["workload"] == workload[0] and report["requests"] == 6 and report["latency_s"]["p99"] > 0
+    assert (metrics(server)["shardwise:prefix_cache_hits_total"] - hits >= 4 * 64) == (workload[0] == "chat")
+    unknown = cli("bench", "--url", server, "--workload", "poisson", "--requests", "1")
+    assert unknown.returncode == 1 and "unknown workload 'poisson'" in unknown.stderr
+
+
 def test_serve_and_bench_cli_errors(server):
     port = server.rsplit(":", 1)[1]
     taken = cli("serve", "--port", port)

@@ -202,6 +202,14 @@ def bench(
     max_prompt: Annotated[int, typer.Option(help="Longest prompt, in tokens.")] = 1024,
     max_output: Annotated[int, typer.Option(help="Longest output, in tokens.")] = 1024,
     seed: Annotated[int, typer.Option(help="Seed of the workload's lengths and prompts.")] = 0,
+    workload: Annotated[str, typer.Option(help="sharegpt (ShareGPT-like lengths), chat (multi-turn conversations "
+                                               "sharing a system prompt, each turn resending the conversation), "
+                                               "or mixed (short answers and a few --max-output long ones).")]
+    = "sharegpt",
+    turns: Annotated[int, typer.Option(help="chat: turns per conversation (its turns go one after another).")] = 4,
+    system_tokens: Annotated[int, typer.Option(help="chat: tokens of the shared system prompt.")] = 512,
+    longs_first: Annotated[bool, typer.Option("--longs-first", help="mixed: the long requests are sent first.")]
+    = False,
     model: Annotated[str | None, typer.Option(help="Model to ask for (default: the server's first).")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="SHARDWISE_API_KEY", help="The server's API key.")] = None,
     compare_estimate: Annotated[bool, typer.Option("--compare-estimate",
@@ -210,19 +218,25 @@ def bench(
                                              "`shardwise profile` file).")] = "x86-cpu",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Load a running server with ShareGPT-like requests; report throughput and TTFT / TPOT percentiles."""
+    """Load a running server with a workload; report throughput, TTFT / TPOT and latency percentiles."""
+    import functools
     import json
 
+    from shardwise.loadtest import workload as workloads
     from shardwise.loadtest.load import run_load, summarize
-    from shardwise.loadtest.workload import sharegpt_like
 
     try:
-        if min(requests, concurrency, max_prompt, max_output) < 1 or scale <= 0:
-            raise ShardwiseError("--requests, --concurrency, --max-prompt and --max-output must be at least 1, "
-                                 "--scale above 0")
-        workload = sharegpt_like(requests, scale=scale, seed=seed, max_prompt=max_prompt, max_output=max_output)
-        served, results, wall = run_load(url, workload, concurrency=concurrency, model=model, api_key=api_key)
-        summary = {"model": served, "concurrency": concurrency, **summarize(results, wall)}
+        if min(requests, concurrency, max_prompt, max_output, turns) < 1 or scale <= 0 or system_tokens < 0:
+            raise ShardwiseError("--requests, --concurrency, --max-prompt, --max-output and --turns must be at least "
+                                 "1, --scale above 0 and --system-tokens at least 0")
+        if workload not in workloads.WORKLOADS:
+            raise ShardwiseError(f"unknown workload '{workload}': use {', '.join(workloads.WORKLOADS)}")
+        make = {"sharegpt": workloads.sharegpt_like,
+                "mixed": functools.partial(workloads.mixed, longs_first=longs_first),
+                "chat": functools.partial(workloads.chat, turns=turns, system_tokens=system_tokens)}[workload]
+        sessions = make(requests, scale=scale, seed=seed, max_prompt=max_prompt, max_output=max_output)
+        served, results, wall = run_load(url, sessions, concurrency=concurrency, model=model, api_key=api_key)
+        summary = {"model": served, "workload": workload, "concurrency": concurrency, **summarize(results, wall)}
         predicted = None
         if compare_estimate:
             from shardwise.model.catalog import load_spec
@@ -231,8 +245,8 @@ def bench(
 
             spec = load_spec(served)
             est = estimate(spec, Deployment.single(spec, load_device(device)), batch=min(concurrency, requests),
-                           input_tokens=round(summary["prompt_tokens"] / requests),
-                           output_tokens=round(summary["generated_tokens"] / requests))
+                           input_tokens=round(summary["prompt_tokens"] / len(results)),
+                           output_tokens=round(summary["generated_tokens"] / len(results)))
             predicted = {"device": device, **{k: getattr(est, k) for k in ("ttft_s", "tpot_s", "e2e_s",
                                                                            "throughput_tok_s")}}
             summary["estimate"] = predicted
@@ -272,6 +286,8 @@ def estimate(
     kv_quant: Annotated[str | None, typer.Option(help="KV cache precision (default: the activations').")] = None,
     chunk: Annotated[int | None, typer.Option(help="Chunked prefill: tokens per chunk beside running decodes.")]
     = None,
+    cached: Annotated[int, typer.Option(help="Prefix caching: how many of each prompt's first tokens are cached "
+                                             "(only the rest is prefilled).")] = 0,
     draft: Annotated[str | None, typer.Option(help="Speculative decoding: the draft model.")] = None,
     gamma: Annotated[int, typer.Option(help="Draft tokens per verification.")] = 4,
     accept: Annotated[float, typer.Option(help="Probability that a draft token is accepted.")] = 0.7,
@@ -287,7 +303,8 @@ def estimate(
         names = [n.strip() for n in pp_devices.split(",") if n.strip()] if pp_devices else None
         est, first = EstimateQuery(model=model, device=device, tp=tp, ep=ep, tp_link=tp_link, pp_devices=names,
                                    link=link, batch=batch, input=input, output=output, quant=quant,
-                                   kv_quant=kv_quant, chunk=chunk, draft=draft, gamma=gamma, accept=accept).run()
+                                   kv_quant=kv_quant, chunk=chunk, cached=cached, draft=draft, gamma=gamma,
+                                   accept=accept).run()
         if json_out:
             print(json.dumps(est.to_dict(), indent=2))
         else:

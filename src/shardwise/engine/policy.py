@@ -18,8 +18,10 @@ from typing import Any
 
 POLICIES = ("fcfs", "mlfq")
 LEVELS = 8
-QUANTUM_TOKENS = 8  # tokens a sequence generates at the top level before it is demoted
-PROMPT_QUANTUM = 128  # prompt tokens the top level admits; each level below admits twice as many
+QUANTUM_TOKENS = 32  # tokens a sequence generates at the top level before it is demoted
+# prompt tokens the top level admits (each level below twice as many): about what a step prefills
+# in the time the top level's quantum decodes (a step prefills ~128 prompt tokens in a decode's time)
+PROMPT_QUANTUM = 128 * QUANTUM_TOKENS
 AGING_S = 20.0  # seconds without running after which a sequence goes back to the top level
 
 

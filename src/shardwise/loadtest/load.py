@@ -53,7 +53,7 @@ async def _one(client: httpx.AsyncClient, model: str, request: BenchRequest) -> 
                     last - start)
 
 
-async def _run(url: str, model: str | None, requests: list[BenchRequest], concurrency: int,
+async def _run(url: str, model: str | None, sessions: list[list[BenchRequest]], concurrency: int,
                api_key: str | None) -> tuple[str, list[Measured], float]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 2)
@@ -69,19 +69,19 @@ async def _run(url: str, model: str | None, requests: list[BenchRequest], concur
         model = model or listing.json()["data"][0]["id"]
         gate = asyncio.Semaphore(concurrency)
 
-        async def gated(r: BenchRequest) -> Measured:
-            async with gate:
-                return await _one(client, model, r)
+        async def gated(session: list[BenchRequest]) -> list[Measured]:
+            async with gate:  # a session's requests go one after another
+                return [await _one(client, model, r) for r in session]
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(gated(r) for r in requests))
-        return model, results, time.perf_counter() - start
+        results = await asyncio.gather(*(gated(s) for s in sessions))
+        return model, [m for session in results for m in session], time.perf_counter() - start
 
 
-def run_load(url: str, requests: list[BenchRequest], *, concurrency: int, model: str | None = None,
+def run_load(url: str, sessions: list[list[BenchRequest]], *, concurrency: int, model: str | None = None,
              api_key: str | None = None) -> tuple[str, list[Measured], float]:
-    """(served model name, one Measured per request, wall seconds)."""
-    return asyncio.run(_run(url, model, requests, concurrency, api_key))
+    """(served model name, one Measured per request, wall seconds); `concurrency` sessions at once."""
+    return asyncio.run(_run(url, model, sessions, concurrency, api_key))
 
 
 def summarize(results: list[Measured], wall_s: float) -> dict:

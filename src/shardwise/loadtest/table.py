@@ -8,7 +8,7 @@ from shardwise.perf.tables import console_for_output
 
 
 def print_bench(summary: dict, predicted: dict | None = None) -> None:
-    table = Table(title=f"{summary['model']}: {summary['requests']} requests at concurrency "
+    table = Table(title=f"{summary['model']}: {summary['requests']} {summary['workload']} requests at concurrency "
                         f"{summary['concurrency']}, {summary['duration_s']:.1f} s")
     table.add_column("metric")
     for column in ("mean", "p50", "p90", "p99"):

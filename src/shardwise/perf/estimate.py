@@ -238,8 +238,10 @@ class Estimate:
 
 def estimate(spec: ModelSpec, deployment: Deployment, *, batch: int = 1, input_tokens: int = 512,
              output_tokens: int = 128, precision: Precision | None = None, chunk: int | None = None,
-             draft: Draft | None = None, micro_batches: int | None = None) -> Estimate:
+             draft: Draft | None = None, micro_batches: int | None = None, cached_tokens: int = 0) -> Estimate:
     """Serve `batch` requests of input_tokens prompt and output_tokens generated tokens.
+    cached_tokens: how many of each prompt's first tokens the prefix cache holds (prefill runs
+    only the rest, its attention reading the cached keys).
 
     Prefill runs the prompts as micro-batches through the pipeline (chunked: one prompt in
     chunks of `chunk` tokens beside batch - 1 running decodes); decode is timed at the mean
@@ -249,6 +251,9 @@ def estimate(spec: ModelSpec, deployment: Deployment, *, batch: int = 1, input_t
         raise ShardwiseError("batch, input and output tokens must each be at least 1")
     if chunk is not None and chunk < 1:
         raise ShardwiseError("the prefill chunk must be at least 1 token")
+    if not 0 <= cached_tokens < input_tokens:
+        raise ShardwiseError(f"cached tokens must be 0 up to the prompt's {input_tokens} - 1 (its last token always "
+                             f"runs), got {cached_tokens}")
     first = deployment.stages[0].device
     p = precision or Precision(first.default_dtype, first.default_dtype, first.default_dtype)
     m = micro_batches or min(batch, len(deployment.stages))
@@ -256,16 +261,16 @@ def estimate(spec: ModelSpec, deployment: Deployment, *, batch: int = 1, input_t
     context = input_tokens + output_tokens // 2
 
     if chunk:
-        ttft, pos = 0.0, 0
+        ttft, pos = 0.0, cached_tokens
         while pos < input_tokens:
             n = min(chunk, input_tokens - pos)
             mixed = Work(((n, pos),)) + Work.decode(batch - 1, context) if batch > 1 else Work(((n, pos),))
             ttft += step_time(spec, deployment, mixed, p).latency
             pos += n
-        prefill_work = Work(((min(chunk, input_tokens), 0),))  # the step reported and sized for memory
+        prefill_work = Work(((min(chunk, input_tokens - cached_tokens), cached_tokens),))  # reported, sized for memory
         prefill = step_time(spec, deployment, prefill_work, p)
     else:
-        prefill_work = Work.prefill(ub, input_tokens)
+        prefill_work = Work(((input_tokens - cached_tokens, cached_tokens),) * ub)
         prefill = step_time(spec, deployment, prefill_work, p)
         ttft = prefill.latency + (m - 1) * prefill.bottleneck
 
@@ -289,12 +294,13 @@ def estimate(spec: ModelSpec, deployment: Deployment, *, batch: int = 1, input_t
         e2e_s=e2e,
         throughput_tok_s=batch * output_tokens / e2e,
         decode_tok_s=batch / tpot,
-        prefill_tok_s=(1 if chunk else batch) * input_tokens / ttft,  # chunked: the one joining prompt
+        prefill_tok_s=(1 if chunk else batch) * (input_tokens - cached_tokens) / ttft,  # chunked: the joining one
         memory=memory,
         stages=stages,
         max_batch=min(s["max_batch"] for s in stages),
         breakdown={"prefill": _breakdown(deployment, prefill), "decode": _breakdown(deployment, decode)},
-        inputs={"model": spec.name, "batch": batch, "input_tokens": input_tokens, "output_tokens": output_tokens,
+        inputs={"model": spec.name, "batch": batch, "input_tokens": input_tokens, "cached_tokens": cached_tokens,
+                "output_tokens": output_tokens,
                 "precision": asdict(p), "micro_batches": m, "chunk": chunk,
                 "draft": {"model": draft.spec.name, "gamma": draft.gamma, "acceptance": draft.acceptance}
                 if draft else None},

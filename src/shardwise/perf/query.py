@@ -29,6 +29,7 @@ class EstimateQuery(BaseModel):
     quant: str | None = None
     kv_quant: str | None = None
     chunk: int | None = None
+    cached: int = 0  # prompt tokens found in the prefix cache
     draft: str | None = None
     gamma: int = 4
     accept: float = 0.7
@@ -58,7 +59,8 @@ class EstimateQuery(BaseModel):
             raise ShardwiseError("--accept must be within 0..1 and --gamma at least 1")
         draft = Draft(load_spec(self.draft), self.gamma, self.accept) if self.draft else None
         est = estimate(spec, deployment, batch=self.batch, input_tokens=self.input, output_tokens=self.output,
-                       precision=precision, chunk=self.chunk, draft=draft)
+                       precision=precision, chunk=self.chunk, draft=draft,
+                       cached_tokens=self.cached)
         if not est.fits:
             worst = max(est.stages, key=lambda s: s["memory"]["total"] / s["capacity"])
             raise ShardwiseError(
