@@ -116,6 +116,9 @@ def test_rates_view_shows_the_served_requests(page, api_server):
             if line.startswith("shardwise:request_success_total")]
     expect(page.locator("#kpi-done")).to_have_text(str(int(sum(done))), timeout=5_000)  # /metrics' own count
     expect(page.locator("#kpi-ttft")).not_to_contain_text("– /")  # a percentile of the chat's first token
+    blocks = [line.rsplit(" ", 1)[1] for line in httpx.get(f"{api_server}/metrics").text.splitlines()
+              if line.startswith("shardwise:prefix_cache_blocks")]
+    expect(page.locator("#kpi-prefix")).to_contain_text(f"/ {int(float(blocks[0]))}", timeout=5_000)
     expect(page.locator("#chart-tokens canvas")).to_have_count(1)
     page.wait_for_timeout(1500)  # a few more points on the charts
     screenshot(page, "rates")

@@ -35,7 +35,6 @@ first), until the one that fails by itself is found and failed; the rest carry o
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import time
@@ -383,7 +382,10 @@ class Scheduler:
 
     def _admit(self) -> None:
         now = time.perf_counter()
-        rank = functools.partial(self._rank, now=now)
+
+        def rank(seq: Sequence) -> tuple:
+            return self.policy.rank(seq, now)
+
         if self.policy.preemptive:
             self._pause_outranked(rank)
         while self.waiting and self.num_running - self.num_paused < self.max_num_seqs:
@@ -394,14 +396,14 @@ class Scheduler:
                 return  # in the policy's order: the others wait behind it
             self.waiting.remove(seq)
             seq.fed = len(prefix.tokens) if prefix else 0
+            if self.prefix_cache is not None:
+                self.prefix_cache.query_tokens += seq.resume_at
+                self.prefix_cache.hit_tokens += seq.fed
             if prefix:
                 self.executor.add(seq.id, seq.params, seq.output.token_ids, prefix=prefix)
             else:
                 self.executor.add(seq.id, seq.params, seq.output.token_ids)
             min(self.groups, key=len).append(seq)  # joins its group's next step
-
-    def _rank(self, seq: Sequence, now: float) -> tuple:
-        return self.policy.rank(seq, now)
 
     def _pause_outranked(self, rank: Any) -> None:
         """Give the batch's slots to the best-ranked sequences, running or waiting: the running
@@ -410,8 +412,9 @@ class Scheduler:
         best = set(map(id, sorted(running + list(self.waiting), key=rank)[:self.max_num_seqs]))
         for seq in running:
             paused = id(seq) not in best
-            self.preemptions += paused and not seq.paused
-            seq.preemptions += paused and not seq.paused
+            if paused and not seq.paused:
+                self.preemptions += 1
+                seq.preemptions += 1
             seq.paused = paused
 
     def _hold_cached_prefix(self, seq: Sequence) -> CachedPrefix | None:
@@ -423,8 +426,6 @@ class Scheduler:
         known = (seq.prompt + seq.output.token_ids)[:seq.resume_at - (not seq.output.token_ids)]
         keys = block_keys(known)
         hit = cache.match(keys)
-        cache.query_tokens += seq.resume_at
-        cache.hit_tokens += BLOCK_SIZE * hit
         seq.block_keys = seq.held = keys[:hit]
         cache.hold(seq.held)
         return CachedPrefix(seq.held, known[:BLOCK_SIZE * hit]) if hit else None
