@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from shardwise import LLM, SamplingParams, ShardwiseError
 from shardwise.planner.plan import Plan
-from tests.conftest import TEXT_PROMPTS
+from tests.conftest import TEXT_PROMPTS, free_port
 from tests.test_loading import cli
 from tests.test_prefix_cache import conversation, without_prefix_cache
 
@@ -224,10 +230,20 @@ def test_bad_plan_files(tmp_path):
 
 
 def test_cli_generate_with_stages_and_plan(tmp_path, weights):
-    # int4: the stages load the file's own blocks in a fraction of fp32's time
-    result = cli("-v", "generate", "What is the capital of France?", "--stages", "2", "--max-tokens", "12",
-                 "--dtype", "int4")
-    assert result.returncode == 0, result.stderr
+    """Also: a killed `ray start` leaves its address file behind; without --address shardwise
+    starts a Ray of its own all the same."""
+    temp = tempfile.mkdtemp(prefix="sw", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    try:
+        (Path(temp) / "ray").mkdir()
+        (Path(temp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        # int4: the stages load the file's own blocks in a fraction of fp32's time
+        result = subprocess.run([sys.executable, "-m", "shardwise.cli", "-v", "generate",
+                                 "What is the capital of France?", "--stages", "2", "--max-tokens", "12", "--dtype",
+                                 "int4"], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "RAY_TMPDIR": temp})
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-2000:]
     assert "Paris" in result.stdout
     # --verbose: each stage says, as it loads, which kernels it loaded and each range's product
     loaded = [line for line in result.stderr.splitlines() if "products by rows" in line]
