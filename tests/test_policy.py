@@ -18,11 +18,12 @@ SHORT = SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True)
 
 
 @contextmanager
-def scheduled(llm: LLM, policy: str, max_num_seqs: int, kv_tokens: int | None = None):
+def scheduled(llm: LLM, policy: str | SkipJoinMLFQ, max_num_seqs: int, kv_tokens: int | None = None):
     """The shared engine with another policy, fewer slots and maybe less KV, for a while."""
     s = llm.scheduler
     saved = s.policy, s.max_num_seqs, s.kv_capacity
-    s.policy, s.max_num_seqs, s.kv_capacity = make_policy(policy), max_num_seqs, kv_tokens or s.kv_capacity
+    s.policy = make_policy(policy) if isinstance(policy, str) else policy
+    s.max_num_seqs, s.kv_capacity = max_num_seqs, kv_tokens or s.kv_capacity
     try:
         yield s
     finally:
@@ -43,11 +44,12 @@ def finish_order(outputs) -> list[int]:
 @pytest.mark.parametrize("kv_tokens", [None, 2 * (48 + 12) + 20])
 def test_mlfq_lets_short_jobs_overtake_long_ones_with_the_same_tokens(llm, kv_tokens):
     """With two slots the shorts pause the longs (which keep their KV); with KV for two long
-    jobs only, the longs also give their KV back and are prefilled again later."""
+    jobs only, the longs also give their KV back and are prefilled again later. (A 4-token top
+    quantum: the longs arrived first, and yield after 4 tokens.)"""
     prompts, params = heavy_tailed(llm)
     with scheduled(llm, "fcfs", 2, kv_tokens):
         fcfs = llm.generate(prompts, params)
-    with scheduled(llm, "mlfq", 2, kv_tokens) as s:
+    with scheduled(llm, SkipJoinMLFQ(quantum=4), 2, kv_tokens) as s:
         preemptions, recomputations = s.preemptions, s.recomputations
         mlfq = llm.generate(prompts, params)
         paused, recomputed = s.preemptions - preemptions, s.recomputations - recomputations
