@@ -23,7 +23,7 @@ def without_prefix_cache(llm: LLM):
     """Run `llm` with its prefix cache off (and empty), then on again, empty."""
     scheduler = llm.scheduler
     cache, scheduler.prefix_cache = scheduler.prefix_cache, None
-    llm.executor.evict(cache.evict(len(cache)))  # nothing runs: every cached block is unused
+    llm.executor.evict(cache.evict(cache.blocks))  # nothing runs: every cached block is unused
     try:
         yield
     finally:
@@ -51,7 +51,7 @@ def test_a_multi_turn_chat_reuses_its_history_and_answers_as_without_the_cache(l
     # every turn but the very first finds at least the system prompt; later turns their history too
     assert cache.hit_tokens - hit > (2 * len(TURNS) - 1) * system_blocks * BLOCK_SIZE
     assert (cache.hit_tokens - hit) / (cache.query_tokens - queried) > 0.6
-    assert llm.scheduler.kv_reserved == 0 and cache.unused == len(cache) > 0  # kept, yet not reserved
+    assert llm.scheduler.kv_reserved == 0 and cache.unused == cache.blocks > 0  # kept, yet not reserved
 
 
 def test_prompts_sharing_part_of_a_block_reuse_only_the_full_blocks(llm):
@@ -95,7 +95,7 @@ def test_eviction_under_pressure_frees_only_unused_blocks_and_loses_nothing(llm)
         assert [o.token_ids for o in outputs] == expected
         assert all(o.finish_reason in ("stop", "length") for o in outputs)
         cache, kv = small.scheduler.prefix_cache, small.local_shard().kv
-        assert cache.hit_tokens > 0 and len(cache) <= 24 and kv.blocks_kept == len(cache)
+        assert cache.hit_tokens > 0 and cache.blocks <= 24 and kv.blocks_kept == cache.blocks
         cached_once = {key for p, o in zip(prompts, outputs, strict=True) for key in block_keys((p + o.token_ids)[:-1])}
         assert len(cached_once) > 24  # more blocks filled than fit: it evicted
         assert len(kv.sequences()) == 0 and kv.blocks_in_use == 0
@@ -127,4 +127,4 @@ def test_only_unused_blocks_are_evicted_oldest_first(holders):
     assert cache.unused == 5 - holders and cache.match(old) == 3 and cache.match(block_keys(list(range(1, 33)))) == 0
     assert cache.evict(2) == [old[2], old[1]]  # the oldest unused first, a prefix's last block before its first
     assert cache.evict(10) == ([old[0]] if not holders else []) + [new[1], new[0]]
-    assert len(cache) == holders and cache.unused == 0
+    assert cache.blocks == holders and cache.unused == 0

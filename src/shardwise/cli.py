@@ -229,12 +229,12 @@ def bench(
         if min(requests, concurrency, max_prompt, max_output, turns) < 1 or scale <= 0 or system_tokens < 0:
             raise ShardwiseError("--requests, --concurrency, --max-prompt, --max-output and --turns must be at least "
                                  "1, --scale above 0 and --system-tokens at least 0")
-        if workload not in workloads.WORKLOADS:
-            raise ShardwiseError(f"unknown workload '{workload}': use {', '.join(workloads.WORKLOADS)}")
-        make = {"sharegpt": workloads.sharegpt_like,
-                "mixed": functools.partial(workloads.mixed, longs_first=longs_first),
-                "chat": functools.partial(workloads.chat, turns=turns, system_tokens=system_tokens)}[workload]
-        sessions = make(requests, scale=scale, seed=seed, max_prompt=max_prompt, max_output=max_output)
+        makers = {"sharegpt": workloads.sharegpt_like,
+                  "chat": functools.partial(workloads.chat, turns=turns, system_tokens=system_tokens),
+                  "mixed": functools.partial(workloads.mixed, longs_first=longs_first)}
+        if workload not in makers:
+            raise ShardwiseError(f"unknown workload '{workload}': use {', '.join(makers)}")
+        sessions = makers[workload](requests, scale=scale, seed=seed, max_prompt=max_prompt, max_output=max_output)
         served, results, wall = run_load(url, sessions, concurrency=concurrency, model=model, api_key=api_key)
         summary = {"model": served, "workload": workload, "concurrency": concurrency, **summarize(results, wall)}
         predicted = None

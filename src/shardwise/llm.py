@@ -254,10 +254,11 @@ class LLM:
         """What the engine holds now: sequences running and waiting, KV, losses, recoveries and
         re-plans, and each stage's predicted and measured step time (a pipeline with a cluster file)."""
         s, cache = self.scheduler, self.scheduler.prefix_cache
+        cached = {} if cache is None else {"prefix_query_tokens": cache.query_tokens,
+                                           "prefix_hit_tokens": cache.hit_tokens, "prefix_cached_blocks": cache.blocks}
         return EngineLoad(s.num_running, len(s.waiting), s.waiting[0].output.arrival_time if s.waiting else None,
                           s.kv_reserved, s.kv_capacity, s.stage_failures, s.recoveries, s.replayed_tokens,
-                          s.last_recovery_s, s.replans, self.executor.timing(), s.preemptions,
-                          *((cache.query_tokens, cache.hit_tokens, len(cache)) if cache is not None else ()))
+                          s.last_recovery_s, s.replans, self.executor.timing(), s.preemptions, **cached)
 
     def events(self) -> list[dict[str, Any]]:
         """The latest stage losses, recoveries and errors an operator should see."""

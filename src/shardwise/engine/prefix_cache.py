@@ -4,7 +4,7 @@ their tokens and everything before them, so a later prompt that starts the same 
 
 The scheduler owns this index and every stage follows it: the index decides which block
 keys exist, which a new sequence starts with and which are evicted, and sends each decision
-to the stages in the order it makes them (KVCache.cache / allocate / evict). So every stage,
+to the stages in the order it makes them (KVCache.allocate / keep / evict). So every stage,
 each holding its own layers of a block, agrees on the same hit length by construction, with
 no round trip. A block a running sequence uses is never evicted; unused ones go least recently
 used first. A stage replaced or moved starts empty: the scheduler then clears the index.
@@ -48,7 +48,9 @@ class PrefixCache:
         self.unused = 0  # blocks no running sequence holds: what eviction can free
         self.query_tokens = self.hit_tokens = 0  # prompt tokens looked up and found, for the hit rate
 
-    def __len__(self) -> int:
+    @property
+    def blocks(self) -> int:
+        """Blocks cached (held or not). (A property, not len(): an empty cache must stay truthy.)"""
         return len(self._holders)
 
     def match(self, keys: list[bytes]) -> int:

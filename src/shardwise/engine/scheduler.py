@@ -98,8 +98,9 @@ class Sequence:
         self.output = RequestOutput(seq_id, prompt_ids)
         self.aborted = False
         self.step_errors = 0  # failed steps it was part of
-        self.block_keys: list[bytes] = []  # prefix-cache keys of its full blocks so far
-        self.held: list[bytes] = []  # those it holds in the prefix cache (not private copies)
+        self.block_keys: list[bytes] = []  # prefix-cache keys of its leading full blocks, hashed once each
+        self.cached_blocks = 0  # its leading blocks in the prefix cache (held, or another's copy)
+        self.held: list[bytes] = []  # those it holds there (not private copies)
         self.paused = False  # outranked: it keeps its KV but is left out of the steps
         self.preemptions = 0  # times it was paused or had its KV given back
         self.level, self.level_tokens, self.last_served = 0, 0, 0.0  # the policy's account of it
@@ -109,6 +110,14 @@ class Sequence:
         """Tokens the KV must hold before it decodes: its prompt and all it generated but the
         last (the next input). Only above the prompt after a replay."""
         return len(self.prompt) + max(len(self.output.token_ids) - 1, 0)
+
+    def keys_of(self, tokens: list[int]) -> list[bytes]:
+        """The keys of the full blocks of `tokens`, its first known tokens (they only grow, so
+        keys once hashed stay valid)."""
+        done = self.block_keys
+        if len(tokens) // BLOCK_SIZE > len(done):
+            done.extend(block_keys(tokens, len(done), done[-1] if done else b""))
+        return done[:len(tokens) // BLOCK_SIZE]
 
     @property
     def kv_own(self) -> int:
@@ -222,7 +231,7 @@ class Scheduler:
         """KV tokens the running sequences have reserved (cached blocks they share counted once),
         and those held outside the scheduler; cached blocks no one uses are not counted (they
         give way to any sequence that needs their room)."""
-        cached = len(self.prefix_cache) - self.prefix_cache.unused if self.prefix_cache is not None else 0
+        cached = self.prefix_cache.blocks - self.prefix_cache.unused if self.prefix_cache is not None else 0
         return sum(s.kv_own for g in self.groups for s in g) + BLOCK_SIZE * cached + self.external_kv
 
     # --- one step ---------------------------------------------------------------------------------
@@ -424,9 +433,9 @@ class Scheduler:
             return None
         cache = self.prefix_cache
         known = (seq.prompt + seq.output.token_ids)[:seq.resume_at - (not seq.output.token_ids)]
-        keys = block_keys(known)
+        keys = seq.keys_of(known)
         hit = cache.match(keys)
-        seq.block_keys = seq.held = keys[:hit]
+        seq.held, seq.cached_blocks = keys[:hit], hit
         cache.hold(seq.held)
         return CachedPrefix(seq.held, known[:BLOCK_SIZE * hit]) if hit else None
 
@@ -434,7 +443,7 @@ class Scheduler:
         """Release a sequence's cached blocks (they stay cached for others)."""
         if self.prefix_cache is not None:
             self.prefix_cache.release(seq.held)
-        seq.block_keys, seq.held = [], []
+        seq.held, seq.cached_blocks = [], 0
 
     def _room_for(self, seq: Sequence, rank: Any) -> bool:
         """Whether seq's KV fits: giving back the KV of paused sequences it outranks if it must
@@ -466,13 +475,11 @@ class Scheduler:
 
     def _keep_blocks(self, seq: Sequence) -> None:
         """Cache the blocks of a sequence that filled in the step just done (on every stage)."""
-        full = seq.fed // BLOCK_SIZE
-        if full <= len(seq.block_keys):
+        full, first = seq.fed // BLOCK_SIZE, seq.cached_blocks
+        if full <= first:
             return
-        known = (seq.prompt + seq.output.token_ids)[:full * BLOCK_SIZE]
-        first = len(seq.block_keys)
-        keys = block_keys(known, first, seq.block_keys[-1] if seq.block_keys else b"")
-        seq.block_keys = seq.block_keys + keys
+        keys = seq.keys_of((seq.prompt + seq.output.token_ids)[:full * BLOCK_SIZE])[first:]
+        seq.cached_blocks = full
         new = self.prefix_cache.insert(keys)
         if new:
             seq.held = seq.held + new
@@ -484,7 +491,7 @@ class Scheduler:
             self.prefix_cache.clear()
         for group in self.groups:
             for seq in group:
-                seq.block_keys, seq.held = [], []
+                seq.held, seq.cached_blocks = [], 0  # (its full blocks are cached again from the first)
 
     def _release(self, seq: Sequence) -> None:
         for group in self.groups:

@@ -148,8 +148,8 @@ class Worker:
         return {"layers": [shard.start, shard.end], "device": str(shard.device), "dtype": shard.weight_dtype,
                 "pid": os.getpid(), "weight_bytes": shard.weight_bytes(), "kv_pool_bytes": kv.nbytes,
                 "kv_blocks_in_use": kv.blocks_in_use, "kv_blocks_kept": kv.blocks_kept, "sequences": len(kv),
-                "steps": self.steps,
-                "busy_s": self.busy_s, "last_step_s": self.last_step_s, **device_memory(shard.device)}
+                "steps": self.steps, "busy_s": self.busy_s, "last_step_s": self.last_step_s,
+                **device_memory(shard.device)}
 
 
 def device_memory(device: torch.device) -> dict[str, int]:

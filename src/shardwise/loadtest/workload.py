@@ -26,7 +26,6 @@ TOKEN_RANGE = (1000, 30000)  # ordinary vocabulary, away from special tokens
 CHAT_MEAN_USER = 48  # tokens of a user's message
 CHAT_MEAN_REPLY = 96  # tokens of an assistant's reply
 MIXED_MEAN_SHORT = 24  # tokens of a short answer
-WORKLOADS = ("sharegpt", "chat", "mixed")
 
 
 @dataclass(frozen=True)

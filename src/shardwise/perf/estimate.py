@@ -267,10 +267,11 @@ def estimate(spec: ModelSpec, deployment: Deployment, *, batch: int = 1, input_t
             mixed = Work(((n, pos),)) + Work.decode(batch - 1, context) if batch > 1 else Work(((n, pos),))
             ttft += step_time(spec, deployment, mixed, p).latency
             pos += n
-        prefill_work = Work(((min(chunk, input_tokens - cached_tokens), cached_tokens),))  # reported, sized for memory
+        # the step reported and sized for memory: the first chunk, after the cached tokens
+        prefill_work = Work(((min(chunk, input_tokens - cached_tokens), cached_tokens),))
         prefill = step_time(spec, deployment, prefill_work, p)
     else:
-        prefill_work = Work(((input_tokens - cached_tokens, cached_tokens),) * ub)
+        prefill_work = Work.prefill(ub, input_tokens, cached_tokens)
         prefill = step_time(spec, deployment, prefill_work, p)
         ttft = prefill.latency + (m - 1) * prefill.bottleneck
 

@@ -40,8 +40,9 @@ class Work:
     logit_rows: int | None = None  # rows the LM head computes; default: one per sequence
 
     @classmethod
-    def prefill(cls, batch: int, tokens: int) -> Work:
-        return cls(((tokens, 0),) * batch)
+    def prefill(cls, batch: int, tokens: int, cached: int = 0) -> Work:
+        """batch prompts of `tokens` tokens, the first `cached` of each already in the KV cache."""
+        return cls(((tokens - cached, cached),) * batch)
 
     @classmethod
     def decode(cls, batch: int, context: int, new: int = 1) -> Work:
