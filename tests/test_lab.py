@@ -139,7 +139,8 @@ def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(
     (layers move to the now faster node, the sequences' KV with them), and every request runs
     to its end with the undisturbed text.
     (A node under a CFS quota stalls per 100 ms period, so how much slower it runs depends on
-    its steps' length: the first correction may fall short, and a second re-plan follow.)"""
+    its steps' length: the first correction may fall short or overshoot, and a second re-plan
+    follow, at times back to the first split.)"""
     import asyncio
     import re
 
@@ -187,7 +188,8 @@ def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(
         assert 'shardwise:stage_failures_total{model_name="smollm2-135m"} 0.0' in metrics
         assert 'shardwise:replayed_tokens_total{model_name="smollm2-135m"} 0.0' in metrics
         assert 'source="predicted"' in metrics and 'source="measured"' in metrics
-        assert [s["layers"] for s in httpx.get(f"{url}/health").json()["stages"]] != before
+        if float(replans.group(1)) == 1:  # (a second re-plan may move the layers back: see the docstring)
+            assert [s["layers"] for s in httpx.get(f"{url}/health").json()["stages"]] != before
         moves = [e["kind"] for e in state["events"] if e["kind"].startswith("re-plan")]
         assert moves == ["re-plan", "re-planned"] * int(float(replans.group(1)))
         assert all("predicted_s" in s and "measured_s" in s for s in state["stages"])
