@@ -141,7 +141,20 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": LONG_PROMPT}, 400, "context_length_exceeded"),
     ("/v1/completions", b'{"model": "smollm2-135m", "prompt": "hi", "temperature": NaN}', 400, "invalid_parameter"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "invalid_parameter"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"50": 100}}, 400, "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "functions": []}, 400, "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"50": 500}}, 400, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"4000000": 5}}, 400, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objectx"}}}}, 400, "invalid_response_format"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "guided_regex": "([a-z"}, 400, "invalid_response_format"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "guided_regex": "a", "guided_choice": ["a"]}, 400, None),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {
+            "name": "g"}}}, 400, None),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}}, 400, None),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "18 C"}]}, 400,
+     "invalid_parameter"),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, None),
     ("/v1/completions", {"model": MODEL}, 400, "missing_parameter"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "priority": "high"}, 400, "invalid_parameter"),

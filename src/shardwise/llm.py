@@ -23,6 +23,7 @@ from shardwise.engine.prefix_cache import PrefixCache
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.scheduler import RequestOutput, Scheduler, Sequence
 from shardwise.engine.shard import ShardModel
+from shardwise.engine.structured import model_grammars
 from shardwise.engine.worker import Worker
 from shardwise.errors import ShardwiseError
 from shardwise.model.registry import DEFAULT_MODEL, resolve
@@ -42,7 +43,8 @@ ExecutorFactory = Callable[["LLM"], Any]  # the facade, its model opened -> the 
 def in_process(llm: LLM) -> LocalExecutor:
     """Every layer in this process, on config.device."""
     c = llm.config
-    return LocalExecutor(Worker(ShardModel(llm.spec, weights=llm.weights, device=c.device, dtype=c.dtype)))
+    shard = ShardModel(llm.spec, weights=llm.weights, device=c.device, dtype=c.dtype)
+    return LocalExecutor(Worker(shard, llm.grammars))
 
 
 def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = None, address: str | None = None,
@@ -112,6 +114,7 @@ class LLM:
         self.spec = weights.spec
         require_supported(self.spec)  # here, not first inside a Ray stage
         self.tokenizer = Tokenizer(self.path, weights.eos_token_ids())
+        self.grammars = model_grammars(self.path, weights)
         self.name = self.path.stem if Path(model).exists() else str(model)
         return weights
 
@@ -203,9 +206,10 @@ class LLM:
         """Each stage's (one, in one process) layers, node, memory, KV and step times."""
         return self.executor.stats(timeout)
 
-    def chat_ids(self, messages: Messages) -> list[int]:
-        """Token ids of a conversation through the model's chat template."""
-        return self.tokenizer.apply_chat_template(messages)
+    def chat_ids(self, messages: Messages, tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a conversation (and the tools it may call, for a template that renders
+        them) through the model's chat template."""
+        return self.tokenizer.apply_chat_template(messages, tools)
 
     def token_text(self, token_id: int) -> str:
         """One token's text on its own (as logprobs report it)."""
@@ -215,6 +219,8 @@ class LLM:
         """A sequence for the engine loop (the server adds it from its engine thread)."""
         if self.executor is None:
             raise ShardwiseError("this LLM is closed: create a new one")
+        if params.constraint is not None:
+            self.grammars.compile(params.constraint)  # an invalid one fails here, naming why
         return self.scheduler.make_sequence(next(self._ids), prompt_ids, params, priority)
 
     # --- the engine loop: one step at a time (generate / stream here, the server's engine thread) --

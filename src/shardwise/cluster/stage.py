@@ -14,6 +14,7 @@ import torch
 from shardwise.engine.prefix_cache import CachedPrefix
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.shard import ShardModel
+from shardwise.engine.structured import model_grammars
 from shardwise.engine.worker import Moving, Sampled, Worker
 from shardwise.model.weights import open_weights
 
@@ -33,7 +34,8 @@ class StageActor:
 
     def load(self, model_path: str, layers: tuple[int, int], device: str, dtype: str | None) -> tuple[int, str]:
         weights = open_weights(Path(model_path))  # memory-mapped: only this stage's tensors are read
-        self.worker = Worker(ShardModel(weights.spec, layers, weights=weights, device=device, dtype=dtype))
+        shard = ShardModel(weights.spec, layers, weights=weights, device=device, dtype=dtype)
+        self.worker = Worker(shard, model_grammars(Path(model_path), weights))
         return self.ready()
 
     def ready(self) -> tuple[int, str]:

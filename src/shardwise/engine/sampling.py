@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from shardwise.engine.structured import Constraint, SequenceGrammar
 from shardwise.errors import ShardwiseError
 
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily (vLLM's epsilon)
@@ -41,6 +42,8 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None  # OpenAI's: added to a token's logit, -100 bans it
+    constraint: Constraint | None = None  # structured output: the grammar the tokens must follow
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +69,9 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ShardwiseError(message)
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, int) or token < 0 or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+                raise ShardwiseError(f"logit_bias maps token ids to biases in [-100, 100], got {token!r}: {bias!r}")
 
     @property
     def greedy(self) -> bool:
@@ -73,15 +79,18 @@ class SamplingParams:
 
     @property
     def penalised(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        """Whether this sequence's logits change before the draw (penalties, biases)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias))
 
 
 class SequenceSampler:
     """Sampling state of one sequence: its parameters, its draws so far and the tokens it has seen.
-    generated: tokens it already produced, when it is rebuilt mid-sequence."""
+    generated: tokens it already produced, when it is rebuilt mid-sequence. grammar: what its
+    tokens must follow (its masks are applied to the logits before they come here)."""
 
-    def __init__(self, params: SamplingParams, generated: list[int] = ()):
-        self.params = params
+    def __init__(self, params: SamplingParams, generated: list[int] = (), grammar: SequenceGrammar | None = None):
+        self.params, self.grammar = params, grammar
         self.seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = None if params.greedy else torch.Generator()
         self.draws = len(generated)
@@ -97,6 +106,8 @@ class SequenceSampler:
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: float32 [vocab] -> the next token id."""
         token = self._pick(self._penalise(logits))
+        if self.grammar is not None:
+            self.grammar.accept(token)
         if self.params.presence_penalty or self.params.frequency_penalty:
             self.generated[token] += 1
         return token
@@ -115,6 +126,12 @@ class SequenceSampler:
             counts = torch.tensor(list(self.generated.values()), dtype=logits.dtype, device=logits.device)
             logits = logits.clone()
             logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+            penalised = True
+        if p.logit_bias:
+            logits = logits.clone()
+            ids = torch.tensor([t for t in p.logit_bias if t < len(logits)], dtype=torch.long, device=logits.device)
+            logits[ids] += torch.tensor([p.logit_bias[t] for t in ids.tolist()], dtype=logits.dtype,
+                                        device=logits.device)
             penalised = True
         if penalised:  # an extreme penalty overflows: keep every logit finite
             limit = torch.finfo(logits.dtype).max
@@ -162,7 +179,7 @@ def token_logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprobs:
 def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> list[int | Exception]:
     """One token per row of logits [sequences, vocab], or that row's error: a sampler that fails
     fails its own sequence only."""
-    if all(s.params.greedy and not s.params.penalised for s in samplers):
+    if all(s.params.greedy and not s.params.penalised and s.grammar is None for s in samplers):
         return logits.argmax(dim=-1).tolist()
     return [_sample(sampler, row) for sampler, row in zip(samplers, logits, strict=True)]
 

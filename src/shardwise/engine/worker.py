@@ -18,6 +18,8 @@ import torch
 from shardwise.engine.prefix_cache import CachedPrefix
 from shardwise.engine.sampling import SamplingParams, SequenceSampler, TokenLogprobs, sample_batch, token_logprobs
 from shardwise.engine.shard import ShardModel
+from shardwise.engine.structured import Grammars, allocate_masks, apply_masks
+from shardwise.errors import ShardwiseError
 
 log = logging.getLogger("shardwise.engine")
 
@@ -44,8 +46,11 @@ class Moving(NamedTuple):
 
 
 class Worker:
-    def __init__(self, shard: ShardModel):
-        self.shard = shard
+    """grammars: compiles the constraints of structured output at the last worker (None: a
+    constrained sequence is refused)."""
+
+    def __init__(self, shard: ShardModel, grammars: Grammars | None = None):
+        self.shard, self.grammars = shard, grammars
         self.samplers: dict[int, SequenceSampler] = {}
         self.steps, self.busy_s, self.last_step_s = 0, 0.0, 0.0  # time in step(), for the dashboard
 
@@ -53,9 +58,15 @@ class Worker:
             prefix: CachedPrefix | None = None) -> None:
         """generated: the tokens it already produced, when it comes back after a lost stage.
         prefix: the cached blocks it starts with."""
+        grammar = None
+        if self.shard.is_last and params.constraint is not None:
+            if self.grammars is None:
+                raise ShardwiseError("structured output is not available here: run the model in this process "
+                                     "or as a Ray pipeline")
+            grammar = self.grammars.follow(params.constraint, generated)
         self.shard.allocate(seq_id, prefix.keys if prefix else ())
         if self.shard.is_last:
-            self.samplers[seq_id] = SequenceSampler(params, generated)
+            self.samplers[seq_id] = SequenceSampler(params, generated, grammar)
             if prefix:
                 self.samplers[seq_id].observe(prefix.tokens)
 
@@ -116,21 +127,29 @@ class Worker:
               hidden: torch.Tensor | None) -> torch.Tensor | Sampled:
         lengths = [len(c) for c in chunks]
         inputs = torch.tensor([t for c in chunks for t in c]) if self.shard.is_first else hidden
+        rows = [i for i, wanted in enumerate(sample) if wanted] if self.shard.is_last else []
+        samplers = [self.samplers[seq_ids[i]] for i in rows]
+        errors: dict[int, str] = {}
+        masks = self._grammar_masks(rows, samplers, errors)
         out = self.shard.forward(seq_ids, lengths, inputs)
         if not self.shard.is_last:
             return out
         for seq_id, chunk in zip(seq_ids, chunks, strict=True):
             self.samplers[seq_id].observe(chunk)
         tokens: list[int | None] = [None] * len(seq_ids)
-        rows = [i for i, wanted in enumerate(sample) if wanted]
         if not rows:
             return Sampled(tokens, {}, {})
-        logits = out if len(rows) == len(out) else out[rows]  # no copy if all
-        samplers = [self.samplers[seq_ids[i]] for i in rows]
+        raw = out if len(rows) == len(out) else out[rows]  # no copy if all
+        logits = raw
+        if masks is not None:  # logprobs stay the model's own (vLLM's raw logprobs)
+            logits = raw.clone()
+            apply_masks(logits, *masks)
         picked = sample_batch(logits, samplers)
         logprobs: dict[int, TokenLogprobs] = {}
-        errors: dict[int, str] = {}
-        for i, token, sampler, row in zip(rows, picked, samplers, logits, strict=True):
+        for i, token, sampler, row in zip(rows, picked, samplers, raw, strict=True):
+            if i in errors:
+                tokens[i] = None
+                continue
             try:
                 if isinstance(token, Exception):
                     raise token
@@ -141,6 +160,22 @@ class Worker:
                 log.warning("sampling failed for sequence %d: %s", seq_ids[i], e)
                 errors[i] = f"sampling failed for this request ({type(e).__name__}: {e})"
         return Sampled(tokens, logprobs, errors)
+
+    def _grammar_masks(self, rows: list[int], samplers: list[SequenceSampler],
+                       errors: dict[int, str]) -> tuple[torch.Tensor, list[int]] | None:
+        """The token masks of the constrained sequences among those sampling (and the positions
+        of their rows among the sampled logits); a sequence whose grammar fails is noted in errors."""
+        constrained = [j for j, s in enumerate(samplers) if s.grammar is not None]
+        if not constrained:
+            return None
+        masks = allocate_masks(len(rows), self.shard.spec.vocab_size)
+        for j in constrained:
+            try:
+                samplers[j].grammar.fill(masks, j)
+            except Exception as e:
+                log.warning("grammar failed for sequence row %d: %s", rows[j], e)
+                errors[rows[j]] = f"structured output failed for this request ({e})"
+        return masks, constrained
 
     def stats(self) -> dict[str, Any]:
         """What this worker holds and how busy it is: layers, memory, KV and step times."""

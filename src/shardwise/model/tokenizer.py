@@ -44,11 +44,16 @@ class Tokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template writes tool definitions itself."""
+        return "tools" in (self.hf.chat_template or "")
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
         if not self.hf.chat_template:
             raise ShardwiseError("this model has no chat template: send a plain prompt (--no-chat)")
         _check_messages(messages)
-        text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         return self.hf.encode(text, add_special_tokens=False)  # the template wrote them already
 
 

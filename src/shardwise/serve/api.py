@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.engine.scheduler import Sequence
+from shardwise.engine.structured import Constraint
 from shardwise.errors import ShardwiseError
 from shardwise.llm import LLM
 from shardwise.perf.query import EstimateQuery
@@ -43,6 +44,7 @@ from shardwise.serve.protocol import (
     CompletionRequest,
     GenerationRequest,
 )
+from shardwise.serve.tools import ToolCallParser, chat_messages, split_reply, tool_constraint
 
 
 def create_app(llm: LLM, *, api_key: str | None = None, limits: ServerLimits | None = None,
@@ -146,12 +148,19 @@ def create_app(llm: LLM, *, api_key: str | None = None, limits: ServerLimits | N
             raise ApiError(400, f"this chat has {len(body.messages)} messages, more than this server's limit of "
                                 f"{limits.max_messages}: shorten the conversation", param="messages",
                            code="too_many_messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            prompt = await run_in_threadpool(llm.chat_ids, messages)
+            tools = tool_constraint(body)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="tool_choice") from None
+        if tools and body.constraint():
+            raise ApiError(400, "a reply cannot follow both tools and a response format: drop one, or set "
+                                "tool_choice to 'none'", param="response_format")
+        messages, native_tools = chat_messages(body, llm.tokenizer.renders_tools)
+        try:
+            prompt = await run_in_threadpool(llm.chat_ids, messages, native_tools)
         except ShardwiseError as e:
             raise ApiError(400, str(e), param="messages") from None
-        return await generate(request, body, [prompt], chat=True)
+        return await generate(request, body, [prompt], chat=True, constraint=tools)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(request: Request) -> Response:
@@ -179,10 +188,31 @@ def create_app(llm: LLM, *, api_key: str | None = None, limits: ServerLimits | N
                              "shorten the prompt, or split the request", param=where, code="request_too_large")
 
     # --- generation -------------------------------------------------------------------------------
-    async def generate(request: Request, body: GenerationRequest, prompts: list[list[int]], chat: bool) -> Response:
+    async def output_rules(body: GenerationRequest, constraint: Constraint | None) -> tuple[Constraint | None, Any]:
+        """The grammar (compiled here first: an invalid one is a 400 naming why) and the logit
+        biases a request's output follows."""
+        try:
+            constraint = constraint or body.constraint()
+            bias = body.bias()
+        except ValueError as e:
+            raise ApiError(400, str(e), param="response_format") from None
+        beyond = [t for t in bias or () if t >= spec.vocab_size]
+        if beyond:
+            raise ApiError(400, f"logit_bias names token {beyond[0]}, beyond this model's vocabulary of "
+                                f"{spec.vocab_size}", param="logit_bias")
+        if constraint is not None:
+            try:
+                await run_in_threadpool(llm.grammars.compile, constraint)
+            except ShardwiseError as e:
+                raise ApiError(400, str(e), param="response_format", code="invalid_response_format") from None
+        return constraint, bias
+
+    async def generate(request: Request, body: GenerationRequest, prompts: list[list[int]], chat: bool,
+                       constraint: Constraint | None = None) -> Response:
         where = "messages" if chat else "prompt"
         check_sequences(len(prompts) * body.n, where)
-        choices = _choices(body, prompts, spec.context_length, limits.default_max_tokens, chat)
+        rules = await output_rules(body, constraint)
+        choices = _choices(body, prompts, spec.context_length, limits.default_max_tokens, chat, rules)
         tokens = sum(len(ids) + params.max_tokens for ids, params in choices)
         if tokens > limits.max_request_tokens:
             raise too_many_tokens(tokens, where)
@@ -237,7 +267,8 @@ def declare_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> None:
 
 
 def _choices(body: GenerationRequest, prompts: list[list[int]], context: int, default_max_tokens: int,
-             chat: bool) -> list[tuple[list[int], SamplingParams]]:
+             chat: bool, rules: tuple[Constraint | None, dict[int, float] | None]
+             ) -> list[tuple[list[int], SamplingParams]]:
     """n (prompt, SamplingParams) per prompt; a request that cannot fit the context is refused
     here, like OpenAI does."""
     where = "messages" if chat else "prompt"
@@ -255,7 +286,7 @@ def _choices(body: GenerationRequest, prompts: list[list[int]], context: int, de
         max_tokens = asked or min(context - len(ids), default_max_tokens)
         for choice in range(body.n):
             try:
-                choices.append((ids, body.sampling(max_tokens, choice, logprobs)))
+                choices.append((ids, body.sampling(max_tokens, choice, logprobs, *rules)))
             except ShardwiseError as e:
                 raise ApiError(400, str(e)) from None
     return choices
@@ -280,23 +311,36 @@ class _Reply:
         completion = sum(len(s.output.token_ids) for s in self.seqs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    @property
+    def tools(self) -> bool:
+        """Whether replies may hold tool calls, parsed out of their text."""
+        return self.chat and self.body.calling_tools
+
     def whole(self) -> dict:
         choices = []
         for i, seq in enumerate(self.seqs):
             out = seq.output
             logprobs = self.logprobs(out.token_ids, out.logprobs) if seq.params.logprobs is not None else None
             if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": out.text},
-                                "logprobs": logprobs, "finish_reason": out.finish_reason})
+                message: dict[str, Any] = {"role": "assistant", "content": out.text}
+                finish = out.finish_reason
+                if self.tools:
+                    message["content"], calls = split_reply(out.text)
+                    if calls:
+                        message["tool_calls"] = calls
+                        finish = "tool_calls" if finish == "stop" else finish
+                choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
             else:
                 choices.append({"index": i, "text": out.text, "logprobs": logprobs,
                                 "finish_reason": out.finish_reason})
         return self.envelope(choices) | {"usage": self.usage()}
 
     def chunk(self, index: int, text: str | None, finish_reason: str | None = None, role: bool = False,
-              logprobs: dict | None = None) -> dict:
+              logprobs: dict | None = None, tool_call: tuple[int, dict] | None = None) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            if tool_call is not None:
+                delta = {"tool_calls": [{"index": tool_call[0], **tool_call[1]}]}
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
@@ -320,6 +364,7 @@ async def _sse(reply: _Reply, events: AsyncIterator[Event]) -> AsyncIterator[str
     def data(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    parsers = [ToolCallParser() for _ in reply.seqs] if reply.tools else None
     try:
         if reply.chat:
             for i in range(len(reply.seqs)):
@@ -328,10 +373,18 @@ async def _sse(reply: _Reply, events: AsyncIterator[Event]) -> AsyncIterator[str
             logprobs = None
             if e.logprobs is not None:
                 logprobs = reply.logprobs([e.token], [e.logprobs])
-            if e.text or logprobs:
-                yield data(reply.chunk(e.index, e.text, logprobs=logprobs))
+            text, calls = parsers[e.index].feed(e.text) if parsers and e.text else (e.text, [])
+            if text or logprobs:
+                yield data(reply.chunk(e.index, text, logprobs=logprobs))
+            for k, call in enumerate(calls, parsers[e.index].calls - len(calls) if calls else 0):
+                yield data(reply.chunk(e.index, None, tool_call=(k, call)))  # the whole call in one delta
             if e.finished:
-                yield data(reply.chunk(e.index, None, finish_reason=e.seq.output.finish_reason))
+                finish = e.seq.output.finish_reason
+                if parsers:
+                    if rest := parsers[e.index].finish():
+                        yield data(reply.chunk(e.index, rest))
+                    finish = "tool_calls" if parsers[e.index].calls and finish == "stop" else finish
+                yield data(reply.chunk(e.index, None, finish_reason=finish))
         if reply.body.include_usage:
             yield data(reply.envelope([], ".chunk" if reply.chat else "") | {"usage": reply.usage()})
         yield "data: [DONE]\n\n"
