@@ -127,18 +127,18 @@ class Worker:
               hidden: torch.Tensor | None) -> torch.Tensor | Sampled:
         lengths = [len(c) for c in chunks]
         inputs = torch.tensor([t for c in chunks for t in c]) if self.shard.is_first else hidden
-        rows = [i for i, wanted in enumerate(sample) if wanted] if self.shard.is_last else []
-        samplers = [self.samplers[seq_ids[i]] for i in rows]
-        errors: dict[int, str] = {}
-        masks = self._grammar_masks(rows, samplers, errors)
         out = self.shard.forward(seq_ids, lengths, inputs)
         if not self.shard.is_last:
             return out
         for seq_id, chunk in zip(seq_ids, chunks, strict=True):
             self.samplers[seq_id].observe(chunk)
         tokens: list[int | None] = [None] * len(seq_ids)
+        rows = [i for i, wanted in enumerate(sample) if wanted]
         if not rows:
             return Sampled(tokens, {}, {})
+        samplers = [self.samplers[seq_ids[i]] for i in rows]
+        errors: dict[int, str] = {}
+        masks = self._grammar_masks(rows, samplers, errors)  # on a GPU, while the forward's kernels run
         raw = out if len(rows) == len(out) else out[rows]  # no copy if all
         logits = raw
         if masks is not None:  # logprobs stay the model's own (vLLM's raw logprobs)
@@ -147,8 +147,7 @@ class Worker:
         picked = sample_batch(logits, samplers)
         logprobs: dict[int, TokenLogprobs] = {}
         for i, token, sampler, row in zip(rows, picked, samplers, raw, strict=True):
-            if i in errors:
-                tokens[i] = None
+            if i in errors:  # its grammar failed
                 continue
             try:
                 if isinstance(token, Exception):
