@@ -17,6 +17,7 @@ from shardwise import LLM
 from shardwise.collab.client import collaborative
 from shardwise.collab.wire import MEDIA_TYPE, decode, encode
 from shardwise.engine.sampling import SamplingParams
+from shardwise.engine.structured import Constraint
 from shardwise.errors import ShardwiseError
 from tests.conftest import TEXT_PROMPTS, cli, free_port, running_server
 
@@ -55,15 +56,19 @@ def health(url: str) -> dict:
 
 def test_output_equals_server_only_and_the_offloaded_work_is_counted(server, llm):
     before = layer_tokens(server)
+    # the last one's grammar and biases cross the session's wire to whichever side samples
+    params = [GREEDY] * 3 + [SamplingParams(max_tokens=12, temperature=0, logit_bias={16: -100},
+                                            constraint=Constraint.regex("[0-9]{4}-[0-9]{2}"))]
     with client(server, sla=0.5, memory_gb=0.5) as c:
         session = c.executor.session
         sides = {s["side"] for s in session["segments"]}
         assert sides == {"client", "server"}, session  # the memory cap leaves some layers to the server
-        got = c.generate(TEXT_PROMPTS[:3], GREEDY)
+        got = c.generate(TEXT_PROMPTS[:4], params)
         for seq in c.executor.workers.values():  # only the client's own layers were loaded here
             assert len(seq.shard.blocks) < llm.spec.num_layers
-    expected = llm.generate(TEXT_PROMPTS[:3], GREEDY)
+    expected = llm.generate(TEXT_PROMPTS[:4], params)
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}", got[3].text)
     after = layer_tokens(server)
     tokens = sum(len(o.prompt_token_ids) + len(o.token_ids) - 1 for o in got)  # the last token is never fed
     for s in session["segments"]:

@@ -30,6 +30,7 @@ from shardwise.collab.wire import MAX_HIDDEN_BYTES, decode, encode
 from shardwise.engine.executor import SynchronousExecutor
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.engine.shard import ShardModel
+from shardwise.engine.structured import Grammars
 from shardwise.engine.worker import Sampled, Worker
 from shardwise.errors import ShardwiseError, StageFailure
 from shardwise.llm import LLM, ExecutorFactory
@@ -57,7 +58,7 @@ def collaborative(url: str, *, sla: float = 0.25, profile: str | list[float] | N
             request = {"model": llm.name, "sla_s": sla, "policy": policy, "insist": insist, "client": {
                 "layer_seconds": costs, "memory_bytes": memory, "rtt_s": _round_trip(http, llm.spec)}}
             return CollabExecutor(http, lambda: _json(http.post("/v1/collab/sessions", json=request)), llm.weights,
-                                  slowdown, headers, timeout)
+                                  slowdown, headers, timeout, llm.grammars)
         except httpx.HTTPError as e:
             http.close()
             raise ShardwiseError(f"cannot reach the shardwise server at {url} ({e}): is it running?") from None
@@ -89,8 +90,9 @@ class CollabExecutor(SynchronousExecutor):
     into it, so generation carries on unchanged."""
 
     def __init__(self, http: httpx.Client, open_session: Callable[[], dict[str, Any]], weights: Weights,
-                 slowdown: float, headers: dict[str, str], timeout: float):
+                 slowdown: float, headers: dict[str, str], timeout: float, grammars: Grammars | None = None):
         self.http, self.open_session, self.weights, self.slowdown = http, open_session, weights, slowdown
+        self.grammars = grammars
         self.num_layers, self.headers, self.timeout = weights.spec.num_layers, headers, timeout
         self.workers: dict[int, Worker] = {}
         self._stream_context = ExitStack()
@@ -105,7 +107,7 @@ class CollabExecutor(SynchronousExecutor):
         loaded = {(w.shard.start, w.shard.end): w for w in self.workers.values()}
         for worker in loaded.values():
             worker.reset()
-        self.workers = {k: loaded.get((a, b)) or Worker(ShardModel(self.weights.spec, (a, b), weights=self.weights))
+        self.workers = {k: loaded.get((a, b)) or self._worker(a, b)
                         for k, (side, a, b) in enumerate(self.segments) if side == "client"}
         self._pending = {k: {"add": [], "free": [], "rewind": []}
                          for k, s in enumerate(self.segments) if s[0] == "server"}
@@ -118,6 +120,9 @@ class CollabExecutor(SynchronousExecutor):
                     url, additional_headers=self.headers, max_size=MAX_HIDDEN_BYTES, open_timeout=self.timeout))
             except (OSError, WebSocketException) as e:
                 raise ShardwiseError(f"cannot open the session's stream at {url} ({e})") from None
+
+    def _worker(self, a: int, b: int) -> Worker:
+        return Worker(ShardModel(self.weights.spec, (a, b), weights=self.weights), self.grammars)
 
     def recover(self, failure: StageFailure) -> list[int]:
         try:

@@ -48,6 +48,13 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.constraint, dict):  # from JSON (a collaborative session's wire)
+            self.constraint = Constraint(**self.constraint)
+        if self.logit_bias:  # JSON's keys are text
+            try:
+                self.logit_bias = {int(token): bias for token, bias in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise ShardwiseError(f"logit_bias maps token ids to biases, got {self.logit_bias!r}") from None
         self.stop = [s for s in (self.stop or []) if s]
         numbers = {"temperature": self.temperature, "top_p": self.top_p, "min_p": self.min_p,
                    "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
@@ -70,7 +77,7 @@ class SamplingParams:
             if not ok:
                 raise ShardwiseError(message)
         for token, bias in (self.logit_bias or {}).items():
-            if not isinstance(token, int) or token < 0 or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            if token < 0 or not isinstance(bias, int | float) or not -100 <= bias <= 100:
                 raise ShardwiseError(f"logit_bias maps token ids to biases in [-100, 100], got {token!r}: {bias!r}")
 
     @property

@@ -198,7 +198,7 @@ class CollabHost:
     def _view(self, a: int, b: int) -> Worker:
         """Layers [a, b) of the full model, sharing its weights, with a KV cache of their own."""
         if (a, b) not in self._views:
-            self._views[(a, b)] = Worker(self._model().view(a, b))
+            self._views[(a, b)] = Worker(self._model().view(a, b), self.llm.grammars)
         return self._views[(a, b)]
 
     def _session(self, session_id: str) -> Session:
