@@ -215,7 +215,7 @@ def test_the_api_schema_declares_the_bodies_and_survives_fuzzing(fuzz_server, tm
     result = subprocess.run(
         [str(Path(sys.executable).parent / "schemathesis"), "run", f"{server}/openapi.json", "--checks",
          "not_a_server_error", "--max-examples", "40", "--phases", "examples,coverage,fuzzing", "--workers", "1",
-         "-H", f"Authorization: Bearer {KEY}", "--request-timeout", "60", "--max-time", "15"],
+         "-H", f"Authorization: Bearer {KEY}", "--request-timeout", "60", "--max-time", "10"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     summary = result.stdout[-3000:]
     assert result.returncode == 0, summary

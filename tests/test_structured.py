@@ -43,7 +43,7 @@ def test_constrained_and_free_sequences_share_a_step_and_each_follows_its_own_ru
              Constraint.grammar('root ::= "(" digit ("+" digit)* ")"\ndigit ::= [0-9]'), Constraint.json()]
     prompts = [TEXT_PROMPTS[0], "Describe a person as JSON:", "My phone number is", "Is Paris in France?",
                "A sum:", "Some JSON:"]
-    outs = llm.generate(prompts, [free] + [SamplingParams(max_tokens=80, temperature=0, constraint=c)
+    outs = llm.generate(prompts, [free] + [SamplingParams(max_tokens=48, temperature=0, constraint=c)
                                            for c in rules])
     assert outs[0].text == alone  # a free neighbour is untouched by the masks
     jsonschema.validate(json.loads(outs[1].text), PERSON)
@@ -108,7 +108,7 @@ def client(api_server):
 def test_json_schema_replies_validate_over_many_seeded_samples(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
     reply = client.chat.completions.create(model=MODEL, messages=ask("Describe a famous scientist as JSON."),
-                                           response_format=fmt, temperature=1.0, seed=5, n=12, max_tokens=90)
+                                           response_format=fmt, temperature=1.0, seed=5, n=10, max_tokens=80)
     for choice in reply.choices:
         assert choice.finish_reason == "stop", choice.message.content
         jsonschema.validate(json.loads(choice.message.content), PERSON)
@@ -148,7 +148,7 @@ def test_a_tool_call_round_trip_on_the_real_model(client):
 
     both = client.chat.completions.create(model=MODEL, tools=[WEATHER, TIME], tool_choice="required",
                                          messages=ask("What time is it in Tokyo, and what is the weather there?"),
-                                         temperature=0, max_tokens=150)  # parallel calls
+                                         temperature=0, max_tokens=110)  # parallel calls
     assert set(valid_calls(both.choices[0].message)) == {"get_time", "get_weather"}
 
 
