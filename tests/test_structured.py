@@ -171,3 +171,49 @@ def test_streamed_tool_call_deltas_reassemble_to_the_same_call(client):
         finish = chunk.choices[0].finish_reason or finish
     assert list(calls.values()) == [{"name": "get_weather", "arguments": expected.function.arguments}]
     assert finish == "tool_calls"
+
+
+QWEN_STYLE = """{%- if tools %}<|im_start|>system
+# Tools
+<tools>{% for tool in tools %}
+{{ tool | tojson }}{% endfor %}
+</tools><|im_end|>
+{% endif %}{%- for m in messages %}{%- if m.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% elif m.tool_calls %}<|im_start|>assistant
+{% for c in m.tool_calls %}<tool_call>
+{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_a_template_that_renders_tools_gets_them_and_the_history_natively(llm):
+    """A Qwen-style template (tools, calls with arguments as objects, results) renders the
+    conversation itself; a template without tools gets them in the system message."""
+    import copy
+
+    from shardwise.serve.protocol import ChatCompletionRequest
+    from shardwise.serve.tools import chat_messages
+
+    body = ChatCompletionRequest.model_validate({"model": MODEL, "tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 3}'}]})
+    tokenizer = copy.deepcopy(llm.tokenizer)
+    tokenizer.hf.chat_template = QWEN_STYLE
+    assert tokenizer.renders_tools and not llm.tokenizer.renders_tools
+    native = tokenizer.hf.decode(tokenizer.apply_chat_template(*chat_messages(body, native_tools=True)))
+    assert '"name": "get_weather"' in native and '{"city": "Oslo", "unit": "celsius"}' in native
+    assert "<tool_response>\n{\"celsius\": 3}\n</tool_response>" in native
+
+    messages, tools = chat_messages(body, native_tools=False)
+    assert tools is None and messages[0]["role"] == "system" and '"get_weather"' in messages[0]["content"]
+    assert messages[2]["content"].startswith("<tool_call>") and messages[3]["role"] == "user"
+    generic = llm.tokenizer.hf.decode(llm.chat_ids(messages))
+    assert "<tool_response>" in generic and "get_weather" in generic
