@@ -15,7 +15,7 @@ import torch
 
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.structured import Constraint, allocate_masks
-from tests.conftest import API_KEY, CHAT_PROMPTS, TEXT_PROMPTS
+from tests.conftest import API_KEY, CHAT_PROMPTS, TEXT_PROMPTS, cli
 
 MODEL = "smollm2-135m"
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "languages"],
@@ -93,7 +93,8 @@ def test_invalid_constraints_are_refused_naming_the_problem(llm):
     from shardwise.errors import ShardwiseError
 
     for bad, words in ((Constraint("json_schema", '{"type": "objectx"}'), "objectx"),
-                       (Constraint.regex("([a-z"), "regex"), (Constraint.grammar("root ::= nothing"), "nothing")):
+                       (Constraint.regex("([a-z"), "regex"), (Constraint.grammar("root ::= nothing"), "nothing"),
+                       (Constraint.regex("x" * 40000), "more than the 32768 allowed")):
         with pytest.raises(ShardwiseError, match=words):
             llm.generate("hi", SamplingParams(max_tokens=2, constraint=bad))
 
@@ -217,3 +218,14 @@ def test_a_template_that_renders_tools_gets_them_and_the_history_natively(llm):
     assert messages[2]["content"].startswith("<tool_call>") and messages[3]["role"] == "user"
     generic = llm.tokenizer.hf.decode(llm.chat_ids(messages))
     assert "<tool_response>" in generic and "get_weather" in generic
+
+
+def test_generate_cli_follows_a_json_schema_file(tmp_path):
+    schema = tmp_path / "capital.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["capital"], "additionalProperties": False,
+                                  "properties": {"capital": {"type": "string", "maxLength": 20}}}))
+    result = cli("generate", CHAT_PROMPTS[0], "--json-schema", str(schema), "--dtype", "int4", "--max-tokens", "30")
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(result.stdout)) == {"capital"}
+    both = cli("generate", "hi", "--regex", "a", "--choice", "b")
+    assert both.returncode != 0 and "give one of --json-schema, --regex or --choice" in both.stderr

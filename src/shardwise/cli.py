@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -74,6 +76,10 @@ def generate(
     sla: Annotated[str, typer.Option(help="With --collab: time per token you need, e.g. 200ms.")] = "250ms",
     api_key: Annotated[str | None, typer.Option(envvar="SHARDWISE_API_KEY", help="With --collab: the "
                                                                                  "server's API key.")] = None,
+    json_schema: Annotated[str | None, typer.Option(
+        help="The reply is JSON valid against this JSON schema file ('object': any JSON object).")] = None,
+    regex: Annotated[str | None, typer.Option(help="The reply matches this regular expression.")] = None,
+    choice: Annotated[list[str] | None, typer.Option(help="The reply is one of these (repeat the option).")] = None,
 ) -> None:
     """Generate a reply and stream it to the terminal."""
     join_lab(address)
@@ -81,7 +87,8 @@ def generate(
         from shardwise.engine.sampling import SamplingParams
         from shardwise.llm import LLM
 
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                constraint=_constraint(json_schema, regex, choice))
         if collab:
             from shardwise.collab.client import collaborative
 
@@ -107,6 +114,29 @@ def generate(
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted")
+
+
+def _constraint(json_schema: str | None, regex: str | None, choice: list[str] | None):
+    """The grammar --json-schema / --regex / --choice ask for (one of them, or none)."""
+    from shardwise.engine.structured import Constraint
+
+    given = [name for name, v in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice)) if v]
+    if len(given) > 1:
+        raise ShardwiseError(f"give one of --json-schema, --regex or --choice, not {' and '.join(given)}")
+    if regex:
+        return Constraint.regex(regex)
+    if choice:
+        return Constraint.choice(choice)
+    if json_schema == "object":
+        return Constraint.json()
+    if json_schema:
+        try:
+            return Constraint.json(json.loads(Path(json_schema).read_text()))
+        except OSError as e:
+            raise ShardwiseError(f"cannot read the JSON schema file {json_schema} ({e.strerror})") from None
+        except ValueError as e:
+            raise ShardwiseError(f"{json_schema} is not JSON ({e})") from None
+    return None
 
 
 @app.command()

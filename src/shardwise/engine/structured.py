@@ -26,6 +26,9 @@ import torch
 from shardwise.errors import ShardwiseError
 
 Kind = Literal["json", "json_schema", "regex", "choice", "grammar", "structural_tag"]
+# Longer constraints are refused: compile time grows faster than their length (a 45 KB schema of
+# flat properties took 10 s here), and a pipeline's last stage compiles one as the sequence joins.
+MAX_SOURCE_CHARS = 32768
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,9 @@ class Grammars:
     def compile(self, constraint: Constraint):
         """The compiled grammar; a ShardwiseError naming the problem if the constraint is invalid."""
         compiler, source = self.compiler, constraint.source
+        if len(source) > MAX_SOURCE_CHARS:
+            raise ShardwiseError(f"the {constraint.kind.replace('_', ' ')} is {len(source)} characters long, more "
+                                 f"than the {MAX_SOURCE_CHARS} allowed: simplify it")
         try:
             match constraint.kind:
                 case "json":
