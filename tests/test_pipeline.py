@@ -53,7 +53,10 @@ def test_pipeline_outputs_equal_one_process_and_close_kills_the_actors(ray_sessi
         plan = Plan.even(weights.spec, layout)
     else:
         plan = Plan.from_dict({"stages": [{"layers": r} for r in layout]})
-    llm = LLM(plan=plan, dtype="float32", micro_batches=micro_batches)
+    # the 3-stage layout also speculates: every stage runs the drafts as decode rows, the last
+    # verifies, and all rewind the rejected ones
+    speculative = "ngram" if micro_batches == 3 else None
+    llm = LLM(plan=plan, dtype="float32", micro_batches=micro_batches, speculative=speculative)
     pids = list(llm.executor.pids)
     try:
         assert llm.executor.parallelism == (micro_batches or 1)
@@ -62,6 +65,7 @@ def test_pipeline_outputs_equal_one_process_and_close_kills_the_actors(ray_sessi
     finally:
         llm.close()
     assert [o.token_ids for o in outputs] == reference
+    assert not speculative or llm.scheduler.accepted_tokens > 0
     deadline = time.time() + 10
     while time.time() < deadline and any(psutil.pid_exists(p) for p in pids):
         time.sleep(0.2)

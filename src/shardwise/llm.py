@@ -103,7 +103,7 @@ class LLM:
         self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=self.config.max_num_seqs,
                                    max_batch_tokens=self.config.max_batch_tokens, kv_capacity=self.config.kv_tokens,
                                    prefix_cache=PrefixCache() if caching else None,
-                                   policy=make_policy(self.config.policy))
+                                   policy=make_policy(self.config.policy), speculative=self.config.speculative)
         self._ids = itertools.count()
         self._token_text = functools.lru_cache(maxsize=65536)(lambda t: self.tokenizer.hf.decode([t]))
 

@@ -112,12 +112,34 @@ class SequenceSampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: float32 [vocab] -> the next token id."""
-        token = self._pick(self._penalise(logits))
+        logits = self._penalise(logits)
+        token = int(logits.argmax()) if self.params.greedy else self._draw(self._probs(logits))
+        self._took(token)
+        return token
+
+    def verify(self, logits: torch.Tensor, drafts: list[int]) -> list[int]:
+        """Speculative decoding's check of drafted tokens. logits [len(drafts) + 1, vocab]: the
+        model's at each draft's position and after the last draft. Returns the drafts it accepts
+        and one token of the model's own after them: greedy, a draft is accepted while it is the
+        argmax; sampled, with probability p(draft) (rejection sampling for a draft proposed
+        with certainty), and at the first rejection the token is drawn from p without the draft,
+        so every token is distributed exactly as without speculation."""
+        tokens = []
+        for j, row in enumerate(logits):
+            draft = drafts[j] if j < len(drafts) else None
+            row = self._penalise(row)  # the penalties see the tokens accepted before it
+            token = int(row.argmax()) if self.params.greedy else self._draw(self._probs(row), draft)
+            self._took(token)
+            tokens.append(token)
+            if token != draft:
+                break
+        return tokens
+
+    def _took(self, token: int) -> None:
         if self.grammar is not None:
             self.grammar.accept(token)
         if self.params.presence_penalty or self.params.frequency_penalty:
             self.generated[token] += 1
-        return token
 
     def _penalise(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
@@ -145,10 +167,9 @@ class SequenceSampler:
             logits = logits.nan_to_num(nan=-limit, posinf=limit, neginf=-limit)
         return logits
 
-    def _pick(self, logits: torch.Tensor) -> int:
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution a draw follows: temperature, top-k, min-p and top-p applied."""
         p = self.params
-        if p.greedy:
-            return int(logits.argmax())
         # shifted to a maximum of 0 first: a tiny temperature then sends the others to -inf, never
         # the best token to inf (which softmax would turn into NaN)
         logits = (logits - logits.max()) / p.temperature
@@ -164,9 +185,19 @@ class SequenceSampler:
             drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
             drop[0] = False
             probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        return probs.cpu()
+
+    def _draw(self, probs: torch.Tensor, draft: int | None = None) -> int:
+        """One draw from probs, seeded by the draw's index; with a draft, that draft with
+        probability probs[draft], else a draw from the rest."""
         self.generator.manual_seed((self.seed + self.draws * 0x9E3779B97F4A7C15) % 2**63)
         self.draws += 1
-        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+        if draft is not None:
+            if float(torch.rand(1, generator=self.generator)) < float(probs[draft]):
+                return draft
+            probs = probs.clone()
+            probs[draft] = 0.0
+        return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
 class TokenLogprobs(NamedTuple):

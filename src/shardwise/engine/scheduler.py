@@ -46,6 +46,7 @@ from shardwise.engine.kv_cache import BLOCK_SIZE
 from shardwise.engine.policy import FirstComeFirstServed, SkipJoinMLFQ
 from shardwise.engine.prefix_cache import CachedPrefix, PrefixCache, block_keys
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
+from shardwise.engine.speculative import SpeculativeConfig, make_drafter, next_gamma
 from shardwise.errors import Drifted, ShardwiseError, StageFailure
 from shardwise.model.spec import ModelSpec
 from shardwise.model.tokenizer import Detokenizer, Tokenizer
@@ -104,6 +105,7 @@ class Sequence:
         self.paused = False  # outranked: it keeps its KV but is left out of the steps
         self.preemptions = 0  # times it was paused or had its KV given back
         self.level, self.level_tokens, self.last_served = 0, 0, 0.0  # the policy's account of it
+        self.gamma = 0  # how many tokens to draft next (speculative decoding sets and adapts it)
 
     @property
     def resume_at(self) -> int:
@@ -135,10 +137,13 @@ class Sequence:
         known = self.prompt if end <= len(self.prompt) else self.prompt + self.output.token_ids
         return known[self.fed : end]
 
-    def samples_after(self, chunk: list[int]) -> bool:
-        """Whether the step feeding this chunk yields its next token: once the KV holds every
-        token known so far (not while a replay is still catching up)."""
-        return self.fed + len(chunk) >= len(self.prompt) + len(self.output.token_ids)
+    def samples(self, chunk: list[int]) -> int:
+        """What the step feeding this chunk samples for it: 0 while its prompt (or a replay) is
+        not yet all in the KV, 1 for its next token, and 1 + drafts for a decode chunk that ends
+        in drafted tokens (the worker verifies them)."""
+        if self.prefilled:
+            return len(chunk)
+        return int(self.fed + len(chunk) >= len(self.prompt) + len(self.output.token_ids))
 
 
 class Scheduler:
@@ -146,8 +151,12 @@ class Scheduler:
 
     def __init__(self, executor: Any, spec: ModelSpec, tokenizer: Tokenizer, *, max_num_seqs: int,
                  max_batch_tokens: int, kv_capacity: int, prefix_cache: PrefixCache | None = None,
-                 policy: FirstComeFirstServed | SkipJoinMLFQ | None = None):
+                 policy: FirstComeFirstServed | SkipJoinMLFQ | None = None,
+                 speculative: SpeculativeConfig | None = None):
         self.executor, self.spec, self.tokenizer = executor, spec, tokenizer
+        self.speculative = speculative
+        self.drafter = make_drafter(speculative) if speculative else None
+        self.drafted_tokens = self.accepted_tokens = 0  # speculative decoding's drafts, and those accepted
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max(max_batch_tokens, max_num_seqs)
         self.kv_capacity = kv_capacity  # tokens of KV each stage holds for the running sequences
@@ -260,7 +269,7 @@ class Scheduler:
             self._recover(failure)
             return []
         try:
-            tokens, logprobs, errors, _ = self.executor.result(handle)
+            sampled = self.executor.result(handle)
         except StageFailure as failure:
             self._recover(failure)
             return []
@@ -270,27 +279,42 @@ class Scheduler:
         if g == PROBE:
             self.held.popleft()  # they step without trouble alone: back among the others
         events = []
-        for row, ((seq, chunk), token) in enumerate(zip(batch, tokens, strict=True)):
+        more = sampled.more or {}
+        for row, ((seq, chunk), token) in enumerate(zip(batch, sampled.tokens, strict=True)):
             seq.fed += len(chunk)
-            if self.prefix_cache is not None and not seq.aborted and row not in errors:
-                self._keep_blocks(seq)
             if seq.aborted:
                 if not self._in_flight(seq):
                     self._release(seq)
                 continue
-            if row in errors:
-                events.append(self._fail(seq, errors[row]))
+            if row in sampled.errors:
+                events.append(self._fail(seq, sampled.errors[row]))
                 continue
-            if token is None:
-                continue
-            if row in logprobs:
-                seq.output.logprobs.append(logprobs[row])
-            self.policy.served(seq, time.perf_counter())
-            piece = self._append(seq, token)
+            produced = [] if token is None else [token, *more.get(row, ())]
+            if row in more:
+                self._verified(seq, drafted=len(chunk) - 1, accepted=len(produced) - 1)
+            if row in sampled.logprobs:
+                seq.output.logprobs.append(sampled.logprobs[row])
+            if produced:
+                self.policy.served(seq, time.perf_counter())
+            for token in produced:  # an event per token (a verified draft's too)
+                events.append((seq, self._append(seq, token)))
+                if seq.output.finished:
+                    break
+            if self.prefix_cache is not None:
+                self._keep_blocks(seq)
             if seq.output.finished:
                 self._release(seq)
-            events.append((seq, piece))
         return events
+
+    def _verified(self, seq: Sequence, drafted: int, accepted: int) -> None:
+        """After a speculative step: the rejected drafts' KV is dropped on every stage, and the
+        sequence's next draft length adapts to what it accepted."""
+        if accepted < drafted:
+            seq.fed -= drafted - accepted
+            self.executor.rewind(seq.id, seq.fed)
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+        seq.gamma = next_gamma(seq.gamma, drafted, accepted, self.speculative.gamma)
 
     def release_all(self) -> None:
         """Free every running sequence's KV (after an error, or when the caller gives up)."""
@@ -305,7 +329,7 @@ class Scheduler:
     def _submit(self, g: int, batch: list[tuple[Sequence, list[int]]]) -> None:
         if batch:
             handle = self.executor.submit([s.id for s, _ in batch], [c for _, c in batch],
-                                          [s.samples_after(c) for s, c in batch])
+                                          [s.samples(c) for s, c in batch])
             self.in_flight.append((handle, g, batch))
 
     def _isolate(self, g: int, batch: list[tuple[Sequence, list[int]]], error: Exception) -> list[tuple[Sequence, str]]:
@@ -504,16 +528,31 @@ class Scheduler:
         return any(s is seq for _, _, batch in self.in_flight for s, _ in batch)
 
     def _batch(self, running: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
-        """Decodes first (one token each), then prompt chunks while the token budget lasts."""
+        """Decodes first (one token each, and any drafts to verify), then prompt chunks while
+        the token budget lasts."""
         running = [s for s in running if not s.aborted and not s.output.finished and not s.paused]
-        batch = [(s, s.next_chunk(1)) for s in running if s.prefilled]
-        budget = self.max_batch_tokens - len(batch)
+        decoding = [s for s in running if s.prefilled]
+        drafting = self.drafter is not None and len(decoding) <= self.speculative.max_batch
+        batch = [(s, s.next_chunk(1) + (self._drafts(s) if drafting else [])) for s in decoding]
+        budget = self.max_batch_tokens - sum(len(c) for _, c in batch)
         for seq in running:
             if not seq.prefilled and budget > 0:
                 chunk = seq.next_chunk(budget)
                 batch.append((seq, chunk))
                 budget -= len(chunk)
         return batch
+
+    def _drafts(self, seq: Sequence) -> list[int]:
+        """Tokens the drafter proposes to follow a decoding sequence: none for one whose tokens a
+        grammar constrains or that reports logprobs, and never past its max_tokens or the context."""
+        p = seq.params
+        if p.constraint is not None or p.logprobs is not None:
+            return []
+        room = min(p.max_tokens - len(seq.output.token_ids), self.spec.context_length - seq.fed - 1) - 1
+        if room < 1:
+            return []
+        seq.gamma = seq.gamma or self.speculative.gamma
+        return self.drafter.propose(seq.prompt + seq.output.token_ids, min(seq.gamma, room))
 
     def _append(self, seq: Sequence, token: int) -> str:
         out, params = seq.output, seq.params

@@ -157,18 +157,23 @@ class ShardModel:
     # --- compute ------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, seq_ids: list[int], lengths: list[int], inputs: torch.Tensor,
-                logits: Literal["last", "all"] = "last") -> torch.Tensor:
+                logits: Literal["last", "all"] = "last", verify: list[bool] | None = None) -> torch.Tensor:
         """Run the shard on a packed batch.
 
         seq_ids/lengths: the sequences in the batch and how many new tokens each brings.
         inputs: token ids [tokens] at the first shard, hidden states [tokens, hidden] elsewhere.
+        verify: the sequences whose tokens are a decode and its drafts (speculative decoding):
+        each of their tokens runs as a decode row (so the fused decode path takes them) and
+        gets logits.
         Returns hidden states [tokens, hidden], or at the last shard float32 logits for each
-        sequence's last token [sequences, vocab] (every token's with logits="all").
+        sequence's last token [sequences, vocab] (every token's with logits="all"), and for
+        each of a verified sequence's tokens, in order.
         """
         if len(seq_ids) != len(lengths) or sum(lengths) != inputs.shape[0]:
             raise ShardwiseError(f"batch mismatch: {len(seq_ids)} sequences, lengths {lengths}, "
                                  f"{inputs.shape[0]} input tokens")
-        batch = self._pack(seq_ids, lengths)
+        verify = verify or [False] * len(seq_ids)
+        batch = self._pack(seq_ids, lengths, verify)
         x = inputs.to(self.device)
         if self.is_first:
             x = self.embed.dequantize(self.dtype, x) if isinstance(self.embed, QuantizedWeight) else F.embedding(
@@ -187,11 +192,12 @@ class ShardModel:
         if not self.is_last:
             return x
         if logits == "last":
-            ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
-            x = x[ends]
+            ends = itertools.accumulate(lengths)
+            x = x[torch.tensor([i for end, n, all_of in zip(ends, lengths, verify, strict=True)
+                                for i in range(end - (n if all_of else 1), end)], device=self.device)]
         return softcap(self.head(self.norm(x)).float(), self.spec.final_softcap)
 
-    def _pack(self, seq_ids: list[int], lengths: list[int]) -> PackedBatch:
+    def _pack(self, seq_ids: list[int], lengths: list[int], verify: list[bool]) -> PackedBatch:
         kv, device = self.kv, self.device
         starts = [kv.length(seq_id) for seq_id in seq_ids]
         for seq_id, start, length in zip(seq_ids, starts, lengths, strict=True):
@@ -206,16 +212,18 @@ class ShardModel:
         write_slots = torch.empty(offsets[-1], dtype=torch.long)
         chunks = []
         for j, (seq_id, start, length) in enumerate(zip(seq_ids, starts, lengths, strict=True)):
-            if length > 1:
+            if length > 1 and not verify[j]:
                 slots = kv.slots(seq_id, 0, start + length)
                 write_slots[offsets[j] : offsets[j + 1]] = slots[start:]
                 chunks.append((offsets[j], length, slots.to(device)))
-        decoding = [j for j, n in enumerate(lengths) if n == 1]
-        rows = torch.tensor([offsets[j] for j in decoding], dtype=torch.long)
+        # decode rows: one per one-token sequence, and one per token of a verified sequence (each
+        # attends up to its own position; the kernels write every row's K/V before any attends)
+        decoding = [(j, i) for j, n in enumerate(lengths) if n == 1 or verify[j] for i in range(n)]
+        rows = torch.tensor([offsets[j] + i for j, i in decoding], dtype=torch.long)
         grid = torch.empty(0, 0, dtype=torch.long)
-        totals = torch.tensor([starts[j] + 1 for j in decoding], dtype=torch.long)
+        totals = torch.tensor([starts[j] + i + 1 for j, i in decoding], dtype=torch.long)
         if decoding:
-            grid = kv.slot_grid([seq_ids[j] for j in decoding], torch.arange(int(totals.max())))
+            grid = kv.slot_grid([seq_ids[j] for j, _ in decoding], torch.arange(int(totals.max())))
             write_slots[rows] = grid[torch.arange(len(decoding)), totals - 1]
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)]).to(device)
         upto = max(s + n for s, n in zip(starts, lengths, strict=True))

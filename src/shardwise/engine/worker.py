@@ -7,6 +7,7 @@ worker turns logits into token ids, so logits never leave it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -34,6 +35,7 @@ class Sampled(NamedTuple):
     logprobs: dict[int, TokenLogprobs]
     errors: dict[int, str]
     stage_seconds: tuple[float, ...] = ()
+    more: dict[int, list[int]] | None = None  # by row, the tokens after tokens[row] a speculative step gave
 
 
 class Moving(NamedTuple):
@@ -109,12 +111,13 @@ class Worker:
             if self.shard.is_last:
                 self.samplers[seq_id] = next(m.sampler for m in parts if m.sampler is not None)
 
-    def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
+    def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[int],
              hidden: torch.Tensor | None = None) -> torch.Tensor | Sampled:
         """Run one packed step. chunks: each sequence's new token ids (the first worker embeds
-        them; the last one feeds them to the penalties). sample: which sequences need a token
-        this step (those whose prompt is complete). Returns hidden states, or at the last
-        worker what it Sampled."""
+        them; the last one feeds them to the penalties). sample: for each sequence, 0 where it
+        needs no token this step (its prompt is not complete), 1 where it needs one (True and
+        False do), and n > 1 where its chunk ends in n - 1 drafted tokens to verify (speculative
+        decoding). Returns hidden states, or at the last worker what it Sampled."""
         started = time.perf_counter()
         try:
             return self._step(seq_ids, chunks, sample, hidden)
@@ -127,17 +130,25 @@ class Worker:
               hidden: torch.Tensor | None) -> torch.Tensor | Sampled:
         lengths = [len(c) for c in chunks]
         inputs = torch.tensor([t for c in chunks for t in c]) if self.shard.is_first else hidden
-        out = self.shard.forward(seq_ids, lengths, inputs)
+        verify = [n > 1 for n in sample]
+        out = self.shard.forward(seq_ids, lengths, inputs, verify=verify)
         if not self.shard.is_last:
             return out
         for seq_id, chunk in zip(seq_ids, chunks, strict=True):
             self.samplers[seq_id].observe(chunk)
         tokens: list[int | None] = [None] * len(seq_ids)
-        rows = [i for i, wanted in enumerate(sample) if wanted]
-        if not rows:
-            return Sampled(tokens, {}, {})
-        samplers = [self.samplers[seq_ids[i]] for i in rows]
         errors: dict[int, str] = {}
+        more: dict[int, list[int]] = {}
+        if any(verify):  # each verified sequence's rows out, the others' one row kept
+            heads = [len(c) if v else 1 for c, v in zip(chunks, verify, strict=True)]
+            ends = list(itertools.accumulate(heads))
+            for i in (i for i, v in enumerate(verify) if v):
+                self._verify(i, seq_ids[i], out[ends[i] - heads[i]:ends[i]], chunks[i][1:], tokens, more, errors)
+            out = out[[end - 1 for end in ends]]
+        rows = [i for i, n in enumerate(sample) if n == 1]
+        if not rows:
+            return Sampled(tokens, {}, errors, more=more)
+        samplers = [self.samplers[seq_ids[i]] for i in rows]
         masks = self._grammar_masks(rows, samplers, errors)  # on a GPU, while the forward's kernels run
         raw = out if len(rows) == len(out) else out[rows]  # no copy if all
         logits = raw
@@ -158,7 +169,18 @@ class Worker:
             except Exception as e:  # this request's alone: its neighbours keep their tokens
                 log.warning("sampling failed for sequence %d: %s", seq_ids[i], e)
                 errors[i] = f"sampling failed for this request ({type(e).__name__}: {e})"
-        return Sampled(tokens, logprobs, errors)
+        return Sampled(tokens, logprobs, errors, more=more)
+
+    def _verify(self, row: int, seq_id: int, logits: torch.Tensor, drafts: list[int], tokens: list[int | None],
+                more: dict[int, list[int]], errors: dict[int, str]) -> None:
+        """One sequence's drafts checked against the model's logits at their positions."""
+        try:
+            accepted = self.samplers[seq_id].verify(logits, drafts)
+        except Exception as e:  # this request's alone
+            log.warning("verifying drafts failed for sequence %d: %s", seq_id, e)
+            errors[row] = f"sampling failed for this request ({type(e).__name__}: {e})"
+            return
+        tokens[row], more[row] = accepted[0], accepted[1:]
 
     def _grammar_masks(self, rows: list[int], samplers: list[SequenceSampler],
                        errors: dict[int, str]) -> tuple[torch.Tensor, list[int]] | None:

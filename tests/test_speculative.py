@@ -1,0 +1,87 @@
+"""Speculative decoding: prompt-lookup drafts verified in one step (as decode rows, bit for bit the
+logits of one-token steps), greedy output unchanged, sampled output distributed as without
+speculation, KV of rejected drafts dropped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from shardwise import LLM, SamplingParams
+from shardwise.engine.sampling import SequenceSampler
+from shardwise.engine.speculative import NgramDrafter, SpeculativeConfig, next_gamma
+from shardwise.errors import ShardwiseError
+from tests.conftest import TEXT_PROMPTS
+
+CODE = '''def fibonacci(n):
+    if n < 2:
+        return n
+    return fibonacci(n - 1) + fibonacci(n - 2)
+
+
+def factorial(n):
+    if n < 2:
+        return 1
+    return n * factorial(n - 1)
+'''
+EDIT = [{"role": "user", "content": f"Rename the function fibonacci to fib and repeat the whole code:\n\n{CODE}"}]
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    drafter = NgramDrafter(SpeculativeConfig(max_ngram=3, min_ngram=1))
+    assert drafter.propose([1, 2, 3, 4, 9, 7, 2, 3], 3) == [4, 9, 7]  # "2 3" matched, latest first
+    assert drafter.propose([5, 1, 2, 6, 1, 2, 8, 1, 2], 2) == [8, 1]
+    assert drafter.propose([1, 2, 3], 4) == []
+    assert next_gamma(4, 4, 4, 6) == 5 and next_gamma(5, 5, 1, 6) == 2 and next_gamma(2, 2, 0, 6) == 1
+    with pytest.raises(ShardwiseError, match="unknown speculative method"):
+        LLM(speculative="medusa")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int4"])
+def test_verification_rows_give_the_logits_of_one_token_steps(weights, dtype):
+    from shardwise.engine.shard import ShardModel
+
+    shard = ShardModel(weights.spec, weights=weights, dtype=dtype)
+    shard.allocate(0, ())
+    shard.forward([0], [40], torch.arange(40))
+    drafts = [5, 17, 99, 3]
+    together = shard.forward([0], [4], torch.tensor(drafts), verify=[True])
+    shard.kv.rewind(0, 40)
+    one_by_one = torch.cat([shard.forward([0], [1], torch.tensor([t])) for t in drafts])
+    assert torch.equal(together, one_by_one)
+
+
+def test_greedy_speculation_changes_no_token_and_drops_rejected_kv():
+    prompts = [EDIT, [{"role": "user", "content": TEXT_PROMPTS[0]}], [{"role": "user", "content": "Count to 30."}]]
+    params = SamplingParams(max_tokens=60, temperature=0)
+    plain = LLM(dtype="int4")
+    expected = [o.token_ids for o in plain.chat(prompts, params)]
+    plain.close()
+    llm = LLM(dtype="int4", speculative="ngram")
+    try:
+        got = llm.chat(prompts, params)  # speculating and plain decodes share each step
+        assert [o.token_ids for o in got] == expected
+        s = llm.scheduler
+        assert s.drafted_tokens > s.accepted_tokens > 0  # some drafts accepted, some rejected and rewound
+        assert llm.executor.shard.kv.blocks_in_use == 0
+    finally:
+        llm.close()
+
+
+def test_sampled_verification_draws_each_token_from_the_models_distribution():
+    """Rejection sampling of a draft proposed with certainty: the first token is distributed as
+    a plain draw, whichever token was drafted (chi-square over 4000 seeded draws)."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5], [0.0, 0.3, 2.0, 0.1, 0.0, 0.0]])
+    params = SamplingParams(temperature=0.9, top_k=5)
+    expected = SequenceSampler(params)._probs(logits[0]).numpy()
+    for draft in (0, 4):  # a likely draft, and one top-k removes
+        counts = torch.zeros(6)
+        for seed in range(4000):
+            sampler = SequenceSampler(SamplingParams(temperature=0.9, top_k=5, seed=seed))
+            counts[sampler.verify(logits, [draft])[0]] += 1
+        kept = expected > 0
+        assert counts[~torch.tensor(kept)].sum() == 0
+        assert chisquare(counts.numpy()[kept], expected[kept] * 4000).pvalue > 1e-3, counts
+    again = [SequenceSampler(SamplingParams(temperature=0.9, seed=7)).verify(logits, [2]) for _ in range(2)]
+    assert again[0] == again[1]  # seeded: the same draws
