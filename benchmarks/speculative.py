@@ -59,10 +59,10 @@ def main() -> None:
             for batch in (1, 8):
                 speeds = {name: [] for name in engines}
                 outputs = {}
-                spec = engines["ngram"].scheduler
-                before = spec.drafted_tokens, spec.accepted_tokens
                 for llm in engines.values():
                     tokens_per_second(llm, prompt, batch, 16)  # warm up
+                spec = engines["ngram"].scheduler
+                before = spec.drafted_tokens, spec.accepted_tokens
                 for _ in range(args.rounds):
                     for name, llm in engines.items():
                         speed, outputs[name] = tokens_per_second(llm, prompt, batch, args.max_tokens)

@@ -81,9 +81,11 @@ API_KV_TOKENS = 4096
 @pytest.fixture(scope="session")
 def api_server(tmp_path_factory):
     """The server the API and dashboard tests share: the default model on 2 local Ray stages,
-    behind an API key."""
+    behind an API key, speculating with prompt lookup (its greedy and seeded outputs are those
+    of the one-process engine without speculation, which the tests compare them with)."""
     with running_server(tmp_path_factory.mktemp("server") / "log", "--stages", "2", "--api-key", API_KEY,
-                        "--kv-tokens", str(API_KV_TOKENS), "--max-batch-tokens", "64") as url:
+                        "--kv-tokens", str(API_KV_TOKENS), "--max-batch-tokens", "64",
+                        "--speculative", "ngram") as url:
         yield url
 
 

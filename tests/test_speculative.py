@@ -70,8 +70,9 @@ def test_greedy_speculation_changes_no_token_and_drops_rejected_kv():
 
 
 def test_sampled_verification_draws_each_token_from_the_models_distribution():
-    """Rejection sampling of a draft proposed with certainty: the first token is distributed as
-    a plain draw, whichever token was drafted (chi-square over 4000 seeded draws)."""
+    """A draft proposed with certainty is accepted as often as the model would draw it, and
+    the first token is distributed as a plain draw whichever token was drafted (chi-square
+    over 4000 seeded draws)."""
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5], [0.0, 0.3, 2.0, 0.1, 0.0, 0.0]])
     params = SamplingParams(temperature=0.9, top_k=5)
     expected = SequenceSampler(params)._probs(logits[0]).numpy()
@@ -83,5 +84,17 @@ def test_sampled_verification_draws_each_token_from_the_models_distribution():
         kept = expected > 0
         assert counts[~torch.tensor(kept)].sum() == 0
         assert chisquare(counts.numpy()[kept], expected[kept] * 4000).pvalue > 1e-3, counts
-    again = [SequenceSampler(SamplingParams(temperature=0.9, seed=7)).verify(logits, [2]) for _ in range(2)]
-    assert again[0] == again[1]  # seeded: the same draws
+        accepted = sum(SequenceSampler(SamplingParams(temperature=0.9, top_k=5, seed=seed)).verify(
+            logits, [draft])[0] == draft for seed in range(4000))
+        assert abs(accepted / 4000 - expected[draft]) < 0.03
+
+
+def test_seeded_sampling_with_speculation_gives_the_tokens_without_it():
+    params = [SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=seed) for seed in range(3)]
+    outputs = {}
+    for speculative in (None, "ngram"):
+        llm = LLM(dtype="int4", speculative=speculative)
+        outputs[speculative] = [o.token_ids for o in llm.chat([EDIT] * 3, params)]
+        accepted = llm.scheduler.accepted_tokens
+        llm.close()
+    assert outputs["ngram"] == outputs[None] and accepted > 0

@@ -51,6 +51,18 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+SPECULATIVE_OPTION = typer.Option(help="Speculative decoding: ngram (prompt lookup: drafts what followed the "
+                                        "last tokens earlier in the prompt or reply; pays off on code edits, "
+                                        "summaries, retrieval).")
+GAMMA_OPTION = typer.Option(help="With --speculative: most tokens drafted per step.")
+
+
+def _speculative(method: str | None, gamma: int):
+    from shardwise.engine.speculative import SpeculativeConfig
+
+    return SpeculativeConfig(method=method, gamma=gamma) if method else None
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt (a chat message unless --no-chat).")],
@@ -80,6 +92,8 @@ def generate(
         help="The reply is JSON valid against this JSON schema file ('object': any JSON object).")] = None,
     regex: Annotated[str | None, typer.Option(help="The reply matches this regular expression.")] = None,
     choice: Annotated[list[str] | None, typer.Option(help="The reply is one of these (repeat the option).")] = None,
+    speculative: Annotated[str | None, SPECULATIVE_OPTION] = None,
+    gamma: Annotated[int, GAMMA_OPTION] = 4,
 ) -> None:
     """Generate a reply and stream it to the terminal."""
     join_lab(address)
@@ -101,7 +115,7 @@ def generate(
             typer.secho(f"split: {split}" + (f" ({session['note']})" if session["note"] else ""), err=True, dim=True)
         else:
             llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
-                      device=device, dtype=dtype, threads=threads)
+                      device=device, dtype=dtype, threads=threads, speculative=_speculative(speculative, gamma))
         request = prompt if no_chat else [{"role": "user", "content": prompt}]
         try:
             for piece, output in llm.stream_outputs(request, params):  # noqa: B007 (used after the loop)
@@ -183,6 +197,8 @@ def serve(
                                              "preemptive multi-level feedback queue: short requests overtake long "
                                              "ones). Both honour a request's priority (lower first).")]
     = SERVING.policy,
+    speculative: Annotated[str | None, SPECULATIVE_OPTION] = None,
+    gamma: Annotated[int, GAMMA_OPTION] = 4,
     collab_ttl: Annotated[float, typer.Option(help="Seconds a collaborative session may idle before it is "
                                                    "closed and its KV freed.")] = 300.0,
     max_waiting: Annotated[int, typer.Option(help="Sequences that may queue for a slot; more are refused with "
@@ -209,7 +225,8 @@ def serve(
                                       max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens,
                                       stage_timeout=stage_timeout, spare_stages=spare_stages,
                                       drift_threshold=drift_threshold, drift_window_s=drift_window,
-                                      move_kv=move_kv, prefix_cache=prefix_cache, policy=policy)
+                                      move_kv=move_kv, prefix_cache=prefix_cache, policy=policy,
+                                      speculative=_speculative(speculative, gamma))
         limits = ServerLimits(max_waiting=max_waiting, max_queue_time_s=max_queue_time,
                               max_request_sequences=max_request_sequences, max_request_tokens=max_request_tokens,
                               drain_timeout_s=drain_timeout)

@@ -100,6 +100,10 @@ class LLM:
         self.weights = self._open(model)
         self.executor = (executor or in_process)(self)
         caching = self.config.prefix_cache and getattr(self.executor, "prefix_caching", False)
+        if self.config.speculative and not getattr(self.executor, "speculation", False):
+            self.close()
+            raise ShardwiseError("speculative decoding runs in one process or on a Ray pipeline, not in a "
+                                 "collaborative session: leave out speculative")
         self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=self.config.max_num_seqs,
                                    max_batch_tokens=self.config.max_batch_tokens, kv_capacity=self.config.kv_tokens,
                                    prefix_cache=PrefixCache() if caching else None,
@@ -264,7 +268,8 @@ class LLM:
                                            "prefix_hit_tokens": cache.hit_tokens, "prefix_cached_blocks": cache.blocks}
         return EngineLoad(s.num_running, len(s.waiting), s.waiting[0].output.arrival_time if s.waiting else None,
                           s.kv_reserved, s.kv_capacity, s.stage_failures, s.recoveries, s.replayed_tokens,
-                          s.last_recovery_s, s.replans, self.executor.timing(), s.preemptions, **cached)
+                          s.last_recovery_s, s.replans, self.executor.timing(), s.preemptions,
+                          spec_draft_tokens=s.drafted_tokens, spec_accepted_tokens=s.accepted_tokens, **cached)
 
     def events(self) -> list[dict[str, Any]]:
         """The latest stage losses, recoveries and errors an operator should see."""
@@ -308,3 +313,5 @@ class EngineLoad:
     prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hit_tokens: int = 0  # of them, found cached (not prefilled)
     prefix_cached_blocks: int = 0  # KV blocks the prefix cache holds
+    spec_draft_tokens: int = 0  # tokens drafted for speculative decoding
+    spec_accepted_tokens: int = 0  # of them, accepted by the model

@@ -202,7 +202,7 @@ class Pipeline:
         return max(1, cls._cores(node) // sum(n["NodeID"] == node["NodeID"] for n in nodes))
 
     # --- the executor interface ---------------------------------------------------------------
-    prefix_caching = True
+    prefix_caching = speculation = True
 
     def add(self, seq_id: int, params: SamplingParams, generated: list[int] = (),
             prefix: CachedPrefix | None = None) -> None:

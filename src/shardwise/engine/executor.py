@@ -21,6 +21,7 @@ class SynchronousExecutor:
 
     parallelism = 1
     prefix_caching = False  # whether add() takes a cached prefix, and keep() / evict() exist
+    speculation = False  # whether a step can verify drafted tokens (speculative decoding)
     moving = None  # a move to a new plan under way (a pipeline's: see Pipeline.move_to); never here
 
     def submit(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool]) -> Sampled | Exception:
@@ -47,7 +48,7 @@ class SynchronousExecutor:
 class LocalExecutor(SynchronousExecutor):
     """The whole model in this process."""
 
-    prefix_caching = True
+    prefix_caching = speculation = True
 
     def __init__(self, worker: Worker):
         self.worker = worker

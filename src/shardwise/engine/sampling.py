@@ -119,19 +119,20 @@ class SequenceSampler:
 
     def verify(self, logits: torch.Tensor, drafts: list[int]) -> list[int]:
         """Speculative decoding's check of drafted tokens. logits [len(drafts) + 1, vocab]: the
-        model's at each draft's position and after the last draft. Returns the drafts it accepts
-        and one token of the model's own after them: greedy, a draft is accepted while it is the
-        argmax; sampled, with probability p(draft) (rejection sampling for a draft proposed
-        with certainty), and at the first rejection the token is drawn from p without the draft,
-        so every token is distributed exactly as without speculation."""
+        model's at each draft's position and after the last draft. Each position draws its
+        token as a plain step would (the same seeded draw); a draft is accepted while it equals
+        that token. Returns the accepted drafts and the model's token after them. For drafts
+        proposed with certainty (prompt lookup, a greedy draft model) this is rejection
+        sampling: a draft is accepted with probability p(draft), and a rejected one is replaced
+        by a draw from p without it. And the output is token for token the one without
+        speculation, greedy or seeded."""
         tokens = []
         for j, row in enumerate(logits):
-            draft = drafts[j] if j < len(drafts) else None
             row = self._penalise(row)  # the penalties see the tokens accepted before it
-            token = int(row.argmax()) if self.params.greedy else self._draw(self._probs(row), draft)
+            token = int(row.argmax()) if self.params.greedy else self._draw(self._probs(row))
             self._took(token)
             tokens.append(token)
-            if token != draft:
+            if j == len(drafts) or token != drafts[j]:
                 break
         return tokens
 
@@ -187,16 +188,10 @@ class SequenceSampler:
             probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
         return probs.cpu()
 
-    def _draw(self, probs: torch.Tensor, draft: int | None = None) -> int:
-        """One draw from probs, seeded by the draw's index; with a draft, that draft with
-        probability probs[draft], else a draw from the rest."""
+    def _draw(self, probs: torch.Tensor) -> int:
+        """One draw from probs, seeded by the draw's index."""
         self.generator.manual_seed((self.seed + self.draws * 0x9E3779B97F4A7C15) % 2**63)
         self.draws += 1
-        if draft is not None:
-            if float(torch.rand(1, generator=self.generator)) < float(probs[draft]):
-                return draft
-            probs = probs.clone()
-            probs[draft] = 0.0
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 

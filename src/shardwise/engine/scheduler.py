@@ -137,13 +137,14 @@ class Sequence:
         known = self.prompt if end <= len(self.prompt) else self.prompt + self.output.token_ids
         return known[self.fed : end]
 
-    def samples(self, chunk: list[int]) -> int:
-        """What the step feeding this chunk samples for it: 0 while its prompt (or a replay) is
-        not yet all in the KV, 1 for its next token, and 1 + drafts for a decode chunk that ends
-        in drafted tokens (the worker verifies them)."""
-        if self.prefilled:
+    def samples(self, chunk: list[int]) -> bool | int:
+        """What the step feeding this chunk samples for it: whether it yields its next token
+        (once the KV holds every token known so far, not while a replay is still catching up),
+        or for a decode chunk that ends in drafted tokens, their number + 1 (the worker
+        verifies them)."""
+        if self.prefilled and len(chunk) > 1:
             return len(chunk)
-        return int(self.fed + len(chunk) >= len(self.prompt) + len(self.output.token_ids))
+        return self.fed + len(chunk) >= len(self.prompt) + len(self.output.token_ids)
 
 
 class Scheduler:

@@ -52,6 +52,10 @@ class Metrics:
                                     "Prefix cache hits over queries, in tokens, since the start.").labels(**labels)
         self.prefix_blocks = make(Gauge, "prefix_cache_blocks", "KV blocks the prefix cache holds.").labels(**labels)
         self.generation_tokens = make(Counter, "generation_tokens", "Tokens generated.").labels(**labels)
+        self.spec_drafts = make(Counter, "spec_decode_num_draft_tokens",
+                                "Tokens drafted for speculative decoding.").labels(**labels)
+        self.spec_accepted = make(Counter, "spec_decode_num_accepted_tokens",
+                                  "Drafted tokens the model accepted.").labels(**labels)
         self._success = make(Counter, "request_success", "Finished sequences by reason.",
                              extra_labels=["finished_reason"])
         self.stage_failures = make(Counter, "stage_failures", "Pipeline stages lost (died or hung).").labels(**labels)
