@@ -241,14 +241,18 @@ def test_cli_generate_with_stages_and_plan(tmp_path, weights):
         (Path(temp) / "ray").mkdir()
         (Path(temp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
         # int4: the stages load the file's own blocks in a fraction of fp32's time
+        # (the reply follows a JSON schema: the last stage masks the tokens)
+        schema = tmp_path / "capital.json"
+        schema.write_text(json.dumps({"type": "object", "required": ["capital"], "additionalProperties": False,
+                                      "properties": {"capital": {"type": "string", "maxLength": 20}}}))
         result = subprocess.run([sys.executable, "-m", "shardwise.cli", "-v", "generate",
-                                 "What is the capital of France?", "--stages", "2", "--max-tokens", "12", "--dtype",
-                                 "int4"], capture_output=True, text=True, timeout=300,
+                                 "What is the capital of France?", "--stages", "2", "--max-tokens", "16", "--dtype",
+                                 "int4", "--json-schema", str(schema)], capture_output=True, text=True, timeout=300,
                                 env={**os.environ, "RAY_TMPDIR": temp})
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Paris" in result.stdout
+    assert json.loads(result.stdout) == {"capital": "Paris"}
     # --verbose: each stage says, as it loads, which kernels it loaded and each range's product
     loaded = [line for line in result.stderr.splitlines() if "products by rows" in line]
     assert len(loaded) == 2 and all("qkv 1-8 q4 direct, 9-128 q4 tile" in line for line in loaded), result.stderr

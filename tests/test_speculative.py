@@ -52,21 +52,24 @@ def test_verification_rows_give_the_logits_of_one_token_steps(weights, dtype):
     assert torch.equal(together, one_by_one)
 
 
-def test_greedy_speculation_changes_no_token_and_drops_rejected_kv():
+@pytest.fixture(scope="module")
+def engines():
+    """int4 engines without and with speculation."""
+    plain, speculating = LLM(dtype="int4"), LLM(dtype="int4", speculative="ngram")
+    yield plain, speculating
+    plain.close()
+    speculating.close()
+
+
+def test_greedy_speculation_changes_no_token_and_drops_rejected_kv(engines):
+    plain, llm = engines
     prompts = [EDIT, [{"role": "user", "content": TEXT_PROMPTS[0]}], [{"role": "user", "content": "Count to 30."}]]
     params = SamplingParams(max_tokens=60, temperature=0)
-    plain = LLM(dtype="int4")
-    expected = [o.token_ids for o in plain.chat(prompts, params)]
-    plain.close()
-    llm = LLM(dtype="int4", speculative="ngram")
-    try:
-        got = llm.chat(prompts, params)  # speculating and plain decodes share each step
-        assert [o.token_ids for o in got] == expected
-        s = llm.scheduler
-        assert s.drafted_tokens > s.accepted_tokens > 0  # some drafts accepted, some rejected and rewound
-        assert llm.executor.shard.kv.blocks_in_use == 0
-    finally:
-        llm.close()
+    got = llm.chat(prompts, params)  # speculating and plain decodes share each step
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain.chat(prompts, params)]
+    s = llm.scheduler
+    assert s.drafted_tokens > s.accepted_tokens > 0  # some drafts accepted, some rejected and rewound
+    assert llm.executor.shard.kv.blocks_in_use == 0
 
 
 def test_sampled_verification_draws_each_token_from_the_models_distribution():
@@ -89,12 +92,9 @@ def test_sampled_verification_draws_each_token_from_the_models_distribution():
         assert abs(accepted / 4000 - expected[draft]) < 0.03
 
 
-def test_seeded_sampling_with_speculation_gives_the_tokens_without_it():
+def test_seeded_sampling_with_speculation_gives_the_tokens_without_it(engines):
+    plain, llm = engines
     params = [SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=seed) for seed in range(3)]
-    outputs = {}
-    for speculative in (None, "ngram"):
-        llm = LLM(dtype="int4", speculative=speculative)
-        outputs[speculative] = [o.token_ids for o in llm.chat([EDIT] * 3, params)]
-        accepted = llm.scheduler.accepted_tokens
-        llm.close()
-    assert outputs["ngram"] == outputs[None] and accepted > 0
+    accepted = llm.scheduler.accepted_tokens
+    assert [o.token_ids for o in llm.chat([EDIT] * 3, params)] == [o.token_ids for o in plain.chat([EDIT] * 3, params)]
+    assert llm.scheduler.accepted_tokens > accepted

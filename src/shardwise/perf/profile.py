@@ -151,7 +151,10 @@ def engine_steps(spec: ModelSpec, weights, device: torch.device, dtype: str | No
 def _step_points(worker: Worker, layers: int) -> list[tuple[dict[str, Any], Callable[[], Any]]]:
     """(work point, one step of it) for prefills of one prompt and decode steps of a batch at
     DECODE_CONTEXT (and LONG_CONTEXT) cached tokens (each step's token is rewound, so repeats
-    keep the context)."""
+    keep the context). The decodes' context is only counted as cached, not prefilled: what a
+    decode step costs depends on how many cached tokens it reads, not on their values, and
+    prefilling thousands of tokens took a quick profile's longest stretch (minutes on a
+    throttled node)."""
     points, ids = [], itertools.count()
 
     def prefill(tokens: int) -> None:
@@ -173,7 +176,8 @@ def _step_points(worker: Worker, layers: int) -> list[tuple[dict[str, Any], Call
         seqs = [next(ids) for _ in range(batch)]
         for seq in seqs:
             worker.add(seq, SamplingParams(temperature=0))
-        worker.step(seqs, [[1] * context] * batch, [True] * batch)
+            worker.shard.kv.reserve(seq, context)
+            worker.shard.kv.advance(seq, context)
         points.append(({"layers": layers, "batch": batch, "new": 1, "context": context},
                        lambda s=seqs, c=context: decode(s, c)))
     return points
