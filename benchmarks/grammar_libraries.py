@@ -166,7 +166,9 @@ def main() -> None:
     tokenizer = Tokenizer(resolve(DEFAULT_MODEL))
     vocab = len(tokenizer.hf)
     print(f"{DEFAULT_MODEL}: vocabulary {vocab}; medians of {args.rounds}")
-    print(f"{'library':<14} {'schema':<8} {'compile ms':>11} {'mask us/step b1':>16} {'mask us/step b32':>17}")
+    print(f"{'library':<14} {'schema':<8} {'compile ms':>11} {'mask us/step b1':>16} {'mask us/step b32':>17}"
+          f"{'masks vs xgrammar b1 / b32':>29}")
+    first: dict[str, dict] = {}  # the first library's results (xgrammar's), by schema: the ratios' base
     for make in (XGrammar, LLGuidance, OutlinesCore):
         try:
             lib = make(tokenizer.hf, vocab)
@@ -175,8 +177,10 @@ def main() -> None:
             continue
         for name, (schema, document) in SCHEMAS.items():
             r = time_library(lib, tokenizer, schema, document, args.rounds)
+            base = first.setdefault(name, r)
             print(f"{lib.name:<14} {name:<8} {r['compile_ms']:>11.1f} {r['mask_us_b1']:>16.0f} "
-                  f"{r['mask_us_b32']:>17.0f}")
+                  f"{r['mask_us_b32']:>17.0f} {r['mask_us_b1'] / base['mask_us_b1']:>19.2f}x / "
+                  f"{r['mask_us_b32'] / base['mask_us_b32']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,8 @@ BAD_REQUESTS = [
             "name": "g"}}}, 400, None),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [
         {"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}}, 400, None),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}], "guided_json": "{not json"}, 400, None),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "18 C"}]}, 400,
      "invalid_parameter"),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, None),

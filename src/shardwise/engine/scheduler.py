@@ -46,7 +46,7 @@ from shardwise.engine.kv_cache import BLOCK_SIZE
 from shardwise.engine.policy import FirstComeFirstServed, SkipJoinMLFQ
 from shardwise.engine.prefix_cache import CachedPrefix, PrefixCache, block_keys
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
-from shardwise.engine.speculative import SpeculativeConfig, make_drafter, next_gamma
+from shardwise.engine.speculative import NgramDrafter, SpeculativeConfig, next_gamma
 from shardwise.errors import Drifted, ShardwiseError, StageFailure
 from shardwise.model.spec import ModelSpec
 from shardwise.model.tokenizer import Detokenizer, Tokenizer
@@ -105,7 +105,7 @@ class Sequence:
         self.paused = False  # outranked: it keeps its KV but is left out of the steps
         self.preemptions = 0  # times it was paused or had its KV given back
         self.level, self.level_tokens, self.last_served = 0, 0, 0.0  # the policy's account of it
-        self.gamma = 0  # how many tokens to draft next (speculative decoding sets and adapts it)
+        self.gamma = 0  # how many tokens to draft next (speculative decoding adapts it)
 
     @property
     def resume_at(self) -> int:
@@ -156,7 +156,7 @@ class Scheduler:
                  speculative: SpeculativeConfig | None = None):
         self.executor, self.spec, self.tokenizer = executor, spec, tokenizer
         self.speculative = speculative
-        self.drafter = make_drafter(speculative) if speculative else None
+        self.drafter = NgramDrafter(speculative) if speculative else None
         self.drafted_tokens = self.accepted_tokens = 0  # speculative decoding's drafts, and those accepted
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max(max_batch_tokens, max_num_seqs)
@@ -198,7 +198,9 @@ class Scheduler:
                                  f"lower max_tokens or shorten the prompt")
         if params.seed is None and not params.greedy:  # fixed now, so a replay draws the same tokens
             params = replace(params, seed=random.getrandbits(63))
-        return Sequence(seq_id, prompt_ids, params, self.tokenizer, kv_tokens, priority)
+        seq = Sequence(seq_id, prompt_ids, params, self.tokenizer, kv_tokens, priority)
+        seq.gamma = self.speculative.gamma if self.speculative else 0
+        return seq
 
     def add(self, seq: Sequence) -> None:
         self.policy.enter(seq, time.perf_counter())
@@ -552,7 +554,6 @@ class Scheduler:
         room = min(p.max_tokens - len(seq.output.token_ids), self.spec.context_length - seq.fed - 1) - 1
         if room < 1:
             return []
-        seq.gamma = seq.gamma or self.speculative.gamma
         return self.drafter.propose(seq.prompt + seq.output.token_ids, min(seq.gamma, room))
 
     def _append(self, seq: Sequence, token: int) -> str:

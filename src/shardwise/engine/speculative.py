@@ -51,10 +51,6 @@ class NgramDrafter:
         return []
 
 
-def make_drafter(config: SpeculativeConfig) -> NgramDrafter:
-    return NgramDrafter(config)
-
-
 def next_gamma(gamma: int, drafted: int, accepted: int, limit: int) -> int:
     """A sequence's next draft length: one more after every draft was accepted, else just past
     what was (a sequence whose drafts keep failing drafts one token at a time)."""

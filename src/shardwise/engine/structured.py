@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from shardwise.errors import ShardwiseError
@@ -168,10 +169,10 @@ class SequenceGrammar:
         """Write the tokens allowed next into bitmask[row]. Once the grammar has ended (its stop
         token drawn, e.g. under ignore_eos) only stop tokens are allowed."""
         if self.matcher.is_terminated():
-            bitmask[row] = 0
+            words = bitmask[row].numpy().view(np.uint32)  # (the same memory, bits unsigned)
+            words[:] = 0
             for stop in self.matcher.stop_token_ids:
-                word = int(bitmask[row, stop // 32]) & 0xFFFFFFFF | 1 << stop % 32
-                bitmask[row, stop // 32] = word - (1 << 32 if word >= 1 << 31 else 0)  # as int32
+                words[stop // 32] |= np.uint32(1 << stop % 32)
         else:
             self.matcher.fill_next_token_bitmask(bitmask, row)
 

@@ -117,17 +117,19 @@ class Detokenizer:
             at = self.text.find(s, max(0, self.emitted - len(s)))
             if at != -1:
                 self.text, self.stopped, final = self.text[:at], True, True
-        end = len(self.text) if final else len(self.text) - self._partial_stop()
+        end = len(self.text) if final else len(self.text) - partial_marker(self.text, self.stop)
         piece = self.text[self.emitted : end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return piece
 
-    def _partial_stop(self) -> int:
-        """Length of the longest tail of the text that begins some stop string."""
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
+
+def partial_marker(text: str, markers: list[str]) -> int:
+    """Length of the longest tail of text that begins some marker (a stop string, a tag): what
+    to hold back until the next text says whether the marker follows."""
+    best = 0
+    for m in markers:
+        for n in range(min(len(m) - 1, len(text)), best, -1):
+            if text.endswith(m[:n]):
+                best = n
+                break
+    return best

@@ -152,9 +152,6 @@ def create_app(llm: LLM, *, api_key: str | None = None, limits: ServerLimits | N
             tools = tool_constraint(body)
         except ValueError as e:
             raise ApiError(400, str(e), param="tool_choice") from None
-        if tools and body.constraint():
-            raise ApiError(400, "a reply cannot follow both tools and a response format: drop one, or set "
-                                "tool_choice to 'none'", param="response_format")
         messages, native_tools = chat_messages(body, llm.tokenizer.renders_tools)
         try:
             prompt = await run_in_threadpool(llm.chat_ids, messages, native_tools)
@@ -188,14 +185,17 @@ def create_app(llm: LLM, *, api_key: str | None = None, limits: ServerLimits | N
                              "shorten the prompt, or split the request", param=where, code="request_too_large")
 
     # --- generation -------------------------------------------------------------------------------
-    async def output_rules(body: GenerationRequest, constraint: Constraint | None) -> tuple[Constraint | None, Any]:
+    async def output_rules(body: GenerationRequest, tools: Constraint | None) -> tuple[Constraint | None, Any]:
         """The grammar (compiled here first: an invalid one is a 400 naming why) and the logit
-        biases a request's output follows."""
+        biases a request's output follows; tools: the grammar of its tool calls, if any."""
         try:
-            constraint = constraint or body.constraint()
-            bias = body.bias()
+            asked, bias = body.constraint(), body.bias()
         except ValueError as e:
             raise ApiError(400, str(e), param="response_format") from None
+        if tools and asked:
+            raise ApiError(400, "a reply cannot follow both tools and a response format: drop one, or set "
+                                "tool_choice to 'none'", param="response_format")
+        constraint = tools or asked
         beyond = [t for t in bias or () if t >= spec.vocab_size]
         if beyond:
             raise ApiError(400, f"logit_bias names token {beyond[0]}, beyond this model's vocabulary of "

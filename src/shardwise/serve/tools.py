@@ -20,6 +20,7 @@ import uuid
 from typing import Any
 
 from shardwise.engine.structured import Constraint
+from shardwise.model.tokenizer import partial_marker
 from shardwise.serve.protocol import ChatCompletionRequest, ChatMessage
 
 START, END = "<tool_call>", "</tool_call>"
@@ -131,7 +132,7 @@ class ToolCallParser:
             else:
                 start = self.pending.find(START)
                 if start < 0:
-                    keep = _partial(self.pending, START)
+                    keep = partial_marker(self.pending, [START])
                     content += self.pending[:len(self.pending) - keep]
                     self.pending = self.pending[len(self.pending) - keep:]
                     break
@@ -156,14 +157,6 @@ class ToolCallParser:
         self.calls += 1
         return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                 "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
-
-
-def _partial(text: str, tag: str) -> int:
-    """Length of the longest tail of text that begins tag."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
 
 
 def split_reply(text: str) -> tuple[str | None, list[dict]]:
