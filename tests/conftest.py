@@ -81,11 +81,12 @@ API_KV_TOKENS = 4096
 @pytest.fixture(scope="session")
 def api_server(tmp_path_factory):
     """The server the API and dashboard tests share: the default model on 2 local Ray stages,
-    behind an API key, speculating with prompt lookup (its greedy and seeded outputs are those
-    of the one-process engine without speculation, which the tests compare them with)."""
+    behind an API key, speculating with drafts from its own weights as int4 in the server's
+    process, verified through the stages (its greedy and seeded outputs are those of the
+    one-process engine without speculation, which the tests compare them with)."""
     with running_server(tmp_path_factory.mktemp("server") / "log", "--stages", "2", "--api-key", API_KEY,
                         "--kv-tokens", str(API_KV_TOKENS), "--max-batch-tokens", "64",
-                        "--speculative", "ngram") as url:
+                        "--draft", "int4") as url:
         yield url
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from shardwise import LLM, SamplingParams, ShardModel, ShardwiseError
+from shardwise.engine.speculative import ModelDrafter
 from shardwise.engine.worker import Worker
 from shardwise.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec
 from shardwise.model.weights import open_weights
@@ -266,6 +267,31 @@ def test_decode_in_one_kernel_call_equals_layer_by_layer(model, dtype):
         logits = fused.forward(ids, [1] * len(ids), tokens)
         assert torch.equal(logits, by_layer.forward(ids, [1] * len(ids), tokens))
         tokens = logits.argmax(-1)
+
+
+def test_a_draft_model_drafts_the_greedy_continuation_and_one_step_verifies_it(model):
+    """The model drafting for itself (speculative decoding's draft-model path) proposes its own
+    greedy continuation, keeping its KV in step as the history grows or rewinds; and the drafts
+    checked in one step get the logits of one-token steps (bit for bit where decode steps run
+    in one kernel call)."""
+    _, path = model
+    target, draft = shards(path)[0], shards(path)[0]
+    prompt = prompts()[2]
+    expected = greedy([target], [prompt], 12)[0]
+    drafter = ModelDrafter(draft)
+    assert drafter.propose([(0, prompt, 6)]) == [expected[:6]]
+    assert drafter.propose([(0, prompt + expected[:8], 4)]) == [expected[8:12]]  # past its drafts
+    assert drafter.propose([(0, prompt + expected[:2], 3)]) == [expected[2:5]]  # back before them
+    target.allocate(0)
+    target.forward([0], [len(prompt) - 1], torch.tensor(prompt[:-1]))
+    together = target.forward([0], [7], torch.tensor([prompt[-1], *expected[:6]]), verify=[True])
+    assert together.argmax(-1).tolist() == expected[:7]
+    target.kv.rewind(0, len(prompt) - 1)
+    one_by_one = torch.cat([target.forward([0], [1], torch.tensor([t])) for t in [prompt[-1], *expected[:6]]])
+    if target.fused is not None:
+        assert torch.equal(together, one_by_one)
+    else:  # the layer-by-layer path's products and attention round as any batch of rows does
+        torch.testing.assert_close(together, one_by_one, rtol=1e-5, atol=1e-5)
 
 
 def test_sequences_move_to_a_new_split_of_the_layers_with_their_kv_bit_for_bit(model):

@@ -180,8 +180,27 @@ def test_chunked_prefill_and_speculative_decoding():
     good = estimate(spec, dep, input_tokens=512, output_tokens=64, draft=Draft(draft, gamma=4, acceptance=0.8))
     bad = estimate(spec, dep, input_tokens=512, output_tokens=64, draft=Draft(draft, gamma=4, acceptance=0.0))
     base = estimate(spec, dep, input_tokens=512, output_tokens=64)
-    assert Draft(draft, 4, 0.8).tokens_per_cycle == pytest.approx((1 - 0.8**5) / 0.2)
+    assert Draft(draft, 4, 0.8).tokens_per_cycle == pytest.approx(1 + 4 * 0.8)  # accepted over drafted: 0.8
     assert good.tpot_s < base.tpot_s < bad.tpot_s
+
+
+def test_a_weight_formats_own_matmul_efficiency_times_its_products():
+    """A profile measures int4 products apart (they read less but unpack what they read): the
+    estimator times int4 matmuls of up to the rows measured by that curve, the rest by the float one."""
+    from dataclasses import replace
+
+    spec, int4 = load_spec("smollm2-135m"), Precision("int4", "fp32", "fp32")
+    float_only = replace(load_device("x86-cpu"), matmul_efficiency=[[1, 0.5], [512, 0.5]])
+    measured = replace(float_only, format_matmul_efficiency={"int4": [[1, 0.05], [32, 0.05]]})
+
+    def step(device: DeviceSpec, work: Work) -> float:
+        return step_time(spec, Deployment.single(spec, device), work, int4).latency
+
+    assert step(measured, Work.decode(1, 64)) > 3 * step(float_only, Work.decode(1, 64))
+    assert step(measured, Work.prefill(1, 256)) == step(float_only, Work.prefill(1, 256))
+    fp32 = Precision("fp32", "fp32", "fp32")
+    assert step_time(spec, Deployment.single(spec, measured), Work.decode(1, 64), fp32).latency == step_time(
+        spec, Deployment.single(spec, float_only), Work.decode(1, 64), fp32).latency
 
 
 def test_bad_deployments_are_named():
@@ -250,6 +269,7 @@ def test_profile_measures_this_machine_and_feeds_estimate(machine_profile):
     (dev,) = data["devices"]
     assert dev["flops"]["fp32"] > 1e9 and dev["bandwidth"] > 1e9 and dev["memory_bytes"] > 1e9
     assert len(dev["matmul_efficiency"]) >= 5 and all(e > 0 for _, e in dev["matmul_efficiency"])
+    assert all(e > 0 for _, e in dev["format_matmul_efficiency"]["int4"])  # int4 products, measured apart
     per_layer = dev["measured"]["per_layer"]
     assert per_layer and all(p["seconds"] > 0 for p in per_layer)
     (link,) = data["links"]

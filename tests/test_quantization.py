@@ -175,7 +175,7 @@ def test_silu_mul_kernel_matches_torch():
 def test_each_format_keeps_quality(weights, hf_dir, llm):
     """Perplexity on a fixed text within the stated tolerance of fp32, for the model file's own
     blocks and for blocks rounded from fp32 safetensors; greedy agreement with fp32 is reported
-    for the integer formats (bf16's agreement is test_loading's)."""
+    for int8 (bf16's agreement is test_loading's)."""
     ids = llm.tokenizer.encode(TEXT.read_text())
     reference = perplexity(llm.executor.shard, ids)
     greedy = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
@@ -190,7 +190,7 @@ def test_each_format_keeps_quality(weights, hf_dir, llm):
         ppl = perplexity(ShardModel(source_weights.spec, weights=source_weights, dtype=dtype), ids)
         rows.append(f"{source:12} {dtype:9} perplexity {ppl:7.3f} ({ppl / reference - 1:+.2%})")
         assert ppl <= reference * (1 + TOLERANCE[dtype]), rows[-1]
-        if dtype.startswith("int"):
+        if dtype == "int8":  # (int4's agreement: test_speculative's int4 drafts, accepted by the fp32 model)
             engine = LLM(model, dtype=dtype)
             same = agreement(expected, [o.token_ids for o in engine.generate(prompts, greedy)])
             engine.close()

@@ -196,13 +196,14 @@ def test_metrics_are_exported_like_vllms(server, client):
     assert m["shardwise:time_per_output_token_seconds_count"] >= 3
     assert m["shardwise:prompt_tokens_total"] >= 1 and m["shardwise:generation_tokens_total"] >= 4
     assert m["shardwise:num_requests_waiting"] == 0 and 0 <= m["shardwise:kv_cache_usage_perc"] <= 1
-    # the server speculates: a reply that repeats its prompt accepts drafts, and /metrics counts them
+    # the server speculates: its int4 drafts are accepted, and /metrics counts them
     before = m["shardwise:spec_decode_num_accepted_tokens_total"]
     client.completions.create(model=MODEL, prompt="one two three four five. one two three four five. one two",
                               max_tokens=12, temperature=0)
     m = metrics(server)
     assert m["shardwise:spec_decode_num_draft_tokens_total"] >= m["shardwise:spec_decode_num_accepted_tokens_total"]
     assert m["shardwise:spec_decode_num_accepted_tokens_total"] > before
+    assert m["shardwise:spec_decode_draft_seconds_total"] > 0
 
 
 def test_a_resent_prompt_hits_the_prefix_cache_and_metrics_count_it(server, client):

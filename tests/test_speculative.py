@@ -30,12 +30,12 @@ EDIT = [{"role": "user", "content": f"Rename the function fibonacci to fib and r
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match():
     drafter = NgramDrafter(SpeculativeConfig(max_ngram=3, min_ngram=1))
-    assert drafter.propose([1, 2, 3, 4, 9, 7, 2, 3], 3) == [4, 9, 7]  # "2 3" matched, latest first
-    assert drafter.propose([5, 1, 2, 6, 1, 2, 8, 1, 2], 2) == [8, 1]
-    assert drafter.propose([1, 2, 3], 4) == []
+    assert drafter.lookup([1, 2, 3, 4, 9, 7, 2, 3], 3) == [4, 9, 7]  # "2 3" matched, latest first
+    assert drafter.lookup([5, 1, 2, 6, 1, 2, 8, 1, 2], 2) == [8, 1]
+    assert drafter.lookup([1, 2, 3], 4) == []
     assert next_gamma(4, 4, 4, 6) == 5 and next_gamma(5, 5, 1, 6) == 2 and next_gamma(2, 2, 0, 6) == 1
-    with pytest.raises(ShardwiseError, match="unknown speculative method"):
-        LLM(speculative="medusa")
+    with pytest.raises(ShardwiseError, match="medusa"):
+        LLM(speculative="medusa")  # neither a drafter nor a model
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int4"])
@@ -70,6 +70,47 @@ def test_greedy_speculation_changes_no_token_and_drops_rejected_kv(engines):
     s = llm.scheduler
     assert s.drafted_tokens > s.accepted_tokens > 0  # some drafts accepted, some rejected and rewound
     assert llm.executor.shard.kv.blocks_in_use == 0
+
+
+@pytest.fixture(scope="module")
+def self_drafting(llm):
+    """The fp32 engine, and one drafting with its own weights as int4."""
+    drafting = LLM(dtype="float32", speculative="int4")
+    yield llm, drafting
+    drafting.close()
+
+
+def test_int4_self_draft_changes_no_token_greedy_or_seeded(self_drafting):
+    plain, llm = self_drafting
+    prompts = [[{"role": "user", "content": TEXT_PROMPTS[1]}], [{"role": "user", "content": "Count to 20."}]]
+    params = [SamplingParams(max_tokens=40, temperature=0), SamplingParams(max_tokens=40, temperature=0.8, seed=3)]
+    assert [o.token_ids for o in llm.chat(prompts, params)] == [o.token_ids for o in plain.chat(prompts, params)]
+    s = llm.scheduler
+    assert s.accepted_tokens > 0.6 * s.drafted_tokens  # int4 drafts mostly agree with fp32
+    assert s.drafter.shard.kv.sequences() == []  # the draft KV went with the sequences
+    s.drafter.shard, shard = None, s.drafter.shard  # a drafter that fails: the steps go on without drafts
+    assert llm.chat(prompts[0], params[0])[0].token_ids == plain.chat(prompts[0], params[0])[0].token_ids
+    s.drafter.shard = shard
+    with pytest.raises(ShardwiseError, match="cheaper format"):
+        LLM(dtype="int4", speculative="int4")
+
+
+def test_a_smaller_draft_model_must_share_the_vocabulary(llm, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=64)
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, **small)).save_pretrained(tmp_path / "other")
+    with pytest.raises(ShardwiseError, match="vocabulary of 256"):
+        LLM(dtype="int4", speculative=str(tmp_path / "other"))
+    torch.manual_seed(0)  # a random draft: mostly rejected, and a context shorter than the model's
+    LlamaForCausalLM(LlamaConfig(vocab_size=llm.spec.vocab_size, **small)).save_pretrained(tmp_path / "draft")
+    drafting = LLM(dtype="float32", speculative=str(tmp_path / "draft"))
+    params = SamplingParams(max_tokens=40, temperature=0)
+    prompt = [{"role": "user", "content": "Count to 20."}]
+    assert drafting.chat(prompt, params)[0].token_ids == llm.chat(prompt, params)[0].token_ids
+    assert drafting.scheduler.drafted_tokens > 0
+    drafting.close()
 
 
 def test_sampled_verification_draws_each_token_from_the_models_distribution():

@@ -51,16 +51,18 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-SPECULATIVE_OPTION = typer.Option(help="Speculative decoding: ngram (prompt lookup: drafts what followed the "
-                                        "last tokens earlier in the prompt or reply; pays off on code edits, "
-                                        "summaries, retrieval).")
-GAMMA_OPTION = typer.Option(help="With --speculative: most tokens drafted per step.")
+DRAFT_OPTION = typer.Option("--draft", "--speculative", help=(
+    "Speculative decoding, drafted by: int4 (the model's own weights in a cheaper format, for float32 or "
+    "bfloat16 weights), a model with the same vocabulary, or ngram (prompt lookup: what followed the last "
+    "tokens earlier in the prompt or reply; pays off on code edits, summaries, retrieval)."))
+GAMMA_OPTION = typer.Option(help="With --draft: most tokens drafted per step (default: 8 for a draft model, "
+                                  "4 for ngram).")
 
 
-def _speculative(method: str | None, gamma: int):
+def _speculative(draft: str | None, gamma: int | None):
     from shardwise.engine.speculative import SpeculativeConfig
 
-    return SpeculativeConfig(method=method, gamma=gamma) if method else None
+    return SpeculativeConfig(draft=draft, gamma=gamma) if draft else None
 
 
 @app.command()
@@ -92,8 +94,8 @@ def generate(
         help="The reply is JSON valid against this JSON schema file ('object': any JSON object).")] = None,
     regex: Annotated[str | None, typer.Option(help="The reply matches this regular expression.")] = None,
     choice: Annotated[list[str] | None, typer.Option(help="The reply is one of these (repeat the option).")] = None,
-    speculative: Annotated[str | None, SPECULATIVE_OPTION] = None,
-    gamma: Annotated[int, GAMMA_OPTION] = 4,
+    draft: Annotated[str | None, DRAFT_OPTION] = None,
+    gamma: Annotated[int | None, GAMMA_OPTION] = None,
 ) -> None:
     """Generate a reply and stream it to the terminal."""
     join_lab(address)
@@ -115,7 +117,7 @@ def generate(
             typer.secho(f"split: {split}" + (f" ({session['note']})" if session["note"] else ""), err=True, dim=True)
         else:
             llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
-                      device=device, dtype=dtype, threads=threads, speculative=_speculative(speculative, gamma))
+                      device=device, dtype=dtype, threads=threads, speculative=_speculative(draft, gamma))
         request = prompt if no_chat else [{"role": "user", "content": prompt}]
         try:
             for piece, output in llm.stream_outputs(request, params):  # noqa: B007 (used after the loop)
@@ -197,8 +199,8 @@ def serve(
                                              "preemptive multi-level feedback queue: short requests overtake long "
                                              "ones). Both honour a request's priority (lower first).")]
     = SERVING.policy,
-    speculative: Annotated[str | None, SPECULATIVE_OPTION] = None,
-    gamma: Annotated[int, GAMMA_OPTION] = 4,
+    draft: Annotated[str | None, DRAFT_OPTION] = None,
+    gamma: Annotated[int | None, GAMMA_OPTION] = None,
     collab_ttl: Annotated[float, typer.Option(help="Seconds a collaborative session may idle before it is "
                                                    "closed and its KV freed.")] = 300.0,
     max_waiting: Annotated[int, typer.Option(help="Sequences that may queue for a slot; more are refused with "
@@ -226,7 +228,7 @@ def serve(
                                       stage_timeout=stage_timeout, spare_stages=spare_stages,
                                       drift_threshold=drift_threshold, drift_window_s=drift_window,
                                       move_kv=move_kv, prefix_cache=prefix_cache, policy=policy,
-                                      speculative=_speculative(speculative, gamma))
+                                      speculative=_speculative(draft, gamma))
         limits = ServerLimits(max_waiting=max_waiting, max_queue_time_s=max_queue_time,
                               max_request_sequences=max_request_sequences, max_request_tokens=max_request_tokens,
                               drain_timeout_s=drain_timeout)
@@ -335,9 +337,11 @@ def estimate(
     = None,
     cached: Annotated[int, typer.Option(help="Prefix caching: how many of each prompt's first tokens are cached "
                                              "(only the rest is prefilled).")] = 0,
-    draft: Annotated[str | None, typer.Option(help="Speculative decoding: the draft model.")] = None,
+    draft: Annotated[str | None, typer.Option(help="Speculative decoding, drafted by: a weight format of the model's "
+                                                   "own weights (int4), a draft model, or ngram.")] = None,
     gamma: Annotated[int, typer.Option(help="Draft tokens per verification.")] = 4,
-    accept: Annotated[float, typer.Option(help="Probability that a draft token is accepted.")] = 0.7,
+    accept: Annotated[float, typer.Option(help="The fraction of drafted tokens accepted (as /metrics counts "
+                                               "them: accepted over drafted).")] = 0.7,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     plot: Annotated[str | None, typer.Option(help="Write a roofline and time-breakdown PNG here.")] = None,
 ) -> None:

@@ -32,12 +32,13 @@ class EngineConfig:
     prefix_cache: bool = True
     # which sequences run first: fcfs (arrival order), or mlfq (FastServe's preemptive skip-join MLFQ)
     policy: str = "fcfs"
-    # speculative decoding: "ngram" (prompt lookup) or a SpeculativeConfig; None: off
+    # speculative decoding's drafter: "ngram" (prompt lookup), a cheaper format of the model's own
+    # weights ("int4"), a model with the same vocabulary, or a SpeculativeConfig; None: off
     speculative: SpeculativeConfig | str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative, str):
-            object.__setattr__(self, "speculative", SpeculativeConfig(method=self.speculative))
+            object.__setattr__(self, "speculative", SpeculativeConfig(draft=self.speculative))
         if min(self.max_num_seqs, self.max_batch_tokens, self.kv_tokens) < 1 or self.stage_timeout <= 0:
             raise ShardwiseError("max_num_seqs, max_batch_tokens and kv_tokens must each be at least 1, and "
                                  "stage_timeout positive")

@@ -22,7 +22,8 @@ from shardwise.engine.policy import make_policy
 from shardwise.engine.prefix_cache import PrefixCache
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.scheduler import RequestOutput, Scheduler, Sequence
-from shardwise.engine.shard import ShardModel
+from shardwise.engine.shard import WEIGHT_DTYPES, ShardModel, default_dtype, resolve_device
+from shardwise.engine.speculative import Drafter, ModelDrafter, NgramDrafter
 from shardwise.engine.structured import model_grammars
 from shardwise.engine.worker import Worker
 from shardwise.errors import ShardwiseError
@@ -98,6 +99,7 @@ class LLM:
             torch.set_num_threads(self.config.threads)
         self.executor = None
         self.weights = self._open(model)
+        drafter = self._drafter()  # (a bad draft fails before any stage starts)
         self.executor = (executor or in_process)(self)
         caching = self.config.prefix_cache and getattr(self.executor, "prefix_caching", False)
         if self.config.speculative and not getattr(self.executor, "speculation", False):
@@ -107,7 +109,8 @@ class LLM:
         self.scheduler = Scheduler(self.executor, self.spec, self.tokenizer, max_num_seqs=self.config.max_num_seqs,
                                    max_batch_tokens=self.config.max_batch_tokens, kv_capacity=self.config.kv_tokens,
                                    prefix_cache=PrefixCache() if caching else None,
-                                   policy=make_policy(self.config.policy), speculative=self.config.speculative)
+                                   policy=make_policy(self.config.policy), speculative=self.config.speculative,
+                                   drafter=drafter)
         self._ids = itertools.count()
         self._token_text = functools.lru_cache(maxsize=65536)(lambda t: self.tokenizer.hf.decode([t]))
 
@@ -121,6 +124,31 @@ class LLM:
         self.grammars = model_grammars(self.path, weights)
         self.name = self.path.stem if Path(model).exists() else str(model)
         return weights
+
+    def _drafter(self) -> Drafter | None:
+        """Speculative decoding's drafter, in this process: prompt lookup, this model's own
+        weights in a cheaper format, or another model with the same vocabulary."""
+        s, c = self.config.speculative, self.config
+        if s is None:
+            return None
+        if s.draft == "ngram":
+            return NgramDrafter(s)
+        if s.draft in WEIGHT_DTYPES:
+            if s.draft == (c.dtype or default_dtype(resolve_device(c.device))):
+                raise ShardwiseError(f"the draft would be the model itself ({s.draft} weights): draft with a cheaper "
+                                     "format (e.g. int4 for float32 weights), a smaller model, or ngram")
+            weights, dtype = self.weights, s.draft
+        else:
+            try:
+                weights, dtype = open_weights(resolve(s.draft)), None
+            except ShardwiseError as e:
+                raise ShardwiseError(f"unknown drafter '{s.draft}': use ngram, a weight format ("
+                                     f"{', '.join(WEIGHT_DTYPES)}) or a model with the same vocabulary ({e})") from None
+            if weights.spec.vocab_size != self.spec.vocab_size:
+                raise ShardwiseError(f"the draft model '{s.draft}' has a vocabulary of {weights.spec.vocab_size} "
+                                     f"tokens, the model {self.spec.vocab_size}: a draft model must share the "
+                                     "model's tokenizer")
+        return ModelDrafter(ShardModel(weights.spec, weights=weights, device=c.device, dtype=dtype))
 
     # --- public API ---------------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
@@ -269,7 +297,8 @@ class LLM:
         return EngineLoad(s.num_running, len(s.waiting), s.waiting[0].output.arrival_time if s.waiting else None,
                           s.kv_reserved, s.kv_capacity, s.stage_failures, s.recoveries, s.replayed_tokens,
                           s.last_recovery_s, s.replans, self.executor.timing(), s.preemptions,
-                          spec_draft_tokens=s.drafted_tokens, spec_accepted_tokens=s.accepted_tokens, **cached)
+                          spec_draft_tokens=s.drafted_tokens, spec_accepted_tokens=s.accepted_tokens,
+                          spec_draft_seconds=s.draft_s, **cached)
 
     def events(self) -> list[dict[str, Any]]:
         """The latest stage losses, recoveries and errors an operator should see."""
@@ -315,3 +344,4 @@ class EngineLoad:
     prefix_cached_blocks: int = 0  # KV blocks the prefix cache holds
     spec_draft_tokens: int = 0  # tokens drafted for speculative decoding
     spec_accepted_tokens: int = 0  # of them, accepted by the model
+    spec_draft_seconds: float = 0.0  # spent drafting them

@@ -46,7 +46,7 @@ from shardwise.engine.kv_cache import BLOCK_SIZE
 from shardwise.engine.policy import FirstComeFirstServed, SkipJoinMLFQ
 from shardwise.engine.prefix_cache import CachedPrefix, PrefixCache, block_keys
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
-from shardwise.engine.speculative import NgramDrafter, SpeculativeConfig, next_gamma
+from shardwise.engine.speculative import Drafter, SpeculativeConfig, next_gamma
 from shardwise.errors import Drifted, ShardwiseError, StageFailure
 from shardwise.model.spec import ModelSpec
 from shardwise.model.tokenizer import Detokenizer, Tokenizer
@@ -153,11 +153,13 @@ class Scheduler:
     def __init__(self, executor: Any, spec: ModelSpec, tokenizer: Tokenizer, *, max_num_seqs: int,
                  max_batch_tokens: int, kv_capacity: int, prefix_cache: PrefixCache | None = None,
                  policy: FirstComeFirstServed | SkipJoinMLFQ | None = None,
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | None = None, drafter: Drafter | None = None):
         self.executor, self.spec, self.tokenizer = executor, spec, tokenizer
-        self.speculative = speculative
-        self.drafter = NgramDrafter(speculative) if speculative else None
+        if (speculative is None) != (drafter is None):
+            raise ShardwiseError("speculative decoding needs both its config and a drafter")
+        self.speculative, self.drafter = speculative, drafter
         self.drafted_tokens = self.accepted_tokens = 0  # speculative decoding's drafts, and those accepted
+        self.draft_s = 0.0  # seconds spent drafting
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max(max_batch_tokens, max_num_seqs)
         self.kv_capacity = kv_capacity  # tokens of KV each stage holds for the running sequences
@@ -526,6 +528,8 @@ class Scheduler:
                 group.remove(seq)
                 self.executor.free(seq.id)
                 self._let_go(seq)
+        if self.drafter is not None:
+            self.drafter.release(seq.id)
 
     def _in_flight(self, seq: Sequence) -> bool:
         return any(s is seq for _, _, batch in self.in_flight for s, _ in batch)
@@ -536,7 +540,8 @@ class Scheduler:
         running = [s for s in running if not s.aborted and not s.output.finished and not s.paused]
         decoding = [s for s in running if s.prefilled]
         drafting = self.drafter is not None and len(decoding) <= self.speculative.max_batch
-        batch = [(s, s.next_chunk(1) + (self._drafts(s) if drafting else [])) for s in decoding]
+        drafts = self._drafts(decoding) if drafting else {}
+        batch = [(s, s.next_chunk(1) + drafts.get(s.id, [])) for s in decoding]
         budget = self.max_batch_tokens - sum(len(c) for _, c in batch)
         for seq in running:
             if not seq.prefilled and budget > 0:
@@ -545,16 +550,25 @@ class Scheduler:
                 budget -= len(chunk)
         return batch
 
-    def _drafts(self, seq: Sequence) -> list[int]:
-        """Tokens the drafter proposes to follow a decoding sequence: none for one whose tokens a
-        grammar constrains or that reports logprobs, and never past its max_tokens or the context."""
-        p = seq.params
-        if p.constraint is not None or p.logprobs is not None:
-            return []
-        room = min(p.max_tokens - len(seq.output.token_ids), self.spec.context_length - seq.fed - 1) - 1
-        if room < 1:
-            return []
-        return self.drafter.propose(seq.prompt + seq.output.token_ids, min(seq.gamma, room))
+    def _drafts(self, decoding: list[Sequence]) -> dict[int, list[int]]:
+        """By sequence id, the tokens the drafter proposes to follow each decoding sequence: none
+        for one whose tokens a grammar constrains or that reports logprobs, and never past its
+        max_tokens or the context."""
+        wanted = []
+        for seq in decoding:
+            p = seq.params
+            room = min(p.max_tokens - len(seq.output.token_ids), self.spec.context_length - seq.fed - 1) - 1
+            if p.constraint is None and p.logprobs is None and room >= 1:
+                wanted.append((seq.id, seq.prompt + seq.output.token_ids, min(seq.gamma, room)))
+        started = time.perf_counter()
+        try:
+            drafts = self.drafter.propose(wanted) if wanted else []
+        except Exception as e:  # drafts only ever save time: the step goes on without them
+            log.warning("drafting failed (%s: %s); this step runs without drafts", type(e).__name__, e)
+            return {}
+        finally:
+            self.draft_s += time.perf_counter() - started
+        return {seq_id: tokens for (seq_id, _, _), tokens in zip(wanted, drafts, strict=True)}
 
     def _append(self, seq: Sequence, token: int) -> str:
         out, params = seq.output, seq.params

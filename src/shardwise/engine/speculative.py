@@ -1,46 +1,81 @@
 """Speculative decoding: a drafter proposes a sequence's next tokens cheaply, and one step of the
 model checks them all (SamplingParams' sampler accepts or rejects each: lossless).
 
-The drafter here is prompt lookup (n-gram): the continuation of the most recent earlier place
-where the sequence's last n tokens occurred, in its prompt or its output. It needs no second
-model and pays off where the output repeats its input (code edits, summaries, retrieval).
+Two drafters share one interface (propose for a batch of sequences, release a finished one):
+- prompt lookup (n-gram): the continuation of the most recent earlier place where the
+  sequence's last n tokens occurred, in its prompt or its output. No second model; pays off
+  where the output repeats its input (code edits, summaries, retrieval).
+- a draft model of the same vocabulary, greedy: by default the target's own weights in a
+  cheaper format (int4 drafting for fp32), or a smaller model. It keeps a KV cache of its own
+  in the driver's process.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import Protocol
 
+import torch
+
+from shardwise.engine.shard import ShardModel
 from shardwise.errors import ShardwiseError
 
-METHODS = ("ngram",)
+# (sequence id, its tokens so far, most tokens to draft)
+Wanted = tuple[int, list[int], int]
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """method: the drafter. gamma: most tokens drafted per step (each sequence adapts below it
-    to what it accepts). ngram: the longest and shortest runs of tokens prompt lookup matches.
-    max_batch: sequences speculate only while at most this many decode (a bigger batch keeps
-    the cores busy already, and every rejected draft's compute is lost)."""
+    """draft: "ngram" (prompt lookup), a weight format of the model's own weights (int4, int8,
+    bfloat16, float32) or a model (catalog name, .gguf or HF directory) with the same vocabulary.
+    gamma: most tokens drafted per step (each sequence adapts below it to what it accepts);
+    None: 8 for a draft model (int4 drafts agree with the fp32 model's greedy tokens nearly
+    always, and a longer run pays for the verification step), 4 for prompt lookup. ngram: the
+    longest and shortest runs of tokens prompt lookup matches. max_batch: sequences speculate
+    only while at most this many decode (a bigger batch keeps the cores busy already, and
+    every rejected draft's compute is lost); None: 2 for a draft model (measured on a 2-core
+    CPU: at batch 4 its drafts cost what they save), 8 for prompt lookup (its drafts are free)."""
 
-    method: str = "ngram"
-    gamma: int = 4
+    draft: str = "ngram"
+    gamma: int | None = None
     max_ngram: int = 4
     min_ngram: int = 2
-    max_batch: int = 8
+    max_batch: int | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ShardwiseError(f"unknown speculative method '{self.method}': use one of {', '.join(METHODS)}")
+        lookup = self.draft == "ngram"
+        if self.gamma is None:
+            object.__setattr__(self, "gamma", 4 if lookup else 8)
+        if self.max_batch is None:
+            object.__setattr__(self, "max_batch", 8 if lookup else 2)
+        if not self.draft:
+            raise ShardwiseError("speculative decoding needs a drafter: ngram, a weight format such as int4, "
+                                 "or a model with the same vocabulary")
         if self.gamma < 1 or not 1 <= self.min_ngram <= self.max_ngram or self.max_batch < 1:
             raise ShardwiseError("speculative decoding needs gamma >= 1, 1 <= min_ngram <= max_ngram and "
                                  f"max_batch >= 1, got {self}")
+
+
+class Drafter(Protocol):
+    def propose(self, wanted: list[Wanted]) -> list[list[int]]:
+        """For each sequence, up to its count of tokens likely to follow its tokens."""
+
+    def release(self, seq_id: int) -> None:
+        """Forget a sequence (it ended, or gave its KV back)."""
 
 
 class NgramDrafter:
     def __init__(self, config: SpeculativeConfig):
         self.max_ngram, self.min_ngram = config.max_ngram, config.min_ngram
 
-    def propose(self, tokens: list[int], count: int) -> list[int]:
+    def propose(self, wanted: list[Wanted]) -> list[list[int]]:
+        return [self.lookup(tokens, count) for _, tokens, count in wanted]
+
+    def release(self, seq_id: int) -> None:
+        pass  # it holds nothing
+
+    def lookup(self, tokens: list[int], count: int) -> list[int]:
         """Up to `count` tokens that followed the most recent earlier occurrence of the longest
         run of tokens (max_ngram down to min_ngram long) that `tokens` ends with."""
         for size in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
@@ -49,6 +84,63 @@ class NgramDrafter:
                 if tokens[start] == tail[0] and tokens[start:start + size] == tail:
                     return tokens[start + size:start + size + count]
         return []
+
+
+class ModelDrafter:
+    """Greedy drafts from a whole model in this process. Its KV follows each sequence's tokens:
+    before drafting it keeps what still agrees with them (its accepted drafts) and runs only
+    the rest, so a sequence costs one prefill and then a few tokens per step."""
+
+    # a catch-up this short runs as decode rows (the fused decode path takes them)
+    SHORT = 8
+
+    def __init__(self, shard: ShardModel):
+        if not (shard.is_first and shard.is_last):
+            raise ShardwiseError("a draft model must hold every layer")
+        self.shard = shard
+        self.seen: dict[int, list[int]] = {}  # the tokens each sequence's draft KV holds
+
+    def propose(self, wanted: list[Wanted]) -> list[list[int]]:
+        context = self.shard.spec.context_length  # (a smaller draft model's may be shorter)
+        wanted = [(seq_id, tokens, min(count, context - len(tokens))) for seq_id, tokens, count in wanted]
+        feeds = [self._catch_up(seq_id, tokens) if count > 0 else [] for seq_id, tokens, count in wanted]
+        drafts: list[list[int]] = [[] for _ in wanted]
+        active = [i for i, (_, _, count) in enumerate(wanted) if count > 0]
+        while active:
+            picks = self._forward([wanted[i][0] for i in active], [feeds[i] for i in active])
+            for i, token in zip(active, picks, strict=True):
+                self.seen[wanted[i][0]] += feeds[i]
+                drafts[i].append(token)
+                feeds[i] = [token]
+            active = [i for i in active if len(drafts[i]) < wanted[i][2]]
+        return drafts
+
+    def release(self, seq_id: int) -> None:
+        if self.seen.pop(seq_id, None) is not None:
+            self.shard.free(seq_id)
+
+    def _catch_up(self, seq_id: int, tokens: list[int]) -> list[int]:
+        """The tokens to run for a sequence: those past what its KV holds that still agrees
+        (at least its last, whose logits give the first draft)."""
+        seen = self.seen.get(seq_id)
+        if seen is None:
+            self.shard.allocate(seq_id)
+            seen = self.seen[seq_id] = []
+        keep = next((i for i, (a, b) in enumerate(zip(seen, tokens, strict=False)) if a != b),
+                    min(len(seen), len(tokens)))
+        keep = min(keep, len(tokens) - 1)
+        self.shard.kv.rewind(seq_id, keep)
+        del seen[keep:]
+        return tokens[keep:]
+
+    def _forward(self, seq_ids: list[int], feeds: list[list[int]]) -> list[int]:
+        """Each sequence's most likely next token after its feed."""
+        short = [len(f) <= self.SHORT for f in feeds]
+        logits = self.shard.forward(seq_ids, [len(f) for f in feeds], torch.tensor([t for f in feeds for t in f]),
+                                    verify=short)
+        rows = [len(f) if s else 1 for f, s in zip(feeds, short, strict=True)]
+        last = [end - 1 for end in itertools.accumulate(rows)]
+        return logits[last].argmax(-1).tolist()
 
 
 def next_gamma(gamma: int, drafted: int, accepted: int, limit: int) -> int:

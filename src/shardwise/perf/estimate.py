@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from shardwise.errors import ShardwiseError
@@ -71,7 +71,7 @@ def time_operator(op: Operator, device: DeviceSpec, link: LinkSpec = SAME_DEVICE
     compute_eff, memory_eff = device.compute_efficiency, device.memory_efficiency
     if op.kind == "attention":
         compute_eff, memory_eff = compute_eff * device.attention_efficiency, memory_eff * device.attention_efficiency
-    measured = device.matmul_efficiency_at(op.rows) if op.kind == "matmul" else None
+    measured = device.matmul_efficiency_at(op.rows, op.weights) if op.kind == "matmul" else None
     if measured:
         compute_eff = memory_eff = measured
     compute = op.flops / (device.peak_flops(op.dtype) * compute_eff)
@@ -197,17 +197,20 @@ def shared_host_busy(stage_seconds: list[float], hosts: list | None) -> list[flo
 
 @dataclass(frozen=True)
 class Draft:
-    """Speculative decoding: a draft model proposes gamma tokens, each accepted with probability acceptance."""
+    """Speculative decoding: gamma tokens drafted per step, of which the fraction `acceptance`
+    is accepted (accepted over drafted, as the engine's /metrics counts them). spec: the draft
+    model (None: prompt lookup, whose drafting costs nothing next to a step); weights: the draft's
+    weight format (None: the model's, e.g. "int4" drafting with the model's own weights)."""
 
-    spec: ModelSpec
+    spec: ModelSpec | None
     gamma: int = 4
     acceptance: float = 0.7
+    weights: str | None = None
 
     @property
     def tokens_per_cycle(self) -> float:
-        """Expected tokens per verification: accepted drafts plus the target's own token."""
-        a = self.acceptance
-        return self.gamma + 1 if a >= 1 else (1 - a ** (self.gamma + 1)) / (1 - a)
+        """Expected tokens per verification: accepted drafts plus the model's own token."""
+        return 1 + self.gamma * self.acceptance
 
 
 @dataclass
@@ -277,14 +280,18 @@ def estimate(spec: ModelSpec, deployment: Deployment, *, batch: int = 1, input_t
 
     decode = step_time(spec, deployment, Work.decode(ub, context), p)
     tpot = decode.cycle(m)
+    draft_prefill = 0.0  # a draft model's own prefill of the prompts, before its first drafts
     if draft:
-        draft_stage = Stage(first, 0, draft.spec.num_layers)
-        ttft += stage_time(draft.spec, draft_stage, Work.prefill(batch, input_tokens), p)
-        proposing = draft.gamma * stage_time(draft.spec, draft_stage, Work.decode(batch, context), p)
+        proposing = 0.0
+        if draft.spec is not None:  # drafted on the first stage's device, at the draft's precision
+            dp = replace(p, weights=draft.weights) if draft.weights else p
+            draft_stage = Stage(first, 0, draft.spec.num_layers)
+            draft_prefill = stage_time(draft.spec, draft_stage, Work.prefill(batch, input_tokens), dp)
+            proposing = draft.gamma * stage_time(draft.spec, draft_stage, Work.decode(batch, context), dp)
         verifying = step_time(spec, deployment, Work.decode(ub, context, new=draft.gamma + 1), p).cycle(m)
         tpot = (proposing + verifying) / draft.tokens_per_cycle
 
-    e2e = ttft + (output_tokens - 1) * tpot
+    e2e = ttft + draft_prefill + (output_tokens - 1) * tpot
     stages = _stage_reports(spec, deployment, p, batch, ub, input_tokens + output_tokens, prefill_work,
                             prefill, decode)
     memory = {part: sum(s["memory"][part] * s["devices"] for s in stages)
@@ -303,7 +310,8 @@ def estimate(spec: ModelSpec, deployment: Deployment, *, batch: int = 1, input_t
         inputs={"model": spec.name, "batch": batch, "input_tokens": input_tokens, "cached_tokens": cached_tokens,
                 "output_tokens": output_tokens,
                 "precision": asdict(p), "micro_batches": m, "chunk": chunk,
-                "draft": {"model": draft.spec.name, "gamma": draft.gamma, "acceptance": draft.acceptance}
+                "draft": {"model": draft.spec.name if draft.spec else "ngram", "weights": draft.weights,
+                          "gamma": draft.gamma, "acceptance": draft.acceptance}
                 if draft else None},
         operators={"prefill": prefill.operators[0], "decode": decode.operators[0]},
     )

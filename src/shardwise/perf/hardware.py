@@ -63,6 +63,9 @@ class DeviceSpec:
     # measured share of the roofline that matmuls reach, by rows (tokens): [[rows, efficiency], ...];
     # small-row matmuls often fall far below it. Empty: compute/memory efficiency apply.
     matmul_efficiency: list[list[float]] = field(default_factory=list)
+    # the same, measured for weights kept in a quantised format ({"int4": [[rows, efficiency], ...]}):
+    # a format's products read fewer bytes but unpack them, so they reach their own share of the roofline
+    format_matmul_efficiency: dict[str, list[list[float]]] = field(default_factory=dict)
     default_dtype: str = "bf16"
     source: str = ""
     measured: dict[str, Any] = field(default_factory=dict)  # what profile measured, for the record
@@ -76,11 +79,15 @@ class DeviceSpec:
                 return self.flops[candidate]
         raise ShardwiseError(f"device '{self.name}' lists no FLOP/s for {dtype} or fp32")
 
-    def matmul_efficiency_at(self, rows: int) -> float | None:
-        """The measured matmul efficiency at a row count, interpolated in log rows."""
-        if not self.matmul_efficiency:
+    def matmul_efficiency_at(self, rows: int, weights: str = "") -> float | None:
+        """The measured matmul efficiency at a row count, interpolated in log rows, for weights
+        in this format where it was measured apart."""
+        curve = self.format_matmul_efficiency.get(weights)
+        if not curve or rows > curve[-1][0]:  # (more rows than measured: a format runs as float GEMMs)
+            curve = self.matmul_efficiency
+        if not curve:
             return None
-        points = np.array(self.matmul_efficiency, dtype=float)
+        points = np.array(curve, dtype=float)
         return float(np.interp(np.log2(max(rows, 1)), np.log2(points[:, 0]), points[:, 1]))
 
     def to_dict(self) -> dict[str, Any]:

@@ -85,6 +85,7 @@ class Operator:
     kv_bytes: float = 0.0
     dtype: str = "bf16"  # the dtype whose peak FLOP/s applies
     rows: int = 0  # a matmul's rows (tokens): small ones run below the roofline on many devices
+    weights: str = ""  # a matmul's weight format (its measured efficiency may differ by format)
     collective: str = ""  # all-reduce, all-gather or all-to-all
     participants: int = 1
     message_bytes: float = 0.0  # per participant
@@ -104,7 +105,7 @@ def _matmul(name: str, tokens: int, k: int, n: int, p: Precision, *, weights: fl
     w = (k * n + (n if bias else 0)) if weights is None else weights
     ab = dtype_bytes(p.activations)
     return Operator(name, "matmul", 2.0 * tokens * k * n, w * dtype_bytes(p.weights),
-                    tokens * (k + n) * ab, dtype=p.matmul_dtype, rows=tokens)
+                    tokens * (k + n) * ab, dtype=p.matmul_dtype, rows=tokens, weights=p.weights)
 
 
 def _vector(name: str, flops: float, elements_moved: float, p: Precision, weights: float = 0) -> Operator:

@@ -27,8 +27,9 @@ from shardwise.engine.shard import ShardModel, resolve_device
 from shardwise.engine.worker import Worker
 from shardwise.model.spec import ModelSpec
 from shardwise.perf.estimate import Stage, stage_operators
-from shardwise.perf.hardware import DeviceSpec, LinkSpec, canonical_dtype
+from shardwise.perf.hardware import DeviceSpec, LinkSpec, canonical_dtype, dtype_bytes
 from shardwise.perf.operators import Precision, Work
+from shardwise.quant.quantized import BITS, quantize
 
 # The engine work profile measures: prefill of one prompt, and decode steps at a cached context,
 # spread over the range users run (and apart from the points benchmarks check it on).
@@ -95,6 +96,8 @@ def read_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int =
 
 
 MATMUL_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+FORMAT_ROWS = (1, 2, 4, 8, 16, 32)
+MEASURED_FORMATS = ("int4",)  # the quantised format users run (int8 is estimated with the float curve)
 CACHE_BUSTING_BYTES = 256 << 20
 
 
@@ -103,30 +106,52 @@ def engine_matmuls(spec: ModelSpec, raw: DeviceSpec, device: torch.device, dtype
     """The engine's matmuls on one layer's weight shapes at each row count: raw's roofline raised
     to the best rates they reach (a streaming product can read faster than a reduction, a model's
     GEMM run faster than a square one), and their efficiency by rows against it (median times,
-    as the engine's steps are timed)."""
+    as the engine's steps are timed); then the same products with the weights in each quantised
+    format of MEASURED_FORMATS (their blocks are read with less bandwidth, but unpacked at a
+    cost), each format's efficiency against the same roofline, at FORMAT_ROWS (decode and
+    verification steps; past them a format's products run as float GEMMs)."""
+    rows, flops, nbytes, times = _product_times(spec, device, dtype, None, rounds, progress)
+    peak = max(raw.flops[raw.default_dtype], *(f / t for f, t in zip(flops, times, strict=True)))
+    bandwidth = max(raw.bandwidth, *(b / t for b, t in zip(nbytes, times, strict=True)))
+
+    def curve(rows: list[int], flops: list[float], nbytes: list[float], times: list[float]) -> list[list[float]]:
+        return [[n, max(f / peak, b / bandwidth) / t] for n, f, b, t in zip(rows, flops, nbytes, times, strict=True)]
+
+    formats = {name: curve(*_product_times(spec, device, dtype, BITS[name], rounds, progress))
+               for name in MEASURED_FORMATS}
+    return DeviceSpec(**{**raw.to_dict(), "flops": {**raw.flops, raw.default_dtype: peak}, "bandwidth": bandwidth,
+                         "matmul_efficiency": curve(rows, flops, nbytes, times), "format_matmul_efficiency": formats})
+
+
+def _product_times(spec: ModelSpec, device: torch.device, dtype: str, bits: int | None, rounds: int,
+                   progress: Progress) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Row counts, and the FLOPs, bytes and median seconds of one layer's products at each: the
+    weights float (bits None) at MATMUL_ROWS, or in blocks of `bits` at FORMAT_ROWS."""
     from shardwise.engine.shard import DTYPES
     from shardwise.model.product import product
 
     h, i = spec.hidden_size, spec.intermediate_size
     shapes = [(spec.q_size + 2 * spec.kv_size, h), (h, spec.q_size), (2 * i, h), (h, i)]  # (out, in)
     itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    stored = dtype_bytes(f"int{bits}") if bits else itemsize
     # enough layers' weights that they stream from memory, as in a real step, not from cache
-    copies = max(1, min(16, math.ceil(CACHE_BUSTING_BYTES / (sum(n * k for n, k in shapes) * itemsize))))
+    copies = max(1, min(16, math.ceil(CACHE_BUSTING_BYTES / (sum(n * k for n, k in shapes) * stored))))
     shapes = shapes * copies
-    weights = [product(torch.randn(n, k, device=device, dtype=DTYPES[dtype])) for n, k in shapes]
-    flops = [sum(2 * rows * n * k for n, k in shapes) for rows in MATMUL_ROWS]
-    nbytes = [sum((n * k + rows * (n + k)) * itemsize for n, k in shapes) for rows in MATMUL_ROWS]
+
+    def weight(n: int, k: int):
+        w = torch.randn(n, k, device=device, dtype=DTYPES[dtype])
+        return product(quantize(w, bits).to(device) if bits else w)
+
+    weights = [weight(n, k) for n, k in shapes]
+    row_counts = list(MATMUL_ROWS if not bits else FORMAT_ROWS)
+    flops = [sum(2 * rows * n * k for n, k in shapes) for rows in row_counts]
+    nbytes = [sum(n * k * stored + rows * (n + k) * itemsize for n, k in shapes) for rows in row_counts]
     products = []
-    for rows in MATMUL_ROWS:
+    for rows in row_counts:
         inputs = [torch.randn(rows, k, device=device, dtype=DTYPES[dtype]) for _, k in shapes]
         products.append(lambda ins=inputs: [w(x) for x, w in zip(ins, weights, strict=True)])
-    times = timed_in_rounds(products, device, rounds, progress, "matmuls")
-    peak = max(raw.flops[raw.default_dtype], *(f / t for f, t in zip(flops, times, strict=True)))
-    bandwidth = max(raw.bandwidth, *(b / t for b, t in zip(nbytes, times, strict=True)))
-    curve = [[rows, max(f / peak, b / bandwidth) / t]
-             for rows, f, b, t in zip(MATMUL_ROWS, flops, nbytes, times, strict=True)]
-    return DeviceSpec(**{**raw.to_dict(), "flops": {**raw.flops, raw.default_dtype: peak}, "bandwidth": bandwidth,
-                         "matmul_efficiency": curve})
+    times = timed_in_rounds(products, device, rounds, progress, f"int{bits} matmuls" if bits else "matmuls")
+    return row_counts, flops, nbytes, times
 
 
 def memory_capacity(device: torch.device) -> float:
@@ -215,10 +240,15 @@ def fit(spec: ModelSpec, raw: DeviceSpec, samples: list[dict[str, Any]], precisi
             best = (residual, i, solution)
     _, i, (slowdown, op_overhead, step_overhead) = best
     slowdown = max(slowdown, 1e-3)
-    curve = [[rows, float(efficiency / slowdown)] for rows, efficiency in raw.matmul_efficiency]
+
+    def inside_a_step(curve: list[list[float]]) -> list[list[float]]:
+        return [[rows, float(efficiency / slowdown)] for rows, efficiency in curve]
+
     return DeviceSpec(**{**raw.to_dict(), "compute_efficiency": float(ce[i]), "memory_efficiency": float(me[i]),
                          "attention_efficiency": float(ae[i]), "op_overhead_s": float(op_overhead),
-                         "step_overhead_s": float(step_overhead), "matmul_efficiency": curve})
+                         "step_overhead_s": float(step_overhead), "matmul_efficiency": inside_a_step(
+                             raw.matmul_efficiency), "format_matmul_efficiency": {
+                             name: inside_a_step(curve) for name, curve in raw.format_matmul_efficiency.items()}})
 
 
 def per_layer(samples: list[dict[str, Any]], layers: int) -> list[dict[str, Any]]:

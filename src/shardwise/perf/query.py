@@ -6,8 +6,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from shardwise.errors import ShardwiseError
+from shardwise.model.spec import ModelSpec
 from shardwise.perf.estimate import Deployment, Draft, Estimate, estimate
-from shardwise.perf.hardware import DeviceSpec, load_device, load_link, profile_link
+from shardwise.perf.hardware import DTYPE_ALIASES, DTYPE_BYTES, DeviceSpec, load_device, load_link, profile_link
 from shardwise.perf.operators import Precision
 
 DEFAULT_PIPELINE_LINK = "ethernet-10g"  # between pipeline stages that no profile measured
@@ -30,9 +31,9 @@ class EstimateQuery(BaseModel):
     kv_quant: str | None = None
     chunk: int | None = None
     cached: int = 0  # prompt tokens found in the prefix cache
-    draft: str | None = None
+    draft: str | None = None  # ngram, a weight format of the model's own weights (int4), or a model
     gamma: int = 4
-    accept: float = 0.7
+    accept: float = 0.7  # the fraction of drafted tokens accepted
 
     def run(self, files: bool = True) -> tuple[Estimate, DeviceSpec]:
         """The estimate, and the first stage's device (its roofline); a ShardwiseError naming
@@ -57,7 +58,7 @@ class EstimateQuery(BaseModel):
         precision = Precision(self.quant or act, self.kv_quant or act, act)
         if not 0 <= self.accept <= 1 or self.gamma < 1:
             raise ShardwiseError("--accept must be within 0..1 and --gamma at least 1")
-        draft = Draft(load_spec(self.draft), self.gamma, self.accept) if self.draft else None
+        draft = self._draft(spec)
         est = estimate(spec, deployment, batch=self.batch, input_tokens=self.input, output_tokens=self.output,
                        precision=precision, chunk=self.chunk, draft=draft,
                        cached_tokens=self.cached)
@@ -69,3 +70,14 @@ class EstimateQuery(BaseModel):
                 f"--quant (e.g. int4), or a smaller --batch / --input / --output"
             )
         return est, first
+
+    def _draft(self, spec: ModelSpec) -> Draft | None:
+        from shardwise.model.catalog import load_spec
+
+        if self.draft is None:
+            return None
+        if self.draft == "ngram":
+            return Draft(None, self.gamma, self.accept)
+        if self.draft.lower() in DTYPE_BYTES or self.draft.lower() in DTYPE_ALIASES:
+            return Draft(spec, self.gamma, self.accept, weights=self.draft)
+        return Draft(load_spec(self.draft), self.gamma, self.accept)

@@ -56,6 +56,9 @@ class Metrics:
                                 "Tokens drafted for speculative decoding.").labels(**labels)
         self.spec_accepted = make(Counter, "spec_decode_num_accepted_tokens",
                                   "Drafted tokens the model accepted.").labels(**labels)
+        self.spec_draft_s = make(Counter, "spec_decode_draft_seconds",
+                                 "Seconds spent drafting (the steps that verify the drafts are in the step "
+                                 "times).").labels(**labels)
         self._success = make(Counter, "request_success", "Finished sequences by reason.",
                              extra_labels=["finished_reason"])
         self.stage_failures = make(Counter, "stage_failures", "Pipeline stages lost (died or hung).").labels(**labels)
