@@ -21,6 +21,7 @@ import asyncio
 import logging
 import queue
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -155,8 +156,10 @@ class AsyncEngine:
                     self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
                     self._update_gauges()
                     continue
+                later = Counter(seq.id for seq, _ in events)  # a verified draft's tokens come in one step
                 for seq, piece in events:
-                    self._on_token(seq, piece, deliveries)
+                    later[seq.id] -= 1
+                    self._on_token(seq, piece, deliveries, later[seq.id])
                 for loop, batch in deliveries.items():  # one wake-up of each event loop per step
                     loop.call_soon_threadsafe(_deliver, batch)
                 self._update_gauges()
@@ -215,13 +218,15 @@ class AsyncEngine:
                     self._done(seq)
             self._update_gauges()
 
-    def _on_token(self, seq: Sequence, piece: str, deliveries: dict) -> None:
+    def _on_token(self, seq: Sequence, piece: str, deliveries: dict, later: int = 0) -> None:
+        """later: how many more of this sequence's tokens the same step gave (their events follow)."""
         out, now, m = seq.output, time.perf_counter(), self.metrics
         if out.error is not None:  # this sequence failed: its request alone hears of it
             self._send(seq, RequestFailed(out.error), deliveries)
             return
         m.generation_tokens.inc()
-        if len(out.token_ids) == 1:
+        finished, produced = out.finished and not later, len(out.token_ids) - later
+        if produced == 1:
             m.ttft.observe(out.first_token_time - out.arrival_time)
             m.prompt_tokens.inc(len(seq.prompt))
         else:
@@ -231,9 +236,9 @@ class AsyncEngine:
         if listener:
             loop, events, index = listener
             logprobs = out.logprobs[-1] if seq.params.logprobs is not None else None
-            event = Event(index, seq, piece, out.finished, out.token_ids[-1], logprobs)
+            event = Event(index, seq, piece, finished, out.token_ids[produced - 1], logprobs)
             deliveries.setdefault(loop, []).append((events, event))
-        if out.finished:
+        if finished:
             m.e2e.observe(now - out.arrival_time)
             self._done(seq)
 
