@@ -84,9 +84,11 @@ def test_int4_self_draft_changes_no_token_greedy_or_seeded(self_drafting):
     plain, llm = self_drafting
     prompts = [[{"role": "user", "content": TEXT_PROMPTS[1]}], [{"role": "user", "content": "Count to 20."}]]
     params = [SamplingParams(max_tokens=40, temperature=0), SamplingParams(max_tokens=40, temperature=0.8, seed=3)]
-    assert [o.token_ids for o in llm.chat(prompts, params)] == [o.token_ids for o in plain.chat(prompts, params)]
+    outs = llm.chat(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain.chat(prompts, params)]
     s = llm.scheduler
     assert s.accepted_tokens > 0.6 * s.drafted_tokens  # int4 drafts mostly agree with fp32
+    assert s.accepted_tokens <= sum(len(o.token_ids) - 1 for o in outs)  # none counted past a reply's end
     assert s.drafter.shard.kv.sequences() == []  # the draft KV went with the sequences
     s.drafter.shard, shard = None, s.drafter.shard  # a drafter that fails: the steps go on without drafts
     assert llm.chat(prompts[0], params[0])[0].token_ids == plain.chat(prompts[0], params[0])[0].token_ids

@@ -125,7 +125,8 @@ def generate(
                 sys.stdout.flush()
         finally:
             llm.close()
-        _print_stats(output)
+        s = llm.scheduler
+        _print_stats(output, f", {s.accepted_tokens} of {s.drafted_tokens} drafts accepted" if s.speculative else "")
     except ShardwiseError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -309,11 +310,11 @@ def bench(
         fail(str(e))
 
 
-def _print_stats(output) -> None:
+def _print_stats(output, more: str = "") -> None:
     rate = output.decode_tokens_per_s
     typer.secho(
         f"\n[{len(output.prompt_token_ids)} prompt tokens, {len(output.token_ids)} generated, "
-        f"TTFT {output.ttft * 1000:.0f} ms, {rate or 0:.1f} tokens/s]",
+        f"TTFT {output.ttft * 1000:.0f} ms, {rate or 0:.1f} tokens/s{more}]",
         err=True, dim=True,
     )
 

@@ -295,16 +295,18 @@ class Scheduler:
                 events.append(self._fail(seq, sampled.errors[row]))
                 continue
             produced = [] if token is None else [token, *more.get(row, ())]
-            if row in more:
-                self._verified(seq, drafted=len(chunk) - 1, accepted=len(produced) - 1)
             if row in sampled.logprobs:
                 seq.output.logprobs.append(sampled.logprobs[row])
             if produced:
                 self.policy.served(seq, time.perf_counter())
+            taken = 0
             for token in produced:  # an event per token (a verified draft's too)
                 events.append((seq, self._append(seq, token)))
+                taken += 1
                 if seq.output.finished:
-                    break
+                    break  # (drafts past its end count as rejected)
+            if row in more:
+                self._verified(seq, drafted=len(chunk) - 1, accepted=taken - 1)
             if self.prefix_cache is not None:
                 self._keep_blocks(seq)
             if seq.output.finished:
