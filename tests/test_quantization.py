@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from shardwise import LLM, SamplingParams, ShardModel, ShardwiseError, kernels
-from shardwise.engine.quality import agreement, perplexity
+from shardwise.engine.quality import perplexity
 from shardwise.model.layers import apply_rope
 from shardwise.model.product import DIRECT_ROWS, KERNEL_ROWS, product
 from shardwise.model.weights import open_weights
@@ -174,28 +174,18 @@ def test_silu_mul_kernel_matches_torch():
 
 def test_each_format_keeps_quality(weights, hf_dir, llm):
     """Perplexity on a fixed text within the stated tolerance of fp32, for the model file's own
-    blocks and for blocks rounded from fp32 safetensors; greedy agreement with fp32 is reported
-    for int8 (bf16's agreement is test_loading's)."""
+    blocks and for blocks rounded from fp32 safetensors (greedy agreement with fp32: bf16's is
+    test_loading's, int4's test_speculative's, whose int4 drafts the fp32 model accepts)."""
     ids = llm.tokenizer.encode(TEXT.read_text())
     reference = perplexity(llm.executor.shard, ids)
-    greedy = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-    prompts = TEXT_PROMPTS[:3]
-    expected = [o.token_ids for o in llm.generate(prompts, greedy)]
     rows = [f"fp32 perplexity {reference:.3f}"]
     # (the file's 4-bit layers stay 4-bit under int8: only its fp32 copy shows 8-bit rounding; 4-bit
     # rounding from floats is test_kernel_and_torch_dequantise_alike's)
     for source, dtype in [("gguf", "bfloat16"), ("gguf", "int4"), ("safetensors", "int8")]:
-        model = str(hf_dir) if source == "safetensors" else "smollm2-135m"
         source_weights = open_weights(hf_dir) if source == "safetensors" else weights
         ppl = perplexity(ShardModel(source_weights.spec, weights=source_weights, dtype=dtype), ids)
         rows.append(f"{source:12} {dtype:9} perplexity {ppl:7.3f} ({ppl / reference - 1:+.2%})")
         assert ppl <= reference * (1 + TOLERANCE[dtype]), rows[-1]
-        if dtype == "int8":  # (int4's agreement: test_speculative's int4 drafts, accepted by the fp32 model)
-            engine = LLM(model, dtype=dtype)
-            same = agreement(expected, [o.token_ids for o in engine.generate(prompts, greedy)])
-            engine.close()
-            rows[-1] += f"  greedy agreement {same:.0%}"
-            assert same >= 0.3, rows[-1]  # a broken kernel agrees on next to nothing
     print("\n" + "\n".join(rows))
 
 

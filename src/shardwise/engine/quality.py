@@ -1,4 +1,4 @@
-"""How much a weight format costs in quality: perplexity on a text, and agreement of greedy output."""
+"""How much a weight format costs in quality: perplexity on a text."""
 
 from __future__ import annotations
 
@@ -32,8 +32,3 @@ def perplexity(shard: ShardModel, ids: list[int]) -> float:
         shard.free(sequence)
     return math.exp(total / (len(ids) - 1))
 
-
-def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
-    """Share of positions where two sets of greedy continuations pick the same token."""
-    same = sum(a == b for ref, out in zip(reference, other, strict=True) for a, b in zip(ref, out, strict=False))
-    return same / sum(len(ref) for ref in reference)

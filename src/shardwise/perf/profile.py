@@ -96,37 +96,39 @@ def read_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int =
 
 
 MATMUL_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-FORMAT_ROWS = (1, 2, 4, 8, 16, 32)
+FORMAT_ROWS = (1, 2, 4, 8, 16, 24, 32)
 MEASURED_FORMATS = ("int4",)  # the quantised format users run (int8 is estimated with the float curve)
 CACHE_BUSTING_BYTES = 256 << 20
 
 
 def engine_matmuls(spec: ModelSpec, raw: DeviceSpec, device: torch.device, dtype: str, rounds: int = 5,
-                   progress: Progress = lambda _: None) -> DeviceSpec:
+                   progress: Progress = lambda _: None, quick: bool = False) -> DeviceSpec:
     """The engine's matmuls on one layer's weight shapes at each row count: raw's roofline raised
     to the best rates they reach (a streaming product can read faster than a reduction, a model's
     GEMM run faster than a square one), and their efficiency by rows against it (median times,
     as the engine's steps are timed); then the same products with the weights in each quantised
     format of MEASURED_FORMATS (their blocks are read with less bandwidth, but unpacked at a
     cost), each format's efficiency against the same roofline, at FORMAT_ROWS (decode and
-    verification steps; past them a format's products run as float GEMMs)."""
-    rows, flops, nbytes, times = _product_times(spec, device, dtype, None, rounds, progress)
+    verification steps; past them a format's products run as float GEMMs). quick: every other
+    row count."""
+    step = 2 if quick else 1
+    rows, flops, nbytes, times = _product_times(spec, device, dtype, None, MATMUL_ROWS[::step], rounds, progress)
     peak = max(raw.flops[raw.default_dtype], *(f / t for f, t in zip(flops, times, strict=True)))
     bandwidth = max(raw.bandwidth, *(b / t for b, t in zip(nbytes, times, strict=True)))
 
     def curve(rows: list[int], flops: list[float], nbytes: list[float], times: list[float]) -> list[list[float]]:
         return [[n, max(f / peak, b / bandwidth) / t] for n, f, b, t in zip(rows, flops, nbytes, times, strict=True)]
 
-    formats = {name: curve(*_product_times(spec, device, dtype, BITS[name], rounds, progress))
+    formats = {name: curve(*_product_times(spec, device, dtype, BITS[name], FORMAT_ROWS[::step], rounds, progress))
                for name in MEASURED_FORMATS}
     return DeviceSpec(**{**raw.to_dict(), "flops": {**raw.flops, raw.default_dtype: peak}, "bandwidth": bandwidth,
                          "matmul_efficiency": curve(rows, flops, nbytes, times), "format_matmul_efficiency": formats})
 
 
-def _product_times(spec: ModelSpec, device: torch.device, dtype: str, bits: int | None, rounds: int,
-                   progress: Progress) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Row counts, and the FLOPs, bytes and median seconds of one layer's products at each: the
-    weights float (bits None) at MATMUL_ROWS, or in blocks of `bits` at FORMAT_ROWS."""
+def _product_times(spec: ModelSpec, device: torch.device, dtype: str, bits: int | None, row_counts: tuple[int, ...],
+                   rounds: int, progress: Progress) -> tuple[list[int], list[float], list[float], list[float]]:
+    """At each row count, the FLOPs, bytes and median seconds of one layer's products, the
+    weights float (bits None) or in blocks of `bits`."""
     from shardwise.engine.shard import DTYPES
     from shardwise.model.product import product
 
@@ -143,7 +145,6 @@ def _product_times(spec: ModelSpec, device: torch.device, dtype: str, bits: int 
         return product(quantize(w, bits).to(device) if bits else w)
 
     weights = [weight(n, k) for n, k in shapes]
-    row_counts = list(MATMUL_ROWS if not bits else FORMAT_ROWS)
     flops = [sum(2 * rows * n * k for n, k in shapes) for rows in row_counts]
     nbytes = [sum(n * k * stored + rows * (n + k) * itemsize for n, k in shapes) for rows in row_counts]
     products = []
@@ -151,7 +152,7 @@ def _product_times(spec: ModelSpec, device: torch.device, dtype: str, bits: int 
         inputs = [torch.randn(rows, k, device=device, dtype=DTYPES[dtype]) for _, k in shapes]
         products.append(lambda ins=inputs: [w(x) for x, w in zip(ins, weights, strict=True)])
     times = timed_in_rounds(products, device, rounds, progress, f"int{bits} matmuls" if bits else "matmuls")
-    return row_counts, flops, nbytes, times
+    return list(row_counts), flops, nbytes, times
 
 
 def memory_capacity(device: torch.device) -> float:
@@ -263,7 +264,8 @@ def per_layer(samples: list[dict[str, Any]], layers: int) -> list[dict[str, Any]
 def profile_device(model: str, device: str = "cpu", dtype: str | None = None, name: str | None = None,
                    progress: Progress = lambda _: None, quick: bool = False) -> DeviceSpec:
     """Measure this machine's device: roofline, engine steps for `model`, and the fit.
-    quick: one round of every measurement instead of five (faster, noisier)."""
+    quick: one round of every measurement instead of five, and half the matmul row counts
+    (faster, noisier)."""
     from shardwise.engine.shard import DTYPES, default_dtype
     from shardwise.model.registry import resolve
     from shardwise.model.weights import open_weights
@@ -286,7 +288,7 @@ def profile_device(model: str, device: str = "cpu", dtype: str | None = None, na
     weights = open_weights(resolve(model))
     spec = weights.spec
     rounds = 1 if quick else 5
-    raw = engine_matmuls(spec, raw, dev, dtype, rounds, progress)
+    raw = engine_matmuls(spec, raw, dev, dtype, rounds, progress, quick)
     samples = engine_steps(spec, weights, dev, dtype, progress, rounds)
     progress("fitting efficiencies and overheads")
     precision = Precision(short, short, short)
