@@ -126,8 +126,9 @@ class ModelDrafter:
         if seen is None:
             self.shard.allocate(seq_id)
             seen = self.seen[seq_id] = []
-        keep = next((i for i, (a, b) in enumerate(zip(seen, tokens, strict=False)) if a != b),
-                    min(len(seen), len(tokens)))
+        keep = min(len(seen), len(tokens))
+        if seen[:keep] != tokens[:keep]:  # (rare: the common case compares at C speed)
+            keep = next(i for i, (a, b) in enumerate(zip(seen, tokens, strict=False)) if a != b)
         keep = min(keep, len(tokens) - 1)
         self.shard.kv.rewind(seq_id, keep)
         del seen[keep:]
