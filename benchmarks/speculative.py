@@ -52,19 +52,17 @@ def run(llm: LLM, prompt: str, batch: int, max_tokens: int) -> tuple[float, list
     return time.perf_counter() - started, [o.token_ids for o in outs]
 
 
-def predicted_speedup(device: str, llm: LLM, dtype: str, draft: str, batch: int, prompt: str, drafted: int,
-                      accepted: int, generated: int) -> float:
-    """The decode speed-up the estimator predicts for this drafter, given the acceptance measured:
-    each decode step drafts the mean number of tokens measured and keeps the measured fraction of
-    them (decode: everything after the first token, a draft model's prefill included)."""
+def predicted_speedup(device: str, llm: LLM, dtype: str, draft: str, batch: int, prompt: str, generated: int,
+                      gamma: int, accept: float) -> float:
+    """The decode speed-up the estimator predicts for this drafter drafting gamma tokens a step
+    and keeping the fraction `accept` of them (decode: everything after the first token, a draft
+    model's prefill included)."""
     from shardwise.perf.query import EstimateQuery
 
-    steps = generated - batch - accepted  # decode steps of all sequences (the first token is prefill's)
-    gamma = max(1, round(drafted / max(steps, 1)))
     query = dict(model="smollm2-135m", device=device, batch=batch, output=generated // batch, quant=SHORT[dtype],
                  input=len(llm.chat_ids([{"role": "user", "content": prompt}])))
     plain, _ = EstimateQuery(**query).run()
-    spec, _ = EstimateQuery(**query, draft=draft, gamma=gamma, accept=accepted / max(drafted, 1)).run()
+    spec, _ = EstimateQuery(**query, draft=draft, gamma=gamma, accept=accept).run()
     return (plain.e2e_s - plain.ttft_s) / (spec.e2e_s - spec.ttft_s)
 
 
@@ -111,16 +109,19 @@ def main() -> None:
                                  measured))
                     note = (f"{label}, batch {batch}, {d}: {accepted}/{drafted} drafts accepted "
                             f"({accepted / max(drafted, 1):.0%}), output identical: {outputs[d] == outputs['plain']}; ")
-                    if drafted:
-                        predicted = predicted_speedup(device, engines[d], dtype, d, batch, prompt,
-                                                      drafted // args.rounds, accepted // args.rounds, generated)
+                    if drafted:  # the estimate given what was measured: the mean draft, the share accepted
+                        steps = generated - batch - accepted // args.rounds  # each sequence's decode steps
+                        gamma = max(1, round(drafted / args.rounds / max(steps, 1)))
+                        predicted = predicted_speedup(device, engines[d], dtype, d, batch, prompt, generated,
+                                                      gamma, accepted / drafted)
                         note += (f"speed-up measured {measured:.2f}x, estimated {predicted:.2f}x "
                                  f"({predicted / measured - 1:+.0%})")
                     else:
-                        predicted = predicted_speedup(device, engines[d], dtype, d, batch, prompt, 8 * generated,
-                                                      8 * generated, generated)
-                        note += (f"not speculating (batch > max_batch); the estimator, were every draft of 8 "
-                                 f"accepted: {predicted:.2f}x")
+                        gamma = engines[d].config.speculative.gamma
+                        predicted = predicted_speedup(device, engines[d], dtype, d, batch, prompt, generated,
+                                                      gamma, 1.0)
+                        note += (f"not speculating (batch > max_batch); the estimator, were every draft of "
+                                 f"{gamma} accepted: {predicted:.2f}x")
                     notes.append(note)
         print_ratio_table(f"speculative vs plain decoding ({dtype} model, {args.threads} threads, greedy, "
                           f"{args.max_tokens} tokens, medians of {args.rounds})", ("speculative", "plain"), rows)

@@ -142,7 +142,7 @@ def _product_times(spec: ModelSpec, device: torch.device, dtype: str, bits: int 
 
     def weight(n: int, k: int):
         w = torch.randn(n, k, device=device, dtype=DTYPES[dtype])
-        return product(quantize(w, bits).to(device) if bits else w)
+        return product(quantize(w, bits) if bits else w)  # (blocks on w's device)
 
     weights = [weight(n, k) for n, k in shapes]
     flops = [sum(2 * rows * n * k for n, k in shapes) for rows in row_counts]

@@ -3,12 +3,14 @@ estimate` and the dashboard's estimate form both run, so they always agree."""
 
 from __future__ import annotations
 
+from contextlib import suppress
+
 from pydantic import BaseModel, ConfigDict
 
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
 from shardwise.perf.estimate import Deployment, Draft, Estimate, estimate
-from shardwise.perf.hardware import DTYPE_ALIASES, DTYPE_BYTES, DeviceSpec, load_device, load_link, profile_link
+from shardwise.perf.hardware import DeviceSpec, canonical_dtype, load_device, load_link, profile_link
 from shardwise.perf.operators import Precision
 
 DEFAULT_PIPELINE_LINK = "ethernet-10g"  # between pipeline stages that no profile measured
@@ -78,6 +80,10 @@ class EstimateQuery(BaseModel):
             return None
         if self.draft == "ngram":
             return Draft(None, self.gamma, self.accept)
-        if self.draft.lower() in DTYPE_BYTES or self.draft.lower() in DTYPE_ALIASES:
-            return Draft(spec, self.gamma, self.accept, weights=self.draft)
-        return Draft(load_spec(self.draft), self.gamma, self.accept)
+        with suppress(ShardwiseError):  # a precision: the model's own weights in it
+            return Draft(spec, self.gamma, self.accept, weights=canonical_dtype(self.draft))
+        try:  # else a draft model
+            return Draft(load_spec(self.draft), self.gamma, self.accept)
+        except ShardwiseError as e:
+            raise ShardwiseError(f"unknown drafter '{self.draft}': use ngram, a precision of the model's own "
+                                 f"weights (e.g. int4) or a draft model ({e})") from None
