@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,29 @@ def test_pipeline_latency_is_the_sum_and_throughput_the_bottleneck():
     # a faster device takes more layers: give it 2/3 and the bottleneck drops
     skewed = Deployment.pipeline(spec, [fast, slow], link, layers=[(0, 21), (21, 32)])
     assert max(step_time(spec, skewed, work, BF16).stages) < max(step.stages)
+
+
+def test_a_node_under_a_quota_runs_a_stage_in_bursts_and_paces_a_stream_only_when_busy():
+    """A device keeping up a quarter of its speed when busy (a CPU quota) runs a stage that idles
+    between its turns at full speed: one stream's token takes the stages' burst times and the
+    links, or the quota node's sustained time, whichever is longer; a step longer than a burst
+    runs at the share after it."""
+    spec, link = load_spec("llama-2-7b"), LinkSpec("net", 10e9, 1e-4)
+    free = device(bandwidth=1e12, name="free")
+    quota = replace(free, name="quota", sustained_share=0.25)
+    work = Work.decode(1, 512)
+    alone = step_time(spec, Deployment.pipeline(spec, [free], link), work, BF16)
+    shared = step_time(spec, Deployment.pipeline(spec, [quota], link), work, BF16)
+    assert shared.latency == pytest.approx(alone.latency)  # one step from idle: a burst
+    assert shared.cycle(1) == pytest.approx(4 * alone.stages[0])  # back to back: a quarter of the speed
+    few = step_time(spec, Deployment.pipeline(spec, [free, quota], link, layers=[(0, 28), (28, 32)]), work, BF16)
+    assert few.sustained[1] < few.latency and few.cycle(1) == pytest.approx(few.latency)  # it rests meanwhile
+    many = step_time(spec, Deployment.pipeline(spec, [free, quota], link, layers=[(0, 8), (8, 32)]), work, BF16)
+    assert many.cycle(1) == pytest.approx(many.sustained[1]) and many.sustained[1] > many.latency
+    limited = replace(quota, burst_s=alone.stages[0] / 2)  # the burst runs out half-way through the step
+    assert limited.step_seconds(alone.stages[0]) == pytest.approx(alone.stages[0] * (0.5 + 0.5 * 4))
+    assert limited.sustaining(2.0).sustained_share == 0.125  # another tenant halves what it keeps up
+    assert limited.sustaining(0.125).sustained_share == 1.0 and limited.sustaining(0.125).bandwidth == 2e12
 
 
 def test_tensor_parallel_all_reduce_is_a_ring():
@@ -281,7 +305,8 @@ def test_profile_measures_this_machine_and_feeds_estimate(machine_profile):
         dep = Deployment.pipeline(spec, [fitted], SAME_DEVICE, layers=[(0, spec.num_layers)])
         work = Work(((s["new"], s["context"]),) * s["batch"])
         if s["layers"] == spec.num_layers:
-            errors.append(abs(math.log(step_time(spec, dep, work, Precision("fp32", "fp32", "fp32")).latency
+            # (measured back to back, as a device busy all the time runs)
+            errors.append(abs(math.log(step_time(spec, dep, work, Precision("fp32", "fp32", "fp32")).cycle(1)
                                        / s["seconds"])))
     assert math.exp(sum(errors) / len(errors)) < 1.3
     # and estimate takes the file, as one device or as local stages joined by the measured hop

@@ -31,21 +31,23 @@ def exhaustive(t: CostTable, objective: str) -> float | None:
                 ranges = list(zip(bounds, bounds[1:], strict=False))
                 if any(t.memory[a:b].sum() > t.capacity[d] for d, (a, b) in zip(order, ranges, strict=True)):
                     continue
-                compute = [t.compute[d][a:b].sum() for d, (a, b) in zip(order, ranges, strict=True)]
-                moves = [t.transfer[u][v] for u, v in zip(order, order[1:], strict=False)]
-                if t.return_to_source:
-                    moves.append(t.transfer[order[-1]][t.source])
-                value = sum(compute) + sum(moves) if objective == "latency" else max(compute + moves)
+                value = evaluate(t, [(d, a, b) for d, (a, b) in zip(order, ranges, strict=True)], objective)
                 best = value if best is None else min(best, value)
     return best
 
 
 def evaluate(t: CostTable, stages: list[tuple[int, int, int]], objective: str) -> float:
+    """Latency: the stages' steps from idle (burst speed for as long as the burst lasts, then the
+    sustained share of it) plus the moves, or the busiest stage at its sustained speed, whichever
+    is larger; throughput: the busiest stage (sustained) or move."""
     compute = [t.compute[d][a:b].sum() for d, a, b in stages]
+    busy = [c / t.share[d] for c, (d, _, _) in zip(compute, stages, strict=True)]
+    walls = [c if c <= t.burst[d] else t.burst[d] + (c - t.burst[d]) / t.share[d]
+             for c, (d, _, _) in zip(compute, stages, strict=True)]
     moves = [t.transfer[u][v] for (u, _, _), (v, _, _) in zip(stages, stages[1:], strict=False)]
     if t.return_to_source:
         moves.append(t.transfer[stages[-1][0]][t.source])
-    return sum(compute) + sum(moves) if objective == "latency" else max(compute + moves)
+    return max(sum(walls) + sum(moves), *busy) if objective == "latency" else max(busy + moves)
 
 
 @st.composite
@@ -65,8 +67,14 @@ def tables(draw):
     source = draw(st.one_of(st.none(), st.integers(0, devices - 1)))
     # some devices sharing a host (CPUs of one node): they hold one stage between them
     hosts = [draw(st.integers(0, devices - 1)) for _ in range(devices)] if draw(st.booleans()) else None
+    share = burst = None
+    if draw(st.booleans()):  # devices under a CPU quota: fast in bursts, a share of that when busy
+        share = [draw(st.sampled_from([1.0, 0.5, 0.3, 0.25])) for _ in range(devices)]
+        burst = [draw(st.sampled_from([np.inf, 2.0, 5.0])) for _ in range(devices)]
+        if devices > 1 and compute[1] == compute[0]:
+            share[1], burst[1] = share[0], burst[0]
     return CostTable(compute, [float(draw(st.integers(1, 5))) for _ in range(layers)], capacity, transfer,
-                     source, source is not None and draw(st.booleans()), hosts)
+                     source, source is not None and draw(st.booleans()), hosts, share, burst)
 
 
 @SETTINGS
@@ -97,14 +105,16 @@ def test_more_devices_or_memory_never_worsen_the_optimum(table, objective, speed
     except ShardwiseError:
         return
     roomier = CostTable(table.compute, table.memory, table.capacity + extra, table.transfer, table.source,
-                        table.return_to_source)
+                        table.return_to_source, table.hosts, table.share, table.burst)
     assert solve(roomier, objective).value <= before + 1e-9
     d = table.devices
     transfer = np.zeros((d + 1, d + 1))
     transfer[:d, :d] = table.transfer
     transfer[d, :d] = transfer[:d, d] = 1.0
     bigger = CostTable(np.vstack([table.compute, np.full(table.layers, float(speed))]), table.memory,
-                       np.append(table.capacity, float(extra)), transfer, table.source, table.return_to_source)
+                       np.append(table.capacity, float(extra)), transfer, table.source, table.return_to_source,
+                       np.append(table.hosts, table.devices), np.append(table.share, 0.5),
+                       np.append(table.burst, 1.0))
     assert solve(bigger, objective).value <= before + 1e-9
 
 

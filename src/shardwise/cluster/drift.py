@@ -25,7 +25,6 @@ import numpy as np
 
 from shardwise.model.spec import ModelSpec
 from shardwise.perf.estimate import Stage, stage_time
-from shardwise.perf.hardware import DeviceSpec
 from shardwise.perf.operators import Work
 from shardwise.planner.baselines import evaluate
 from shardwise.planner.partition import solve
@@ -37,12 +36,6 @@ MIN_STEPS = 8  # steps a window needs before it judges
 WARMUP_S = 1.0  # a plan's first decode steps run cold (caches, thread pools): not judged
 BUSY = 0.8  # share of the window a node computed for, to count as busy
 CHECK_EVERY_S = 1.0  # how often the window is judged (medians over it are not free)
-
-
-def scaled(device: DeviceSpec, factor: float) -> DeviceSpec:
-    """The device taking `factor` times as long for everything it does."""
-    return replace(device, flops={k: v / factor for k, v in device.flops.items()}, bandwidth=device.bandwidth / factor,
-                   op_overhead_s=device.op_overhead_s * factor, step_overhead_s=device.step_overhead_s * factor)
 
 
 @dataclass(frozen=True)
@@ -84,10 +77,11 @@ class DriftWatch:
         return found
 
     def predict(self, work: Work) -> list[float]:
-        """Each stage's predicted seconds of compute for one step of `work`."""
-        return [stage_time(self.spec, Stage(self.cluster.devices[d].spec, a, b), work,
-                           precision(self.cluster.devices[d].spec, self.quant))
-                for d, (a, b) in zip(self.devices, (s.layers for s in self.plan.stages), strict=True)]
+        """Each stage's predicted seconds of compute for one step of `work`, at its node's sustained
+        speed (a node under a quota that idles between steps runs them faster: see observe)."""
+        specs = [self.cluster.devices[d].spec for d in self.devices]
+        return [spec.busy_seconds(stage_time(self.spec, Stage(spec, a, b), work, precision(spec, self.quant)))
+                for spec, (a, b) in zip(specs, (s.layers for s in self.plan.stages), strict=True)]
 
     def observe(self, work: Work, measured: tuple[float, ...], judge: bool = True) -> Verdict | None:
         """Record one step; a Verdict once a node has drifted for a window. Only decode steps
@@ -140,9 +134,10 @@ class DriftWatch:
         what = "; ".join(([f"the stages ran {bias:.2f}x the estimator's time (every node's profile scaled by it)"]
                           if bias != 1.0 else []) +
                          [f"{self._name(h)} ran {r:.2f}x the predicted time" for h, r in drifted.items()])
-        factors = [bias * drifted.get(host, 1.0) for host in hosts]
-        self.cluster = replace(self.cluster, devices=[replace(d, spec=scaled(d.spec, f))
-                                                      for d, f in zip(self.cluster.devices, factors, strict=True)])
+        # the shared error scales every speed; a node's own drift is what it keeps up when busy
+        self.cluster = replace(self.cluster, devices=[
+            replace(d, spec=d.spec.slower(bias).sustaining(drifted.get(host, 1.0)))
+            for d, host in zip(self.cluster.devices, hosts, strict=True)])
         table = cost_table(self.spec, self.cluster, quant=self.quant, kv_tokens=self.kv_tokens)
         running = evaluate(table, [(d, *s.layers) for d, s in zip(self.devices, self.plan.stages, strict=True)],
                            self.objective)

@@ -5,7 +5,10 @@ device's fixed per-operator overhead; collectives take their ring time on the
 link between the devices sharing a stage. A deployment is a pipeline of stages,
 each a device (or tp x ep identical devices) running a contiguous layer range:
 one step's latency is the sum of the stages and the links between them; with
-micro-batches in flight, throughput is set by the slowest stage or link.
+micro-batches in flight, throughput is set by the slowest stage or link. A device
+that keeps up only a share of its speed (a CPU quota) runs a stage at full speed
+when it idles between its turns, so a stream's token time is the larger of the
+stages' burst times summed with the links, and the busiest node's sustained time.
 """
 
 from __future__ import annotations
@@ -158,10 +161,11 @@ def stage_time(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> float
 
 @dataclass(frozen=True)
 class StepTime:
-    stages: list[float]
+    stages: list[float]  # per stage, from idle (at burst speed, as long as the burst lasts)
     links: list[float]  # between stages, then the return of token ids
     operators: list[list[TimedOperator]] = field(default_factory=list)  # per stage, for breakdowns and plots
     hosts: list[str | None] = field(default_factory=list)  # per stage; None: a host of its own
+    sustained: list[float] = field(default_factory=list)  # per stage, on a node busy all the time
 
     @property
     def latency(self) -> float:
@@ -170,8 +174,9 @@ class StepTime:
 
     @property
     def bottleneck(self) -> float:
-        """The busiest host or link per micro-batch: stages that share a host take turns on it."""
-        return max(shared_host_busy(self.stages, self.hosts) + self.links)
+        """The busiest host or link per micro-batch: stages that share a host take turns on it, at
+        the speed it keeps up."""
+        return max(shared_host_busy(self.sustained or self.stages, self.hosts) + self.links)
 
     def cycle(self, micro_batches: int) -> float:
         """Time for every micro-batch to take one step, when they follow each other round the pipeline."""
@@ -181,9 +186,11 @@ class StepTime:
 def step_time(spec: ModelSpec, deployment: Deployment, work: Work, p: Precision) -> StepTime:
     hidden = work.tokens * spec.hidden_size * dtype_bytes(p.activations)
     operators = [stage_operators(spec, s, work, p) for s in deployment.stages]
-    stages = [_total(ops, s.device) for ops, s in zip(operators, deployment.stages, strict=True)]
+    burst = [_total(ops, s.device) for ops, s in zip(operators, deployment.stages, strict=True)]
     links = [link.time(hidden) for link in deployment.links] + [deployment.return_link.time(4 * work.rows)]
-    return StepTime(stages, links, operators, [s.host for s in deployment.stages])
+    on = list(zip((s.device for s in deployment.stages), burst, strict=True))
+    return StepTime([d.step_seconds(t) for d, t in on], links, operators, [s.host for s in deployment.stages],
+                    [d.busy_seconds(t) for d, t in on])
 
 
 def shared_host_busy(stage_seconds: list[float], hosts: list | None) -> list[float]:

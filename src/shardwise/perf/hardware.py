@@ -7,7 +7,7 @@ that `shardwise profile` wrote (measured rooflines, efficiencies and overheads).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -67,6 +67,11 @@ class DeviceSpec:
     # a format's products read fewer bytes but unpack them, so they reach their own share of the roofline
     format_matmul_efficiency: dict[str, list[list[float]]] = field(default_factory=dict)
     default_dtype: str = "bf16"
+    # A device that may not compute all the time (a CPU quota: a cgroup's, a shared or burstable
+    # machine's) runs at the figures above in bursts, but keeps up only this share of that speed
+    # when busy all the time; a burst from idle lasts burst_s seconds (None: as long as it needs).
+    sustained_share: float = 1.0
+    burst_s: float | None = None
     source: str = ""
     measured: dict[str, Any] = field(default_factory=dict)  # what profile measured, for the record
 
@@ -89,6 +94,30 @@ class DeviceSpec:
             return None
         points = np.array(curve, dtype=float)
         return float(np.interp(np.log2(max(rows, 1)), np.log2(points[:, 0]), points[:, 1]))
+
+    def step_seconds(self, seconds: float) -> float:
+        """Wall time of work that takes `seconds` at burst speed, started from idle: at burst speed
+        while the burst lasts, then at the sustained share of it (a CFS quota's budget per period)."""
+        if self.burst_s is None or seconds <= self.burst_s:
+            return seconds
+        return self.burst_s + (seconds - self.burst_s) / self.sustained_share
+
+    def busy_seconds(self, seconds: float) -> float:
+        """Wall time of that work per step when the device is busy all the time (its sustained speed)."""
+        return seconds / self.sustained_share
+
+    def slower(self, factor: float) -> DeviceSpec:
+        """The device taking `factor` times as long for everything it does, bursts and all."""
+        return replace(self, flops={k: v / factor for k, v in self.flops.items()}, bandwidth=self.bandwidth / factor,
+                       op_overhead_s=self.op_overhead_s * factor, step_overhead_s=self.step_overhead_s * factor)
+
+    def sustaining(self, factor: float) -> DeviceSpec:
+        """The device keeping up `factor` times as long for its work when busy (another tenant took
+        its cores, its quota changed): its share of burst speed changes, its bursts only where the
+        share cannot (a share above 1 is a faster burst)."""
+        share = min(1.0, self.sustained_share / factor)
+        burst = None if self.burst_s is None else self.burst_s * share / self.sustained_share
+        return replace(self, sustained_share=share, burst_s=burst).slower(factor * share / self.sustained_share)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

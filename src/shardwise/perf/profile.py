@@ -16,6 +16,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,37 @@ def read_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int =
     """Bytes/s of a streaming reduction over a buffer far larger than any cache."""
     x = torch.ones(nbytes // 4, device=device)
     return nbytes / timed(lambda: x.sum(), device, repeats, SUSTAINED_S)
+
+
+FULL_SHARE = 0.85  # a sustained share above this is noise on a free device, not a quota
+REST_S = 0.3  # idle long enough for a quota to refill (CFS: its budget returns every 100 ms period)
+
+
+def burst_and_share(device: torch.device, repeats: int = 5, nbytes: int = 64 << 20) -> tuple[float, float | None]:
+    """(sustained share, burst seconds): how much of its speed from idle the device keeps up when
+    busy all the time, and how long that speed lasts. A unit of work (a streaming read of a few
+    ms) runs back to back for a second; then, after each rest, again for a while, each unit timed:
+    the units before the first stall are the burst (a CFS quota's budget per period), their
+    median its speed. (1.0, None) where the device keeps its speed: a free CPU, a GPU."""
+    if device.type != "cpu":
+        return 1.0, None
+    x = torch.ones(nbytes // 4, device=device)
+    sustained = seconds(lambda: x.sum(), device, 1.0)
+    units, bursts = [], []
+    for _ in range(repeats):
+        time.sleep(REST_S)
+        spans = []
+        while sum(spans) < REST_S:
+            spans.append(seconds(lambda: x.sum(), device))
+        typical = statistics.median(spans)
+        stalled = next((k for k, span in enumerate(spans) if span > 3 * typical), len(spans))
+        units.append(statistics.median(spans[:stalled] or spans))
+        if stalled < len(spans):
+            bursts.append(sum(spans[:stalled]) + typical / 2)  # (and half the unit it stalled in)
+    share = min(1.0, statistics.median(units) / sustained)
+    if share > FULL_SHARE or not bursts:
+        return 1.0, None
+    return share, statistics.median(bursts)
 
 
 MATMUL_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -263,7 +295,8 @@ def per_layer(samples: list[dict[str, Any]], layers: int) -> list[dict[str, Any]
 
 def profile_device(model: str, device: str = "cpu", dtype: str | None = None, name: str | None = None,
                    progress: Progress = lambda _: None, quick: bool = False) -> DeviceSpec:
-    """Measure this machine's device: roofline, engine steps for `model`, and the fit.
+    """Measure this machine's device: roofline, engine steps for `model`, the fit, and how much
+    of its speed it keeps up when busy (a CPU quota: DeviceSpec.sustained_share).
     quick: one round of every measurement instead of five, and half the matmul row counts
     (faster, noisier)."""
     from shardwise.engine.shard import DTYPES, default_dtype
@@ -292,7 +325,10 @@ def profile_device(model: str, device: str = "cpu", dtype: str | None = None, na
     samples = engine_steps(spec, weights, dev, dtype, progress, rounds)
     progress("fitting efficiencies and overheads")
     precision = Precision(short, short, short)
-    fitted = fit(spec, raw, samples, precision)
+    progress("burst and sustained speed")
+    share, burst = burst_and_share(dev, repeats)
+    # every figure above was measured sustained; the device's own are its speed in bursts
+    fitted = replace(fit(spec, raw, samples, precision).slower(share), sustained_share=share, burst_s=burst)
     fitted.measured.update({"model": model, "steps": samples, "per_layer": per_layer(samples, spec.num_layers)})
     return fitted
 

@@ -10,8 +10,10 @@ layers [l, b), allowed only if those layers' memory fits v. Keeping the used set
 in the state is what makes the memory check exact: every device runs at most one
 range, so each device's capacity is checked once, against exactly its layers.
 
-Latency  = sum of stage compute + transfers between stages (+ the return to the source).
-Throughput: minimise the bottleneck = max over stage compute and transfers.
+Latency  = sum of stage compute + transfers between stages (+ the return to the source), or
+the busiest stage's sustained time where a device keeps up only a share of its burst speed
+(a CPU quota), whichever is larger: a threshold search on the latter around the additive DP.
+Throughput: minimise the bottleneck = max over stage compute (sustained) and transfers.
 Devices that share a host (CPU devices of one node) hold at most one stage between them.
 
 Complexity: O(prod(n_g + 1) * G^2 * L * W) time for G groups of n_g identical devices,
@@ -44,6 +46,10 @@ class CostTable:
     source: int | None = None  # the first stage runs on this device
     return_to_source: bool = False  # the sampled token travels back to the source
     hosts: Sequence[int] | None = None  # devices with one host number share compute (CPUs of one node)
+    # per device: the share of its speed it keeps up when busy (compute is at burst speed), and how
+    # long a burst from idle lasts (None: every device 1.0 and unlimited; see DeviceSpec)
+    share: Sequence[float] | None = None
+    burst: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
         self.compute = np.asarray(self.compute, dtype=float)
@@ -70,6 +76,12 @@ class CostTable:
         self.hosts = np.arange(devices) if self.hosts is None else np.asarray(self.hosts, dtype=int)
         if self.hosts.shape != (devices,):
             raise ShardwiseError(f"hosts needs one entry per device ({devices})")
+        self.share = np.ones(devices) if self.share is None else np.asarray(self.share, dtype=float)
+        self.burst = np.full(devices, np.inf) if self.burst is None else np.asarray(self.burst, dtype=float)
+        if self.share.shape != (devices,) or not ((self.share > 0) & (self.share <= 1)).all():
+            raise ShardwiseError(f"share needs one entry in (0, 1] per device ({devices})")
+        if self.burst.shape != (devices,) or (np.isnan(self.burst) | (self.burst <= 0)).any():
+            raise ShardwiseError(f"burst needs one positive entry per device ({devices})")
 
     @property
     def devices(self) -> int:
@@ -105,6 +117,7 @@ def _same(t: CostTable, u: int, v: int) -> bool:
     others = [w for w in range(t.devices) if w not in (u, v)]
     shared = (t.hosts == t.hosts[u]).sum() > 1 or (t.hosts == t.hosts[v]).sum() > 1
     return bool(np.array_equal(t.compute[u], t.compute[v]) and t.capacity[u] == t.capacity[v]
+                and t.share[u] == t.share[v] and t.burst[u] == t.burst[v]
                 and (t.hosts[u] == t.hosts[v] or not shared)
                 and np.array_equal(t.transfer[u, others], t.transfer[v, others])
                 and np.array_equal(t.transfer[others, u], t.transfer[others, v])
@@ -114,15 +127,64 @@ def _same(t: CostTable, u: int, v: int) -> bool:
 def solve(table: CostTable, objective: Objective = "latency") -> PlanResult:
     if objective not in ("latency", "throughput"):
         raise ShardwiseError(f"unknown objective '{objective}': use latency or throughput")
-    combine = np.add if objective == "latency" else np.maximum
     groups = groups_of_identical(table)
+    first = [g[0] for g in groups]
+    burst = np.stack([_stage_costs(table, d) for d in first])  # [group, l, b]: layers [l, b) there
+    share = table.share[first][:, None, None]
+    busy = burst / share  # on a node busy all the time
+    if objective == "throughput":
+        value, stages = _dp(table, groups, busy, np.maximum)
+    else:
+        wall = from_idle(burst, table.burst[first][:, None, None], share)
+        value, stages = _least_latency(table, groups, wall, busy)
+    if not np.isfinite(value):
+        raise ShardwiseError(_infeasible(table))
+    free = [list(g) for g in groups]
+    return PlanResult(value, [(free[g].pop(0), a, b) for g, a, b in stages], objective)
+
+
+def from_idle(seconds, burst, share):
+    """Wall time of `seconds` of burst-speed work started from idle (DeviceSpec.step_seconds,
+    on arrays): burst speed while the burst lasts, then the sustained share of it."""
+    with np.errstate(invalid="ignore"):  # (inf - inf where nothing fits and bursts are unlimited: not taken)
+        return np.where(seconds <= burst, seconds, burst + (seconds - burst) / share)
+
+
+def _least_latency(table: CostTable, groups: list[list[int]], wall: np.ndarray,
+                   busy: np.ndarray) -> tuple[float, list[tuple[int, int, int]]]:
+    """Least max(sum of stage walls + transfers, the busiest stage's sustained time): one stream's
+    token time where a node under a quota must fit each token's work into its share. The sum is
+    additive, the max is not: the DP minimises the sum under a ceiling on every stage's busy
+    time, and a binary search finds the ceiling where the two terms cross."""
+
+    def under(ceiling: float) -> tuple[float, list[tuple[int, int, int]]]:
+        total, stages = _dp(table, groups, np.where(busy <= ceiling, wall, np.inf), np.add)
+        return max([total] + [busy[g, a, b] for g, a, b in stages]), stages
+
+    value, stages = best = under(np.inf)
+    worst = max((busy[g, a, b] for g, a, b in stages), default=0.0)
+    if not np.isfinite(value) or worst < value:  # bound by the sum, which no ceiling lowers
+        return best
+    ceilings = np.unique(busy[busy <= worst])
+    lo, hi = 0, len(ceilings) - 1  # the least ceiling the plan under it stays within
+    while lo < hi:
+        mid = (lo + hi) // 2
+        value = under(ceilings[mid])[0]
+        lo, hi = (lo, mid) if value <= ceilings[mid] else (mid + 1, hi)
+    candidates = [under(ceilings[lo])] + ([under(ceilings[lo - 1])] if lo else [])
+    return min(candidates + [best], key=lambda c: c[0])
+
+
+def _dp(table: CostTable, groups: list[list[int]], stage: np.ndarray,
+        combine) -> tuple[float, list[tuple[int, int, int]]]:
+    """The least combined cost of contiguous stages over every layer, and its stages as (group,
+    start, end); stage[g, l, b]: layers [l, b) on group g (inf where not allowed). inf: no plan."""
     # Devices that share a host hold one stage between them: two stages there would take turns on
     # its compute (the same busy time as one stage holding both ranges, plus a hand-over).
     host_of = [int(table.hosts[g[0]]) for g in groups]
     sizes = np.array([1 if len(set(table.hosts[g].tolist())) == 1 and len(g) > 1 else len(g) for g in groups])
     n_groups, n_layers = len(groups), table.layers
     tr = _group_transfers(table, groups)
-    stage = np.stack([_stage_costs(table, g[0]) for g in groups])  # [group, l, b]: layers [l, b) there
     bands = [_band(costs) for costs in stage]
 
     # used-set states: a count per group, numbered in mixed radix
@@ -153,7 +215,7 @@ def solve(table: CostTable, objective: Objective = "latency") -> PlanResult:
         source_group = next(i for i, g in enumerate(groups) if g[0] == table.source)
         finals = combine(finals, tr[:, source_group][None, :])
     if not np.isfinite(finals).any():
-        raise ShardwiseError(_infeasible(table))
+        return np.inf, []
     state, last = (int(x) for x in np.unravel_index(np.argmin(finals), finals.shape))
     stages = []
     b = n_layers
@@ -163,8 +225,7 @@ def solve(table: CostTable, objective: Objective = "latency") -> PlanResult:
         if a == 0:
             break
         state, last, b = state - strides[last], int(prev_of[state, last, b]), a
-    free = [list(g) for g in groups]
-    return PlanResult(float(finals.min()), [(free[g].pop(0), a, b) for g, a, b in reversed(stages)], objective)
+    return float(finals.min()), stages[::-1]
 
 
 def _extend(best, start_of, prev_of, states, targets, v, into_v, band_v, combine) -> None:

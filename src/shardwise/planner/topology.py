@@ -19,10 +19,11 @@ A cluster file (YAML):
       - {from: laptop, to: gpu, link: ethernet-1g}   # or bandwidth_gbs / latency_us; both directions
 
 Per-layer costs come from the estimator for one decode step at the given batch and
-context; the embedding is charged to layer 0 (always in the first stage) and the final
-norm, LM head and sampling to the last layer (always in the last stage), so their
-weight counts exactly where it runs. A stage's fixed step overhead is charged to layer 0
-for the first stage and to the transfer into each later stage.
+context (at burst speed, each device's sustained share beside them); the embedding is
+charged to layer 0 (always in the first stage) and the final norm, LM head and sampling
+to the last layer (always in the last stage), so their weight counts exactly where it
+runs. A stage's fixed step overhead is charged to layer 0 for the first stage and to the
+transfer into each later stage.
 """
 
 from __future__ import annotations
@@ -206,7 +207,8 @@ def cost_table(spec: ModelSpec, cluster: Cluster, *, batch: int = 1, context: in
             transfer[a, s] = 0.0 if a == s else cluster.link(name, names[s]).time(4 * batch)
     return CostTable(compute, layer_memory(spec, p0, kv_tokens), [d.memory_bytes for d in cluster.devices],
                      transfer, None if cluster.source is None else cluster.index(cluster.source),
-                     cluster.return_to_source, cluster.hosts())
+                     cluster.return_to_source, cluster.hosts(), [d.spec.sustained_share for d in cluster.devices],
+                     [np.inf if d.spec.burst_s is None else d.spec.burst_s for d in cluster.devices])
 
 
 def precision(device: DeviceSpec, quant: str | None) -> Precision:
