@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,10 @@ class Probe:
 
     def receive(self, x: np.ndarray) -> int:
         return x.shape[0]
+
+    def machine(self) -> str:
+        """This boot of this machine: Ray nodes that share it share its cores and memory bandwidth."""
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
     def profile(self, model: str, device: str, name: str, quick: bool) -> dict[str, Any]:
         return profile_device(model, device, name=name, quick=quick).to_dict()
@@ -51,7 +56,8 @@ class Probe:
 def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                     progress: Progress = lambda _: None, quick: bool = False) -> dict[str, Any]:
     """{"devices": [DeviceSpec dicts], "links": [{"from", "to", bandwidth, latency}], "nodes": [{"name",
-    "node": its IP, or "local"}]}; a node's memory is what Ray offers there (its --memory).
+    "node": its IP, or "local"}]}; a node's memory is what Ray offers there (its --memory). Nodes
+    on one machine (a lab's) are profiled in turn.
     quick: fewer repeats of every measurement (see profile_device)."""
     from shardwise.model.catalog import load_spec
 
@@ -67,8 +73,7 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
             devices = [profile_device(model, device, name=names[0], progress=progress, quick=quick).to_dict()]
         else:
             progress(f"profiling {len(nodes)} nodes")
-            devices = ray.get([probes[n["NodeID"]].profile.remote(model, device, name, quick)
-                               for n, name in zip(nodes, names, strict=True)])
+            devices = _profile_nodes([probes[n["NodeID"]] for n in nodes], names, model, device, quick)
             for d, n in zip(devices, nodes, strict=True):  # what the node offers, not its host's RAM
                 d["memory_bytes"] = float(n["Resources"].get("memory", d["memory_bytes"]))
         links = []
@@ -93,6 +98,20 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
     finally:
         if owns:
             ray.shutdown()
+
+
+def _profile_nodes(probes: list[Any], names: list[str], model: str, device: str, quick: bool) -> list[dict[str, Any]]:
+    """Each node's device; nodes on different machines at once, nodes sharing one in turn (at
+    once, they would take each other's cores and memory bandwidth, and measure each other)."""
+    machines = ray.get([p.machine.remote() for p in probes])
+    devices: dict[int, dict[str, Any]] = {}
+    turns = [[i for i, m in enumerate(machines) if m == machine] for machine in dict.fromkeys(machines)]
+    for turn in range(max(map(len, turns))):
+        batch = [group[turn] for group in turns if turn < len(group)]
+        for i, d in zip(batch, ray.get([probes[i].profile.remote(model, device, names[i], quick) for i in batch]),
+                        strict=True):
+            devices[i] = d
+    return [devices[i] for i in range(len(probes))]
 
 
 def stage_hop_latency(model: str, device: str, prompt: int = 64, new: int = 17, rounds: int = 7) -> float:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
+from shardwise.engine.kv_cache import BLOCK_SIZE, KVCache
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.shard import ShardModel, resolve_device
 from shardwise.engine.worker import Worker
@@ -198,15 +199,21 @@ def engine_steps(spec: ModelSpec, weights, device: torch.device, dtype: str | No
     """Real step times of the whole model and of its first half, for each work point."""
     whole = ShardModel(spec, weights=weights, device=device, dtype=dtype)
     samples, steps = [], []
+    decodes = [(b, DECODE_CONTEXT) for b in DECODE_BATCHES] + [(b, LONG_CONTEXT) for b in LONG_CONTEXT_BATCHES]
+    blocks = sum(b * -(-(c + 1) // BLOCK_SIZE) for b, c in decodes) + -(-max(PREFILL_TOKENS) // BLOCK_SIZE)
     for shard in (whole, whole.view(0, spec.num_layers // 2)):
-        for sample, step in _step_points(Worker(shard), len(shard.blocks)):
+        # every point's KV at once, allocated once: a pool grown by doubling copies itself (three
+        # times its size for a moment), more than a small node's memory may hold
+        shard.kv = KVCache(len(shard.blocks), spec.num_kv_heads, spec.head_dim, shard.dtype, device, blocks)
+        for sample, step in _step_points(Worker(shard), len(shard.blocks), decodes):
             samples.append(sample)
             steps.append(step)
     spent = timed_in_rounds(steps, device, rounds, progress, "engine steps")
     return [sample | {"seconds": t} for sample, t in zip(samples, spent, strict=True)]
 
 
-def _step_points(worker: Worker, layers: int) -> list[tuple[dict[str, Any], Callable[[], Any]]]:
+def _step_points(worker: Worker, layers: int,
+                 decodes: list[tuple[int, int]]) -> list[tuple[dict[str, Any], Callable[[], Any]]]:
     """(work point, one step of it) for prefills of one prompt and decode steps of a batch at
     DECODE_CONTEXT (and LONG_CONTEXT) cached tokens (each step's token is rewound, so repeats
     keep the context). The decodes' context is only counted as cached, not prefilled: what a
@@ -229,7 +236,6 @@ def _step_points(worker: Worker, layers: int) -> list[tuple[dict[str, Any], Call
     for tokens in PREFILL_TOKENS:
         points.append(({"layers": layers, "batch": 1, "new": tokens, "context": 0},
                        lambda n=tokens: prefill(n)))
-    decodes = [(b, DECODE_CONTEXT) for b in DECODE_BATCHES] + [(b, LONG_CONTEXT) for b in LONG_CONTEXT_BATCHES]
     for batch, context in decodes:
         seqs = [next(ids) for _ in range(batch)]
         for seq in seqs:

@@ -15,13 +15,20 @@ def print_plan(summary: dict[str, Any], console: Console | None = None) -> None:
     console = console or console_for_output()
     objective, batch = summary["objective"], summary["batch"]
     table = Table(title=f"{summary['model']}: {objective}-optimal plan, decode batch {batch}")
-    for col in ("stage", "device", "node", "layers", "memory / available", "compute", "transfer out"):
-        table.add_column(col, justify="right" if col in ("stage", "compute", "transfer out") else "left")
+    numbers = ("stage", "compute", "when busy", "transfer out")
+    for col in ("stage", "device", "node", "layers", "memory / available", "compute", "when busy", "transfer out"):
+        table.add_column(col, justify="right" if col in numbers else "left")
     for k, s in enumerate(summary["stages"]):
+        # a node under a quota computes at full speed when it rests between turns, at its share when busy
+        busy = f"{s['busy_s'] * 1e3:.2f} ms ({s['share']:.0%} speed)" if s["share"] < 1 else "same"
         table.add_row(str(k), s["device"], s["node"], f"{s['layers'][0]}-{s['layers'][1]}",
                       f"{s['memory_bytes'] / 1e9:.2f} / {s['capacity_bytes'] / 1e9:.2f} GB",
-                      f"{s['compute_s'] * 1e3:.2f} ms", f"{s['transfer_s'] * 1e3:.2f} ms")
+                      f"{s['compute_s'] * 1e3:.2f} ms", busy, f"{s['transfer_s'] * 1e3:.2f} ms")
     console.print(table)
+    pacing = max(summary["stages"], key=lambda s: s["busy_s"])
+    if objective == "latency" and pacing["share"] < 1 and pacing["busy_s"] >= summary["dp"]["value"] * (1 - 1e-9):
+        console.print(f"one stream is paced by {pacing['device']}, which keeps up {pacing['share']:.0%} of its "
+                      "speed when busy: its layers' work must fit its share of each token's time")
     base = Table(title="the same cluster split the other ways (same cost model)")
     for col in ("split", "stages", "latency per token" if objective == "latency" else "bottleneck",
                 "tokens/s", "vs shardwise"):

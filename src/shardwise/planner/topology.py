@@ -222,13 +222,15 @@ def to_plan(result: PlanResult, cluster: Cluster) -> Plan:
 
 
 def stage_estimates(cluster: Cluster, table: CostTable, stages: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
-    """Per stage: device, node, layers, memory and predicted compute; and the transfer to the next."""
+    """Per stage: device, node, layers, memory and predicted compute (from idle, and on a node busy
+    all the time: the share of its speed it keeps up); and the transfer to the next."""
     rows = []
     for k, (d, a, b) in enumerate(stages):
         nxt = stages[k + 1][0] if k + 1 < len(stages) else (table.source if table.return_to_source else None)
         rows.append({"device": cluster.devices[d].name, "node": cluster.devices[d].node, "layers": [a, b],
                      "memory_bytes": float(table.memory[a:b].sum()), "capacity_bytes": float(table.capacity[d]),
-                     "compute_s": float(table.compute[d, a:b].sum()),
+                     "compute_s": float(table.compute[d, a:b].sum()), "share": float(table.share[d]),
+                     "busy_s": float(table.compute[d, a:b].sum() / table.share[d]),
                      "transfer_s": float(table.transfer[d, nxt]) if nxt is not None else 0.0})
     return rows
 
