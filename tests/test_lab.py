@@ -114,6 +114,7 @@ def test_the_profile_sees_the_quota_and_the_plan_leaves_the_slow_node_out(lab, p
     fast, slow = devices["fast"], devices["slow"]
     assert 0.3 < slow["sustained_share"] < 0.7 and 0.025 < slow["burst_s"] < 0.075
     assert fast["sustained_share"] > 0.8 * (2 * slow["sustained_share"])  # twice the quota (its threads allowing)
+    assert all(0 < d["task_cpu_s"] < 0.02 for d in (fast, slow))  # what a stage's call costs its node
     assert slow["memory_bytes"] == pytest.approx(2e9)  # what the node offers, not the host's RAM
     cluster = profiled.with_name("lab-cluster.yaml")
     nodes = {d["name"]: d["node"] for d in yaml.safe_load(cluster.read_text())["devices"]}

@@ -41,7 +41,7 @@ def evaluate(t: CostTable, stages: list[tuple[int, int, int]], objective: str) -
     sustained share of it) plus the moves, or the busiest stage at its sustained speed, whichever
     is larger; throughput: the busiest stage (sustained) or move."""
     compute = [t.compute[d][a:b].sum() for d, a, b in stages]
-    busy = [c / t.share[d] for c, (d, _, _) in zip(compute, stages, strict=True)]
+    busy = [(c + t.task[d]) / t.share[d] for c, (d, _, _) in zip(compute, stages, strict=True)]
     walls = [c if c <= t.burst[d] else t.burst[d] + (c - t.burst[d]) / t.share[d]
              for c, (d, _, _) in zip(compute, stages, strict=True)]
     moves = [t.transfer[u][v] for (u, _, _), (v, _, _) in zip(stages, stages[1:], strict=False)]
@@ -67,14 +67,15 @@ def tables(draw):
     source = draw(st.one_of(st.none(), st.integers(0, devices - 1)))
     # some devices sharing a host (CPUs of one node): they hold one stage between them
     hosts = [draw(st.integers(0, devices - 1)) for _ in range(devices)] if draw(st.booleans()) else None
-    share = burst = None
+    share = burst = task = None
     if draw(st.booleans()):  # devices under a CPU quota: fast in bursts, a share of that when busy
         share = [draw(st.sampled_from([1.0, 0.5, 0.3, 0.25])) for _ in range(devices)]
         burst = [draw(st.sampled_from([np.inf, 2.0, 5.0])) for _ in range(devices)]
+        task = [draw(st.sampled_from([0.0, 0.5, 1.0])) for _ in range(devices)]  # a stage's call, per step
         if devices > 1 and compute[1] == compute[0]:
-            share[1], burst[1] = share[0], burst[0]
+            share[1], burst[1], task[1] = share[0], burst[0], task[0]
     return CostTable(compute, [float(draw(st.integers(1, 5))) for _ in range(layers)], capacity, transfer,
-                     source, source is not None and draw(st.booleans()), hosts, share, burst)
+                     source, source is not None and draw(st.booleans()), hosts, share, burst, task)
 
 
 @SETTINGS
@@ -105,7 +106,7 @@ def test_more_devices_or_memory_never_worsen_the_optimum(table, objective, speed
     except ShardwiseError:
         return
     roomier = CostTable(table.compute, table.memory, table.capacity + extra, table.transfer, table.source,
-                        table.return_to_source, table.hosts, table.share, table.burst)
+                        table.return_to_source, table.hosts, table.share, table.burst, table.task)
     assert solve(roomier, objective).value <= before + 1e-9
     d = table.devices
     transfer = np.zeros((d + 1, d + 1))
@@ -114,7 +115,7 @@ def test_more_devices_or_memory_never_worsen_the_optimum(table, objective, speed
     bigger = CostTable(np.vstack([table.compute, np.full(table.layers, float(speed))]), table.memory,
                        np.append(table.capacity, float(extra)), transfer, table.source, table.return_to_source,
                        np.append(table.hosts, table.devices), np.append(table.share, 0.5),
-                       np.append(table.burst, 1.0))
+                       np.append(table.burst, 1.0), np.append(table.task, 0.5))
     assert solve(bigger, objective).value <= before + 1e-9
 
 

@@ -79,8 +79,8 @@ class DriftWatch:
     def predict(self, work: Work) -> list[float]:
         """Each stage's predicted seconds of compute for one step of `work`, at its node's sustained
         speed (a node under a quota that idles between steps runs them faster: see observe)."""
-        specs = [self.cluster.devices[d].spec for d in self.devices]
-        return [spec.busy_seconds(stage_time(self.spec, Stage(spec, a, b), work, precision(spec, self.quant)))
+        specs = [self.cluster.devices[d].spec for d in self.devices]  # (compute only: what a stage times)
+        return [stage_time(self.spec, Stage(spec, a, b), work, precision(spec, self.quant)) / spec.sustained_share
                 for spec, (a, b) in zip(specs, (s.layers for s in self.plan.stages), strict=True)]
 
     def observe(self, work: Work, measured: tuple[float, ...], judge: bool = True) -> Verdict | None:

@@ -31,6 +31,10 @@ class Probe:
     def receive(self, x: np.ndarray) -> int:
         return x.shape[0]
 
+    def cpu_seconds(self) -> float:
+        """This process's CPU time, all its threads (Ray's among them)."""
+        return time.process_time()
+
     def machine(self) -> str:
         """This boot of this machine: Ray nodes that share it share its cores and memory bandwidth."""
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -38,19 +42,22 @@ class Probe:
     def profile(self, model: str, device: str, name: str, quick: bool) -> dict[str, Any]:
         return profile_device(model, device, name=name, quick=quick).to_dict()
 
-    def round_trips(self, other: Probe, hidden: int, repeats: int = 20) -> list[tuple[int, float]]:
-        """Median seconds to hand `other` a hidden-state array and hear back, for each size."""
-        out = []
+    def round_trips(self, other: Probe, hidden: int, repeats: int = 20) -> tuple[list[tuple[int, float]], float]:
+        """Median seconds to hand `other` a hidden-state array and hear back, for each size; and
+        the CPU seconds each small call cost `other` (what a stage's call costs its node)."""
+        out, cpu = [], 0.0
         for tokens in HOP_TOKENS:
             x = np.zeros((tokens, hidden), np.float32)
             ray.get(other.receive.remote(x))
-            times = []
+            times, before = [], ray.get(other.cpu_seconds.remote())
             for _ in range(repeats):
                 start = time.perf_counter()
                 ray.get(other.receive.remote(x))
                 times.append(time.perf_counter() - start)
+            if tokens == HOP_TOKENS[0]:  # (the count call's own cost is in it too: one more call)
+                cpu = (ray.get(other.cpu_seconds.remote()) - before) / (repeats + 1)
             out.append((x.nbytes, statistics.median(times)))
-        return out
+        return out, cpu
 
 
 def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
@@ -76,7 +83,7 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
             devices = _profile_nodes([probes[n["NodeID"]] for n in nodes], names, model, device, quick)
             for d, n in zip(devices, nodes, strict=True):  # what the node offers, not its host's RAM
                 d["memory_bytes"] = float(n["Resources"].get("memory", d["memory_bytes"]))
-        links = []
+        links, task_cpu = [], {i: [] for i in range(len(nodes))}
         for i, u in enumerate(nodes):
             for j, v in enumerate(nodes):
                 if j < i:  # links are taken as symmetric
@@ -85,13 +92,18 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                 # two probes on one node measure the hop between local stages
                 target = probes[v["NodeID"]] if j != i else Probe.options(
                     scheduling_strategy=NodeAffinitySchedulingStrategy(v["NodeID"], False)).remote()
-                small, large = ray.get(probes[u["NodeID"]].round_trips.remote(target, hidden, 8 if quick else 20))
+                trips = probes[u["NodeID"]].round_trips.remote(target, hidden, 8 if quick else 20)
+                (small, large), cpu = ray.get(trips)
+                task_cpu[j].append(cpu)
                 link = link_from_round_trips(small, large, f"{names[i]}->{names[j]}")
                 if address is None:
                     progress("the hop between real pipeline stages")
                     fewer = {"new": 9, "rounds": 2} if quick else {}
                     link = replace(link, latency=stage_hop_latency(model, device, **fewer))
                 links.append({"from": names[i], "to": names[j], **link.to_dict()})
+        if address is not None:  # what a stage's call costs each node (local stages: in the measured hop)
+            for i, d in enumerate(devices):
+                d["task_cpu_s"] = statistics.median(task_cpu[i])
         return {"devices": devices, "links": links,
                 "nodes": [{"name": name, "node": n["NodeManagerAddress"] if address else "local"}
                           for n, name in zip(nodes, names, strict=True)]}

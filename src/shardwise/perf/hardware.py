@@ -48,6 +48,13 @@ def edge_dtype(weights: str) -> str:
     return EDGE_DTYPE.get(name, name)
 
 
+def from_idle(seconds, burst, share):
+    """Wall time of `seconds` of burst-speed work started from idle (numbers or arrays): at burst
+    speed while the burst lasts, then at the sustained share of it (a CFS quota's budget per period)."""
+    with np.errstate(invalid="ignore"):  # (inf - inf where nothing fits and bursts are unlimited: not taken)
+        return np.where(seconds <= burst, seconds, burst + (seconds - burst) / share)
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     name: str
@@ -72,6 +79,10 @@ class DeviceSpec:
     # when busy all the time; a burst from idle lasts burst_s seconds (None: as long as it needs).
     sustained_share: float = 1.0
     burst_s: float | None = None
+    # CPU seconds a pipeline stage's node spends per step on the call itself (taking it, fetching its
+    # input, storing its output: Ray's side), measured by `profile --address`; a busy node pays it
+    # from its share on every step (from idle it is part of the hand-over's latency)
+    task_cpu_s: float = 0.0
     source: str = ""
     measured: dict[str, Any] = field(default_factory=dict)  # what profile measured, for the record
 
@@ -96,20 +107,19 @@ class DeviceSpec:
         return float(np.interp(np.log2(max(rows, 1)), np.log2(points[:, 0]), points[:, 1]))
 
     def step_seconds(self, seconds: float) -> float:
-        """Wall time of work that takes `seconds` at burst speed, started from idle: at burst speed
-        while the burst lasts, then at the sustained share of it (a CFS quota's budget per period)."""
-        if self.burst_s is None or seconds <= self.burst_s:
-            return seconds
-        return self.burst_s + (seconds - self.burst_s) / self.sustained_share
+        """Wall time of work that takes `seconds` at burst speed, started from idle."""
+        return float(from_idle(seconds, np.inf if self.burst_s is None else self.burst_s, self.sustained_share))
 
     def busy_seconds(self, seconds: float) -> float:
-        """Wall time of that work per step when the device is busy all the time (its sustained speed)."""
-        return seconds / self.sustained_share
+        """Wall time per step of a stage whose work takes `seconds` at burst speed, on a device busy
+        all the time: the work and the call's own CPU, at its sustained speed."""
+        return (seconds + self.task_cpu_s) / self.sustained_share
 
     def slower(self, factor: float) -> DeviceSpec:
         """The device taking `factor` times as long for everything it does, bursts and all."""
         return replace(self, flops={k: v / factor for k, v in self.flops.items()}, bandwidth=self.bandwidth / factor,
-                       op_overhead_s=self.op_overhead_s * factor, step_overhead_s=self.step_overhead_s * factor)
+                       op_overhead_s=self.op_overhead_s * factor, step_overhead_s=self.step_overhead_s * factor,
+                       task_cpu_s=self.task_cpu_s * factor)
 
     def sustaining(self, factor: float) -> DeviceSpec:
         """The device keeping up `factor` times as long for its work when busy (another tenant took
@@ -134,9 +144,12 @@ class LinkSpec:
     bandwidth: float  # bytes/s, one direction
     latency: float  # seconds per message
     source: str = ""
+    # the latency was measured with messages this large: their bytes (and the framing around them,
+    # which on a slow link outweighs a decode step's hidden state) are in it already
+    latency_bytes: float = 0.0
 
     def time(self, nbytes: float) -> float:
-        return self.latency + nbytes / self.bandwidth if nbytes else 0.0
+        return self.latency + max(nbytes - self.latency_bytes, 0.0) / self.bandwidth if nbytes else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -51,16 +51,22 @@ SUSTAINED_S = 0.25
 
 
 def seconds(fn: Callable[[], Any], device: torch.device, at_least: float = 0.0) -> float:
-    """Seconds a call of fn takes: one call, or as many back to back as fill `at_least` seconds."""
-    calls, start = 0, time.perf_counter()
-    while True:
+    """Seconds a call of fn takes: one call, or as many back to back as fill `at_least` seconds.
+    Where calls stall (a quota's budget spent until its next period), only whole periods count:
+    from the end of the first stalled call to the end of the last. A sample of a few periods
+    otherwise gains or loses up to one budget by where in its period it began."""
+    ends, start = [], time.perf_counter()
+    while not ends or ends[-1] - start < at_least:
         fn()
-        calls += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
-        if elapsed >= at_least:
-            return elapsed / calls
+        ends.append(time.perf_counter())
+    spans = np.diff([start, *ends])
+    stalled = np.flatnonzero(spans > 3 * np.median(spans))
+    if len(stalled) >= 2:
+        first, last = stalled[0], stalled[-1]
+        return float(ends[last] - ends[first]) / float(last - first)
+    return (ends[-1] - start) / len(ends)
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, at_least: float = 0.0) -> float:
@@ -342,6 +348,7 @@ def profile_device(model: str, device: str = "cpu", dtype: str | None = None, na
 def link_from_round_trips(small: tuple[int, float], large: tuple[int, float], name: str) -> LinkSpec:
     """A link from the round-trip times of a small and a large message (bytes, seconds), each
     answered with a tiny acknowledgement: the size difference gives the bandwidth, and half
-    of the small round trip the per-message latency."""
+    of the small round trip the per-message latency, the small message's bytes in it (the size
+    of a decode step's hidden state: on a slow link its framing costs more than its bytes)."""
     bandwidth = (large[0] - small[0]) / max(large[1] - small[1], 1e-9)
-    return LinkSpec(name, bandwidth, small[1] / 2, source="shardwise profile")
+    return LinkSpec(name, bandwidth, small[1] / 2, source="shardwise profile", latency_bytes=small[0])

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from shardwise.perf.estimate import shared_host_busy
-from shardwise.planner.partition import CostTable, from_idle
+from shardwise.perf.hardware import from_idle
+from shardwise.planner.partition import CostTable
 
 Stages = list[tuple[int, int, int]]
 
@@ -26,7 +27,7 @@ def evaluate(table: CostTable, stages: Stages, objective: str) -> float | None:
     moves = [float(table.transfer[u, v]) for (u, _, _), (v, _, _) in zip(stages, stages[1:], strict=False)]
     if table.return_to_source:
         moves.append(float(table.transfer[stages[-1][0], table.source]))
-    busy = shared_host_busy([c / table.share[d] for c, (d, _, _) in zip(compute, stages, strict=True)],
+    busy = shared_host_busy([table.busy(d, c) for c, (d, _, _) in zip(compute, stages, strict=True)],
                             [int(table.hosts[d]) for d, _, _ in stages])
     if objective == "latency":  # one stream: its stages' steps from idle and the hand-overs, or the busiest node
         walls = [float(from_idle(c, table.burst[d], table.share[d])) for c, (d, _, _) in zip(compute, stages,

@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 
 from shardwise.errors import ShardwiseError
+from shardwise.perf.hardware import from_idle
 
 Objective = Literal["latency", "throughput"]
 CHUNK = 256  # states per vectorised block: bounds the [states, L, L] temporaries
@@ -50,6 +51,7 @@ class CostTable:
     # long a burst from idle lasts (None: every device 1.0 and unlimited; see DeviceSpec)
     share: Sequence[float] | None = None
     burst: Sequence[float] | None = None
+    task: Sequence[float] | None = None  # per device: CPU seconds a stage's call costs its node per step
 
     def __post_init__(self) -> None:
         self.compute = np.asarray(self.compute, dtype=float)
@@ -82,6 +84,14 @@ class CostTable:
             raise ShardwiseError(f"share needs one entry in (0, 1] per device ({devices})")
         if self.burst.shape != (devices,) or (np.isnan(self.burst) | (self.burst <= 0)).any():
             raise ShardwiseError(f"burst needs one positive entry per device ({devices})")
+        self.task = np.zeros(devices) if self.task is None else np.asarray(self.task, dtype=float)
+        if self.task.shape != (devices,) or (np.isnan(self.task) | (self.task < 0)).any():
+            raise ShardwiseError(f"task needs one non-negative entry per device ({devices})")
+
+    def busy(self, device: int, seconds):
+        """A stage's seconds per step on its device when busy all the time: its work (`seconds` at
+        burst speed) and its call's own CPU, at the share of its speed the device keeps up."""
+        return (seconds + self.task[device]) / self.share[device]
 
     @property
     def devices(self) -> int:
@@ -117,7 +127,7 @@ def _same(t: CostTable, u: int, v: int) -> bool:
     others = [w for w in range(t.devices) if w not in (u, v)]
     shared = (t.hosts == t.hosts[u]).sum() > 1 or (t.hosts == t.hosts[v]).sum() > 1
     return bool(np.array_equal(t.compute[u], t.compute[v]) and t.capacity[u] == t.capacity[v]
-                and t.share[u] == t.share[v] and t.burst[u] == t.burst[v]
+                and t.share[u] == t.share[v] and t.burst[u] == t.burst[v] and t.task[u] == t.task[v]
                 and (t.hosts[u] == t.hosts[v] or not shared)
                 and np.array_equal(t.transfer[u, others], t.transfer[v, others])
                 and np.array_equal(t.transfer[others, u], t.transfer[others, v])
@@ -131,7 +141,7 @@ def solve(table: CostTable, objective: Objective = "latency") -> PlanResult:
     first = [g[0] for g in groups]
     burst = np.stack([_stage_costs(table, d) for d in first])  # [group, l, b]: layers [l, b) there
     share = table.share[first][:, None, None]
-    busy = burst / share  # on a node busy all the time
+    busy = np.stack([table.busy(d, costs) for d, costs in zip(first, burst, strict=True)])
     if objective == "throughput":
         value, stages = _dp(table, groups, busy, np.maximum)
     else:
@@ -141,13 +151,6 @@ def solve(table: CostTable, objective: Objective = "latency") -> PlanResult:
         raise ShardwiseError(_infeasible(table))
     free = [list(g) for g in groups]
     return PlanResult(value, [(free[g].pop(0), a, b) for g, a, b in stages], objective)
-
-
-def from_idle(seconds, burst, share):
-    """Wall time of `seconds` of burst-speed work started from idle (DeviceSpec.step_seconds,
-    on arrays): burst speed while the burst lasts, then the sustained share of it."""
-    with np.errstate(invalid="ignore"):  # (inf - inf where nothing fits and bursts are unlimited: not taken)
-        return np.where(seconds <= burst, seconds, burst + (seconds - burst) / share)
 
 
 def _least_latency(table: CostTable, groups: list[list[int]], wall: np.ndarray,

@@ -155,7 +155,8 @@ def cluster_file(profile: dict[str, Any], profile_path: str) -> dict[str, Any]:
     devices = [{"name": d["name"], "profile": f"{profile_path}#{d['name']}", "memory_gb": d["memory_bytes"] / 1e9,
                 "node": node["node"]} for d, node in zip(profile["devices"], profile["nodes"], strict=True)]
     links = [{"from": link["from"], "to": link["to"], "bandwidth_gbs": link["bandwidth"] / 1e9,
-              "latency_us": link["latency"] * 1e6} for link in profile["links"] if link["from"] != link["to"]]
+              "latency_us": link["latency"] * 1e6, "latency_bytes": link.get("latency_bytes", 0.0)}
+             for link in profile["links"] if link["from"] != link["to"]]
     return {"devices": devices, "links": links}
 
 
@@ -163,7 +164,8 @@ def _link(value: Any) -> LinkSpec:
     if isinstance(value, str):
         return load_link(value)
     try:
-        return LinkSpec("custom", float(value["bandwidth_gbs"]) * 1e9, float(value.get("latency_us", 0)) * 1e-6)
+        return LinkSpec("custom", float(value["bandwidth_gbs"]) * 1e9, float(value.get("latency_us", 0)) * 1e-6,
+                        latency_bytes=float(value.get("latency_bytes", 0)))
     except (TypeError, KeyError, ValueError):
         raise ShardwiseError("a link is a catalog name or {bandwidth_gbs: ..., latency_us: ...}") from None
 
@@ -208,7 +210,8 @@ def cost_table(spec: ModelSpec, cluster: Cluster, *, batch: int = 1, context: in
     return CostTable(compute, layer_memory(spec, p0, kv_tokens), [d.memory_bytes for d in cluster.devices],
                      transfer, None if cluster.source is None else cluster.index(cluster.source),
                      cluster.return_to_source, cluster.hosts(), [d.spec.sustained_share for d in cluster.devices],
-                     [np.inf if d.spec.burst_s is None else d.spec.burst_s for d in cluster.devices])
+                     [np.inf if d.spec.burst_s is None else d.spec.burst_s for d in cluster.devices],
+                     [d.spec.task_cpu_s for d in cluster.devices])
 
 
 def precision(device: DeviceSpec, quant: str | None) -> Precision:
@@ -230,7 +233,7 @@ def stage_estimates(cluster: Cluster, table: CostTable, stages: list[tuple[int, 
         rows.append({"device": cluster.devices[d].name, "node": cluster.devices[d].node, "layers": [a, b],
                      "memory_bytes": float(table.memory[a:b].sum()), "capacity_bytes": float(table.capacity[d]),
                      "compute_s": float(table.compute[d, a:b].sum()), "share": float(table.share[d]),
-                     "busy_s": float(table.compute[d, a:b].sum() / table.share[d]),
+                     "busy_s": float(table.busy(d, table.compute[d, a:b].sum())),
                      "transfer_s": float(table.transfer[d, nxt]) if nxt is not None else 0.0})
     return rows
 
