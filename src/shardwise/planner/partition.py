@@ -164,6 +164,8 @@ def _least_latency(table: CostTable, groups: list[list[int]], wall: np.ndarray,
         total, stages = _dp(table, groups, np.where(busy <= ceiling, wall, np.inf), np.add)
         return max([total] + [busy[g, a, b] for g, a, b in stages]), stages
 
+    if (table.share == 1).all() and not table.task.any():  # (a stage's busy time is its part of the sum)
+        return _dp(table, groups, wall, np.add)
     value, stages = best = under(np.inf)
     worst = max((busy[g, a, b] for g, a, b in stages), default=0.0)
     if not np.isfinite(value) or worst < value:  # bound by the sum, which no ceiling lowers
