@@ -116,14 +116,14 @@ def _profile_nodes(probes: list[Any], names: list[str], model: str, device: str,
     """Each node's device; nodes on different machines at once, nodes sharing one in turn (at
     once, they would take each other's cores and memory bandwidth, and measure each other)."""
     machines = ray.get([p.machine.remote() for p in probes])
-    devices: dict[int, dict[str, Any]] = {}
-    turns = [[i for i, m in enumerate(machines) if m == machine] for machine in dict.fromkeys(machines)]
-    for turn in range(max(map(len, turns))):
-        batch = [group[turn] for group in turns if turn < len(group)]
-        for i, d in zip(batch, ray.get([probes[i].profile.remote(model, device, names[i], quick) for i in batch]),
+    turn_of = [machines[:i].count(m) for i, m in enumerate(machines)]  # its turn on its machine
+    devices: list[dict[str, Any]] = [{}] * len(probes)
+    for turn in range(max(turn_of) + 1):
+        now = [i for i, t in enumerate(turn_of) if t == turn]
+        for i, d in zip(now, ray.get([probes[i].profile.remote(model, device, names[i], quick) for i in now]),
                         strict=True):
             devices[i] = d
-    return [devices[i] for i in range(len(probes))]
+    return devices
 
 
 def stage_hop_latency(model: str, device: str, prompt: int = 64, new: int = 17, rounds: int = 7) -> float:
