@@ -16,7 +16,7 @@ A cluster file (YAML):
         device: cuda                  # torch device on that node (default: cuda for GPUs, else cpu)
         count: 2                      # identical devices: gpu-0, gpu-1
     links:
-      - {from: laptop, to: gpu, link: ethernet-1g}   # or bandwidth_gbs / latency_us; both directions
+      - {from: laptop, to: gpu, link: ethernet-1g}   # or bandwidth_gbs / latency_us (/ latency_bytes); both ways
 
 Per-layer costs come from the estimator for one decode step at the given batch and
 context (at burst speed, each device's sustained share beside them); the embedding is
