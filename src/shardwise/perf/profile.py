@@ -61,12 +61,18 @@ def seconds(fn: Callable[[], Any], device: torch.device, at_least: float = 0.0) 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         ends.append(time.perf_counter())
-    spans = np.diff([start, *ends])
-    stalled = np.flatnonzero(spans > 3 * np.median(spans))
+    stalled = stalls(np.diff([start, *ends]))
     if len(stalled) >= 2:
         first, last = stalled[0], stalled[-1]
         return float(ends[last] - ends[first]) / float(last - first)
     return (ends[-1] - start) / len(ends)
+
+
+def stalls(spans) -> np.ndarray:
+    """Which of back-to-back calls' durations stalled: far longer than the typical call (a quota's
+    budget spent, the call waited for the next period)."""
+    spans = np.asarray(spans)
+    return np.flatnonzero(spans > 3 * np.median(spans))
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, at_least: float = 0.0) -> float:
@@ -123,11 +129,10 @@ def burst_and_share(device: torch.device, repeats: int = 5, nbytes: int = 64 << 
         spans = []
         while sum(spans) < REST_S:
             spans.append(seconds(lambda: x.sum(), device))
-        typical = statistics.median(spans)
-        stalled = next((k for k, span in enumerate(spans) if span > 3 * typical), len(spans))
+        stalled = int(next(iter(stalls(spans)), len(spans)))
         units.append(statistics.median(spans[:stalled] or spans))
-        if stalled < len(spans):
-            bursts.append(sum(spans[:stalled]) + typical / 2)  # (and half the unit it stalled in)
+        if stalled < len(spans):  # (and half the unit it stalled in)
+            bursts.append(sum(spans[:stalled]) + statistics.median(spans) / 2)
     share = min(1.0, statistics.median(units) / sustained)
     if share > FULL_SHARE or not bursts:
         return 1.0, None
