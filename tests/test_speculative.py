@@ -9,8 +9,9 @@ import torch
 from scipy.stats import chisquare
 
 from shardwise import LLM, SamplingParams
+from shardwise.config import SpeculativeConfig
 from shardwise.engine.sampling import SequenceSampler
-from shardwise.engine.speculative import NgramDrafter, SpeculativeConfig, next_gamma
+from shardwise.engine.speculative import NgramDrafter, next_gamma
 from shardwise.errors import ShardwiseError
 from tests.conftest import TEXT_PROMPTS
 

@@ -60,7 +60,7 @@ GAMMA_OPTION = typer.Option(help="With --draft: most tokens drafted per step (de
 
 
 def _speculative(draft: str | None, gamma: int | None):
-    from shardwise.engine.speculative import SpeculativeConfig
+    from shardwise.config import SpeculativeConfig
 
     return SpeculativeConfig(draft=draft, gamma=gamma) if draft else None
 

@@ -42,11 +42,12 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from shardwise.config import SpeculativeConfig
 from shardwise.engine.kv_cache import BLOCK_SIZE
 from shardwise.engine.policy import FirstComeFirstServed, SkipJoinMLFQ
 from shardwise.engine.prefix_cache import CachedPrefix, PrefixCache, block_keys
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
-from shardwise.engine.speculative import Drafter, SpeculativeConfig, next_gamma
+from shardwise.engine.speculative import Drafter, next_gamma
 from shardwise.errors import Drifted, ShardwiseError, StageFailure
 from shardwise.model.spec import ModelSpec
 from shardwise.model.tokenizer import Detokenizer, Tokenizer

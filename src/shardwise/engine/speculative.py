@@ -13,48 +13,16 @@ Two drafters share one interface (propose for a batch of sequences, release a fi
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from shardwise.config import SpeculativeConfig
 from shardwise.engine.shard import ShardModel
 from shardwise.errors import ShardwiseError
 
 # (sequence id, its tokens so far, most tokens to draft)
 Wanted = tuple[int, list[int], int]
-
-
-@dataclass(frozen=True)
-class SpeculativeConfig:
-    """draft: "ngram" (prompt lookup), a weight format of the model's own weights (int4, int8,
-    bfloat16, float32) or a model (catalog name, .gguf or HF directory) with the same vocabulary.
-    gamma: most tokens drafted per step (each sequence adapts below it to what it accepts);
-    None: 8 for a draft model (int4 drafts agree with the fp32 model's greedy tokens nearly
-    always, and a longer run pays for the verification step), 4 for prompt lookup. ngram: the
-    longest and shortest runs of tokens prompt lookup matches. max_batch: sequences speculate
-    only while at most this many decode (a bigger batch keeps the cores busy already, and
-    every rejected draft's compute is lost); None: 2 for a draft model (measured on a 2-core
-    CPU: at batch 4 its drafts cost what they save), 8 for prompt lookup (its drafts are free)."""
-
-    draft: str = "ngram"
-    gamma: int | None = None
-    max_ngram: int = 4
-    min_ngram: int = 2
-    max_batch: int | None = None
-
-    def __post_init__(self) -> None:
-        lookup = self.draft == "ngram"
-        if self.gamma is None:
-            object.__setattr__(self, "gamma", 4 if lookup else 8)
-        if self.max_batch is None:
-            object.__setattr__(self, "max_batch", 8 if lookup else 2)
-        if not self.draft:
-            raise ShardwiseError("speculative decoding needs a drafter: ngram, a weight format such as int4, "
-                                 "or a model with the same vocabulary")
-        if self.gamma < 1 or not 1 <= self.min_ngram <= self.max_ngram or self.max_batch < 1:
-            raise ShardwiseError("speculative decoding needs gamma >= 1, 1 <= min_ngram <= max_ngram and "
-                                 f"max_batch >= 1, got {self}")
 
 
 class Drafter(Protocol):
