@@ -101,7 +101,7 @@ def test_the_profile_sees_the_quota_and_the_plan_leaves_the_slow_node_out(lab, p
     """profile --address measures each node's speed in bursts and the share of it the node keeps
     up when busy (the half-core node: about half, its burst about half of a 100 ms CFS period) and
     writes a cluster file; the latency plan over it keeps every layer on the fast node (a split
-    would only add the slow node's link); the lab runs that plan."""
+    would only add the slow node's link)."""
     profile = json.loads(profiled.read_text())
     devices = {d["name"]: d for d in profile["devices"]}
     assert set(devices) == {"fast", "slow"}  # (the head coordinates: it offers no CPU, so it is not profiled)
@@ -126,11 +126,7 @@ def test_the_profile_sees_the_quota_and_the_plan_leaves_the_slow_node_out(lab, p
     assert planned.returncode == 0, planned.stderr
     stages = json.loads(plan.read_text())["stages"]
     assert [s["placement"] for s in stages] == ["10.213.0.10"], planned.stdout
-
-    ran = cli("generate", "What is the capital of France?", "--max-tokens", "12", "--dtype", "int4",
-              "--cluster", str(cluster), "--address", lab, timeout=600)
-    assert ran.returncode == 0, ran.stderr
-    assert "Paris" in ran.stdout
+    # (the next test serves a plan made from this cluster file on the lab's nodes)
 
 
 def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(lab, profiled, tmp_path):

@@ -44,8 +44,7 @@ def test_even_plans_split_all_layers(weights):
 
 @pytest.mark.parametrize("layout, micro_batches", [
     (2, None),  # an even split; local stages share one node's cores, so they take turns (1 in flight)
-    ([[0, 7], [7, 19], [19, 30]], 3),  # uneven, every stage busy at once
-    ([[0, 2], [2, 4], [4, 25], [25, 29], [29, 30]], 5),
+    ([[0, 1], [1, 19], [19, 30]], 3),  # uneven (a one-layer stage), every stage busy at once
 ])
 def test_pipeline_outputs_equal_one_process_and_close_kills_the_actors(ray_session, reference, weights, layout,
                                                                        micro_batches):
