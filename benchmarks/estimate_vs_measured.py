@@ -5,12 +5,13 @@
      TTFT: prompts of 32, 128 and 512 tokens at batch 1;
      TPOT: batch 1, 8 and 32 at a 64-token prompt;
    each on 1, 2 and 3 local Ray stages (one process for 1). TTFT is a 1-token generation;
-   TPOT is (time of N tokens - time of 1) / (N - 1). None of these points is one the profile
+   TPOT the median step once every sequence decodes. None of these points is one the profile
    measures. This VM's speed drifts by 10-20 % over minutes and is noisy in bursts, so the
    measurement goes in rounds: each round profiles the device again (in this process; the
    Ray hop is measured once) and then times every point once, all engines loaded side by
-   side, each engine warmed by a short generation just before its point (an engine left idle
-   while the others ran pays page-ins and thread wake-ups on its first step). Predictions
+   side, each engine warmed by a short run of the point itself just before it (an engine left
+   idle while the others ran, or the profile, pays page-ins, thread wake-ups and its products'
+   first calls at a new size on its first step). Predictions
    and measurements are each the median over rounds.
 2. GenZ on shared inputs (benchmarks/genz_peer.py).
 Prints each point and the geometric-mean absolute percentage error,
@@ -41,13 +42,16 @@ def geomean_ape(pairs: list[tuple[float, float]]) -> float:
     return math.exp(statistics.fmean(math.log(1 + abs(p / m - 1)) for p, m in pairs)) - 1
 
 
+def prompts(prompt: int, batch: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(prompt * 1000 + batch)
+    return torch.randint(100, 40000, (batch, prompt), generator=gen).tolist()
+
+
 def timed_generate(llm, prompt: int, batch: int, new: int) -> float:
     from shardwise import SamplingParams
 
-    gen = torch.Generator().manual_seed(prompt * 1000 + batch)
-    ids = torch.randint(100, 40000, (batch, prompt), generator=gen).tolist()
     start = time.perf_counter()
-    llm.generate(ids, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
+    llm.generate(prompts(prompt, batch), SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
     return time.perf_counter() - start
 
 
@@ -61,7 +65,7 @@ def main() -> None:
 
     from shardwise import LLM
     from shardwise.model.catalog import load_spec
-    from shardwise.perf.cluster_profile import profile_cluster
+    from shardwise.perf.cluster_profile import decode_step_seconds, profile_cluster
     from shardwise.perf.estimate import Deployment, estimate
     from shardwise.perf.hardware import DeviceSpec, LinkSpec
     from shardwise.perf.operators import Precision
@@ -77,7 +81,8 @@ def main() -> None:
     fp32 = Precision("fp32", "fp32", "fp32")
 
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    engines = {n: LLM(dtype="float32") if n == 1 else LLM(dtype="float32", stages=n) for n in STAGES}
+    # (no prefix cache: every round repeats its prompts, and a cached prompt is not prefilled again)
+    engines = {n: LLM(dtype="float32", stages=n if n > 1 else None, prefix_cache=False) for n in STAGES}
     points = [("TTFT", n, prompt, 1) for n in STAGES for prompt in PROMPTS]
     points += [("TPOT", n, TPOT_PROMPT, batch) for n in STAGES for batch in BATCHES]
     measured: dict[tuple, list[float]] = {p: [] for p in points}
@@ -94,12 +99,11 @@ def main() -> None:
             est = estimate(spec, dep, batch=batch, input_tokens=prompt, precision=fp32, micro_batches=1,
                            output_tokens=1 if kind == "TTFT" else NEW_TOKENS)
             predicted[point].append(est.ttft_s if kind == "TTFT" else est.tpot_s)
-            timed_generate(engines[n], 8, 1, 2)  # warm
+            timed_generate(engines[n], prompt, batch, 2)  # warm: the point's own shapes
             if kind == "TTFT":
                 measured[point].append(timed_generate(engines[n], prompt, batch, 1))
             else:
-                full = timed_generate(engines[n], prompt, batch, NEW_TOKENS)
-                measured[point].append((full - timed_generate(engines[n], prompt, batch, 1)) / (NEW_TOKENS - 1))
+                measured[point].append(decode_step_seconds(engines[n], prompts(prompt, batch), NEW_TOKENS))
     for llm in engines.values():
         llm.close()
     ray.shutdown()

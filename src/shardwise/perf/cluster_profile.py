@@ -131,26 +131,36 @@ def stage_hop_latency(model: str, device: str, prompt: int = 64, new: int = 17, 
     waking the next stage's threads. Measured as (2-stage decode step - one-process step) / 2,
     the two hops being stage 0 -> stage 1 and the token ids back to the driver; both engines
     stay loaded and take turns, and the median of the paired differences resists noise bursts."""
-    from shardwise.engine.sampling import SamplingParams
     from shardwise.llm import LLM
 
-    ids = list(range(100, 100 + prompt))
-
-    def step_seconds(llm: LLM) -> float:
-        def run(n: int) -> float:
-            start = time.perf_counter()
-            llm.generate([ids], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-            return time.perf_counter() - start
-
-        return (run(new) - run(1)) / (new - 1)
-
+    ids = [list(range(100, 100 + prompt))]
     with LLM(model, device=device) as one, LLM(model, device=device, stages=2) as two:
-        step_seconds(one), step_seconds(two)  # warm-up
-        differences = [step_seconds(two) - step_seconds(one) for _ in range(rounds)]
+        decode_step_seconds(one, ids, new), decode_step_seconds(two, ids, new)  # warm-up
+        differences = [decode_step_seconds(two, ids, new) - decode_step_seconds(one, ids, new) for _ in range(rounds)]
         stage = two.executor.stages[1]
         floor = timed(lambda: ray.get(stage.ready.remote()), torch.device("cpu"), 20)  # a bare call and answer
     # a busy machine can hide the hop in the noise of the two step times; it never costs less than a call
     return max(statistics.median(differences), floor) / 2
+
+
+def decode_step_seconds(llm, prompts: list[list[int]], new: int) -> float:
+    """Median seconds of an engine's steps in which every sequence decodes (each has its first
+    token): a decode step at this batch. (Not the time of N tokens less that of 1: both runs
+    prefill, and at a large batch the prefill's noise swamps the decode steps' difference.)"""
+    from shardwise.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    seqs = [llm.new_sequence(ids, params) for ids in prompts]
+    for seq in seqs:
+        llm.add(seq)
+    steps = []
+    while llm.has_work:
+        decoding = all(seq.output.token_ids for seq in seqs)
+        start = time.perf_counter()
+        llm.step()
+        if decoding:
+            steps.append(time.perf_counter() - start)
+    return statistics.median(steps)
 
 
 def _names(nodes: list[dict[str, Any]]) -> list[str]:
