@@ -6,6 +6,7 @@ Needs root, network namespaces and cgroup v1 (CI has them); elsewhere these test
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -62,6 +63,8 @@ def lab(tmp_path_factory):
     up = cli("lab", "up", str(path))
     try:
         assert up.returncode == 0, up.stderr
+        # 1.5 cores of quotas: on a 2-core machine that leaves the driver and Ray less than a core
+        assert ("warning: the nodes' quotas add up to 1.5" in up.stderr) == (1.5 > (os.cpu_count() or 1) - 1)
         yield up.stdout.split("lab up at ")[1].split(":")[0] + ":6390"
     finally:
         down = cli("lab", "down")

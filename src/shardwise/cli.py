@@ -497,13 +497,16 @@ def lab_up(lab_file: Annotated[str, typer.Argument(help="A lab file (YAML): node
     from shardwise.lab.spec import LabSpec
 
     try:
-        state = lab.up(LabSpec.load(lab_file), progress=lambda what: typer.echo(f"starting {what}", err=True))
+        spec = LabSpec.load(lab_file)
+        state = lab.up(spec, progress=lambda what: typer.echo(f"starting {what}", err=True))
     except ShardwiseError as e:
         fail(str(e))
     for node in state.nodes:
         typer.echo(f"  {node.name:<12} {node.ip:<12} {node.cpus:g} cores, {node.memory_gb:g} GB, "
                    f"{node.rate_mbit:g} Mbit/s{f', {node.delay_ms:g} ms' if node.delay_ms else ''}")
     typer.echo(f"lab up at {state.address}: use --address {state.address}; stop it with `shardwise lab down`")
+    if warning := lab.oversubscribed(spec):
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
 @lab_app.command("down")

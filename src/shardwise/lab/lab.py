@@ -10,6 +10,7 @@ removes exactly that and nothing else. One lab at a time; its address is the hea
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -76,6 +77,19 @@ def _start_ray(group: host.Cgroup, arguments: list[str], namespace: str | None) 
     done = host.run("sh", "-c", command, check=False)
     if done.returncode != 0:
         raise ShardwiseError(f"lab: ray start failed: {(done.stderr or done.stdout).strip()[-800:]}")
+
+
+def oversubscribed(spec: LabSpec, cores: int | None = None) -> str | None:
+    """A warning when the nodes' quotas leave this machine less than a core for everything else:
+    the driver, Ray's head and daemons (measured: about one core's worth while stages compute
+    on two nodes at once). Then nodes busy together get less than their quotas promise."""
+    cores = cores or os.cpu_count() or 1
+    asked = sum(n.cpus for n in spec.nodes)
+    if asked <= cores - 1:
+        return None
+    return (f"the nodes' quotas add up to {asked:g} of this machine's {cores} cores, leaving less than one for "
+            "the driver and Ray's own processes: nodes busy at once will run slower than their quotas promise "
+            "(for measurements that hold, keep the quotas' sum a core below the machine's)")
 
 
 def up(spec: LabSpec, progress: Callable[[str], None] = lambda _: None) -> LabState:
