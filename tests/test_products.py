@@ -23,9 +23,9 @@ def routes(matmul) -> list[tuple[int, str]]:
 
 def test_each_weight_knows_its_route_for_every_row_count(weights):
     floats = ShardModel(weights.spec, weights=weights, dtype="float32")
-    assert routes(floats.blocks[0].qkv) == [(16, "fp32 tile"), (64, "split GEMM"), (ANY_ROWS, "GEMM")]
+    assert routes(floats.blocks[0].qkv) == [(32, "fp32 tile"), (64, "split GEMM"), (ANY_ROWS, "GEMM")]
     assert routes(floats.head) == [(64, "fp32 tile"), (ANY_ROWS, "vocabulary blocks")]
-    assert floats.fused.max_rows == 16  # a decode step runs in one call while every product is a kernel's
+    assert floats.fused.max_rows == 32  # a decode step runs in one call while every product is a kernel's
 
     blocks = ShardModel(weights.spec, (0, 3), weights=weights, dtype="int4")
     assert routes(blocks.blocks[0].mlp.down) == [(8, "q4 direct"), (128, "q4 tile"), (ANY_ROWS, "dequantised GEMM")]
@@ -36,7 +36,7 @@ def test_each_weight_knows_its_route_for_every_row_count(weights):
     assert routes(bf16.head) == [(16, "GEMM"), (ANY_ROWS, "vocabulary blocks")]
 
 
-@pytest.mark.parametrize("rows", [1, 16, 17, 64, 65, 300])
+@pytest.mark.parametrize("rows", [1, 16, 17, 32, 33, 64, 65, 300])
 def test_every_route_equals_torch(rows):
     torch.manual_seed(rows)
     weight, bias, x = torch.randn(96, 320), torch.randn(96), torch.randn(rows, 320)

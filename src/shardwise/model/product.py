@@ -3,7 +3,8 @@ when the weight loads, for each range of rows a step may bring.
 
 The choices, measured on this project's 2-core AVX2 / AVX-512 machines on layer- and head-sized
 weights (their benchmarks: benchmarks/decode.py, benchmarks/engine.py):
-- fp32 on a CPU: up to TILED_ROWS the kernels' register-tiled product (1.2-3x MKL); up to
+- fp32 on a CPU: up to TILED_ROWS the kernels' register-tiled product (1.2-3x MKL; at 17-24
+  rows 1.1-1.5x the split GEMM next, a tie at 32: MKL's batched GEMM jumps at 17 rows); up to
   SPLIT_ROWS row blocks of the weight as one batched GEMM, a block per core (MKL threads such
   skinny products poorly: its GEMV uses one core); beyond, MKL's own GEMM.
 - quantised blocks on a CPU: up to DIRECT_ROWS the kernels read the blocks directly (bound by
@@ -34,13 +35,14 @@ from shardwise import kernels
 from shardwise.kernels import gpu
 from shardwise.quant import QuantizedWeight
 
-TILED_ROWS = 16
+TILED_ROWS = 32
 SPLIT_ROWS = 64
 DIRECT_ROWS = 8
 KERNEL_ROWS = 128
 DEQUANTISED_ROWS = 2048  # a few MB of fp32 at a time: stays in the heap, no page faults
 HEAD_TILED_ROWS = 64
 HEAD_BLOCK = 2048
+HEAD_GEMM_ROWS = 16  # (no tile for this dtype: one GEMM up to here, then vocabulary blocks)
 ANY_ROWS = sys.maxsize
 
 
@@ -101,7 +103,7 @@ def head_product(weight: torch.Tensor | QuantizedWeight) -> Product:
     plain = product(weight, tiled_rows=HEAD_TILED_ROWS)
     if isinstance(weight, QuantizedWeight) or weight.device.type != "cpu":
         return plain
-    few = plain.routes[:-1] or (Route(TILED_ROWS, "GEMM", plain.routes[-1].run),)
+    few = plain.routes[:-1] or (Route(HEAD_GEMM_ROWS, "GEMM", plain.routes[-1].run),)
     return Product(weight, None, (*few, Route(ANY_ROWS, "vocabulary blocks", partial(_vocabulary_blocks, weight))))
 
 
