@@ -79,11 +79,11 @@ def _start_ray(group: host.Cgroup, arguments: list[str], namespace: str | None) 
         raise ShardwiseError(f"lab: ray start failed: {(done.stderr or done.stdout).strip()[-800:]}")
 
 
-def oversubscribed(spec: LabSpec, cores: int | None = None) -> str | None:
+def oversubscribed(spec: LabSpec) -> str | None:
     """A warning when the nodes' quotas leave this machine less than a core for everything else:
     the driver, Ray's head and daemons (measured: about one core's worth while stages compute
     on two nodes at once). Then nodes busy together get less than their quotas promise."""
-    cores = cores or os.cpu_count() or 1
+    cores = os.cpu_count() or 1
     asked = sum(n.cpus for n in spec.nodes)
     if asked <= cores - 1:
         return None
