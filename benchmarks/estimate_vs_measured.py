@@ -9,9 +9,9 @@
    measures. This VM's speed drifts by 10-20 % over minutes and is noisy in bursts, so the
    measurement goes in rounds: each round profiles the device again (in this process; the
    Ray hop is measured once) and then times every point once, all engines loaded side by
-   side, each engine warmed by a short run of the point itself just before it (an engine left
-   idle while the others ran, or the profile, pays page-ins, thread wake-ups and its products'
-   first calls at a new size on its first step). Predictions
+   side, each TTFT point warmed by a run of itself just before it (an engine left idle while
+   the others ran, or the profile, pays page-ins, thread wake-ups and its products' first
+   calls at a new size on its first step; a TPOT point's own prefill warms it). Predictions
    and measurements are each the median over rounds.
 2. GenZ on shared inputs (benchmarks/genz_peer.py).
 Prints each point and the geometric-mean absolute percentage error,
@@ -99,10 +99,10 @@ def main() -> None:
             est = estimate(spec, dep, batch=batch, input_tokens=prompt, precision=fp32, micro_batches=1,
                            output_tokens=1 if kind == "TTFT" else NEW_TOKENS)
             predicted[point].append(est.ttft_s if kind == "TTFT" else est.tpot_s)
-            timed_generate(engines[n], prompt, batch, 2)  # warm: the point's own shapes
             if kind == "TTFT":
+                timed_generate(engines[n], prompt, batch, 1)  # warm: the point's own shapes
                 measured[point].append(timed_generate(engines[n], prompt, batch, 1))
-            else:
+            else:  # (its own prefill warms the engine; the median drops a slow first decode step)
                 measured[point].append(decode_step_seconds(engines[n], prompts(prompt, batch), NEW_TOKENS))
     for llm in engines.values():
         llm.close()
