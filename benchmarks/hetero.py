@@ -28,7 +28,6 @@ import math
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -41,7 +40,7 @@ from shardwise.model.catalog import load_spec
 from shardwise.perf.estimate import Deployment, estimate
 from shardwise.perf.hardware import SAME_DEVICE
 from shardwise.planner import baselines, display
-from shardwise.planner.partition import PlanResult, solve
+from shardwise.planner.partition import STAGE_GAIN, PlanResult, solve
 from shardwise.planner.topology import Cluster, cluster_file, cost_table, plan_cluster, precision, to_plan
 
 MODEL = "smollm2-135m"
@@ -62,20 +61,20 @@ STREAMS = {"latency": 1, "throughput": 16}  # concurrent greedy streams each obj
 
 
 def measured_rate(plan, address: str, repeats: int, new: int, streams: int) -> float:
-    """Decode tokens/s of `streams` greedy streams at once: (new - 1) extra tokens each over a
-    1-token run's time."""
-    from shardwise import LLM, SamplingParams
+    """Decode tokens/s of `streams` greedy streams at once: the tokens of the steps in which every
+    stream decodes over those steps' time (prefill left out), the median over repeats."""
+    from shardwise import LLM
+    from shardwise.perf.cluster_profile import decode_steps
 
-    prompts = [f"{PROMPT} ({k + 1})" for k in range(streams)]
     with LLM(MODEL, plan=plan, address=address, dtype="float32", kv_tokens=KV_TOKENS) as llm:
-        def seconds(n: int) -> float:
-            start = time.perf_counter()
-            llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-            return time.perf_counter() - start
+        prompts = [llm.tokenizer.encode(f"{PROMPT} ({k + 1})") for k in range(streams)]
 
-        seconds(new)  # warm-up
-        rates = [streams * (new - 1) / max(seconds(new) - seconds(1), 1e-9) for _ in range(repeats)]
-    return statistics.median(rates)
+        def rate() -> float:
+            steps = decode_steps(llm, prompts, new)
+            return sum(tokens for _, tokens in steps) / sum(seconds for seconds, _ in steps)
+
+        rate()  # warm-up
+        return statistics.median(rate() for _ in range(repeats))
 
 
 def predicted_rate(spec, cluster: Cluster, stages: list[tuple[int, int, int]], streams: int) -> float:
@@ -114,7 +113,7 @@ def run_layout(name: str, nodes: list[dict], work: Path, repeats: int, new: int,
             streams = STREAMS[objective]
             table = cost_table(spec, cluster, batch=streams, kv_tokens=KV_TOKENS)
             flops = [d.spec.peak_flops(d.spec.default_dtype) for d in cluster.devices]
-            splits = {"shardwise DP": solve(table, objective).stages, "even (vLLM)": baselines.even(table),
+            splits = {"shardwise DP": solve(table, objective, STAGE_GAIN).stages, "even (vLLM)": baselines.even(table),
                       "memory-proportional (exo, llama.cpp)": baselines.memory_proportional(table),
                       "FLOPS-proportional (Cake)": baselines.flops_proportional(table, flops),
                       "greedy fastest-first": baselines.greedy_fastest(table)}

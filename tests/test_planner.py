@@ -17,10 +17,10 @@ from tests.conftest import cli
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def exhaustive(t: CostTable, objective: str) -> float | None:
-    """Every ordered choice of distinct devices and every cut of the layers among them."""
+def exhaustive(t: CostTable, objective: str, most: int | None = None) -> float | None:
+    """Every ordered choice of distinct devices (at most `most`) and every cut of the layers among them."""
     best = None
-    for k in range(1, min(t.devices, t.layers) + 1):
+    for k in range(1, min(t.devices, t.layers, most or t.devices) + 1):
         for order in itertools.permutations(range(t.devices), k):
             if t.source is not None and order[0] != t.source:
                 continue
@@ -95,6 +95,23 @@ def test_dp_equals_exhaustive_search(table, objective):
     assert len({d for d, _, _ in result.stages}) == len(result.stages)
     assert all(table.memory[a:b].sum() <= table.capacity[d] for d, a, b in result.stages)
     assert table.source is None or result.stages[0][0] == table.source
+    assert evaluate(table, result.stages, objective) == pytest.approx(result.value, abs=1e-9)
+
+
+@SETTINGS
+@given(tables(), st.sampled_from(["latency", "throughput"]), st.sampled_from([1.05, 1.3, 2.0]))
+def test_a_plan_of_more_stages_must_pay_the_gain(table, objective, gain):
+    """With a gain, the plan of fewest stages within that factor of the optimum: every plan of
+    fewer stages is worse than optimum * gain."""
+    best = exhaustive(table, objective)
+    if best is None:
+        return
+    result = solve(table, objective, gain)
+    stages = len(result.stages)
+    assert result.value <= best * gain + 1e-9
+    assert result.value == pytest.approx(exhaustive(table, objective, most=stages), abs=1e-9)
+    fewer = exhaustive(table, objective, most=stages - 1) if stages > 1 else None
+    assert fewer is None or fewer > best * gain
     assert evaluate(table, result.stages, objective) == pytest.approx(result.value, abs=1e-9)
 
 

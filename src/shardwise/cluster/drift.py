@@ -27,7 +27,7 @@ from shardwise.model.spec import ModelSpec
 from shardwise.perf.estimate import Stage, stage_time
 from shardwise.perf.operators import Work
 from shardwise.planner.baselines import evaluate
-from shardwise.planner.partition import solve
+from shardwise.planner.partition import STAGE_GAIN, solve
 from shardwise.planner.plan import Plan
 from shardwise.planner.topology import Cluster, cost_table, precision, to_plan
 
@@ -141,7 +141,7 @@ class DriftWatch:
         table = cost_table(self.spec, self.cluster, quant=self.quant, kv_tokens=self.kv_tokens)
         running = evaluate(table, [(d, *s.layers) for d, s in zip(self.devices, self.plan.stages, strict=True)],
                            self.objective)
-        result = solve(table, self.objective)
+        result = solve(table, self.objective, STAGE_GAIN)
         plan = to_plan(result, self.cluster)
         self.follow(self.plan)  # a fresh window, with the corrected speeds
         same = [(s.layers, s.placement) for s in plan.stages] == [(s.layers, s.placement) for s in self.plan.stages]

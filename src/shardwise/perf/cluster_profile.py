@@ -143,10 +143,11 @@ def stage_hop_latency(model: str, device: str, prompt: int = 64, new: int = 17, 
     return max(statistics.median(differences), floor) / 2
 
 
-def decode_step_seconds(llm, prompts: list[list[int]], new: int) -> float:
-    """Median seconds of an engine's steps in which every sequence decodes (each has its first
-    token): a decode step at this batch. (Not the time of N tokens less that of 1: both runs
-    prefill, and at a large batch the prefill's noise swamps the decode steps' difference.)"""
+def decode_steps(llm, prompts: list[list[int]], new: int) -> list[tuple[float, int]]:
+    """(seconds, tokens) of each of an engine's steps in which every sequence decodes (each has its
+    first token). (Not the time of N tokens less that of 1: both runs prefill, and at a large batch
+    the prefill's noise swamps the decode steps' difference.) With micro-batches in flight a step
+    returns one micro-batch's tokens."""
     from shardwise.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
@@ -157,10 +158,15 @@ def decode_step_seconds(llm, prompts: list[list[int]], new: int) -> float:
     while llm.has_work:
         decoding = all(seq.output.token_ids for seq in seqs)
         start = time.perf_counter()
-        llm.step()
+        tokens = len(llm.step())
         if decoding:
-            steps.append(time.perf_counter() - start)
-    return statistics.median(steps)
+            steps.append((time.perf_counter() - start, tokens))
+    return steps
+
+
+def decode_step_seconds(llm, prompts: list[list[int]], new: int) -> float:
+    """Median seconds of a decode step at this batch (decode_steps)."""
+    return statistics.median(seconds for seconds, _ in decode_steps(llm, prompts, new))
 
 
 def _names(nodes: list[dict[str, Any]]) -> list[str]:

@@ -115,25 +115,32 @@ REST_S = 0.3  # idle long enough for a quota to refill (CFS: its budget returns 
 
 def burst_and_share(device: torch.device, repeats: int = 5, nbytes: int = 64 << 20) -> tuple[float, float | None]:
     """(sustained share, burst seconds): how much of its speed from idle the device keeps up when
-    busy all the time, and how long that speed lasts. A unit of work (a streaming read of a few
-    ms) runs back to back for a second; then, after each rest, again for a while, each unit timed:
-    the units before the first stall are the burst (a CFS quota's budget per period), their
-    median its speed. (1.0, None) where the device keeps its speed: a free CPU, a GPU."""
+    busy all the time, and how long that speed lasts. After each rest a unit of work (a streaming
+    read of a few ms) runs back to back for a few periods, each unit timed: the units before the
+    first stall are the burst (a CFS quota's budget per period), their median its speed; the whole
+    periods after it, the sustained speed. Each rest's share pairs its own burst and sustained
+    speed, so a host busy at one moment slows both (the share is the burst speed's divisor: its
+    error is every burst figure's). (1.0, None) where the device keeps its speed: a free CPU, a GPU."""
     if device.type != "cpu":
         return 1.0, None
     x = torch.ones(nbytes // 4, device=device)
-    sustained = seconds(lambda: x.sum(), device, 1.0)
-    units, bursts = [], []
+    shares, bursts = [], []
     for _ in range(repeats):
         time.sleep(REST_S)
         spans = []
         while sum(spans) < REST_S:
             spans.append(seconds(lambda: x.sum(), device))
-        stalled = int(next(iter(stalls(spans)), len(spans)))
-        units.append(statistics.median(spans[:stalled] or spans))
-        if stalled < len(spans):  # (and half the unit it stalled in)
-            bursts.append(sum(spans[:stalled]) + statistics.median(spans) / 2)
-    share = min(1.0, statistics.median(units) / sustained)
+        stalled = stalls(spans)
+        if len(stalled) < 2:  # (no quota met: no stall, or no whole period after one)
+            shares.append(1.0)
+            continue
+        first, last = stalled[0], stalled[-1]
+        if first == 0:  # (the rest did not refill the budget: no burst to time)
+            continue
+        sustained = sum(spans[first + 1:last + 1]) / (last - first)
+        shares.append(float(statistics.median(spans[:first]) / sustained))
+        bursts.append(sum(spans[:first]) + statistics.median(spans) / 2)  # (and half the unit it stalled in)
+    share = min(1.0, statistics.median(shares or [1.0]))
     if share > FULL_SHARE or not bursts:
         return 1.0, None
     return share, statistics.median(bursts)
@@ -343,7 +350,7 @@ def profile_device(model: str, device: str = "cpu", dtype: str | None = None, na
     progress("fitting efficiencies and overheads")
     precision = Precision(short, short, short)
     progress("burst and sustained speed")
-    share, burst = burst_and_share(dev, repeats)
+    share, burst = burst_and_share(dev, max(repeats, 5))
     # every figure above was measured sustained; the device's own are its speed in bursts
     fitted = replace(fit(spec, raw, samples, precision).slower(share), sustained_share=share, burst_s=burst)
     fitted.measured.update({"model": model, "steps": samples, "per_layer": per_layer(samples, spec.num_layers)})

@@ -29,6 +29,11 @@ def print_plan(summary: dict[str, Any], console: Console | None = None) -> None:
     if objective == "latency" and pacing["share"] < 1 and pacing["busy_s"] >= summary["dp"]["value"] * (1 - 1e-9):
         console.print(f"one stream is paced by {pacing['device']}, which keeps up {pacing['share']:.0%} of its "
                       "speed when busy: its layers' work must fit its share of each token's time")
+    declined = summary.get("declined")
+    if declined:
+        gain = summary["dp"]["value"] / declined["value"] - 1
+        console.print(f"fewer stages kept: {declined['layout']} would be {gain:.0%} faster by the estimate, "
+                      f"less than the {declined['gain'] - 1:.0%} each further stage must gain")
     base = Table(title="the same cluster split the other ways (same cost model)")
     for col in ("split", "stages", "latency per token" if objective == "latency" else "bottleneck",
                 "tokens/s", "vs shardwise"):

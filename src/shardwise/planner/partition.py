@@ -15,6 +15,7 @@ the busiest stage's sustained time where a device keeps up only a share of its b
 (a CPU quota), whichever is larger: a threshold search on the latter around the additive DP.
 Throughput: minimise the bottleneck = max over stage compute (sustained) and transfers.
 Devices that share a host (CPU devices of one node) hold at most one stage between them.
+With a gain above 1, the plan of fewest stages within that factor of the best wins.
 
 Complexity: O(prod(n_g + 1) * G^2 * L * W) time for G groups of n_g identical devices,
 L layers and W the most layers any device can hold (W <= L; O(2^D * D^2 * L * W) for D
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -107,6 +108,12 @@ class PlanResult:
     value: float  # latency in seconds, or the bottleneck stage / transfer in seconds
     stages: list[tuple[int, int, int]]  # (device, start, end): half-open layer ranges in pipeline order
     objective: str
+    declined: PlanResult | None = None  # the best plan, where it had more stages and did not pay the gain
+
+
+# What the planner asks of each further stage: a predicted gain above the estimator's error on real
+# clusters (a smaller one may not be there when run), since a stage adds a hand-over and a node to lose
+STAGE_GAIN = 1.1
 
 
 def groups_of_identical(table: CostTable) -> list[list[int]]:
@@ -134,38 +141,60 @@ def _same(t: CostTable, u: int, v: int) -> bool:
                 and t.transfer[u, v] == t.transfer[v, u])
 
 
-def solve(table: CostTable, objective: Objective = "latency") -> PlanResult:
+def solve(table: CostTable, objective: Objective = "latency", gain: float = 1.0) -> PlanResult:
+    """The best plan; with gain > 1, the plan of fewest stages within `gain` of the best (a split
+    that is predicted to pay less than that pays within the estimator's error, and each stage
+    adds a hand-over and a node to lose)."""
     if objective not in ("latency", "throughput"):
         raise ShardwiseError(f"unknown objective '{objective}': use latency or throughput")
+    best = _solve(table, objective, table.devices)
+    plans = {len(best.stages): best}
+
+    def within(most: int) -> bool:  # (the best plan of at most `most` stages only improves with more)
+        try:
+            plans[most] = plans.get(most) or _solve(table, objective, most)
+        except ShardwiseError:  # (no plan of so few stages fits)
+            return False
+        return plans[most].value <= best.value * gain
+
+    lo, hi = 1, len(best.stages)  # the fewest stages within the gain: a binary search
+    while gain > 1 and lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if within(mid) else (mid + 1, hi)
+    return best if hi == len(best.stages) else replace(plans[hi], declined=best)
+
+
+def _solve(table: CostTable, objective: Objective, most: int) -> PlanResult:
+    """The best plan of at most `most` stages."""
     groups = groups_of_identical(table)
     first = [g[0] for g in groups]
     burst = np.stack([_stage_costs(table, d) for d in first])  # [group, l, b]: layers [l, b) there
     share = table.share[first][:, None, None]
     busy = np.stack([table.busy(d, costs) for d, costs in zip(first, burst, strict=True)])
     if objective == "throughput":
-        value, stages = _dp(table, groups, busy, np.maximum)
+        value, stages = _dp(table, groups, busy, np.maximum, most)
     else:
         wall = from_idle(burst, table.burst[first][:, None, None], share)
-        value, stages = _least_latency(table, groups, wall, busy)
+        value, stages = _least_latency(table, groups, wall, busy, most)
     if not np.isfinite(value):
         raise ShardwiseError(_infeasible(table))
     free = [list(g) for g in groups]
     return PlanResult(value, [(free[g].pop(0), a, b) for g, a, b in stages], objective)
 
 
-def _least_latency(table: CostTable, groups: list[list[int]], wall: np.ndarray,
-                   busy: np.ndarray) -> tuple[float, list[tuple[int, int, int]]]:
+def _least_latency(table: CostTable, groups: list[list[int]], wall: np.ndarray, busy: np.ndarray,
+                   most: int) -> tuple[float, list[tuple[int, int, int]]]:
     """Least max(sum of stage walls + transfers, the busiest stage's sustained time): one stream's
     token time where a node under a quota must fit each token's work into its share. The sum is
     additive, the max is not: the DP minimises the sum under a ceiling on every stage's busy
     time, and a binary search finds the ceiling where the two terms cross."""
 
     def under(ceiling: float) -> tuple[float, list[tuple[int, int, int]]]:
-        total, stages = _dp(table, groups, np.where(busy <= ceiling, wall, np.inf), np.add)
+        total, stages = _dp(table, groups, np.where(busy <= ceiling, wall, np.inf), np.add, most)
         return max([total] + [busy[g, a, b] for g, a, b in stages]), stages
 
     if (table.share == 1).all() and not table.task.any():  # (a stage's busy time is its part of the sum)
-        return _dp(table, groups, wall, np.add)
+        return _dp(table, groups, wall, np.add, most)
     value, stages = best = under(np.inf)
     worst = max((busy[g, a, b] for g, a, b in stages), default=0.0)
     if not np.isfinite(value) or worst < value:  # bound by the sum, which no ceiling lowers
@@ -180,10 +209,11 @@ def _least_latency(table: CostTable, groups: list[list[int]], wall: np.ndarray,
     return min(candidates + [best], key=lambda c: c[0])
 
 
-def _dp(table: CostTable, groups: list[list[int]], stage: np.ndarray,
-        combine) -> tuple[float, list[tuple[int, int, int]]]:
-    """The least combined cost of contiguous stages over every layer, and its stages as (group,
-    start, end); stage[g, l, b]: layers [l, b) on group g (inf where not allowed). inf: no plan."""
+def _dp(table: CostTable, groups: list[list[int]], stage: np.ndarray, combine,
+        most: int) -> tuple[float, list[tuple[int, int, int]]]:
+    """The least combined cost of at most `most` contiguous stages over every layer, and its
+    stages as (group, start, end); stage[g, l, b]: layers [l, b) on group g (inf where not
+    allowed). inf: no plan."""
     # Devices that share a host hold one stage between them: two stages there would take turns on
     # its compute (the same busy time as one stage holding both ranges, plus a hand-over).
     host_of = [int(table.hosts[g[0]]) for g in groups]
@@ -204,7 +234,7 @@ def _dp(table: CostTable, groups: list[list[int]], stage: np.ndarray,
         if table.source is None or groups[g][0] == table.source:
             best[strides[g], g] = stage[g, 0]
 
-    for k in range(1, min(int(used.max()), n_layers)):  # a stage holds at least one layer
+    for k in range(1, min(int(used.max()), n_layers, most)):  # a stage holds at least one layer
         level = np.flatnonzero(used == k)
         for v in range(n_groups):
             movable = level[counts[level, v] < sizes[v]]
@@ -215,7 +245,7 @@ def _dp(table: CostTable, groups: list[list[int]], stage: np.ndarray,
                 if len(chunk):
                     _extend(best, start_of, prev_of, chunk, chunk + strides[v], v, tr[:, v], bands[v], combine)
 
-    finals = best[:, :, n_layers]
+    finals = np.where((used <= most)[:, None], best[:, :, n_layers], np.inf)  # (a state's stages: its devices)
     if table.return_to_source:
         source_group = next(i for i, g in enumerate(groups) if g[0] == table.source)
         finals = combine(finals, tr[:, source_group][None, :])

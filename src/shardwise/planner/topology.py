@@ -243,10 +243,10 @@ def plan_cluster(spec: ModelSpec, cluster: Cluster, objective: str = "latency", 
                  kv_tokens: int = DEFAULT_KV_TOKENS) -> tuple[Plan, dict[str, Any]]:
     """The DP's plan, and a summary with its stages and the baselines' values under the same costs."""
     from shardwise.planner import baselines
-    from shardwise.planner.partition import solve
+    from shardwise.planner.partition import STAGE_GAIN, solve
 
     table = cost_table(spec, cluster, batch=batch, context=context, quant=quant, kv_tokens=kv_tokens)
-    result = solve(table, objective)
+    result = solve(table, objective, STAGE_GAIN)
     stages = stage_estimates(cluster, table, result.stages)
     flops = [d.spec.peak_flops(d.spec.default_dtype) for d in cluster.devices]
     others = {"even (vLLM)": baselines.even(table), "memory-proportional (exo, llama.cpp)":
@@ -260,6 +260,8 @@ def plan_cluster(spec: ModelSpec, cluster: Cluster, objective: str = "latency", 
         "model": spec.name, "objective": objective, "batch": batch, "context": context, "quant": quant,
         "stages": stages,
         "dp": {"value": result.value, "layout": layout(result.stages)},
+        "declined": None if result.declined is None else {"value": result.declined.value, "gain": STAGE_GAIN,
+                                                          "layout": layout(result.declined.stages)},
         "baselines": {name: {"value": baselines.evaluate(table, st, objective), "layout": layout(st)}
                       for name, st in others.items()},
     }
