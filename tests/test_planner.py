@@ -262,9 +262,11 @@ def test_plan_cli_beats_or_matches_every_baseline_and_writes_a_plan(tmp_path):
                  "--batch", "8", "--quant", "int4", "--json", "--out", str(out), "--plot", str(png))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    dp = summary["dp"]["value"]
+    # (the optimum: the DP's plan, or the plan of more stages it declined for gaining under 10 %)
+    optimum = (summary["declined"] or summary["dp"])["value"]
+    assert summary["dp"]["value"] <= 1.1 * optimum
     for name, row in summary["baselines"].items():
-        assert row["value"] is None or row["value"] >= dp - 1e-12, name
+        assert row["value"] is None or row["value"] >= optimum - 1e-12, name
     assert "pi" not in summary["dp"]["layout"]  # a device that only slows things down is left out
     plan = json.loads(out.read_text())
     assert plan["stages"][0]["layers"][0] == 0 and plan["stages"][-1]["layers"][1] == 80
