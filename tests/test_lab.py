@@ -102,7 +102,7 @@ def profiled(lab, tmp_path_factory) -> Path:
 
 
 def test_the_profile_sees_the_quota_and_the_plan_gives_the_fast_node_the_larger_part(lab, profiled):
-    """profile --address measures each node's speed in bursts and the share of it the node keeps
+    """profile --address measures the machine's speed in bursts and the share of it each node keeps
     up when busy (the half-core node: about half, its burst about half of a 100 ms CFS period) and
     writes a cluster file; the throughput plan over it uses both nodes and gives the fast node,
     which keeps up twice the speed, about twice the work. (Not the latency plan: these nodes
@@ -118,6 +118,8 @@ def test_the_profile_sees_the_quota_and_the_plan_gives_the_fast_node_the_larger_
     assert crossing["bandwidth"] < 100e6 / 8  # the slow node's 100 Mbit/s link, shaped
     assert crossing["bandwidth"] < links[("fast", "fast")]["bandwidth"] / 5
     fast, slow = devices["fast"], devices["slow"]
+    # one machine's cores: profiled once, on the node keeping the most of its speed
+    assert slow["measured"]["figures_of"] == "fast" and slow["flops"] == fast["flops"]
     assert 0.3 < slow["sustained_share"] < 0.7 and 0.025 < slow["burst_s"] < 0.075
     assert fast["sustained_share"] > 0.8 * (2 * slow["sustained_share"])  # twice the quota (its threads allowing)
     assert all(0 < d["task_cpu_s"] < 0.02 for d in (fast, slow))  # what a stage's call costs its node

@@ -18,7 +18,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardwise.cluster.ray_session import join
-from shardwise.perf.profile import Progress, link_from_round_trips, profile_device, timed
+from shardwise.perf.profile import Progress, burst_and_share, link_from_round_trips, profile_device, timed
 
 HOP_TOKENS = (1, 512)  # hidden states of a decode step and of a prefill chunk
 
@@ -38,6 +38,13 @@ class Probe:
     def machine(self) -> str:
         """This boot of this machine: Ray nodes that share it share its cores and memory bandwidth."""
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    def speed_kept(self) -> tuple[float, float | None]:
+        """(the share of its speed this node keeps up when busy, how long a burst lasts)."""
+        return burst_and_share(torch.device("cpu"))
 
     def profile(self, model: str, device: str, name: str, quick: bool) -> dict[str, Any]:
         return profile_device(model, device, name=name, quick=quick).to_dict()
@@ -64,7 +71,7 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                     progress: Progress = lambda _: None, quick: bool = False) -> dict[str, Any]:
     """{"devices": [DeviceSpec dicts], "links": [{"from", "to", bandwidth, latency}], "nodes": [{"name",
     "node": its IP, or "local"}]}; a node's memory is what Ray offers there (its --memory). Nodes
-    on one machine (a lab's) are profiled in turn.
+    on one machine (a lab's) share one profile of it, each with its own share (_profile_nodes).
     quick: fewer repeats of every measurement (see profile_device)."""
     from shardwise.model.catalog import load_spec
 
@@ -113,17 +120,45 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
 
 
 def _profile_nodes(probes: list[Any], names: list[str], model: str, device: str, quick: bool) -> list[dict[str, Any]]:
-    """Each node's device; nodes on different machines at once, nodes sharing one in turn (at
-    once, they would take each other's cores and memory bandwidth, and measure each other)."""
+    """Each node's device. CPU nodes on one machine run on the same cores: their speed in bursts is
+    the machine's, and only the share of it each keeps up differs (a quota). So each machine (and
+    thread count) is profiled in full once, on its node that keeps the most of its speed, and
+    each other node there measures its share only. (Profiled each in full, one machine's nodes
+    came out up to ~30 % apart: the planner then split layers by that noise.)"""
     machines = ray.get([p.machine.remote() for p in probes])
-    turn_of = [machines[:i].count(m) for i, m in enumerate(machines)]  # its turn on its machine
-    devices: list[dict[str, Any]] = [{}] * len(probes)
-    for turn in range(max(turn_of) + 1):
-        now = [i for i, t in enumerate(turn_of) if t == turn]
-        for i, d in zip(now, ray.get([probes[i].profile.remote(model, device, names[i], quick) for i in now]),
-                        strict=True):
-            devices[i] = d
+    if device != "cpu":  # (a machine's GPUs are devices of their own)
+        return _in_turns(machines, lambda i: probes[i].profile.remote(model, device, names[i], quick))
+    hardware = list(zip(machines, ray.get([p.threads.remote() for p in probes]), strict=True))
+    kept = _in_turns(machines, lambda i: probes[i].speed_kept.remote())
+    leader = {}
+    for i, h in enumerate(hardware):
+        if h not in leader or kept[i][0] > kept[leader[h]][0]:
+            leader[h] = i
+    leaders = list(leader.values())
+    full = dict(zip(leaders, _in_turns([machines[i] for i in leaders], lambda k: probes[leaders[k]].profile.remote(
+        model, device, names[leaders[k]], quick)), strict=True))
+    devices = []
+    for i, h in enumerate(hardware):
+        d = full[leader[h]]
+        if i != leader[h]:
+            share, burst = kept[i]
+            d = {**d, "name": names[i], "sustained_share": share, "burst_s": burst,
+                 "measured": {**d["measured"], "figures_of": names[leader[h]]}}
+        devices.append(d)
     return devices
+
+
+def _in_turns(machines: list[str], start) -> list[Any]:
+    """ray.get of start(i) for each node i: nodes on different machines at once, nodes sharing one
+    in turn (at once, they would take each other's cores and memory bandwidth, and measure each
+    other)."""
+    turn_of = [machines[:i].count(m) for i, m in enumerate(machines)]  # its turn on its machine
+    out: list[Any] = [None] * len(machines)
+    for turn in range(max(turn_of, default=-1) + 1):
+        now = [i for i, t in enumerate(turn_of) if t == turn]
+        for i, result in zip(now, ray.get([start(i) for i in now]), strict=True):
+            out[i] = result
+    return out
 
 
 def stage_hop_latency(model: str, device: str, prompt: int = 64, new: int = 17, rounds: int = 7) -> float:
