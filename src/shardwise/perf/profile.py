@@ -350,7 +350,7 @@ def profile_device(model: str, device: str = "cpu", dtype: str | None = None, na
     progress("fitting efficiencies and overheads")
     precision = Precision(short, short, short)
     progress("burst and sustained speed")
-    share, burst = burst_and_share(dev, max(repeats, 5))
+    share, burst = burst_and_share(dev)  # (five rests, quick or not: the share divides every figure)
     # every figure above was measured sustained; the device's own are its speed in bursts
     fitted = replace(fit(spec, raw, samples, precision).slower(share), sustained_share=share, burst_s=burst)
     fitted.measured.update({"model": model, "steps": samples, "per_layer": per_layer(samples, spec.num_layers)})
