@@ -61,11 +61,9 @@ def seconds(fn: Callable[[], Any], device: torch.device, at_least: float = 0.0) 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         ends.append(time.perf_counter())
-    stalled = stalls(np.diff([start, *ends]))
-    if len(stalled) >= 2:
-        first, last = stalled[0], stalled[-1]
-        return float(ends[last] - ends[first]) / float(last - first)
-    return (ends[-1] - start) / len(ends)
+    spans = np.diff([start, *ends])
+    stalled = stalls(spans)
+    return whole_periods(spans, stalled) if len(stalled) >= 2 else (ends[-1] - start) / len(ends)
 
 
 def stalls(spans) -> np.ndarray:
@@ -73,6 +71,13 @@ def stalls(spans) -> np.ndarray:
     budget spent, the call waited for the next period)."""
     spans = np.asarray(spans)
     return np.flatnonzero(spans > 3 * np.median(spans))
+
+
+def whole_periods(spans, stalled: np.ndarray) -> float:
+    """Seconds per call over whole quota periods: from the end of the first stalled call to the
+    end of the last (at least two stalls)."""
+    first, last = stalled[0], stalled[-1]
+    return float(sum(spans[first + 1:last + 1])) / float(last - first)
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, at_least: float = 0.0) -> float:
@@ -134,11 +139,10 @@ def burst_and_share(device: torch.device, repeats: int = 5, nbytes: int = 64 << 
         if len(stalled) < 2:  # (no quota met: no stall, or no whole period after one)
             shares.append(1.0)
             continue
-        first, last = stalled[0], stalled[-1]
+        first = stalled[0]
         if first == 0:  # (the rest did not refill the budget: no burst to time)
             continue
-        sustained = sum(spans[first + 1:last + 1]) / (last - first)
-        shares.append(float(statistics.median(spans[:first]) / sustained))
+        shares.append(float(statistics.median(spans[:first])) / whole_periods(spans, stalled))
         bursts.append(sum(spans[:first]) + statistics.median(spans) / 2)  # (and half the unit it stalled in)
     share = min(1.0, statistics.median(shares or [1.0]))
     if share > FULL_SHARE or not bursts:
