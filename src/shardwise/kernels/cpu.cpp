@@ -106,7 +106,7 @@ struct Weight {
 template <bool Q4, int R>
 void group_product(const Weight& w, const QuantisedRows& x, int64_t r0, int64_t n0, int64_t n1, float* y,
                    int64_t ldy, const float* bias) {
-  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m256i low4 = _mm256_set1_epi16(0x0F);
   std::vector<float> factor(R * w.blocks);  // weight scale * x scale, per row and block
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* q = w.qs + n * w.row_bytes;
@@ -126,10 +126,10 @@ void group_product(const Weight& w, const QuantisedRows& x, int64_t r0, int64_t 
     // acc += dot(block b of the weight row, of each x row) * factor
     auto step = [&](int64_t b, __m256* acc) __attribute__((always_inline)) {
       __m256i w0, w1;  // elements 0-15 and 16-31 as int16
-      if constexpr (Q4) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
-        w0 = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, nibble));
-        w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+      if constexpr (Q4) {  // byte i holds elements i (low nibble) and i + 16: widen the bytes once, then split
+        const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)));
+        w0 = _mm256_and_si256(bytes, low4);
+        w1 = _mm256_srli_epi16(bytes, 4);
       } else {
         w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32)));
         w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32 + 16)));
