@@ -40,7 +40,8 @@ def main() -> None:
     from shardwise import LLM, SamplingParams
     from shardwise.model.registry import DEFAULT_MODEL, resolve
 
-    ours = LLM(DEFAULT_MODEL, dtype="int4", threads=args.threads)
+    # no prefix cache: the same prompts run every repeat, and a cached prompt would skip the prefill timed here
+    ours = LLM(DEFAULT_MODEL, dtype="int4", threads=args.threads, prefix_cache=False)
     theirs = Llama(model_path=str(resolve(DEFAULT_MODEL)), n_threads=args.threads, n_threads_batch=args.threads,
                    n_ctx=2048, n_batch=512, verbose=False)
     text_ids = ours.tokenizer.encode(TEXT)
@@ -75,7 +76,7 @@ def main() -> None:
         a, b = (statistics.median(r[i] for r in rates) for i in (0, 1))
         rows.append((f"decode batch 1, {length}-token context (tok/s)", a, b, a / b))
     single = rows[1][2]  # llama.cpp's single-stream decode rate at a 128-token context
-    fp32 = LLM(DEFAULT_MODEL, dtype="float32", threads=args.threads)
+    fp32 = LLM(DEFAULT_MODEL, dtype="float32", threads=args.threads, prefix_cache=False)
     for dtype, engine in (("int4", ours), ("fp32", fp32)):
         for batch in (8, 32):
             prompts = [text_ids[i * 8 : i * 8 + 16] for i in range(batch)]
