@@ -1,13 +1,14 @@
-"""shardwise serve vs HF transformers batch generation, same weights, same workload, one run.
+"""shardwise serve vs llama.cpp's llama-server, same GGUF, same workload, one run.
 
-The workload has ShareGPT-like prompt and output lengths (scaled down for a small
-machine). shardwise is a real `shardwise serve` process loaded over HTTP at
-concurrency 1, 8 and 32 (continuous batching: a finished request's slot is refilled
-at the next step). HF transformers runs the same requests in static batches of the
-same size (left-padded, each batch until its longest output), counting only the
-tokens each request asked for. Aggregate generated tokens/s, medians over repeats,
-the two sides interleaved; ratio > 1 favours shardwise. Target: at concurrency 32,
->= 3x HF's batch-32 aggregate.
+The workload has ShareGPT-like prompt and output lengths (scaled down for a small machine).
+Both are real servers loaded over HTTP by the same client (`shardwise.loadtest`: streamed
+/v1/completions, token-id prompts, outputs run to their length) at concurrency 1, 8 and 32:
+`shardwise serve --dtype int4` (the GGUF's own Q4_1 / Q8_0 blocks) and `llama-server` with as
+many slots as clients and continuous batching (`-np N -cb`; built from the llama.cpp sources
+that llama-cpp-python's sdist vendors when none is on PATH, see llama_server.py). Aggregate
+generated tokens/s, TTFT p50 and TPOT p50, medians over repeats, the two servers' runs
+interleaved; every ratio > 1 favours shardwise (for times: theirs / ours). Targets (#27):
+throughput >= 2x llama-server at concurrency 32 and >= 1.3x at 1, TPOT p50 no worse.
 
     python benchmarks/serve.py [--batches 4] [--scale 0.25] [--repeats 3] [--threads 2] [--dtype int4]
 """
@@ -18,29 +19,20 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
-import torch
+from llama_server import start_llama_server
 from server import start_server
 from side_by_side import print_ratio_table
 
-from shardwise.loadtest.load import run_load
-from shardwise.loadtest.workload import BenchRequest, sharegpt_like
+from shardwise.loadtest.load import run_load, summarize
+from shardwise.loadtest.workload import sharegpt_like
 
 
-def hf_batches(model, work: list[BenchRequest], batch: int) -> int:
-    """Static batching: left-padded prompts, each batch generating until its longest output.
-    Returns the tokens the requests asked for (the useful ones)."""
-    for i in range(0, len(work), batch):
-        group = work[i : i + batch]
-        width = max(len(r.prompt) for r in group)
-        ids = torch.tensor([[0] * (width - len(r.prompt)) + r.prompt for r in group])
-        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in group])
-        longest = max(r.output_tokens for r in group)
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
-                           do_sample=False, pad_token_id=0)
-    return sum(r.output_tokens for r in work)
+def measure(url: str, sessions, concurrency: int) -> tuple[float, float, float]:
+    """(generated tokens/s, TTFT p50, TPOT p50) of one pass of the workload."""
+    _, results, wall = run_load(url, sessions, concurrency=concurrency)
+    summary = summarize(results, wall)
+    return summary["throughput_tok_s"], summary["ttft_s"]["p50"], summary["tpot_s"]["p50"]
 
 
 def main() -> None:
@@ -52,47 +44,47 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--dtype", default="float32", help="the server's weights (HF runs fp32 either way; int4 "
-                                                          "runs the GGUF's own blocks, the same weights)")
+    parser.add_argument("--dtype", default="int4", help="shardwise's weights (int4: the GGUF's own blocks, "
+                                                       "what llama-server runs)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
 
     from shardwise.model.registry import DEFAULT_MODEL, resolve
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    path = resolve(DEFAULT_MODEL)
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    server, url = start_server("--threads", str(args.threads), "--dtype", args.dtype)
+    ours, ours_url = start_server("--threads", str(args.threads), "--dtype", args.dtype)
+    rows = []
     try:
-        rows = []
         for c in (int(x) for x in args.concurrency.split(",")):
-            # several batches' worth, so that the last requests' drain does not dominate the run
-            sessions = sharegpt_like(max(8, args.batches * c), scale=args.scale, seed=c, max_output=args.max_output)
-            work = [request for request, in sessions]
-            ours, theirs = [], []
-            for _ in range(args.repeats):  # interleaved, so the machine's drift hits both alike
-                _, results, wall = run_load(url, sessions, concurrency=c)
-                ours.append(sum(r.output_tokens for r in results) / wall)
-                start = time.perf_counter()
-                useful = hf_batches(hf, work, c)
-                theirs.append(useful / (time.perf_counter() - start))
-            a, b = statistics.median(ours), statistics.median(theirs)
-            rows.append((f"concurrency {c:>2} (tok/s)", a, b, a / b))
-            print(f"concurrency {c}: shardwise {ours}, HF {theirs}", file=sys.stderr, flush=True)
+            # several batches' worth, so that the last requests' drain does not dominate the run; new prompts
+            # each repeat (both servers cache prompts they have seen)
+            passes = [sharegpt_like(max(8, args.batches * c), scale=args.scale, seed=100 * c + i,
+                                    max_output=args.max_output) for i in range(args.repeats + 1)]
+            longest = max(len(r.prompt) + r.output_tokens for sessions in passes for s in sessions for r in s)
+            theirs, theirs_url = start_llama_server(str(resolve(DEFAULT_MODEL)), args.threads, c, longest + 16)
+            try:
+                samples = {"shardwise": [], "llama-server": []}
+                measure(ours_url, passes[0][:c], c), measure(theirs_url, passes[0][:c], c)  # warm up
+                for sessions in passes[1:]:  # interleaved, so the machine's drift hits both alike
+                    samples["shardwise"].append(measure(ours_url, sessions, c))
+                    samples["llama-server"].append(measure(theirs_url, sessions, c))
+            finally:
+                theirs.terminate()
+                theirs.wait(timeout=30)
+            (a_rate, a_ttft, a_tpot), (b_rate, b_ttft, b_tpot) = (
+                [statistics.median(run[i] for run in samples[side]) for i in range(3)] for side in samples)
+            rows += [(f"concurrency {c:>2}: throughput (tok/s)", a_rate, b_rate, a_rate / b_rate),
+                     (f"concurrency {c:>2}: TTFT p50 (ms)", 1e3 * a_ttft, 1e3 * b_ttft, b_ttft / a_ttft),
+                     (f"concurrency {c:>2}: TPOT p50 (ms)", 1e3 * a_tpot, 1e3 * b_tpot, b_tpot / a_tpot)]
+            print(f"concurrency {c}: {samples}", file=sys.stderr, flush=True)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        ours.terminate()
+        ours.wait(timeout=30)
+    work = [r for s in sessions for r in s]
     mean_in = statistics.mean(len(r.prompt) for r in work)
     mean_out = statistics.mean(r.output_tokens for r in work)
-    title = (f"SmolLM2-135M ({args.dtype} served, HF fp32), {args.threads} threads ({os.cpu_count()} cores), "
-             f"ShareGPT-like x{args.scale} "
-             f"(mean {mean_in:.0f} in / {mean_out:.0f} out), medians of {args.repeats}: "
-             f"shardwise serve (HTTP, continuous batching) vs HF static batches")
-    print_ratio_table(title, ("shardwise", "HF"), rows)
+    title = (f"SmolLM2-135M Q4_1 GGUF, shardwise serve --dtype {args.dtype} vs llama-server -np N -cb, "
+             f"{args.threads} threads ({os.cpu_count()} cores), ShareGPT-like x{args.scale} (mean {mean_in:.0f} in / "
+             f"{mean_out:.0f} out), medians of {args.repeats}")
+    print_ratio_table(title, ("shardwise", "llama-server"), rows)
 
 
 if __name__ == "__main__":

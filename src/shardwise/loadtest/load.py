@@ -56,7 +56,9 @@ async def _one(client: httpx.AsyncClient, model: str, request: BenchRequest) -> 
 async def _run(url: str, model: str | None, sessions: list[list[BenchRequest]], concurrency: int,
                api_key: str | None) -> tuple[str, list[Measured], float]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=concurrency + 2)
+    # a fresh connection per request: servers close kept-alive ones on their own terms (llama-server's
+    # HTTP library after 5 requests), and reusing one the server just closed fails the request
+    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url.rstrip("/").removesuffix("/v1"), headers=headers,
                                  timeout=httpx.Timeout(600.0, connect=10.0), limits=limits) as client:
         try:

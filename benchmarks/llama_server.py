@@ -1,0 +1,82 @@
+"""llama.cpp's own `llama-server` (and `llama-bench`) for the benchmarks that measure against them.
+
+A binary on PATH is used as it is; otherwise it is built once (~10 minutes on 2 cores) from the
+llama.cpp sources vendored in llama-cpp-python's sdist (the version the `bench` extra pins),
+natively for this CPU (GGML_NATIVE), into shardwise's cache.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from shardwise.cache import cache_dir
+
+SDIST = "llama-cpp-python==0.3.36"  # as in pyproject's bench extra
+BUILD = cache_dir() / "llama.cpp" / "build"
+
+
+def binary(name: str) -> str:
+    """The path of llama.cpp's `name` (llama-server or llama-bench), built here if missing."""
+    if found := shutil.which(name):
+        return found
+    built = BUILD / "bin" / name
+    if not built.is_file():
+        _build()
+    return str(built)
+
+
+def _build() -> None:
+    print(f"building llama-server and llama-bench from {SDIST}'s sources (once) ...", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", SDIST,
+                        "-d", tmp], check=True)
+        with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as sdist:
+            sdist.extractall(tmp, filter="data")
+        source = next(Path(tmp).glob("*/vendor/llama.cpp"))
+        subprocess.run(["cmake", "-S", str(source), "-B", str(BUILD), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+                        "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"],  # (no run path into BUILD)
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["ninja", "-C", str(BUILD), "llama-server", "llama-bench"], check=True,
+                       stdout=subprocess.DEVNULL)
+
+
+def start_llama_server(model: str, threads: int, parallel: int, context_per_slot: int) -> tuple[subprocess.Popen, str]:
+    """`llama-server` on a free 127.0.0.1 port with `parallel` slots and continuous batching;
+    returns it and its URL once it answers /health."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
+    server = subprocess.Popen([binary("llama-server"), "-m", model, "--host", "127.0.0.1", "--port", str(port),
+                               "-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-cb",
+                               "-c", str(parallel * context_per_slot), "--no-webui"], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            break
+        time.sleep(0.1)
+    server.kill()
+    raise SystemExit(f"llama-server did not start; its log, {log.name}:\n{open(log.name).read()[-3000:]}")
+
+
+def llama_bench(model: str, threads: int, prompts: tuple[int, ...], generate: int) -> dict[str, float]:
+    """llama-bench's mean tokens/s: {"pp128": ..., "tg64": ...} (its own repeats, an empty context)."""
+    out = subprocess.run([binary("llama-bench"), "-m", model, "-t", str(threads), "-p", ",".join(map(str, prompts)),
+                          "-n", str(generate), "-r", "3", "-o", "json"], check=True, capture_output=True, text=True)
+    return {f"pp{t['n_prompt']}" if t["n_prompt"] else f"tg{t['n_gen']}": t["avg_ts"] for t in json.loads(out.stdout)}
