@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import gguf
 import numpy as np
 import torch
+from llama_server import llama_cpp_decode_rate, require_llama_cpp
 from side_by_side import paired_medians, print_ratio_table
 
 from shardwise.cache import cache_dir
@@ -116,10 +116,9 @@ def flops_per_token(path: str) -> float:
 def compare(path: str, layer_format: str, threads: int, repeats: int, n: int, bandwidth: float,
             flops: float) -> list[tuple[str, float, float, float]]:
     """The table's rows for one file: both engines at batch 1, shardwise at batch 32, against the limits."""
-    from llama_cpp import Llama
-
     from shardwise import LLM, SamplingParams
 
+    Llama = require_llama_cpp()
     ours = LLM(path, dtype="int8" if layer_format == "Q8_0" else "int4", threads=threads,
                prefix_cache=False)  # (the prompts repeat)
     theirs = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
@@ -131,12 +130,7 @@ def compare(path: str, layer_format: str, threads: int, repeats: int, n: int, ba
         return ours.generate([prompt], params)[0].decode_tokens_per_s
 
     def theirs_decode() -> float:
-        theirs.reset()
-        theirs.eval(prompt)
-        start = time.perf_counter()
-        for _ in range(n - 1):
-            theirs.eval([theirs.sample(temp=0.0)])
-        return (n - 1) / (time.perf_counter() - start)
+        return llama_cpp_decode_rate(theirs, prompt, n)
 
     weights, kv = bytes_per_token(path, CONTEXT + n // 2)
     limit = bandwidth / (weights + kv)
@@ -162,10 +156,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        raise SystemExit("llama-cpp-python is missing: pip install -e '.[bench]' (builds llama.cpp)") from None
+    require_llama_cpp()
     from shardwise.perf.profile import matmul_flops, read_bandwidth
 
     cpu = torch.device("cpu")

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from llama_server import llama_bench
+from llama_server import llama_bench, llama_cpp_decode_rate, require_llama_cpp
 from side_by_side import paired_medians, print_ratio_table
 
 TEXT = (Path(__file__).parent.parent / "tests" / "data" / "perplexity.txt").read_text()
@@ -35,10 +34,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise SystemExit("llama-cpp-python is missing: pip install -e '.[bench]' (builds llama.cpp)") from None
+    Llama = require_llama_cpp()
 
     from shardwise import LLM, SamplingParams
     from shardwise.model.registry import DEFAULT_MODEL, resolve
@@ -64,12 +60,7 @@ def main() -> None:
         return ours.generate([prompt], params)[0].decode_tokens_per_s
 
     def theirs_decode(prompt: list[int]) -> float:
-        theirs.reset()
-        theirs.eval(prompt)
-        start = time.perf_counter()
-        for _ in range(n - 1):
-            theirs.eval([theirs.sample(temp=0.0)])
-        return (n - 1) / (time.perf_counter() - start)
+        return llama_cpp_decode_rate(theirs, prompt, n)
 
     rows, ours_rates = [], {}
     for length in (128, 512):

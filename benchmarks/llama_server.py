@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -17,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from server import launch
 
 from shardwise.cache import cache_dir
 
@@ -54,25 +53,28 @@ def _build() -> None:
 def start_llama_server(model: str, threads: int, parallel: int, context_per_slot: int) -> tuple[subprocess.Popen, str]:
     """`llama-server` on a free 127.0.0.1 port with `parallel` slots and continuous batching;
     returns it and its URL once it answers /health."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
-    server = subprocess.Popen([binary("llama-server"), "-m", model, "--host", "127.0.0.1", "--port", str(port),
-                               "-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-cb",
-                               "-c", str(parallel * context_per_slot), "--no-webui"], stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            break
-        time.sleep(0.1)
-    server.kill()
-    raise SystemExit(f"llama-server did not start; its log, {log.name}:\n{open(log.name).read()[-3000:]}")
+    return launch(lambda port: [binary("llama-server"), "-m", model, "--host", "127.0.0.1", "--port", str(port),
+                                "-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-cb",
+                                "-c", str(parallel * context_per_slot), "--no-webui"], "llama-server")
+
+
+def require_llama_cpp():
+    """llama-cpp-python's Llama class, or an exit naming how to install it."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise SystemExit("llama-cpp-python is missing: pip install -e '.[bench]' (builds llama.cpp)") from None
+    return Llama
+
+
+def llama_cpp_decode_rate(llama, prompt: list[int], n: int) -> float:
+    """Tokens/s of llama-cpp-python decoding n tokens greedily after the prompt (from the first new token)."""
+    llama.reset()
+    llama.eval(prompt)
+    start = time.perf_counter()
+    for _ in range(n - 1):
+        llama.eval([llama.sample(temp=0.0)])
+    return (n - 1) / (time.perf_counter() - start)
 
 
 def llama_bench(model: str, threads: int, prompts: tuple[int, ...], generate: int) -> dict[str, float]:

@@ -7,18 +7,25 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import httpx
 
 
 def start_server(*args: str) -> tuple[subprocess.Popen, str]:
     """`shardwise serve ARGS` on a free 127.0.0.1 port; returns it and its URL once healthy."""
+    return launch(lambda port: [sys.executable, "-m", "shardwise.cli", "serve", "--port", str(port), *args],
+                  "shardwise-serve")
+
+
+def launch(command: Callable[[int], list[str]], name: str) -> tuple[subprocess.Popen, str]:
+    """A server process, `command(port)` on a free 127.0.0.1 port, logging to a temporary file;
+    returns it and its URL once /health answers 200 (within 300 s)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = tempfile.NamedTemporaryFile("w+", prefix="shardwise-serve-", suffix=".log", delete=False)
-    server = subprocess.Popen([sys.executable, "-m", "shardwise.cli", "serve", "--port", str(port), *args],
-                              stderr=log)
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"{name}-", suffix=".log", delete=False)
+    server = subprocess.Popen(command(port), stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     for _ in range(3000):
         try:
@@ -26,6 +33,8 @@ def start_server(*args: str) -> tuple[subprocess.Popen, str]:
                 return server, url
         except httpx.HTTPError:
             pass
+        if server.poll() is not None:
+            break
         time.sleep(0.1)
     server.kill()
-    raise SystemExit(f"the server did not start in 300 s; its log, {log.name}:\n{open(log.name).read()[-3000:]}")
+    raise SystemExit(f"{name} did not start; its log, {log.name}:\n{open(log.name).read()[-3000:]}")
