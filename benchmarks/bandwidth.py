@@ -34,15 +34,15 @@ from shardwise.model.registry import DEFAULT_MODEL, resolve
 SHAPES = {"1b": (16, 2048, 8192, 32, 8), "3b": (28, 3072, 8192, 24, 8)}
 Q = gguf.GGMLQuantizationType
 CONTEXT = 128  # tokens of prompt before the timed decode
+# each layer format's block scale d: random values then come out at ~0.02, like a trained model's
+SCALE = {Q.Q4_0: 0.0043, Q.Q4_K: 0.00005, Q.Q8_0: 0.00027}
 
 
 def _blocks(qtype: Q, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """Random blocks of one matrix as the raw bytes GGUF stores, with scales that keep values ~0.02."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-    half = np.frombuffer(np.float16(0.0043 if qtype == Q.Q4_0 else 0.00027 if qtype == Q.Q8_0 else 0.00005).tobytes(),
-                         np.uint8)
-    raw[..., 0:2] = half  # d, the first field of each of these formats
+    raw[..., 0:2] = np.frombuffer(np.float16(SCALE[qtype]).tobytes(), np.uint8)  # d: each format's first field
     if qtype == Q.Q4_K:
         raw[..., 2:4] = np.frombuffer(np.float16(0.0004).tobytes(), np.uint8)  # dmin
     return raw.reshape(rows, -1)
@@ -155,6 +155,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
+    formats = args.formats.split(",")
+    if unknown := [f for f in formats if f not in Q.__members__ or Q[f] not in SCALE]:
+        raise SystemExit(f"unknown layer format(s) {unknown}: choose from {', '.join(q.name for q in SCALE)}")
     torch.set_num_threads(args.threads)
     require_llama_cpp()
     from shardwise.perf.profile import matmul_flops, read_bandwidth
@@ -164,7 +167,7 @@ def main() -> None:
     bandwidth = max(read_bandwidth(cpu) for _ in range(5))
     flops = max(matmul_flops(cpu, torch.float32) for _ in range(3))
     rows = []
-    for layer_format in args.formats.split(","):
+    for layer_format in formats:
         rows += compare(write_model(args.shape, layer_format), layer_format, args.threads, args.repeats,
                         args.new_tokens, bandwidth, flops)
     title = (f"Llama-3.2-{args.shape.upper()}-shaped GGUF, shardwise vs llama.cpp, {args.threads} threads, medians of "

@@ -62,7 +62,8 @@ def main() -> None:
             theirs, theirs_url = start_llama_server(str(resolve(DEFAULT_MODEL)), args.threads, c, longest + 16)
             try:
                 samples = {"shardwise": [], "llama-server": []}
-                measure(ours_url, passes[0][:c], c), measure(theirs_url, passes[0][:c], c)  # warm up
+                for url in (ours_url, theirs_url):  # warm up
+                    measure(url, passes[0][:c], c)
                 for sessions in passes[1:]:  # interleaved, so the machine's drift hits both alike
                     samples["shardwise"].append(measure(ours_url, sessions, c))
                     samples["llama-server"].append(measure(theirs_url, sessions, c))
