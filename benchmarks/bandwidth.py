@@ -57,7 +57,8 @@ def write_model(shape: str, layer_format: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     source = gguf.GGUFReader(resolve(DEFAULT_MODEL))
     vocab = int(source.fields["llama.vocab_size"].contents())
-    writer = gguf.GGUFWriter(str(path) + ".tmp", "llama")
+    partial = path.with_name(path.name + ".tmp")  # (renamed once whole: a killed run leaves no half model)
+    writer = gguf.GGUFWriter(str(partial), "llama")
     writer.add_block_count(layers)
     writer.add_context_length(8192)
     writer.add_embedding_length(hidden)
@@ -93,24 +94,20 @@ def write_model(shape: str, layer_format: str) -> str:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    (path.parent / (path.name + ".tmp")).rename(path)
+    partial.rename(path)
     return str(path)
 
 
-def bytes_per_token(path: str, context: int) -> tuple[int, int]:
-    """(bytes of weights a decode step reads, bytes of fp32 KV it reads at this context)."""
+def per_token(path: str, context: int) -> tuple[int, int, float]:
+    """What one token costs: (bytes of weights a decode step reads, bytes of fp32 KV it reads at
+    this context, FLOPs: 2 x the multiply-adds of every matrix it passes through, the head included)."""
     reader = gguf.GGUFReader(path)
     weights = sum(int(t.n_bytes) for t in reader.tensors)  # the embedding is read as the tied head
+    flops = 2.0 * sum(int(t.n_elements) for t in reader.tensors if len(t.shape) == 2)
     field = {name: int(reader.fields[f"llama.{name}"].contents())
              for name in ("block_count", "attention.head_count_kv", "embedding_length", "attention.head_count")}
     dim = field["embedding_length"] // field["attention.head_count"]
-    return weights, field["block_count"] * 2 * field["attention.head_count_kv"] * dim * context * 4
-
-
-def flops_per_token(path: str) -> float:
-    """2 x the multiply-adds of every matrix a token passes through (the head included)."""
-    reader = gguf.GGUFReader(path)
-    return 2.0 * sum(int(t.n_elements) for t in reader.tensors if t.name.endswith("weight") and len(t.shape) == 2)
+    return weights, field["block_count"] * 2 * field["attention.head_count_kv"] * dim * context * 4, flops
 
 
 def compare(path: str, layer_format: str, threads: int, repeats: int, n: int, bandwidth: float,
@@ -126,20 +123,15 @@ def compare(path: str, layer_format: str, threads: int, repeats: int, n: int, ba
     prompt = list(range(1000, 1000 + CONTEXT))
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
-    def ours_decode() -> float:
-        return ours.generate([prompt], params)[0].decode_tokens_per_s
-
-    def theirs_decode() -> float:
-        return llama_cpp_decode_rate(theirs, prompt, n)
-
-    weights, kv = bytes_per_token(path, CONTEXT + n // 2)
+    weights, kv, token_flops = per_token(path, CONTEXT + n // 2)
     limit = bandwidth / (weights + kv)
-    rates = [[ours_decode(), theirs_decode()] for _ in range(repeats)]
+    rates = [[ours.generate([prompt], params)[0].decode_tokens_per_s, llama_cpp_decode_rate(theirs, prompt, n)]
+             for _ in range(repeats)]  # (the two interleaved)
     a, b = (statistics.median(r[i] for r in rates) for i in (0, 1))
     label = f"{layer_format} ({(weights + kv) / 1e9:.2f} GB/token)"
     batch = 32
     seconds = paired_medians(repeats, (ours.generate,), [prompt[i:i + 16] for i in range(batch)], params)[0]
-    rate, arithmetic = batch * n / seconds, flops / flops_per_token(path)
+    rate, arithmetic = batch * n / seconds, flops / token_flops
     return [(f"{label} decode batch 1 (tok/s)", a, b, a / b),
             (f"{label} batch 1, % of bandwidth limit {limit:.1f} tok/s", 100 * a / limit, 100 * b / limit, a / b),
             (f"{label} batch 32 aggregate (tok/s) vs llama.cpp single stream", rate, b, rate / b),

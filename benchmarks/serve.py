@@ -51,13 +51,14 @@ def main() -> None:
     from shardwise.model.registry import DEFAULT_MODEL, resolve
 
     ours, ours_url = start_server("--threads", str(args.threads), "--dtype", args.dtype)
-    rows = []
+    rows, work = [], []
     try:
         for c in (int(x) for x in args.concurrency.split(",")):
             # several batches' worth, so that the last requests' drain does not dominate the run; new prompts
             # each repeat (both servers cache prompts they have seen)
             passes = [sharegpt_like(max(8, args.batches * c), scale=args.scale, seed=100 * c + i,
                                     max_output=args.max_output) for i in range(args.repeats + 1)]
+            work += [r for sessions in passes[1:] for s in sessions for r in s]  # (the measured ones)
             longest = max(len(r.prompt) + r.output_tokens for sessions in passes for s in sessions for r in s)
             theirs, theirs_url = start_llama_server(str(resolve(DEFAULT_MODEL)), args.threads, c, longest + 16)
             try:
@@ -79,7 +80,6 @@ def main() -> None:
     finally:
         ours.terminate()
         ours.wait(timeout=30)
-    work = [r for s in sessions for r in s]
     mean_in = statistics.mean(len(r.prompt) for r in work)
     mean_out = statistics.mean(r.output_tokens for r in work)
     title = (f"SmolLM2-135M Q4_1 GGUF, shardwise serve --dtype {args.dtype} vs llama-server -np N -cb, "
