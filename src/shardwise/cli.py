@@ -165,6 +165,15 @@ def serve(
                                                      "places the stages, and re-plans if a node dies.")] = None,
     objective: Annotated[str, typer.Option(help="What --cluster plans for: latency or throughput.")] = "throughput",
     address: Annotated[str | None, typer.Option(help="Join a running Ray cluster ('auto' or host:port).")] = None,
+    prefill_stages: Annotated[int | None, typer.Option(help="Disaggregated prefill: long prompts run on a pool of "
+                                                            "its own, N even local Ray stages, beside the pool the "
+                                                            "other options describe, which decodes.")] = None,
+    prefill_plan: Annotated[str | None, typer.Option(help="Disaggregated prefill: the prefill pool as a plan file "
+                                                          "(e.g. other nodes, or 'threads' to split one node's "
+                                                          "cores).")] = None,
+    prefill_min_tokens: Annotated[int, typer.Option(help="With a prefill pool: prompts of at least this many tokens "
+                                                         "run there; shorter ones beside the decodes.")]
+    = SERVING.prefill_pool_min_tokens,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="SHARDWISE_API_KEY",
@@ -229,13 +238,16 @@ def serve(
                                       stage_timeout=stage_timeout, spare_stages=spare_stages,
                                       drift_threshold=drift_threshold, drift_window_s=drift_window,
                                       move_kv=move_kv, prefix_cache=prefix_cache, policy=policy,
-                                      speculative=_speculative(draft, gamma))
+                                      speculative=_speculative(draft, gamma),
+                                      prefill_pool_min_tokens=prefill_min_tokens)
+        if prefill_stages is not None and prefill_plan is not None:
+            raise ShardwiseError("give --prefill-stages or --prefill-plan, not both")
         limits = ServerLimits(max_waiting=max_waiting, max_queue_time_s=max_queue_time,
                               max_request_sequences=max_request_sequences, max_request_tokens=max_request_tokens,
                               drain_timeout_s=drain_timeout)
         check_address(host, port)  # before minutes of loading
         llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
-                  config=config)
+                  prefill=prefill_plan or prefill_stages, config=config)
         where = f"{len(llm.stages())} stages" if llm.stages() else "one process"
         run_server(llm, host=host, port=port, api_key=api_key, limits=limits, collab_ttl_s=collab_ttl,
                    on_ready=lambda: typer.echo(f"serving {llm.name} ({where}) at http://{host}:{port}/v1", err=True))

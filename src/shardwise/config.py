@@ -63,6 +63,9 @@ class EngineConfig:
     prefix_cache: bool = True
     # which sequences run first: fcfs (arrival order), or mlfq (FastServe's preemptive skip-join MLFQ)
     policy: str = "fcfs"
+    # with a prefill pool (disaggregated prefill): prompts of at least this many tokens run there, and
+    # shorter ones beside the decodes on the decode pool (their chunks hold the decodes up only briefly)
+    prefill_pool_min_tokens: int = 128
     # speculative decoding's drafter: "ngram" (prompt lookup), a cheaper format of the model's own
     # weights ("int4"), a model with the same vocabulary, or a SpeculativeConfig; None: off
     speculative: SpeculativeConfig | str | None = None
@@ -70,9 +73,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.speculative, str):
             object.__setattr__(self, "speculative", SpeculativeConfig(draft=self.speculative))
-        if min(self.max_num_seqs, self.max_batch_tokens, self.kv_tokens) < 1 or self.stage_timeout <= 0:
-            raise ShardwiseError("max_num_seqs, max_batch_tokens and kv_tokens must each be at least 1, and "
-                                 "stage_timeout positive")
+        if min(self.max_num_seqs, self.max_batch_tokens, self.kv_tokens, self.prefill_pool_min_tokens) < 1 or \
+                self.stage_timeout <= 0:
+            raise ShardwiseError("max_num_seqs, max_batch_tokens, kv_tokens and prefill_pool_min_tokens must each be "
+                                 "at least 1, and stage_timeout positive")
         if self.policy not in POLICIES:
             raise ShardwiseError(f"unknown scheduling policy '{self.policy}': use {' or '.join(POLICIES)}")
         if not (self.drift_threshold == 0 or self.drift_threshold > 1) or self.drift_window_s <= 0:

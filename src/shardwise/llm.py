@@ -49,11 +49,14 @@ def in_process(llm: LLM) -> LocalExecutor:
 
 
 def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = None, address: str | None = None,
-                 cluster: Cluster | str | Path | None = None, objective: str = "throughput") -> ExecutorFactory:
+                 cluster: Cluster | str | Path | None = None, objective: str = "throughput",
+                 prefill: int | Plan | str | Path | None = None) -> ExecutorFactory:
     """A pipeline of Ray stage actors: stages=N splits the layers evenly, plan= places them as
     a plan says, cluster= (a cluster file or Cluster) lets the planner place them by objective
     and is what the model is split over anew when a node dies; address: an existing Ray
-    cluster (e.g. "auto"), else a local Ray of our own."""
+    cluster (e.g. "auto"), else a local Ray of our own. prefill: a second pipeline (N even local
+    stages, or a plan) that runs the long prompts while the first decodes (disaggregated
+    prefill; see cluster/disaggregated.py)."""
     if stages is not None and (plan is not None or cluster is not None):
         raise ShardwiseError("give stages, or a plan and/or a cluster, not both")
 
@@ -62,39 +65,64 @@ def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = Non
         from shardwise.planner.topology import Cluster, plan_cluster
 
         c, chosen, where = llm.config, plan, cluster
-        if isinstance(chosen, str | Path):
-            chosen = Plan.load(chosen)
         if where is not None:
             where = Cluster.load(where) if isinstance(where, str | Path) else where
             if chosen is None:
                 chosen, _ = plan_cluster(llm.spec, where, objective, quant=c.dtype, kv_tokens=c.kv_tokens)
-        if chosen is None:
-            chosen = Plan.even(llm.spec, stages or 1, device=c.device)
-        return Pipeline(llm.path, llm.spec, chosen, dtype=c.dtype, address=address, kv_tokens=c.kv_tokens,
-                        micro_batches=c.micro_batches, stage_timeout=c.stage_timeout, spares=c.spare_stages,
-                        cluster=where, objective=objective, drift_threshold=c.drift_threshold,
-                        drift_window_s=c.drift_window_s, move_kv=c.move_kv)
+        pools = [_plan_of(llm, stages if chosen is None else chosen)]
+        if prefill is not None:
+            pools.append(_plan_of(llm, prefill))
+        pipelines = []
+        try:
+            for pool in pools:  # (the decode pool first: it starts Ray, and closes it last)
+                pipelines.append(Pipeline(
+                    llm.path, llm.spec, pool, dtype=c.dtype, address=address, kv_tokens=c.kv_tokens,
+                    micro_batches=c.micro_batches, stage_timeout=c.stage_timeout, spares=c.spare_stages,
+                    cluster=None if prefill is not None else where, objective=objective,
+                    drift_threshold=c.drift_threshold, drift_window_s=c.drift_window_s, move_kv=c.move_kv))
+        except BaseException:
+            for pipeline in reversed(pipelines):
+                pipeline.close()
+            raise
+        if prefill is None:
+            return pipelines[0]
+        from shardwise.cluster.disaggregated import Disaggregated
+
+        return Disaggregated(prefill=pipelines[1], decode=pipelines[0])
 
     return build
+
+
+def _plan_of(llm: LLM, plan: int | Plan | str | Path | None) -> Plan:
+    """A plan, read from its file, or N even stages on the local node (None: one)."""
+    if isinstance(plan, str | Path):
+        return Plan.load(plan)
+    if isinstance(plan, Plan):
+        return plan
+    if plan is not None and (type(plan) is not int or plan < 1):
+        raise ShardwiseError(f"a number of stages must be a positive integer, got {plan!r}")
+    return Plan.even(llm.spec, plan or 1, device=llm.config.device)
 
 
 class LLM:
     """model: a catalog name, .gguf file or HF model directory. Where it runs: in this process
     by default; stages / plan / cluster / address (see ray_pipeline) run it as a pipeline of Ray
     stages, where a stage that dies or hangs is replaced and the running sequences replayed
-    (generation pauses and carries on unchanged); executor= takes any factory instead (e.g.
+    (generation pauses and carries on unchanged); prefill (N local stages or a plan) adds a second
+    pipeline that runs the long prompts (disaggregated prefill); executor= takes any factory instead (e.g.
     shardwise.collab.client.collaborative). config: the runtime options (EngineConfig); keyword
     options override its fields, e.g. LLM(dtype="int4", kv_tokens=4096)."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, stages: int | None = None, plan: Plan | str | None = None,
                  address: str | None = None, cluster: Cluster | str | None = None, objective: str = "throughput",
-                 executor: ExecutorFactory | None = None, config: EngineConfig | None = None, **options: Any):
+                 prefill: int | Plan | str | None = None, executor: ExecutorFactory | None = None,
+                 config: EngineConfig | None = None, **options: Any):
         self.config = (config or EngineConfig()).with_options(**options)
-        placed = stages is not None or plan is not None or cluster is not None or address is not None
+        placed = any(x is not None for x in (stages, plan, cluster, address, prefill))
         if executor is not None and placed:
-            raise ShardwiseError("give an executor, or stages / plan / cluster / address, not both")
+            raise ShardwiseError("give an executor, or stages / plan / cluster / address / prefill, not both")
         if placed:
-            executor = ray_pipeline(stages, plan, address, cluster, objective)
+            executor = ray_pipeline(stages, plan, address, cluster, objective, prefill)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         self.executor = None
@@ -110,7 +138,7 @@ class LLM:
                                    max_batch_tokens=self.config.max_batch_tokens, kv_capacity=self.config.kv_tokens,
                                    prefix_cache=PrefixCache() if caching else None,
                                    policy=make_policy(self.config.policy), speculative=self.config.speculative,
-                                   drafter=drafter)
+                                   drafter=drafter, prefill_pool_min_tokens=self.config.prefill_pool_min_tokens)
         self._ids = itertools.count()
         self._token_text = functools.lru_cache(maxsize=65536)(lambda t: self.tokenizer.hf.decode([t]))
 

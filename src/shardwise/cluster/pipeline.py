@@ -79,6 +79,7 @@ class Pipeline:
         self._move: Move | None = None  # to a new plan: raised by wait() once its stages are loaded
         self._starting: list[ray.ObjectRef] = []  # spare stage processes starting: ready() of each
         self.on_event: Callable[[str, str], None] = lambda kind, message: None  # the scheduler's note()
+        self._beside: list[dict[str, Any]] = []  # nodes of another pipeline's stages that compute at once
         plan.check_layers(spec)  # a bad plan is an error before Ray starts
         self._owns_ray = join(address, instead="run locally")
         try:
@@ -130,9 +131,17 @@ class Pipeline:
         Plan(stages).check_memory(self.spec, dtypes, where, capacity, self.kv_tokens)
 
     def _set_threads(self) -> None:
-        """Each stage's threads: alone on its node's cores, or sharing them when steps overlap."""
-        self._threads = [(s.threads or self._cores(n), s.threads or self._share(n, self.nodes))
-                         for s, n in zip(self.plan.stages, self.nodes, strict=True)]
+        """Each stage's threads: alone on its node's cores, or sharing them when steps overlap
+        (always, with another pipeline's stages beside it)."""
+        nodes = self.nodes + self._beside
+        self._threads = [(s.threads or (self._share(n, nodes) if self._beside else self._cores(n)),
+                          s.threads or self._share(n, nodes)) for s, n in zip(self.plan.stages, self.nodes, strict=True)]
+
+    def share_cores(self, beside: list[dict[str, Any]]) -> None:
+        """Another pipeline's stages compute on these Ray nodes at the same time as this one's (a
+        disaggregated server's other pool): stages that share a node split its cores with them."""
+        self._beside = beside
+        self._set_threads()
 
     def _start_actors(self, stages: list[StageSpec], nodes: list[dict[str, Any]]) -> tuple[list, list]:
         """An actor loading each stage on its node (into the warm spare there if there is one),
@@ -338,6 +347,31 @@ class Pipeline:
     def describe(self) -> list[dict[str, Any]]:
         return [{"layers": list(s.layers), "device": s.device, "node": node, "pid": pid}
                 for s, node, pid in zip(self.plan.stages, self.node_ids, self.pids, strict=True)]
+
+    # --- another pipeline beside this one (a disaggregated server's pools) ------------------------
+    def holds(self, handle: ray.ObjectRef) -> bool:
+        """Whether this step is one of this pipeline's in flight."""
+        return handle in self._steps
+
+    def hand_over(self, seq_ids: list[int], to: Pipeline) -> None:
+        """Move these sequences to another pipeline of the same model (its own split of the
+        layers): each stage exports their KV for its layers (the last, their samplers) and each
+        of `to`'s stages takes in the layers it holds, through Ray's object store; then this one
+        forgets them. Nothing waits: an actor runs one caller's calls in order, so `to`'s next
+        step finds them in place (and a failed take-in fails that step)."""
+        exports = [stage.export.remote(seq_ids) for stage in self.stages]
+        for stage in to.stages:
+            stage.adopt.remote(*exports)
+        for seq_id in seq_ids:
+            to._context[seq_id] = self._context.get(seq_id, 0)
+            self.free(seq_id)
+
+    def forget_all(self) -> None:
+        """Drop every sequence and the steps in flight (another pipeline lost a stage, and every
+        sequence will be replayed)."""
+        self._steps.clear()
+        self._context.clear()
+        _get([stage.reset.remote() for stage in self.stages], timeout=self.stage_timeout)
 
     # --- moving and recovery ---------------------------------------------------------------------
     def migrate(self, plan: Plan) -> bool:

@@ -107,6 +107,7 @@ class Sequence:
         self.preemptions = 0  # times it was paused or had its KV given back
         self.level, self.level_tokens, self.last_served = 0, 0, 0.0  # the policy's account of it
         self.gamma = 0  # how many tokens to draft next (speculative decoding adapts it)
+        self.on_prefill_pool = False  # its prompt runs on a disaggregated executor's prefill pool
 
     @property
     def resume_at(self) -> int:
@@ -154,8 +155,13 @@ class Scheduler:
     def __init__(self, executor: Any, spec: ModelSpec, tokenizer: Tokenizer, *, max_num_seqs: int,
                  max_batch_tokens: int, kv_capacity: int, prefix_cache: PrefixCache | None = None,
                  policy: FirstComeFirstServed | SkipJoinMLFQ | None = None,
-                 speculative: SpeculativeConfig | None = None, drafter: Drafter | None = None):
+                 speculative: SpeculativeConfig | None = None, drafter: Drafter | None = None,
+                 prefill_pool_min_tokens: int = 0):
         self.executor, self.spec, self.tokenizer = executor, spec, tokenizer
+        # a disaggregated executor: its first groups step on the prefill pool, which takes the prompts
+        # with at least prefill_pool_min_tokens tokens to run (shorter ones prefill beside the decodes)
+        self.prefill_groups = getattr(executor, "prefill_parallelism", 0)
+        self.prefill_pool_min_tokens = prefill_pool_min_tokens
         if (speculative is None) != (drafter is None):
             raise ShardwiseError("speculative decoding needs both its config and a drafter")
         self.speculative, self.drafter = speculative, drafter
@@ -312,6 +318,8 @@ class Scheduler:
                 self._keep_blocks(seq)
             if seq.output.finished:
                 self._release(seq)
+        if self.prefill_groups:
+            self._hand_over(batch)
         return events
 
     def _verified(self, seq: Sequence, drafted: int, accepted: int) -> None:
@@ -412,6 +420,8 @@ class Scheduler:
                 self.replayed_tokens += seq.resume_at
                 seq.fed = 0
                 self.executor.add(seq.id, seq.params, seq.output.token_ids)
+        for seq in [s for g in self.groups[:self.prefill_groups] for s in g]:  # replays run on the decode pool
+            self._to_decode_pool(seq)
         seconds, tokens = time.perf_counter() - started, self.replayed_tokens - replayed
         if drifted:
             self.replans += 1
@@ -440,11 +450,39 @@ class Scheduler:
             if self.prefix_cache is not None:
                 self.prefix_cache.query_tokens += seq.resume_at
                 self.prefix_cache.hit_tokens += seq.fed
-            if prefix:
+            seq.on_prefill_pool = self._prefills_apart(seq)
+            if seq.on_prefill_pool:
+                self.executor.add_prefill(seq.id, seq.params)
+            elif prefix:
                 self.executor.add(seq.id, seq.params, seq.output.token_ids, prefix=prefix)
             else:
                 self.executor.add(seq.id, seq.params, seq.output.token_ids)
-            min(self.groups, key=len).append(seq)  # joins its group's next step
+            min(self._groups_for(seq), key=len).append(seq)  # joins its group's next step
+
+    def _prefills_apart(self, seq: Sequence) -> bool:
+        """Whether a sequence's prompt runs on the prefill pool: a new prompt long enough that
+        its chunks would hold up the decodes (a short one, or a replay, runs beside them)."""
+        return bool(self.prefill_groups) and not seq.output.token_ids and \
+            seq.resume_at - seq.fed >= self.prefill_pool_min_tokens
+
+    def _groups_for(self, seq: Sequence) -> list[list[Sequence]]:
+        """The step groups of the pool a sequence runs on (every group, on one pool)."""
+        return self.groups[:self.prefill_groups] if seq.on_prefill_pool else self.groups[self.prefill_groups:]
+
+    def _hand_over(self, batch: list[tuple[Sequence, list[int]]]) -> None:
+        """The sequences whose prompt ran on the prefill pool in this step, their first token
+        sampled, move on to the decode pool with their KV."""
+        done = [s for s, _ in batch if s.on_prefill_pool and s.prefilled and not s.output.finished and not s.aborted]
+        if not done:
+            return
+        self.executor.handoff([s.id for s in done])
+        for seq in done:
+            self._to_decode_pool(seq)
+
+    def _to_decode_pool(self, seq: Sequence) -> None:
+        next(g for g in self.groups if seq in g).remove(seq)
+        seq.on_prefill_pool = False
+        min(self._groups_for(seq), key=len).append(seq)
 
     def _pause_outranked(self, rank: Any) -> None:
         """Give the batch's slots to the best-ranked sequences, running or waiting: the running
