@@ -76,6 +76,8 @@ def running_server(log: Path, *args: str) -> Iterator[str]:
 
 API_KEY = "sk-shardwise-test"
 API_KV_TOKENS = 4096
+API_SERVER_ARGS = ("--stages", "2", "--api-key", API_KEY, "--kv-tokens", str(API_KV_TOKENS), "--max-batch-tokens", "64",
+                   "--draft", "int4")
 
 
 @pytest.fixture(scope="session")
@@ -84,9 +86,7 @@ def api_server(tmp_path_factory):
     behind an API key, speculating with drafts from its own weights as int4 in the server's
     process, verified through the stages (its greedy and seeded outputs are those of the
     one-process engine without speculation, which the tests compare them with)."""
-    with running_server(tmp_path_factory.mktemp("server") / "log", "--stages", "2", "--api-key", API_KEY,
-                        "--kv-tokens", str(API_KV_TOKENS), "--max-batch-tokens", "64",
-                        "--draft", "int4") as url:
+    with running_server(tmp_path_factory.mktemp("server") / "log", *API_SERVER_ARGS) as url:
         yield url
 
 

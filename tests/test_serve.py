@@ -1,5 +1,6 @@
 """The OpenAI-compatible server: a real `shardwise serve` process on 127.0.0.1 running the real
-model on 2 local Ray stages, driven by the official openai client and by raw HTTP."""
+model on 2 local Ray stages, driven by the official openai client and by raw HTTP. The API's
+tests run again against a disaggregated server (a prefill pool beside the decode pool)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,30 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import API_KEY, API_KV_TOKENS, CHAT_PROMPTS, TEXT_PROMPTS, cli, free_port
+from tests.conftest import (
+    API_KEY,
+    API_KV_TOKENS,
+    API_SERVER_ARGS,
+    CHAT_PROMPTS,
+    TEXT_PROMPTS,
+    cli,
+    free_port,
+    running_server,
+)
 
 MODEL = "smollm2-135m"
 
 
-@pytest.fixture(scope="module")
-def server(api_server):
-    return api_server
+@pytest.fixture(scope="module", params=["colocated", "disaggregated"])
+def server(request, api_server, tmp_path_factory):
+    """The API tests' server: the shared one, and one whose prompts of 16 tokens or more run on
+    a prefill pool of one stage and then move with their KV to the 2 stages that decode."""
+    if request.param == "colocated":
+        yield api_server
+        return
+    with running_server(tmp_path_factory.mktemp("disaggregated") / "log", *API_SERVER_ARGS,
+                        "--prefill-stages", "1", "--prefill-min-tokens", "16") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -185,10 +202,11 @@ def test_api_key_is_required_on_v1(server):
     # without the key: only whether it is healthy (and that it wants a key)
     assert httpx.get(f"{server}/health").json() == {"status": "ok", "api_key_required": True}
     health = httpx.get(f"{server}/health", headers={"Authorization": f"Bearer {API_KEY}"}).json()
-    assert health["status"] == "ok" and [s["layers"] for s in health["stages"]] == [[0, 15], [15, 30]]
+    decoding = [s["layers"] for s in health["stages"] if s.get("pool") != "prefill"]
+    assert health["status"] == "ok" and decoding == [[0, 15], [15, 30]]
 
 
-def test_metrics_are_exported_like_vllms(server, client):
+def test_metrics_are_exported_like_vllms(server, client, api_server):
     client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
                               extra_body={"priority": -2})  # vLLM's request priority (lower first)
     m = metrics(server)
@@ -197,13 +215,15 @@ def test_metrics_are_exported_like_vllms(server, client):
     assert m["shardwise:prompt_tokens_total"] >= 1 and m["shardwise:generation_tokens_total"] >= 4
     assert m["shardwise:num_requests_waiting"] == 0 and 0 <= m["shardwise:kv_cache_usage_perc"] <= 1
     # the server speculates: its int4 drafts are accepted, and /metrics counts them
-    before = m["shardwise:spec_decode_num_accepted_tokens_total"]
-    client.completions.create(model=MODEL, prompt="one two three four five. one two three four five. one two",
-                              max_tokens=12, temperature=0)
+    before, accepted = m, "shardwise:spec_decode_num_accepted_tokens_total"
+    counting = "one two three four five. one two three four five. one two three four"  # (16 tokens)
+    client.completions.create(model=MODEL, prompt=counting, max_tokens=12, temperature=0)
     m = metrics(server)
-    assert m["shardwise:spec_decode_num_draft_tokens_total"] >= m["shardwise:spec_decode_num_accepted_tokens_total"]
-    assert m["shardwise:spec_decode_num_accepted_tokens_total"] > before
+    assert m["shardwise:spec_decode_num_draft_tokens_total"] >= m[accepted] > before[accepted]
     assert m["shardwise:spec_decode_draft_seconds_total"] > 0
+    # a disaggregated server ran that prompt (16 tokens) on its prefill pool, then decoded it on the other
+    handoffs = m["shardwise:prefill_handoffs_total"] - before["shardwise:prefill_handoffs_total"]
+    assert handoffs == (server != api_server)
 
 
 def test_a_resent_prompt_hits_the_prefix_cache_and_metrics_count_it(server, client):
@@ -223,15 +243,16 @@ def test_a_resent_prompt_hits_the_prefix_cache_and_metrics_count_it(server, clie
     assert m["shardwise:prefix_cache_blocks"] >= prompt_tokens // 16 and 0 < m["shardwise:prefix_cache_hit_rate"] < 1
 
 
-def test_dashboard_state_is_the_metrics_and_the_live_stages(server, client):
-    client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
+def test_dashboard_state_is_the_metrics_and_the_live_stages(api_server):
     auth = {"Authorization": f"Bearer {API_KEY}"}
-    state = httpx.get(f"{server}/v1/dashboard/state", headers=auth).json()
-    m = metrics(server)
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    assert httpx.post(f"{api_server}/v1/completions", json=body, headers=auth, timeout=60).status_code == 200
+    state = httpx.get(f"{api_server}/v1/dashboard/state", headers=auth).json()
+    m = metrics(api_server)
     assert state["metrics"]["generation_tokens_total"] == m["shardwise:generation_tokens_total"]
     ttft = state["metrics"]["time_to_first_token_seconds"]  # percentiles of the last minute's requests
     assert ttft["count"] >= 1 and 0 < ttft["p50"] <= ttft["p99"]
-    health = httpx.get(f"{server}/health", headers=auth).json()
+    health = httpx.get(f"{api_server}/health", headers=auth).json()
     assert [(s["layers"], s["pid"]) for s in state["stages"]] == [(s["layers"], s["pid"]) for s in health["stages"]]
     for stage in state["stages"]:
         assert stage["weight_bytes"] > 0 and stage["kv_pool_bytes"] > 0 and stage["steps"] > 0
@@ -255,13 +276,13 @@ def test_dashboard_state_is_the_metrics_and_the_live_stages(server, client):
     ("/v1/plan", {"stages": [{"layers": [0, 15]}, {"layers": [15, 40]}]}, "must end at 30"),
     ("/v1/plan", {"stages": [{"layers": [0, 30], "placement": "/etc/passwd"}]}, "unknown node '/etc/passwd'"),
 ])
-def test_dashboard_forms_and_posted_plans_refuse_bad_input_clearly(server, path, body, message):
-    response = httpx.post(f"{server}{path}", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+def test_dashboard_forms_and_posted_plans_refuse_bad_input_clearly(api_server, path, body, message):
+    response = httpx.post(f"{api_server}{path}", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
     assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
 
 
-def test_bench_cli_against_the_server(server):
-    result = cli("bench", "--url", server, "--requests", "4", "--concurrency", "2", "--scale", "0.05",
+def test_bench_cli_against_the_server(api_server):
+    result = cli("bench", "--url", api_server, "--requests", "4", "--concurrency", "2", "--scale", "0.05",
                  "--api-key", API_KEY, "--json", "--compare-estimate")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -271,22 +292,22 @@ def test_bench_cli_against_the_server(server):
 
 
 @pytest.mark.parametrize("workload", [("chat", "--turns", "3", "--system-tokens", "64"), ("mixed", "--longs-first")])
-def test_bench_chat_and_mixed_workloads(server, workload):
+def test_bench_chat_and_mixed_workloads(api_server, workload):
     """chat: 2 conversations of 3 turns, each turn resending the last (so the server's prefix
     cache hits); mixed: short answers and a long one, the long sent first."""
-    hits = metrics(server)["shardwise:prefix_cache_hits_total"]
-    result = cli("bench", "--url", server, "--workload", *workload, "--requests", "6", "--concurrency", "2",
+    hits = metrics(api_server)["shardwise:prefix_cache_hits_total"]
+    result = cli("bench", "--url", api_server, "--workload", *workload, "--requests", "6", "--concurrency", "2",
                  "--scale", "0.1", "--max-output", "24", "--api-key", API_KEY, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["workload"] == workload[0] and report["requests"] == 6 and report["latency_s"]["p99"] > 0
-    assert (metrics(server)["shardwise:prefix_cache_hits_total"] - hits >= 4 * 64) == (workload[0] == "chat")
-    unknown = cli("bench", "--url", server, "--workload", "poisson", "--requests", "1")
+    assert (metrics(api_server)["shardwise:prefix_cache_hits_total"] - hits >= 4 * 64) == (workload[0] == "chat")
+    unknown = cli("bench", "--url", api_server, "--workload", "poisson", "--requests", "1")
     assert unknown.returncode == 1 and "unknown workload 'poisson'" in unknown.stderr
 
 
-def test_serve_and_bench_cli_errors(server):
-    port = server.rsplit(":", 1)[1]
+def test_serve_and_bench_cli_errors(api_server):
+    port = api_server.rsplit(":", 1)[1]
     taken = cli("serve", "--port", port)
     assert taken.returncode == 1 and "cannot listen" in taken.stderr and "Traceback" not in taken.stderr
     unknown = cli("serve", "--model", "no-such-model")
@@ -295,12 +316,13 @@ def test_serve_and_bench_cli_errors(server):
     assert nobody.returncode == 1 and "cannot reach" in nobody.stderr
 
 
-def test_a_collaborative_client_of_a_pipeline_server(server, llm):
+def test_a_collaborative_client_of_a_pipeline_server(api_server, llm):
     """Behind Ray stages the server runs collaborative segments on a model copy of its own."""
     from shardwise import LLM, SamplingParams
     from shardwise.collab.client import collaborative
 
     params = SamplingParams(max_tokens=12, temperature=0.0)
-    with LLM(executor=collaborative(server, api_key=API_KEY, sla=0.5, memory_gb=0.5), threads=1, max_num_seqs=8) as c:
+    segments = collaborative(api_server, api_key=API_KEY, sla=0.5, memory_gb=0.5)
+    with LLM(executor=segments, threads=1, max_num_seqs=8) as c:
         assert {s["side"] for s in c.executor.session["segments"]} == {"client", "server"}
         assert c.generate(TEXT_PROMPTS[2], params)[0].token_ids == llm.generate(TEXT_PROMPTS[2], params)[0].token_ids

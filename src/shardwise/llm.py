@@ -326,7 +326,7 @@ class LLM:
                           s.kv_reserved, s.kv_capacity, s.stage_failures, s.recoveries, s.replayed_tokens,
                           s.last_recovery_s, s.replans, self.executor.timing(), s.preemptions,
                           spec_draft_tokens=s.drafted_tokens, spec_accepted_tokens=s.accepted_tokens,
-                          spec_draft_seconds=s.draft_s, **cached)
+                          spec_draft_seconds=s.draft_s, prefill_handoffs=s.handoffs, **cached)
 
     def events(self) -> list[dict[str, Any]]:
         """The latest stage losses, recoveries and errors an operator should see."""
@@ -373,3 +373,4 @@ class EngineLoad:
     spec_draft_tokens: int = 0  # tokens drafted for speculative decoding
     spec_accepted_tokens: int = 0  # of them, accepted by the model
     spec_draft_seconds: float = 0.0  # spent drafting them
+    prefill_handoffs: int = 0  # sequences prefilled on the prefill pool, moved with their KV to the decode pool

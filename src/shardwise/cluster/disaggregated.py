@@ -7,7 +7,8 @@ run and its first token is sampled there, hands it over (handoff): each prefill 
 the sequence's KV for its layers (the last, its sampler) and each decode stage takes in the
 layers it holds, through Ray's object store, as a move to a new plan does. Ray runs one
 caller's calls to an actor in order, so a decode step sent after the handover finds the KV in
-place. Short prompts, and every replay after a lost stage, prefill on the decode pool itself.
+place. Short prompts, prompts mostly cached, and every replay after a lost stage prefill on the
+decode pool itself, beside its decodes; the prefix cache lives there too.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from shardwise.cluster.pipeline import Pipeline
 from shardwise.engine.prefix_cache import CachedPrefix
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.worker import Sampled
-from shardwise.errors import StageFailure
+from shardwise.errors import ShardwiseError, StageFailure
 
 
 class Disaggregated:
     """The executor over a prefill pool and a decode pool: the first prefill.parallelism step
     groups step on the prefill pool, the rest on the decode pool (see Scheduler)."""
 
-    prefix_caching = False  # (a cached prefix would have to live on both pools)
+    prefix_caching = True  # on the decode pool (the scheduler caches no block on the prefill pool)
     moving = None  # neither pool moves to a new plan while they serve
 
     def __init__(self, prefill: Pipeline, decode: Pipeline):
@@ -39,7 +40,6 @@ class Disaggregated:
         self.parallelism = prefill.parallelism + decode.parallelism
         self.speculation = decode.speculation
         self._pool: dict[int, Pipeline] = {}  # where each sequence's KV lives
-        self.handed_over = 0  # sequences moved from the prefill pool to the decode pool
 
     @property
     def on_event(self) -> Callable[[str, str], None]:
@@ -51,9 +51,16 @@ class Disaggregated:
 
     def add(self, seq_id: int, params: SamplingParams, generated: list[int] = (),
             prefix: CachedPrefix | None = None) -> None:
-        """A sequence prefilled and decoded on the decode pool (a short prompt, or a replay)."""
+        """A sequence prefilled and decoded on the decode pool (a short prompt, or one mostly
+        cached, or a replay)."""
         self._pool[seq_id] = self.decode
-        self.decode.add(seq_id, params, generated)
+        self.decode.add(seq_id, params, generated, prefix)
+
+    def keep(self, seq_id: int, first: int, keys: list[bytes]) -> None:
+        self.decode.keep(seq_id, first, keys)
+
+    def evict(self, keys: list[bytes]) -> None:
+        self.decode.evict(keys)
 
     def add_prefill(self, seq_id: int, params: SamplingParams) -> None:
         """A sequence whose prompt runs on the prefill pool, until handoff()."""
@@ -64,7 +71,6 @@ class Disaggregated:
         """Move these sequences, their prompts run and first tokens sampled, to the decode pool."""
         self.prefill.hand_over(seq_ids, to=self.decode)
         self._pool.update(dict.fromkeys(seq_ids, self.decode))
-        self.handed_over += len(seq_ids)
 
     def free(self, seq_id: int) -> None:
         pool = self._pool.pop(seq_id, None)
@@ -90,6 +96,10 @@ class Disaggregated:
         other.forget_all()
         self._pool.clear()
         return lost.recover(failure)
+
+    def move_to(self, plan: Any, why: str) -> None:
+        raise ShardwiseError("a server with a prefill pool does not move its pools to a new plan while serving: "
+                             "restart it with the new plan (--plan / --prefill-plan)")
 
     def migrate(self, plan: Any) -> bool:
         return False

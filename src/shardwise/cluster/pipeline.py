@@ -135,7 +135,8 @@ class Pipeline:
         (always, with another pipeline's stages beside it)."""
         nodes = self.nodes + self._beside
         self._threads = [(s.threads or (self._share(n, nodes) if self._beside else self._cores(n)),
-                          s.threads or self._share(n, nodes)) for s, n in zip(self.plan.stages, self.nodes, strict=True)]
+                          s.threads or self._share(n, nodes))
+                         for s, n in zip(self.plan.stages, self.nodes, strict=True)]
 
     def share_cores(self, beside: list[dict[str, Any]]) -> None:
         """Another pipeline's stages compute on these Ray nodes at the same time as this one's (a

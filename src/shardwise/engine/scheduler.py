@@ -15,8 +15,11 @@ are still cached. Each step packs the running decodes (one token each) and
 then chunks of prompts into one batch under a token budget, so a long prompt is
 prefilled in pieces and never stalls the sequences already decoding (Sarathi-Serve).
 On a pipeline the running sequences form one micro-batch per compute resource, each
-with a step in flight. A finished or aborted sequence frees its KV at once (or, if a
-step holding it is in flight, as soon as that step returns).
+with a step in flight. With a disaggregated executor (a prefill pool beside the decode pool),
+a long new prompt runs in its own micro-batches on the prefill pool, without decodes beside
+it, and once its first token is sampled it moves with its KV to the decode pool's. A
+finished or aborted sequence frees its KV at once (or, if a step holding it is in flight, as
+soon as that step returns).
 
 When a pipeline stage is lost, the executor replaces it and every running sequence is
 replayed: its prompt and the tokens it generated are prefilled again (in chunks, beside
@@ -162,6 +165,7 @@ class Scheduler:
         # with at least prefill_pool_min_tokens tokens to run (shorter ones prefill beside the decodes)
         self.prefill_groups = getattr(executor, "prefill_parallelism", 0)
         self.prefill_pool_min_tokens = prefill_pool_min_tokens
+        self.handoffs = 0  # sequences moved with their KV from the prefill pool to the decode pool
         if (speculative is None) != (drafter is None):
             raise ShardwiseError("speculative decoding needs both its config and a drafter")
         self.speculative, self.drafter = speculative, drafter
@@ -314,7 +318,7 @@ class Scheduler:
                     break  # (drafts past its end count as rejected)
             if row in more:
                 self._verified(seq, drafted=len(chunk) - 1, accepted=taken - 1)
-            if self.prefix_cache is not None:
+            if self.prefix_cache is not None and not seq.on_prefill_pool:  # (cached on the decode pool only)
                 self._keep_blocks(seq)
             if seq.output.finished:
                 self._release(seq)
@@ -442,6 +446,10 @@ class Scheduler:
         while self.waiting and self.num_running - self.num_paused < self.max_num_seqs:
             seq = min(self.waiting, key=rank)
             prefix = self._hold_cached_prefix(seq)
+            seq.on_prefill_pool = self._prefills_apart(seq, prefix)
+            if seq.on_prefill_pool and prefix:  # (cached blocks live on the decode pool)
+                self._let_go(seq)
+                prefix = None
             if not self._room_for(seq, rank):
                 self._let_go(seq)
                 return  # in the policy's order: the others wait behind it
@@ -450,7 +458,6 @@ class Scheduler:
             if self.prefix_cache is not None:
                 self.prefix_cache.query_tokens += seq.resume_at
                 self.prefix_cache.hit_tokens += seq.fed
-            seq.on_prefill_pool = self._prefills_apart(seq)
             if seq.on_prefill_pool:
                 self.executor.add_prefill(seq.id, seq.params)
             elif prefix:
@@ -459,11 +466,13 @@ class Scheduler:
                 self.executor.add(seq.id, seq.params, seq.output.token_ids)
             min(self._groups_for(seq), key=len).append(seq)  # joins its group's next step
 
-    def _prefills_apart(self, seq: Sequence) -> bool:
-        """Whether a sequence's prompt runs on the prefill pool: a new prompt long enough that
-        its chunks would hold up the decodes (a short one, or a replay, runs beside them)."""
+    def _prefills_apart(self, seq: Sequence, prefix: CachedPrefix | None) -> bool:
+        """Whether a sequence's prompt runs on the prefill pool: a new prompt whose uncached
+        part is long enough that its chunks would hold up the decodes (a short one, or a replay,
+        runs beside them)."""
+        cached = len(prefix.tokens) if prefix else 0
         return bool(self.prefill_groups) and not seq.output.token_ids and \
-            seq.resume_at - seq.fed >= self.prefill_pool_min_tokens
+            len(seq.prompt) - cached >= self.prefill_pool_min_tokens
 
     def _groups_for(self, seq: Sequence) -> list[list[Sequence]]:
         """The step groups of the pool a sequence runs on (every group, on one pool)."""
@@ -476,6 +485,7 @@ class Scheduler:
         if not done:
             return
         self.executor.handoff([s.id for s in done])
+        self.handoffs += len(done)
         for seq in done:
             self._to_decode_pool(seq)
 

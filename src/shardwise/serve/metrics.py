@@ -59,6 +59,9 @@ class Metrics:
         self.spec_draft_s = make(Counter, "spec_decode_draft_seconds",
                                  "Seconds spent drafting (the steps that verify the drafts are in the step "
                                  "times).").labels(**labels)
+        self.prefill_handoffs = make(Counter, "prefill_handoffs",
+                                     "Requests whose prompt ran on the prefill pool (disaggregated prefill) and "
+                                     "whose KV then moved to the decode pool.").labels(**labels)
         self._success = make(Counter, "request_success", "Finished sequences by reason.",
                              extra_labels=["finished_reason"])
         self.stage_failures = make(Counter, "stage_failures", "Pipeline stages lost (died or hung).").labels(**labels)
