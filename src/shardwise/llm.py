@@ -72,6 +72,8 @@ def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = Non
         pools = [_plan_of(llm, stages if chosen is None else chosen)]
         if prefill is not None:
             pools.append(_plan_of(llm, prefill))
+        for pool in pools:
+            pool.check_layers(llm.spec)  # both bad or good before either starts
         pipelines = []
         try:
             for pool in pools:  # (the decode pool first: it starts Ray, and closes it last)
@@ -93,10 +95,12 @@ def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = Non
     return build
 
 
-def _plan_of(llm: LLM, plan: int | Plan | str | Path | None) -> Plan:
-    """A plan, read from its file, or N even stages on the local node (None: one)."""
+def _plan_of(llm: LLM, plan: int | Plan | dict | str | Path | None) -> Plan:
+    """A plan (or its file, or its JSON as a dict), or N even stages on the local node (None: one)."""
     if isinstance(plan, str | Path):
         return Plan.load(plan)
+    if isinstance(plan, dict):
+        return Plan.from_dict(plan)
     if isinstance(plan, Plan):
         return plan
     if plan is not None and (type(plan) is not int or plan < 1):

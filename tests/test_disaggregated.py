@@ -1,0 +1,80 @@
+"""Disaggregated prefill: long prompts run on a prefill pool of Ray stages, then move with their KV
+to the decode pool's stages (another split of the layers), with the one-process engine's output."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardwise import LLM, SamplingParams, ShardwiseError
+from tests.conftest import TEXT_PROMPTS
+
+LONG = ["Here is a long story about the sea and a boat. " * 12 + "The end of the story is",
+        "def add(a, b):\n    return a + b\n\n" * 10 + "def multiply(a, b):\n"]
+PARAMS = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+          SamplingParams(max_tokens=20, temperature=0.8, seed=3, ignore_eos=True)]
+
+
+@pytest.fixture(scope="module")
+def disaggregated(ray_session):
+    """Prompts of 32 tokens or more prefill on one stage, and decode on two others."""
+    llm = LLM(stages=2, prefill=1, dtype="float32", prefill_pool_min_tokens=32, max_batch_tokens=64)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def expected(llm):
+    return {(p, i): o.token_ids for i, params in enumerate(PARAMS)
+            for p, o in zip(TEXT_PROMPTS + LONG, llm.generate(TEXT_PROMPTS + LONG, [params] * 6), strict=True)}
+
+
+def test_long_prompts_prefill_apart_and_every_output_equals_one_process(disaggregated, expected):
+    """Greedy, then seeded: the second time the long prompts are mostly cached (on the decode
+    pool, from the first time), so they prefill their rest there."""
+    scheduler, cache = disaggregated.scheduler, disaggregated.scheduler.prefix_cache
+    assert [(s["pool"], s["layers"]) for s in disaggregated.stages()] == \
+        [("prefill", [0, 30]), ("decode", [0, 15]), ("decode", [15, 30])]
+    for i, params in enumerate(PARAMS):
+        handoffs, hits = scheduler.handoffs, cache.hit_tokens
+        outputs = disaggregated.generate(TEXT_PROMPTS + LONG, [params] * 6)  # short ones prefill beside the decodes
+        assert [o.token_ids for o in outputs] == [expected[p, i] for p in TEXT_PROMPTS + LONG]
+        assert scheduler.handoffs == handoffs + (0 if i else len(LONG))
+        assert (cache.hit_tokens - hits > 100) == bool(i)
+    stats = disaggregated.stage_stats()
+    assert all(s["sequences"] == 0 and s["kv_blocks_in_use"] == 0 for s in stats)  # nothing left on either pool
+    assert all(s["steps"] > 0 for s in stats)
+
+
+def test_a_lost_prefill_stage_is_replaced_and_every_sequence_replayed(disaggregated, llm):
+    import ray
+
+    scheduler = disaggregated.scheduler
+    recoveries, handoffs = scheduler.recoveries, scheduler.handoffs
+    prompts = TEXT_PROMPTS + [p.replace("a", "o") for p in LONG]  # (not cached)
+    expected = [o.token_ids for o in llm.generate(prompts, PARAMS[1])]
+    seqs = [disaggregated.new_sequence(disaggregated.prompt_ids(p), PARAMS[1]) for p in prompts]
+    for seq in seqs:
+        disaggregated.add(seq)
+    disaggregated.step()  # (every sequence admitted: the long ones' first chunks on the prefill pool)
+    ray.kill(disaggregated.executor.prefill.stages[0])
+    while not all(seq.output.finished for seq in seqs):
+        disaggregated.step()
+    assert [s.output.token_ids for s in seqs] == expected
+    assert scheduler.recoveries == recoveries + 1 and scheduler.handoffs == handoffs  # (replayed on the decode pool)
+    again = ["Another one. " + p for p in LONG]  # (not cached either)
+    assert [o.token_ids for o in disaggregated.generate(again, PARAMS[0])] == \
+        [o.token_ids for o in llm.generate(again, PARAMS[0])]
+    assert scheduler.handoffs == handoffs + 2  # the new prefill stage serves
+
+
+def test_a_disaggregated_engine_refuses_a_move_and_bad_pools_clearly(disaggregated, tmp_path):
+    with pytest.raises(ShardwiseError, match="restart it with the new plan"):
+        disaggregated.move_to({"stages": [{"layers": [0, 30]}]})
+    with pytest.raises(ShardwiseError, match="positive integer"):
+        LLM(stages=1, prefill=0)
+    short = tmp_path / "short.json"
+    short.write_text('{"stages": [{"layers": [0, 12]}]}')
+    with pytest.raises(ShardwiseError, match="must end at 30"):
+        LLM(stages=1, prefill=str(short))
+    with pytest.raises(ShardwiseError, match="must end at 30"):
+        LLM(stages=1, prefill={"stages": [{"layers": [0, 12]}]})
