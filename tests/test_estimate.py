@@ -208,6 +208,26 @@ def test_chunked_prefill_and_speculative_decoding():
     assert good.tpot_s < base.tpot_s < bad.tpot_s
 
 
+def test_disaggregated_pools_against_colocated_chunked_prefill():
+    """Long prompts arriving while 16 sequences decode: colocated, their chunks stall the decode
+    steps they join; on pools of half a device each, the decodes never wait on a chunk but
+    every step and every prompt takes longer."""
+    from shardwise.perf import disaggregation as d
+
+    spec, device = load_spec("llama-3.1-8b"), load_device("a100-80gb")
+    p = Precision("bf16", "bf16", "bf16")
+    w = d.Workload(decoding=16, context=600, prompt=2048, interval_s=1.0, chunk=512)
+    together = d.colocated(spec, device, w, p)
+    half = device.slower(2)
+    apart = d.disaggregated(spec, half, half, w, p)
+    assert together.itl_s(0.99) > 1.5 * apart.itl_s(0.99)  # a chunk of 496 prompt tokens beside the decodes
+    assert together.itl_s(0.5) < apart.itl_s(0.5) and together.ttft_s < apart.ttft_s
+    assert sum(n for _, n in together.steps) * together.tpot_s == pytest.approx(w.interval_s, rel=0.01)
+    assert len(together.steps) == 1 + math.ceil(2048 / (512 - 16))  # each chunk's step, then the plain ones
+    busy = d.disaggregated(spec, half, half, replace(w, interval_s=apart.utilisation * w.interval_s / 2), p)
+    assert busy.utilisation == pytest.approx(2.0) and busy.ttft_s == pytest.approx(2 * apart.ttft_s)
+
+
 def test_a_weight_formats_own_matmul_efficiency_times_its_products():
     """A profile measures int4 products apart (they read less but unpack what they read): the
     estimator times int4 matmuls of up to the rows measured by that curve, the rest by the float one."""
