@@ -145,14 +145,14 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=10.0)
     parser.add_argument("--prompt-min", type=int, default=1024)
     parser.add_argument("--prompt-max", type=int, default=2048)
-    parser.add_argument("--max-tokens", type=int, default=2000, help="each decoding stream's (cut at the window's end)")
+    parser.add_argument("--max-tokens", type=int, default=1200, help="each decoding stream's (cut at the window's end)")
     parser.add_argument("--max-batch-tokens", type=int, default=256)
     parser.add_argument("--profiles", nargs=2, metavar=("ALL", "HALF"), help="`shardwise profile` files")
     args = parser.parse_args()
     results: dict[str, list[dict[str, float]]] = {name: [] for name in LAYOUTS}
     for r in range(args.rounds):
         for name, flags in LAYOUTS.items():
-            server, url = start_server(*flags, "--dtype", "int4", "--kv-tokens", "65536",
+            server, url = start_server(*flags, "--dtype", "int4", "--kv-tokens", "32768",
                                        "--max-batch-tokens", str(args.max_batch_tokens), "--max-num-seqs", "64")
             try:
                 results[name].append(asyncio.run(run(url, args, r)))

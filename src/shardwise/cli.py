@@ -189,6 +189,10 @@ def serve(
     = SERVING.max_batch_tokens,
     kv_tokens: Annotated[int, typer.Option(help="KV cache, in tokens, that running requests may reserve.")]
     = SERVING.kv_tokens,
+    preallocate_kv: Annotated[bool, typer.Option(help="Size each stage's KV pool to --kv-tokens at the start; "
+                                                      "--no-preallocate-kv grows it as requests need room (each "
+                                                      "growth copies the pool, stalling a step).")]
+    = SERVING.preallocate_kv,
     stage_timeout: Annotated[float, typer.Option(help="Seconds without an answer before a stage counts as lost.")]
     = SERVING.stage_timeout,
     spare_stages: Annotated[bool, typer.Option(help="Keep a warm, empty stage process per node: a lost stage "
@@ -235,7 +239,8 @@ def serve(
             raise ShardwiseError("--collab-ttl must be positive")
         config = SERVING.with_options(device=device, dtype=dtype, threads=threads, max_num_seqs=max_num_seqs,
                                       max_batch_tokens=max_batch_tokens, kv_tokens=kv_tokens,
-                                      stage_timeout=stage_timeout, spare_stages=spare_stages,
+                                      preallocate_kv=preallocate_kv, stage_timeout=stage_timeout,
+                                      spare_stages=spare_stages,
                                       drift_threshold=drift_threshold, drift_window_s=drift_window,
                                       move_kv=move_kv, prefix_cache=prefix_cache, policy=policy,
                                       speculative=_speculative(draft, gamma),

@@ -50,6 +50,9 @@ class EngineConfig:
     max_num_seqs: int = 32  # sequences in the running batch at most
     max_batch_tokens: int = 512  # tokens per step at most (decodes + prefill chunks)
     kv_tokens: int = 16384  # KV cache, in tokens, that running sequences may reserve (each stage must fit it)
+    # each stage's KV pool holds kv_tokens from the start (False: it grows as sequences need room,
+    # each growth copying the pool and stalling that step)
+    preallocate_kv: bool = False
     micro_batches: int | None = None  # pipeline steps in flight (None: one per compute resource)
     stage_timeout: float = 60.0  # seconds without a finished pipeline step before a stage counts as lost
     spare_stages: bool = False  # keep a warm empty stage process per node, for fast recovery
@@ -93,5 +96,6 @@ class EngineConfig:
 
 
 # A server keeps each step short (its decodes wait on the prefill chunks beside them), holds more
-# requests' KV at once, and keeps spare stages so that a lost one is replaced in seconds.
-SERVING = EngineConfig(max_batch_tokens=256, kv_tokens=32768, spare_stages=True)
+# requests' KV at once (in a pool sized once, at the start), and keeps spare stages so that a lost
+# one is replaced in seconds.
+SERVING = EngineConfig(max_batch_tokens=256, kv_tokens=32768, spare_stages=True, preallocate_kv=True)

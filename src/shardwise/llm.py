@@ -45,6 +45,8 @@ def in_process(llm: LLM) -> LocalExecutor:
     """Every layer in this process, on config.device."""
     c = llm.config
     shard = ShardModel(llm.spec, weights=llm.weights, device=c.device, dtype=c.dtype)
+    if c.preallocate_kv:
+        shard.kv.hold_at_least(c.kv_tokens)
     return LocalExecutor(Worker(shard, llm.grammars))
 
 
@@ -81,7 +83,8 @@ def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = Non
                     llm.path, llm.spec, pool, dtype=c.dtype, address=address, kv_tokens=c.kv_tokens,
                     micro_batches=c.micro_batches, stage_timeout=c.stage_timeout, spares=c.spare_stages,
                     cluster=None if prefill is not None else where, objective=objective,
-                    drift_threshold=c.drift_threshold, drift_window_s=c.drift_window_s, move_kv=c.move_kv))
+                    drift_threshold=c.drift_threshold, drift_window_s=c.drift_window_s, move_kv=c.move_kv,
+                    preallocate_kv=c.preallocate_kv))
         except BaseException:
             for pipeline in reversed(pipelines):
                 pipeline.close()

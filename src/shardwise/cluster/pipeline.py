@@ -64,9 +64,11 @@ class Pipeline:
                  micro_batches: int | None = None, stage_timeout: float = EngineConfig.stage_timeout,
                  spares: bool = False, cluster: Cluster | None = None,
                  objective: str = "throughput", drift_threshold: float = EngineConfig.drift_threshold,
-                 drift_window_s: float = EngineConfig.drift_window_s, move_kv: bool = EngineConfig.move_kv):
+                 drift_window_s: float = EngineConfig.drift_window_s, move_kv: bool = EngineConfig.move_kv,
+                 preallocate_kv: bool = EngineConfig.preallocate_kv):
         self.model_path, self.spec, self.dtype = model_path, spec, dtype
         self.kv_tokens, self.stage_timeout = kv_tokens, stage_timeout
+        self._pool_tokens = kv_tokens if preallocate_kv else 0  # each stage's KV pool from the start
         self.cluster, self.objective = cluster, objective  # what a re-plan splits over
         self.use_spares, self.spares = spares, {}  # node id -> an empty, warm StageActor
         self.stages, self._micro_batches = [], micro_batches
@@ -150,7 +152,7 @@ class Pipeline:
         actors, loading = [], []
         for stage, node in zip(stages, nodes, strict=True):
             spare = self.spares.pop(node["NodeID"], None)
-            args = str(self.model_path), stage.layers, stage.device, self.dtype
+            args = str(self.model_path), stage.layers, stage.device, self.dtype, self._pool_tokens
             actors.append(spare or self._actor_on(node).remote(*args))
             loading.append(spare.load.remote(*args) if spare else actors[-1].ready.remote())
         return actors, loading

@@ -25,16 +25,19 @@ class StageActor:
     load()s a lost stage's layers in a fraction of a fresh actor's start."""
 
     def __init__(self, model_path: str | None = None, layers: tuple[int, int] = (0, 0), device: str = "cpu",
-                 dtype: str | None = None):
+                 dtype: str | None = None, kv_tokens: int = 0):
         logging.basicConfig(level=os.environ.get("SHARDWISE_LOG_LEVEL", "WARNING"),
                             format="%(asctime)s %(name)s: %(message)s")
         self.worker = None
         if model_path is not None:
-            self.load(model_path, layers, device, dtype)
+            self.load(model_path, layers, device, dtype, kv_tokens)
 
-    def load(self, model_path: str, layers: tuple[int, int], device: str, dtype: str | None) -> tuple[int, str]:
+    def load(self, model_path: str, layers: tuple[int, int], device: str, dtype: str | None,
+             kv_tokens: int = 0) -> tuple[int, str]:
+        """kv_tokens: the KV pool's room from the start (0: it grows as sequences need it)."""
         weights = open_weights(Path(model_path))  # memory-mapped: only this stage's tensors are read
         shard = ShardModel(weights.spec, layers, weights=weights, device=device, dtype=dtype)
+        shard.kv.hold_at_least(kv_tokens)
         self.worker = Worker(shard, model_grammars(Path(model_path), weights))
         return self.ready()
 

@@ -5,7 +5,8 @@ handed out in blocks of BLOCK_SIZE. A sequence's block table maps its positions
 to slots, so a whole batch's new keys are written, and a whole decode batch's
 keys are gathered, with one tensor op per layer however many sequences there
 are. A sequence is allocated, reserves room before each step, and on free its
-blocks return to the pool at once. The pool doubles when it runs out.
+blocks return to the pool at once. The pool doubles when it runs out (copying all of it: a
+server sizes it to its budget once, at the start, instead of stalling a step mid-serve).
 Full blocks can be kept under a key after their sequence ends, and a new sequence can start
 with kept blocks (prefix caching); which, and when they go, the scheduler's PrefixCache
 decides for every stage alike. A kept block is only read: sequences write past it.
@@ -110,6 +111,12 @@ class KVCache:
         for first, kv in pieces:
             self.data[first:first + len(kv)].index_copy_(3, slots, kv.to(self.data.device, self.data.dtype))
         self.advance(seq_id, length)
+
+    def hold_at_least(self, tokens: int) -> None:
+        """Grow the pool, once, to room for `tokens` tokens (it still doubles past them if it must)."""
+        short = -(-tokens // BLOCK_SIZE) - self.data.shape[3] // BLOCK_SIZE
+        if short > 0:
+            self._grow(short)
 
     def _grow(self, at_least: int) -> None:
         blocks = self.data.shape[3] // BLOCK_SIZE
