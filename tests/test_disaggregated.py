@@ -16,8 +16,10 @@ PARAMS = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
 
 @pytest.fixture(scope="module")
 def disaggregated(ray_session):
-    """Prompts of 32 tokens or more prefill on one stage, and decode on two others."""
-    llm = LLM(stages=2, prefill=1, dtype="float32", prefill_pool_min_tokens=32, max_batch_tokens=64)
+    """Prompts of 32 tokens or more prefill on one stage, and decode on two others; each stage's
+    KV pool holds the 4096-token budget from the start."""
+    llm = LLM(stages=2, prefill=1, dtype="float32", prefill_pool_min_tokens=32, max_batch_tokens=64,
+              kv_tokens=4096, preallocate_kv=True)
     yield llm
     llm.close()
 
@@ -40,8 +42,11 @@ def test_long_prompts_prefill_apart_and_every_output_equals_one_process(disaggre
         assert [o.token_ids for o in outputs] == [expected[p, i] for p in TEXT_PROMPTS + LONG]
         assert scheduler.handoffs == handoffs + (0 if i else len(LONG))
         assert (cache.hit_tokens - hits > 100) == bool(i)
-    stats = disaggregated.stage_stats()
+    stats, spec = disaggregated.stage_stats(), disaggregated.spec
     assert all(s["sequences"] == 0 and s["kv_blocks_in_use"] == 0 for s in stats)  # nothing left on either pool
+    per_token_and_layer = 2 * spec.num_kv_heads * spec.head_dim * 4  # (fp32)
+    assert [s["kv_pool_bytes"] for s in stats] == [4096 * per_token_and_layer * (b - a) for a, b in
+                                                   (s["layers"] for s in stats)]  # (sized once, never grown)
     assert all(s["steps"] > 0 for s in stats)
 
 
