@@ -36,6 +36,7 @@ from server import start_server
 from side_by_side import print_ratio_table
 
 MODEL = "smollm2-135m"
+LONG_OUTPUT = 8  # tokens each long prompt generates
 LAYOUTS = {"colocated": ("--stages", "1"), "disaggregated": ("--stages", "1", "--prefill-stages", "1")}
 
 
@@ -63,7 +64,7 @@ async def run(url: str, args: argparse.Namespace, round_: int) -> dict[str, floa
     async def long_prompt(delay: float, http: httpx.AsyncClient) -> None:
         await asyncio.sleep(delay)
         ids = [rng.randrange(100, 40000) for _ in range(rng.randint(args.prompt_min, args.prompt_max))]
-        body = {"model": MODEL, "prompt": ids, "max_tokens": 8, "temperature": 0, "stream": True}
+        body = {"model": MODEL, "prompt": ids, "max_tokens": LONG_OUTPUT, "temperature": 0, "stream": True}
         sent = time.perf_counter()
         window.append(sent)
         first = None
@@ -126,7 +127,7 @@ def predict(args: argparse.Namespace, measured_tokens_s: float) -> dict[str, dic
     # the decoding streams' mean context over the window: their prompt, and the tokens decoded so far
     context = 20 + int(measured_tokens_s / args.decoding * args.prompts * args.interval / 2)
     w = d.Workload(args.decoding, context, (args.prompt_min + args.prompt_max) // 2, args.interval,
-                   args.max_batch_tokens)
+                   args.max_batch_tokens, LONG_OUTPUT)
     out = {}
     for name, layout in (("colocated", d.colocated(spec, whole, w, p)),
                          ("disaggregated", d.disaggregated(spec, half, half, w, p))):

@@ -71,3 +71,26 @@ def test_steps_beside_a_starting_process_show_but_are_not_judged(watch):
     assert watch.medians and watch.medians[0][1] > 3 * watch.medians[0][0]
     assert feed(watch, [4.0, 1.0], 0.3) == []  # less than a window since
     assert len(feed(watch, [4.0, 1.0], 0.3)) == 1
+
+
+def test_a_node_that_joins_is_planned_in_when_it_pays_and_scaled_as_the_others(watch):
+    """A node offered while serving: with a fast link, a third node of the same speed pays (the
+    throughput plan spreads over three); one whose link crawls does not. A newcomer that copies
+    a calibrated twin's figures keeps them; a profiled one is scaled as the others were."""
+    from dataclasses import replace
+
+    from shardwise.perf.hardware import LinkSpec, load_device
+    from shardwise.planner.topology import ClusterDevice
+
+    feed(watch, [2.0, 2.0], 0.6)  # calibrated: every profile scaled by 2
+    twin = watch.cluster.devices[0]
+    lan = {("c", d.name): LinkSpec("lan", 1.25e9, 50e-6) for d in watch.cluster.devices}
+    joined = watch.offer(replace(twin, name="c", node="10.0.0.3"), lan, calibrated=True)
+    assert joined.plan is not None and len(joined.plan.stages) == 3, joined.message
+    assert "node c joined: re-planning" in joined.message
+    assert watch.cluster.devices[-1].spec == twin.spec
+    watch.follow(joined.plan)  # (as the pipeline does once it moved)
+    crawl = {("d", d.name): LinkSpec("dial-up", 1e3, 0.1) for d in watch.cluster.devices}
+    kept = watch.offer(ClusterDevice("d", load_device("x86-cpu"), 8e9, "10.0.0.4"), crawl, calibrated=False)
+    assert kept.plan is None and "node d joined: offered to the planner, the plan stays" in kept.message
+    assert watch.cluster.devices[-1].spec.bandwidth == pytest.approx(load_device("x86-cpu").bandwidth / 2)

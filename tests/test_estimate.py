@@ -216,14 +216,16 @@ def test_disaggregated_pools_against_colocated_chunked_prefill():
 
     spec, device = load_spec("llama-3.1-8b"), load_device("a100-80gb")
     p = Precision("bf16", "bf16", "bf16")
-    w = d.Workload(decoding=16, context=600, prompt=2048, interval_s=1.0, chunk=512)
+    w = d.Workload(decoding=16, context=600, prompt=2048, interval_s=1.0, chunk=512, output=8)
     together = d.colocated(spec, device, w, p)
     half = device.slower(2)
     apart = d.disaggregated(spec, half, half, w, p)
     assert together.itl_s(0.99) > 1.5 * apart.itl_s(0.99)  # a chunk of 496 prompt tokens beside the decodes
     assert together.itl_s(0.5) < apart.itl_s(0.5) and together.ttft_s < apart.ttft_s
     assert sum(n for _, n in together.steps) * together.tpot_s == pytest.approx(w.interval_s, rel=0.01)
-    assert len(together.steps) == 1 + math.ceil(2048 / (512 - 16))  # each chunk's step, then the plain ones
+    # each chunk's step, the prompt's 7 later tokens' beside the others, then the plain ones
+    assert len(together.steps) == math.ceil(2048 / (512 - 16)) + 7 + 1
+    assert apart.steps[0][0] > apart.steps[1][0] > apart.steps[-1][0]  # its KV taken in, its long context read
     busy = d.disaggregated(spec, half, half, replace(w, interval_s=apart.utilisation * w.interval_s / 2), p)
     assert busy.utilisation == pytest.approx(2.0) and busy.ttft_s == pytest.approx(2 * apart.ttft_s)
 

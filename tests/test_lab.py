@@ -205,3 +205,60 @@ def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(
     assert int(quota) == host.CFS_PERIOD_US // 5
     wrong = cli("lab", "set", "nowhere", "--cpus", "1")
     assert wrong.returncode == 1 and "no node 'nowhere'" in wrong.stderr
+
+
+def test_a_node_that_joins_is_measured_offered_and_moved_onto_with_the_running_requests(lab, profiled, tmp_path):
+    """A cluster file naming only the slow node: the server runs every layer there. The fast node
+    is a Ray node outside that file, so the server takes it for one that joined: measures it in
+    place (it shares the slow node's machine, so only the share of its speed it keeps up) and
+    its link, offers it to the planner, and moves onto the new plan (which pays: about three
+    times the throughput) with the running requests' KV. Every request ends with the text it
+    has on the new plan undisturbed; nothing is replayed."""
+    import asyncio
+    import re
+
+    import httpx
+    import openai
+
+    from shardwise.lab import lab as running_lab
+    from tests.conftest import running_server
+
+    running_lab.set_cpus("fast", 1.0)  # (the test before cut it)
+    cluster = yaml.safe_load(profiled.with_name("lab-cluster.yaml").read_text())
+    cluster["devices"] = [d for d in cluster["devices"] if d["name"] == "slow"]
+    cluster["links"] = [link for link in cluster["links"] if {link["from"], link["to"]} == {"slow"}]
+    only_slow = profiled.with_name("only-slow.yaml")
+    only_slow.write_text(yaml.safe_dump(cluster))
+    requests, tokens = 8, 160
+    with running_server(tmp_path / "log", "--cluster", str(only_slow), "--address", lab, "--dtype", "int4",
+                        "--kv-tokens", "4096") as url:
+        assert len({s["node"] for s in httpx.get(f"{url}/health").json()["stages"]}) == 1  # the slow node's
+
+        async def stream_all() -> list[str]:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+
+            async def one(i: int) -> str:
+                reply = await client.completions.create(
+                    model="smollm2-135m", prompt=f"Write a short story about the number {i}.", max_tokens=tokens,
+                    temperature=0.0, extra_body={"ignore_eos": True})
+                return reply.choices[0].text
+
+            return list(await asyncio.gather(*(one(i) for i in range(requests))))
+
+        def moved() -> list[dict]:
+            return [e for e in httpx.get(f"{url}/v1/dashboard/state").json()["events"] if e["kind"] == "re-planned"]
+
+        for _ in range(4):  # until the move happens while the requests run
+            during = asyncio.run(stream_all())
+            if any(not e["message"].startswith("0 ") for e in moved()):
+                break
+        state = httpx.get(f"{url}/v1/dashboard/state").json()
+        kinds = [e["kind"] for e in state["events"]]
+        assert "node joined" in kinds and "re-plan" in kinds, state["events"]
+        assert "node fast joined: re-planning" in next(e["message"] for e in state["events"] if e["kind"] == "re-plan")
+        assert any(not e["message"].startswith("0 ") for e in moved()), state["events"]  # (under load)
+        assert asyncio.run(stream_all()) == during  # the move changed no token
+        nodes = {s["node"] for s in httpx.get(f"{url}/health").json()["stages"]}
+        assert len(nodes) == 2  # both Ray nodes run stages now
+        metrics = httpx.get(f"{url}/metrics").text
+        assert re.search(r'^shardwise:replayed_tokens_total{model_name="smollm2-135m"} 0.0$', metrics, re.M)

@@ -203,6 +203,9 @@ def serve(
                                                         "that pays; 0: never.")] = SERVING.drift_threshold,
     drift_window: Annotated[float, typer.Option(help="Seconds a node's speed must stay drifted.")]
     = SERVING.drift_window_s,
+    join_nodes: Annotated[bool, typer.Option(help="With --cluster: a Ray node outside the cluster file that joins "
+                                                  "is measured in place and offered to the planner; the server "
+                                                  "moves onto a new plan that pays.")] = SERVING.join_nodes,
     move_kv: Annotated[bool, typer.Option(help="A move to a new plan (after a drift, or POST /v1/plan) carries "
                                                "the running requests' KV to the new stages; --no-move-kv "
                                                "replays them instead.")] = SERVING.move_kv,
@@ -242,6 +245,7 @@ def serve(
                                       preallocate_kv=preallocate_kv, stage_timeout=stage_timeout,
                                       spare_stages=spare_stages,
                                       drift_threshold=drift_threshold, drift_window_s=drift_window,
+                                      join_nodes=join_nodes,
                                       move_kv=move_kv, prefix_cache=prefix_cache, policy=policy,
                                       speculative=_speculative(draft, gamma),
                                       prefill_pool_min_tokens=prefill_min_tokens)

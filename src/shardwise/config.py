@@ -60,6 +60,8 @@ class EngineConfig:
     # for drift_window_s seconds has its speed corrected, and the model re-planned if that pays (0: never)
     drift_threshold: float = 1.5
     drift_window_s: float = 10.0
+    # with a cluster file: a Ray node outside it that joins is measured and offered to the planner
+    join_nodes: bool = True
     # a move to a new plan carries the running sequences' KV to the new stages (False: replays them)
     move_kv: bool = True
     # full KV blocks stay cached after their sequence ends, for later prompts that start the same way

@@ -12,7 +12,9 @@ scaled by the ratio of the window's later half (re-measured in place, by the wor
 not by a benchmark that would take its cores from the requests) and the planner plans again
 over the corrected cluster. When that plan beats the running one by REPLAN_GAIN, the pipeline
 moves to it; otherwise it keeps its plan and predicts with the corrected speeds. Either way
-the window starts afresh, so decisions are at least a window apart.
+the window starts afresh, so decisions are at least a window apart. A node that joins the Ray
+cluster is offered the same way (offer): its device and links join the cluster, and the
+planner plans again.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import numpy as np
 
 from shardwise.model.spec import ModelSpec
 from shardwise.perf.estimate import Stage, stage_time
+from shardwise.perf.hardware import LinkSpec
 from shardwise.perf.operators import Work
 from shardwise.planner.baselines import evaluate
 from shardwise.planner.partition import STAGE_GAIN, solve
 from shardwise.planner.plan import Plan
-from shardwise.planner.topology import Cluster, cost_table, precision, to_plan
+from shardwise.planner.topology import Cluster, ClusterDevice, cost_table, precision, to_plan
 
 REPLAN_GAIN = 1.15  # a new plan must be predicted this much faster than the running one to move
 MIN_STEPS = 8  # steps a window needs before it judges
@@ -51,6 +54,7 @@ class DriftWatch:
                  kv_tokens: int, threshold: float, window_s: float):
         self.spec, self.cluster, self.quant = spec, cluster, quant
         self.calibrated = False  # until the first window has scaled every profile by what all nodes share
+        self.bias = 1.0  # by how much it scaled them (a node that joins later is scaled alike)
         self.objective, self.kv_tokens = objective, kv_tokens
         self.threshold, self.window_s = threshold, window_s
         self.follow(plan)
@@ -120,7 +124,7 @@ class DriftWatch:
         # the first window calibrates: what every node shares (the estimator's error for this model and
         # dtype) scales every node's profile, used or not; each node's own difference is drift
         bias = 1.0 if self.calibrated else float(taken.sum() / max(predicted.sum(), 1e-9))
-        self.calibrated = True
+        self.calibrated, self.bias = True, self.bias * bias
         # faster counts only from a busy node: one that idles between its steps runs them in bursts
         # above the sustained speed its profile measured, and would not if given more
         drifted = {h: then / bias for h, (earlier, then) in ratios.items()
@@ -138,6 +142,18 @@ class DriftWatch:
         self.cluster = replace(self.cluster, devices=[
             replace(d, spec=d.spec.slower(bias).sustaining(drifted.get(host, 1.0)))
             for d, host in zip(self.cluster.devices, hosts, strict=True)])
+        return self._replan(f"{what} for {self.window_s:.0f} s", "speeds corrected")
+
+    def offer(self, device: ClusterDevice, links: dict[tuple[str, str], LinkSpec], calibrated: bool) -> Verdict:
+        """A node joined: its device and its links to the others join the cluster (its profile
+        scaled as the others' were, unless it is theirs already: `calibrated`); plan again."""
+        spec = device.spec if calibrated else device.spec.slower(self.bias)
+        self.cluster = replace(self.cluster, devices=[*self.cluster.devices, replace(device, spec=spec)],
+                               links={**self.cluster.links, **links})
+        return self._replan(f"node {device.name} joined", "offered to the planner")
+
+    def _replan(self, what: str, done: str) -> Verdict:
+        """Plan over the cluster as it now is; a Verdict to move if that beats the running plan."""
         table = cost_table(self.spec, self.cluster, quant=self.quant, kv_tokens=self.kv_tokens)
         running = evaluate(table, [(d, *s.layers) for d, s in zip(self.devices, self.plan.stages, strict=True)],
                            self.objective)
@@ -150,9 +166,8 @@ class DriftWatch:
         values = f"{result.value * 1e3:.1f} ms {unit}"
         values += "" if running is None else f" against {running * 1e3:.1f} now"
         if keep:
-            return Verdict(None, f"{what} for {self.window_s:.0f} s: speeds corrected, the plan stays "
-                                 f"(a new plan would give {values})")
-        return Verdict(plan, f"{what} for {self.window_s:.0f} s: re-planning for {values}")
+            return Verdict(None, f"{what}: {done}, the plan stays (a new plan would give {values})")
+        return Verdict(plan, f"{what}: re-planning for {values}")
 
     def _name(self, host: int) -> str:
         names = sorted({d.name for d, h in zip(self.cluster.devices, self.cluster.hosts(), strict=True) if h == host})

@@ -19,7 +19,9 @@ estimator's (see drift.py); when a node's speed drifted and a new plan pays, the
 moves to it live (move_to): the new stages load beside the old ones, which serve on;
 once they are ready, wait() raises Drifted and the scheduler calls migrate(), which lets
 the steps in flight finish and moves each sequence's KV from the old stages to the new.
-Where that fails, recover() moves to the plan as after a lost stage, for a replay.
+Where that fails, recover() moves to the plan as after a lost stage, for a replay. A Ray node
+that joins the cluster is measured in place (joins.py) and offered to the watch, which plans
+again: where the new plan pays, the pipeline moves to it the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardwise.cluster.drift import DriftWatch, Verdict
+from shardwise.cluster.joins import Join, newcomers
 from shardwise.cluster.ray_session import join
 from shardwise.cluster.stage import StageActor
 from shardwise.config import EngineConfig
@@ -48,6 +51,7 @@ from shardwise.planner.plan import Plan, StageSpec
 from shardwise.planner.topology import Cluster, plan_cluster
 
 log = logging.getLogger("shardwise.cluster")
+JOINS_CHECK_S = 2.0  # how often a watched pipeline looks for Ray nodes that joined, and at their measures
 
 
 def stage_env() -> dict:
@@ -65,7 +69,7 @@ class Pipeline:
                  spares: bool = False, cluster: Cluster | None = None,
                  objective: str = "throughput", drift_threshold: float = EngineConfig.drift_threshold,
                  drift_window_s: float = EngineConfig.drift_window_s, move_kv: bool = EngineConfig.move_kv,
-                 preallocate_kv: bool = EngineConfig.preallocate_kv):
+                 preallocate_kv: bool = EngineConfig.preallocate_kv, join_nodes: bool = EngineConfig.join_nodes):
         self.model_path, self.spec, self.dtype = model_path, spec, dtype
         self.kv_tokens, self.stage_timeout = kv_tokens, stage_timeout
         self._pool_tokens = kv_tokens if preallocate_kv else 0  # each stage's KV pool from the start
@@ -80,6 +84,9 @@ class Pipeline:
         self.watch: DriftWatch | None = None
         self._move: Move | None = None  # to a new plan: raised by wait() once its stages are loaded
         self._starting: list[ray.ObjectRef] = []  # spare stage processes starting: ready() of each
+        self.join_nodes = join_nodes
+        self._joins: dict[str, Join | None] = {}  # Ray nodes that joined: measured (None once offered)
+        self._joins_checked = time.monotonic()
         self.on_event: Callable[[str, str], None] = lambda kind, message: None  # the scheduler's note()
         self._beside: list[dict[str, Any]] = []  # nodes of another pipeline's stages that compute at once
         plan.check_layers(spec)  # a bad plan is an error before Ray starts
@@ -276,17 +283,55 @@ class Pipeline:
             verdict = self.watch.observe(work, out.stage_seconds, judge=self._settled())
             if verdict:
                 self._judged(verdict)
+        if self.watch and self.join_nodes and time.monotonic() - self._joins_checked > JOINS_CHECK_S:
+            self._check_joins()
         return out
+
+    def _check_joins(self) -> None:
+        """Start measuring each Ray node that joined; offer those measured to the watch (not
+        while a move is under way: it would plan from where the stages no longer are)."""
+        self._joins_checked = time.monotonic()
+        for node in newcomers(self.watch.cluster, set(self._joins)):
+            names = [d.name for d in self.watch.cluster.devices]
+            name = next(n for n in (node.get("NodeName"), node["NodeManagerAddress"], node["NodeID"][:12])
+                        if n and n not in names)
+            stage_nodes = {self.watch.cluster.devices[d].name: n["NodeID"]
+                           for d, n in zip(self.watch.devices, self.nodes, strict=True)}
+            self._joins[node["NodeID"]] = Join(node, name, self.watch.cluster, stage_nodes, str(self.model_path),
+                                               self.spec.hidden_size).start()
+            self.on_event("node joined", f"Ray node {name} joined: measuring its speed and links")
+        for node_id, joining in self._joins.items():
+            if joining is None or self._move:
+                continue
+            try:
+                if not joining.done():
+                    continue
+                device, links, calibrated = joining.result()
+            except (ray.exceptions.RayError, ShardwiseError) as e:
+                self.on_event("join failed", f"node {joining.name} could not be measured ({str(e).splitlines()[0]})")
+                self._joins[node_id] = None
+                joining.close()
+                continue
+            self._joins[node_id] = None
+            joining.close()
+            verdict = self.watch.offer(device, links, calibrated)
+            self.cluster = self.watch.cluster
+            log.warning("%s", verdict.message)
+            if verdict.plan is None:
+                self.on_event("node offered", verdict.message)
+            else:
+                self.move_to(verdict.plan, verdict.message)
 
     def _forget(self, handle: ray.ObjectRef) -> Work | None:
         return self._steps.pop(handle)[1]
 
     def _settled(self) -> bool:
         """Whether no stage process starts beside the serving ones (a spare, a move's new stages):
-        one takes the cores the watch judges the nodes' speeds by."""
+        one takes the cores the watch judges the nodes' speeds by (so does a joining node's
+        measuring, where it shares their machine)."""
         if self._starting:
             self._starting = ray.wait(self._starting, num_returns=len(self._starting), timeout=0)[1]
-        return not self._starting and not self._move
+        return not self._starting and not self._move and not any(self._joins.values())
 
     def _judged(self, verdict: Verdict) -> None:
         """A node drifted: keep its corrected speed; with a new plan, move to it."""

@@ -6,8 +6,9 @@ decodes and a chunk, so the decodes' inter-token latency (ITL) rises to that ste
 many steps as the prompt has chunks, and the prompt's TTFT is those steps. Disaggregated, the
 decode pool steps its decodes alone on its own cores, except one step per prompt that also takes
 in the prompt's KV (a copy into its pool), and the prefill pool runs each prompt alone on its
-own cores: its TTFT is the prompt's chunks there, plus any wait behind earlier prompts. Between
-prompts, every step is a plain decode step in both layouts; the share of stalled steps sets the
+own cores: its TTFT is the prompt's chunks there, plus any wait behind earlier prompts. In both
+layouts the prompt's own later tokens then decode beside the others (reading its long context),
+and between prompts every step is a plain decode step; the share of slower steps sets the
 percentiles.
 """
 
@@ -29,13 +30,14 @@ class Workload:
     prompt: int  # tokens of each long prompt that arrives
     interval_s: float  # seconds between two long prompts' arrivals
     chunk: int  # tokens a step may run (colocated: decodes and a prompt's chunk together)
+    output: int = 1  # tokens each long prompt generates
 
 
 @dataclass(frozen=True)
 class LayoutPrediction:
     ttft_s: float  # a long prompt's time to its first token
-    # the decode steps between two arrivals: (seconds, how many), those a prompt's chunk (colocated)
-    # or its KV (disaggregated) joins first, then the plain ones
+    # the decode steps between two arrivals: (seconds, how many), those a prompt's chunk (colocated),
+    # its KV (disaggregated) or its later tokens join first, then the plain ones
     steps: tuple[tuple[float, float], ...]
     utilisation: float  # of the cores that prefill the prompts (above 1: the prompts queue without end)
 
@@ -66,7 +68,9 @@ def colocated(spec: ModelSpec, device: DeviceSpec, w: Workload, p: Precision) ->
     mixed = [step_time(spec, whole, decode + Work(((min(per_chunk, w.prompt - k), k),)), p).latency
              for k in range(0, w.prompt, per_chunk)]
     plain = step_time(spec, whole, decode, p).latency
-    return LayoutPrediction(sum(mixed), _between_arrivals(mixed, plain, w.interval_s), sum(mixed) / w.interval_s)
+    beside = [_with_prompt(spec, whole, w, p)] * (w.output - 1)
+    return LayoutPrediction(sum(mixed), _between_arrivals(mixed + beside, plain, w.interval_s),
+                            sum(mixed) / w.interval_s)
 
 
 def disaggregated(spec: ModelSpec, prefill_device: DeviceSpec, decode_device: DeviceSpec, w: Workload,
@@ -76,14 +80,22 @@ def disaggregated(spec: ModelSpec, prefill_device: DeviceSpec, decode_device: De
     prefill = Deployment.single(spec, prefill_device)
     prefilling = sum(step_time(spec, prefill, Work(((min(w.chunk, w.prompt - k), k),)), p).latency
                      for k in range(0, w.prompt, w.chunk))
-    plain = step_time(spec, Deployment.single(spec, decode_device), Work.decode(w.decoding, w.context), p).latency
+    decoding = Deployment.single(spec, decode_device)
+    plain = step_time(spec, decoding, Work.decode(w.decoding, w.context), p).latency
     kv = kv_bytes(spec, (0, spec.num_layers), w.prompt, p.kv)
     taking_in = 2 * kv / (decode_device.bandwidth * decode_device.memory_efficiency)
+    beside = [_with_prompt(spec, decoding, w, p)] * (w.output - 1)  # (a one-token answer never moves)
+    if beside:
+        beside[0] += taking_in
     utilisation = prefilling / w.interval_s
     # prompts arriving evenly, each served alone: a wait grows only once the pool is saturated
     waiting = 0.0 if utilisation < 1 else prefilling * (utilisation - 1)
-    return LayoutPrediction(prefilling + waiting, _between_arrivals([plain + taking_in], plain, w.interval_s),
-                            utilisation)
+    return LayoutPrediction(prefilling + waiting, _between_arrivals(beside, plain, w.interval_s), utilisation)
+
+
+def _with_prompt(spec: ModelSpec, deployment: Deployment, w: Workload, p: Precision) -> float:
+    """A decode step of the decoding sequences and a long prompt's sequence after its prompt."""
+    return step_time(spec, deployment, Work.decode(w.decoding, w.context) + Work.decode(1, w.prompt), p).latency
 
 
 def _between_arrivals(stalled: list[float], plain_s: float, interval_s: float) -> tuple[tuple[float, float], ...]:
