@@ -138,127 +138,132 @@ def test_the_profile_sees_the_quota_and_the_plan_gives_the_fast_node_the_larger_
     # (the next test serves a plan made from this cluster file on the lab's nodes)
 
 
-def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(lab, profiled, tmp_path):
-    """The closed loop: 8 greedy requests stream from the throughput plan (most layers on the
-    fast node); another tenant takes four fifths of the fast node's core (its quota cut to a
-    fifth: a quota slows only a node busier than it allows, and the plan, made from this run's
-    profile, may leave the fast node idle much of the time) mid-run. The stages' measured
-    times leave the predicted, the pipeline re-plans
-    (layers move to the now faster node, the sequences' KV with them), and every request runs
-    to its end with the undisturbed text.
-    (A node under a CFS quota stalls per 100 ms period, so how much slower it runs depends on
-    its steps' length: the first correction may fall short or overshoot, and a second re-plan
-    follow, at times back to the first split.)"""
-    import asyncio
-    import re
+REQUESTS = 8
 
-    import httpx
-    import openai
 
-    from shardwise.lab import lab as running_lab
+@pytest.fixture(scope="module")
+def lab_server(lab, profiled, tmp_path_factory):
+    """`serve` on the lab from a cluster file that names only the slow node (every layer there at
+    first: the next test has the fast node join), the watch judging 3-second windows."""
     from tests.conftest import running_server
 
-    requests, tokens = 8, 64
-    with running_server(tmp_path / "log", "--cluster", str(profiled.with_name("lab-cluster.yaml")),
-                        "--address", lab, "--dtype", "int4", "--kv-tokens", "4096",
-                        "--drift-window", "3") as url:
-        async def stream_all(cut_after: int | None) -> list[str]:
-            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
-            texts, streamed, counted = [""] * requests, [0], [0] * requests
-
-            async def one(i: int) -> None:
-                stream = await client.completions.create(
-                    model="smollm2-135m", prompt=f"Write a short story about the number {i}.", max_tokens=tokens,
-                    temperature=0.0, stream=True, logprobs=0, extra_body={"ignore_eos": True})
-                async for chunk in stream:
-                    texts[i] += chunk.choices[0].text
-                    counted[i] += len(chunk.choices[0].logprobs.tokens) if chunk.choices[0].logprobs else 0
-                    streamed[0] += 1
-                    if streamed[0] == cut_after:
-                        await asyncio.to_thread(running_lab.set_cpus, "fast", 0.2)
-
-            await asyncio.gather(*(one(i) for i in range(requests)))
-            assert counted == [tokens] * requests  # none lost, none repeated
-            return texts
-
-        before = [s["layers"] for s in httpx.get(f"{url}/health").json()["stages"]]
-        for _ in range(3):  # until the watch has calibrated (once the spare stages that start beside it are up)
-            undisturbed = asyncio.run(stream_all(None))
-            if any(e["kind"] == "recalibrated" for e in httpx.get(f"{url}/v1/dashboard/state").json()["events"]):
-                break
-        disturbed = asyncio.run(stream_all(requests * tokens // 4))
-        # every request ran to its end, with the undisturbed text: the sequences' KV moved with the layers
-        assert disturbed == undisturbed
-        metrics = httpx.get(f"{url}/metrics").text
-        replans = re.search(r'^shardwise:replans_total{model_name="smollm2-135m"} (\S+)$', metrics, re.M)
-        state = httpx.get(f"{url}/v1/dashboard/state").json()
-        assert 1 <= float(replans.group(1)) <= 2, state["events"]
-        assert 'shardwise:stage_failures_total{model_name="smollm2-135m"} 0.0' in metrics
-        assert 'shardwise:replayed_tokens_total{model_name="smollm2-135m"} 0.0' in metrics
-        assert 'source="predicted"' in metrics and 'source="measured"' in metrics
-        if float(replans.group(1)) == 1:  # (a second re-plan may move the layers back: see the docstring)
-            assert [s["layers"] for s in httpx.get(f"{url}/health").json()["stages"]] != before
-        moves = [e["kind"] for e in state["events"] if e["kind"].startswith("re-plan")]
-        assert moves == ["re-plan", "re-planned"] * int(float(replans.group(1)))
-        assert all("predicted_s" in s and "measured_s" in s for s in state["stages"])
-    quota = (host.CGROUPS / "cpu" / host.GROUP / "fast" / "cpu.cfs_quota_us").read_text()
-    assert int(quota) == host.CFS_PERIOD_US // 5
-    wrong = cli("lab", "set", "nowhere", "--cpus", "1")
-    assert wrong.returncode == 1 and "no node 'nowhere'" in wrong.stderr
-
-
-def test_a_node_that_joins_is_measured_offered_and_moved_onto_with_the_running_requests(lab, profiled, tmp_path):
-    """A cluster file naming only the slow node: the server runs every layer there. The fast node
-    is a Ray node outside that file, so the server takes it for one that joined: measures it in
-    place (it shares the slow node's machine, so only the share of its speed it keeps up) and
-    its link, offers it to the planner, and moves onto the new plan (which pays: about three
-    times the throughput) with the running requests' KV. Every request ends with the text it
-    has on the new plan undisturbed; nothing is replayed."""
-    import asyncio
-    import re
-
-    import httpx
-    import openai
-
-    from shardwise.lab import lab as running_lab
-    from tests.conftest import running_server
-
-    running_lab.set_cpus("fast", 1.0)  # (the test before cut it)
     cluster = yaml.safe_load(profiled.with_name("lab-cluster.yaml").read_text())
     cluster["devices"] = [d for d in cluster["devices"] if d["name"] == "slow"]
     cluster["links"] = [link for link in cluster["links"] if {link["from"], link["to"]} == {"slow"}]
     only_slow = profiled.with_name("only-slow.yaml")
     only_slow.write_text(yaml.safe_dump(cluster))
-    requests, tokens = 8, 160
-    with running_server(tmp_path / "log", "--cluster", str(only_slow), "--address", lab, "--dtype", "int4",
-                        "--kv-tokens", "4096") as url:
-        assert len({s["node"] for s in httpx.get(f"{url}/health").json()["stages"]}) == 1  # the slow node's
+    with running_server(tmp_path_factory.mktemp("served") / "log", "--cluster", str(only_slow), "--address", lab,
+                        "--dtype", "int4", "--kv-tokens", "4096", "--drift-window", "3") as url:
+        yield url
 
-        async def stream_all() -> list[str]:
-            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
 
-            async def one(i: int) -> str:
-                reply = await client.completions.create(
-                    model="smollm2-135m", prompt=f"Write a short story about the number {i}.", max_tokens=tokens,
-                    temperature=0.0, extra_body={"ignore_eos": True})
-                return reply.choices[0].text
+def stream_all(url: str, tokens: int, cut_after: int | None = None) -> list[str]:
+    """REQUESTS greedy streams of `tokens` tokens each; their texts (each checked complete). With
+    cut_after: the fast node's quota is cut to a fifth of a core once that many chunks came."""
+    import asyncio
 
-            return list(await asyncio.gather(*(one(i) for i in range(requests))))
+    import openai
 
-        def moved() -> list[dict]:
-            return [e for e in httpx.get(f"{url}/v1/dashboard/state").json()["events"] if e["kind"] == "re-planned"]
+    from shardwise.lab import lab as running_lab
 
-        for _ in range(4):  # until the move happens while the requests run
-            during = asyncio.run(stream_all())
-            if any(not e["message"].startswith("0 ") for e in moved()):
-                break
-        state = httpx.get(f"{url}/v1/dashboard/state").json()
-        kinds = [e["kind"] for e in state["events"]]
-        assert "node joined" in kinds and "re-plan" in kinds, state["events"]
-        assert "node fast joined: re-planning" in next(e["message"] for e in state["events"] if e["kind"] == "re-plan")
-        assert any(not e["message"].startswith("0 ") for e in moved()), state["events"]  # (under load)
-        assert asyncio.run(stream_all()) == during  # the move changed no token
-        nodes = {s["node"] for s in httpx.get(f"{url}/health").json()["stages"]}
-        assert len(nodes) == 2  # both Ray nodes run stages now
-        metrics = httpx.get(f"{url}/metrics").text
-        assert re.search(r'^shardwise:replayed_tokens_total{model_name="smollm2-135m"} 0.0$', metrics, re.M)
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+        texts, streamed, counted = [""] * REQUESTS, [0], [0] * REQUESTS
+
+        async def one(i: int) -> None:
+            stream = await client.completions.create(
+                model="smollm2-135m", prompt=f"Write a short story about the number {i}.", max_tokens=tokens,
+                temperature=0.0, stream=True, logprobs=0, extra_body={"ignore_eos": True})
+            async for chunk in stream:
+                texts[i] += chunk.choices[0].text
+                counted[i] += len(chunk.choices[0].logprobs.tokens) if chunk.choices[0].logprobs else 0
+                streamed[0] += 1
+                if streamed[0] == cut_after:
+                    await asyncio.to_thread(running_lab.set_cpus, "fast", 0.2)
+
+        await asyncio.gather(*(one(i) for i in range(REQUESTS)))
+        assert counted == [tokens] * REQUESTS  # none lost, none repeated
+        return texts
+
+    return asyncio.run(run())
+
+
+def events(url: str) -> list[dict]:
+    import httpx
+
+    return httpx.get(f"{url}/v1/dashboard/state").json()["events"]
+
+
+def metric(url: str, name: str) -> float:
+    import re
+
+    import httpx
+
+    found = re.search(rf'^shardwise:{name}{{model_name="smollm2-135m"}} (\S+)$', httpx.get(f"{url}/metrics").text,
+                      re.M)
+    return float(found.group(1))
+
+
+def test_a_node_that_joins_is_measured_offered_and_moved_onto_with_the_running_requests(lab_server):
+    """The fast node is a Ray node outside the server's cluster file, so the server takes it for
+    one that joined: measures it in place (it shares the slow node's machine: only the share of
+    its speed it keeps up) and its link, offers it to the planner, and moves onto the new plan
+    (it pays: about three times the throughput) with the running requests' KV. Every request
+    ends with the text it has on the new plan undisturbed; nothing is replayed."""
+    import httpx
+
+    url = lab_server
+    assert len({s["node"] for s in httpx.get(f"{url}/health").json()["stages"]}) == 1  # the slow node's
+
+    def moved_under_load() -> bool:
+        return any(e["kind"] == "re-planned" and not e["message"].startswith("0 ") for e in events(url))
+
+    for _ in range(4):  # until the move happens while the requests run
+        during = stream_all(url, 160)
+        if moved_under_load():
+            break
+    kinds = [e["kind"] for e in events(url)]
+    assert "node joined" in kinds and moved_under_load(), events(url)
+    assert "node fast joined: re-planning" in next(e["message"] for e in events(url) if e["kind"] == "re-plan")
+    assert stream_all(url, 160) == during  # the move changed no token
+    assert len({s["node"] for s in httpx.get(f"{url}/health").json()["stages"]}) == 2  # both nodes run stages
+    assert metric(url, "replayed_tokens_total") == 0 and metric(url, "replans_total") == 1
+
+
+def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(lab_server):
+    """The closed loop: 8 greedy requests stream from the plan over both nodes (after the join,
+    most layers on the fast node); another tenant takes four fifths of the fast node's core (its
+    quota cut to a fifth: a quota slows only a node busier than it allows, and the plan may
+    leave the fast node idle much of the time) mid-run. The stages' measured times leave the
+    predicted, the pipeline re-plans (layers move to the now faster node, the sequences' KV
+    with them), and every request runs to its end with the undisturbed text.
+    (A node under a CFS quota stalls per 100 ms period, so how much slower it runs depends on
+    its steps' length: the first correction may fall short or overshoot, and a second re-plan
+    follow, at times back to the first split.)"""
+    import httpx
+
+    url, tokens = lab_server, 64
+    replans, seen = metric(url, "replans_total"), len(events(url))
+    before = [s["layers"] for s in httpx.get(f"{url}/health").json()["stages"]]
+    for _ in range(3):  # until the watch has calibrated (once the spare stages that start beside it are up)
+        undisturbed = stream_all(url, tokens)
+        if any(e["kind"] == "recalibrated" for e in events(url)):
+            break
+    disturbed = stream_all(url, tokens, cut_after=REQUESTS * tokens // 4)
+    # every request ran to its end, with the undisturbed text: the sequences' KV moved with the layers
+    assert disturbed == undisturbed
+    moved = metric(url, "replans_total") - replans
+    assert 1 <= moved <= 2, events(url)
+    metrics = httpx.get(f"{url}/metrics").text
+    assert metric(url, "stage_failures_total") == 0 and metric(url, "replayed_tokens_total") == 0
+    assert 'source="predicted"' in metrics and 'source="measured"' in metrics
+    if moved == 1:  # (a second re-plan may move the layers back: see the docstring)
+        assert [s["layers"] for s in httpx.get(f"{url}/health").json()["stages"]] != before
+    moves = [e["kind"] for e in events(url)[seen:] if e["kind"].startswith("re-plan")]
+    assert moves == ["re-plan", "re-planned"] * int(moved)
+    state = httpx.get(f"{url}/v1/dashboard/state").json()
+    assert all("predicted_s" in s and "measured_s" in s for s in state["stages"])
+    quota = (host.CGROUPS / "cpu" / host.GROUP / "fast" / "cpu.cfs_quota_us").read_text()
+    assert int(quota) == host.CFS_PERIOD_US // 5
+    wrong = cli("lab", "set", "nowhere", "--cpus", "1")
+    assert wrong.returncode == 1 and "no node 'nowhere'" in wrong.stderr

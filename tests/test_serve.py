@@ -1,6 +1,7 @@
 """The OpenAI-compatible server: a real `shardwise serve` process on 127.0.0.1 running the real
 model on 2 local Ray stages, driven by the official openai client and by raw HTTP. The API's
-tests run again against a disaggregated server (a prefill pool beside the decode pool)."""
+tests whose prompts are long enough run again against a disaggregated server (a prefill pool
+beside the decode pool)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def server(request, api_server, tmp_path_factory):
         yield api_server
         return
     with running_server(tmp_path_factory.mktemp("disaggregated") / "log", *API_SERVER_ARGS,
-                        "--prefill-stages", "1", "--prefill-min-tokens", "16") as url:
+                        "--prefill-stages", "1", "--prefill-min-tokens", "16", "--no-spare-stages") as url:
         yield url
 
 
@@ -84,7 +85,14 @@ def test_chat_and_completions_through_the_openai_client(client, llm):
     assert expected.startswith(batch.choices[0].text)
 
 
-def test_16_concurrent_streams_equal_each_run_alone(client):
+@pytest.fixture(scope="module")
+def colocated(api_server):
+    """The shared server's client, for the tests whose prompts would not reach a prefill pool."""
+    return openai.OpenAI(base_url=f"{api_server}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+def test_16_concurrent_streams_equal_each_run_alone(colocated):
+    client = colocated
     prompts = [f"{p} {i}" for i in range(4) for p in TEXT_PROMPTS]
     alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=20, temperature=0).choices[0].text
              for p in prompts]

@@ -82,7 +82,8 @@ class Join:
 
     def _twin(self) -> ClusterDevice | None:
         """A cluster device on the same machine, with as many cores (its figures are the node's)."""
-        machine, machines = ray.get(self._refs["machine"]), ray.get(self._refs["machines"])
+        machine = ray.get(self._refs["machine"])
+        machines = {name: ray.get(ref) for name, ref in self._refs["machines"].items()}
         cores = self.node["Resources"].get("CPU")
         for device in self.cluster.devices:
             node = next((n for n in ray.nodes() if device.node in (n["NodeID"], n["NodeManagerAddress"])), None)

@@ -284,7 +284,11 @@ class Pipeline:
             if verdict:
                 self._judged(verdict)
         if self.watch and self.join_nodes and time.monotonic() - self._joins_checked > JOINS_CHECK_S:
-            self._check_joins()
+            try:
+                self._check_joins()
+            except Exception as e:  # a newcomer's measuring never fails the step it runs beside
+                log.warning("looking for nodes that joined failed: %s", e, exc_info=True)
+                self.on_event("join failed", f"looking for nodes that joined failed ({type(e).__name__}: {e})")
         return out
 
     def _check_joins(self) -> None:
