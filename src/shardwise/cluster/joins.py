@@ -52,19 +52,20 @@ class Join:
     stage_nodes: dict[str, str]  # the cluster device name of each node running a stage -> its Ray node id
     model: str
     hidden: int
-    pending: list[ray.ObjectRef] = field(default_factory=list)
+    pending: list[ray.ObjectRef] = field(default_factory=list)  # measurements not in yet
+    _probe: Any = None  # on the newcomer
+    _others: dict[str, Any] = field(default_factory=dict)  # on the stages' nodes, by device name
     _refs: dict[str, Any] = field(default_factory=dict)
     _profile: ray.ObjectRef | None = None
 
     def start(self) -> Join:
         self._probe = probe = _probe_on(self.node["NodeID"])
         self._others = others = {name: _probe_on(node_id) for name, node_id in self.stage_nodes.items()}
-        self._refs = {"machine": probe.machine.remote(), "threads": probe.threads.remote(),
-                      "kept": probe.speed_kept.remote(),
+        self._refs = {"machine": probe.machine.remote(), "kept": probe.speed_kept.remote(),
                       "machines": {name: p.machine.remote() for name, p in others.items()},
                       "links": {name: probe.round_trips.remote(p, self.hidden, ROUND_TRIPS)
                                 for name, p in others.items()}}
-        self.pending = [self._refs["machine"], self._refs["threads"], self._refs["kept"],
+        self.pending = [self._refs["machine"], self._refs["kept"],
                         *self._refs["machines"].values(), *self._refs["links"].values()]
         return self
 
