@@ -76,8 +76,8 @@ def running_server(log: Path, *args: str) -> Iterator[str]:
 
 API_KEY = "sk-shardwise-test"
 API_KV_TOKENS = 4096
-API_SERVER_ARGS = ("--stages", "2", "--api-key", API_KEY, "--kv-tokens", str(API_KV_TOKENS), "--max-batch-tokens", "64",
-                   "--draft", "int4")
+API_SERVER_ARGS = ("--stages", "2", "--prefill-stages", "1", "--prefill-min-tokens", "16", "--api-key", API_KEY,
+                   "--kv-tokens", str(API_KV_TOKENS), "--max-batch-tokens", "64", "--draft", "int4")
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +85,10 @@ def api_server(tmp_path_factory):
     """The server the API and dashboard tests share: the default model on 2 local Ray stages,
     behind an API key, speculating with drafts from its own weights as int4 in the server's
     process, verified through the stages (its greedy and seeded outputs are those of the
-    one-process engine without speculation, which the tests compare them with)."""
+    one-process engine without speculation, which the tests compare them with). Disaggregated:
+    prompts of 16 tokens or more prefill on a third stage (a pool of its own) and move with
+    their KV to the two that decode; shorter ones prefill beside the decodes, so the API's
+    tests cover both paths."""
     with running_server(tmp_path_factory.mktemp("server") / "log", *API_SERVER_ARGS) as url:
         yield url
 

@@ -254,6 +254,7 @@ def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(
     assert disturbed == undisturbed
     moved = metric(url, "replans_total") - replans
     assert 1 <= moved <= 2, events(url)
+    assert stream_all(url, tokens) == undisturbed  # (and the watch times a window of the new plan)
     metrics = httpx.get(f"{url}/metrics").text
     assert metric(url, "stage_failures_total") == 0 and metric(url, "replayed_tokens_total") == 0
     assert 'source="predicted"' in metrics and 'source="measured"' in metrics

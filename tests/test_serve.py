@@ -1,7 +1,6 @@
 """The OpenAI-compatible server: a real `shardwise serve` process on 127.0.0.1 running the real
-model on 2 local Ray stages, driven by the official openai client and by raw HTTP. The API's
-tests whose prompts are long enough run again against a disaggregated server (a prefill pool
-beside the decode pool)."""
+model on 2 local Ray stages (and a prefill pool of one: prompts of 16 tokens or more prefill
+there), driven by the official openai client and by raw HTTP."""
 
 from __future__ import annotations
 
@@ -17,27 +16,18 @@ import pytest
 from tests.conftest import (
     API_KEY,
     API_KV_TOKENS,
-    API_SERVER_ARGS,
     CHAT_PROMPTS,
     TEXT_PROMPTS,
     cli,
     free_port,
-    running_server,
 )
 
 MODEL = "smollm2-135m"
 
 
-@pytest.fixture(scope="module", params=["colocated", "disaggregated"])
-def server(request, api_server, tmp_path_factory):
-    """The API tests' server: the shared one, and one whose prompts of 16 tokens or more run on
-    a prefill pool of one stage and then move with their KV to the 2 stages that decode."""
-    if request.param == "colocated":
-        yield api_server
-        return
-    with running_server(tmp_path_factory.mktemp("disaggregated") / "log", *API_SERVER_ARGS,
-                        "--prefill-stages", "1", "--prefill-min-tokens", "16", "--no-spare-stages") as url:
-        yield url
+@pytest.fixture(scope="module")
+def server(api_server):
+    return api_server
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +75,7 @@ def test_chat_and_completions_through_the_openai_client(client, llm):
     assert expected.startswith(batch.choices[0].text)
 
 
-@pytest.fixture(scope="module")
-def colocated(api_server):
-    """The shared server's client, for the tests whose prompts would not reach a prefill pool."""
-    return openai.OpenAI(base_url=f"{api_server}/v1", api_key=API_KEY, max_retries=0, timeout=300)
-
-
-def test_16_concurrent_streams_equal_each_run_alone(colocated):
-    client = colocated
+def test_16_concurrent_streams_equal_each_run_alone(client):
     prompts = [f"{p} {i}" for i in range(4) for p in TEXT_PROMPTS]
     alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=20, temperature=0).choices[0].text
              for p in prompts]
@@ -214,7 +197,7 @@ def test_api_key_is_required_on_v1(server):
     assert health["status"] == "ok" and decoding == [[0, 15], [15, 30]]
 
 
-def test_metrics_are_exported_like_vllms(server, client, api_server):
+def test_metrics_are_exported_like_vllms(server, client):
     client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
                               extra_body={"priority": -2})  # vLLM's request priority (lower first)
     m = metrics(server)
@@ -229,9 +212,9 @@ def test_metrics_are_exported_like_vllms(server, client, api_server):
     m = metrics(server)
     assert m["shardwise:spec_decode_num_draft_tokens_total"] >= m[accepted] > before[accepted]
     assert m["shardwise:spec_decode_draft_seconds_total"] > 0
-    # a disaggregated server ran that prompt (16 tokens) on its prefill pool, then decoded it on the other
+    # that prompt (16 tokens) ran on the prefill pool, then moved with its KV to the decode pool
     handoffs = m["shardwise:prefill_handoffs_total"] - before["shardwise:prefill_handoffs_total"]
-    assert handoffs == (server != api_server)
+    assert handoffs == 1
 
 
 def test_a_resent_prompt_hits_the_prefix_cache_and_metrics_count_it(server, client):
@@ -253,7 +236,7 @@ def test_a_resent_prompt_hits_the_prefix_cache_and_metrics_count_it(server, clie
 
 def test_dashboard_state_is_the_metrics_and_the_live_stages(api_server):
     auth = {"Authorization": f"Bearer {API_KEY}"}
-    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    body = {"model": MODEL, "prompt": "Hello " * 20, "max_tokens": 4, "temperature": 0}  # (through both pools)
     assert httpx.post(f"{api_server}/v1/completions", json=body, headers=auth, timeout=60).status_code == 200
     state = httpx.get(f"{api_server}/v1/dashboard/state", headers=auth).json()
     m = metrics(api_server)

@@ -1,5 +1,5 @@
 """The dashboard in a real browser: Debian's chromium, headless, driven by Playwright, against
-the real server of test_serve (the default model on 2 local Ray stages) on 127.0.0.1.
+the real server of test_serve (the default model on 2 local Ray stages and a prefill pool) on 127.0.0.1.
 A screenshot of each view is saved under test-artifacts/dashboard/ (or $SHARDWISE_ARTIFACTS)."""
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def test_cluster_view_draws_the_running_plan(page, api_server):
     expected = [f"{a}-{b}" for a, b in (s["layers"] for s in stages)]
     boxes = page.locator("#pipeline .stage")
     expect(boxes).to_have_count(len(stages))
-    assert [boxes.nth(i).get_attribute("data-layers") for i in range(len(stages))] == expected == ["0-15", "15-30"]
+    assert [boxes.nth(i).get_attribute("data-layers") for i in range(len(stages))] == expected == \
+        ["0-30", "0-15", "15-30"]  # (the prefill pool's stage, then the decode pool's)
     rows = page.locator("#stages tbody tr")
     expect(rows).to_have_count(len(stages))
     for i, stage in enumerate(stages):

@@ -23,6 +23,7 @@ from shardwise.engine.prefix_cache import CachedPrefix
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.worker import Sampled
 from shardwise.errors import ShardwiseError, StageFailure
+from shardwise.planner.plan import Plan
 
 
 class Disaggregated:
@@ -97,7 +98,10 @@ class Disaggregated:
         self._pool.clear()
         return lost.recover(failure)
 
-    def move_to(self, plan: Any, why: str) -> None:
+    def move_to(self, plan: Plan, why: str) -> None:
+        """Refused (after the checks a move makes, so a bad plan is named as such)."""
+        plan.check_layers(self.decode.spec)
+        Pipeline._place(plan)
         raise ShardwiseError("a server with a prefill pool does not move its pools to a new plan while serving: "
                              "restart it with the new plan (--plan / --prefill-plan)")
 

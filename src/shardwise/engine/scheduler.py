@@ -468,11 +468,13 @@ class Scheduler:
 
     def _prefills_apart(self, seq: Sequence, prefix: CachedPrefix | None) -> bool:
         """Whether a sequence's prompt runs on the prefill pool: a new prompt whose uncached
-        part is long enough that its chunks would hold up the decodes (a short one, or a replay,
-        runs beside them)."""
+        part is long enough that its chunks would hold up the decodes, and no shorter than its
+        cached part (the prefill pool holds no cache: it would compute that part again). A short
+        one, a chat turn resent over a long cached history, or a replay runs beside the decodes."""
         cached = len(prefix.tokens) if prefix else 0
+        uncached = len(seq.prompt) - cached
         return bool(self.prefill_groups) and not seq.output.token_ids and \
-            len(seq.prompt) - cached >= self.prefill_pool_min_tokens
+            uncached >= max(self.prefill_pool_min_tokens, cached)
 
     def _groups_for(self, seq: Sequence) -> list[list[Sequence]]:
         """The step groups of the pool a sequence runs on (every group, on one pool)."""
