@@ -219,13 +219,13 @@ def test_a_node_that_joins_is_measured_offered_and_moved_onto_with_the_running_r
         return any(e["kind"] == "re-planned" and not e["message"].startswith("0 ") for e in events(url))
 
     for _ in range(4):  # until the move happens while the requests run
-        during = stream_all(url, 160)
+        during = stream_all(url, 128)
         if moved_under_load():
             break
     kinds = [e["kind"] for e in events(url)]
     assert "node joined" in kinds and moved_under_load(), events(url)
     assert "node fast joined: re-planning" in next(e["message"] for e in events(url) if e["kind"] == "re-plan")
-    assert stream_all(url, 160) == during  # the move changed no token
+    assert stream_all(url, 128) == during  # the move changed no token
     assert len({s["node"] for s in httpx.get(f"{url}/health").json()["stages"]}) == 2  # both nodes run stages
     assert metric(url, "replayed_tokens_total") == 0 and metric(url, "replans_total") == 1
 
