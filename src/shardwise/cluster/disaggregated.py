@@ -115,13 +115,16 @@ class Disaggregated:
         return []
 
     def describe(self) -> list[dict[str, Any]]:
-        return ([s | {"pool": "prefill"} for s in self.prefill.describe()]
-                + [s | {"pool": "decode"} for s in self.decode.describe()])
+        return _by_pool(self.prefill.describe(), self.decode.describe())
 
     def stats(self, timeout: float | None = None) -> list[dict[str, Any]]:
-        return ([s | {"pool": "prefill"} for s in self.prefill.stats(timeout)]
-                + [s | {"pool": "decode"} for s in self.decode.stats(timeout)])
+        return _by_pool(self.prefill.stats(timeout), self.decode.stats(timeout))
 
     def close(self) -> None:
         self.prefill.close()
         self.decode.close()  # (last: it started Ray, if this process did)
+
+
+def _by_pool(prefill: list[dict[str, Any]], decode: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each pool's stages, prefill first, each marked with its pool."""
+    return [s | {"pool": "prefill"} for s in prefill] + [s | {"pool": "decode"} for s in decode]

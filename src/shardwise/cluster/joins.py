@@ -17,9 +17,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from shardwise.perf.cluster_profile import Probe
+from shardwise.perf.cluster_profile import probe_on
 from shardwise.perf.hardware import DeviceSpec, LinkSpec
 from shardwise.perf.profile import link_from_round_trips
 from shardwise.planner.topology import Cluster, ClusterDevice
@@ -36,10 +35,6 @@ def newcomers(cluster: Cluster, seen: set[str]) -> list[dict[str, Any]]:
         known.add(ray.get_runtime_context().get_node_id())
     return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0 and n["NodeID"] not in seen
             and not {n["NodeID"], n["NodeManagerAddress"]} & known]
-
-
-def _probe_on(node_id: str) -> Any:
-    return Probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
 
 
 @dataclass
@@ -59,8 +54,8 @@ class Join:
     _profile: ray.ObjectRef | None = None
 
     def start(self) -> Join:
-        self._probe = probe = _probe_on(self.node["NodeID"])
-        self._others = others = {name: _probe_on(node_id) for name, node_id in self.stage_nodes.items()}
+        self._probe = probe = probe_on(self.node["NodeID"])
+        self._others = others = {name: probe_on(node_id) for name, node_id in self.stage_nodes.items()}
         self._refs = {"machine": probe.machine.remote(), "kept": probe.speed_kept.remote(),
                       "machines": {name: p.machine.remote() for name, p in others.items()},
                       "links": {name: probe.round_trips.remote(p, self.hidden, ROUND_TRIPS)
@@ -85,9 +80,9 @@ class Join:
         """A cluster device on the same machine, with as many cores (its figures are the node's)."""
         machine = ray.get(self._refs["machine"])
         machines = {name: ray.get(ref) for name, ref in self._refs["machines"].items()}
-        cores = self.node["Resources"].get("CPU")
+        cores, nodes = self.node["Resources"].get("CPU"), ray.nodes()
         for device in self.cluster.devices:
-            node = next((n for n in ray.nodes() if device.node in (n["NodeID"], n["NodeManagerAddress"])), None)
+            node = next((n for n in nodes if device.node in (n["NodeID"], n["NodeManagerAddress"])), None)
             if machines.get(device.name) == machine and node and node["Resources"].get("CPU") == cores:
                 return device
         return None

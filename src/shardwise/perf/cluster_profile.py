@@ -67,6 +67,11 @@ class Probe:
         return out, cpu
 
 
+def probe_on(node_id: str) -> Probe:
+    """A Probe actor on that Ray node."""
+    return Probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+
+
 def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                     progress: Progress = lambda _: None, quick: bool = False) -> dict[str, Any]:
     """{"devices": [DeviceSpec dicts], "links": [{"from", "to", bandwidth, latency}], "nodes": [{"name",
@@ -81,8 +86,7 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
         # nodes that offer no CPU to tasks (a head started with --num-cpus=0) coordinate; they run no stage
         nodes = [n for n in ray.nodes() if n["Alive"] and (address is None or n["Resources"].get("CPU", 0) > 0)]
         names = _names(nodes)
-        probes = {n["NodeID"]: Probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], False))
-                  .remote() for n in nodes}
+        probes = {n["NodeID"]: probe_on(n["NodeID"]) for n in nodes}
         if address is None:
             devices = [profile_device(model, device, name=names[0], progress=progress, quick=quick).to_dict()]
         else:
@@ -97,8 +101,7 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                     continue
                 progress(f"link {names[i]} -> {names[j]}")
                 # two probes on one node measure the hop between local stages
-                target = probes[v["NodeID"]] if j != i else Probe.options(
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(v["NodeID"], False)).remote()
+                target = probes[v["NodeID"]] if j != i else probe_on(v["NodeID"])
                 trips = probes[u["NodeID"]].round_trips.remote(target, hidden, 8 if quick else 20)
                 (small, large), cpu = ray.get(trips)
                 task_cpu[j].append(cpu)
