@@ -55,12 +55,15 @@ GPU = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU, Triton's inter
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", [1, 5, 40])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, *([torch.bfloat16] if GPU == "cuda" else [])])
-def test_gpu_kernel_matches_the_dequantised_weight(bits, rows, dtype):
-    """The Triton product reads the same blocks to the same product, in the activations' dtype.
-    (The interpreter's bf16 matmul is wrong, so bf16 is checked on GPUs only.)"""
+@pytest.mark.parametrize("fill", [1, 100])
+def test_gpu_kernel_matches_the_dequantised_weight(bits, rows, dtype, fill, monkeypatch):
+    """The Triton product reads the same blocks to the same product, in the activations' dtype,
+    whether each tile sums all of k or k is split in ranges (fill: grid programs wanted per
+    multiprocessor). (The interpreter's bf16 matmul is wrong, so bf16 is checked on GPUs only.)"""
     pytest.importorskip("triton")
     from shardwise.kernels import gpu
 
+    monkeypatch.setattr(gpu, "FILL", fill)
     torch.manual_seed(rows)
     weight = quantize(torch.randn(80, 320), bits)  # 80 rows: a partial tile of 64
     x, bias = torch.randn(rows, 320), torch.randn(80)
