@@ -38,7 +38,9 @@ def main() -> None:
     greedy = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
 
     def fresh_stages(batch: int):
-        stages = [StageActor.remote(str(path), s.layers, "cpu", "float32") for s in Plan.even(spec, 2).stages]
+        layers = [s.layers for s in Plan.even(spec, 2).stages]
+        stages = [StageActor.remote() for _ in layers]
+        ray.get([s.load.remote(str(path), span, "cpu", "float32") for s, span in zip(stages, layers, strict=True)])
         ids = list(range(batch))
         for stage in stages:
             ray.get([stage.add.remote(i, greedy) for i in ids])

@@ -47,24 +47,50 @@ def test_even_plans_split_all_layers(weights):
     ([[0, 1], [1, 19], [19, 30]], 3),  # uneven (a one-layer stage), every stage busy at once
 ])
 def test_pipeline_outputs_equal_one_process_and_close_kills_the_actors(ray_session, reference, weights, layout,
-                                                                       micro_batches):
+                                                                       micro_batches, model_path, tmp_path):
+    """The 3-stage layout also speculates (every stage runs the drafts as decode rows, the last
+    verifies, and all rewind the rejected ones), and its stages fetch their layers as on machines
+    without the model file (--fetch-weights; a copy of the model that no node's cache has seen):
+    from the driver's node, checked, into their node's cache, where the copy is the model byte for
+    byte once the 3 stages hold all its layers, and where a next start would find every piece."""
+    import filecmp
+
+    from shardwise.cache import cache_dir
+    from shardwise.model.pieces import Layout, PartialCopy
+
     if isinstance(layout, int):
         plan = Plan.even(weights.spec, layout)
     else:
         plan = Plan.from_dict({"stages": [{"layers": r} for r in layout]})
-    # the 3-stage layout also speculates: every stage runs the drafts as decode rows, the last
-    # verifies, and all rewind the rejected ones
-    speculative = "ngram" if micro_batches == 3 else None
-    llm = LLM(plan=plan, dtype="float32", micro_batches=micro_batches, speculative=speculative)
+    fetching = micro_batches == 3
+    model = tmp_path / model_path.name if fetching else model_path
+    if fetching:
+        shutil.copy(model_path, model)
+    llm = LLM(str(model), plan=plan, dtype="float32", micro_batches=micro_batches,
+              speculative="ngram" if fetching else None, fetch_weights=fetching or None)
     pids = list(llm.executor.pids)
     try:
         assert llm.executor.parallelism == (micro_batches or 1)
         assert all(psutil.pid_exists(p) for p in pids)
         outputs = llm.generate(TEXT_PROMPTS, GREEDY)
+        sent = llm.executor._source and ray_session.get(llm.executor._source.progress.remote())
     finally:
         llm.close()
     assert [o.token_ids for o in outputs] == reference
-    assert not speculative or llm.scheduler.accepted_tokens > 0
+    assert not fetching or llm.scheduler.accepted_tokens > 0
+    layout = Layout(model)
+    fetched = cache_dir() / "fetched" / layout.identity
+    try:
+        if fetching:
+            [(done, needed)] = sent.values()  # (one node)
+            assert done == needed > 0.99 * model.stat().st_size
+            assert filecmp.cmp(fetched / model.name, model, shallow=False)
+            again = PartialCopy(layout.identity, model.name, layout.sizes)
+            assert all(again.missing(layout.pieces_for(weights.spec, s.layers)) == [] for s in plan.stages)
+        else:
+            assert sent is None and not fetched.exists()  # local stages read the driver's file
+    finally:
+        shutil.rmtree(fetched, ignore_errors=True)
     deadline = time.time() + 10
     while time.time() < deadline and any(psutil.pid_exists(p) for p in pids):
         time.sleep(0.2)

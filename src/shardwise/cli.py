@@ -55,6 +55,10 @@ DRAFT_OPTION = typer.Option("--draft", "--speculative", help=(
     "Speculative decoding, drafted by: int4 (the model's own weights in a cheaper format, for float32 or "
     "bfloat16 weights), a model with the same vocabulary, or ngram (prompt lookup: what followed the last "
     "tokens earlier in the prompt or reply; pays off on code edits, summaries, retrieval)."))
+FETCH_WEIGHTS_OPTION = typer.Option(
+    "--fetch-weights/--no-fetch-weights", help="Pipeline stages whose node lacks the model file fetch their "
+    "layers' bytes from this machine, checked against its SHA-256s, into that node's cache (the default). "
+    "--fetch-weights: always, even where the file is there (a slow shared path); --no-fetch-weights: never.")
 GAMMA_OPTION = typer.Option(help="With --draft: most tokens drafted per step (default: 8 for a draft model, "
                                   "4 for ngram).")
 
@@ -99,6 +103,7 @@ def generate(
 ) -> None:
     """Generate a reply and stream it to the terminal."""
     join_lab(address)
+    fetch_weights: Annotated[bool | None, FETCH_WEIGHTS_OPTION] = None,
     try:
         from shardwise.engine.sampling import SamplingParams
         from shardwise.llm import LLM
@@ -117,7 +122,8 @@ def generate(
             typer.secho(f"split: {split}" + (f" ({session['note']})" if session["note"] else ""), err=True, dim=True)
         else:
             llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
-                      device=device, dtype=dtype, threads=threads, speculative=_speculative(draft, gamma))
+                      device=device, dtype=dtype, threads=threads, speculative=_speculative(draft, gamma),
+                      fetch_weights=fetch_weights)
         request = prompt if no_chat else [{"role": "user", "content": prompt}]
         try:
             for piece, output in llm.stream_outputs(request, params):  # noqa: B007 (used after the loop)
@@ -212,6 +218,7 @@ def serve(
     prefix_cache: Annotated[bool, typer.Option(help="Keep full KV blocks after their request ends, so that later "
                                                     "prompts starting the same way (a system prompt, earlier "
                                                     "turns) prefill only the rest.")] = SERVING.prefix_cache,
+    fetch_weights: Annotated[bool | None, FETCH_WEIGHTS_OPTION] = None,
     policy: Annotated[str, typer.Option(help="Which requests run first: fcfs (arrival order), or mlfq (FastServe's "
                                              "preemptive multi-level feedback queue: short requests overtake long "
                                              "ones). Both honour a request's priority (lower first).")]
@@ -245,7 +252,7 @@ def serve(
                                       preallocate_kv=preallocate_kv, stage_timeout=stage_timeout,
                                       spare_stages=spare_stages,
                                       drift_threshold=drift_threshold, drift_window_s=drift_window,
-                                      join_nodes=join_nodes,
+                                      join_nodes=join_nodes, fetch_weights=fetch_weights,
                                       move_kv=move_kv, prefix_cache=prefix_cache, policy=policy,
                                       speculative=_speculative(draft, gamma),
                                       prefill_pool_min_tokens=prefill_min_tokens)

@@ -62,6 +62,9 @@ class EngineConfig:
     drift_window_s: float = 10.0
     # with a cluster file: a Ray node outside it that joins is measured and offered to the planner
     join_nodes: bool = True
+    # a pipeline stage whose node lacks the model file fetches its layers' bytes from the driver's node
+    # into its node's cache (None: where the node lacks the file; True: always; False: never)
+    fetch_weights: bool | None = None
     # a move to a new plan carries the running sequences' KV to the new stages (False: replays them)
     move_kv: bool = True
     # full KV blocks stay cached after their sequence ends, for later prompts that start the same way

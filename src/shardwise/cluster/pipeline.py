@@ -40,6 +40,7 @@ from shardwise.cluster.drift import DriftWatch, Verdict
 from shardwise.cluster.joins import Join, newcomers
 from shardwise.cluster.ray_session import join
 from shardwise.cluster.stage import StageActor
+from shardwise.cluster.weight_source import WeightSource, wait_showing_progress
 from shardwise.config import EngineConfig
 from shardwise.engine.prefix_cache import CachedPrefix
 from shardwise.engine.sampling import SamplingParams
@@ -69,7 +70,8 @@ class Pipeline:
                  spares: bool = False, cluster: Cluster | None = None,
                  objective: str = "throughput", drift_threshold: float = EngineConfig.drift_threshold,
                  drift_window_s: float = EngineConfig.drift_window_s, move_kv: bool = EngineConfig.move_kv,
-                 preallocate_kv: bool = EngineConfig.preallocate_kv, join_nodes: bool = EngineConfig.join_nodes):
+                 preallocate_kv: bool = EngineConfig.preallocate_kv, join_nodes: bool = EngineConfig.join_nodes,
+                 fetch_weights: bool | None = EngineConfig.fetch_weights):
         self.model_path, self.spec, self.dtype = model_path, spec, dtype
         self.kv_tokens, self.stage_timeout = kv_tokens, stage_timeout
         self._pool_tokens = kv_tokens if preallocate_kv else 0  # each stage's KV pool from the start
@@ -85,6 +87,7 @@ class Pipeline:
         self._move: Move | None = None  # to a new plan: raised by wait() once its stages are loaded
         self._starting: list[ray.ObjectRef] = []  # spare stage processes starting: ready() of each
         self.join_nodes = join_nodes
+        self.fetch_weights, self._source = fetch_weights, None  # (a WeightSource once a stage may need one)
         self._joins: dict[str, Join | None] = {}  # Ray nodes that joined: measured (None once offered)
         self._joins_checked = time.monotonic()
         self.on_event: Callable[[str, str], None] = lambda kind, message: None  # the scheduler's note()
@@ -158,11 +161,22 @@ class Pipeline:
         and a ref to each one's (pid, node id) once loaded."""
         actors, loading = [], []
         for stage, node in zip(stages, nodes, strict=True):
-            spare = self.spares.pop(node["NodeID"], None)
-            args = str(self.model_path), stage.layers, stage.device, self.dtype, self._pool_tokens
-            actors.append(spare or self._actor_on(node).remote(*args))
-            loading.append(spare.load.remote(*args) if spare else actors[-1].ready.remote())
+            actors.append(self.spares.pop(node["NodeID"], None) or self._actor_on(node).remote())
+            loading.append(actors[-1].load.remote(str(self.model_path), stage.layers, stage.device, self.dtype,
+                                                  self._pool_tokens, self._source_for(node), self.fetch_weights))
         return actors, loading
+
+    def _source_for(self, node: dict[str, Any]) -> ray.actor.ActorHandle | None:
+        """The driver's node's WeightSource (started the first time it is needed), for a stage on
+        a node that may lack the model file: another machine, or any where fetch_weights is True."""
+        here = ray.get_runtime_context().get_node_id()
+        if self.fetch_weights is False or (node["NodeID"] == here and not self.fetch_weights):
+            return None
+        if self._source is None:
+            self._source = WeightSource.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(str(self.model_path),
+                                                                                           self.spec)
+        return self._source
 
     def _launch(self, indices: list[int]) -> None:
         """Start stages `indices` on their nodes while every other stage forgets its sequences;
@@ -175,8 +189,11 @@ class Pipeline:
 
     def _await(self, indices: list[int], loading: list[ray.ObjectRef]) -> None:
         """Wait for stages `indices` to load (and whatever else `loading` holds after their refs)."""
+        timeout = max(self.stage_timeout, 300.0)
+        if self._source is not None:  # some stages may fetch weights first: their progress
+            wait_showing_progress(self._source, loading, timeout)
         try:
-            ready = _get(loading, timeout=max(self.stage_timeout, 300.0))
+            ready = _get(loading, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             raise ShardwiseError("pipeline stages did not start in 5 minutes: a node may be out of memory or "
                                  "gone; check `ray status`") from None
@@ -546,10 +563,10 @@ class Pipeline:
 
     def close(self) -> None:
         self._drop_move()
-        for actor in [*self.stages, *self.spares.values()]:
+        for actor in [*self.stages, *self.spares.values(), self._source]:
             if actor is not None:
                 ray.kill(actor)
-        self.stages, self.spares = [], {}
+        self.stages, self.spares, self._source = [], {}, None
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
 

@@ -11,6 +11,7 @@ import numpy as np
 import ray
 import torch
 
+from shardwise.cluster.weight_source import local_model
 from shardwise.engine.prefix_cache import CachedPrefix
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.shard import ShardModel
@@ -21,24 +22,25 @@ from shardwise.model.weights import open_weights
 
 @ray.remote(num_cpus=0)  # threads are set per stage by the plan, not by Ray's CPU accounting
 class StageActor:
-    """Started with its layers, or empty: a warm spare (process up, libraries imported) that
-    load()s a lost stage's layers in a fraction of a fresh actor's start."""
+    """Started empty, then load()s its layers; or kept empty a while as a warm spare (process up,
+    libraries imported) that loads a lost stage's layers in a fraction of a fresh actor's start."""
 
-    def __init__(self, model_path: str | None = None, layers: tuple[int, int] = (0, 0), device: str = "cpu",
-                 dtype: str | None = None, kv_tokens: int = 0):
+    def __init__(self):
         logging.basicConfig(level=os.environ.get("SHARDWISE_LOG_LEVEL", "WARNING"),
                             format="%(asctime)s %(name)s: %(message)s")
         self.worker = None
-        if model_path is not None:
-            self.load(model_path, layers, device, dtype, kv_tokens)
 
     def load(self, model_path: str, layers: tuple[int, int], device: str, dtype: str | None,
-             kv_tokens: int = 0) -> tuple[int, str]:
-        """kv_tokens: the KV pool's room from the start (0: it grows as sequences need it)."""
-        weights = open_weights(Path(model_path))  # memory-mapped: only this stage's tensors are read
+             kv_tokens: int = 0, source: ray.actor.ActorHandle | None = None,
+             fetch: bool | None = None) -> tuple[int, str]:
+        """kv_tokens: the KV pool's room from the start (0: it grows as sequences need it).
+        source: the driver's node's WeightSource, where this node may lack the model file (see
+        weight_source.local_model; fetch: True always fetches)."""
+        path = Path(local_model(model_path, layers, source, fetch))
+        weights = open_weights(path)  # memory-mapped: only this stage's tensors are read
         shard = ShardModel(weights.spec, layers, weights=weights, device=device, dtype=dtype)
         shard.kv.hold_at_least(kv_tokens)
-        self.worker = Worker(shard, model_grammars(Path(model_path), weights))
+        self.worker = Worker(shard, model_grammars(path, weights))
         return self.ready()
 
     def ready(self) -> tuple[int, str]:

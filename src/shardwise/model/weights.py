@@ -25,7 +25,7 @@ from shardwise.cache import cache_dir
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
 from shardwise.quant import QuantizedWeight, quantize
-from shardwise.quant.gguf import from_gguf
+from shardwise.quant.gguf import EXACT_TYPES, from_gguf
 
 # The layer parts of each architecture: canonical part -> (GGUF tensor part, HF tensor part).
 # "{e}" in an HF name: one tensor per expert, stacked here as GGUF stores them.
@@ -160,6 +160,8 @@ class GGUFWeights(Weights):
     def _dequantize(self, t: GGUFTensor) -> np.ndarray:
         import gguf
 
+        if t.type in EXACT_TYPES:
+            return from_gguf(t.type, self._rows(t), t.shape).dequantize().numpy().reshape(t.shape)
         values = gguf.quants.dequantize(self._rows(t), gguf.GGMLQuantizationType(t.type))
         return values.astype(np.float32, copy=False).reshape(t.shape)
 
