@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -46,21 +47,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(log: Path, *args: str) -> Iterator[str]:
+def running_server(log: Path, *args: str, tls: ssl.SSLContext | None = None) -> Iterator[str]:
     """A real `shardwise serve ARGS` on a free 127.0.0.1 port, its output in `log`; yields its URL
-    once healthy, and on leaving checks that SIGTERM shuts it down cleanly (stages killed)."""
+    once healthy, and on leaving checks that SIGTERM shuts it down cleanly (stages killed). tls:
+    what trusts its certificate, when ARGS make it serve HTTPS."""
     import httpx
 
     port = free_port()
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "shardwise.cli", "serve", "--port", str(port), *args],
                                 stdout=out, stderr=subprocess.STDOUT, text=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 240
+    url, deadline = f"{'https' if tls else 'http'}://127.0.0.1:{port}", time.time() + 240
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"the server exited: {log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/health").status_code == 200:
+            if httpx.get(f"{url}/health", verify=tls or True).status_code == 200:
                 break
         except httpx.HTTPError:
             time.sleep(0.3)

@@ -1,16 +1,24 @@
 """Collaborative inference: a real `shardwise serve` (one process) and collaborative clients in
-this process running some of the layers, with hidden states crossing real HTTP."""
+this process running some of the layers, with hidden states crossing real HTTPS and WSS (the
+server's certificate from a test authority that the clients trust)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import socket
+import ssl
 import struct
+import threading
 import time
+from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 import torch
+import trustme
 from safetensors.torch import save
 
 from shardwise import LLM
@@ -26,18 +34,33 @@ MODEL = "smollm2-135m"
 TTL_S = 6
 KV_TOKENS = 4096
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+AUTHORITY = trustme.CA()
+TLS = ssl.create_default_context()  # what the clients here trust: the authority above
+AUTHORITY.configure_trust(TLS)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("collab") / "log", "--api-key", KEY,
-                        "--collab-ttl", str(TTL_S), "--kv-tokens", str(KV_TOKENS)) as url:
+def authority_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tls") / "authority.pem"
+    AUTHORITY.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(authority_file):
+    certificate = AUTHORITY.issue_cert("127.0.0.1")
+    cert, key = authority_file.parent / "server.pem", authority_file.parent / "server.key"
+    certificate.cert_chain_pems[0].write_to_path(str(cert))
+    certificate.private_key_pem.write_to_path(str(key))
+    with running_server(authority_file.parent / "log", "--api-key", KEY, "--collab-ttl", str(TTL_S),
+                        "--kv-tokens", str(KV_TOKENS), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+                        tls=TLS) as url:
         yield url
 
 
 def client(url: str, **kwargs) -> LLM:
     """The facade with a collaborative executor: some layers here, the rest on the server."""
-    return LLM(MODEL, executor=collaborative(url, api_key=KEY, **kwargs), threads=1, max_num_seqs=8)
+    return LLM(MODEL, executor=collaborative(url, api_key=KEY, verify=TLS, **kwargs), threads=1, max_num_seqs=8)
 
 
 def client_layers(c: LLM) -> int:
@@ -46,12 +69,12 @@ def client_layers(c: LLM) -> int:
 
 def layer_tokens(url: str) -> dict[tuple[str, int], float]:
     found = re.findall(r'shardwise:collab_layer_tokens_total\{layer="(\d+)",model_name="[^"]*",side="(\w+)"\} (\S+)',
-                       httpx.get(f"{url}/metrics").text)
+                       httpx.get(f"{url}/metrics", verify=TLS).text)
     return {(side, int(layer)): float(value) for layer, side, value in found}
 
 
 def health(url: str) -> dict:
-    return httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}).json()["collab"]
+    return httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}, verify=TLS).json()["collab"]
 
 
 def test_output_equals_server_only_and_the_offloaded_work_is_counted(server, llm):
@@ -113,7 +136,7 @@ def test_idle_sessions_expire_and_free_their_kv_and_the_client_carries_on(server
 
 
 def test_bad_messages_get_a_clear_4xx_and_the_session_carries_on(server):
-    http = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    http = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=60, verify=TLS)
     opened = http.post("/v1/collab/sessions", json={
         "model": MODEL, "sla_s": 10.0, "policy": "greedy",
         "client": {"layer_seconds": [1e-4] * 30, "memory_bytes": 0.3e9, "rtt_s": 0.001}}).json()
@@ -157,12 +180,66 @@ def test_bad_messages_get_a_clear_4xx_and_the_session_carries_on(server):
     assert post(encode(good, **step), "/v1/collab/sessions/nope/segments/1").status_code == 404
     assert http.post(url, content=encode(good, **step)).status_code == 200  # the session still works
     assert http.delete(f"/v1/collab/sessions/{opened['session']}").status_code == 200
-    assert httpx.post(f"{server}/v1/collab/echo", content=b"x").status_code == 401  # the API key applies
+    assert httpx.post(f"{server}/v1/collab/echo", content=b"x", verify=TLS).status_code == 401  # the key applies
 
 
-def test_generate_cli_with_collab(server, llm):
+@contextlib.contextmanager
+def recording_relay(port: int) -> Iterator[tuple[int, bytearray]]:
+    """A TCP relay on 127.0.0.1 to `port` that keeps every byte it passes either way: what
+    someone on the path between the machines would see."""
+    seen, listener = bytearray(), socket.create_server(("127.0.0.1", 0))
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        with source, sink, contextlib.suppress(OSError):  # (the other direction closed them first)
+            while data := source.recv(1 << 16):
+                seen.extend(data)
+                sink.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                near, _ = listener.accept()
+            except OSError:  # closed
+                return
+            far = socket.create_connection(("127.0.0.1", port))
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    with listener:
+        yield listener.getsockname()[1], seen
+
+
+def test_over_tls_no_prompt_reply_key_or_hidden_state_crosses_in_the_clear(server, llm):
+    """An OpenAI client and a collaborative client (hidden states over WSS) through a relay
+    that records the traffic: both get the one-process engine's output, and the recording holds
+    neither the prompt, the reply, the API key nor a hidden-state message; a client that
+    does not trust the server's authority is refused."""
+    secret = "Tell me about the pomegranate orchards of Ballyconneely."
+    messages = [{"role": "user", "content": secret}]
+    expected = llm.chat(messages, GREEDY)[0]
+    with recording_relay(int(server.rsplit(":", 1)[1])) as (port, seen):
+        relayed = f"https://127.0.0.1:{port}"
+        api = openai.OpenAI(base_url=f"{relayed}/v1", api_key=KEY, http_client=httpx.Client(verify=TLS))
+        reply = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+        with client(relayed, sla=0.5, memory_gb=0.5) as c:
+            assert {s["side"] for s in c.executor.session["segments"]} == {"client", "server"}
+            shared = c.chat(messages, GREEDY)[0]
+    assert reply.choices[0].message.content == expected.text == shared.text
+    traffic = bytes(seen)
+    expected_message_bytes = len(expected.prompt_token_ids) * llm.spec.hidden_size * 4
+    assert len(traffic) > expected_message_bytes  # the relay did carry the hidden states
+    # (every hidden-state message is a safetensors body: its header names the tensor's dtype and
+    # the step's sequence ids in the clear, were it not encrypted)
+    for clear in (secret.encode(), expected.text.encode(), KEY.encode(), b'"F32"', b"seq_ids"):
+        assert clear not in traffic, clear
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(f"{server}/health")  # the system's authorities never signed it
+
+
+def test_generate_cli_with_collab(server, llm, authority_file):
     result = cli("generate", "The capital of France is", "--no-chat", "--collab", server, "--api-key", KEY,
-                 "--max-tokens", "8", "--sla", "500ms")
+                 "--max-tokens", "8", "--sla", "500ms", "--ca-cert", str(authority_file))
     assert result.returncode == 0, result.stderr
     assert "split: " in result.stderr
     assert llm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0.0))[0].text \
@@ -175,15 +252,16 @@ def test_the_session_stream_answers_errors_in_band_and_needs_the_key(server):
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    opened = httpx.post(f"{server}/v1/collab/sessions", headers={"Authorization": f"Bearer {KEY}"}, json={
+    opened = httpx.post(f"{server}/v1/collab/sessions", headers={"Authorization": f"Bearer {KEY}"}, verify=TLS,
+                        json={
         "model": MODEL, "sla_s": 10.0, "policy": "server",
         "client": {"layer_seconds": [1.0] * 30, "memory_bytes": 1e9, "rtt_s": 0.001}}).json()
-    url = f"{server.replace('http', 'ws')}/v1/collab/sessions/{opened['session']}/stream"
+    url = f"{server.replace('https', 'wss')}/v1/collab/sessions/{opened['session']}/stream"
     with pytest.raises(InvalidStatus):
-        connect(url)
+        connect(url, ssl=TLS)
     step = {"seq_ids": [0], "chunks": [[1, 2, 3]], "sample": [True],
             "add": [{"seq_id": 0, "params": {"temperature": 0.0}}]}
-    with connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+    with connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}, ssl=TLS) as ws:
         ws.send(encode(None, **step))  # no segment index
         assert "'segment'" in json.loads(ws.recv(timeout=60))["error"]["message"]
         ws.send(encode(None, segment=0, **step))
@@ -194,13 +272,14 @@ def test_the_session_stream_answers_errors_in_band_and_needs_the_key(server):
 def test_the_stream_survives_malformed_metadata_and_text_frames(server):
     from websockets.sync.client import connect
 
-    opened = httpx.post(f"{server}/v1/collab/sessions", headers={"Authorization": f"Bearer {KEY}"}, json={
+    opened = httpx.post(f"{server}/v1/collab/sessions", headers={"Authorization": f"Bearer {KEY}"}, verify=TLS,
+                        json={
         "model": MODEL, "sla_s": 10.0, "policy": "server",
         "client": {"layer_seconds": [1.0] * 30, "memory_bytes": 1e9, "rtt_s": 0.001}}).json()
-    url = f"{server.replace('http', 'ws')}/v1/collab/sessions/{opened['session']}/stream"
+    url = f"{server.replace('https', 'wss')}/v1/collab/sessions/{opened['session']}/stream"
     step = {"segment": 0, "seq_ids": [0], "chunks": [[1, 2, 3]], "sample": [True],
             "add": [{"seq_id": 0, "params": {"temperature": 0.0}}]}
-    with connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+    with connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}, ssl=TLS) as ws:
         for bad in (encode(None, **{**step, "free": 5}), encode(None, **{**step, "generated": 5}), "a text frame"):
             ws.send(bad)
             error = json.loads(ws.recv(timeout=60))["error"]
@@ -212,7 +291,7 @@ def test_the_stream_survives_malformed_metadata_and_text_frames(server):
 def test_collaborative_kv_comes_out_of_the_servers_one_budget(server):
     """A session's KV counts in kv_cache_usage_perc like the server's own requests, and a step that
     does not fit is refused (503, Retry-After) before it changes anything."""
-    http = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    http = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=120, verify=TLS)
     opened = http.post("/v1/collab/sessions", json={
         "model": MODEL, "sla_s": 10.0, "policy": "server",
         "client": {"layer_seconds": [1.0] * 30, "memory_bytes": 1e9, "rtt_s": 0.001}}).json()
@@ -234,3 +313,22 @@ def test_collaborative_kv_comes_out_of_the_servers_one_budget(server):
     assert health(server)["sessions"] >= 1
     assert http.delete(f"/v1/collab/sessions/{opened['session']}").status_code == 200
     assert kv_usage() <= before
+
+
+def test_tls_files_a_server_or_client_cannot_use_are_named_before_anything_starts(tmp_path):
+    from shardwise.collab.client import tls_context
+    from shardwise.serve.server import check_tls_files
+
+    one, other = AUTHORITY.issue_cert("127.0.0.1"), AUTHORITY.issue_cert("127.0.0.1")
+    cert, key, wrong_key = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "other.pem"
+    one.cert_chain_pems[0].write_to_path(str(cert))
+    one.private_key_pem.write_to_path(str(key))
+    other.private_key_pem.write_to_path(str(wrong_key))
+    check_tls_files(str(cert), str(key))  # a usable pair
+    check_tls_files(None, None)  # plain HTTP
+    with pytest.raises(ShardwiseError, match="needs both --ssl-certfile and --ssl-keyfile"):
+        check_tls_files(str(cert), None)
+    with pytest.raises(ShardwiseError, match="cannot use .*cert.pem and .*other.pem"):
+        check_tls_files(str(cert), str(wrong_key))
+    with pytest.raises(ShardwiseError, match="certificate authority file .*missing.pem"):
+        tls_context(str(tmp_path / "missing.pem"))

@@ -94,16 +94,19 @@ def generate(
     sla: Annotated[str, typer.Option(help="With --collab: time per token you need, e.g. 200ms.")] = "250ms",
     api_key: Annotated[str | None, typer.Option(envvar="SHARDWISE_API_KEY", help="With --collab: the "
                                                                                  "server's API key.")] = None,
+    ca_cert: Annotated[str | None, typer.Option(help="With --collab over https: the certificate authority (PEM) "
+                                                     "that signed the server's certificate (default: the "
+                                                     "system's).")] = None,
     json_schema: Annotated[str | None, typer.Option(
         help="The reply is JSON valid against this JSON schema file ('object': any JSON object).")] = None,
     regex: Annotated[str | None, typer.Option(help="The reply matches this regular expression.")] = None,
     choice: Annotated[list[str] | None, typer.Option(help="The reply is one of these (repeat the option).")] = None,
     draft: Annotated[str | None, DRAFT_OPTION] = None,
     gamma: Annotated[int | None, GAMMA_OPTION] = None,
+    fetch_weights: Annotated[bool | None, FETCH_WEIGHTS_OPTION] = None,
 ) -> None:
     """Generate a reply and stream it to the terminal."""
     join_lab(address)
-    fetch_weights: Annotated[bool | None, FETCH_WEIGHTS_OPTION] = None,
     try:
         from shardwise.engine.sampling import SamplingParams
         from shardwise.llm import LLM
@@ -115,8 +118,8 @@ def generate(
 
             if stages or plan or cluster or address:
                 raise ShardwiseError("--collab runs with a server: leave out --stages, --plan, --cluster, --address")
-            llm = LLM(model, executor=collaborative(collab, sla=_seconds(sla), api_key=api_key), threads=threads,
-                      max_num_seqs=8)
+            executor = collaborative(collab, sla=_seconds(sla), api_key=api_key, verify=ca_cert or True)
+            llm = LLM(model, executor=executor, threads=threads, max_num_seqs=8)
             session = llm.executor.session
             split = ", ".join(f"{s['side']} {s['layers'][0]}-{s['layers'][1]}" for s in session["segments"])
             typer.secho(f"split: {split}" + (f" ({session['note']})" if session["note"] else ""), err=True, dim=True)
@@ -184,6 +187,9 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="SHARDWISE_API_KEY",
                                                 help="Require 'Authorization: Bearer KEY' on /v1.")] = None,
+    ssl_certfile: Annotated[str | None, typer.Option(help="Serve HTTPS (and WSS for collaborative clients) with "
+                                                          "this PEM certificate (chain).")] = None,
+    ssl_keyfile: Annotated[str | None, typer.Option(help="The private key of --ssl-certfile (PEM).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     dtype: Annotated[str | None, typer.Option(
         help="Weights: float32, bfloat16 (float16 on GPUs), or int8 / int4 kept quantised (a GGUF's own "
@@ -212,13 +218,13 @@ def serve(
     join_nodes: Annotated[bool, typer.Option(help="With --cluster: a Ray node outside the cluster file that joins "
                                                   "is measured in place and offered to the planner; the server "
                                                   "moves onto a new plan that pays.")] = SERVING.join_nodes,
+    fetch_weights: Annotated[bool | None, FETCH_WEIGHTS_OPTION] = None,
     move_kv: Annotated[bool, typer.Option(help="A move to a new plan (after a drift, or POST /v1/plan) carries "
                                                "the running requests' KV to the new stages; --no-move-kv "
                                                "replays them instead.")] = SERVING.move_kv,
     prefix_cache: Annotated[bool, typer.Option(help="Keep full KV blocks after their request ends, so that later "
                                                     "prompts starting the same way (a system prompt, earlier "
                                                     "turns) prefill only the rest.")] = SERVING.prefix_cache,
-    fetch_weights: Annotated[bool | None, FETCH_WEIGHTS_OPTION] = None,
     policy: Annotated[str, typer.Option(help="Which requests run first: fcfs (arrival order), or mlfq (FastServe's "
                                              "preemptive multi-level feedback queue: short requests overtake long "
                                              "ones). Both honour a request's priority (lower first).")]
@@ -242,7 +248,7 @@ def serve(
     join_lab(address)
     try:
         from shardwise.llm import LLM
-        from shardwise.serve.server import check_address
+        from shardwise.serve.server import check_address, check_tls_files
         from shardwise.serve.server import serve as run_server
 
         if collab_ttl <= 0:
@@ -262,11 +268,15 @@ def serve(
                               max_request_sequences=max_request_sequences, max_request_tokens=max_request_tokens,
                               drain_timeout_s=drain_timeout)
         check_address(host, port)  # before minutes of loading
+        check_tls_files(ssl_certfile, ssl_keyfile)
         llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
                   prefill=prefill_plan or prefill_stages, config=config)
         where = f"{len(llm.stages())} stages" if llm.stages() else "one process"
+        scheme = "https" if ssl_certfile else "http"
         run_server(llm, host=host, port=port, api_key=api_key, limits=limits, collab_ttl_s=collab_ttl,
-                   on_ready=lambda: typer.echo(f"serving {llm.name} ({where}) at http://{host}:{port}/v1", err=True))
+                   ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                   on_ready=lambda: typer.echo(f"serving {llm.name} ({where}) at {scheme}://{host}:{port}/v1",
+                                               err=True))
     except ShardwiseError as e:
         fail(str(e))
 

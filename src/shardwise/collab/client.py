@@ -12,6 +12,7 @@ Everything else (batching, sampling, stop rules, streaming) is the LLM's own.
 from __future__ import annotations
 
 import json
+import ssl
 import statistics
 import time
 from collections.abc import Callable
@@ -39,26 +40,30 @@ from shardwise.model.weights import Weights
 
 def collaborative(url: str, *, sla: float = 0.25, profile: str | list[float] | None = None,
                   memory_gb: float | None = None, api_key: str | None = None, policy: str = "dp",
-                  insist: bool = False, slowdown: float = 1.0, timeout: float = 120.0) -> ExecutorFactory:
+                  insist: bool = False, slowdown: float = 1.0, timeout: float = 120.0,
+                  verify: bool | str | ssl.SSLContext = True) -> ExecutorFactory:
     """An executor factory for LLM(executor=...): the model runs partly here, partly on the
     shardwise server at url. sla: seconds per generated token this client needs; profile: a
     `shardwise profile` file of this device, or its seconds per layer for one decode token
     (default: measured now); memory_gb: memory the client offers for layers (default: 80 % of
     what is free); policy: "dp" (least server work within the SLA), "greedy" (most leading
     layers here) or "server" (none here); insist: fail rather than fall back to all-server when
-    the SLA cannot be met; slowdown: emulate a device this many times slower (for benchmarks).
+    the SLA cannot be met; slowdown: emulate a device this many times slower (for benchmarks);
+    verify: with an https url, the certificate authority file that signed the server's
+    certificate (True: the system's; False: none, and so no protection from an impostor).
     The session the server chose (segments, prediction, note) is the executor's `session`."""
 
     def build(llm: LLM) -> CollabExecutor:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        tls = tls_context(verify)
+        http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, verify=tls)
         try:
             memory = memory_gb * 1e9 if memory_gb is not None else 0.8 * psutil.virtual_memory().available
             costs = [c * slowdown for c in _costs(llm, profile, memory)]
             request = {"model": llm.name, "sla_s": sla, "policy": policy, "insist": insist, "client": {
                 "layer_seconds": costs, "memory_bytes": memory, "rtt_s": _round_trip(http, llm.spec)}}
             return CollabExecutor(http, lambda: _json(http.post("/v1/collab/sessions", json=request)), llm.weights,
-                                  slowdown, headers, timeout, llm.grammars)
+                                  slowdown, headers, timeout, llm.grammars, tls)
         except httpx.HTTPError as e:
             http.close()
             raise ShardwiseError(f"cannot reach the shardwise server at {url} ({e}): is it running?") from None
@@ -90,8 +95,10 @@ class CollabExecutor(SynchronousExecutor):
     into it, so generation carries on unchanged."""
 
     def __init__(self, http: httpx.Client, open_session: Callable[[], dict[str, Any]], weights: Weights,
-                 slowdown: float, headers: dict[str, str], timeout: float, grammars: Grammars | None = None):
+                 slowdown: float, headers: dict[str, str], timeout: float, grammars: Grammars | None = None,
+                 tls: ssl.SSLContext | None = None):
         self.http, self.open_session, self.weights, self.slowdown = http, open_session, weights, slowdown
+        self.tls = tls
         self.grammars = grammars
         self.num_layers, self.headers, self.timeout = weights.spec.num_layers, headers, timeout
         self.workers: dict[int, Worker] = {}
@@ -117,7 +124,8 @@ class CollabExecutor(SynchronousExecutor):
             url = f"{base}/v1/collab/sessions/{self.session_id}/stream"
             try:
                 self.stream = self._stream_context.enter_context(connect(
-                    url, additional_headers=self.headers, max_size=MAX_HIDDEN_BYTES, open_timeout=self.timeout))
+                    url, additional_headers=self.headers, max_size=MAX_HIDDEN_BYTES, open_timeout=self.timeout,
+                    ssl=self.tls if url.startswith("wss:") else None))
             except (OSError, WebSocketException) as e:
                 raise ShardwiseError(f"cannot open the session's stream at {url} ({e})") from None
 
@@ -192,6 +200,22 @@ class CollabExecutor(SynchronousExecutor):
             pass  # the server frees it when it expires
         self.http.close()
         self.workers = {}
+
+
+def tls_context(verify: bool | str | ssl.SSLContext) -> ssl.SSLContext:
+    """What an https / wss connection trusts: the system's authorities, one authority's
+    certificate file, a context made elsewhere, or (verify=False) anything."""
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        return context
+    try:
+        return ssl.create_default_context(cafile=None if verify is True else verify)
+    except (OSError, ssl.SSLError) as e:
+        raise ShardwiseError(f"cannot read the certificate authority file {verify} ({e}): give the PEM file "
+                             "that signed the server's certificate") from None
 
 
 def _round_trip(http: httpx.Client, spec, repeats: int = 5) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import ssl
 import threading
 import time
 
@@ -22,15 +23,18 @@ from shardwise.serve.limits import ServerLimits
 
 
 def serve(llm: LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServerLimits | None = None, on_ready=None, **options) -> None:
+          limits: ServerLimits | None = None, on_ready=None, ssl_certfile: str | None = None,
+          ssl_keyfile: str | None = None, **options) -> None:
     """Serve until interrupted; closes llm on the way out. SIGTERM drains: new requests are refused,
     running ones may finish for limits.drain_timeout_s, then each still open ends with an error
-    event. options: create_app's."""
+    event. ssl_certfile / ssl_keyfile: HTTPS and WSS (the certificate chain and its key, PEM).
+    options: create_app's."""
     limits = limits or ServerLimits()
     app = create_app(llm, api_key=api_key, limits=limits, **options)
     engine = app.state.engine
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           ws_max_size=MAX_HIDDEN_BYTES, timeout_graceful_shutdown=5))
+                                           ws_max_size=MAX_HIDDEN_BYTES, timeout_graceful_shutdown=5,
+                                           ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile))
     http = threading.Thread(target=server.run, name="shardwise-http", daemon=True)
     try:
         http.start()
@@ -48,6 +52,19 @@ def serve(llm: LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str |
         server.should_exit = True
         http.join(timeout=10)
         llm.close()
+
+
+def check_tls_files(certfile: str | None, keyfile: str | None) -> None:
+    """A ShardwiseError now if the certificate and key are not a usable pair (or only one is given)."""
+    if (certfile is None) != (keyfile is None):
+        raise ShardwiseError("HTTPS needs both --ssl-certfile and --ssl-keyfile (or neither, for plain HTTP)")
+    if certfile is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as e:
+        raise ShardwiseError(f"cannot use {certfile} and {keyfile} for HTTPS ({e}): give a PEM certificate "
+                             "(chain) and the private key that belongs to it") from None
 
 
 def check_address(host: str, port: int) -> None:
