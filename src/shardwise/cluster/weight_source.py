@@ -40,6 +40,7 @@ class WeightSource:
         return layout.identity, layout.path.name, layout.sizes, layout.pieces_for(self.spec, layers)
 
     def digests(self, node: str, pieces: list[Piece]) -> dict[Piece, str]:
+        """Each piece's SHA-256, for a node about to fetch them (counted into its progress)."""
         sent, needed = self.progress_by_node.setdefault(node, [0, 0])
         self.progress_by_node[node] = [sent, needed + sum(p.size for p in pieces)]
         return self.layout.digests(pieces)
@@ -69,14 +70,11 @@ def local_model(path: str, layers: tuple[int, int], source, fetch: bool | None) 
     if missing:
         node, started = ray.util.get_node_ip_address(), time.perf_counter()
         digests = ray.get(source.digests.remote(node, missing))
-        queue = [(piece, source.read.remote(node, piece)) for piece in missing[:IN_FLIGHT]]
+        asked = {i: source.read.remote(node, piece) for i, piece in enumerate(missing[:IN_FLIGHT])}
         for i, piece in enumerate(missing):
             if i + IN_FLIGHT < len(missing):
-                ahead = missing[i + IN_FLIGHT]
-                queue.append((ahead, source.read.remote(node, ahead)))
-            _, ref = queue[i]
-            copy.write(piece, ray.get(ref), digests[piece])
-            queue[i] = None  # (its bytes freed as soon as they are written)
+                asked[i + IN_FLIGHT] = source.read.remote(node, missing[i + IN_FLIGHT])
+            copy.write(piece, ray.get(asked.pop(i)), digests[piece])  # (its bytes freed once written)
         log.info("fetched %.1f MB of %s for layers [%d, %d) in %.1f s", sum(p.size for p in missing) / 1e6, name,
                  *layers, time.perf_counter() - started)
     return str(copy.path)
