@@ -134,34 +134,36 @@ def test_cli_help_lists_commands():
 @pytest.mark.parametrize("source", ["gguf", "hf"])
 def test_a_stage_reads_only_its_pieces_and_a_partial_copy_opens_as_the_model(source, model_path, hf_dir, weights,
                                                                               tmp_path, monkeypatch):
-    """What a node that lacks the model holds: the header, its layers' tensors (the middle third
-    of the layers: no embedding or head) and an HF directory's small files; written piece by piece
-    into a sparse copy that the usual reader opens, a piece with the wrong digest refused."""
+    """What a node that lacks the model holds: the header, its layers' tensors (two middle layers:
+    no embedding or head) and an HF directory's small files; written piece by piece into a sparse
+    copy that the usual reader opens, a piece with the wrong digest refused."""
     from shardwise.model.pieces import LAYER_NAME, Layout, PartialCopy, holds_whole
 
-    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))  # a node cache of its own
     path = model_path if source == "gguf" else hf_dir
     layout = Layout(path)
-    middle = layout.pieces_for(weights.spec, (10, 20))
+    middle = layout.pieces_for(weights.spec, (14, 16))
     names = {n for n, p in layout.tensors.items() if any(q.file == p.file and p.offset <= q.offset < p.offset + p.size
                                                          for q in middle)}
     assert all(LAYER_NAME.match(n) for n in names)  # no embedding, head or final norm
-    assert {int(LAYER_NAME.match(n).group(1)) for n in names} == set(range(10, 20))
+    assert {int(LAYER_NAME.match(n).group(1)) for n in names} == {14, 15}
     total = sum(layout.sizes.values())
-    assert 0.2 * total < sum(p.size for p in middle) < 0.45 * total
-    copy = PartialCopy(layout.identity, path.name, layout.sizes)
+    assert 0.02 * total < sum(p.size for p in middle) < 0.1 * total
     digests = layout.digests(middle)
+    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))  # a node cache of its own
+    copy = PartialCopy(layout.identity, path.name, layout.sizes)
     with pytest.raises(ShardwiseError, match="SHA-256 differs"):
         copy.write(middle[-1], b"x" * middle[-1].size, digests[middle[-1]])
     assert copy.missing(middle) == middle
     for piece in middle:
         copy.write(piece, layout.read(piece), digests[piece])
     assert copy.missing(middle) == [] and holds_whole(copy.path, layout.sizes)
-    ours = ShardModel(weights.spec, (10, 20), weights=open_weights(copy.path), dtype="float32")
-    theirs = ShardModel(weights.spec, (10, 20), weights=open_weights(path), dtype="float32")
+    on_disk = sum(os.stat(copy.path / f if f else copy.path).st_blocks * 512 for f in layout.sizes)
+    assert on_disk < 0.2 * total  # sparse: the rest of the model takes no disk
+    if source == "gguf":
+        return  # (test_pipeline's stages run a GGUF copy: byte for byte the file once all is fetched)
+    ours = ShardModel(weights.spec, (14, 16), weights=open_weights(copy.path), dtype="float32")
+    theirs = ShardModel(weights.spec, (14, 16), weights=open_weights(path), dtype="float32")
     hidden = torch.randn(5, weights.spec.hidden_size)
     for shard in (ours, theirs):
         shard.allocate(0)
     assert torch.equal(ours.forward([0], [5], hidden), theirs.forward([0], [5], hidden))
-    on_disk = sum(os.stat(copy.path / f if f else copy.path).st_blocks * 512 for f in layout.sizes)
-    assert on_disk < 0.5 * total  # sparse: the rest of the model takes no disk

@@ -203,13 +203,15 @@ def test_int4_memory_is_what_the_estimator_says(weights):
 
 def test_int4_through_pipeline_stages(ray_session):
     """Stages in Ray give the tokens the local engine gives (the CLI's --dtype int4 runs in
-    test_pipeline's CLI test)."""
+    test_pipeline's CLI test). Two local stages share one node's cores, so they take turns
+    (one step in flight)."""
     local = LLM("smollm2-135m", dtype="int4")
     greedy = SamplingParams(max_tokens=24, temperature=0.0)
     expected = [o.token_ids for o in local.generate(TEXT_PROMPTS, greedy)]
     local.close()
     pipeline = LLM("smollm2-135m", dtype="int4", stages=2)
     try:
+        assert pipeline.executor.parallelism == 1
         assert [o.token_ids for o in pipeline.generate(TEXT_PROMPTS, greedy)] == expected
     finally:
         pipeline.close()
