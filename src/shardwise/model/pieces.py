@@ -108,9 +108,7 @@ class Layout:
         for piece in pieces:
             key = _key(piece)
             if key not in known:
-                with (self.path / piece.file if piece.file else self.path).open("rb") as f:
-                    f.seek(piece.offset)
-                    known[key] = hashlib.sha256(f.read(piece.size)).hexdigest()
+                known[key] = hashlib.sha256(self.read(piece)).hexdigest()
         cached.parent.mkdir(parents=True, exist_ok=True)
         partial = cached.with_suffix(f".{os.getpid()}.tmp")
         partial.write_text(json.dumps(known))
