@@ -145,7 +145,7 @@ def decode_rate(generate, batch: int, tokens: int) -> float:
     return batch * (tokens - 1) / (timed(lambda: generate(batch, tokens)) - timed(lambda: generate(batch, 1)))
 
 
-def check_speed(path: Path, weight_bytes: dict[str, float]) -> None:
+def check_speed(path: Path) -> None:
     prompt = prompts(1)[0][:7] * 4  # 28 tokens
     bandwidth = 4.8e12  # H200 HBM3e, the datasheet's figure
     hf = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).to(DEVICE).eval()
@@ -156,13 +156,14 @@ def check_speed(path: Path, weight_bytes: dict[str, float]) -> None:
             hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
                         do_sample=False, pad_token_id=0)
 
-    rates = {}
+    rates, weight_bytes = {}, {}  # (engine and format, batch) -> tokens/s; format -> bytes a step reads
     for batch in (1, 32):
-        rates[("transformers bf16", batch)] = decode_rate(hf_generate, batch, 64)
+        rates[("transformers bfloat16", batch)] = decode_rate(hf_generate, batch, 64)
     hf = None  # its memory back before ours loads
     torch.cuda.empty_cache()
     for dtype in ("bfloat16", "int8", "int4"):
         llm = LLM(str(path), device=DEVICE, dtype=dtype)
+        weight_bytes[dtype] = llm.executor.shard.weight_bytes()
 
         def ours(batch: int, tokens: int, llm=llm) -> None:
             llm.generate([prompt] * batch, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
@@ -171,11 +172,9 @@ def check_speed(path: Path, weight_bytes: dict[str, float]) -> None:
             rates[(f"shardwise {dtype}", batch)] = decode_rate(ours, batch, 64)
         llm.close()
         torch.cuda.empty_cache()
-    peer = {b: rates[("transformers bf16", b)] for b in (1, 32)}
+    peer = {b: rates[("transformers bfloat16", b)] for b in (1, 32)}
     for (name, batch), rate in rates.items():
-        fmt = name.split()[-1]
-        step_s = batch / rate
-        share = weight_bytes[fmt] / step_s / bandwidth
+        share = weight_bytes[name.split()[-1]] * rate / batch / bandwidth
         record(f"decode batch {batch} {name}", f"{rate:.0f} tok/s, {rate / peer[batch]:.2f}x transformers, "
                                              f"{100 * share:.1f} % of HBM bandwidth (weights only)")
 
@@ -193,11 +192,7 @@ def main() -> None:
     record("device", torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE)
     sections = {"logits": lambda: check_logits(build(dict(SMOL, num_hidden_layers=6), args.tokenizer, torch.float32)),
                 "greedy": lambda: check_greedy(build(SMOL, args.tokenizer, torch.float32))}
-    one_b = 2048 * 8192 * 3 * 16 + 2048 * (2048 + 2 * 512 + 2048) * 16  # the layers' matrices
-    head = 49152 * 2048
-    sizes = {"bf16": 2 * (one_b + head), "int8": 34 / 32 * (one_b + head), "int4": 20 / 32 * one_b + 34 / 32 * head,
-             "bfloat16": 2 * (one_b + head)}
-    sections["speed"] = lambda: check_speed(build(ONE_B, args.tokenizer, torch.bfloat16), sizes)
+    sections["speed"] = lambda: check_speed(build(ONE_B, args.tokenizer, torch.bfloat16))
     for name, run in sections.items():
         if name in args.skip:
             continue

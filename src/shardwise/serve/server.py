@@ -29,6 +29,7 @@ def serve(llm: LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str |
     running ones may finish for limits.drain_timeout_s, then each still open ends with an error
     event. ssl_certfile / ssl_keyfile: HTTPS and WSS (the certificate chain and its key, PEM).
     options: create_app's."""
+    check_tls_files(ssl_certfile, ssl_keyfile)  # (else uvicorn's thread would die saying nothing useful)
     limits = limits or ServerLimits()
     app = create_app(llm, api_key=api_key, limits=limits, **options)
     engine = app.state.engine
