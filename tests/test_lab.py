@@ -1,5 +1,6 @@
 """The lab: an emulated heterogeneous cluster of real Ray nodes on this machine (each in its own
-network namespace and cgroup), profiled, planned over and run, then removed without a trace.
+network namespace and cgroup, joined by `shardwise cluster join`), profiled, planned over and run,
+then removed without a trace.
 
 Needs root, network namespaces and cgroup v1 (CI has them); elsewhere these tests skip, saying why."""
 
@@ -7,14 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import select
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
+from shardwise.cache import cache_dir
 from shardwise.lab import host
-from shardwise.lab.lab import STATE
+from shardwise.lab.lab import NODE_CACHES, STATE
 from tests.conftest import cli
 
 try:
@@ -36,6 +42,8 @@ def leftovers() -> list[str]:
     if subprocess.run(["ip", "link", "show", host.BRIDGE], capture_output=True).returncode == 0:
         found.append(f"bridge {host.BRIDGE}")
     found += [f"cgroup {c}" for c in ("cpu", "memory") if (host.CGROUPS / c / host.GROUP).exists()]
+    found += [f"mount {line}" for line in Path("/proc/mounts").read_text().splitlines() if "shardwise-lab" in line]
+    found += [str(p) for p in (NODE_CACHES, cache_dir() / "clusters" / f"{host.SUBNET}.1_6390") if p.exists()]
     return found + ([f"state {STATE}"] if STATE.exists() else [])
 
 
@@ -136,6 +144,89 @@ def test_the_profile_sees_the_quota_and_the_plan_gives_the_fast_node_the_larger_
     assert set(work) == {"10.213.0.10", "10.213.0.11"}, planned.stdout
     assert 1.4 < work["10.213.0.10"] / work["10.213.0.11"] < 3.5, planned.stdout
     # (the next test serves a plan made from this cluster file on the lab's nodes)
+
+
+class Capture:
+    """Every frame through the given interfaces while inside the `with` (a raw packet socket on
+    each: what tcpdump would record), kept as one byte string."""
+
+    def __init__(self, interfaces: list[str]):
+        self.sockets = []
+        for interface in interfaces:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # (every protocol)
+            s.setsockopt(socket.SOL_SOCKET, 33, 64 * 2**20)  # SO_RCVBUFFORCE (root): none dropped
+            s.bind((interface, 0))
+            self.sockets.append(s)
+        self.frames: list[bytes] = []
+        self.stopped = threading.Event()
+
+    def _record(self) -> None:
+        while not self.stopped.is_set():
+            for s in select.select(self.sockets, [], [], 0.2)[0]:
+                self.frames.append(s.recv(1 << 18))
+
+    def __enter__(self) -> Capture:
+        self.thread = threading.Thread(target=self._record, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stopped.set()
+        self.thread.join()
+        for s in self.sockets:
+            s.close()
+        self.data = b"".join(self.frames)
+
+
+def test_nodes_without_the_model_fetch_their_layers_and_all_traffic_is_encrypted(lab, profiled, tmp_path):
+    """A 3-stage plan over the lab's two nodes, neither of which can see the host's cache (where
+    the model is) and whose own caches start empty: each node fetches the pieces of its layers
+    from the driver's node, and the reply is one process's, token for token. `cluster status`
+    shows each node with part of the model, the head with all of it, and the node profiled in
+    full (the other took its figures) with its profile. A capture of the nodes'
+    links (their veths) sees over 90 MB pass, yet none of the weights' bytes and none of Ray's
+    calls to the stages (where the hidden states travel) in the clear: Ray's TLS, with the
+    certificates `cluster join` made. (It sees plain text when there is some: a marker sent
+    over the same link.)"""
+    from shardwise.model.pieces import Layout, Piece
+    from shardwise.model.registry import resolve
+    from shardwise.model.weights import open_weights
+
+    prompt, state = "Tell me about the harbour of Zanzibar.", json.loads(STATE.read_text())
+    fast, slow = (next(n["ip"] for n in state["nodes"] if n["name"] == name) for name in ("fast", "slow"))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"stages": [{"layers": [0, 10], "placement": fast},
+                                           {"layers": [10, 20], "placement": slow},
+                                           {"layers": [20, 30], "placement": fast}]}))
+    with Capture([n["veth"] for n in state["nodes"]]) as capture:
+        split = cli("generate", prompt, "--plan", str(plan), "--address", lab, "--max-tokens", "12",
+                    "--temperature", "0")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"plain-marker-7f3a9c", (fast, 9))
+    assert split.returncode == 0, split.stderr
+    whole = cli("generate", prompt, "--max-tokens", "12", "--temperature", "0")
+    assert whole.returncode == 0 and split.stdout == whole.stdout, (split.stdout, whole.stdout)
+
+    assert b"plain-marker-7f3a9c" in capture.data and len(capture.data) > 90e6
+    path = resolve("smollm2-135m")
+    layout, spec = Layout(path), open_weights(path).spec
+    pieces = [p for p in layout.pieces_for(spec, (0, spec.num_layers)) if p.size >= 4096]
+    rng = random.Random(0)
+    needles = []
+    for piece in rng.sample(pieces, 40):
+        at = piece.offset + rng.randrange(piece.size - 64)
+        needles.append(layout.read(Piece(piece.file, at, 64)))
+    assert not [n for n in needles if n in capture.data]
+    assert b"StageActor" not in capture.data and b"shardwise.cluster" not in capture.data
+
+    status = cli("cluster", "status", "--address", lab, "--json")
+    assert status.returncode == 0, status.stderr
+    nodes = {n["name"]: n for n in json.loads(status.stdout)}
+    assert set(nodes) == {"head", "fast", "slow"} and nodes["head"]["head"]
+    size = path.stat().st_size
+    held = {name: sum(h["bytes"] for h in n["held"] if h["model"] == path.name) for name, n in nodes.items()}
+    assert held["head"] == size and 0 < held["slow"] < held["fast"] < size, held
+    assert [p["name"] for p in nodes["fast"]["profiles"]] == ["fast"] and nodes["slow"]["profiles"] == []
 
 
 REQUESTS = 8

@@ -34,18 +34,6 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
 
-def join_lab(address: str | None) -> None:
-    """A lab keeps Ray's token authentication on, and Ray sends this host's token to a cluster
-    named by its address only when RAY_AUTH_MODE says so: say it for a lab's address. (Before
-    Ray is imported: it reads the mode then.)"""
-    if address and "RAY_AUTH_MODE" not in os.environ:
-        from shardwise.lab.lab import LabState
-
-        state = LabState.load()
-        if state is not None and state.address == address:
-            os.environ["RAY_AUTH_MODE"] = "token"
-
-
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
@@ -106,7 +94,6 @@ def generate(
     fetch_weights: Annotated[bool | None, FETCH_WEIGHTS_OPTION] = None,
 ) -> None:
     """Generate a reply and stream it to the terminal."""
-    join_lab(address)
     try:
         from shardwise.engine.sampling import SamplingParams
         from shardwise.llm import LLM
@@ -245,7 +232,6 @@ def serve(
                                                       "before they end with an error.")] = ServerLimits.drain_timeout_s,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (continuous batching, chunked prefill)."""
-    join_lab(address)
     try:
         from shardwise.llm import LLM
         from shardwise.serve.server import check_address, check_tls_files
@@ -492,7 +478,6 @@ def profile(
     quick: Annotated[bool, typer.Option(help="One round of each measurement, not five: faster, noisier.")] = False,
 ) -> None:
     """Measure this machine (or every Ray node) and the links between stages into a profile file."""
-    join_lab(address)
     import json
     from pathlib import Path
 
@@ -519,6 +504,86 @@ def profile(
                        f"run with `--cluster {cluster} --address {address}`")
     except ShardwiseError as e:
         fail(str(e))
+
+
+cluster_app = typer.Typer(help="Machines in one cluster: `start` on the head prints the `join` line for the "
+                               "others; Ray underneath, with token authentication and TLS between nodes.",
+                          no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+RAY_OPTIONS = {"allow_extra_args": True, "ignore_unknown_options": True}
+TOKEN_OPTION = typer.Option("--token", envvar="SHARDWISE_CLUSTER_TOKEN", help="The cluster's secret (what `cluster "
+                            "start` printed; or set SHARDWISE_CLUSTER_TOKEN, which other users of the machine "
+                            "cannot read from the process list).")
+NODE_IP_OPTION = typer.Option("--node-ip", help="This machine's address that the other nodes reach (default: "
+                              "the one it routes to the head from, or its default route's for a head).")
+
+
+@cluster_app.command("start", context_settings=RAY_OPTIONS)
+def cluster_start(ctx: typer.Context,
+                  port: Annotated[int, typer.Option(help="The head's port.")] = 6379,
+                  node_ip: Annotated[str | None, NODE_IP_OPTION] = None,
+                  token: Annotated[str | None, typer.Option("--token", envvar="SHARDWISE_CLUSTER_TOKEN",
+                                                            help="Use this secret, not a new one.")] = None) -> None:
+    """Start this machine as a cluster's head; print the line that joins another machine to it.
+    Options after `--` go to `ray start` (e.g. -- --num-cpus=4)."""
+    from shardwise.cluster import membership
+    from shardwise.cluster.trust import new_secret
+
+    try:
+        started = membership.start(token or new_secret(), port, node_ip, ctx.args)
+    except ShardwiseError as e:
+        fail(str(e))
+    typer.echo(f"cluster head at {started.head} (Ray token authentication and TLS on). On each other machine:\n\n"
+               f"  {started.join_line()}\n\nKeep the token secret: it lets a machine join and run code on every "
+               f"node. Here: --address auto (or {started.head}); `shardwise cluster status` lists the nodes.")
+
+
+@cluster_app.command("join", context_settings=RAY_OPTIONS)
+def cluster_join(ctx: typer.Context,
+                 address: Annotated[str, typer.Argument(help="The head's HOST:PORT, as `cluster start` printed.")],
+                 token: Annotated[str, TOKEN_OPTION],
+                 node_ip: Annotated[str | None, NODE_IP_OPTION] = None) -> None:
+    """Start this machine as a node of the cluster at ADDRESS. Options after `--` go to `ray start`
+    (e.g. -- --num-cpus=2 --memory=4000000000)."""
+    from shardwise.cluster import membership
+
+    try:
+        joined = membership.join(address, token, node_ip, ctx.args)
+    except ShardwiseError as e:
+        fail(str(e))
+    typer.echo(f"joined the cluster at {joined.head}; leave it with `shardwise cluster stop`")
+
+
+@cluster_app.command("status")
+def cluster_status(address: Annotated[str, typer.Option(help="The head's HOST:PORT (auto: the cluster "
+                                                                "this machine is in).")] = "auto",
+                   as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """The cluster's nodes: what each offers, its machine, its last profile, the models it holds."""
+    from shardwise.cluster import membership
+    from shardwise.cluster.ray_session import join
+    from shardwise.perf.tables import print_nodes
+
+    try:
+        join(address, "see this machine alone (`shardwise profile`)")
+        nodes = membership.status()
+    except ShardwiseError as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(nodes, indent=2))
+    else:
+        print_nodes(nodes)
+
+
+@cluster_app.command("stop")
+def cluster_stop() -> None:
+    """Stop this machine's Ray node (head or not) and forget its clusters' credentials."""
+    from shardwise.cluster import membership
+
+    try:
+        left = membership.stop()
+    except ShardwiseError as e:
+        fail(str(e))
+    typer.echo(f"stopped; left {', '.join(left)}" if left else "stopped (this machine was in no cluster)")
 
 
 lab_app = typer.Typer(help="An emulated heterogeneous cluster on this Linux machine (root): each node a Ray "

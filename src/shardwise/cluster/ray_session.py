@@ -6,6 +6,7 @@ import os
 
 import ray
 
+from shardwise.cluster.membership import Membership
 from shardwise.errors import ShardwiseError
 
 
@@ -15,6 +16,10 @@ def join(address: str | None, instead: str) -> bool:
     instead: what the user can do without a cluster, for the error message."""
     if ray.is_initialized():
         return False
+    membership = Membership.of(address)
+    if membership is not None:  # a cluster this machine started or joined: its token and certificates
+        os.environ.update(membership.environment())
+        ray._raylet.Config.initialize("")  # (Ray read its settings from the environment on import: again)
     try:
         # "local": a new instance of our own, never a stale session another (killed) `ray start` left behind
         # (stages' logs reach this process only when asked for: shardwise --verbose)
@@ -24,7 +29,7 @@ def join(address: str | None, instead: str) -> bool:
         if address is None:
             raise ShardwiseError(f"cannot start a local Ray instance ({e}): check /tmp/ray's space and "
                                  "permissions, or give --address of a running cluster") from None
-        raise ShardwiseError(f"cannot join the Ray cluster at '{address}' ({e}): start it with "
-                             f"'ray start --head', or drop --address to {instead}; a cluster with token "
-                             "authentication (Ray's default) needs RAY_AUTH_MODE=token here") from None
+        raise ShardwiseError(f"cannot join the Ray cluster at '{address}' ({e}): start it with `shardwise cluster "
+                             "start` (then this machine needs `shardwise cluster join ADDRESS --token ...` first, "
+                             f"unless it is the head), or drop --address to {instead}") from None
     return True

@@ -1,7 +1,10 @@
 """Bring a lab up and down: a Ray head on the host's end of the lab's bridge (it coordinates: no CPU
-for tasks, so nothing is profiled or planned on it), and each node a real
-`ray start` worker in its own network namespace and cgroup, joined to the head (Ray's token
-authentication stays on: the nodes share this host's token).
+for tasks, so nothing is profiled or planned on it), and each node a real Ray worker in its own
+network namespace and cgroup. They start as machines of a real cluster do: `shardwise cluster
+start` for the head, `shardwise cluster join` for each node (Ray's token authentication and TLS
+on). Each node has a cache of its own (fetched weights, profiles, credentials: a machine's own
+disk) and cannot see the host's (so a model there is not on the node), only its built kernels
+(code installed alike on every machine).
 
 What `up` makes is written to a state file as it is made, so `down` (or a failed `up`, or Ctrl-C)
 removes exactly that and nothing else. One lab at a time; its address is the head's.
@@ -11,16 +14,22 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shardwise.cache import cache_dir
+from shardwise.cluster.membership import Membership
+from shardwise.cluster.trust import new_secret
 from shardwise.errors import ShardwiseError
 from shardwise.lab import host
 from shardwise.lab.spec import LabSpec
 
 STATE = Path("/run/shardwise-lab/state.json")
+NODE_CACHES = Path("/var/tmp/shardwise-lab")  # each node's cache_dir(), under its name
 HEAD_PORT = 6390
 OBJECT_STORE_BYTES = 128 * 2**20  # hidden states are small: keep each node's shared memory small
 RAY_CURRENT = Path("/tmp/ray/ray_current_cluster")  # what a plain ray.init() would join
@@ -63,20 +72,27 @@ class LabState:
         raise ShardwiseError(f"the lab has no node '{name}'; its nodes: {', '.join(n.name for n in self.nodes)}")
 
 
-def ray_command() -> str:
-    return str(Path(sys.executable).with_name("ray"))
+def node_cache(name: str) -> Path:
+    return NODE_CACHES / name
 
 
-def _start_ray(group: host.Cgroup, arguments: list[str], namespace: str | None) -> None:
-    """`ray start ARGUMENTS` inside the group (and namespace): its daemons, and every worker they
-    start, stay in the group."""
-    inside = f"exec ip netns exec {namespace} " if namespace else "exec "
-    # token authentication on: a joining node does not turn it on by itself
-    command = (f"{group.enter_command()}; export RAY_AUTH_MODE=token; "
-               f"{inside}{ray_command()} start {' '.join(arguments)}")
-    done = host.run("sh", "-c", command, check=False)
+def _start_ray(group: host.Cgroup, arguments: list[str], ray_options: list[str], node: NodeState | None = None) -> None:
+    """`shardwise cluster ARGUMENTS -- RAY_OPTIONS` inside the group (and for a node, in its network
+    and mount namespaces, with its own cache, the host's hidden): its Ray daemons, and every
+    worker they start, stay in the group."""
+    command = (f"{shlex.quote(sys.executable)} -m shardwise.cli cluster {shlex.join(arguments)} -- "
+               f"{shlex.join(ray_options)}")
+    if node is not None:
+        mine, hosts = node_cache(node.name), cache_dir()
+        hosts.mkdir(parents=True, exist_ok=True)
+        (mine / "kernels").mkdir(parents=True)
+        command = (f"mount --bind {shlex.quote(str(hosts / 'kernels'))} {shlex.quote(str(mine / 'kernels'))} && "
+                   f"mount -t tmpfs -o size=1m,mode=755 shardwise-lab {shlex.quote(str(hosts))} && "
+                   f"export SHARDWISE_CACHE={shlex.quote(str(mine))} && exec {command}")
+        command = f"exec ip netns exec {node.namespace} sh -c {shlex.quote(command)}"  # (its own mount namespace)
+    done = host.run("sh", "-c", f"{group.enter_command()}; {command}", check=False)
     if done.returncode != 0:
-        raise ShardwiseError(f"lab: ray start failed: {(done.stderr or done.stdout).strip()[-800:]}")
+        raise ShardwiseError(f"lab: {' '.join(arguments[:1])} failed: {(done.stderr or done.stdout).strip()[-800:]}")
 
 
 def oversubscribed(spec: LabSpec) -> str | None:
@@ -105,16 +121,16 @@ def up(spec: LabSpec, progress: Callable[[str], None] = lambda _: None) -> LabSt
         head_ip = host.add_bridge()
         state.bridge = True
         state.save()
-        host.run(ray_command(), "get-auth-token", "--generate")  # this host's token, made if there is none
+        secret = new_secret()
         progress("head node")
         head = host.Cgroup("head")
         head.create()
         state.head = True
         state.save()
         state.address = f"{head_ip}:{HEAD_PORT}"
-        _start_ray(head, ["--head", f"--node-ip-address={head_ip}", f"--port={HEAD_PORT}", "--node-name=head",
-                          "--num-cpus=0", f"--object-store-memory={OBJECT_STORE_BYTES}", "--include-dashboard=false",
-                          "--disable-usage-stats"], None)
+        _start_ray(head, ["start", f"--port={HEAD_PORT}", f"--node-ip={head_ip}", f"--token={secret}"],
+                   ["--node-name=head", "--num-cpus=0", f"--object-store-memory={OBJECT_STORE_BYTES}",
+                    "--include-dashboard=false"])
         state.save()
         for i, node in enumerate(spec.nodes):
             progress(f"node {node.name}")
@@ -127,10 +143,11 @@ def up(spec: LabSpec, progress: Callable[[str], None] = lambda _: None) -> LabSt
             state.save()
             group.set_memory(int((node.memory_gb + spec.runtime_gb) * 1e9))
             host.add_namespace(record.namespace, record.veth, ip, node.link.rate_mbit, node.link.delay_ms)
-            _start_ray(group, [f"--address={state.address}", f"--node-ip-address={ip}", f"--node-name={node.name}",
-                               f"--num-cpus={max(1, round(node.cpus))}", f"--memory={int(node.memory_gb * 1e9)}",
-                               f"--object-store-memory={OBJECT_STORE_BYTES}", "--disable-usage-stats"],
-                       record.namespace)
+            shutil.rmtree(node_cache(node.name), ignore_errors=True)  # (a machine fresh to the cluster)
+            _start_ray(group, ["join", state.address, f"--token={secret}", f"--node-ip={ip}"],
+                       [f"--node-name={node.name}", f"--num-cpus={max(1, round(node.cpus))}",
+                        f"--memory={int(node.memory_gb * 1e9)}", f"--object-store-memory={OBJECT_STORE_BYTES}"],
+                       record)
             group.set_cpus(node.cpus)  # after the start: Ray's start-up times out on a fraction of a core
         return state
     except BaseException:
@@ -154,6 +171,9 @@ def down(state: LabState | None = None) -> LabState | None:
         host.remove_bridge()
     if state.address and RAY_CURRENT.exists() and RAY_CURRENT.read_text().strip() == state.address:
         RAY_CURRENT.unlink()
+    if membership := Membership.of(state.address):
+        membership.forget()
+    shutil.rmtree(NODE_CACHES, ignore_errors=True)
     STATE.unlink(missing_ok=True)
     return state
 

@@ -10,6 +10,7 @@ fixed overheads that turn the raw roofline into the engine's own.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import platform
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
+from shardwise.cache import cache_dir
 from shardwise.engine.kv_cache import BLOCK_SIZE, KVCache
 from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.shard import ShardModel, resolve_device
@@ -358,7 +360,15 @@ def profile_device(model: str, device: str = "cpu", dtype: str | None = None, na
     # every figure above was measured sustained; the device's own are its speed in bursts
     fitted = replace(fit(spec, raw, samples, precision).slower(share), sustained_share=share, burst_s=burst)
     fitted.measured.update({"model": model, "steps": samples, "per_layer": per_layer(samples, spec.num_layers)})
+    _keep(fitted, dev)
     return fitted
+
+
+def _keep(spec: DeviceSpec, dev: torch.device) -> None:
+    """The machine's last profile of each device stays on it (what `cluster status` shows)."""
+    kept = cache_dir() / "profiles" / f"{str(dev).replace(':', '')}.json"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps(spec.to_dict()))
 
 
 def link_from_round_trips(small: tuple[int, float], large: tuple[int, float], name: str) -> LinkSpec:

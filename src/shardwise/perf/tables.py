@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
@@ -87,3 +89,23 @@ def print_profile(devices: list[DeviceSpec], links: list[dict], console: Console
             table.add_row(link["from"], link["to"], f"{link['latency'] * 1e6:.0f} us",
                           f"{link['bandwidth'] / 1e9:.2f} GB/s")
         console.print(table)
+
+
+def print_nodes(nodes: list[dict[str, Any]], console: Console | None = None) -> None:
+    """`cluster status`: a row per node (membership.status())."""
+    console = console or console_for_output()
+    table = Table(title=f"{len(nodes)} node{'s' * (len(nodes) != 1)}")
+    for col in ("node", "offers", "machine", "last profile", "holds"):
+        table.add_column(col)
+    for n in nodes:
+        offers = f"{n['cpus']:g} CPU" + (f", {n['gpus']:g} GPU" if n["gpus"] else "") + f", {_gb(n['memory'])}"
+        profiles = "\n".join(f"{p['name']}: {max(p['flops'].values()) / 1e9:.0f} GFLOP/s, "
+                             f"{p['bandwidth'] / 1e9:.1f} GB/s"
+                             + (f", keeps {p['sustained_share']:.0%}" if p.get("sustained_share", 1) < 0.95 else "")
+                             for p in n["profiles"]) or "none (shardwise profile --address)"
+        held = "\n".join(f"{h['model']}: " + ("whole" if h["bytes"] >= h["of"] else
+                                               f"{h['bytes'] / 1e6:.0f} of {h['of'] / 1e6:.0f} MB")
+                         for h in n["held"]) or "nothing cached"
+        name = n["node"] + (" (head)" if n["head"] else "") + (f"\n{n['name']}" if n["name"] else "")
+        table.add_row(name, offers, f"{n['cpu']}\n{n['cores']} cores, {n['host']}", profiles, held)
+    console.print(table)
