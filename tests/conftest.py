@@ -34,10 +34,10 @@ TEXT_PROMPTS = [
 ]
 
 
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `shardwise ARGS` in a fresh process."""
+def cli(*args: str, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `shardwise ARGS` in a fresh process (env: variables to set in it)."""
     return subprocess.run([sys.executable, "-m", "shardwise.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def free_port() -> int:

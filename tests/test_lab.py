@@ -80,6 +80,21 @@ def lab(tmp_path_factory):
         assert leftovers() == []
 
 
+def test_a_wrong_token_or_a_machine_without_credentials_is_told_at_once(lab, tmp_path):
+    """Ray itself would wait for minutes, saying nothing: a join with the wrong token (the head's
+    certificate is not from the authority that token gives), a join to where no head is, and
+    a driver on a machine that never joined the cluster each get one line naming the fix."""
+    elsewhere = {"SHARDWISE_CACHE": str(tmp_path)}  # (a machine that holds no credentials)
+    wrong = cli("cluster", "join", lab, "--token", "not-the-token", env=elsewhere, timeout=30)
+    assert wrong.returncode == 1 and "is not of this token's cluster" in wrong.stderr, wrong.stderr
+    nobody = cli("cluster", "join", "127.0.0.1:9", "--token", "t", env=elsewhere, timeout=30)
+    assert nobody.returncode == 1 and "nothing answers at 127.0.0.1:9" in nobody.stderr, nobody.stderr
+    driver = cli("generate", "Hi", "--stages", "1", "--address", lab, env=elsewhere, timeout=30)
+    assert driver.returncode == 1 and f"shardwise cluster join {lab} --token" in driver.stderr, driver.stderr
+    assert "Traceback" not in wrong.stderr + nobody.stderr + driver.stderr
+    assert not (tmp_path / "clusters").exists() or not any((tmp_path / "clusters").iterdir())
+
+
 def test_a_bad_lab_file_is_one_line_and_starts_nothing(tmp_path):
     path = tmp_path / "lab.yaml"
     path.write_text(yaml.safe_dump({"nodes": [{"name": "Pi 4", "cpus": 0, "memory_gb": 1}]}))

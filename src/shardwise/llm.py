@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shardwise.cluster.membership import credentials_for
 from shardwise.config import EngineConfig
 from shardwise.engine.executor import LocalExecutor
 from shardwise.engine.policy import make_policy
@@ -61,6 +62,7 @@ def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = Non
     prefill; see cluster/disaggregated.py)."""
     if stages is not None and (plan is not None or cluster is not None):
         raise ShardwiseError("give stages, or a plan and/or a cluster, not both")
+    credentials_for(address)  # (a cluster this machine cannot join says so now, not after the model loads)
 
     def build(llm: LLM):
         from shardwise.cluster.pipeline import Pipeline  # Ray is imported only for pipelines

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from shardwise.errors import ShardwiseError
 
 CURRENT_RAY_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # what Ray's address "auto" reads
 DEFAULT_PORT = 6379
+ANSWER_S = 10.0  # how long a head has to answer a join
+START_S = 300.0  # how long `ray start` may take (it may wait for a head that answered, forever)
 
 
 @dataclass
@@ -75,6 +78,13 @@ class Membership:
                 "RAY_TLS_SERVER_KEY": str(self.folder / "node.key"),
                 "RAY_TLS_CA_CERT": str(self.folder / "authority.pem")}
 
+    def tls_context(self) -> ssl.SSLContext:
+        """What speaks to another node as Ray does: this node's certificate, the cluster's authority."""
+        context = ssl.create_default_context(cafile=self.folder / "authority.pem")
+        context.load_cert_chain(self.folder / "node.pem", self.folder / "node.key")
+        context.set_alpn_protocols(["h2"])
+        return context
+
     def join_line(self) -> str:
         return f"shardwise cluster join {self.head} --token {self.secret}"
 
@@ -115,9 +125,63 @@ def join(head: str, secret: str, node_ip: str | None = None, ray_options: list[s
     """Start this machine as a node of the cluster whose head is at `head` (HOST:PORT)."""
     node_ip = node_ip or local_ip_towards(head.rpartition(":")[0])
     membership = Membership.create(head, secret, node_ip)
+    try:
+        check_head(membership)
+    except ShardwiseError:
+        membership.forget()
+        raise
     _ray_start(membership, [f"--address={head}", f"--node-ip-address={node_ip}", "--disable-usage-stats",
                             *ray_options])
     return membership
+
+
+def check_head(membership: Membership) -> None:
+    """That the head answers and is of the same cluster (its certificate is from the authority the
+    secret gives, and it takes this node's): Ray itself would wait, saying nothing, for ever."""
+    host, _, port = membership.head.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=ANSWER_S) as raw:
+            with membership.tls_context().wrap_socket(raw, server_hostname=host) as tls:
+                tls.settimeout(1.0)
+                try:
+                    tls.recv(1)  # (a head that refuses this node's certificate says so now)
+                except TimeoutError:
+                    pass
+    except ssl.SSLError as e:
+        raise ShardwiseError(f"the head at {membership.head} is not of this token's cluster ({e.reason}): use the "
+                             "token its `shardwise cluster start` printed") from None
+    except OSError as e:
+        raise ShardwiseError(f"nothing answers at {membership.head} ({e.strerror or e}): is `shardwise cluster "
+                             "start` running there, and its port open to this machine?") from None
+
+
+def credentials_for(address: str | None) -> dict[str, str]:
+    """Ray's settings for joining the cluster at `address` from this machine: its credentials
+    where it has them, none for a cluster without TLS; a cluster with TLS that this machine never
+    joined is a ShardwiseError (Ray would retry for minutes)."""
+    membership = Membership.of(address)
+    if membership is not None:
+        return membership.environment()
+    if address not in (None, "auto", "local") and "RAY_USE_TLS" not in os.environ and speaks_tls(address):
+        raise ShardwiseError(f"the cluster at {address} speaks TLS (`shardwise cluster start` made it), and this "
+                             f"machine has no credentials for it: run `shardwise cluster join {address} --token ...` "
+                             "here first (the line `cluster start` printed)")
+    return {}
+
+
+def speaks_tls(head: str) -> bool:
+    """Whether what listens at `head` (HOST:PORT) answers in TLS (a cluster `cluster start` made)."""
+    host, _, port = head.rpartition(":")
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # (only whether it speaks TLS)
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, int(port)), timeout=ANSWER_S) as raw, context.wrap_socket(raw):
+            return True
+    except ssl.SSLError as e:
+        return "ALERT" in (e.reason or "")  # (a TLS server's refusal; a plain one's reply is no TLS at all)
+    except (OSError, ValueError):
+        return False  # (nothing there: Ray says so)
 
 
 def stop() -> list[str]:
@@ -133,8 +197,13 @@ def stop() -> list[str]:
 
 
 def _ray_start(membership: Membership, arguments: list[str]) -> None:
-    done = subprocess.run([_ray(), "start", *arguments], env={**os.environ, **membership.environment()},
-                          capture_output=True, text=True)
+    try:
+        done = subprocess.run([_ray(), "start", *arguments], env={**os.environ, **membership.environment()},
+                              capture_output=True, text=True, timeout=START_S)
+    except subprocess.TimeoutExpired:
+        membership.forget()
+        raise ShardwiseError(f"ray start did not finish in {START_S:.0f} s: see its logs in "
+                             "/tmp/ray/session_latest/logs, then `shardwise cluster stop` and try again") from None
     if done.returncode != 0:
         membership.forget()
         said = (done.stderr or done.stdout).strip()

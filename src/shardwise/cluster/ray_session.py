@@ -6,7 +6,7 @@ import os
 
 import ray
 
-from shardwise.cluster.membership import Membership
+from shardwise.cluster.membership import credentials_for
 from shardwise.errors import ShardwiseError
 
 
@@ -16,9 +16,9 @@ def join(address: str | None, instead: str) -> bool:
     instead: what the user can do without a cluster, for the error message."""
     if ray.is_initialized():
         return False
-    membership = Membership.of(address)
-    if membership is not None:  # a cluster this machine started or joined: its token and certificates
-        os.environ.update(membership.environment())
+    credentials = credentials_for(address)
+    if credentials:
+        os.environ.update(credentials)
         ray._raylet.Config.initialize("")  # (Ray read its settings from the environment on import: again)
     try:
         # "local": a new instance of our own, never a stale session another (killed) `ray start` left behind
