@@ -12,6 +12,7 @@ import random
 import select
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -80,6 +81,15 @@ def lab(tmp_path_factory):
         assert leftovers() == []
 
 
+def test_a_bad_lab_file_is_one_line_and_starts_nothing(tmp_path):
+    path = tmp_path / "lab.yaml"
+    path.write_text(yaml.safe_dump({"nodes": [{"name": "Pi 4", "cpus": 0, "memory_gb": 1}]}))
+    result = cli("lab", "up", str(path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "nodes.0.name" in result.stderr and "nodes.0.cpus" in result.stderr
+    assert not STATE.exists()
+
+
 def test_a_wrong_token_or_a_machine_without_credentials_is_told_at_once(lab, tmp_path):
     """Ray itself would wait for minutes, saying nothing: a join with the wrong token (the head's
     certificate is not from the authority that token gives), a join to where no head is, and
@@ -95,13 +105,24 @@ def test_a_wrong_token_or_a_machine_without_credentials_is_told_at_once(lab, tmp
     assert not (tmp_path / "clusters").exists() or not any((tmp_path / "clusters").iterdir())
 
 
-def test_a_bad_lab_file_is_one_line_and_starts_nothing(tmp_path):
-    path = tmp_path / "lab.yaml"
-    path.write_text(yaml.safe_dump({"nodes": [{"name": "Pi 4", "cpus": 0, "memory_gb": 1}]}))
-    result = cli("lab", "up", str(path))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "nodes.0.name" in result.stderr and "nodes.0.cpus" in result.stderr
-    assert not STATE.exists()
+def test_a_node_finds_the_head_of_its_tokens_cluster_on_the_network(lab, tmp_path):
+    """The lab's head announces itself (mDNS, as `cluster start` does by default): from a node's
+    network namespace, the token finds it (so `cluster join` needs no address), and another
+    token hears it but is told that no head of its cluster is there."""
+    from shardwise.cluster.membership import Membership
+
+    def find(secret: str) -> subprocess.CompletedProcess:
+        code = ("import sys; from shardwise.cluster.discovery import find_head; from shardwise.errors import "
+                "ShardwiseError\ntry: print(find_head(sys.argv[1]))\nexcept ShardwiseError as e: sys.exit(str(e))")
+        return subprocess.run(["ip", "netns", "exec", "swlab-fast", sys.executable, "-c", code, secret],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "SHARDWISE_CACHE": str(tmp_path)})
+
+    found = find(Membership.of(lab).secret)
+    assert found.returncode == 0 and found.stdout.strip() == lab, found.stderr
+    other = find("another cluster's token")
+    assert other.returncode == 1 and "no head of this token's cluster" in other.stderr, other.stderr
+    assert "1 other head heard" in other.stderr
 
 
 def tiny_llama(path: Path) -> Path:

@@ -523,7 +523,10 @@ def cluster_start(ctx: typer.Context,
                   port: Annotated[int, typer.Option(help="The head's port.")] = 6379,
                   node_ip: Annotated[str | None, NODE_IP_OPTION] = None,
                   token: Annotated[str | None, typer.Option("--token", envvar="SHARDWISE_CLUSTER_TOKEN",
-                                                            help="Use this secret, not a new one.")] = None) -> None:
+                                                            help="Use this secret, not a new one.")] = None,
+                  announce: Annotated[bool, typer.Option(help="Announce the head on the local network (mDNS), "
+                                                              "so that `cluster join` needs no address.")] = True,
+                  ) -> None:
     """Start this machine as a cluster's head; print the line that joins another machine to it.
     Options after `--` go to `ray start` (e.g. -- --num-cpus=4)."""
     from shardwise.cluster import membership
@@ -531,23 +534,37 @@ def cluster_start(ctx: typer.Context,
 
     try:
         started = membership.start(token or new_secret(), port, node_ip, ctx.args)
+        if announce:
+            from shardwise.cluster.discovery import announce as announce_head
+            from shardwise.cluster.ray_session import join
+
+            join(started.head, "start it without announcing (--no-announce)")
+            announce_head(started.head)
     except ShardwiseError as e:
         fail(str(e))
     typer.echo(f"cluster head at {started.head} (Ray token authentication and TLS on). On each other machine:\n\n"
-               f"  {started.join_line()}\n\nKeep the token secret: it lets a machine join and run code on every "
-               f"node. Here: --address auto (or {started.head}); `shardwise cluster status` lists the nodes.")
+               f"  {started.join_line()}\n\n"
+               + ("(on this network the address may be left out: the head announces itself)\n" if announce else "")
+               + "Keep the token secret: it lets a machine join and run code on every node. Here: --address auto "
+               f"(or {started.head}); `shardwise cluster status` lists the nodes.")
 
 
 @cluster_app.command("join", context_settings=RAY_OPTIONS)
 def cluster_join(ctx: typer.Context,
-                 address: Annotated[str, typer.Argument(help="The head's HOST:PORT, as `cluster start` printed.")],
-                 token: Annotated[str, TOKEN_OPTION],
+                 address: Annotated[str | None, typer.Argument(
+                     help="The head's HOST:PORT, as `cluster start` printed (none: the head that announces "
+                          "itself on the local network).")] = None,
+                 token: Annotated[str, TOKEN_OPTION] = ...,
                  node_ip: Annotated[str | None, NODE_IP_OPTION] = None) -> None:
     """Start this machine as a node of the cluster at ADDRESS. Options after `--` go to `ray start`
     (e.g. -- --num-cpus=2 --memory=4000000000)."""
     from shardwise.cluster import membership
 
     try:
+        if address is None:
+            from shardwise.cluster.discovery import find_head
+
+            address = find_head(token, node_ip)
         joined = membership.join(address, token, node_ip, ctx.args)
     except ShardwiseError as e:
         fail(str(e))
@@ -572,6 +589,19 @@ def cluster_status(address: Annotated[str, typer.Option(help="The head's HOST:PO
         typer.echo(json.dumps(nodes, indent=2))
     else:
         print_nodes(nodes)
+
+
+@cluster_app.command("forget")
+def cluster_forget(address: Annotated[str, typer.Argument(help="The head's HOST:PORT.")]) -> None:
+    """Delete this machine's credentials for the cluster at ADDRESS (its node stopped, or it should
+    no longer join or drive that cluster); Ray is left as it is."""
+    from shardwise.cluster import membership
+
+    try:
+        had = membership.forget(address)
+    except ShardwiseError as e:
+        fail(str(e))
+    typer.echo(f"forgot the cluster at {address}" if had else f"this machine had no credentials for {address}")
 
 
 @cluster_app.command("stop")

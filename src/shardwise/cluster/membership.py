@@ -184,6 +184,14 @@ def speaks_tls(head: str) -> bool:
         return False  # (nothing there: Ray says so)
 
 
+def forget(head: str) -> bool:
+    """Forget this machine's credentials for the cluster at `head`: whether it had any."""
+    membership = Membership.of(head)
+    if membership is not None:
+        membership.forget()
+    return membership is not None
+
+
 def stop() -> list[str]:
     """Stop every Ray process of this machine and forget its clusters' credentials (the heads'
     addresses it was in)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shlex
 import shutil
 import sys
@@ -22,8 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shardwise.cache import cache_dir
-from shardwise.cluster.membership import Membership
-from shardwise.cluster.trust import new_secret
 from shardwise.errors import ShardwiseError
 from shardwise.lab import host
 from shardwise.lab.spec import LabSpec
@@ -76,12 +75,15 @@ def node_cache(name: str) -> Path:
     return NODE_CACHES / name
 
 
+def _shardwise(arguments: list[str]) -> str:
+    return f"{shlex.quote(sys.executable)} -m shardwise.cli {shlex.join(arguments)}"
+
+
 def _start_ray(group: host.Cgroup, arguments: list[str], ray_options: list[str], node: NodeState | None = None) -> None:
     """`shardwise cluster ARGUMENTS -- RAY_OPTIONS` inside the group (and for a node, in its network
     and mount namespaces, with its own cache, the host's hidden): its Ray daemons, and every
     worker they start, stay in the group."""
-    command = (f"{shlex.quote(sys.executable)} -m shardwise.cli cluster {shlex.join(arguments)} -- "
-               f"{shlex.join(ray_options)}")
+    command = f"{_shardwise(['cluster', *arguments])} -- {shlex.join(ray_options)}"
     if node is not None:
         mine, hosts = node_cache(node.name), cache_dir()
         hosts.mkdir(parents=True, exist_ok=True)
@@ -121,7 +123,7 @@ def up(spec: LabSpec, progress: Callable[[str], None] = lambda _: None) -> LabSt
         head_ip = host.add_bridge()
         state.bridge = True
         state.save()
-        secret = new_secret()
+        secret = secrets.token_urlsafe(32)  # (the cluster's: what `cluster start` would make)
         progress("head node")
         head = host.Cgroup("head")
         head.create()
@@ -171,8 +173,8 @@ def down(state: LabState | None = None) -> LabState | None:
         host.remove_bridge()
     if state.address and RAY_CURRENT.exists() and RAY_CURRENT.read_text().strip() == state.address:
         RAY_CURRENT.unlink()
-    if membership := Membership.of(state.address):
-        membership.forget()
+    if state.address:  # (the host's credentials for the lab's cluster)
+        host.run("sh", "-c", _shardwise(["cluster", "forget", state.address]), check=False)
     shutil.rmtree(NODE_CACHES, ignore_errors=True)
     STATE.unlink(missing_ok=True)
     return state
