@@ -534,14 +534,17 @@ def cluster_start(ctx: typer.Context,
 
     try:
         started = membership.start(token or new_secret(), port, node_ip, ctx.args)
-        if announce:
-            from shardwise.cluster.discovery import announce as announce_head
-            from shardwise.cluster.ray_session import join
-
-            join(started.head, "start it without announcing (--no-announce)")
-            announce_head(started.head)
     except ShardwiseError as e:
         fail(str(e))
+    if announce:
+        from shardwise.cluster.discovery import announce as announce_head
+        from shardwise.cluster.ray_session import join
+
+        try:
+            join(started.head, "start it without announcing (--no-announce)")
+            announce_head(started.head)
+        except ShardwiseError as e:  # (the cluster runs: only finding it by name is lost)
+            typer.secho(f"warning: {e}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"cluster head at {started.head} (Ray token authentication and TLS on). On each other machine:\n\n"
                f"  {started.join_line()}\n\n"
                + ("(on this network the address may be left out: the head announces itself)\n" if announce else "")

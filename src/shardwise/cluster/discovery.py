@@ -40,7 +40,12 @@ def announce(head: str) -> None:
     cluster: a second call finds the first)."""
     announcer = Announcer.options(name="shardwise-announcer", namespace="shardwise", lifetime="detached",
                                   get_if_exists=True).remote(head)
-    ray.get(announcer.ready.remote(), timeout=60)
+    try:
+        ray.get(announcer.ready.remote(), timeout=60)
+    except (ray.exceptions.RayError, OSError) as e:
+        ray.kill(announcer)
+        raise ShardwiseError(f"the head could not announce itself on the local network ({e}): other machines "
+                             "join with its address") from None
 
 
 def heads_nearby(listen_s: float = LISTEN_S) -> list[str]:

@@ -22,8 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shardwise.errors import ShardwiseError
-
 CURVE = ec.SECP256R1()
 SECRET_BYTES = 32
 
@@ -87,13 +85,3 @@ def node_certificate(secret: str, addresses: list[str]) -> tuple[bytes, bytes, b
     return (authority.public_bytes(pem), certificate.public_bytes(pem),
             key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
-
-def local_ip_towards(host: str) -> str:
-    """The address this machine reaches `host` from (no packet is sent: a UDP socket's route)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((host, 9))
-            return s.getsockname()[0]
-        except OSError as e:
-            raise ShardwiseError(f"no route from this machine to {host} ({e.strerror}): check the address, "
-                                 "or give --node-ip") from None

@@ -106,6 +106,7 @@ def print_nodes(nodes: list[dict[str, Any]], console: Console | None = None) -> 
         held = "\n".join(f"{h['model']}: " + ("whole" if h["bytes"] >= h["of"] else
                                                f"{h['bytes'] / 1e6:.0f} of {h['of'] / 1e6:.0f} MB")
                          for h in n["held"]) or "nothing cached"
-        name = n["node"] + (" (head)" if n["head"] else "") + (f"\n{n['name']}" if n["name"] else "")
+        named = f"\n{n['name']}" if n["name"] not in ("", n["node"]) else ""  # (Ray's default name: the IP)
+        name = n["node"] + (" (head)" if n["head"] else "") + named
         table.add_row(name, offers, f"{n['cpu']}\n{n['cores']} cores, {n['host']}", profiles, held)
     console.print(table)
