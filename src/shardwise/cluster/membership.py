@@ -24,6 +24,8 @@ from typing import Any
 from shardwise.cache import cache_dir
 from shardwise.cluster.trust import node_certificate, ray_token
 from shardwise.errors import ShardwiseError
+from shardwise.model.pieces import partial_copies
+from shardwise.model.registry import fetched_models
 
 CURRENT_RAY_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # what Ray's address "auto" reads
 DEFAULT_PORT = 6379
@@ -49,7 +51,7 @@ class Membership:
                            "node.key": key}.items():
             with os.fdopen(os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
                 f.write(data)
-        (folder / "cluster.json").write_text(json.dumps({"head": head, "node_ip": node_ip}))
+        (folder / "cluster.json").write_text(json.dumps({"head": head}))
         return cls(head, folder)
 
     @classmethod
@@ -256,15 +258,8 @@ def inventory() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor() or platform.machine())
     profiles = [json.loads(p.read_text()) for p in sorted((cache_dir() / "profiles").glob("*.json"))]
-    held = []
-    for record in (cache_dir() / "fetched").glob("*/pieces.json"):
-        pieces = json.loads(record.read_text())
-        files = [p for p in record.parent.rglob("*") if p.is_file() and not p.name.startswith(("pieces", "."))]
-        held.append({"model": files[0].name if len(files) == 1 else record.parent.name,
-                     "bytes": sum(int(key.rsplit("+", 1)[1]) for key in pieces),
-                     "of": sum(f.stat().st_size for f in files)})
-    for file in (cache_dir() / "models").glob("*/*"):
-        held.append({"model": file.name, "bytes": file.stat().st_size, "of": file.stat().st_size})
+    held = [{"model": name, "bytes": held, "of": size} for name, held, size in partial_copies()]
+    held += [{"model": f.name, "bytes": f.stat().st_size, "of": f.stat().st_size} for f in fetched_models()]
     return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "profiles": profiles, "held": held}
 
 

@@ -170,6 +170,17 @@ class PartialCopy:
             yield
 
 
+def partial_copies() -> list[tuple[str, int, int]]:
+    """This node's partial copies: (the model's name, the bytes it holds, the bytes of its files)."""
+    copies = []
+    for record in (cache_dir() / "fetched").glob("*/pieces.json"):
+        files = [p for p in record.parent.rglob("*") if p.is_file() and not p.name.startswith(("pieces", "."))]
+        held = sum(int(key.rsplit("+", 1)[1]) for key in json.loads(record.read_text()))  # (see _key)
+        copies.append((files[0].name if len(files) == 1 else record.parent.name, held,
+                       sum(f.stat().st_size for f in files)))
+    return copies
+
+
 def holds_whole(path: Path, sizes: dict[str, int]) -> bool:
     """Whether this node has the model's files at `path`, each of its size (a path shared
     between the nodes, or a copy made beforehand)."""

