@@ -19,6 +19,7 @@ import openai
 import pytest
 import torch
 import trustme
+import websocket
 from safetensors.torch import save
 
 from shardwise import LLM
@@ -248,30 +249,29 @@ def test_generate_cli_with_collab(server, llm, authority_file):
         client(f"http://127.0.0.1:{free_port()}")
 
 
-def test_the_session_stream_answers_errors_in_band_and_needs_the_key(server):
-    from websockets.exceptions import InvalidStatus
-    from websockets.sync.client import connect
+def stream(url: str, **headers: str) -> websocket.WebSocket:
+    return websocket.create_connection(url, header=headers, sslopt={"context": TLS}, timeout=60)
 
+
+def test_the_session_stream_answers_errors_in_band_and_needs_the_key(server):
     opened = httpx.post(f"{server}/v1/collab/sessions", headers={"Authorization": f"Bearer {KEY}"}, verify=TLS,
                         json={
         "model": MODEL, "sla_s": 10.0, "policy": "server",
         "client": {"layer_seconds": [1.0] * 30, "memory_bytes": 1e9, "rtt_s": 0.001}}).json()
     url = f"{server.replace('https', 'wss')}/v1/collab/sessions/{opened['session']}/stream"
-    with pytest.raises(InvalidStatus):
-        connect(url, ssl=TLS)
+    with pytest.raises(websocket.WebSocketBadStatusException, match="403"):
+        stream(url)
     step = {"seq_ids": [0], "chunks": [[1, 2, 3]], "sample": [True],
             "add": [{"seq_id": 0, "params": {"temperature": 0.0}}]}
-    with connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}, ssl=TLS) as ws:
-        ws.send(encode(None, **step))  # no segment index
-        assert "'segment'" in json.loads(ws.recv(timeout=60))["error"]["message"]
-        ws.send(encode(None, segment=0, **step))
-        reply = ws.recv(timeout=60)
+    with contextlib.closing(stream(url, Authorization=f"Bearer {KEY}")) as ws:
+        ws.send_binary(encode(None, **step))  # no segment index
+        assert "'segment'" in json.loads(ws.recv())["error"]["message"]
+        ws.send_binary(encode(None, segment=0, **step))
+        reply = ws.recv()
         assert isinstance(reply, bytes) and len(decode(reply)[1]["tokens"]) == 1
 
 
 def test_the_stream_survives_malformed_metadata_and_text_frames(server):
-    from websockets.sync.client import connect
-
     opened = httpx.post(f"{server}/v1/collab/sessions", headers={"Authorization": f"Bearer {KEY}"}, verify=TLS,
                         json={
         "model": MODEL, "sla_s": 10.0, "policy": "server",
@@ -279,13 +279,13 @@ def test_the_stream_survives_malformed_metadata_and_text_frames(server):
     url = f"{server.replace('https', 'wss')}/v1/collab/sessions/{opened['session']}/stream"
     step = {"segment": 0, "seq_ids": [0], "chunks": [[1, 2, 3]], "sample": [True],
             "add": [{"seq_id": 0, "params": {"temperature": 0.0}}]}
-    with connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}, ssl=TLS) as ws:
+    with contextlib.closing(stream(url, Authorization=f"Bearer {KEY}")) as ws:
         for bad in (encode(None, **{**step, "free": 5}), encode(None, **{**step, "generated": 5}), "a text frame"):
-            ws.send(bad)
-            error = json.loads(ws.recv(timeout=60))["error"]
+            ws.send_binary(bad) if isinstance(bad, bytes) else ws.send(bad)
+            error = json.loads(ws.recv())["error"]
             assert error["type"] == "invalid_request_error" and error["code"] == "invalid_tensor", error
-        ws.send(encode(None, **step))  # the same socket still serves
-        assert len(decode(ws.recv(timeout=60))[1]["tokens"]) == 1
+        ws.send_binary(encode(None, **step))  # the same socket still serves
+        assert len(decode(ws.recv())[1]["tokens"]) == 1
 
 
 def test_collaborative_kv_comes_out_of_the_servers_one_budget(server):

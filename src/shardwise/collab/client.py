@@ -16,18 +16,16 @@ import ssl
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import asdict
 from typing import Any
 
 import httpx
 import psutil
 import torch
-from websockets.exceptions import WebSocketException
-from websockets.sync.client import connect
+import websocket
 
 from shardwise.collab.split import measure
-from shardwise.collab.wire import MAX_HIDDEN_BYTES, decode, encode
+from shardwise.collab.wire import decode, encode
 from shardwise.engine.executor import SynchronousExecutor
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.engine.shard import ShardModel
@@ -102,13 +100,13 @@ class CollabExecutor(SynchronousExecutor):
         self.grammars = grammars
         self.num_layers, self.headers, self.timeout = weights.spec.num_layers, headers, timeout
         self.workers: dict[int, Worker] = {}
-        self._stream_context = ExitStack()
+        self.stream: websocket.WebSocket | None = None
         self._start()
 
     def _start(self) -> None:
         """Open a session (its split may differ from the last one's), hold this side's layers of
         it (reusing those already loaded, emptied) and connect the session's stream."""
-        self._stream_context.close()
+        self._close_stream()
         info = self.session = self.open_session()
         self.session_id, self.segments = info["session"], [(s["side"], *s["layers"]) for s in info["segments"]]
         loaded = {(w.shard.start, w.shard.end): w for w in self.workers.values()}
@@ -118,16 +116,22 @@ class CollabExecutor(SynchronousExecutor):
                         for k, (side, a, b) in enumerate(self.segments) if side == "client"}
         self._pending = {k: {"add": [], "free": [], "rewind": []}
                          for k, s in enumerate(self.segments) if s[0] == "server"}
-        self.stream = None
         if self._pending:
             base = str(self.http.base_url).replace("http", "ws", 1).rstrip("/")
             url = f"{base}/v1/collab/sessions/{self.session_id}/stream"
             try:
-                self.stream = self._stream_context.enter_context(connect(
-                    url, additional_headers=self.headers, max_size=MAX_HIDDEN_BYTES, open_timeout=self.timeout,
-                    ssl=self.tls if url.startswith("wss:") else None))
-            except (OSError, WebSocketException) as e:
+                self.stream = websocket.create_connection(url, header=self.headers, timeout=self.timeout,
+                                                          sslopt={"context": self.tls} if self.tls else None)
+            except (OSError, websocket.WebSocketException) as e:
                 raise ShardwiseError(f"cannot open the session's stream at {url} ({e})") from None
+
+    def _close_stream(self) -> None:
+        """The stream is a WebSocket read and written by this thread only: a client whose reader
+        is another thread (websockets' sync client) shares one TLS connection between two threads,
+        which OpenSSL does not allow, and hung about one handshake in a thousand under TLS 1.3."""
+        if self.stream is not None:
+            self.stream.close(timeout=1)
+            self.stream = None
 
     def _worker(self, a: int, b: int) -> Worker:
         return Worker(ShardModel(self.weights.spec, (a, b), weights=self.weights), self.grammars)
@@ -173,9 +177,9 @@ class CollabExecutor(SynchronousExecutor):
     def _remote(self, k: int, seq_ids, chunks, sample, hidden: torch.Tensor | None) -> torch.Tensor | Sampled:
         ops = self._pending[k]
         try:
-            self.stream.send(encode(hidden, segment=k, seq_ids=seq_ids, chunks=chunks, sample=sample, **ops))
-            reply = self.stream.recv(timeout=self.timeout)
-        except (TimeoutError, WebSocketException) as e:
+            self.stream.send_binary(encode(hidden, segment=k, seq_ids=seq_ids, chunks=chunks, sample=sample, **ops))
+            reply = self.stream.recv()  # (the server's pings are answered inside)
+        except (OSError, websocket.WebSocketException) as e:
             raise StageFailure(f"the session's stream broke ({type(e).__name__}: {e})") from None
         if isinstance(reply, str):  # an error, in the API's error body
             error = json.loads(reply)["error"]
@@ -193,7 +197,7 @@ class CollabExecutor(SynchronousExecutor):
         return [{"side": side, "layers": [a, b]} for side, a, b in self.segments]
 
     def close(self) -> None:
-        self._stream_context.close()
+        self._close_stream()
         try:
             self.http.delete(f"/v1/collab/sessions/{self.session_id}")
         except httpx.HTTPError:
