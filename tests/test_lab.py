@@ -214,10 +214,22 @@ class Capture:
         self.data = b"".join(self.frames)
 
 
+PROMPT, GREEDY = "Tell me about the harbour of Zanzibar.", ("--max-tokens", "12", "--temperature", "0")
+
+
+def three_stages(tmp_path: Path, fast: str, slow: str) -> Path:
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"stages": [{"layers": [0, 10], "placement": fast},
+                                           {"layers": [10, 20], "placement": slow},
+                                           {"layers": [20, 30], "placement": fast}]}))
+    return plan
+
+
 def test_nodes_without_the_model_fetch_their_layers_and_all_traffic_is_encrypted(lab, profiled, tmp_path):
     """A 3-stage plan over the lab's two nodes, neither of which can see the host's cache (where
     the model is) and whose own caches start empty: each node fetches the pieces of its layers
-    from the driver's node, and the reply is one process's, token for token. `cluster status`
+    from the driver's node, and the reply is one process's, token for token (every step checked
+    against a recompute on the head, and every check passed). `cluster status`
     shows each node with part of the model, the head with all of it, and the node profiled in
     full (the other took its figures) with its profile. A capture of the nodes'
     links (their veths) sees over 90 MB pass, yet none of the weights' bytes and none of Ray's
@@ -228,19 +240,15 @@ def test_nodes_without_the_model_fetch_their_layers_and_all_traffic_is_encrypted
     from shardwise.model.registry import resolve
     from shardwise.model.weights import open_weights
 
-    prompt, state = "Tell me about the harbour of Zanzibar.", json.loads(STATE.read_text())
+    state = json.loads(STATE.read_text())
     fast, slow = (next(n["ip"] for n in state["nodes"] if n["name"] == name) for name in ("fast", "slow"))
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"stages": [{"layers": [0, 10], "placement": fast},
-                                           {"layers": [10, 20], "placement": slow},
-                                           {"layers": [20, 30], "placement": fast}]}))
+    plan = three_stages(tmp_path, fast, slow)
     with Capture([n["veth"] for n in state["nodes"]]) as capture:
-        split = cli("generate", prompt, "--plan", str(plan), "--address", lab, "--max-tokens", "12",
-                    "--temperature", "0")
+        split = cli("generate", PROMPT, "--plan", str(plan), "--address", lab, "--verify-stages", "1", *GREEDY)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(b"plain-marker-7f3a9c", (fast, 9))
-    assert split.returncode == 0, split.stderr
-    whole = cli("generate", prompt, "--max-tokens", "12", "--temperature", "0")
+    assert split.returncode == 0 and "trusted" not in split.stderr, split.stderr  # (every check passed)
+    whole = cli("generate", PROMPT, *GREEDY)
     assert whole.returncode == 0 and split.stdout == whole.stdout, (split.stdout, whole.stdout)
 
     assert b"plain-marker-7f3a9c" in capture.data and len(capture.data) > 90e6
@@ -263,6 +271,42 @@ def test_nodes_without_the_model_fetch_their_layers_and_all_traffic_is_encrypted
     held = {name: sum(h["bytes"] for h in n["held"] if h["model"] == path.name) for name, n in nodes.items()}
     assert held["head"] == size and 0 < held["slow"] < held["fast"] < size, held
     assert [p["name"] for p in nodes["fast"]["profiles"]] == ["fast"] and nodes["slow"]["profiles"] == []
+
+
+def test_a_node_with_tampered_weights_is_caught_before_its_tokens_go_out_and_planned_around(lab, tmp_path):
+    """The slow node's cached copy gets another layer's bytes in one of its tensors (as a faulty
+    disk, or a node lying on purpose, would serve them). With every step checked, the first
+    step's check names its stage, the model is planned over the head and the fast node, and the
+    reply is still one process's."""
+    from shardwise.model.pieces import Layout
+    from shardwise.model.registry import resolve
+
+    state = json.loads(STATE.read_text())
+    plan = three_stages(tmp_path, *(next(n["ip"] for n in state["nodes"] if n["name"] == name)
+                                    for name in ("fast", "slow")))
+    path = resolve("smollm2-135m")
+    layout = Layout(path)
+    copy = NODE_CACHES / "slow" / "fetched" / layout.identity / path.name  # (its layers 10-20)
+    if not copy.exists():  # (the test above fetched them)
+        assert cli("generate", PROMPT, "--plan", str(plan), "--address", lab, "--max-tokens", "1").returncode == 0
+    target, other = layout.tensors["blk.14.ffn_down.weight"], layout.tensors["blk.15.ffn_down.weight"]
+    with copy.open("r+b") as f:
+        f.seek(target.offset)
+        original = f.read(target.size)
+        try:
+            f.seek(target.offset)
+            f.write(layout.read(other))
+            f.flush()
+            lied = cli("generate", PROMPT, "--plan", str(plan), "--address", lab, "--verify-stages", "1",
+                       *GREEDY)
+        finally:
+            f.seek(target.offset)
+            f.write(original)
+    whole = cli("generate", PROMPT, *GREEDY)
+    assert lied.returncode == 0 and lied.stdout == whole.stdout, (lied.stdout, whole.stdout, lied.stderr)
+    slow = next(n["ip"] for n in state["nodes"] if n["name"] == "slow")
+    assert f"stage 1 (layers 10-20) on node {slow} returned hidden states" in lied.stderr, lied.stderr
+    assert "no longer trusted" in lied.stderr
 
 
 REQUESTS = 8

@@ -221,6 +221,12 @@ def test_bad_plan_files(tmp_path):
             Plan.from_dict(data)
 
 
+def test_a_share_of_steps_to_check_outside_0_to_1_is_refused():
+    result = cli("generate", "Hello", "--stages", "2", "--verify-stages", "1.5")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "the share of steps to check (verify_share, --verify-stages) is from 0 to 1, got 1.5" in result.stderr
+
+
 def test_cli_generate_with_stages_and_plan(tmp_path, weights):
     """Also: a killed `ray start` leaves its address file behind; without --address shardwise
     starts a Ray of its own all the same."""

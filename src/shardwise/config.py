@@ -65,6 +65,9 @@ class EngineConfig:
     # a pipeline stage whose node lacks the model file fetches its layers' bytes from the driver's node
     # into its node's cache (None: where the node lacks the file; True: always; False: never)
     fetch_weights: bool | None = None
+    # the share of steps whose stages on other nodes than the driver's are checked against a recompute
+    # on the driver's node (see cluster/verify.py): a stage that differs is reported and planned around
+    verify_share: float = 0.0
     # a move to a new plan carries the running sequences' KV to the new stages (False: replays them)
     move_kv: bool = True
     # full KV blocks stay cached after their sequence ends, for later prompts that start the same way
@@ -85,6 +88,9 @@ class EngineConfig:
                 self.stage_timeout <= 0:
             raise ShardwiseError("max_num_seqs, max_batch_tokens, kv_tokens and prefill_pool_min_tokens must each be "
                                  "at least 1, and stage_timeout positive")
+        if not 0 <= self.verify_share <= 1:
+            raise ShardwiseError(f"the share of steps to check (verify_share, --verify-stages) is from 0 to 1, got "
+                                 f"{self.verify_share}")
         if self.policy not in POLICIES:
             raise ShardwiseError(f"unknown scheduling policy '{self.policy}': use {' or '.join(POLICIES)}")
         if not (self.drift_threshold == 0 or self.drift_threshold > 1) or self.drift_window_s <= 0:

@@ -86,7 +86,8 @@ def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = Non
                     micro_batches=c.micro_batches, stage_timeout=c.stage_timeout, spares=c.spare_stages,
                     cluster=None if prefill is not None else where, objective=objective,
                     drift_threshold=c.drift_threshold, drift_window_s=c.drift_window_s, move_kv=c.move_kv,
-                    preallocate_kv=c.preallocate_kv, join_nodes=c.join_nodes, fetch_weights=c.fetch_weights))
+                    preallocate_kv=c.preallocate_kv, join_nodes=c.join_nodes, fetch_weights=c.fetch_weights,
+                    verify_share=c.verify_share))
         except BaseException:
             for pipeline in reversed(pipelines):
                 pipeline.close()

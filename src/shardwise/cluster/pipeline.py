@@ -22,12 +22,17 @@ the steps in flight finish and moves each sequence's KV from the old stages to t
 Where that fails, recover() moves to the plan as after a lost stage, for a replay. A Ray node
 that joins the cluster is measured in place (joins.py) and offered to the watch, which plans
 again: where the new plan pays, the pipeline moves to it the same way.
+
+With verify_share, that share of steps is checked on the driver's node (see verify.py); a
+stage on another node whose output differs from the recompute is a StageFailure too, and
+its node is planned around from then on, as a dead one is.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +45,7 @@ from shardwise.cluster.drift import DriftWatch, Verdict
 from shardwise.cluster.joins import Join, newcomers
 from shardwise.cluster.ray_session import join
 from shardwise.cluster.stage import StageActor
+from shardwise.cluster.verify import Checked, Verifier, is_greedy
 from shardwise.cluster.weight_source import WeightSource, wait_showing_progress
 from shardwise.config import EngineConfig
 from shardwise.engine.prefix_cache import CachedPrefix
@@ -71,7 +77,8 @@ class Pipeline:
                  objective: str = "throughput", drift_threshold: float = EngineConfig.drift_threshold,
                  drift_window_s: float = EngineConfig.drift_window_s, move_kv: bool = EngineConfig.move_kv,
                  preallocate_kv: bool = EngineConfig.preallocate_kv, join_nodes: bool = EngineConfig.join_nodes,
-                 fetch_weights: bool | None = EngineConfig.fetch_weights):
+                 fetch_weights: bool | None = EngineConfig.fetch_weights,
+                 verify_share: float = EngineConfig.verify_share):
         self.model_path, self.spec, self.dtype = model_path, spec, dtype
         self.kv_tokens, self.stage_timeout = kv_tokens, stage_timeout
         self._pool_tokens = kv_tokens if preallocate_kv else 0  # each stage's KV pool from the start
@@ -92,6 +99,11 @@ class Pipeline:
         self._joins_checked = time.monotonic()
         self.on_event: Callable[[str, str], None] = lambda kind, message: None  # the scheduler's note()
         self._beside: list[dict[str, Any]] = []  # nodes of another pipeline's stages that compute at once
+        self.verify_share, self._verifier = verify_share, None  # (a Verifier while a stage is on another node)
+        self._history: dict[int, tuple[list[int], bool]] = {}  # checked: each sequence's tokens, and if greedy
+        # a checked step's last ref -> its check, and the plan and nodes it ran under
+        self._checks: dict[ray.ObjectRef, tuple[ray.ObjectRef, Plan, list[dict[str, Any]]]] = {}
+        self.checks_passed, self.distrusted = 0, set()  # node ids whose stages failed a check
         plan.check_layers(spec)  # a bad plan is an error before Ray starts
         self._owns_ray = join(address, instead="run locally")
         try:
@@ -118,6 +130,21 @@ class Pipeline:
         else:
             self._launch(list(range(n)))
         self._watch(plan)
+        self._start_verifier()
+
+    def _start_verifier(self) -> None:
+        """With checks asked for and a stage on another node than the driver's: a Verifier on the
+        driver's node holding the layers up to the last such stage's end, split as the plan is."""
+        if self._verifier is not None:  # (the checks it runs for steps under the last plan finish first)
+            pending = [check for check, _, _ in self._checks.values()]
+            ray.wait(pending, num_returns=len(pending), timeout=self.stage_timeout)
+            ray.kill(self._verifier)
+        here = ray.get_runtime_context().get_node_id()
+        remote = [i for i, node in enumerate(self.nodes) if node["NodeID"] != here]
+        self._verifier = None if not self.verify_share or not remote else Verifier.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False), runtime_env=stage_env()).remote(
+            str(self.model_path), [s.layers for s in self.plan.stages[:remote[-1] + 1]],
+            self._dtypes(self.plan.stages[:remote[-1] + 1]), self.dtype)
 
     def _watch(self, plan: Plan) -> None:
         """Watch the stages' speeds against the cluster file's (without one, nothing predicts them)."""
@@ -137,10 +164,12 @@ class Pipeline:
 
     def _check_memory(self, stages: tuple[StageSpec, ...], nodes: list[dict[str, Any]]) -> None:
         """Each node holds these stages' weights and KV (a ShardwiseError if not)."""
-        dtypes = [self.dtype or ("bfloat16" if s.device.startswith("cuda") else "float32") for s in stages]
         where = [f"{n['NodeManagerAddress']}/{s.device}" for n, s in zip(nodes, stages, strict=True)]
         capacity = {f"{n['NodeManagerAddress']}/cpu": int(n["Resources"].get("memory", 0)) for n in nodes}
-        Plan(stages).check_memory(self.spec, dtypes, where, capacity, self.kv_tokens)
+        Plan(stages).check_memory(self.spec, self._dtypes(stages), where, capacity, self.kv_tokens)
+
+    def _dtypes(self, stages: tuple[StageSpec, ...]) -> list[str]:
+        return [self.dtype or ("bfloat16" if s.device.startswith("cuda") else "float32") for s in stages]
 
     def _set_threads(self) -> None:
         """Each stage's threads: alone on its node's cores, or sharing them when steps overlap
@@ -243,6 +272,8 @@ class Pipeline:
     def add(self, seq_id: int, params: SamplingParams, generated: list[int] = (),
             prefix: CachedPrefix | None = None) -> None:
         self._context[seq_id] = len(prefix.tokens) if prefix else 0
+        if self.verify_share:
+            self._history[seq_id] = (list(prefix.tokens) if prefix else [], is_greedy(params))
         for stage in self.stages:  # an actor runs calls in the order one caller sent them
             stage.add.remote(seq_id, params, list(generated), prefix)
 
@@ -256,11 +287,14 @@ class Pipeline:
 
     def free(self, seq_id: int) -> None:
         self._context.pop(seq_id, None)
+        self._history.pop(seq_id, None)
         for stage in self.stages:
             stage.free.remote(seq_id)
 
     def rewind(self, seq_id: int, length: int) -> None:
         self._context[seq_id] = length
+        if seq_id in self._history:
+            del self._history[seq_id][0][length:]
         for stage in self.stages:
             stage.rewind.remote(seq_id, length)
 
@@ -275,6 +309,14 @@ class Pipeline:
         self._steps[refs[-1]] = (refs, work)
         for i, chunk in zip(seq_ids, chunks, strict=True):
             self._context[i] = self._context.get(i, 0) + len(chunk)
+            if i in self._history:
+                self._history[i][0].extend(chunk)
+        if self._verifier is not None and random.random() < self.verify_share:
+            row = random.randrange(len(seq_ids))
+            tokens, greedy = self._history[seq_ids[row]]
+            checked = Checked(list(tokens), len(chunks[row]), sum(map(len, chunks[:row])), row,
+                              greedy and sample[row] == 1)
+            self._checks[refs[-1]] = (self._verifier.check.remote(checked, *refs), self.plan, self.nodes)
         return refs[-1]
 
     def wait(self, handles: list[ray.ObjectRef]) -> int:
@@ -286,6 +328,7 @@ class Pipeline:
         return handles.index(ready[0])
 
     def result(self, handle: ray.ObjectRef) -> Sampled:
+        check = self._checks.pop(handle, None)
         try:
             out = ray.get(handle)
         except ray.exceptions.RayTaskError as e:
@@ -296,6 +339,8 @@ class Pipeline:
         except ray.exceptions.RayError as e:  # the actor, its node or an object it needed is gone
             raise StageFailure(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", handle) from None
         work = self._forget(handle)
+        if check is not None:
+            self._judge(*check, handle)
         if self.watch and work is not None and out.stage_seconds:
             verdict = self.watch.observe(work, out.stage_seconds, judge=self._settled())
             if verdict:
@@ -307,6 +352,27 @@ class Pipeline:
                 log.warning("looking for nodes that joined failed: %s", e, exc_info=True)
                 self.on_event("join failed", f"looking for nodes that joined failed ({type(e).__name__}: {e})")
         return out
+
+    def _judge(self, check: ray.ObjectRef, plan: Plan, nodes: list[dict[str, Any]], handle: ray.ObjectRef) -> None:
+        """Wait for a checked step's check (its tokens go out only once it passed). A stage on
+        another node that failed it makes this step a StageFailure, and its node is trusted no more."""
+        try:
+            lie = ray.get(check, timeout=self.stage_timeout)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:  # (unchecked is no answer)
+            raise ShardwiseError(f"the stages' results cannot be checked on this node ({type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[-1][:300]}): run without --verify-stages") from None
+        if lie is None:
+            self.checks_passed += 1
+            return
+        node, (a, b) = nodes[lie.stage], plan.stages[lie.stage].layers
+        message = f"stage {lie.stage} (layers {a}-{b}) on node {node['NodeManagerAddress']} {lie.detail}"
+        if node["NodeID"] == ray.get_runtime_context().get_node_id():  # ours: numerics, not a lie
+            log.warning("%s, on the driver's own node: not acted on", message)
+            return
+        self.distrusted.add(node["NodeID"])
+        self._joins[node["NodeID"]] = None  # (never offered back as a node that joined)
+        raise StageFailure(f"{message}; its node is no longer trusted, and the model is planned over the others",
+                           handle)  # (the scheduler tells of it, and recover() plans without the node)
 
     def _check_joins(self) -> None:
         """Start measuring each Ray node that joined; offer those measured to the watch (not
@@ -433,13 +499,17 @@ class Pipeline:
             stage.adopt.remote(*exports)
         for seq_id in seq_ids:
             to._context[seq_id] = self._context.get(seq_id, 0)
+            if seq_id in self._history:
+                to._history[seq_id] = self._history[seq_id]
             self.free(seq_id)
 
     def forget_all(self) -> None:
         """Drop every sequence and the steps in flight (another pipeline lost a stage, and every
         sequence will be replayed)."""
         self._steps.clear()
+        self._checks.clear()
         self._context.clear()
+        self._history.clear()
         _get([stage.reset.remote() for stage in self.stages], timeout=self.stage_timeout)
 
     # --- moving and recovery ---------------------------------------------------------------------
@@ -477,11 +547,15 @@ class Pipeline:
         under a new plan. Returns the indices of the stages started afresh."""
         if isinstance(failure, Drifted):  # every stage lives, and moves to the new plan
             self._steps.clear()
+            self._checks.clear()
             restarted = self._restart(failure.plan)
             self._keep_spares()
             return restarted
         lost = self._lost_stages(self._steps.get(failure.step, ([],))[0], failure.hung)
         self._steps.clear()
+        self._checks.clear()
+        if any(node["NodeID"] in self.distrusted for node in self.nodes):
+            return self._replan()
         if self._nodes_alive():
             for i in lost:
                 ray.kill(self.stages[i], no_restart=True)
@@ -508,16 +582,18 @@ class Pipeline:
             time.sleep(0.5)
 
     def _replan(self) -> list[int]:
-        """A node died: the planner splits the model anew over the devices left, and every stage
-        starts afresh under its plan (a ShardwiseError saying what is short if nothing fits)."""
-        alive = [n for n in ray.nodes() if n["Alive"]]
+        """A node died or failed a check: the planner splits the model anew over the devices left,
+        and every stage starts afresh under its plan (a ShardwiseError saying what is short if
+        nothing fits)."""
+        alive = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in self.distrusted]
         cluster = self.cluster.on_nodes(alive) if self.cluster else Cluster.of_ray_nodes(alive)
         live = {n["NodeID"] for n in alive}
         self.spares = {node: spare for node, spare in self.spares.items() if node in live}
         try:
             plan, _ = plan_cluster(self.spec, cluster, self.objective, quant=self.dtype, kv_tokens=self.kv_tokens)
         except ShardwiseError as e:
-            raise ShardwiseError(f"a node died and the model no longer fits on the nodes left: {e}") from None
+            raise ShardwiseError(f"the model no longer fits on the nodes left (without those that died or failed "
+                                 f"a check): {e}") from None
         return self._restart(plan)
 
     def _restart(self, plan: Plan) -> list[int]:
@@ -563,10 +639,10 @@ class Pipeline:
 
     def close(self) -> None:
         self._drop_move()
-        for actor in [*self.stages, *self.spares.values(), self._source]:
+        for actor in [*self.stages, *self.spares.values(), self._source, self._verifier]:
             if actor is not None:
                 ray.kill(actor)
-        self.stages, self.spares, self._source = [], {}, None
+        self.stages, self.spares, self._source, self._verifier = [], {}, None, None
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
 
