@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import select
 import socket
 import subprocess
@@ -273,11 +274,13 @@ def test_nodes_without_the_model_fetch_their_layers_and_all_traffic_is_encrypted
     assert [p["name"] for p in nodes["fast"]["profiles"]] == ["fast"] and nodes["slow"]["profiles"] == []
 
 
+
 def test_a_node_with_tampered_weights_is_caught_before_its_tokens_go_out_and_planned_around(lab, tmp_path):
     """The slow node's cached copy gets another layer's bytes in one of its tensors (as a faulty
     disk, or a node lying on purpose, would serve them). With every step checked, the first
     step's check names its stage, the model is planned over the head and the fast node, and the
-    reply is still one process's."""
+    reply is still one process's. The fast node fetches the layers it lacks for that plan from
+    the driver's node and from the slow node's cache at once."""
     from shardwise.model.pieces import Layout
     from shardwise.model.registry import resolve
 
@@ -297,8 +300,8 @@ def test_a_node_with_tampered_weights_is_caught_before_its_tokens_go_out_and_pla
             f.seek(target.offset)
             f.write(layout.read(other))
             f.flush()
-            lied = cli("generate", PROMPT, "--plan", str(plan), "--address", lab, "--verify-stages", "1",
-                       *GREEDY)
+            lied = cli("-v", "generate", PROMPT, "--plan", str(plan), "--address", lab, "--verify-stages", "1",
+                       *GREEDY, env={"RAY_DEDUP_LOGS": "0"})
         finally:
             f.seek(target.offset)
             f.write(original)
@@ -307,6 +310,11 @@ def test_a_node_with_tampered_weights_is_caught_before_its_tokens_go_out_and_pla
     slow = next(n["ip"] for n in state["nodes"] if n["name"] == "slow")
     assert f"stage 1 (layers 10-20) on node {slow} returned hidden states" in lied.stderr, lied.stderr
     assert "no longer trusted" in lied.stderr
+    # the fast node took every layer: those it lacked came from the driver's node and the slow
+    # node at once (any changed piece the slow node sent was refused, and asked of the driver)
+    [(total, peers)] = set(re.findall(r"fetched ([\d.]+) MB of \S+ for layers \[0, 30\) .* ([\d.]+) MB of it from "
+                                      r"other nodes", lied.stderr))  # (Ray may print a line more than once)
+    assert 0 < float(peers) < float(total), lied.stderr
 
 
 REQUESTS = 8

@@ -83,7 +83,7 @@ class Verifier:
                     return Lie(stage, f"chose token {token} where the trusted best is {int(x[-1].argmax())}")
                 continue
             want = x[-checked.rows:].float()
-            got = torch.from_numpy(output[0][checked.offset:checked.offset + checked.rows])
+            got = torch.tensor(output[0][checked.offset:checked.offset + checked.rows])  # (a copy: Ray's is read-only)
             error = float((got - want).norm() / want.norm().clamp_min(1e-12))
             if not error <= tolerance:  # (a NaN is a lie too)
                 return Lie(stage, f"returned hidden states {error:.2g} away from a trusted recompute (at most "

@@ -1,57 +1,111 @@
 """Weights that reach the stages: a stage whose node lacks the model file fetches the pieces its
-layers read (model/pieces.py) from the driver's node, through Ray's object store, checks each
-against the SHA-256 the driver's node computed from its own file, and keeps them in its node's
-cache, so that a second start there fetches nothing.
+layers read (model/pieces.py) through Ray's object store, from the driver's node and from the
+other nodes whose caches hold them already, checks each against the SHA-256 the driver's node
+computed from its own file, and keeps them in its node's cache, so that a second start there
+fetches nothing.
 
-WeightSource is the actor on the driver's node that reads the file; `local_model` is what a
-stage runs, inside its load, before it opens the model (so that starts, recoveries, moves and
-joins all fetch the same way, without the driver waiting on any of them).
+WeightSource is the actor on the driver's node that reads the file and knows which node holds
+which pieces; `local_model` is what a stage runs, inside its load, before it opens the model (so
+that starts, recoveries, moves and joins all fetch the same way, without the driver waiting on
+any of them). Each source (the driver, each peer) has a few pieces asked of it at a time and is
+given the next as each arrives, so the faster ones send more. A peer whose piece arrives
+changed, or who cannot send it, is asked for nothing more; the driver's file is the truth.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from shardwise.errors import ShardwiseError
-from shardwise.model.pieces import Layout, PartialCopy, Piece, holds_whole
+from shardwise.model.pieces import Layout, PartialCopy, Piece, holds_whole, matches
 from shardwise.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-IN_FLIGHT = 4  # pieces a stage asks for before the first arrives (each PIECE_BYTES at most)
+IN_FLIGHT = 4  # pieces asked of one source before the first arrives (each PIECE_BYTES at most)
+SURVEY_TIMEOUT_S = 10.0  # how long the nodes have to say what their caches hold
+Peer = tuple[str, set[Piece]]  # another node: its address, and the pieces its cache holds
 
 
 @ray.remote(num_cpus=0)
 class WeightSource:
-    """The driver's model file, served a piece at a time; and how far each node has got."""
+    """The driver's model file, served a piece at a time; which pieces each node's cache holds;
+    and how far each node has got."""
 
     def __init__(self, path: str, spec: ModelSpec):
         self.layout, self.spec = Layout(Path(path)), spec
-        self.progress_by_node: dict[str, list[int]] = {}  # node address -> [bytes sent, bytes it needs]
+        self.progress_by_node: dict[str, list[int]] = {}  # node address -> [bytes fetched, bytes it needs]
+        # Ray node id -> its address and the pieces its cache holds (None: not asked yet)
+        self.held_by_node: dict[str, tuple[str, set[Piece]]] | None = None
 
     def describe(self, layers: tuple[int, int]) -> tuple[str, str, dict[str, int], list[Piece]]:
         """The model's identity, name and file sizes, and the pieces these layers read."""
         layout = self.layout
         return layout.identity, layout.path.name, layout.sizes, layout.pieces_for(self.spec, layers)
 
-    def digests(self, node: str, pieces: list[Piece]) -> dict[Piece, str]:
-        """Each piece's SHA-256, for a node about to fetch them (counted into its progress)."""
+    def digests(self, node: str, node_id: str, pieces: list[Piece]) -> tuple[dict[Piece, str], dict[str, Peer]]:
+        """Each piece's SHA-256, for a node about to fetch them (counted into its progress), and
+        by node id each other node whose cache holds some of them: its address and those pieces."""
         sent, needed = self.progress_by_node.setdefault(node, [0, 0])
         self.progress_by_node[node] = [sent, needed + sum(p.size for p in pieces)]
-        return self.layout.digests(pieces)
+        if self.held_by_node is None:
+            self.held_by_node = self._survey()
+        peers = {other: (address, held & set(pieces)) for other, (address, held) in self.held_by_node.items()
+                 if other != node_id}
+        return self.layout.digests(pieces), {other: peer for other, peer in peers.items() if peer[1]}
 
-    def read(self, node: str, piece: Piece) -> bytes:
-        data = self.layout.read(piece)
-        self.progress_by_node[node][0] += len(data)
-        return data
+    def _survey(self) -> dict[str, Peer]:
+        """What each other node's cache holds already (from earlier runs), asked once."""
+        here, layout = ray.get_runtime_context().get_node_id(), self.layout
+        nodes = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+        asked = {held_in_cache.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                 .remote(layout.identity, layout.path.name, layout.sizes): n for n in nodes}
+        ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=SURVEY_TIMEOUT_S)
+        held = {}
+        for ref in ready:
+            try:
+                held[asked[ref]["NodeID"]] = (asked[ref]["NodeManagerAddress"], set(ray.get(ref)))
+            except ray.exceptions.RayError:
+                pass  # (a node that cannot say sends nothing)
+        return held
+
+    def read(self, piece: Piece) -> bytes:
+        return self.layout.read(piece)
+
+    def fetched(self, node: str, size: int) -> None:
+        self.progress_by_node[node][0] += size
+
+    def holds(self, node_id: str, address: str, pieces: list[Piece]) -> None:
+        """A node's cache holds these pieces (it may send them to the nodes that fetch next)."""
+        if self.held_by_node is not None:
+            self.held_by_node[node_id] = (address, set(pieces))
+
+    def forget(self, node_id: str) -> None:
+        """A node that failed to send a piece, or sent it changed."""
+        if self.held_by_node is not None:
+            self.held_by_node.pop(node_id, None)
 
     def progress(self) -> dict[str, list[int]]:
         return self.progress_by_node
+
+
+@ray.remote(num_cpus=0)
+def held_in_cache(identity: str, name: str, sizes: dict[str, int]) -> list[Piece]:
+    """The pieces of a model the cache of the node this runs on holds."""
+    return PartialCopy(identity, name, sizes).held()
+
+
+@ray.remote(num_cpus=0)
+def read_cached(identity: str, name: str, sizes: dict[str, int], piece: Piece) -> bytes:
+    """A piece from the cache of the node this runs on (a peer of the node that fetches it)."""
+    return PartialCopy(identity, name, sizes).read(piece)
 
 
 def local_model(path: str, layers: tuple[int, int], source, fetch: bool | None) -> str:
@@ -67,17 +121,59 @@ def local_model(path: str, layers: tuple[int, int], source, fetch: bool | None) 
         return path
     copy = PartialCopy(identity, name, sizes)
     missing = copy.missing(pieces)
+    node, node_id = ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
     if missing:
-        node, started = ray.util.get_node_ip_address(), time.perf_counter()
-        digests = ray.get(source.digests.remote(node, missing))
-        asked = {i: source.read.remote(node, piece) for i, piece in enumerate(missing[:IN_FLIGHT])}
-        for i, piece in enumerate(missing):
-            if i + IN_FLIGHT < len(missing):
-                asked[i + IN_FLIGHT] = source.read.remote(node, missing[i + IN_FLIGHT])
-            copy.write(piece, ray.get(asked.pop(i)), digests[piece])  # (its bytes freed once written)
-        log.info("fetched %.1f MB of %s for layers [%d, %d) in %.1f s", sum(p.size for p in missing) / 1e6, name,
-                 *layers, time.perf_counter() - started)
+        started = time.perf_counter()
+        digests, peers = ray.get(source.digests.remote(node, node_id, missing))
+        from_peers = _fetch(copy, missing, digests, source, node, (identity, name, sizes), peers)
+        log.info("fetched %.1f MB of %s for layers [%d, %d) in %.1f s, %.1f MB of it from other nodes",
+                 sum(p.size for p in missing) / 1e6, name, *layers, time.perf_counter() - started, from_peers / 1e6)
+    source.holds.remote(node_id, node, copy.held())
     return str(copy.path)
+
+
+def _fetch(copy: PartialCopy, missing: list[Piece], digests: dict[Piece, str], source, node: str,
+           model: tuple[str, str, dict[str, int]], peers: dict[str, Peer]) -> int:
+    """Fetch the missing pieces from the driver's node (source) and the peers that hold them,
+    each a few pieces at a time; returns the bytes the peers sent."""
+    queue, asked, from_peers = deque(missing), {}, 0
+
+    def ask(holder: str | None) -> None:
+        """The next queued piece this holder has (None: the driver's node, which has them all)."""
+        piece = next((p for p in queue if holder is None or holder in peers and p in peers[holder][1]), None)
+        if piece is not None:
+            queue.remove(piece)
+            asked[source.read.remote(piece) if holder is None else read_cached.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(holder, soft=False)).remote(*model, piece)] = (
+                holder, piece)
+
+    for holder in [None, *peers]:
+        for _ in range(IN_FLIGHT):
+            ask(holder)
+    while asked:
+        [ref], _ = ray.wait(list(asked), num_returns=1)
+        holder, piece = asked.pop(ref)
+        try:
+            data = ray.get(ref)
+        except ray.exceptions.RayError:
+            if holder is None:
+                raise
+            data = None
+        if holder is not None and (data is None or not matches(data, digests[piece])):
+            if holder in peers:
+                log.warning("node %s could not send a piece of the model, or sent it changed: asking the others",
+                            peers.pop(holder)[0])
+                source.forget.remote(holder)
+            queue.appendleft(piece)
+            ask(None)
+            continue
+        copy.write(piece, data, digests[piece])  # (its bytes freed once written)
+        source.fetched.remote(node, piece.size)
+        from_peers += piece.size if holder is not None else 0
+        ask(holder)
+        while queue and sum(h is None for h, _ in asked.values()) < IN_FLIGHT:  # (what no peer left holds)
+            ask(None)
+    return from_peers
 
 
 def wait_showing_progress(source: ray.actor.ActorHandle, refs: list[ray.ObjectRef], timeout: float) -> None:

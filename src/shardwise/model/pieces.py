@@ -116,9 +116,7 @@ class Layout:
         return {piece: known[_key(piece)] for piece in pieces}
 
     def read(self, piece: Piece) -> bytes:
-        with (self.path / piece.file if piece.file else self.path).open("rb") as f:
-            f.seek(piece.offset)
-            return f.read(piece.size)
+        return _read(self.path, piece)
 
 
 class PartialCopy:
@@ -137,9 +135,18 @@ class PartialCopy:
             held = self._held()
         return [p for p in pieces if _key(p) not in held]
 
+    def held(self) -> list[Piece]:
+        return [_piece(key) for key in self._held()]  # (its record is replaced whole: no lock needed to read it)
+
+    def read(self, piece: Piece) -> bytes:
+        """One piece this copy holds (for another node that fetches it)."""
+        if _key(piece) not in self._held():
+            raise ShardwiseError(f"this node's copy of {self.path.name} lacks bytes {piece.offset}+{piece.size}")
+        return _read(self.path, piece)
+
     def write(self, piece: Piece, data: bytes, digest: str) -> None:
         """Store one piece, if its bytes are the driver's (a ShardwiseError if not)."""
-        if hashlib.sha256(data).hexdigest() != digest:
+        if not matches(data, digest):
             raise ShardwiseError(f"a piece of {piece.file or self.path.name} (bytes {piece.offset}+{piece.size}) "
                                  "arrived changed: its SHA-256 differs from the driver's file. Start again; if "
                                  "it recurs, a node or link between them alters data")
@@ -195,5 +202,21 @@ def _split(piece: Piece) -> list[Piece]:
             for at in range(piece.offset, piece.offset + piece.size, PIECE_BYTES)] or [piece]
 
 
+def _read(path: Path, piece: Piece) -> bytes:
+    with (path / piece.file if piece.file else path).open("rb") as f:
+        f.seek(piece.offset)
+        return f.read(piece.size)
+
+
+def matches(data: bytes, digest: str) -> bool:
+    return hashlib.sha256(data).hexdigest() == digest
+
+
 def _key(piece: Piece) -> str:
     return f"{piece.file}@{piece.offset}+{piece.size}"
+
+
+def _piece(key: str) -> Piece:
+    file, at = key.rsplit("@", 1)
+    offset, size = at.split("+")
+    return Piece(file, int(offset), int(size))
