@@ -119,16 +119,15 @@ class CollabExecutor(SynchronousExecutor):
         if self._pending:
             base = str(self.http.base_url).replace("http", "ws", 1).rstrip("/")
             url = f"{base}/v1/collab/sessions/{self.session_id}/stream"
-            try:
+            try:  # (websocket-client: this thread alone reads and writes it. websockets' sync client reads in a
+                # thread of its own, and two threads on one TLS connection, which OpenSSL does not allow, hung
+                # about one handshake in a thousand under TLS 1.3)
                 self.stream = websocket.create_connection(url, header=self.headers, timeout=self.timeout,
                                                           sslopt={"context": self.tls} if self.tls else None)
             except (OSError, websocket.WebSocketException) as e:
                 raise ShardwiseError(f"cannot open the session's stream at {url} ({e})") from None
 
     def _close_stream(self) -> None:
-        """The stream is a WebSocket read and written by this thread only: a client whose reader
-        is another thread (websockets' sync client) shares one TLS connection between two threads,
-        which OpenSSL does not allow, and hung about one handshake in a thousand under TLS 1.3."""
         if self.stream is not None:
             self.stream.close(timeout=1)
             self.stream = None
