@@ -288,8 +288,8 @@ def test_a_node_with_tampered_weights_is_caught_before_its_tokens_go_out_and_pla
     from shardwise.model.registry import resolve
 
     state = json.loads(STATE.read_text())
-    plan = three_stages(tmp_path, *(next(n["ip"] for n in state["nodes"] if n["name"] == name)
-                                    for name in ("fast", "slow")))
+    fast, slow = (next(n["ip"] for n in state["nodes"] if n["name"] == name) for name in ("fast", "slow"))
+    plan = three_stages(tmp_path, fast, slow)
     path = resolve("smollm2-135m")
     layout = Layout(path)
     copy = NODE_CACHES / "slow" / "fetched" / layout.identity / path.name  # (its layers 10-20)
@@ -310,7 +310,6 @@ def test_a_node_with_tampered_weights_is_caught_before_its_tokens_go_out_and_pla
             f.write(original)
     whole = llm.chat([{"role": "user", "content": PROMPT}], SamplingParams(max_tokens=6, temperature=0))[0].text
     assert lied.returncode == 0 and lied.stdout == whole, (lied.stdout, whole, lied.stderr)
-    slow = next(n["ip"] for n in state["nodes"] if n["name"] == "slow")
     assert f"stage 1 (layers 10-20) on node {slow} returned hidden states" in lied.stderr, lied.stderr
     assert "no longer trusted" in lied.stderr
     # the fast node took every layer: those it lacked came from the driver's node and the slow

@@ -103,7 +103,7 @@ class Pipeline:
         self._history: dict[int, tuple[list[int], bool]] = {}  # checked: each sequence's tokens, and if greedy
         # a checked step's last ref -> its check, and the plan and nodes it ran under
         self._checks: dict[ray.ObjectRef, tuple[ray.ObjectRef, Plan, list[dict[str, Any]]]] = {}
-        self.checks_passed, self.distrusted = 0, set()  # node ids whose stages failed a check
+        self.distrusted: set[str] = set()  # node ids whose stages failed a check
         plan.check_layers(spec)  # a bad plan is an error before Ray starts
         self._owns_ray = join(address, instead="run locally")
         try:
@@ -141,10 +141,10 @@ class Pipeline:
             ray.kill(self._verifier)
         here = ray.get_runtime_context().get_node_id()
         remote = [i for i, node in enumerate(self.nodes) if node["NodeID"] != here]
-        self._verifier = None if not self.verify_share or not remote else Verifier.options(
+        checked = self.plan.stages[:remote[-1] + 1] if remote else ()
+        self._verifier = None if not self.verify_share or not checked else Verifier.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False), runtime_env=stage_env()).remote(
-            str(self.model_path), [s.layers for s in self.plan.stages[:remote[-1] + 1]],
-            self._dtypes(self.plan.stages[:remote[-1] + 1]), self.dtype)
+            str(self.model_path), [s.layers for s in checked], self._dtypes(checked), self.dtype)
 
     def _watch(self, plan: Plan) -> None:
         """Watch the stages' speeds against the cluster file's (without one, nothing predicts them)."""
@@ -362,7 +362,6 @@ class Pipeline:
             raise ShardwiseError(f"the stages' results cannot be checked on this node ({type(e).__name__}: "
                                  f"{str(e).strip().splitlines()[-1][:300]}): run without --verify-stages") from None
         if lie is None:
-            self.checks_passed += 1
             return
         node, (a, b) = nodes[lie.stage], plan.stages[lie.stage].layers
         message = f"stage {lie.stage} (layers {a}-{b}) on node {node['NodeManagerAddress']} {lie.detail}"

@@ -42,8 +42,7 @@ class WeightSource:
     def __init__(self, path: str, spec: ModelSpec):
         self.layout, self.spec = Layout(Path(path)), spec
         self.progress_by_node: dict[str, list[int]] = {}  # node address -> [bytes fetched, bytes it needs]
-        # Ray node id -> its address and the pieces its cache holds (None: not asked yet)
-        self.held_by_node: dict[str, tuple[str, set[Piece]]] | None = None
+        self.held_by_node: dict[str, Peer] | None = None  # by Ray node id (None: not asked yet)
 
     def describe(self, layers: tuple[int, int]) -> tuple[str, str, dict[str, int], list[Piece]]:
         """The model's identity, name and file sizes, and the pieces these layers read."""
@@ -57,7 +56,8 @@ class WeightSource:
         self.progress_by_node[node] = [sent, needed + sum(p.size for p in pieces)]
         if self.held_by_node is None:
             self.held_by_node = self._survey()
-        peers = {other: (address, held & set(pieces)) for other, (address, held) in self.held_by_node.items()
+        wanted = set(pieces)
+        peers = {other: (address, held & wanted) for other, (address, held) in self.held_by_node.items()
                  if other != node_id}
         return self.layout.digests(pieces), {other: peer for other, peer in peers.items() if peer[1]}
 
