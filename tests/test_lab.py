@@ -339,34 +339,28 @@ def lab_server(lab, profiled, tmp_path_factory):
 
 
 def stream_all(url: str, tokens: int, cut_after: int | None = None) -> list[str]:
-    """REQUESTS greedy streams of `tokens` tokens each; their texts (each checked complete). With
+    """REQUESTS greedy streams of `tokens` tokens each, as one request's prompts (so they start in
+    one step and decode together: a product's rounding depends on how many rows its step has, so
+    streams started apart may differ at a near tie); their texts (each checked complete). With
     cut_after: the fast node's quota is cut to a fifth of a core once that many chunks came."""
-    import asyncio
-
     import openai
 
     from shardwise.lab import lab as running_lab
 
-    async def run() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
-        texts, streamed, counted = [""] * REQUESTS, [0], [0] * REQUESTS
-
-        async def one(i: int) -> None:
-            stream = await client.completions.create(
-                model="smollm2-135m", prompt=f"Write a short story about the number {i}.", max_tokens=tokens,
-                temperature=0.0, stream=True, logprobs=0, extra_body={"ignore_eos": True})
-            async for chunk in stream:
-                texts[i] += chunk.choices[0].text
-                counted[i] += len(chunk.choices[0].logprobs.tokens) if chunk.choices[0].logprobs else 0
-                streamed[0] += 1
-                if streamed[0] == cut_after:
-                    await asyncio.to_thread(running_lab.set_cpus, "fast", 0.2)
-
-        await asyncio.gather(*(one(i) for i in range(REQUESTS)))
-        assert counted == [tokens] * REQUESTS  # none lost, none repeated
-        return texts
-
-    return asyncio.run(run())
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    texts, streamed, counted = [""] * REQUESTS, 0, [0] * REQUESTS
+    stream = client.completions.create(
+        model="smollm2-135m", prompt=[f"Write a short story about the number {i}." for i in range(REQUESTS)],
+        max_tokens=tokens, temperature=0.0, stream=True, logprobs=0, extra_body={"ignore_eos": True})
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            counted[choice.index] += len(choice.logprobs.tokens) if choice.logprobs else 0
+        streamed += 1
+        if streamed == cut_after:
+            running_lab.set_cpus("fast", 0.2)
+    assert counted == [tokens] * REQUESTS  # none lost, none repeated
+    return texts
 
 
 def events(url: str) -> list[dict]:
@@ -412,12 +406,13 @@ def test_a_node_that_joins_is_measured_offered_and_moved_onto_with_the_running_r
 
 
 def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(lab_server):
-    """The closed loop: 8 greedy requests stream from the plan over both nodes (after the join,
-    most layers on the fast node); another tenant takes four fifths of the fast node's core (its
-    quota cut to a fifth: a quota slows only a node busier than it allows, and the plan may
-    leave the fast node idle much of the time) mid-run. The stages' measured times leave the
-    predicted, the pipeline re-plans (layers move to the now faster node, the sequences' KV
-    with them), and every request runs to its end with the undisturbed text.
+    """The closed loop: 8 greedy streams (one request's prompts) run on the plan over both nodes
+    (after the join, most layers on the fast node); another tenant takes four fifths of the fast
+    node's core (its quota cut to a fifth: a quota slows only a node busier than it allows, and
+    the plan may leave the fast node idle much of the time) mid-run. The stages' measured times
+    leave the predicted, the pipeline re-plans (layers move to the now faster node, the
+    sequences' KV with them; in the next run's first step if the new stages were still loading
+    when the run ended), and every stream runs to its end with the undisturbed text.
     (A node under a CFS quota stalls per 100 ms period, so how much slower it runs depends on
     its steps' length: the first correction may fall short or overshoot, and a second re-plan
     follow, at times back to the first split.)"""
@@ -431,11 +426,13 @@ def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(
         if any(e["kind"] == "recalibrated" for e in events(url)):
             break
     disturbed = stream_all(url, tokens, cut_after=REQUESTS * tokens // 4)
+    # (a move whose new stages were still loading when that run ended happens in the next run's first step)
+    after = stream_all(url, tokens)
     # every request ran to its end, with the undisturbed text: the sequences' KV moved with the layers
-    assert disturbed == undisturbed
+    assert disturbed == undisturbed and after == undisturbed
     moved = metric(url, "replans_total") - replans
     assert 1 <= moved <= 2, events(url)
-    assert stream_all(url, tokens) == undisturbed  # (and the watch times a window of the new plan)
+    assert any(e["kind"] == "re-planned" and not e["message"].startswith("0 ") for e in events(url)[seen:])
     metrics = httpx.get(f"{url}/metrics").text
     assert metric(url, "stage_failures_total") == 0 and metric(url, "replayed_tokens_total") == 0
     assert 'source="predicted"' in metrics and 'source="measured"' in metrics
