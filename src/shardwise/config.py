@@ -65,6 +65,10 @@ class EngineConfig:
     # a pipeline stage whose node lacks the model file fetches its layers' bytes from the driver's node
     # into its node's cache (None: where the node lacks the file; True: always; False: never)
     fetch_weights: bool | None = None
+    # a package index (PEP 503 simple URL) that a catalog model comes from: the driver's, and each stage's
+    # node that lacks the model fetches it from there itself rather than from the driver (None: pip's own
+    # index for the driver, the driver and peers for the nodes)
+    weights_index: str | None = None
     # the share of steps whose stages on other nodes than the driver's are checked against a recompute
     # on the driver's node (see cluster/verify.py): a stage that differs is reported and planned around
     verify_share: float = 0.0

@@ -87,7 +87,7 @@ def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = Non
                     cluster=None if prefill is not None else where, objective=objective,
                     drift_threshold=c.drift_threshold, drift_window_s=c.drift_window_s, move_kv=c.move_kv,
                     preallocate_kv=c.preallocate_kv, join_nodes=c.join_nodes, fetch_weights=c.fetch_weights,
-                    verify_share=c.verify_share))
+                    weights_index=c.weights_index, verify_share=c.verify_share))
         except BaseException:
             for pipeline in reversed(pipelines):
                 pipeline.close()
@@ -154,7 +154,7 @@ class LLM:
 
     def _open(self, model: str) -> Weights:
         """Find and open the model: its path, spec, tokenizer and the name a server calls it by."""
-        self.path = resolve(model)
+        self.path = resolve(model, self.config.weights_index)
         weights = open_weights(self.path)
         self.spec = weights.spec
         require_supported(self.spec)  # here, not first inside a Ray stage

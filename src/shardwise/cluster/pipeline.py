@@ -78,6 +78,7 @@ class Pipeline:
                  drift_window_s: float = EngineConfig.drift_window_s, move_kv: bool = EngineConfig.move_kv,
                  preallocate_kv: bool = EngineConfig.preallocate_kv, join_nodes: bool = EngineConfig.join_nodes,
                  fetch_weights: bool | None = EngineConfig.fetch_weights,
+                 weights_index: str | None = EngineConfig.weights_index,
                  verify_share: float = EngineConfig.verify_share):
         self.model_path, self.spec, self.dtype = model_path, spec, dtype
         self.kv_tokens, self.stage_timeout = kv_tokens, stage_timeout
@@ -95,6 +96,7 @@ class Pipeline:
         self._starting: list[ray.ObjectRef] = []  # spare stage processes starting: ready() of each
         self.join_nodes = join_nodes
         self.fetch_weights, self._source = fetch_weights, None  # (a WeightSource once a stage may need one)
+        self.weights_index = weights_index
         self._joins: dict[str, Join | None] = {}  # Ray nodes that joined: measured (None once offered)
         self._joins_checked = time.monotonic()
         self.on_event: Callable[[str, str], None] = lambda kind, message: None  # the scheduler's note()
@@ -203,8 +205,8 @@ class Pipeline:
             return None
         if self._source is None:
             self._source = WeightSource.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(str(self.model_path),
-                                                                                           self.spec)
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
+                str(self.model_path), self.spec, self.weights_index)
         return self._source
 
     def _launch(self, indices: list[int]) -> None:

