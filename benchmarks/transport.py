@@ -43,17 +43,17 @@ def main() -> None:
         ray.get([s.load.remote(str(path), span, "cpu", "float32") for s, span in zip(stages, layers, strict=True)])
         ids = list(range(batch))
         for stage in stages:
-            ray.get([stage.add.remote(i, greedy) for i in ids])
+            ray.get([stage.add.remote(i, greedy, [], None) for i in ids])
         prompt = [[100 + i] * 16 for i in ids]
         ref = None
         for stage in stages:
-            ref = stage.step.remote(ids, prompt, [True] * batch, ref, cores)
+            ref = stage.step.remote(ids, prompt, [True] * batch, ref, (cores,))
         return stages, ids, ray.get(ref)
 
     def refs_step(stages, ids, tokens):
         ref = None
         for stage in stages:
-            ref = stage.step.remote(ids, [[t] for t in tokens], [True] * len(ids), ref, cores)
+            ref = stage.step.remote(ids, [[t] for t in tokens], [True] * len(ids), ref, (cores,))
         return ray.get(ref)
 
     rows = []
@@ -68,7 +68,7 @@ def main() -> None:
                 dag = out.experimental_compile()
 
                 def step(tokens, dag=dag, ids=ids):
-                    return ray.get(dag.execute(ids, [[t] for t in tokens], [True] * len(ids), cores))
+                    return ray.get(dag.execute(ids, [[t] for t in tokens], [True] * len(ids), (cores,)))
             else:
                 def step(tokens, stages=stages, ids=ids):
                     return refs_step(stages, ids, tokens)

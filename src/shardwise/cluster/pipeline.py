@@ -44,7 +44,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from shardwise.cluster.drift import DriftWatch, Verdict
 from shardwise.cluster.joins import Join, newcomers
 from shardwise.cluster.ray_session import join
-from shardwise.cluster.stage import StageActor
+from shardwise.cluster.stage import TensorSeat, actor_on, stage_env
 from shardwise.cluster.verify import Checked, Verifier, is_greedy
 from shardwise.cluster.weight_source import WeightSource, wait_showing_progress
 from shardwise.config import EngineConfig
@@ -59,14 +59,6 @@ from shardwise.planner.topology import Cluster, plan_cluster
 
 log = logging.getLogger("shardwise.cluster")
 JOINS_CHECK_S = 2.0  # how often a watched pipeline looks for Ray nodes that joined, and at their measures
-
-
-def stage_env() -> dict:
-    """The stages' environment. Stages on one node take turns on its cores: OpenMP threads spin
-    only briefly before sleeping (hot between the ops of a step, out of the way while another
-    stage computes). And the log level asked for (shardwise --verbose)."""
-    level = {"SHARDWISE_LOG_LEVEL": os.environ["SHARDWISE_LOG_LEVEL"]} if "SHARDWISE_LOG_LEVEL" in os.environ else {}
-    return {"env_vars": {"GOMP_SPINCOUNT": "20000", **level}}
 
 
 class Pipeline:
@@ -119,10 +111,11 @@ class Pipeline:
         or take over the stages a move already `started` for it."""
         plan.check_layers(self.spec)
         self.plan, self.nodes = plan, started.nodes if started else self._place(plan)
-        self._check_memory(plan.stages, self.nodes)
+        self.device_nodes = [self._device_nodes(i, s) for i, s in enumerate(plan.stages)]
+        self._check_memory(plan.stages, self.device_nodes)
         self._set_threads()
         resources = {(n["NodeID"], s.device if s.device.startswith("cuda") else "cpu")
-                     for s, n in zip(plan.stages, self.nodes, strict=True)}
+                     for s, nodes in zip(plan.stages, self.device_nodes, strict=True) for n in nodes}
         self.parallelism = self._micro_batches or len(resources)
         n = len(plan.stages)
         self.stages, self.pids, self.node_ids = [None] * n, [None] * n, [None] * n
@@ -152,6 +145,10 @@ class Pipeline:
         """Watch the stages' speeds against the cluster file's (without one, nothing predicts them)."""
         if self.cluster is None or not self.drift_threshold:
             return
+        if any(s.devices for s in plan.stages):
+            log.warning("not watching the stages' speeds: the estimator does not predict tensor-parallel stages yet")
+            self.watch = None
+            return
         try:
             if self.watch is None:
                 self.watch = DriftWatch(self.spec, self.cluster, plan, quant=self.dtype, objective=self.objective,
@@ -164,22 +161,26 @@ class Pipeline:
             log.warning("not watching the stages' speeds: %s", e)
             self.watch = None
 
-    def _check_memory(self, stages: tuple[StageSpec, ...], nodes: list[dict[str, Any]]) -> None:
-        """Each node holds these stages' weights and KV (a ShardwiseError if not)."""
-        where = [f"{n['NodeManagerAddress']}/{s.device}" for n, s in zip(nodes, stages, strict=True)]
-        capacity = {f"{n['NodeManagerAddress']}/cpu": int(n["Resources"].get("memory", 0)) for n in nodes}
+    def _check_memory(self, stages: tuple[StageSpec, ...], nodes: list[list[dict[str, Any]]]) -> None:
+        """Each node holds these stages' weights and KV (a ShardwiseError if not); nodes: each
+        stage's devices' nodes."""
+        where = [[f"{n['NodeManagerAddress']}/{s.device}" for n in ns] for ns, s in zip(nodes, stages, strict=True)]
+        capacity = {f"{n['NodeManagerAddress']}/cpu": int(n["Resources"].get("memory", 0)) for ns in nodes for n in ns}
         Plan(stages).check_memory(self.spec, self._dtypes(stages), where, capacity, self.kv_tokens)
 
     def _dtypes(self, stages: tuple[StageSpec, ...]) -> list[str]:
         return [self.dtype or ("bfloat16" if s.device.startswith("cuda") else "float32") for s in stages]
 
     def _set_threads(self) -> None:
-        """Each stage's threads: alone on its node's cores, or sharing them when steps overlap
-        (always, with another pipeline's stages beside it)."""
-        nodes = self.nodes + self._beside
-        self._threads = [(s.threads or (self._share(n, nodes) if self._beside else self._cores(n)),
-                          s.threads or self._share(n, nodes))
-                         for s, n in zip(self.plan.stages, self.nodes, strict=True)]
+        """Each stage's threads (on each of its devices): alone on its node's cores, or sharing
+        them when steps overlap (always, with another pipeline's stages beside it). A
+        tensor-parallel stage's devices compute at once, so those on one node share its cores."""
+        everything = [n for nodes in self.device_nodes for n in nodes] + self._beside
+        self._threads = []
+        for stage, nodes in zip(self.plan.stages, self.device_nodes, strict=True):
+            alone = tuple(stage.threads or self._share(n, everything if self._beside else nodes) for n in nodes)
+            shared = tuple(stage.threads or self._share(n, everything) for n in nodes)
+            self._threads.append((alone, shared))
 
     def share_cores(self, beside: list[dict[str, Any]]) -> None:
         """Another pipeline's stages compute on these Ray nodes at the same time as this one's (a
@@ -191,17 +192,21 @@ class Pipeline:
         """An actor loading each stage on its node (into the warm spare there if there is one),
         and a ref to each one's (pid, node id) once loaded."""
         actors, loading = [], []
-        for stage, node in zip(stages, nodes, strict=True):
-            actors.append(self.spares.pop(node["NodeID"], None) or self._actor_on(node).remote())
+        for i, (stage, node) in enumerate(zip(stages, nodes, strict=True)):
+            devices = [node] + [self._node(i, placement) for placement, _ in stage.shares[1:]]
+            tensor = TensorSeat(tuple(share for _, share in stage.shares),
+                                nodes=tuple(n["NodeID"] for n in devices[1:])) if stage.devices else None
+            actors.append(self.spares.pop(node["NodeID"], None) or actor_on(node["NodeID"]).remote())
             loading.append(actors[-1].load.remote(str(self.model_path), stage.layers, stage.device, self.dtype,
-                                                  self._pool_tokens, self._source_for(node), self.fetch_weights))
+                                                  self._pool_tokens, self._source_for(devices), self.fetch_weights,
+                                                  tensor))
         return actors, loading
 
-    def _source_for(self, node: dict[str, Any]) -> ray.actor.ActorHandle | None:
+    def _source_for(self, nodes: list[dict[str, Any]]) -> ray.actor.ActorHandle | None:
         """The driver's node's WeightSource (started the first time it is needed), for a stage on
-        a node that may lack the model file: another machine, or any where fetch_weights is True."""
+        nodes that may lack the model file: another machine, or any where fetch_weights is True."""
         here = ray.get_runtime_context().get_node_id()
-        if self.fetch_weights is False or (node["NodeID"] == here and not self.fetch_weights):
+        if self.fetch_weights is False or (all(n["NodeID"] == here for n in nodes) and not self.fetch_weights):
             return None
         if self._source is None:
             self._source = WeightSource.options(
@@ -231,33 +236,34 @@ class Pipeline:
         for i, (pid, node_id) in zip(indices, ready, strict=False):
             self.pids[i], self.node_ids[i] = pid, node_id
 
-    @staticmethod
-    def _actor_on(node: dict[str, Any]) -> Any:
-        return StageActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
-                                  runtime_env=stage_env())
-
     def _keep_spares(self) -> None:
         """With spares: one warm, empty actor on each node that holds stages (started, not awaited)."""
         for node in self.nodes if self.use_spares else []:
             if node["NodeID"] not in self.spares:
-                self.spares[node["NodeID"]] = self._actor_on(node).remote()
+                self.spares[node["NodeID"]] = actor_on(node["NodeID"]).remote()
                 self._starting.append(self.spares[node["NodeID"]].ready.remote())
 
+    @classmethod
+    def _place(cls, plan: Plan) -> list[dict[str, Any]]:
+        """The Ray node of each stage (of its first device); an unknown placement is an error
+        before anything loads."""
+        return [cls._node(i, stage.placement) for i, stage in enumerate(plan.stages)]
+
+    @classmethod
+    def _device_nodes(cls, i: int, stage: StageSpec) -> list[dict[str, Any]]:
+        """The Ray node of each of a stage's devices."""
+        return [cls._node(i, placement) for placement, _ in stage.shares]
+
     @staticmethod
-    def _place(plan: Plan) -> list[dict[str, Any]]:
-        """The Ray node of each stage; an unknown placement is an error before anything loads."""
+    def _node(i: int, placement: str) -> dict[str, Any]:
         alive = [n for n in ray.nodes() if n["Alive"]]
-        local = ray.get_runtime_context().get_node_id()
-        placed = []
-        for i, stage in enumerate(plan.stages):
-            key = local if stage.placement == "local" else stage.placement
-            match = [n for n in alive if key in (n["NodeID"], n["NodeManagerAddress"])]
-            if not match:
-                known = ", ".join(f"{n['NodeManagerAddress']} ({n['NodeID'][:8]}…)" for n in alive)
-                raise ShardwiseError(f"plan stage {i} is placed on unknown node '{stage.placement}': "
-                                     f"the cluster has {known}; use one of those or \"local\"")
-            placed.append(match[0])
-        return placed
+        key = ray.get_runtime_context().get_node_id() if placement == "local" else placement
+        match = [n for n in alive if key in (n["NodeID"], n["NodeManagerAddress"])]
+        if not match:
+            known = ", ".join(f"{n['NodeManagerAddress']} ({n['NodeID'][:8]}…)" for n in alive)
+            raise ShardwiseError(f"plan stage {i} is placed on unknown node '{placement}': "
+                                 f"the cluster has {known}; use one of those or \"local\"")
+        return match[0]
 
     @staticmethod
     def _cores(node: dict[str, Any]) -> int:
@@ -440,7 +446,8 @@ class Pipeline:
         self._drop_move()  # a newer plan replaces one still loading
         actors = loading = []
         try:
-            self._check_memory(self.plan.stages + plan.stages, self.nodes + nodes)
+            new_nodes = [self._device_nodes(i, s) for i, s in enumerate(plan.stages)]
+            self._check_memory(self.plan.stages + plan.stages, self.device_nodes + new_nodes)
             actors, loading = self._start_actors(list(plan.stages), nodes)
         except ShardwiseError:
             log.info("the nodes cannot hold the old stages and the new at once: the old stop first")

@@ -1,4 +1,10 @@
-"""The Ray actor around one pipeline stage: a Worker holding layers [a, b) and their KV."""
+"""The Ray actor around one pipeline stage: a Worker holding layers [a, b) and their KV.
+
+A tensor-parallel stage is several such actors, one per device, each holding its slice of
+every layer (model/tensor_split.py). The pipeline talks to the first alone: it starts the
+others on their nodes (they live and die with it), and passes every call on to them, so
+all the devices' KV pools hold the same sequences in the same slots.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,50 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardwise.cluster.weight_source import local_model
+from shardwise.engine.collective import TensorGroup, open_store
 from shardwise.engine.prefix_cache import CachedPrefix
 from shardwise.engine.sampling import SamplingParams
-from shardwise.engine.shard import ShardModel
+from shardwise.engine.shard import ShardModel, TensorPart, resolve_device
 from shardwise.engine.structured import model_grammars
 from shardwise.engine.worker import Moving, Sampled, Worker
+from shardwise.errors import ShardwiseError
+from shardwise.model.tensor_split import split
 from shardwise.model.weights import open_weights
+
+log = logging.getLogger("shardwise.cluster")
+
+
+def stage_env() -> dict:
+    """The stages' environment. Stages on one node take turns on its cores: OpenMP threads spin
+    only briefly before sleeping (hot between the ops of a step, out of the way while another
+    stage computes). And the log level asked for (shardwise --verbose)."""
+    level = {"SHARDWISE_LOG_LEVEL": os.environ["SHARDWISE_LOG_LEVEL"]} if "SHARDWISE_LOG_LEVEL" in os.environ else {}
+    return {"env_vars": {"GOMP_SPINCOUNT": "20000", **level}}
+
+
+class TensorSeat(NamedTuple):
+    """An actor's place in a tensor-parallel stage: every device's share of the work, its own
+    rank and, for the others (rank > 0), the first device's rendezvous; for the first, the Ray
+    node of each other device."""
+
+    shares: tuple[float, ...]
+    rank: int = 0
+    address: tuple[str, int] | None = None
+    nodes: tuple[str, ...] = ()
+
+
+def actor_on(node_id: str) -> Any:
+    """A StageActor placed on this Ray node."""
+    return StageActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                              runtime_env=stage_env())
 
 
 @ray.remote(num_cpus=0)  # threads are set per stage by the plan, not by Ray's CPU accounting
@@ -28,46 +66,74 @@ class StageActor:
     def __init__(self):
         logging.basicConfig(level=os.environ.get("SHARDWISE_LOG_LEVEL", "WARNING"),
                             format="%(asctime)s %(name)s: %(message)s")
-        self.worker = None
+        self.worker, self.group, self.peers = None, None, []
 
     def load(self, model_path: str, layers: tuple[int, int], device: str, dtype: str | None,
              kv_tokens: int = 0, source: ray.actor.ActorHandle | None = None,
-             fetch: bool | None = None) -> tuple[int, str]:
+             fetch: bool | None = None, tensor: TensorSeat | None = None) -> tuple[int, str]:
         """kv_tokens: the KV pool's room from the start (0: it grows as sequences need it).
         source: the driver's node's WeightSource, where this node may lack the model file (see
-        weight_source.local_model; fetch: True always fetches)."""
+        weight_source.local_model; fetch: True always fetches). tensor: this actor's seat where
+        the stage's layers are split among devices (the first starts the others here)."""
         path = Path(local_model(model_path, layers, source, fetch))
-        weights = open_weights(path)  # memory-mapped: only this stage's tensors are read
-        shard = ShardModel(weights.spec, layers, weights=weights, device=device, dtype=dtype)
+        weights = open_weights(path)  # memory-mapped: only this stage's tensors (or its slices) are read
+        part, loading = None, []
+        if tensor is not None:
+            host, store = ray.util.get_node_ip_address(), None
+            address = tensor.address
+            if tensor.rank == 0:
+                store, port = open_store(host)
+                address = (host, port)
+                self.peers = [actor_on(node).remote() for node in tensor.nodes]
+                loading = [peer.load.remote(model_path, layers, device, dtype, kv_tokens, source, fetch,
+                                            TensorSeat(tensor.shares, rank, address))
+                           for rank, peer in enumerate(self.peers, 1)]
+            self.group = TensorGroup(tensor.rank, len(tensor.shares), address, host, resolve_device(device),
+                                     store=store)
+            part = TensorPart(split(weights.spec, tensor.shares)[tensor.rank], self.group)
+        shard = ShardModel(weights.spec, layers, weights=weights, device=device, dtype=dtype, tensor=part)
         shard.kv.hold_at_least(kv_tokens)
         self.worker = Worker(shard, model_grammars(path, weights))
+        ray.get(loading)
         return self.ready()
 
     def ready(self) -> tuple[int, str]:
         """Once loaded: this actor's process id and Ray node id."""
         return os.getpid(), ray.get_runtime_context().get_node_id()
 
+    def _others(self, method: str, *args: Any) -> list[ray.ObjectRef]:
+        """The same call on the stage's other devices (an actor runs one caller's calls in order)."""
+        return [getattr(peer, method).remote(*args) for peer in self.peers]
+
     def add(self, seq_id: int, params: SamplingParams, generated: list[int], prefix: CachedPrefix | None) -> None:
+        self._others("add", seq_id, params, generated, prefix)
         self.worker.add(seq_id, params, generated, prefix)
 
     def keep(self, seq_id: int, first: int, keys: list[bytes]) -> None:
+        self._others("keep", seq_id, first, keys)
         self.worker.keep(seq_id, first, keys)
 
     def evict(self, keys: list[bytes]) -> None:
+        self._others("evict", keys)
         self.worker.evict(keys)
 
     def free(self, seq_id: int) -> None:
+        self._others("free", seq_id)
         self.worker.free(seq_id)
 
     def rewind(self, seq_id: int, length: int) -> None:
+        self._others("rewind", seq_id, length)
         self.worker.rewind(seq_id, length)
 
     def reset(self) -> None:
+        ray.get(self._others("reset"))
         self.worker.reset()
 
     def export(self, seq_ids: list[int]) -> dict[int, Moving]:
         """KV travels as numpy arrays, as hidden states do (Ray pickles a torch tensor through
         copies, ~5x slower)."""
+        if self.group is not None:
+            raise ShardwiseError("a tensor-parallel stage's KV cannot move yet: its sequences are replayed")
         return {i: m._replace(kv=m.kv.cpu().numpy()) for i, m in self.worker.export(seq_ids).items()}
 
     def adopt(self, *exports: dict[int, Moving]) -> None:
@@ -78,20 +144,42 @@ class StageActor:
             self.worker.adopt(*({i: m._replace(kv=torch.from_numpy(m.kv)) for i, m in e.items()} for e in exports))
 
     def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
-             previous: tuple[np.ndarray, tuple[float, ...]] | None, threads: int) -> tuple | Sampled:
+             previous: tuple[np.ndarray, tuple[float, ...]] | None, threads: tuple[int, ...]) -> tuple | Sampled:
         """Hidden states travel as float32 numpy arrays (zero-copy in Ray's object store), with
         the seconds each stage so far computed; the last stage returns token ids (and any
         logprobs asked for) only, with every stage's seconds. threads: how many cores this step
-        may use."""
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        may use, on each of the stage's devices."""
+        if torch.get_num_threads() != threads[0]:
+            torch.set_num_threads(threads[0])
+        shared = ray.put(previous) if self.peers else None
+        others = [peer.step.remote(seq_ids, chunks, sample, shared, (n,))
+                  for peer, n in zip(self.peers, threads[1:], strict=True)]
         hidden, seconds = previous or (None, ())
         inputs = None if hidden is None else torch.from_numpy(hidden.copy())
-        out = self.worker.step(seq_ids, chunks, sample, inputs)
+        try:
+            out = self.worker.step(seq_ids, chunks, sample, inputs)
+        except Exception:
+            self._check(others)  # a device that died is the cause
+            raise
+        self._check(others)
+        if self.group is not None and self.group.rank > 0:
+            return None
         seconds = (*seconds, self.worker.last_step_s)
         if isinstance(out, torch.Tensor):
             return out.float().cpu().numpy(), seconds
         return out._replace(stage_seconds=seconds)
 
+    def _check(self, others: list[ray.ObjectRef]) -> None:
+        """Wait for the other devices' step. One that died takes this actor with it, so that the
+        pipeline sees the stage lost and starts it afresh, every device included."""
+        try:
+            ray.get(others)
+        except ray.exceptions.RayActorError:
+            log.warning("a device of this tensor-parallel stage died: the stage stops")
+            ray.actor.exit_actor()
+
     def stats(self) -> dict:
-        return self.worker.stats()
+        stats = self.worker.stats()
+        if self.group is not None:
+            stats |= {"tensor_devices": self.group.size, "tensor_collective_s": self.group.seconds}
+        return stats

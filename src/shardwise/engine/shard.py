@@ -9,19 +9,21 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from shardwise import kernels
 from shardwise.engine.allocator import keep_buffers_in_heap
+from shardwise.engine.collective import TensorGroup
 from shardwise.engine.kv_cache import KVCache
 from shardwise.errors import ShardwiseError
 from shardwise.model.fused_decode import FusedDecode
 from shardwise.model.layers import Block, PackedBatch, RMSNorm, RotaryTable, softcap
 from shardwise.model.product import Product, head_product
 from shardwise.model.spec import ModelSpec, require_supported
+from shardwise.model.tensor_split import RankSlice
 from shardwise.model.weights import Weights
 from shardwise.quant import QuantizedWeight
 from shardwise.quant.quantized import BITS
@@ -52,9 +54,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+class TensorPart(NamedTuple):
+    """A shard's part of a tensor-parallel stage: its slice of each layer and the group it sums with."""
+
+    slice: RankSlice
+    group: TensorGroup
+
+
 class ShardModel:
+    """tensor: this device's part where the shard's layers are split among several devices. The
+    first device of the group holds the embedding and the LM head; the others take the first's
+    embeddings and return their hidden states (which equal the first's)."""
+
     def __init__(self, spec: ModelSpec, layers: tuple[int, int] | None = None, *, weights: Weights,
-                 device: str | torch.device = "cpu", dtype: str | None = None):
+                 device: str | torch.device = "cpu", dtype: str | None = None, tensor: TensorPart | None = None):
         require_supported(spec)
         start, end = layers if layers is not None else (0, spec.num_layers)
         if not (0 <= start < end <= spec.num_layers):
@@ -72,21 +85,28 @@ class ShardModel:
         # int8 / int4 name the weights' format; activations and the KV cache stay at the device's float dtype
         self.weight_dtype, bits = dtype, BITS.get(dtype)
         self.dtype = DTYPES[default_dtype(self.device) if bits else dtype]
-        self.spec, self.start, self.end = spec, start, end
-        self.is_first, self.is_last = start == 0, end == spec.num_layers
+        self.spec, self.start, self.end, self.tensor = spec, start, end, tensor
+        leads = tensor is None or tensor.slice.rank == 0
+        self.is_first, self.is_last = start == 0 and leads, end == spec.num_layers and leads
+        part = tensor.slice if tensor else None
 
         def load(name: str) -> torch.Tensor | QuantizedWeight:
+            layer_part = name.split(".")[2] if name.startswith("layers.") else ""
+            rows = part.rows(spec, layer_part) if part else None
+            cols = part.columns_of(spec, layer_part) if part and name.endswith(".weight") else None
             ends = name in ("embed.weight", "head.weight")
-            if bits and (ends or name.endswith(".weight") and name.split(".")[-2] in MATRICES):
+            if bits and (ends or name.endswith(".weight") and layer_part in MATRICES):
                 # the embedding / LM head (which makes every logit) never below 8 bits, as in llama.cpp
-                q = weights.get_quantized(name, 8 if ends else bits)
+                q = weights.get_quantized(name, 8 if ends else bits, rows, cols)
                 return q.to(self.device) if isinstance(q, QuantizedWeight) else q.to(self.device, self.dtype)
-            return weights.require(name).to(self.device, self.dtype)
+            return weights.require(name, rows, cols).to(self.device, self.dtype)
 
         self.embed = load("embed.weight") if self.is_first else None
         # Gemma scales embeddings by sqrt(hidden), in the residual dtype
         self.embed_scale = torch.tensor(spec.hidden_size**0.5, dtype=self.dtype) if spec.scale_embeddings else None
-        self.blocks = [Block(spec, i, self._layer_tensors(weights, i, load)) for i in range(start, end)]
+        local = part.local_spec(spec) if part else spec  # the heads and columns this device holds
+        reduce = tensor.group.all_reduce if tensor else None
+        self.blocks = [Block(local, i, self._layer_tensors(weights, i, load, part), reduce) for i in range(start, end)]
         self.fused = FusedDecode.for_blocks(self.blocks)  # decode steps in one kernel call, where it applies
         if self.is_last:
             self.norm = RMSNorm(load("norm.weight"), spec.norm_eps)
@@ -95,7 +115,7 @@ class ShardModel:
                                      else load("embed.weight" if tied else "head.weight"))
         self.rotary = {kind: RotaryTable.for_spec(spec, kind, self.device)
                        for kind in sorted({block.rope_kind for block in self.blocks})}
-        self.kv = KVCache(end - start, spec.num_kv_heads, spec.head_dim, self.dtype, self.device)
+        self.kv = KVCache(end - start, local.num_kv_heads, spec.head_dim, self.dtype, self.device)
         log.info("layers [%d, %d) on %s, %s weights; products by rows: qkv %s%s; decode steps %s", start, end,
                  self.device, dtype, self.blocks[0].qkv, f"; head {self.head}" if self.is_last else "",
                  "in one kernel call" if self.fused else "layer by layer")
@@ -110,7 +130,7 @@ class ShardModel:
         view.is_first, view.is_last = start == 0, end == self.spec.num_layers
         view.blocks = self.blocks[start - self.start:end - self.start]
         view.fused = FusedDecode.for_blocks(view.blocks)
-        view.kv = KVCache(end - start, self.spec.num_kv_heads, self.spec.head_dim, self.dtype, self.device)
+        view.kv = KVCache(end - start, self.kv.data.shape[2], self.spec.head_dim, self.dtype, self.device)
         return view
 
     def weight_bytes(self) -> int:
@@ -135,12 +155,12 @@ class ShardModel:
         return sum(held.values())
 
     @staticmethod
-    def _layer_tensors(weights: Weights, i: int, load) -> dict[str, torch.Tensor]:
+    def _layer_tensors(weights: Weights, i: int, load, tensor_slice: RankSlice | None) -> dict[str, torch.Tensor]:
         tensors = {}
         for part in weights.layer_parts:
             for kind in ("weight", "bias"):
                 name = f"layers.{i}.{part}.{kind}"
-                if kind == "weight" or weights.has(name):
+                if kind == "weight" or weights.has(name) and (tensor_slice is None or tensor_slice.keeps_bias(part)):
                     tensors[f"{part}.{kind}"] = load(name)
         return tensors
 
@@ -169,19 +189,24 @@ class ShardModel:
         sequence's last token [sequences, vocab] (every token's with logits="all"), and for
         each of a verified sequence's tokens, in order.
         """
-        if len(seq_ids) != len(lengths) or sum(lengths) != inputs.shape[0]:
+        receives = self.tensor is not None and self.start == 0 and not self.is_first  # the first device's embeddings
+        if len(seq_ids) != len(lengths) or not receives and sum(lengths) != inputs.shape[0]:
             raise ShardwiseError(f"batch mismatch: {len(seq_ids)} sequences, lengths {lengths}, "
                                  f"{inputs.shape[0]} input tokens")
         verify = verify or [False] * len(seq_ids)
         batch = self._pack(seq_ids, lengths, verify)
-        x = inputs.to(self.device)
-        if self.is_first:
+        if receives:
+            x = torch.empty(sum(lengths), self.spec.hidden_size, dtype=self.dtype, device=self.device)
+        elif self.is_first:
+            x = inputs.to(self.device)
             x = self.embed.dequantize(self.dtype, x) if isinstance(self.embed, QuantizedWeight) else F.embedding(
                 x, self.embed)
             if self.embed_scale is not None:
                 x = x * self.embed_scale
         else:
-            x = x.to(self.dtype)
+            x = inputs.to(self.device, self.dtype)
+        if self.tensor is not None and self.start == 0:
+            x = self.tensor.group.broadcast(x.contiguous())
         if self.fused is not None and self.fused.applies(batch, x.shape[0]):
             x = self.fused(x, batch, self.kv.data)
         else:

@@ -39,6 +39,8 @@ def _plain(block: Block) -> bool:
     products must all be the compiled kernels' (the C code chooses among them by rows as the
     products do), on contiguous weights."""
     mlp = block.mlp
+    if block.reduce is not None:  # a tensor-parallel block sums its parts between the kernel's halves
+        return False
     if not isinstance(mlp, GatedMLP) or not mlp.gate.compiled or not block.compiled_decode:
         return False
     if block.rope_kind != "global" or any(norm is not None for norm in (block.post_attn_norm, block.post_mlp_norm)):

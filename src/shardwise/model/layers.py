@@ -9,6 +9,7 @@ attend together in one padded, masked batch; prompt chunks attend one by one.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -214,8 +215,11 @@ class Block:
     variations of the supported architectures: q/k norms, sandwich norms, a sliding window,
     soft-capped scores."""
 
-    def __init__(self, spec: ModelSpec, index: int, tensors: dict[str, torch.Tensor]):
-        self.spec, self.index = spec, index
+    def __init__(self, spec: ModelSpec, index: int, tensors: dict[str, torch.Tensor],
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """spec: the model as this block sees it (a tensor-parallel device's heads and columns);
+        reduce: sums a tensor-parallel group's partial outputs of attention and of the MLP."""
+        self.spec, self.index, self.reduce = spec, index, reduce
         self.eps = spec.norm_eps
         self.window = spec.window(index)
         self.rope_kind = "local" if self.window is not None and spec.rope_local_theta else "global"
@@ -235,8 +239,12 @@ class Block:
     def __call__(self, x: torch.Tensor, batch: PackedBatch, cache: torch.Tensor) -> torch.Tensor:
         """cache: this layer's KV pool [2, kv_heads, slots, head_dim]."""
         h = self.attention(self.attn_norm(x), batch, cache)
+        if self.reduce is not None:
+            h = self.reduce(h)
         x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
         h = self.mlp(self.mlp_norm(x))
+        if self.reduce is not None:
+            h = self.reduce(h)
         return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h))
 
     def attention(self, h: torch.Tensor, batch: PackedBatch, cache: torch.Tensor) -> torch.Tensor:

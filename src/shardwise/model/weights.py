@@ -27,6 +27,9 @@ from shardwise.model.spec import ModelSpec
 from shardwise.quant import QuantizedWeight, quantize
 from shardwise.quant.gguf import EXACT_TYPES, from_gguf
 
+Rows = list[tuple[int, int]] | None  # output rows [a, b) of a weight (elements of a vector), in order
+Columns = tuple[int, int] | None  # input columns [a, b) of a weight
+
 # The layer parts of each architecture: canonical part -> (GGUF tensor part, HF tensor part).
 # "{e}" in an HF name: one tensor per expert, stacked here as GGUF stores them.
 ATTENTION = {
@@ -100,21 +103,24 @@ class Weights(ABC):
     def has(self, name: str) -> bool: ...
 
     @abstractmethod
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str, rows: Rows = None, cols: Columns = None) -> torch.Tensor:
+        """A tensor, or only these output rows (ranges, in order) and input columns of it (a
+        tensor-parallel device's slice: the rest is never read)."""
 
     @abstractmethod
     def eos_token_ids(self) -> set[int]:
         """Tokens that end generation, beyond the tokenizer's eos (e.g. Llama 3's <|eot_id|>)."""
 
-    def require(self, name: str) -> torch.Tensor:
+    def require(self, name: str, rows: Rows = None, cols: Columns = None) -> torch.Tensor:
         if not self.has(name):
             raise ShardwiseError(f"{self.path}: tensor '{name}' is missing; the file is incomplete")
-        return self.get(name)
+        return self.get(name, rows, cols)
 
-    def get_quantized(self, name: str, bits: int) -> QuantizedWeight | torch.Tensor:
-        """A weight matrix in blocks of `bits` bits, rounded from its floats (rows whose length
-        is not a multiple of the block stay float)."""
-        tensor = self.require(name)
+    def get_quantized(self, name: str, bits: int, rows: Rows = None,
+                      cols: Columns = None) -> QuantizedWeight | torch.Tensor:
+        """A weight matrix (or its slice, as get's) in blocks of `bits` bits, rounded from its
+        floats (rows whose length is not a multiple of the block stay float)."""
+        tensor = self.require(name, rows, cols)
         return tensor if tensor.shape[-1] % 32 else quantize(tensor, bits)
 
 
@@ -153,45 +159,68 @@ class GGUFWeights(Weights):
         keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
         return {int(self.metadata[k]) for k in keys if k in self.metadata}
 
-    def _rows(self, t: GGUFTensor) -> np.ndarray:
-        """The tensor's bytes, as rows of its innermost dimension."""
-        return self._bytes[t.offset : t.offset + t.nbytes].reshape(math.prod(t.shape[:-1]), -1)
-
-    def _dequantize(self, t: GGUFTensor) -> np.ndarray:
+    def _cut(self, t: GGUFTensor, rows: Rows, cols: Columns) -> tuple[np.ndarray, tuple[int, ...], Columns]:
+        """The bytes of these rows and columns of the tensor (as rows of its innermost dimension),
+        their shape, and the columns still to cut from their floats: columns are cut in whole
+        blocks, so a cut inside a block reads the blocks around it."""
         import gguf
 
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.type)]
+        shape = list(t.shape)
+        data = self._bytes[t.offset : t.offset + t.nbytes].reshape(*shape[:-1], -1)
+        if len(shape) == 1 and rows is not None:  # a vector's rows are its elements (biases: floats)
+            data = np.concatenate([data.reshape(shape[0], -1)[a:b] for a, b in rows])
+            shape, rows = [len(data)], None
+        if rows is not None:
+            data = np.concatenate([data[..., a:b, :] for a, b in rows], axis=-2)
+            shape[-2] = sum(b - a for a, b in rows)
+        left = None
+        if cols is not None:
+            first, end = cols[0] // block * block, -(-cols[1] // block) * block
+            data = data[..., first // block * size : end // block * size]
+            shape[-1] = end - first
+            left = None if (first, end) == cols else (cols[0] - first, cols[1] - first)
+        return np.ascontiguousarray(data).reshape(math.prod(shape[:-1]), -1), tuple(shape), left
+
+    def _dequantize(self, t: GGUFTensor, rows: Rows = None, cols: Columns = None) -> np.ndarray:
+        import gguf
+
+        data, shape, left = self._cut(t, rows, cols)
         if t.type in EXACT_TYPES:
-            return from_gguf(t.type, self._rows(t), t.shape).dequantize().numpy().reshape(t.shape)
-        values = gguf.quants.dequantize(self._rows(t), gguf.GGMLQuantizationType(t.type))
-        return values.astype(np.float32, copy=False).reshape(t.shape)
+            values = from_gguf(t.type, data, shape).dequantize().numpy().reshape(shape)
+        else:
+            values = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(t.type))
+            values = values.astype(np.float32, copy=False).reshape(shape)
+        return values if left is None else values[..., left[0] : left[1]]
 
-    def _rope_heads(self, name: str) -> int | None:
-        """The heads whose rows llama.cpp permuted in this tensor, if it did."""
+    def _rope_permuted(self, name: str) -> bool:
+        """Whether llama.cpp permuted this tensor's rows within each head."""
         part = name.split(".")[2] if name.startswith("layers.") else ""
-        if self.spec.architecture in GGUF_ROPE_PERMUTED and part in ("q", "k"):
-            return self.spec.num_heads if part == "q" else self.spec.num_kv_heads
-        return None
+        return self.spec.architecture in GGUF_ROPE_PERMUTED and part in ("q", "k")
 
-    def get(self, name: str) -> torch.Tensor:
-        values = self._dequantize(self._tensors[self.native_name(name)])
-        if (heads := self._rope_heads(name)) is not None:
-            values = _unpermute_rope(values, heads)
+    def get(self, name: str, rows: Rows = None, cols: Columns = None) -> torch.Tensor:
+        values = self._dequantize(self._tensors[self.native_name(name)], rows, cols)
+        if self._rope_permuted(name):
+            values = _unpermute_rope(values, len(values) // self.spec.head_dim)
         if not values.flags.writeable:  # unquantized tensors are views of the read-only map
             values = values.copy()
         return torch.from_numpy(np.ascontiguousarray(values))
 
-    def get_quantized(self, name: str, bits: int) -> QuantizedWeight | torch.Tensor:
+    def get_quantized(self, name: str, bits: int, rows: Rows = None,
+                      cols: Columns = None) -> QuantizedWeight | torch.Tensor:
         """The file's own Q8_0 / Q4_0 / Q4_1 / Q4_K blocks as they are (exact) when they are no
         wider than asked (4-bit blocks asked for as 8 stay 4-bit: widening adds bytes, not
-        precision); any other type is rounded from its floats."""
+        precision); any other type, or columns cut inside a block, is rounded from its floats."""
         if not self.has(name):
-            return super().get_quantized(name, bits)  # which reports the missing tensor
+            return super().get_quantized(name, bits, rows, cols)  # which reports the missing tensor
         t = self._tensors[self.native_name(name)]
-        kept = from_gguf(t.type, self._rows(t), t.shape)
+        data, shape, left = self._cut(t, rows, cols)
+        kept = None if left is not None else from_gguf(t.type, data, shape)
         if kept is None or kept.bits > bits:
-            return super().get_quantized(name, bits)
-        if (heads := self._rope_heads(name)) is not None:
-            kept = kept.permute_rows(torch.from_numpy(_unpermute_rope(np.arange(t.shape[0]), heads)))
+            return super().get_quantized(name, bits, rows, cols)
+        if self._rope_permuted(name):
+            heads = shape[0] // self.spec.head_dim
+            kept = kept.permute_rows(torch.from_numpy(_unpermute_rope(np.arange(shape[0]), heads)))
         return kept
 
 
@@ -280,17 +309,23 @@ class SafetensorsWeights(Weights):
         eos = json.loads(config.read_text()).get("eos_token_id") if config.is_file() else None
         return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: Rows = None, cols: Columns = None) -> torch.Tensor:
         native = self.native_name(name)
         if "{e}" in native:
-            return torch.stack([self.get_native(native.format(e=e)) for e in range(self.spec.num_experts)])
-        tensor = self.get_native(native)
+            return torch.stack([self.get_native(native.format(e=e), rows, cols) for e in range(self.spec.num_experts)])
+        tensor = self.get_native(native, rows, cols)
         if name.endswith("norm.weight"):
             tensor += HF_NORM_OFFSET.get(self.spec.architecture, 0.0)
         return tensor
 
-    def get_native(self, native: str) -> torch.Tensor:
-        return self._where[native].get_tensor(native).float()
+    def get_native(self, native: str, rows: Rows = None, cols: Columns = None) -> torch.Tensor:
+        if rows is None and cols is None:
+            return self._where[native].get_tensor(native).float()
+        sliced = self._where[native].get_slice(native)  # reads only the ranges asked for
+        c = slice(*cols) if cols is not None else slice(None)
+        if len(sliced.get_shape()) == 1:
+            return torch.cat([sliced[a:b] for a, b in rows]).float()
+        return torch.cat([sliced[slice(*r), c] for r in rows or [(None, None)]]).float()
 
 
 def open_weights(path: Path) -> Weights:

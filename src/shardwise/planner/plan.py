@@ -3,7 +3,12 @@
     {"stages": [{"layers": [0, 15], "placement": "local", "device": "cpu", "threads": 1},
                 {"layers": [15, 30], "placement": "10.0.0.7", "device": "cuda:0"}]}
 
-placement is "local" (the driver's node), a Ray node id, or a node's IP address.
+placement is "local" (the driver's node), a Ray node id, or a node's IP address. A stage
+may split its layers among several devices (tensor parallelism), each taking its share of
+every layer's heads and columns:
+
+    {"layers": [0, 30], "devices": [{"placement": "local", "share": 0.75},
+                                    {"placement": "10.0.0.7", "share": 0.25}]}
 """
 
 from __future__ import annotations
@@ -17,17 +22,35 @@ from typing import Any
 from shardwise.config import EngineConfig
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec, check_layer_ranges, even_layer_ranges
+from shardwise.model.tensor_split import split
 from shardwise.perf.memory import stage_bytes
 
 DEFAULT_KV_TOKENS = EngineConfig.kv_tokens  # KV budget each stage must fit besides its weights
 
 
 @dataclass(frozen=True)
+class TensorDevice:
+    """One device of a tensor-parallel stage: its node, and its share of each layer's work."""
+
+    placement: str = "local"
+    share: float = 1.0
+
+
+@dataclass(frozen=True)
 class StageSpec:
     layers: tuple[int, int]  # [start, end)
-    placement: str = "local"
+    placement: str = "local"  # (a tensor-parallel stage's first device's)
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads; None: share this node's cores among its stages
+    devices: tuple[TensorDevice, ...] = ()  # two or more: the layers split among them
+
+    @property
+    def shares(self) -> list[tuple[str, float]]:
+        """Each device's placement and fraction of the stage's work (one device: all of it)."""
+        if not self.devices:
+            return [(self.placement, 1.0)]
+        total = sum(d.share for d in self.devices)
+        return [(d.placement, d.share / total) for d in self.devices]
 
 
 @dataclass(frozen=True)
@@ -41,7 +64,13 @@ class Plan:
 
     # --- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"stages": [{**asdict(s), "layers": list(s.layers)} for s in self.stages]}
+        stages = []
+        for s in self.stages:
+            stage = {**asdict(s), "layers": list(s.layers)}
+            if not s.devices:
+                del stage["devices"]
+            stages.append(stage)
+        return {"stages": stages}
 
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
@@ -51,18 +80,20 @@ class Plan:
         for i, s in enumerate(data["stages"]):
             if not isinstance(s, dict) or "layers" not in s:
                 raise ShardwiseError(f'plan stage {i} needs "layers": [start, end]')
-            unknown = set(s) - {"layers", "placement", "device", "threads"}
+            unknown = set(s) - {"layers", "placement", "device", "threads", "devices"}
             if unknown:
                 raise ShardwiseError(f"plan stage {i} has unknown fields {sorted(unknown)}: "
-                                     "allowed are layers, placement, device, threads")
+                                     "allowed are layers, placement, device, threads, devices")
             layers = s["layers"]
             if not (isinstance(layers, list | tuple) and len(layers) == 2 and all(type(x) is int for x in layers)):
                 raise ShardwiseError(f'plan stage {i}: "layers" must be two integers [start, end], got {layers!r}')
             threads = s.get("threads")
             if threads is not None and (type(threads) is not int or threads < 1):
                 raise ShardwiseError(f'plan stage {i}: "threads" must be a positive integer, got {threads!r}')
-            stages.append(StageSpec((layers[0], layers[1]), str(s.get("placement", "local")),
-                                    str(s.get("device", "cpu")), threads))
+            devices = _devices(i, s.get("devices", []))
+            placement = devices[0].placement if devices else str(s.get("placement", "local"))
+            stages.append(StageSpec((layers[0], layers[1]), placement, str(s.get("device", "cpu")), threads,
+                                    devices if len(devices) > 1 else ()))
         return cls(tuple(stages))
 
     @classmethod
@@ -71,24 +102,49 @@ class Plan:
 
     # --- validation ---------------------------------------------------------------------------
     def check_layers(self, spec: ModelSpec) -> None:
-        """Stages must cover layers 0..L-1 in order, each non-empty, with no gap or overlap."""
+        """Stages must cover layers 0..L-1 in order, each non-empty, with no gap or overlap; a
+        tensor-parallel stage must have no more devices than the model has heads."""
         check_layer_ranges([s.layers for s in self.stages], spec.num_layers)
+        for i, stage in enumerate(self.stages):
+            if stage.devices:
+                try:
+                    split(spec, tuple(d.share for d in stage.devices))
+                except ShardwiseError as e:
+                    raise ShardwiseError(f"plan stage {i}: {e}") from None
 
-    def check_memory(self, spec: ModelSpec, dtypes: list[str], where: list[str], capacity: dict[str, int],
+    def check_memory(self, spec: ModelSpec, dtypes: list[str], where: list[list[str]], capacity: dict[str, int],
                      kv_tokens: int) -> None:
-        """The stages placed on one memory (where[i], e.g. "10.0.0.7/cpu") must fit it together:
-        weights at their dtype plus a KV budget of kv_tokens tokens each."""
+        """The stages placed on one memory (where[i]: each of stage i's devices', e.g. "10.0.0.7/cpu")
+        must fit it together: weights at their dtype plus a KV budget of kv_tokens tokens each."""
         need: dict[str, float] = {}
-        for stage, dtype, key in zip(self.stages, dtypes, where, strict=True):
-            need[key] = need.get(key, 0) + stage_bytes(spec, stage.layers, dtype, kv_tokens)
+        for stage, dtype, keys in zip(self.stages, dtypes, where, strict=True):
+            for key, (_, fraction) in zip(keys, stage.shares, strict=True):  # a device holds its share
+                need[key] = need.get(key, 0) + fraction * stage_bytes(spec, stage.layers, dtype, kv_tokens)
         for key, total in need.items():
             if key in capacity and total > capacity[key]:
-                ids = [i for i, k in enumerate(where) if k == key]
+                ids = [i for i, keys in enumerate(where) if key in keys]
                 raise ShardwiseError(
                     f"plan stages {ids} on {key} need {total / 2**30:.2f} GiB (weights + KV for {kv_tokens} "
                     f"tokens) but it has {capacity[key] / 2**30:.2f} GiB: move layers elsewhere, add stages "
                     "on other devices, or lower the KV budget"
                 )
+
+
+def _devices(i: int, given: Any) -> tuple[TensorDevice, ...]:
+    """A stage's "devices" list, checked."""
+    if not isinstance(given, list) or not all(isinstance(d, dict) for d in given):
+        raise ShardwiseError(f'plan stage {i}: "devices" must be a list of {{"placement": ..., "share": ...}}')
+    devices = []
+    for d in given:
+        unknown = set(d) - {"placement", "share"}
+        share = d.get("share", 1.0)
+        if unknown:
+            raise ShardwiseError(f"plan stage {i}: a device has unknown fields {sorted(unknown)}: "
+                                 "allowed are placement, share")
+        if type(share) not in (int, float) or not share > 0:
+            raise ShardwiseError(f'plan stage {i}: a device\'s "share" must be a positive number, got {share!r}')
+        devices.append(TensorDevice(str(d.get("placement", "local")), float(share)))
+    return tuple(devices)
 
 
 def read_file(path: str | Path, what: str, parse: Callable[[str], Any], malformed: type[Exception],
