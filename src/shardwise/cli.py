@@ -59,6 +59,10 @@ GAMMA_OPTION = typer.Option(help="With --draft: most tokens drafted per step (de
                                   "4 for ngram).")
 
 
+TENSOR_PARALLEL_OPTION = typer.Option(help="Split each stage's layers among N local devices (tensor "
+                                            "parallelism: Ray actors summing their parts each layer).")
+
+
 def _speculative(draft: str | None, gamma: int | None):
     from shardwise.config import SpeculativeConfig
 
@@ -76,6 +80,7 @@ def generate(
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Send the prompt as raw text.")] = False,
     stages: Annotated[int | None, typer.Option(help="Split the model evenly over N local Ray stages.")] = None,
     plan: Annotated[str | None, typer.Option(help="A plan JSON file: which layers run where.")] = None,
+    tensor_parallel: Annotated[int | None, TENSOR_PARALLEL_OPTION] = None,
     cluster: Annotated[str | None, typer.Option(help="A cluster file (as `shardwise plan` reads): the planner "
                                                      "places the stages, and re-plans if a node dies.")] = None,
     objective: Annotated[str, typer.Option(help="What --cluster plans for: latency or throughput.")] = "latency",
@@ -113,8 +118,9 @@ def generate(
         if collab:
             from shardwise.collab.client import collaborative
 
-            if stages or plan or cluster or address:
-                raise ShardwiseError("--collab runs with a server: leave out --stages, --plan, --cluster, --address")
+            if stages or plan or cluster or address or tensor_parallel:
+                raise ShardwiseError("--collab runs with a server: leave out --stages, --plan, --cluster, --address, "
+                                     "--tensor-parallel")
             executor = collaborative(collab, sla=_seconds(sla), api_key=api_key, verify=ca_cert or True)
             llm = LLM(model, executor=executor, threads=threads, max_num_seqs=8)
             session = llm.executor.session
@@ -122,8 +128,9 @@ def generate(
             typer.secho(f"split: {split}" + (f" ({session['note']})" if session["note"] else ""), err=True, dim=True)
         else:
             llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
-                      device=device, dtype=dtype, threads=threads, speculative=_speculative(draft, gamma),
-                      fetch_weights=fetch_weights, weights_index=weights_index, verify_share=verify_stages)
+                      tensor_parallel=tensor_parallel, device=device, dtype=dtype, threads=threads,
+                      speculative=_speculative(draft, gamma), fetch_weights=fetch_weights,
+                      weights_index=weights_index, verify_share=verify_stages)
         request = prompt if no_chat else [{"role": "user", "content": prompt}]
         try:
             for piece, output in llm.stream_outputs(request, params):  # noqa: B007 (used after the loop)
@@ -167,6 +174,7 @@ def serve(
     model: Annotated[str, typer.Option(help="Model name, .gguf file or HF model directory.")] = DEFAULT_MODEL,
     stages: Annotated[int | None, typer.Option(help="Split the model evenly over N local Ray stages.")] = None,
     plan: Annotated[str | None, typer.Option(help="A plan JSON file: which layers run where.")] = None,
+    tensor_parallel: Annotated[int | None, TENSOR_PARALLEL_OPTION] = None,
     cluster: Annotated[str | None, typer.Option(help="A cluster file (as `shardwise plan` reads): the planner "
                                                      "places the stages, and re-plans if a node dies.")] = None,
     objective: Annotated[str, typer.Option(help="What --cluster plans for: latency or throughput.")] = "throughput",
@@ -269,7 +277,7 @@ def serve(
         check_address(host, port)  # before minutes of loading
         check_tls_files(ssl_certfile, ssl_keyfile)
         llm = LLM(model, stages=stages, plan=plan, cluster=cluster, objective=objective, address=address,
-                  prefill=prefill_plan or prefill_stages, config=config)
+                  tensor_parallel=tensor_parallel, prefill=prefill_plan or prefill_stages, config=config)
         where = f"{len(llm.stages())} stages" if llm.stages() else "one process"
         scheme = "https" if ssl_certfile else "http"
         run_server(llm, host=host, port=port, api_key=api_key, limits=limits, collab_ttl_s=collab_ttl,

@@ -53,15 +53,20 @@ def in_process(llm: LLM) -> LocalExecutor:
 
 def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = None, address: str | None = None,
                  cluster: Cluster | str | Path | None = None, objective: str = "throughput",
-                 prefill: int | Plan | str | Path | None = None) -> ExecutorFactory:
+                 prefill: int | Plan | str | Path | None = None,
+                 tensor_parallel: int | None = None) -> ExecutorFactory:
     """A pipeline of Ray stage actors: stages=N splits the layers evenly, plan= places them as
     a plan says, cluster= (a cluster file or Cluster) lets the planner place them by objective
     and is what the model is split over anew when a node dies; address: an existing Ray
     cluster (e.g. "auto"), else a local Ray of our own. prefill: a second pipeline (N even local
     stages, or a plan) that runs the long prompts while the first decodes (disaggregated
-    prefill; see cluster/disaggregated.py)."""
+    prefill; see cluster/disaggregated.py). tensor_parallel: each of the N stages' layers split
+    among that many local devices (a plan names its devices itself)."""
     if stages is not None and (plan is not None or cluster is not None):
         raise ShardwiseError("give stages, or a plan and/or a cluster, not both")
+    if tensor_parallel is not None and (plan is not None or cluster is not None):
+        raise ShardwiseError("a plan names each stage's tensor-parallel devices itself (\"devices\"): "
+                             "give tensor_parallel with stages only")
     credentials_for(address)  # (a cluster this machine cannot join says so now, not after the model loads)
 
     def build(llm: LLM):
@@ -74,10 +79,15 @@ def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = Non
             if chosen is None:
                 chosen, _ = plan_cluster(llm.spec, where, objective, quant=c.dtype, kv_tokens=c.kv_tokens)
         pools = [_plan_of(llm, stages if chosen is None else chosen)]
+        if tensor_parallel is not None:
+            pools[0] = pools[0].tensor_parallel(tensor_parallel)
         if prefill is not None:
             pools.append(_plan_of(llm, prefill))
         for pool in pools:
             pool.check_layers(llm.spec)  # both bad or good before either starts
+        if prefill is not None and any(s.devices for pool in pools for s in pool.stages):
+            raise ShardwiseError("disaggregated prefill moves the KV between pools, which tensor-parallel stages "
+                                 "cannot do yet: leave out the prefill pool or the stages' devices")
         pipelines = []
         try:
             for pool in pools:  # (the decode pool first: it starts Ray, and closes it last)
@@ -118,21 +128,23 @@ class LLM:
     """model: a catalog name, .gguf file or HF model directory. Where it runs: in this process
     by default; stages / plan / cluster / address (see ray_pipeline) run it as a pipeline of Ray
     stages, where a stage that dies or hangs is replaced and the running sequences replayed
-    (generation pauses and carries on unchanged); prefill (N local stages or a plan) adds a second
+    (generation pauses and carries on unchanged); tensor_parallel=N splits each of those stages
+    among N local devices; prefill (N local stages or a plan) adds a second
     pipeline that runs the long prompts (disaggregated prefill); executor= takes any factory instead (e.g.
     shardwise.collab.client.collaborative). config: the runtime options (EngineConfig); keyword
     options override its fields, e.g. LLM(dtype="int4", kv_tokens=4096)."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, stages: int | None = None, plan: Plan | str | None = None,
                  address: str | None = None, cluster: Cluster | str | None = None, objective: str = "throughput",
-                 prefill: int | Plan | str | None = None, executor: ExecutorFactory | None = None,
-                 config: EngineConfig | None = None, **options: Any):
+                 prefill: int | Plan | str | None = None, tensor_parallel: int | None = None,
+                 executor: ExecutorFactory | None = None, config: EngineConfig | None = None, **options: Any):
         self.config = (config or EngineConfig()).with_options(**options)
-        placed = any(x is not None for x in (stages, plan, cluster, address, prefill))
+        placed = any(x is not None for x in (stages, plan, cluster, address, prefill, tensor_parallel))
         if executor is not None and placed:
-            raise ShardwiseError("give an executor, or stages / plan / cluster / address / prefill, not both")
+            raise ShardwiseError("give an executor, or stages / plan / cluster / address / prefill / "
+                                 "tensor_parallel, not both")
         if placed:
-            executor = ray_pipeline(stages, plan, address, cluster, objective, prefill)
+            executor = ray_pipeline(stages, plan, address, cluster, objective, prefill, tensor_parallel)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         self.executor = None

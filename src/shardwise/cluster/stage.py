@@ -132,16 +132,20 @@ class StageActor:
     def export(self, seq_ids: list[int]) -> dict[int, Moving]:
         """KV travels as numpy arrays, as hidden states do (Ray pickles a torch tensor through
         copies, ~5x slower)."""
-        if self.group is not None:
-            raise ShardwiseError("a tensor-parallel stage's KV cannot move yet: its sequences are replayed")
+        self._stays()
         return {i: m._replace(kv=m.kv.cpu().numpy()) for i, m in self.worker.export(seq_ids).items()}
 
     def adopt(self, *exports: dict[int, Moving]) -> None:
         """(Ray fetches each export from the old stage's node, read-only: the KV is only read,
         into this stage's pool.)"""
+        self._stays()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             self.worker.adopt(*({i: m._replace(kv=torch.from_numpy(m.kv)) for i, m in e.items()} for e in exports))
+
+    def _stays(self) -> None:
+        if self.group is not None:
+            raise ShardwiseError("a tensor-parallel stage's KV cannot move yet: its sequences are replayed instead")
 
     def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
              previous: tuple[np.ndarray, tuple[float, ...]] | None, threads: tuple[int, ...]) -> tuple | Sampled:
@@ -180,6 +184,8 @@ class StageActor:
 
     def stats(self) -> dict:
         stats = self.worker.stats()
-        if self.group is not None:
-            stats |= {"tensor_devices": self.group.size, "tensor_collective_s": self.group.seconds}
+        if self.group is not None:  # seconds in all-reduces (waiting for the slowest device included)
+            stats["collective_s"] = self.group.seconds
+        if self.peers:  # a tensor-parallel stage: each device's own
+            stats["devices"] = [dict(stats), *ray.get([peer.stats.remote() for peer in self.peers])]
         return stats

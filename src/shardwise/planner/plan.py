@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,13 @@ class Plan:
     def even(cls, spec: ModelSpec, n: int, **stage: Any) -> Plan:
         """n stages of (nearly) equal layer counts, earlier stages taking the remainder."""
         return cls(tuple(StageSpec(layers, **stage) for layers in even_layer_ranges(spec.num_layers, n)))
+
+    def tensor_parallel(self, n: int) -> Plan:
+        """Each stage's layers split among n equal devices on its node (tensor parallelism)."""
+        if type(n) is not int or n < 1:
+            raise ShardwiseError(f"a number of tensor-parallel devices must be a positive integer, got {n!r}")
+        return Plan(tuple(replace(s, devices=(TensorDevice(s.placement),) * n if n > 1 else ())
+                          for s in self.stages))
 
     # --- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

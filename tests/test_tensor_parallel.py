@@ -1,0 +1,179 @@
+"""Tensor parallelism: a stage's layers split among several devices (processes summing their
+parts with gloo) in any shares, against the same layers on one device."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from shardwise import LLM, SamplingParams, ShardwiseError
+from shardwise.model.tensor_split import split
+from shardwise.model.weights import open_weights
+from shardwise.planner.plan import Plan
+from tests.conftest import TEXT_PROMPTS
+from tests.test_architectures import ARCHITECTURES, build, prompts, run_prompts, shards
+
+LAYOUTS = [(1, 1), (1, 1, 1), (3, 1)]  # shares: TP 2, TP 3, and one device 3x the other
+LOGPROBS = SamplingParams(max_tokens=24, temperature=0.0, logprobs=5)
+
+
+@pytest.mark.parametrize("shares", [(1, 1), (3, 1), (1, 1, 1), (1, 1, 1, 1, 1), (2, 1, 1, 3), (1,) * 9])
+def test_every_head_and_column_goes_to_one_device_in_proportion_to_its_share(weights, shares):
+    spec = weights.spec  # 9 query heads reading 3 key/value heads, 1536 MLP columns
+    group = spec.num_heads // spec.num_kv_heads
+    slices = split(spec, shares)
+    assert [s.q_heads for s in slices] == list(zip([0, *[s.q_heads[1] for s in slices[:-1]]],
+                                                   [s.q_heads[1] for s in slices], strict=True))
+    assert slices[-1].q_heads[1] == spec.num_heads and slices[-1].columns[1] == spec.intermediate_size
+    for s, nxt in zip(slices, slices[1:], strict=False):
+        assert s.columns[1] == nxt.columns[0] and s.columns[1] % 32 == 0  # whole quantisation blocks
+    for s in slices:
+        read = [h // group for h in range(*s.q_heads)]
+        # the key/value heads its query heads read: each once where it reads them evenly, else one per query head
+        assert list(s.kv_heads) in (sorted(set(read)), read)
+        local = s.local_spec(spec)
+        assert local.num_heads % local.num_kv_heads == 0
+        want = spec.intermediate_size * shares[s.rank] / sum(shares)
+        assert abs((s.columns[1] - s.columns[0]) - want) <= 32
+    if spec.num_kv_heads >= len(shares):  # whole groups: no key/value head is held twice
+        assert sum(len(s.kv_heads) for s in slices) == spec.num_kv_heads
+
+
+def test_a_split_that_cannot_be_made_is_refused_with_the_reason(weights):
+    with pytest.raises(ShardwiseError, match="10 devices cannot share 9 attention heads"):
+        split(weights.spec, (1,) * 10)
+    with pytest.raises(ShardwiseError, match="positive"):
+        split(weights.spec, (1, 0))
+    plan = {"stages": [{"layers": [0, 30], "devices": [{"share": 1}] * 10}]}
+    with pytest.raises(ShardwiseError, match="plan stage 0: 10 devices cannot share 9 attention heads"):
+        LLM(plan=plan)
+    for devices, message in [([{"share": -1}, {}], "positive number"), ([{"shares": 1}, {}], "unknown fields"),
+                             ("local", "a list")]:
+        with pytest.raises(ShardwiseError, match=message):
+            Plan.from_dict({"stages": [{"layers": [0, 30], "devices": devices}]})
+    with pytest.raises(ShardwiseError, match="give tensor_parallel with stages only"):
+        LLM(plan={"stages": [{"layers": [0, 30]}]}, tensor_parallel=2)
+
+
+def test_a_device_reads_only_its_slice_of_a_tensor(weights, hf_dir):
+    """Rows (in any order and repeated) and columns cut from the file equal those of the whole
+    tensor: GGUF blocks as they are, columns inside a block from the blocks around them, q/k rows
+    unpermuted per head, and safetensors ranges."""
+    q, down = "layers.3.q.weight", "layers.3.down.weight"
+    rows = [(128, 192), (0, 64), (0, 64)]
+    assert torch.equal(weights.get(q, rows), torch.cat([weights.get(q)[a:b] for a, b in rows]))
+    assert torch.equal(weights.get(down, None, (64, 384)), weights.get(down)[:, 64:384])
+    assert torch.equal(weights.get(down, None, (70, 390)), weights.get(down)[:, 70:390])
+    cut = weights.get_quantized(q, 4, rows)
+    assert torch.equal(cut.dequantize(), torch.cat([weights.get_quantized(q, 4).dequantize()[a:b] for a, b in rows]))
+    assert torch.equal(weights.get_quantized(down, 4, None, (64, 384)).dequantize(),
+                       weights.get_quantized(down, 4).dequantize()[:, 64:384])
+    hf = open_weights(hf_dir)
+    assert torch.equal(hf.get(q, rows, (32, 96)), torch.cat([hf.get(q)[a:b, 32:96] for a, b in rows]))
+
+
+@pytest.fixture(scope="module")
+def devices(ray_session):
+    """Three processes that each run their slice of a model's layers as one device of a group."""
+
+    @ray_session.remote(num_cpus=0)
+    class Device:
+        def logits(self, path: str, shares: tuple, rank: int, port: int, batch: list[list[int]]) -> np.ndarray:
+            from shardwise.engine.collective import TensorGroup
+            from shardwise.engine.shard import ShardModel, TensorPart
+
+            torch.set_num_threads(1)
+            weights = open_weights(Path(path))
+            group = TensorGroup(rank, len(shares), ("127.0.0.1", port), "127.0.0.1", torch.device("cpu"))
+            part = TensorPart(split(weights.spec, shares)[rank], group)
+            shard = ShardModel(weights.spec, weights=weights, dtype="float32", tensor=part)
+            out = run_prompts([shard], batch)
+            return out.numpy() if shard.is_last else None
+
+    actors = [Device.remote() for _ in range(3)]
+    yield actors
+    for actor in actors:
+        ray_session.kill(actor)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_architecture_split_2_3_and_3_to_1_gives_one_device_logits(name, devices, ray_session, tmp_path):
+    """Every position's logits of a prefilled batch, the first device's (the others sum into them)."""
+    from shardwise.engine.collective import open_store
+
+    _, path = build(name, tmp_path / name)
+    batch = prompts()
+    expected = run_prompts(shards(path), batch)
+    for shares in LAYOUTS:
+        store, port = open_store("127.0.0.1")  # (kept open while the group meets)
+        got = ray_session.get([d.logits.remote(str(path), shares, rank, port, batch)
+                               for rank, d in enumerate(devices[:len(shares)])])[0]
+        del store
+        got = torch.from_numpy(got.copy())
+        diff = (got - expected).abs().max().item()
+        assert diff <= 1e-4, f"{name} split {shares}: max |logit diff| {diff}"
+        top = expected.topk(2).values
+        clear = top[:, 0] - top[:, 1] > 1e-3  # (a near tie may go either way within fp32's rounding)
+        assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
+
+
+def pids_of(llm: LLM) -> list[int]:
+    return [d["pid"] for stage in llm.executor.stats() for d in stage.get("devices", [stage])]
+
+
+def test_the_default_model_split_3_to_1_and_within_a_pipeline_equals_one_device(ray_session, llm):
+    """Alone (one device doing three times the other's work), and as the second stage of a
+    pipeline split among 5 devices (9 query heads on 3 key/value heads: devices whose heads
+    read two key/value heads hold copies). Greedy tokens identical, top log-probabilities within
+    fp32 rounding; closing the pipeline ends every device's process."""
+    expected = llm.generate(TEXT_PROMPTS, LOGPROBS)
+    plans = [{"stages": [{"layers": [0, 30], "devices": [{"share": 3}, {"share": 1}]}]},
+             {"stages": [{"layers": [0, 10]}, {"layers": [10, 30], "devices": [{}] * 5}]}]
+    for plan in plans:
+        split_llm = LLM(plan=plan, dtype="float32")
+        try:
+            outputs = split_llm.generate(TEXT_PROMPTS, LOGPROBS)
+            stats = split_llm.executor.stats()
+            pids = pids_of(split_llm)
+        finally:
+            split_llm.close()
+        assert len(pids) == sum(len(s.get("devices", [s])) for s in stats) == len(plan["stages"][-1]["devices"]) + \
+            len(plan["stages"]) - 1
+        assert all(d["collective_s"] > 0 for s in stats for d in s.get("devices", [])), stats
+        for ours, theirs in zip(outputs, expected, strict=True):
+            assert ours.token_ids == theirs.token_ids
+            for a, b in zip(ours.logprobs, theirs.logprobs, strict=True):
+                assert [t for t, _ in a.top] == [t for t, _ in b.top] or max(
+                    abs(x - y) for (_, x), (_, y) in zip(a.top, b.top, strict=True)) < 1e-4
+                assert abs(a.logprob - b.logprob) < 1e-4
+        deadline = time.time() + 10
+        while time.time() < deadline and any(psutil.pid_exists(p) for p in pids):
+            time.sleep(0.2)
+        assert not any(psutil.pid_exists(p) for p in pids)
+
+
+def test_a_lost_device_is_replaced_with_its_stage_and_the_reply_is_unchanged(ray_session):
+    """int4, 2 stages of 2 devices each: killing the second stage's second device mid-reply
+    restarts that stage (every device of it) and replays the sequences: the same greedy reply."""
+    params = SamplingParams(max_tokens=48, temperature=0.0)
+    split_llm = LLM(stages=2, tensor_parallel=2, dtype="int4")
+    try:
+        expected = split_llm.generate(TEXT_PROMPTS[2], params)[0].text
+        victim = split_llm.executor.stats()[1]["devices"][1]["pid"]
+        recoveries = split_llm.scheduler.recoveries
+        stream = split_llm.stream(TEXT_PROMPTS[2], params)
+        pieces = [next(stream) for _ in range(4)]
+        os.kill(victim, signal.SIGKILL)
+        text = "".join(pieces + list(stream))
+        assert split_llm.scheduler.recoveries == recoveries + 1
+        assert text == expected
+        assert victim not in pids_of(split_llm) and len(pids_of(split_llm)) == 4
+    finally:
+        split_llm.close()
