@@ -12,7 +12,7 @@ import pytest
 
 from shardwise import ShardwiseError
 from shardwise.model.catalog import catalog, load_spec
-from shardwise.perf.estimate import COLLECTIVE_LAUNCH_S, Deployment, Draft, estimate, step_time
+from shardwise.perf.estimate import Deployment, Draft, estimate, step_time
 from shardwise.perf.hardware import SAME_DEVICE, DeviceSpec, LinkSpec, catalog_devices, load_device, load_link
 from shardwise.perf.operators import Precision, Work, layer_operators
 from tests.conftest import cli
@@ -147,7 +147,7 @@ def test_tensor_parallel_all_reduce_is_a_ring():
     tp4 = estimate(spec, Deployment.single(spec, device(bandwidth=2e12), tp=4, link=link), batch=8,
                    input_tokens=1000, output_tokens=1, precision=BF16)
     message = 8 * spec.hidden_size * 2
-    ring = COLLECTIVE_LAUNCH_S + 6 * 2e-6 + 6 / 4 * message / 100e9
+    ring = device().collective_s + 6 * 2e-6 + 6 / 4 * message / 100e9
     assert tp4.breakdown["decode"]["attn_all_reduce"] == pytest.approx(spec.num_layers * ring)
     assert single.tpot_s / 4 < tp4.tpot_s < single.tpot_s / 2  # a quarter of the bytes each, plus the rings
     assert tp4.stages[0]["memory"]["weights"] == pytest.approx(single.stages[0]["memory"]["weights"] / 4, rel=0.01)

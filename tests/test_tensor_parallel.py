@@ -177,3 +177,57 @@ def test_a_lost_device_is_replaced_with_its_stage_and_the_reply_is_unchanged(ray
         assert victim not in pids_of(split_llm) and len(pids_of(split_llm)) == 4
     finally:
         split_llm.close()
+
+
+def test_the_estimator_times_a_split_stage_by_its_slowest_device_and_its_all_reduces():
+    """Two devices at 3:1 of speed 3:1 take a quarter of one device's layer time each, plus two
+    all-reduces a layer (and a broadcast of the embeddings), each the device's collective launch
+    and its ring's hops on the link; a split that ignores the speeds waits for the slow device."""
+    from shardwise.model.catalog import load_spec
+    from shardwise.perf.estimate import Stage, stage_time
+    from shardwise.perf.hardware import DeviceSpec, LinkSpec
+    from shardwise.perf.operators import Precision, Work
+
+    spec = load_spec("llama-3.1-8b")
+    p, work = Precision("bf16", "bf16", "bf16"), Work.decode(1, 512)
+    fast = DeviceSpec("fast", 1e12, 3e12, {"bf16": 1e15, "fp32": 1e15}, collective_s=1e-4)
+    slow = DeviceSpec("slow", 1e12, 1e12, {"bf16": 1e15, "fp32": 1e15}, collective_s=1e-4)
+    link = LinkSpec("l", 1e12, 1e-5)
+    layers = spec.num_layers
+    alone = stage_time(spec, Stage(fast, 1, layers - 1), work, p)
+    message = spec.hidden_size * 2
+    ring = 1e-4 + 2 * 1e-5 + message / 1e12  # 2 devices: 2 hops of half the message
+    even = stage_time(spec, Stage(fast, 1, layers - 1, link=link, group=((fast, 0.5), (slow, 0.5))), work, p)
+    by_speed = stage_time(spec, Stage(fast, 1, layers - 1, link=link, group=((fast, 0.75), (slow, 0.25))), work, p)
+    collectives = 2 * (layers - 2) * ring
+    assert by_speed == pytest.approx(alone * 0.75 + collectives, rel=0.05)
+    assert even > by_speed * 1.3  # the slow device's half paces the stage
+    first = stage_time(spec, Stage(fast, 0, 1, link=link, group=((fast, 0.75), (slow, 0.25))), work, p)
+    assert first > stage_time(spec, Stage(fast, 1, 2, link=link, group=((fast, 0.75), (slow, 0.25))), work, p)
+
+
+def test_the_planner_splits_a_stage_where_the_all_reduces_cost_less_than_they_save(tmp_path):
+    """A bandwidth-bound 8B model on three equal CPU nodes: each reading a third of every layer
+    beats a pipeline (which at batch 1 runs one stage at a time), and the plan says so; the
+    135M model on the same nodes is step-overhead bound, and the planner keeps one device."""
+    import json
+
+    from tests.conftest import cli
+
+    cluster = tmp_path / "cpus.yaml"
+    cluster.write_text("devices:\n" + "".join(f"  - {{name: {n}, type: x86-cpu, node: 10.0.0.{i}}}\n"
+                                              for i, n in enumerate("abc", 7))
+                       + "default_link: {bandwidth_gbs: 1.25, latency_us: 50}\n")
+    big = cli("plan", "--model", "llama-3.1-8b", "--cluster", str(cluster), "--objective", "latency",
+              "--json", "--out", str(tmp_path / "plan.json"))
+    assert big.returncode == 0, big.stderr
+    summary = json.loads(big.stdout)
+    assert summary["tensor_parallel"]["pays"]
+    assert summary["tensor_parallel"]["value"] * 1.5 < summary["tensor_parallel"]["pipeline_value"]
+    [stage] = json.loads((tmp_path / "plan.json").read_text())["stages"]
+    assert stage["layers"] == [0, 32] and [d["placement"] for d in stage["devices"]] == ["10.0.0.7", "10.0.0.8",
+                                                                                          "10.0.0.9"]
+    assert sum(d["share"] for d in stage["devices"]) == pytest.approx(1.0)
+    small = cli("plan", "--model", "smollm2-135m", "--cluster", str(cluster), "--objective", "latency")
+    assert small.returncode == 0, small.stderr
+    assert "tensor parallelism does not pay" in small.stdout.replace("\n", " ")

@@ -3,7 +3,8 @@
 Each operator takes max(compute time, memory time) on its device, plus the
 device's fixed per-operator overhead; collectives take their ring time on the
 link between the devices sharing a stage. A deployment is a pipeline of stages,
-each a device (or tp x ep identical devices) running a contiguous layer range:
+each a device (or tp x ep identical devices, or a tensor-parallel group of any
+devices, each taking its fraction of every layer) running a contiguous layer range:
 one step's latency is the sum of the stages and the links between them; with
 micro-batches in flight, throughput is set by the slowest stage or link. A device
 that keeps up only a share of its speed (a CPU quota) runs a stage at full speed
@@ -20,12 +21,14 @@ from typing import Any
 
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec, check_layer_ranges, even_layer_ranges
+from shardwise.model.tensor_split import split
 from shardwise.perf.hardware import SAME_DEVICE, DeviceSpec, LinkSpec, dtype_bytes
 from shardwise.perf.memory import kv_bytes, weight_bytes
 from shardwise.perf.operators import (
     Operator,
     Precision,
     Work,
+    collective,
     embedding_operators,
     head_operators,
     layer_operators,
@@ -55,22 +58,20 @@ class TimedOperator:
         return max((self.compute_s, "compute"), (self.memory_s, "memory"), (self.comm_s, "link"))[1]
 
 
-COLLECTIVE_LAUNCH_S = 5e-6  # a collective's fixed start-up (NCCL-class libraries), on top of its hops
-
-
-def collective_time(op: Operator, link: LinkSpec) -> float:
+def collective_time(op: Operator, link: LinkSpec, launch: float) -> float:
     """Ring algorithms: all-reduce moves 2(n-1)/n of the message in 2(n-1) hops,
-    all-gather and all-to-all (n-1)/n of it in n-1 hops."""
+    all-gather, all-to-all and broadcast (n-1)/n of it in n-1 hops; plus the library's fixed
+    start-up (`launch`)."""
     n = op.participants
     if n <= 1 or not op.message_bytes:
         return 0.0
     hops = 2 * (n - 1) if op.collective == "all-reduce" else n - 1
-    return COLLECTIVE_LAUNCH_S + hops * link.latency + hops / n * op.message_bytes / link.bandwidth
+    return launch + hops * link.latency + hops / n * op.message_bytes / link.bandwidth
 
 
 def time_operator(op: Operator, device: DeviceSpec, link: LinkSpec = SAME_DEVICE, count: int = 1) -> TimedOperator:
     if op.kind == "collective":
-        return TimedOperator(op, count, 0.0, 0.0, collective_time(op, link), 0.0)
+        return TimedOperator(op, count, 0.0, 0.0, collective_time(op, link, device.collective_s), 0.0)
     compute_eff, memory_eff = device.compute_efficiency, device.memory_efficiency
     if op.kind == "attention":
         compute_eff, memory_eff = compute_eff * device.attention_efficiency, memory_eff * device.attention_efficiency
@@ -84,7 +85,10 @@ def time_operator(op: Operator, device: DeviceSpec, link: LinkSpec = SAME_DEVICE
 
 @dataclass(frozen=True)
 class Stage:
-    """Layers [start, end) on one device, or on tp x ep identical devices joined by `link`."""
+    """Layers [start, end) on one device, or on tp x ep identical devices joined by `link`, or
+    on a tensor-parallel `group`: each device (the first is `device`) and its fraction of every
+    layer's heads and columns, as the engine splits them (the first also runs the embedding and
+    the LM head), joined by `link`."""
 
     device: DeviceSpec
     start: int
@@ -93,6 +97,7 @@ class Stage:
     ep: int = 1
     link: LinkSpec = SAME_DEVICE
     host: str | None = None  # stages on one host take turns on its cores (None: a host of its own)
+    group: tuple[tuple[DeviceSpec, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,9 +129,13 @@ class Deployment:
         return cls(stages, tuple(links), links[0] if links else SAME_DEVICE)
 
     def check(self, spec: ModelSpec) -> None:
-        """The layer ranges as the pipeline checks a plan's, and tp / ep that divide the model."""
+        """The layer ranges as the pipeline checks a plan's, and tp / ep that divide the model (a
+        tensor-parallel group: no more devices than heads)."""
         check_layer_ranges([(s.start, s.end) for s in self.stages], spec.num_layers)
         for s in self.stages:
+            if s.group:
+                split(spec, tuple(f for _, f in s.group))
+                continue
             if spec.num_heads % s.tp or (spec.num_experts and spec.num_experts % s.ep):
                 raise ShardwiseError(
                     f"tp={s.tp} must divide the {spec.num_heads} attention heads"
@@ -135,19 +144,47 @@ class Deployment:
 
 
 def stage_operators(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> list[TimedOperator]:
-    """Every operator a stage runs for one step, each timed once, with its count."""
+    """Every operator a stage runs for one step, each timed once, with its count (a
+    tensor-parallel group's: its slowest device's, and the collectives)."""
+    return pacing(spec, stage, work, p)[1]
+
+
+def pacing(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> tuple[DeviceSpec, list[TimedOperator]]:
+    """The device whose time is the stage's, and the operators it runs for one step."""
+    if not stage.group:
+        return stage.device, _device_operators(spec, stage, work, p, stage.device, stage.tp, edges=True)
+    # each device computes its fraction; the all-reduces wait for the slowest
+    times = [(device, _device_operators(spec, stage, work, p, device, 1 / fraction, edges=k == 0))
+             for k, (device, fraction) in enumerate(stage.group)]
+    device, ops = max(times, key=lambda t: _total(t[1], t[0]))
+    n, ab = len(stage.group), dtype_bytes(p.activations)
+    launcher = max((d for d, _ in stage.group), key=lambda d: d.collective_s)
+    collectives = [time_operator(collective("all_reduce", "all-reduce", n, work.tokens * spec.hidden_size * ab),
+                                 launcher, stage.link, 2 * (stage.end - stage.start))]
+    if stage.start == 0:  # the first device's embeddings, to the others
+        collectives.append(time_operator(
+            collective("embedding_broadcast", "broadcast", n, work.tokens * spec.hidden_size * ab),
+            launcher, stage.link))
+    return device, ops + collectives
+
+
+def _device_operators(spec: ModelSpec, stage: Stage, work: Work, p: Precision, device: DeviceSpec, tp: float,
+                      edges: bool) -> list[TimedOperator]:
+    """One device's operators (a 1/tp share of each layer's), with the embedding and head where
+    the stage holds them and `edges`; a group's collectives are counted by pacing()."""
     timed = []
-    if stage.start == 0:
-        timed += [time_operator(op, stage.device) for op in embedding_operators(spec, work, p)]
+    if stage.start == 0 and edges:
+        timed += [time_operator(op, device) for op in embedding_operators(spec, work, p)]
     # layers alike (the same attention window) are timed once, counted as often as they occur
     alike = defaultdict(list)
     for i in range(stage.start, stage.end):
         alike[spec.window(i)].append(i)
     for layers in alike.values():
-        timed += [time_operator(op, stage.device, stage.link, len(layers))
-                  for op in layer_operators(spec, work, p, stage.tp, stage.ep, layers[0])]
-    if stage.end == spec.num_layers:
-        timed += [time_operator(op, stage.device, stage.link) for op in head_operators(spec, work, p, stage.tp)]
+        timed += [time_operator(op, device, stage.link, len(layers))
+                  for op in layer_operators(spec, work, p, tp, stage.ep, layers[0])
+                  if not (stage.group and op.kind == "collective")]
+    if stage.end == spec.num_layers and edges:
+        timed += [time_operator(op, device, stage.link) for op in head_operators(spec, work, p, stage.tp)]
     return timed
 
 
@@ -156,7 +193,7 @@ def _total(operators: list[TimedOperator], device: DeviceSpec) -> float:
 
 
 def stage_time(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> float:
-    return _total(stage_operators(spec, stage, work, p), stage.device)
+    return _total(*reversed(pacing(spec, stage, work, p)))
 
 
 @dataclass(frozen=True)
@@ -185,10 +222,11 @@ class StepTime:
 
 def step_time(spec: ModelSpec, deployment: Deployment, work: Work, p: Precision) -> StepTime:
     hidden = work.tokens * spec.hidden_size * dtype_bytes(p.activations)
-    operators = [stage_operators(spec, s, work, p) for s in deployment.stages]
-    burst = [_total(ops, s.device) for ops, s in zip(operators, deployment.stages, strict=True)]
+    paced = [pacing(spec, s, work, p) for s in deployment.stages]
+    operators = [ops for _, ops in paced]
+    burst = [_total(ops, device) for device, ops in paced]
     links = [link.time(hidden) for link in deployment.links] + [deployment.return_link.time(4 * work.rows)]
-    on = list(zip((s.device for s in deployment.stages), burst, strict=True))
+    on = list(zip((device for device, _ in paced), burst, strict=True))
     return StepTime([d.step_seconds(t) for d, t in on], links, operators, [s.host for s in deployment.stages],
                     [d.busy_seconds(t) for d, t in on])
 
@@ -340,9 +378,10 @@ def stage_memory(spec: ModelSpec, stage: Stage, p: Precision, sequences: int, to
     """Bytes on each device of a stage: its weights, the KV cache of `sequences` sequences, and
     the largest activation working set of a prefill step (plus fp32 logits at the last stage)."""
     layers = (stage.start, stage.end)
-    weights = weight_bytes(spec, layers, p.weights, stage.tp, stage.ep)
-    kv = kv_bytes(spec, layers, sequences * tokens_per_sequence, p.kv, stage.tp)
-    acts = max(op.activation_bytes for op in layer_operators(spec, prefill, p, stage.tp, stage.ep))
+    tp = 1 / stage.group[0][1] if stage.group else stage.tp  # (a group's first device: its fraction)
+    weights = weight_bytes(spec, layers, p.weights, tp, stage.ep)
+    kv = kv_bytes(spec, layers, sequences * tokens_per_sequence, p.kv, tp)
+    acts = max(op.activation_bytes for op in layer_operators(spec, prefill, p, tp, stage.ep))
     if stage.end == spec.num_layers:
         acts += prefill.rows * spec.vocab_size * 4.0  # fp32 logits
     return {"weights": weights, "kv_cache": kv, "activations": acts, "total": weights + kv + acts}
@@ -358,7 +397,7 @@ def _stage_reports(spec: ModelSpec, deployment: Deployment, p: Precision, batch:
         room = s.device.memory_bytes - mem["weights"]
         reports.append({
             "device": s.device.name,
-            "devices": s.tp * s.ep,
+            "devices": len(s.group) or s.tp * s.ep,
             "layers": [s.start, s.end],
             "memory": mem,
             "capacity": s.device.memory_bytes,

@@ -83,6 +83,9 @@ class DeviceSpec:
     # input, storing its output: Ray's side), measured by `profile --address`; a busy node pays it
     # from its share on every step (from idle it is part of the hand-over's latency)
     task_cpu_s: float = 0.0
+    # the fixed cost of one collective between processes on this device (tensor parallelism): an
+    # NCCL-class launch on GPUs; on CPUs gloo's, measured by `profile` (tens to hundreds of µs)
+    collective_s: float = 5e-6
     source: str = ""
     measured: dict[str, Any] = field(default_factory=dict)  # what profile measured, for the record
 
@@ -180,6 +183,9 @@ def catalog_links() -> dict[str, LinkSpec]:
     }
 
 
+GLOO_COLLECTIVE_S = 3e-4
+
+
 def _device_from_catalog(name: str, e: dict[str, Any]) -> DeviceSpec:
     return DeviceSpec(
         name=name,
@@ -189,6 +195,9 @@ def _device_from_catalog(name: str, e: dict[str, Any]) -> DeviceSpec:
         flops={dtype: tflops * 1e12 for dtype, tflops in e["tflops"].items()},
         default_dtype=e.get("default_dtype", "bf16"),
         source=e.get("source", ""),
+        # CPUs and SoCs sum tensor-parallel parts with gloo over TCP: its launch as measured on a
+        # 2-core x86 machine (profile measures a device's own)
+        collective_s=GLOO_COLLECTIVE_S if e["kind"] != "gpu" else DeviceSpec.collective_s,
     )
 
 

@@ -113,7 +113,7 @@ def _vector(name: str, flops: float, elements_moved: float, p: Precision, weight
                     elements_moved * dtype_bytes(p.activations), dtype="fp32")
 
 
-def _collective(name: str, kind: str, participants: int, nbytes: float) -> Operator:
+def collective(name: str, kind: str, participants: int, nbytes: float) -> Operator:
     return Operator(name, "collective", collective=kind, participants=participants, message_bytes=nbytes)
 
 
@@ -139,7 +139,7 @@ def layer_operators(spec: ModelSpec, work: Work, p: Precision, tp: int = 1, ep: 
         _matmul("o_proj", t, int(q_heads * hd), h, p),
     ]
     if tp > 1:
-        ops.append(_collective("attn_all_reduce", "all-reduce", tp, t * h * ab))
+        ops.append(collective("attn_all_reduce", "all-reduce", tp, t * h * ab))
     ops += [_vector("residual_add", t * h, 3 * t * h, p), _vector("mlp_norm", 4 * t * h, 2 * t * h, p)]
     inter = spec.intermediate_size / tp
     if spec.num_experts:
@@ -153,8 +153,8 @@ def layer_operators(spec: ModelSpec, work: Work, p: Precision, tp: int = 1, ep: 
             _matmul("experts_down", int(routed), int(inter), h, p, weights=touched * h * inter),
         ]
         if ep > 1:
-            ops[-3:-3] = [_collective("dispatch_all_to_all", "all-to-all", ep, t * k * h * ab)]
-            ops.append(_collective("combine_all_to_all", "all-to-all", ep, t * k * h * ab))
+            ops[-3:-3] = [collective("dispatch_all_to_all", "all-to-all", ep, t * k * h * ab)]
+            ops.append(collective("combine_all_to_all", "all-to-all", ep, t * k * h * ab))
     else:
         ops += [
             _matmul("gate_up_proj", t, h, int(2 * inter), p),
@@ -162,7 +162,7 @@ def layer_operators(spec: ModelSpec, work: Work, p: Precision, tp: int = 1, ep: 
             _matmul("down_proj", t, int(inter), h, p),
         ]
     if tp > 1:
-        ops.append(_collective("mlp_all_reduce", "all-reduce", tp, t * h * ab))
+        ops.append(collective("mlp_all_reduce", "all-reduce", tp, t * h * ab))
     ops.append(_vector("residual_add", t * h, 3 * t * h, p))
     return ops
 
@@ -180,7 +180,7 @@ def head_operators(spec: ModelSpec, work: Work, p: Precision, tp: int = 1) -> li
     head = replace(p, weights=edge_dtype(p.weights))
     ops = [_vector("final_norm", 4 * rows * h, 2 * rows * h, p, weights=h), _matmul("lm_head", rows, h, v // tp, head)]
     if tp > 1:
-        ops.append(_collective("logits_all_gather", "all-gather", tp, rows * v * 4))
+        ops.append(collective("logits_all_gather", "all-gather", tp, rows * v * 4))
     # softmax, top-k/p and the draw read the fp32 logits a few times
     ops.append(Operator("sampling", "vector", 10.0 * rows * v, activation_bytes=3 * rows * v * 4.0, dtype="fp32"))
     return ops

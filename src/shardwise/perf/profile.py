@@ -212,6 +212,45 @@ def _product_times(spec: ModelSpec, device: torch.device, dtype: str, bits: int 
     return list(row_counts), flops, nbytes, times
 
 
+def _all_reduces(rank: int, port: int, size: int, rounds: int, out: Any) -> None:
+    """One of two processes timing gloo all-reduces of `size` floats (the first reports the median)."""
+    from shardwise.engine.collective import TensorGroup
+
+    torch.set_num_threads(1)
+    group = TensorGroup(rank, 2, ("127.0.0.1", port), "127.0.0.1", torch.device("cpu"))
+    x = torch.zeros(size)
+    times = []
+    for i in range(rounds + 20):  # (the first ones connect)
+        started = time.perf_counter()
+        group.all_reduce(x)
+        if i >= 20:
+            times.append(time.perf_counter() - started)
+    if rank == 0:
+        out.put(statistics.median(times))
+    group.close()
+
+
+def collective_seconds(hidden: int, rounds: int = 200) -> float:
+    """The fixed cost of one collective between two processes on this CPU (a tensor-parallel
+    layer runs two): a gloo all-reduce of one token's hidden state, median of `rounds`."""
+    import torch.multiprocessing as mp
+
+    from shardwise.engine.collective import open_store
+
+    store, port = open_store("127.0.0.1")
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    processes = [context.Process(target=_all_reduces, args=(rank, port, hidden, rounds, out)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    try:
+        return float(out.get(timeout=120))
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+        del store
+
+
 def memory_capacity(device: torch.device) -> float:
     if device.type == "cuda":
         return float(torch.cuda.get_device_properties(device).total_memory)
@@ -359,6 +398,9 @@ def profile_device(model: str, device: str = "cpu", dtype: str | None = None, na
     share, burst = burst_and_share(dev)  # (five rests, quick or not: the share divides every figure)
     # every figure above was measured sustained; the device's own are its speed in bursts
     fitted = replace(fit(spec, raw, samples, precision).slower(share), sustained_share=share, burst_s=burst)
+    if dev.type == "cpu":  # (GPUs: NCCL's launch, the default; two processes on one GPU tell nothing)
+        progress("collectives between processes")
+        fitted = replace(fitted, collective_s=collective_seconds(spec.hidden_size))
     fitted.measured.update({"model": model, "steps": samples, "per_layer": per_layer(samples, spec.num_layers)})
     _keep(fitted, dev)
     return fitted

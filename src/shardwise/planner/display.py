@@ -34,6 +34,16 @@ def print_plan(summary: dict[str, Any], console: Console | None = None) -> None:
         gain = summary["dp"]["value"] / declined["value"] - 1
         console.print(f"fewer stages kept: {declined['layout']} would be {gain:.0%} faster by the estimate, "
                       f"less than the {declined['gain'] - 1:.0%} each further stage must gain")
+    tensor = summary.get("tensor_parallel")
+    if tensor:
+        ratio = tensor["pipeline_value"] / tensor["value"]
+        if tensor["pays"]:
+            console.print(f"tensor parallelism pays: {tensor['layout']} is predicted {ratio:.2f}x as fast as the "
+                          "best plan without it")
+        else:
+            console.print(f"tensor parallelism does not pay: the best plan with it ({tensor['layout']}) would take "
+                          f"{tensor['value'] * 1e3:.2f} ms, {1 / ratio:.2f}x this plan's time (it must gain "
+                          f"{tensor['gain'] - 1:.0%}: each of its layers waits for two all-reduces)")
     base = Table(title="the same cluster split the other ways (same cost model)")
     for col in ("split", "stages", "latency per token" if objective == "latency" else "bottleneck",
                 "tokens/s", "vs shardwise"):

@@ -37,7 +37,7 @@ import yaml
 
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
-from shardwise.perf.estimate import time_operator
+from shardwise.perf.estimate import Stage, stage_time, time_operator
 from shardwise.perf.hardware import SAME_DEVICE, DeviceSpec, LinkSpec, dtype_bytes, load_device, load_link
 from shardwise.perf.memory import stage_bytes
 from shardwise.perf.operators import (
@@ -48,7 +48,7 @@ from shardwise.perf.operators import (
     layer_operators,
 )
 from shardwise.planner.partition import CostTable, PlanResult
-from shardwise.planner.plan import DEFAULT_KV_TOKENS, Plan, StageSpec, read_file
+from shardwise.planner.plan import DEFAULT_KV_TOKENS, Plan, StageSpec, TensorDevice, read_file
 
 DEFAULT_LINK = "ethernet-1g"
 
@@ -219,18 +219,92 @@ def precision(device: DeviceSpec, quant: str | None) -> Precision:
     return Precision(quant or device.default_dtype, device.default_dtype, device.default_dtype)
 
 
-def to_plan(result: PlanResult, cluster: Cluster) -> Plan:
-    return Plan(tuple(StageSpec((a, b), cluster.devices[d].node, cluster.devices[d].torch_device)
-                      for d, a, b in result.stages))
+def to_plan(result: PlanResult, cluster: Cluster, group: TensorGroup | None = None) -> Plan:
+    """The plan of a DP result; with `group`, its last device index stands for that
+    tensor-parallel group (its members out of the table)."""
+    def stage(d: int, a: int, b: int) -> StageSpec:
+        if group is not None and d == len(group.others):
+            first = cluster.devices[group.members[0]]
+            return StageSpec((a, b), first.node, first.torch_device, devices=tuple(
+                TensorDevice(cluster.devices[m].node, f) for m, f in zip(group.members, group.fractions, strict=True)))
+        device = cluster.devices[group.others[d] if group is not None else d]
+        return StageSpec((a, b), device.node, device.torch_device)
+
+    return Plan(tuple(stage(*s) for s in result.stages))
 
 
-def stage_estimates(cluster: Cluster, table: CostTable, stages: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class TensorGroup:
+    """Devices of the cluster that split a stage's every layer (tensor parallelism) in these
+    fractions (by their speed), and the devices left for the other stages."""
+
+    members: tuple[int, ...]
+    fractions: tuple[float, ...]
+    others: tuple[int, ...]
+
+    def name(self, cluster: Cluster) -> str:
+        return "+".join(f"{cluster.devices[m].name} ({f:.0%})" for m, f in zip(self.members, self.fractions,
+                                                                             strict=True))
+
+
+def tensor_groups(spec: ModelSpec, cluster: Cluster, table: CostTable) -> list[TensorGroup]:
+    """The groups worth costing: the k devices fastest at the whole model, for k = 2 up to all
+    (at most as many as the model has heads), each device's fraction in proportion to its speed."""
+    speed = 1 / (table.compute.sum(axis=1) / table.share)
+    order = [int(d) for d in np.argsort(-speed, kind="stable")]
+    groups = []
+    for k in range(2, min(len(order), spec.num_heads) + 1):
+        members = tuple(order[:k])
+        if table.source is not None and table.source in members[1:]:  # the first stage's device leads
+            members = (table.source, *(m for m in members if m != table.source))
+        fractions = tuple(float(speed[m] / speed[list(members)].sum()) for m in members)
+        groups.append(TensorGroup(members, fractions, tuple(d for d in range(table.devices) if d not in members)))
+    return groups
+
+
+def with_group(spec: ModelSpec, cluster: Cluster, table: CostTable, group: TensorGroup, *, batch: int,
+               context: int, quant: str | None) -> CostTable:
+    """The cost table with the group's members replaced by one device: the group, whose layer
+    takes its slowest member's fraction of it and the two all-reduces on the slowest link
+    between members (the estimator's tensor-parallel stage), whose memory is the members'
+    (each holding its fraction), and whose stages start and end on its first member."""
+    members = [cluster.devices[m] for m in group.members]
+    link = max((cluster.link(a.name, b.name) for a in members for b in members if a is not b),
+               key=lambda link: (link.latency, -link.bandwidth))
+    work = Work.decode(batch, context)
+    p = precision(members[0].spec, quant)
+    pair = tuple(zip((d.spec for d in members), group.fractions, strict=True))
+    overhead = max(d.spec.step_overhead_s for d in members)
+    row = np.array([stage_time(spec, Stage(members[0].spec, i, i + 1, link=link, group=pair), work, p)
+                    for i in range(spec.num_layers)]) - overhead
+    row[0] += overhead  # (once a step, as the table charges every device's)
+    keep, lead = list(group.others), group.members[0]
+    ends = keep + [lead]
+    transfer = table.transfer[np.ix_(ends, ends)]
+    return CostTable(
+        np.vstack([table.compute[keep], row]), table.memory,
+        [*table.capacity[keep], min(table.capacity[m] / f for m, f in zip(group.members, group.fractions,
+                                                                          strict=True))],
+        transfer, None if table.source is None else ends.index(table.source), table.return_to_source,
+        [*table.hosts[keep], table.hosts[lead]], [*table.share[keep], min(table.share[list(group.members)])],
+        [*table.burst[keep], min(table.burst[list(group.members)])],
+        [*table.task[keep], max(table.task[list(group.members)])])
+
+
+def stage_estimates(cluster: Cluster, table: CostTable, stages: list[tuple[int, int, int]],
+                    group: TensorGroup | None = None) -> list[dict[str, Any]]:
     """Per stage: device, node, layers, memory and predicted compute (from idle, and on a node busy
-    all the time: the share of its speed it keeps up); and the transfer to the next."""
+    all the time: the share of its speed it keeps up); and the transfer to the next. (group: as
+    to_plan's.)"""
     rows = []
     for k, (d, a, b) in enumerate(stages):
         nxt = stages[k + 1][0] if k + 1 < len(stages) else (table.source if table.return_to_source else None)
-        rows.append({"device": cluster.devices[d].name, "node": cluster.devices[d].node, "layers": [a, b],
+        if group is not None and d == len(group.others):
+            name, node = group.name(cluster), "+".join(cluster.devices[m].node for m in group.members)
+        else:
+            device = cluster.devices[group.others[d] if group is not None else d]
+            name, node = device.name, device.node
+        rows.append({"device": name, "node": node, "layers": [a, b],
                      "memory_bytes": float(table.memory[a:b].sum()), "capacity_bytes": float(table.capacity[d]),
                      "compute_s": float(table.compute[d, a:b].sum()), "share": float(table.share[d]),
                      "busy_s": float(table.busy(d, table.compute[d, a:b].sum())),
@@ -247,24 +321,46 @@ def plan_cluster(spec: ModelSpec, cluster: Cluster, objective: str = "latency", 
 
     table = cost_table(spec, cluster, batch=batch, context=context, quant=quant, kv_tokens=kv_tokens)
     result = solve(table, objective, STAGE_GAIN)
-    stages = stage_estimates(cluster, table, result.stages)
+    best_group, tensor, grouped_table = None, None, None  # the best plan with a tensor-parallel stage: does it pay?
+    for group in tensor_groups(spec, cluster, table):
+        grouped = with_group(spec, cluster, table, group, batch=batch, context=context, quant=quant)
+        try:
+            found = solve(grouped, objective, STAGE_GAIN)
+        except ShardwiseError:  # (nothing fits with this group)
+            continue
+        if any(d == len(group.others) for d, _, _ in found.stages) and (tensor is None or found.value < tensor.value):
+            best_group, tensor, grouped_table = group, found, grouped
+    pays = tensor is not None and tensor.value * STAGE_GAIN < result.value
+    stages = (stage_estimates(cluster, grouped_table, tensor.stages, best_group) if pays
+              else stage_estimates(cluster, table, result.stages))
     flops = [d.spec.peak_flops(d.spec.default_dtype) for d in cluster.devices]
     others = {"even (vLLM)": baselines.even(table), "memory-proportional (exo, llama.cpp)":
               baselines.memory_proportional(table), "FLOPS-proportional (Cake)":
               baselines.flops_proportional(table, flops), "greedy fastest-first": baselines.greedy_fastest(table)}
 
-    def layout(st: list[tuple[int, int, int]]) -> str:
-        return ", ".join(f"{cluster.devices[d].name}:{a}-{b}" for d, a, b in st)
+    def layout(st: list[tuple[int, int, int]], group: TensorGroup | None = None) -> str:
+        def name(d: int) -> str:
+            if group is None:
+                return cluster.devices[d].name
+            return group.name(cluster) if d == len(group.others) else cluster.devices[group.others[d]].name
+        return ", ".join(f"{name(d)}:{a}-{b}" for d, a, b in st)
 
     summary = {
         "model": spec.name, "objective": objective, "batch": batch, "context": context, "quant": quant,
         "stages": stages,
         "dp": {"value": result.value, "layout": layout(result.stages)},
+        "tensor_parallel": None if tensor is None else {
+            "value": tensor.value, "layout": layout(tensor.stages, best_group), "pays": pays, "gain": STAGE_GAIN,
+            "pipeline_value": result.value},
         "declined": None if result.declined is None else {"value": result.declined.value, "gain": STAGE_GAIN,
                                                           "layout": layout(result.declined.stages)},
         "baselines": {name: {"value": baselines.evaluate(table, st, objective), "layout": layout(st)}
                       for name, st in others.items()},
     }
+    if pays:
+        summary["dp"] = {"value": tensor.value, "layout": summary["tensor_parallel"]["layout"]}
+        summary["declined"] = None
+        return to_plan(tensor, cluster, best_group), summary
     return to_plan(result, cluster), summary
 
 
