@@ -1,5 +1,5 @@
 """Tensor parallelism: a stage's layers split among several devices (processes summing their
-parts with gloo) in any shares, against the same layers on one device."""
+parts each layer) in any shares, against the same layers on one device."""
 
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ class DeviceSpec:
     # from its share on every step (from idle it is part of the hand-over's latency)
     task_cpu_s: float = 0.0
     # the fixed cost of one collective between processes on this device (tensor parallelism): an
-    # NCCL-class launch on GPUs; on CPUs gloo's, measured by `profile` (tens to hundreds of µs)
+    # NCCL-class launch on GPUs; on CPUs the engine's own over TCP, measured by `profile` (~30 µs)
     collective_s: float = 5e-6
     source: str = ""
     measured: dict[str, Any] = field(default_factory=dict)  # what profile measured, for the record
@@ -183,7 +183,7 @@ def catalog_links() -> dict[str, LinkSpec]:
     }
 
 
-GLOO_COLLECTIVE_S = 3e-4
+CPU_COLLECTIVE_S = 3e-5
 
 
 def _device_from_catalog(name: str, e: dict[str, Any]) -> DeviceSpec:
@@ -195,9 +195,9 @@ def _device_from_catalog(name: str, e: dict[str, Any]) -> DeviceSpec:
         flops={dtype: tflops * 1e12 for dtype, tflops in e["tflops"].items()},
         default_dtype=e.get("default_dtype", "bf16"),
         source=e.get("source", ""),
-        # CPUs and SoCs sum tensor-parallel parts with gloo over TCP: its launch as measured on a
+        # CPUs and SoCs sum tensor-parallel parts over TCP between processes: as measured on a
         # 2-core x86 machine (profile measures a device's own)
-        collective_s=GLOO_COLLECTIVE_S if e["kind"] != "gpu" else DeviceSpec.collective_s,
+        collective_s=CPU_COLLECTIVE_S if e["kind"] != "gpu" else DeviceSpec.collective_s,
     )
 
 

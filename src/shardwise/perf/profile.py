@@ -213,7 +213,8 @@ def _product_times(spec: ModelSpec, device: torch.device, dtype: str, bits: int 
 
 
 def _all_reduces(rank: int, port: int, size: int, rounds: int, out: Any) -> None:
-    """One of two processes timing gloo all-reduces of `size` floats (the first reports the median)."""
+    """One of two processes timing all-reduces of `size` floats (the first reports the mean: a
+    collective's rare slow wake-ups count in a step's time)."""
     from shardwise.engine.collective import TensorGroup
 
     torch.set_num_threads(1)
@@ -226,13 +227,13 @@ def _all_reduces(rank: int, port: int, size: int, rounds: int, out: Any) -> None
         if i >= 20:
             times.append(time.perf_counter() - started)
     if rank == 0:
-        out.put(statistics.median(times))
+        out.put(statistics.fmean(times))
     group.close()
 
 
 def collective_seconds(hidden: int, rounds: int = 200) -> float:
     """The fixed cost of one collective between two processes on this CPU (a tensor-parallel
-    layer runs two): a gloo all-reduce of one token's hidden state, median of `rounds`."""
+    layer runs two): the engine's all-reduce of one token's hidden state, the mean of `rounds`."""
     import torch.multiprocessing as mp
 
     from shardwise.engine.collective import open_store

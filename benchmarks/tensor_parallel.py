@@ -1,0 +1,180 @@
+"""Tensor parallelism, run and predicted: a stage's layers split among 1, 2 and 3 devices.
+
+Local: the default model on this machine's Ray, one stage split among 1, 2 and 3 local actors
+(the cores shared out among them), decode tokens/s of one greedy stream and of 8, the share of
+the first device's step spent in all-reduces (waiting for the slowest device included), and the
+estimator's prediction beside each (this machine's profile: its speed, shared as the actors share
+the cores, and its measured gloo collective).
+
+--lab (root): two emulated nodes of one core each and a 1 Gbit/s link (shardwise lab), and a
+Llama-3.2-1B-shaped Q4_0 model (bandwidth-bound: its decode reads ~0.7 GB a token). Each plan is
+run and predicted: both layers' halves on both nodes at once (tensor parallelism, shares by their
+measured speed) against every pipeline-only plan (one node; the layers split between the nodes),
+and the planner's own choice.
+
+    python benchmarks/tensor_parallel.py [--repeats 3] [--new-tokens 24] [--profile FILE]
+    sudo python benchmarks/tensor_parallel.py --lab [--local no]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from shardwise import LLM
+from shardwise.model.weights import open_weights
+from shardwise.perf.cluster_profile import decode_steps
+from shardwise.perf.estimate import Deployment, Stage, estimate
+from shardwise.perf.hardware import SAME_DEVICE, load_device
+from shardwise.planner.plan import Plan, StageSpec, TensorDevice
+from shardwise.planner.topology import Cluster, cluster_file, cost_table, plan_cluster, precision, tensor_groups
+
+PROMPT = "Write a short story about a lighthouse keeper."
+KV_TOKENS = 2048
+STREAMS = (1, 8)
+
+
+def run(model: str, plan: Plan, address: str | None, dtype: str, streams: int, new: int,
+        repeats: int) -> tuple[float, float]:
+    """Decode tokens/s of `streams` greedy streams (the median over repeats of the steps where
+    every stream decodes), and the share of the first device's busy time spent in all-reduces."""
+    with LLM(model, plan=plan, address=address, dtype=dtype, kv_tokens=KV_TOKENS) as llm:
+        prompts = [llm.tokenizer.encode(f"{PROMPT} ({k + 1})") for k in range(streams)]
+
+        def rate() -> float:
+            steps = decode_steps(llm, prompts, new)
+            return sum(tokens for _, tokens in steps) / sum(seconds for seconds, _ in steps)
+
+        rate()  # warm-up
+        before = llm.executor.stats()[0]
+        rates = [rate() for _ in range(repeats)]
+        after = llm.executor.stats()[0]
+    busy = after["busy_s"] - before["busy_s"]
+    collective = after.get("collective_s", 0.0) - before.get("collective_s", 0.0)
+    return statistics.median(rates), collective / busy if busy else 0.0
+
+
+def predicted(spec, stage: Stage, dtype: str, streams: int) -> float:
+    p = precision(stage.device, dtype)
+    return estimate(spec, Deployment((stage,)), batch=streams, input_tokens=len(PROMPT) // 4, output_tokens=24,
+                    precision=p, micro_batches=1).decode_tok_s
+
+
+def local(args) -> list[dict]:
+    """One stage on this machine, split among 1, 2 and 3 actors sharing its cores."""
+    from shardwise.model.registry import DEFAULT_MODEL, resolve
+    from shardwise.perf.profile import profile_device
+
+    machine = load_device(args.profile) if args.profile else profile_device(DEFAULT_MODEL, quick=True)
+    spec = open_weights(resolve(DEFAULT_MODEL)).spec
+    cores = os.cpu_count() or 1
+    rows = []
+    for n in (1, 2, 3):
+        threads = max(1, cores // n)
+        # each device's speed: its threads' share of the cores, less where n x threads oversubscribe them
+        device = machine.slower(cores / (threads * min(1.0, cores / (n * threads))))
+        stage = Stage(device, 0, spec.num_layers, link=SAME_DEVICE,
+                      group=tuple((device, 1 / n) for _ in range(n)) if n > 1 else ())
+        plan = Plan((StageSpec((0, spec.num_layers)),)).tensor_parallel(n)
+        for streams in STREAMS:
+            print(f"  local: TP {n}, {streams} streams")
+            rate, share = run(DEFAULT_MODEL, plan, None, args.dtype, streams, args.new_tokens, args.repeats)
+            rows.append({"where": "local", "plan": f"TP {n}", "streams": streams, "measured": rate,
+                         "predicted": predicted(spec, stage, args.dtype, streams), "all_reduce_share": share})
+    return rows
+
+
+def lab_rows(args, work: Path) -> list[dict]:
+    """Two one-core nodes: tensor parallelism against every pipeline-only plan, on a 1B-shaped model."""
+    from bandwidth import write_model
+
+    from shardwise.lab import lab
+    from shardwise.lab.spec import LabSpec
+    from shardwise.perf.cluster_profile import profile_cluster
+
+    model = write_model("1b", "Q4_0")
+    spec = open_weights(Path(model)).spec
+    nodes = [{"name": name, "cpus": 1.0, "memory_gb": 3, "link": {"rate_mbit": 1000}} for name in ("a", "b")]
+    state = lab.up(LabSpec.model_validate({"nodes": nodes, "runtime_gb": 2.0}), progress=lambda w: print(f"  {w}"))
+    rows = []
+    try:
+        print("  profiling the nodes and link")
+        profile = profile_cluster("smollm2-135m", "cpu", state.address, quick=True)
+        (work / "lab.json").write_text(json.dumps(profile))
+        (work / "lab-cluster.yaml").write_text(yaml.safe_dump(cluster_file(profile, "lab.json")))
+        cluster = Cluster.load(work / "lab-cluster.yaml")
+        a, b = cluster.devices
+        link = cluster.link(a.name, b.name)
+        table = cost_table(spec, cluster, quant="int4", kv_tokens=KV_TOKENS)
+        [group] = [g for g in tensor_groups(spec, cluster, table) if len(g.members) == 2]
+        shares = [group.fractions[group.members.index(i)] for i in (0, 1)]  # (by their measured speeds)
+        half = spec.num_layers // 2
+        plans = {
+            "one node": (Plan((StageSpec((0, spec.num_layers), a.node),)), Stage(a.spec, 0, spec.num_layers)),
+            "pipeline a|b": (Plan((StageSpec((0, half), a.node), StageSpec((half, spec.num_layers), b.node))), None),
+            "TP a+b": (Plan((StageSpec((0, spec.num_layers), a.node, devices=(
+                TensorDevice(a.node, shares[0]), TensorDevice(b.node, shares[1]))),)),
+                Stage(a.spec, 0, spec.num_layers, link=link, group=((a.spec, shares[0]), (b.spec, shares[1])))),
+        }
+        _, summary = plan_cluster(spec, cluster, "latency", quant="int4", kv_tokens=KV_TOKENS)
+        print(f"  the planner chose {summary['dp']['layout']} (tensor parallelism "
+              f"{'pays' if (summary['tensor_parallel'] or {}).get('pays') else 'does not pay'})")
+        for name, (plan, stage) in plans.items():
+            for streams in STREAMS[:1]:
+                print(f"  lab: {name}, {streams} streams")
+                rate, share = run(model, plan, state.address, "int4", streams, args.new_tokens, args.repeats)
+                if stage is None:  # the pipeline: its stages one after the other
+                    deployment = Deployment.pipeline(spec, [a.spec, b.spec], link, [(0, half), (half, spec.num_layers)])
+                    guess = estimate(spec, deployment, batch=streams, input_tokens=len(PROMPT) // 4,
+                                     output_tokens=24, precision=precision(a.spec, "int4"),
+                                     micro_batches=1).decode_tok_s
+                else:
+                    guess = predicted(spec, stage, "int4", streams)
+                rows.append({"where": "lab", "plan": name, "streams": streams, "measured": rate, "predicted": guess,
+                             "all_reduce_share": share})
+    finally:
+        lab.down(state)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--dtype", default="int4", help="The local runs' weights.")
+    parser.add_argument("--profile", default=None, help="This machine's profile (default: measured now, --quick).")
+    parser.add_argument("--lab", action="store_true", help="Also run the two-node lab layout (root).")
+    parser.add_argument("--local", default="yes", choices=("yes", "no"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tensor-parallel-"))
+    rows = local(args) if args.local == "yes" else []
+    if args.lab:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # the lab keeps Ray's token auth on
+        rows += lab_rows(args, work)
+    (work / "rows.json").write_text(json.dumps(rows))
+    print(f"\ndecode tokens/s, medians of {args.repeats} (all-reduce: the first device's share of its step in "
+          "collectives, waiting for the slowest device included)")
+    print(f"{'where':<6} {'plan':<14} {'streams':>7} {'measured':>9} {'predicted':>9} {'error':>7} {'all-reduce':>10}")
+    for r in rows:
+        error = 100 * (r["predicted"] / r["measured"] - 1)
+        print(f"{r['where']:<6} {r['plan']:<14} {r['streams']:>7} {r['measured']:>9.1f} {r['predicted']:>9.1f} "
+              f"{error:>+6.0f}% {100 * r['all_reduce_share']:>9.0f}%")
+    for where in dict.fromkeys(r["where"] for r in rows):
+        for streams in STREAMS:
+            ran = [r for r in rows if r["where"] == where and r["streams"] == streams]
+            if len(ran) < 2:
+                continue
+            fastest = max(ran, key=lambda r: r["measured"])
+            print(f"{where}, {streams} streams: fastest measured {fastest['plan']} ({fastest['measured']:.1f} tok/s); "
+                  f"predicted fastest {max(ran, key=lambda r: r['predicted'])['plan']}")
+    print(f"rows: {work / 'rows.json'}")
+
+
+if __name__ == "__main__":
+    main()
