@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -41,9 +42,10 @@ STREAMS = (1, 8)
 
 
 def run(model: str, plan: Plan, address: str | None, dtype: str, streams: int, new: int,
-        repeats: int) -> tuple[float, float]:
+        repeats: int) -> tuple[float, float, float]:
     """Decode tokens/s of `streams` greedy streams (the median over repeats of the steps where
-    every stream decodes), and the share of the first device's busy time spent in all-reduces."""
+    every stream decodes), the first stage's mean step seconds as it measures them (its compute
+    and sums, not Ray's hand-overs), and the share of the first device's step spent summing."""
     with LLM(model, plan=plan, address=address, dtype=dtype, kv_tokens=KV_TOKENS) as llm:
         prompts = [llm.tokenizer.encode(f"{PROMPT} ({k + 1})") for k in range(streams)]
 
@@ -57,13 +59,15 @@ def run(model: str, plan: Plan, address: str | None, dtype: str, streams: int, n
         after = llm.executor.stats()[0]
     busy = after["busy_s"] - before["busy_s"]
     collective = after.get("collective_s", 0.0) - before.get("collective_s", 0.0)
-    return statistics.median(rates), collective / busy if busy else 0.0
+    return statistics.median(rates), busy / (after["steps"] - before["steps"]), collective / busy if busy else 0.0
 
 
-def predicted(spec, stage: Stage, dtype: str, streams: int) -> float:
+def predicted(spec, stage: Stage, dtype: str, streams: int) -> tuple[float, float]:
+    """The estimator's decode tokens/s and the stage's step seconds, at the runs' mean context."""
     p = precision(stage.device, dtype)
-    return estimate(spec, Deployment((stage,)), batch=streams, input_tokens=len(PROMPT) // 4, output_tokens=24,
-                    precision=p, micro_batches=1).decode_tok_s
+    est = estimate(spec, Deployment((stage,)), batch=streams, input_tokens=len(PROMPT) // 4, output_tokens=24,
+                   precision=p, micro_batches=1)
+    return est.decode_tok_s, est.stages[0]["decode_s"]
 
 
 def local(args) -> list[dict]:
@@ -84,9 +88,10 @@ def local(args) -> list[dict]:
         plan = Plan((StageSpec((0, spec.num_layers)),)).tensor_parallel(n)
         for streams in STREAMS:
             print(f"  local: TP {n}, {streams} streams")
-            rate, share = run(DEFAULT_MODEL, plan, None, args.dtype, streams, args.new_tokens, args.repeats)
-            rows.append({"where": "local", "plan": f"TP {n}", "streams": streams, "measured": rate,
-                         "predicted": predicted(spec, stage, args.dtype, streams), "all_reduce_share": share})
+            rate, step, share = run(DEFAULT_MODEL, plan, None, args.dtype, streams, args.new_tokens, args.repeats)
+            guess, guess_step = predicted(spec, stage, args.dtype, streams)
+            rows.append({"where": "local", "plan": f"TP {n}", "streams": streams, "measured": rate, "predicted": guess,
+                         "step_s": step, "predicted_step_s": guess_step, "all_reduce_share": share})
     return rows
 
 
@@ -96,16 +101,18 @@ def lab_rows(args, work: Path) -> list[dict]:
 
     from shardwise.lab import lab
     from shardwise.lab.spec import LabSpec
+    from shardwise.model.registry import DEFAULT_MODEL, resolve
     from shardwise.perf.cluster_profile import profile_cluster
 
-    model = write_model("1b", "Q4_0")
+    # the models where the lab's nodes see them (each node's cache is its own, the host's hidden)
+    model, profiled = (str(shared(Path(m), work)) for m in (write_model("1b", "Q4_0"), resolve(DEFAULT_MODEL)))
     spec = open_weights(Path(model)).spec
     nodes = [{"name": name, "cpus": 1.0, "memory_gb": 3, "link": {"rate_mbit": 1000}} for name in ("a", "b")]
     state = lab.up(LabSpec.model_validate({"nodes": nodes, "runtime_gb": 2.0}), progress=lambda w: print(f"  {w}"))
     rows = []
     try:
         print("  profiling the nodes and link")
-        profile = profile_cluster("smollm2-135m", "cpu", state.address, quick=True)
+        profile = profile_cluster(profiled, "cpu", state.address, quick=True)
         (work / "lab.json").write_text(json.dumps(profile))
         (work / "lab-cluster.yaml").write_text(yaml.safe_dump(cluster_file(profile, "lab.json")))
         cluster = Cluster.load(work / "lab-cluster.yaml")
@@ -128,19 +135,29 @@ def lab_rows(args, work: Path) -> list[dict]:
         for name, (plan, stage) in plans.items():
             for streams in STREAMS[:1]:
                 print(f"  lab: {name}, {streams} streams")
-                rate, share = run(model, plan, state.address, "int4", streams, args.new_tokens, args.repeats)
+                rate, step, share = run(model, plan, state.address, "int4", streams, args.new_tokens, args.repeats)
                 if stage is None:  # the pipeline: its stages one after the other
                     deployment = Deployment.pipeline(spec, [a.spec, b.spec], link, [(0, half), (half, spec.num_layers)])
-                    guess = estimate(spec, deployment, batch=streams, input_tokens=len(PROMPT) // 4,
-                                     output_tokens=24, precision=precision(a.spec, "int4"),
-                                     micro_batches=1).decode_tok_s
+                    est = estimate(spec, deployment, batch=streams, input_tokens=len(PROMPT) // 4,
+                                   output_tokens=24, precision=precision(a.spec, "int4"), micro_batches=1)
+                    guess, guess_step = est.decode_tok_s, est.stages[0]["decode_s"]
                 else:
-                    guess = predicted(spec, stage, "int4", streams)
+                    guess, guess_step = predicted(spec, stage, "int4", streams)
                 rows.append({"where": "lab", "plan": name, "streams": streams, "measured": rate, "predicted": guess,
-                             "all_reduce_share": share})
+                             "step_s": step, "predicted_step_s": guess_step, "all_reduce_share": share})
     finally:
         lab.down(state)
     return rows
+
+
+def shared(path: Path, work: Path) -> Path:
+    """The file linked (or copied) into `work`."""
+    target = work / path.name
+    try:
+        os.link(path, target)
+    except OSError:
+        shutil.copy(path, target)
+    return target
 
 
 def main() -> None:
@@ -158,13 +175,17 @@ def main() -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # the lab keeps Ray's token auth on
         rows += lab_rows(args, work)
     (work / "rows.json").write_text(json.dumps(rows))
-    print(f"\ndecode tokens/s, medians of {args.repeats} (all-reduce: the first device's share of its step in "
-          "collectives, waiting for the slowest device included)")
-    print(f"{'where':<6} {'plan':<14} {'streams':>7} {'measured':>9} {'predicted':>9} {'error':>7} {'all-reduce':>10}")
+    print(f"\ndecode tokens/s (medians of {args.repeats}) and the first stage's step time, each measured and "
+          "predicted (all-reduce: the first device's share of its step spent summing, waiting for the slowest "
+          "device included)")
+    print(f"{'where':<6} {'plan':<14} {'streams':>7} {'tok/s':>7} {'predicted':>9} {'error':>6} {'step ms':>8} "
+          f"{'predicted':>9} {'error':>6} {'all-reduce':>10}")
     for r in rows:
         error = 100 * (r["predicted"] / r["measured"] - 1)
-        print(f"{r['where']:<6} {r['plan']:<14} {r['streams']:>7} {r['measured']:>9.1f} {r['predicted']:>9.1f} "
-              f"{error:>+6.0f}% {100 * r['all_reduce_share']:>9.0f}%")
+        step_error = 100 * (r["predicted_step_s"] / r["step_s"] - 1)
+        print(f"{r['where']:<6} {r['plan']:<14} {r['streams']:>7} {r['measured']:>7.1f} {r['predicted']:>9.1f} "
+              f"{error:>+5.0f}% {1e3 * r['step_s']:>8.2f} {1e3 * r['predicted_step_s']:>9.2f} {step_error:>+5.0f}% "
+              f"{100 * r['all_reduce_share']:>9.0f}%")
     for where in dict.fromkeys(r["where"] for r in rows):
         for streams in STREAMS:
             ran = [r for r in rows if r["where"] == where and r["streams"] == streams]

@@ -67,6 +67,7 @@ class StageActor:
         logging.basicConfig(level=os.environ.get("SHARDWISE_LOG_LEVEL", "WARNING"),
                             format="%(asctime)s %(name)s: %(message)s")
         self.worker, self.group, self.peers = None, None, []
+        self._stepping: list[ray.ObjectRef] = []  # the other devices' current step
 
     def load(self, model_path: str, layers: tuple[int, int], device: str, dtype: str | None,
              kv_tokens: int = 0, source: ray.actor.ActorHandle | None = None,
@@ -155,17 +156,17 @@ class StageActor:
         may use, on each of the stage's devices."""
         if torch.get_num_threads() != threads[0]:
             torch.set_num_threads(threads[0])
-        shared = ray.put(previous) if self.peers else None
-        others = [peer.step.remote(seq_ids, chunks, sample, shared, (n,))
-                  for peer, n in zip(self.peers, threads[1:], strict=True)]
+        shared = ray.put(previous) if self.peers and previous is not None else None
+        self._check(self._stepping)  # (the last step's, done by now: its sums needed every device)
+        self._stepping = [peer.step.remote(seq_ids, chunks, sample, shared, (n,))
+                          for peer, n in zip(self.peers, threads[1:], strict=True)]
         hidden, seconds = previous or (None, ())
         inputs = None if hidden is None else torch.from_numpy(hidden.copy())
         try:
             out = self.worker.step(seq_ids, chunks, sample, inputs)
         except Exception:
-            self._check(others)  # a device that died is the cause
+            self._check(self._stepping)  # a device that died is the cause
             raise
-        self._check(others)
         if self.group is not None and self.group.rank > 0:
             return None
         seconds = (*seconds, self.worker.last_step_s)
@@ -175,7 +176,9 @@ class StageActor:
 
     def _check(self, others: list[ray.ObjectRef]) -> None:
         """Wait for the other devices' step. One that died takes this actor with it, so that the
-        pipeline sees the stage lost and starts it afresh, every device included."""
+        pipeline sees the stage lost and starts it afresh, every device included. (A step is not
+        waited for at its end: its last sum already waited for every device, and a device that
+        failed it made this one's sums fail too.)"""
         try:
             ray.get(others)
         except ray.exceptions.RayActorError:
