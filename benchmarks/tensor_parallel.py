@@ -4,7 +4,8 @@ Local: the default model on this machine's Ray, one stage split among 1, 2 and 3
 (the cores shared out among them), decode tokens/s of one greedy stream and of 8, the share of
 the first device's step spent in all-reduces (waiting for the slowest device included), and the
 estimator's prediction beside each (this machine's profile: its speed, shared as the actors share
-the cores, and its measured gloo collective).
+the cores; the Ray call that starts the other devices' step and the engine's all-reduce, as measured
+between two processes).
 
 --lab (root): two emulated nodes of one core each and a 1 Gbit/s link (shardwise lab), and a
 Llama-3.2-1B-shaped Q4_0 model (bandwidth-bound: its decode reads ~0.7 GB a token). Each plan is
@@ -32,7 +33,7 @@ from shardwise import LLM
 from shardwise.model.weights import open_weights
 from shardwise.perf.cluster_profile import decode_steps
 from shardwise.perf.estimate import Deployment, Stage, estimate
-from shardwise.perf.hardware import SAME_DEVICE, load_device
+from shardwise.perf.hardware import DeviceSpec, LinkSpec
 from shardwise.planner.plan import Plan, StageSpec, TensorDevice
 from shardwise.planner.topology import Cluster, cluster_file, cost_table, plan_cluster, precision, tensor_groups
 
@@ -73,9 +74,11 @@ def predicted(spec, stage: Stage, dtype: str, streams: int) -> tuple[float, floa
 def local(args) -> list[dict]:
     """One stage on this machine, split among 1, 2 and 3 actors sharing its cores."""
     from shardwise.model.registry import DEFAULT_MODEL, resolve
-    from shardwise.perf.profile import profile_device
+    from shardwise.perf.cluster_profile import profile_cluster
 
-    machine = load_device(args.profile) if args.profile else profile_device(DEFAULT_MODEL, quick=True)
+    profile = json.loads(Path(args.profile).read_text()) if args.profile else profile_cluster(DEFAULT_MODEL, quick=True)
+    # this machine, and the link between two of its processes (a Ray call; the engine's all-reduce)
+    machine, link = DeviceSpec.from_dict(profile["devices"][0]), LinkSpec.from_dict(profile["links"][0])
     spec = open_weights(resolve(DEFAULT_MODEL)).spec
     cores = os.cpu_count() or 1
     rows = []
@@ -83,7 +86,7 @@ def local(args) -> list[dict]:
         threads = max(1, cores // n)
         # each device's speed: its threads' share of the cores, less where n x threads oversubscribe them
         device = machine.slower(cores / (threads * min(1.0, cores / (n * threads))))
-        stage = Stage(device, 0, spec.num_layers, link=SAME_DEVICE,
+        stage = Stage(device, 0, spec.num_layers, link=link,
                       group=tuple((device, 1 / n) for _ in range(n)) if n > 1 else ())
         plan = Plan((StageSpec((0, spec.num_layers)),)).tensor_parallel(n)
         for streams in STREAMS:
@@ -165,7 +168,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--dtype", default="int4", help="The local runs' weights.")
-    parser.add_argument("--profile", default=None, help="This machine's profile (default: measured now, --quick).")
+    parser.add_argument("--profile", default=None,
+                        help="This machine's `shardwise profile` (default: measured now, --quick).")
     parser.add_argument("--lab", action="store_true", help="Also run the two-node lab layout (root).")
     parser.add_argument("--local", default="yes", choices=("yes", "no"))
     args = parser.parse_args()

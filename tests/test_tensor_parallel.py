@@ -97,6 +97,16 @@ def devices(ray_session):
             out = run_prompts([shard], batch)
             return out.numpy() if shard.is_last else None
 
+        def sums(self, rank: int, port: int, floats: int) -> tuple[list[float], object]:
+            """Each device's part (rank + 1 everywhere) summed, and the first device's message heard."""
+            from shardwise.engine.collective import TensorGroup
+
+            group = TensorGroup(rank, 3, ("127.0.0.1", port), "127.0.0.1", torch.device("cpu"))
+            x = group.all_reduce(torch.full((floats,), rank + 1.0))
+            heard = group.tell(("step", [rank] * 1000)) if rank == 0 else group.hear()
+            group.close()
+            return x.unique().tolist(), heard
+
     actors = [Device.remote() for _ in range(3)]
     yield actors
     for actor in actors:
@@ -122,6 +132,18 @@ def test_every_architecture_split_2_3_and_3_to_1_gives_one_device_logits(name, d
         top = expected.topk(2).values
         clear = top[:, 0] - top[:, 1] > 1e-3  # (a near tie may go either way within fp32's rounding)
         assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
+
+
+def test_parts_larger_than_the_connections_buffers_sum_and_calls_arrive_whole(devices, ray_session):
+    """32 MB parts each way between three devices (a device that sent all before it received
+    would wait forever for the others); the first device's call reaches every other whole."""
+    from shardwise.engine.collective import open_store
+
+    store, port = open_store("127.0.0.1")
+    got = ray_session.get([d.sums.remote(rank, port, 8 << 20) for rank, d in enumerate(devices)], timeout=120)
+    del store
+    assert [sums for sums, _ in got] == [[6.0]] * 3
+    assert [heard for _, heard in got] == [None, ("step", [0] * 1000), ("step", [0] * 1000)]
 
 
 def pids_of(llm: LLM) -> list[int]:

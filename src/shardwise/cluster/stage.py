@@ -2,14 +2,16 @@
 
 A tensor-parallel stage is several such actors, one per device, each holding its slice of
 every layer (model/tensor_split.py). The pipeline talks to the first alone: it starts the
-others on their nodes (they live and die with it), and passes every call on to them, so
-all the devices' KV pools hold the same sequences in the same slots.
+others on their nodes (they live and die with it), and passes every call on to them over the
+group's own connections, in order, so all the devices' KV pools hold the same sequences in the
+same slots and each device starts a step as soon as the first does.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,7 +69,6 @@ class StageActor:
         logging.basicConfig(level=os.environ.get("SHARDWISE_LOG_LEVEL", "WARNING"),
                             format="%(asctime)s %(name)s: %(message)s")
         self.worker, self.group, self.peers = None, None, []
-        self._stepping: list[ray.ObjectRef] = []  # the other devices' current step
 
     def load(self, model_path: str, layers: tuple[int, int], device: str, dtype: str | None,
              kv_tokens: int = 0, source: ray.actor.ActorHandle | None = None,
@@ -96,15 +97,39 @@ class StageActor:
         shard.kv.hold_at_least(kv_tokens)
         self.worker = Worker(shard, model_grammars(path, weights))
         ray.get(loading)
+        if tensor is not None and tensor.rank > 0:
+            threading.Thread(target=self._follow, name="tensor-parallel device", daemon=True).start()
         return self.ready()
+
+    def _follow(self) -> None:
+        """Another device of a tensor-parallel stage: the first device's calls, in order. One that
+        fails ends this actor: its connections close, the first device's next sum or call fails,
+        and the pipeline starts the stage afresh."""
+        try:
+            while True:
+                method, args = self.group.hear()
+                getattr(self, method)(*args)
+        except Exception:
+            log.exception("a device of a tensor-parallel stage failed: the stage stops")
+            self.group.close()
+            os._exit(1)
 
     def ready(self) -> tuple[int, str]:
         """Once loaded: this actor's process id and Ray node id."""
         return os.getpid(), ray.get_runtime_context().get_node_id()
 
-    def _others(self, method: str, *args: Any) -> list[ray.ObjectRef]:
-        """The same call on the stage's other devices (an actor runs one caller's calls in order)."""
-        return [getattr(peer, method).remote(*args) for peer in self.peers]
+    def _others(self, method: str, *args: Any) -> None:
+        """The same call on the stage's other devices. One that died takes this actor with it, so
+        that the pipeline sees the stage lost and starts it afresh, every device included."""
+        if self.peers:
+            try:
+                self.group.tell((method, args))
+            except ConnectionError:
+                self._lost()
+
+    def _lost(self) -> None:
+        log.warning("a device of this tensor-parallel stage died: the stage stops")
+        ray.actor.exit_actor()
 
     def add(self, seq_id: int, params: SamplingParams, generated: list[int], prefix: CachedPrefix | None) -> None:
         self._others("add", seq_id, params, generated, prefix)
@@ -127,7 +152,7 @@ class StageActor:
         self.worker.rewind(seq_id, length)
 
     def reset(self) -> None:
-        ray.get(self._others("reset"))
+        self._others("reset")
         self.worker.reset()
 
     def export(self, seq_ids: list[int]) -> dict[int, Moving]:
@@ -154,36 +179,22 @@ class StageActor:
         the seconds each stage so far computed; the last stage returns token ids (and any
         logprobs asked for) only, with every stage's seconds. threads: how many cores this step
         may use, on each of the stage's devices."""
-        if torch.get_num_threads() != threads[0]:
-            torch.set_num_threads(threads[0])
-        shared = ray.put(previous) if self.peers and previous is not None else None
-        self._check(self._stepping)  # (the last step's, done by now: its sums needed every device)
-        self._stepping = [peer.step.remote(seq_ids, chunks, sample, shared, (n,))
-                          for peer, n in zip(self.peers, threads[1:], strict=True)]
+        mine = threads[self.group.rank if self.group else 0]
+        if torch.get_num_threads() != mine:
+            torch.set_num_threads(mine)
         hidden, seconds = previous or (None, ())
+        self._others("step", seq_ids, chunks, sample, None if hidden is None else (hidden, ()), threads)
         inputs = None if hidden is None else torch.from_numpy(hidden.copy())
         try:
             out = self.worker.step(seq_ids, chunks, sample, inputs)
-        except Exception:
-            self._check(self._stepping)  # a device that died is the cause
-            raise
+        except ConnectionError:  # a device died
+            self._lost()
         if self.group is not None and self.group.rank > 0:
             return None
         seconds = (*seconds, self.worker.last_step_s)
         if isinstance(out, torch.Tensor):
             return out.float().cpu().numpy(), seconds
         return out._replace(stage_seconds=seconds)
-
-    def _check(self, others: list[ray.ObjectRef]) -> None:
-        """Wait for the other devices' step. One that died takes this actor with it, so that the
-        pipeline sees the stage lost and starts it afresh, every device included. (A step is not
-        waited for at its end: its last sum already waited for every device, and a device that
-        failed it made this one's sums fail too.)"""
-        try:
-            ray.get(others)
-        except ray.exceptions.RayActorError:
-            log.warning("a device of this tensor-parallel stage died: the stage stops")
-            ray.actor.exit_actor()
 
     def stats(self) -> dict:
         stats = self.worker.stats()

@@ -1,7 +1,9 @@
 """TensorGroup: the devices of one tensor-parallel stage, summing their parts each layer.
 
 Each device is a process of its own (a Ray actor). They meet at a TCP store the first device
-opens. GPUs sum with NCCL (torch.distributed). CPUs sum over direct TCP connections between
+opens, and keep a direct TCP connection to every other: over these the first device tells the
+others what to do (each call in order, a step as soon as it starts it: no Ray call on the way).
+GPUs sum with NCCL (torch.distributed). CPUs sum over the same connections between
 every pair of devices: each sends its part to every other, and each adds all parts up in rank
 order, so every device holds the same bits. Not gloo: its all-reduce sleeps in the kernel
 while it waits, and waking took 0.3 ms at the median and 4-8 ms at the tail on this project's
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import select
 import socket
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,12 +49,11 @@ class TensorGroup:
         timeout = datetime.timedelta(seconds=timeout_s)
         try:
             store = store or dist.TCPStore(address[0], address[1], is_master=False, timeout=timeout)
+            self.peers = self._connect(store, my_host)
             if device.type == "cuda":
                 if dist.is_initialized():  # a warm process that held another group's rank before
                     dist.destroy_process_group()
                 dist.init_process_group("nccl", store=store, rank=rank, world_size=size, timeout=timeout)
-            else:
-                self.peers = self._connect(store, my_host)
         except (OSError, RuntimeError, dist.DistStoreError) as e:
             raise ShardwiseError(f"tensor-parallel device {rank} could not reach the group at "
                                  f"{address[0]}:{address[1]} ({e}): check that the nodes reach each other") from None
@@ -82,12 +85,9 @@ class TensorGroup:
             dist.all_reduce(x)
         else:
             mine = x.contiguous()
-            parts = {self.rank: mine}
-            for conn in self.peers.values():
-                self._send(conn, _bytes(mine))
-            for other, conn in self.peers.items():
-                parts[other] = torch.empty_like(mine)
-                self._receive(conn, _bytes(parts[other]))
+            parts = {self.rank: mine, **{other: torch.empty_like(mine) for other in self.peers}}
+            self._exchange([(conn, _bytes(mine)) for conn in self.peers.values()],
+                           [(conn, _bytes(parts[other])) for other, conn in self.peers.items()])
             total = parts[0].clone()
             for rank in range(1, self.size):  # (one order everywhere: every device gets the same bits)
                 total += parts[rank]
@@ -101,52 +101,73 @@ class TensorGroup:
         if self.device.type == "cuda":
             dist.broadcast(x, src=0)
         elif self.rank == 0:
-            for conn in self.peers.values():
-                self._send(conn, _bytes(x.contiguous()))
+            self._exchange([(conn, _bytes(x.contiguous())) for conn in self.peers.values()], [])
         else:
             part = torch.empty_like(x, memory_format=torch.contiguous_format)
-            self._receive(self.peers[0], _bytes(part))
+            self._exchange([], [(self.peers[0], _bytes(part))])
             x.copy_(part)
         self.seconds += time.perf_counter() - started
         return x
 
-    def _send(self, conn: socket.socket, array: np.ndarray) -> None:
-        view, sent = memoryview(array), 0
-        while sent < len(view):
-            try:
-                sent += conn.send(view[sent:])
-            except BlockingIOError:
-                self._wait(conn, writable=True)
+    def tell(self, message: Any) -> None:
+        """The first device: a message (any picklable object) to every other device."""
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        framed = np.frombuffer(len(data).to_bytes(8, "little") + data, np.uint8)
+        self._exchange([(conn, framed) for conn in self.peers.values()], [])
 
-    def _receive(self, conn: socket.socket, array: np.ndarray) -> None:
-        view, got = memoryview(array), 0
-        polled = time.perf_counter()
-        while got < len(view):
-            try:
-                n = conn.recv_into(view[got:])
-            except BlockingIOError:
-                if time.perf_counter() - polled > POLL_S:  # a slow device: sleep until its part comes
-                    self._wait(conn)
-                else:  # (another process waiting for this core, e.g. the device we wait for, goes first)
-                    os.sched_yield()
-                continue
-            if n == 0:
-                raise ConnectionError("a device of this tensor-parallel stage left its group")
-            got += n
+    def hear(self) -> Any:
+        """Another device: the first device's next message, however long it takes to come."""
+        conn, size = self.peers[0], np.empty(8, np.uint8)
+        self._exchange([], [(conn, size)], patient=True)
+        data = np.empty(int.from_bytes(size.tobytes(), "little"), np.uint8)
+        self._exchange([], [(conn, data)])
+        return pickle.loads(data)
 
-    def _wait(self, conn: socket.socket, writable: bool = False) -> None:
-        ready = select.select([], [conn], [], self.timeout_s) if writable else select.select([conn], [], [],
-                                                                                               self.timeout_s)
-        if not any(ready):
-            raise TimeoutError(f"a device of this tensor-parallel stage sent nothing in {self.timeout_s:.0f} s")
+    def _exchange(self, sends: list[tuple[socket.socket, np.ndarray]],
+                  receives: list[tuple[socket.socket, np.ndarray]], patient: bool = False) -> None:
+        """Send each array and fill each, on every connection as far as it goes: a device that
+        finished sending before it received would wait forever for one doing the same, once the
+        parts outgrow the connections' buffers. It polls for a while (a part from a balanced
+        device comes within microseconds) before it sleeps until a connection is ready.
+        patient: sleep at once, without a time limit (the next call may be hours off; polling
+        for it would take the core from the device that is making it)."""
+        sending = [(conn, memoryview(a)) for conn, a in sends if a.size]
+        filling = [(conn, memoryview(a)) for conn, a in receives if a.size]
+        polled = time.perf_counter() - (POLL_S if patient else 0.0)
+        while sending or filling:
+            moved = False
+            for k, (conn, view) in enumerate(sending):
+                try:
+                    sending[k] = (conn, view[conn.send(view):])
+                    moved = True
+                except BlockingIOError:
+                    pass
+            for k, (conn, view) in enumerate(filling):
+                try:
+                    n = conn.recv_into(view)
+                except BlockingIOError:
+                    continue
+                if n == 0:
+                    raise ConnectionError("a device of this tensor-parallel stage left its group")
+                filling[k], moved = (conn, view[n:]), True
+            sending = [(c, v) for c, v in sending if len(v)]
+            filling = [(c, v) for c, v in filling if len(v)]
+            if moved:
+                polled, patient = time.perf_counter(), False
+            elif time.perf_counter() - polled > POLL_S:  # a slow device: sleep until a connection is ready
+                ready = select.select([c for c, _ in filling], [c for c, _ in sending], [],
+                                      None if patient else self.timeout_s)
+                if not any(ready):
+                    raise TimeoutError(f"a device of this tensor-parallel stage sent nothing in "
+                                       f"{self.timeout_s:.0f} s")
+            else:  # (another process waiting for this core, e.g. the device we wait for, goes first)
+                os.sched_yield()
 
     def close(self) -> None:
-        if self.device.type == "cuda":
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        else:
-            for conn in self.peers.values():
-                conn.close()
+        if self.device.type == "cuda" and dist.is_initialized():
+            dist.destroy_process_group()
+        for conn in self.peers.values():
+            conn.close()
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:

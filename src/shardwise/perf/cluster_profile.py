@@ -18,9 +18,19 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardwise.cluster.ray_session import join
-from shardwise.perf.profile import Progress, burst_and_share, link_from_round_trips, profile_device, timed
+from shardwise.engine.collective import TensorGroup, open_store
+from shardwise.perf.profile import (
+    Progress,
+    burst_and_share,
+    collective_on_link,
+    link_from_round_trips,
+    profile_device,
+    time_all_reduces,
+    timed,
+)
 
 HOP_TOKENS = (1, 512)  # hidden states of a decode step and of a prefill chunk
+SUM_TOKENS = (1, 64)  # a tensor-parallel decode step's all-reduce, and a larger one for the bandwidth
 
 
 @ray.remote(num_cpus=0)
@@ -67,6 +77,31 @@ class Probe:
         return out, cpu
 
 
+    def open_group(self) -> tuple[str, int]:
+        """A two-device group's rendezvous on this node (its address), for all_reduce_seconds."""
+        host = ray.util.get_node_ip_address()
+        self.store, port = open_store(host)
+        return host, port
+
+    def all_reduce_seconds(self, rank: int, address: tuple[str, int], hidden: int, rounds: int) -> list[float]:
+        """As one of a tensor-parallel stage's two devices (the first opened the group): the mean
+        seconds of the engine's all-reduce of each of SUM_TOKENS tokens' hidden states."""
+        group = TensorGroup(rank, 2, tuple(address), ray.util.get_node_ip_address(), torch.device("cpu"),
+                            store=self.store if rank == 0 else None)
+        try:
+            return [time_all_reduces(group, tokens * hidden, rounds) for tokens in SUM_TOKENS]
+        finally:
+            group.close()
+            self.store = None
+
+
+def collective_link(first: Probe, second: Probe, hidden: int, rounds: int) -> dict[str, float]:
+    """The engine's all-reduce between the nodes of two probes, as LinkSpec's collective figures."""
+    address = ray.get(first.open_group.remote())
+    times = ray.get([p.all_reduce_seconds.remote(k, address, hidden, rounds) for k, p in enumerate((first, second))])
+    return collective_on_link(*[(tokens * hidden * 4, t) for tokens, t in zip(SUM_TOKENS, times[0], strict=True)])
+
+
 def probe_on(node_id: str) -> Probe:
     """A Probe actor on that Ray node."""
     return Probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
@@ -106,6 +141,7 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                 (small, large), cpu = ray.get(trips)
                 task_cpu[j].append(cpu)
                 link = link_from_round_trips(small, large, f"{names[i]}->{names[j]}")
+                link = replace(link, **collective_link(probes[u["NodeID"]], target, hidden, 50 if quick else 200))
                 if address is None:
                     progress("the hop between real pipeline stages")
                     fewer = {"new": 9, "rounds": 2} if quick else {}

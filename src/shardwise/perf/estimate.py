@@ -59,12 +59,16 @@ class TimedOperator:
 
 
 def collective_time(op: Operator, link: LinkSpec, launch: float) -> float:
-    """Ring algorithms: all-reduce moves 2(n-1)/n of the message in 2(n-1) hops,
+    """As the engine sums over a link it measured (CPU devices: each sends its part to every
+    other at once): the measured fixed time and n-1 parts through each device's connection.
+    Otherwise ring algorithms: all-reduce moves 2(n-1)/n of the message in 2(n-1) hops,
     all-gather, all-to-all and broadcast (n-1)/n of it in n-1 hops; plus the library's fixed
     start-up (`launch`)."""
     n = op.participants
     if n <= 1 or not op.message_bytes:
         return 0.0
+    if link.collective_s and link.collective_bandwidth:
+        return link.collective_s + (n - 1) * op.message_bytes / link.collective_bandwidth
     hops = 2 * (n - 1) if op.collective == "all-reduce" else n - 1
     return launch + hops * link.latency + hops / n * op.message_bytes / link.bandwidth
 
@@ -161,7 +165,11 @@ def pacing(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> tuple[Dev
     launcher = max((d for d, _ in stage.group), key=lambda d: d.collective_s)
     collectives = [time_operator(collective("all_reduce", "all-reduce", n, work.tokens * spec.hidden_size * ab),
                                  launcher, stage.link, 2 * (stage.end - stage.start))]
-    if stage.start == 0:  # the first device's embeddings, to the others
+    # the others start their step when the first device's call reaches them: with the hidden
+    # states, or at the first stage with the token ids, and then the embeddings
+    called = work.tokens * (spec.hidden_size * ab if stage.start else 4)
+    collectives.append(time_operator(collective("step_call", "broadcast", n, called), launcher, stage.link))
+    if stage.start == 0:
         collectives.append(time_operator(
             collective("embedding_broadcast", "broadcast", n, work.tokens * spec.hidden_size * ab),
             launcher, stage.link))

@@ -150,6 +150,10 @@ class LinkSpec:
     # the latency was measured with messages this large: their bytes (and the framing around them,
     # which on a slow link outweighs a decode step's hidden state) are in it already
     latency_bytes: float = 0.0
+    # the engine's all-reduce between two devices this link joins, where measured (0: not): its
+    # fixed seconds and the bytes/s of its parts (a direct TCP connection, not a Ray call)
+    collective_s: float = 0.0
+    collective_bandwidth: float = 0.0
 
     def time(self, nbytes: float) -> float:
         return self.latency + max(nbytes - self.latency_bytes, 0.0) / self.bandwidth if nbytes else 0.0

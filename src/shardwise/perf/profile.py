@@ -212,22 +212,29 @@ def _product_times(spec: ModelSpec, device: torch.device, dtype: str, bits: int 
     return list(row_counts), flops, nbytes, times
 
 
-def _all_reduces(rank: int, port: int, size: int, rounds: int, out: Any) -> None:
-    """One of two processes timing all-reduces of `size` floats (the first reports the mean: a
-    collective's rare slow wake-ups count in a step's time)."""
-    from shardwise.engine.collective import TensorGroup
-
-    torch.set_num_threads(1)
-    group = TensorGroup(rank, 2, ("127.0.0.1", port), "127.0.0.1", torch.device("cpu"))
+def time_all_reduces(group: Any, size: int, rounds: int) -> float:
+    """Mean seconds of an all-reduce of `size` floats in `group`, every device calling at once
+    (after 20 that warm the connections; the mean: a collective's rare slow wake-ups count in a
+    step's time)."""
     x = torch.zeros(size)
     times = []
-    for i in range(rounds + 20):  # (the first ones connect)
+    for i in range(rounds + 20):
         started = time.perf_counter()
         group.all_reduce(x)
         if i >= 20:
             times.append(time.perf_counter() - started)
+    return statistics.fmean(times)
+
+
+def _all_reduces(rank: int, port: int, size: int, rounds: int, out: Any) -> None:
+    """One of two processes timing all-reduces of `size` floats (the first reports them)."""
+    from shardwise.engine.collective import TensorGroup
+
+    torch.set_num_threads(1)
+    group = TensorGroup(rank, 2, ("127.0.0.1", port), "127.0.0.1", torch.device("cpu"))
+    seconds = time_all_reduces(group, size, rounds)
     if rank == 0:
-        out.put(statistics.fmean(times))
+        out.put(seconds)
     group.close()
 
 
@@ -421,3 +428,11 @@ def link_from_round_trips(small: tuple[int, float], large: tuple[int, float], na
     of a decode step's hidden state: on a slow link its framing costs more than its bytes)."""
     bandwidth = (large[0] - small[0]) / max(large[1] - small[1], 1e-9)
     return LinkSpec(name, bandwidth, small[1] / 2, source="shardwise profile", latency_bytes=small[0])
+
+
+def collective_on_link(small: tuple[int, float], large: tuple[int, float]) -> dict[str, float]:
+    """A link's all-reduce figures (as LinkSpec holds them) from the times of a small and a large
+    one (bytes each device sends, seconds): the size difference gives the bandwidth, and what
+    remains of the small one the fixed time."""
+    bandwidth = (large[0] - small[0]) / max(large[1] - small[1], 1e-9)
+    return {"collective_s": max(small[1] - small[0] / bandwidth, 1e-7), "collective_bandwidth": bandwidth}

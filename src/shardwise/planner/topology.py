@@ -155,7 +155,9 @@ def cluster_file(profile: dict[str, Any], profile_path: str) -> dict[str, Any]:
     devices = [{"name": d["name"], "profile": f"{profile_path}#{d['name']}", "memory_gb": d["memory_bytes"] / 1e9,
                 "node": node["node"]} for d, node in zip(profile["devices"], profile["nodes"], strict=True)]
     links = [{"from": link["from"], "to": link["to"], "bandwidth_gbs": link["bandwidth"] / 1e9,
-              "latency_us": link["latency"] * 1e6, "latency_bytes": link.get("latency_bytes", 0.0)}
+              "latency_us": link["latency"] * 1e6, "latency_bytes": link.get("latency_bytes", 0.0),
+              "all_reduce_us": link.get("collective_s", 0.0) * 1e6,
+              "all_reduce_gbs": link.get("collective_bandwidth", 0.0) / 1e9}
              for link in profile["links"] if link["from"] != link["to"]]
     return {"devices": devices, "links": links}
 
@@ -165,7 +167,9 @@ def _link(value: Any) -> LinkSpec:
         return load_link(value)
     try:
         return LinkSpec("custom", float(value["bandwidth_gbs"]) * 1e9, float(value.get("latency_us", 0)) * 1e-6,
-                        latency_bytes=float(value.get("latency_bytes", 0)))
+                        latency_bytes=float(value.get("latency_bytes", 0)),
+                        collective_s=float(value.get("all_reduce_us", 0)) * 1e-6,
+                        collective_bandwidth=float(value.get("all_reduce_gbs", 0)) * 1e9)
     except (TypeError, KeyError, ValueError):
         raise ShardwiseError("a link is a catalog name or {bandwidth_gbs: ..., latency_us: ...}") from None
 
