@@ -9,9 +9,10 @@ between two processes).
 
 --lab (root): two emulated nodes of one core each and a 1 Gbit/s link (shardwise lab), and a
 Llama-3.2-1B-shaped Q4_0 model (bandwidth-bound: its decode reads ~0.7 GB a token). Each plan is
-run and predicted: both layers' halves on both nodes at once (tensor parallelism, shares by their
-measured speed) against every pipeline-only plan (one node; the layers split between the nodes),
-and the planner's own choice.
+run and predicted: every layer split between both nodes (tensor parallelism; shares by their
+measured speed, and shares that leave the first node, which also runs the LM head, less of each
+layer, as the planner gives them) against every pipeline-only plan (one node; the layers split
+between the nodes), and the planner's own choice.
 
     python benchmarks/tensor_parallel.py [--repeats 3] [--new-tokens 24] [--profile FILE]
     sudo python benchmarks/tensor_parallel.py --lab [--local no]
@@ -122,15 +123,22 @@ def lab_rows(args, work: Path) -> list[dict]:
         a, b = cluster.devices
         link = cluster.link(a.name, b.name)
         table = cost_table(spec, cluster, quant="int4", kv_tokens=KV_TOKENS)
-        [group] = [g for g in tensor_groups(spec, cluster, table) if len(g.members) == 2]
-        shares = [group.fractions[group.members.index(i)] for i in (0, 1)]  # (by their measured speeds)
+        [group] = [g for g in tensor_groups(spec, cluster, table, quant="int4") if len(g.members) == 2]
+        balanced = [group.fractions[group.members.index(i)] for i in (0, 1)]  # (a first: a holds the head)
+        speed = 1 / (table.compute.sum(axis=1) / table.share)
+        by_speed = list(speed / speed.sum())
         half = spec.num_layers // 2
+
+        def tensor_parallel(shares: list[float]) -> tuple[Plan, Stage]:
+            return (Plan((StageSpec((0, spec.num_layers), a.node, devices=(
+                TensorDevice(a.node, shares[0]), TensorDevice(b.node, shares[1]))),)),
+                Stage(a.spec, 0, spec.num_layers, link=link, group=((a.spec, shares[0]), (b.spec, shares[1]))))
+
         plans = {
             "one node": (Plan((StageSpec((0, spec.num_layers), a.node),)), Stage(a.spec, 0, spec.num_layers)),
             "pipeline a|b": (Plan((StageSpec((0, half), a.node), StageSpec((half, spec.num_layers), b.node))), None),
-            "TP a+b": (Plan((StageSpec((0, spec.num_layers), a.node, devices=(
-                TensorDevice(a.node, shares[0]), TensorDevice(b.node, shares[1]))),)),
-                Stage(a.spec, 0, spec.num_layers, link=link, group=((a.spec, shares[0]), (b.spec, shares[1])))),
+            f"TP a+b {by_speed[0]:.0%}:{by_speed[1]:.0%}": tensor_parallel(by_speed),
+            f"TP a+b {balanced[0]:.0%}:{balanced[1]:.0%}": tensor_parallel(balanced),
         }
         _, summary = plan_cluster(spec, cluster, "latency", quant="int4", kv_tokens=KV_TOKENS)
         print(f"  the planner chose {summary['dp']['layout']} (tensor parallelism "
@@ -180,16 +188,21 @@ def main() -> None:
         rows += lab_rows(args, work)
     (work / "rows.json").write_text(json.dumps(rows))
     print(f"\ndecode tokens/s (medians of {args.repeats}) and the first stage's step time, each measured and "
-          "predicted (all-reduce: the first device's share of its step spent summing, waiting for the slowest "
-          "device included)")
-    print(f"{'where':<6} {'plan':<14} {'streams':>7} {'tok/s':>7} {'predicted':>9} {'error':>6} {'step ms':>8} "
-          f"{'predicted':>9} {'error':>6} {'all-reduce':>10}")
+          "predicted (one device: the error of the same run's one-device plan, where the whole machine's "
+          "model errs alike; TP: the error left when that is taken out; all-reduce: the first device's share "
+          "of its step spent summing, waiting for the slowest device included)")
+    print(f"{'where':<6} {'plan':<16} {'streams':>7} {'tok/s':>7} {'predicted':>9} {'error':>6} {'step ms':>8} "
+          f"{'predicted':>9} {'error':>6} {'vs one device':>13} {'all-reduce':>10}")
     for r in rows:
         error = 100 * (r["predicted"] / r["measured"] - 1)
-        step_error = 100 * (r["predicted_step_s"] / r["step_s"] - 1)
-        print(f"{r['where']:<6} {r['plan']:<14} {r['streams']:>7} {r['measured']:>7.1f} {r['predicted']:>9.1f} "
+        ratio = r["predicted_step_s"] / r["step_s"]
+        step_error = 100 * (ratio - 1)
+        [alone] = [o for o in rows if o["where"] == r["where"] and o["streams"] == r["streams"]
+                   and o["plan"] in ("TP 1", "one node")]
+        beyond = 100 * (ratio / (alone["predicted_step_s"] / alone["step_s"]) - 1)
+        print(f"{r['where']:<6} {r['plan']:<16} {r['streams']:>7} {r['measured']:>7.1f} {r['predicted']:>9.1f} "
               f"{error:>+5.0f}% {1e3 * r['step_s']:>8.2f} {1e3 * r['predicted_step_s']:>9.2f} {step_error:>+5.0f}% "
-              f"{100 * r['all_reduce_share']:>9.0f}%")
+              f"{beyond:>+12.0f}% {100 * r['all_reduce_share']:>9.0f}%")
     for where in dict.fromkeys(r["where"] for r in rows):
         for streams in STREAMS:
             ran = [r for r in rows if r["where"] == where and r["streams"] == streams]

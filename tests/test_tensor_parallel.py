@@ -226,6 +226,14 @@ def test_the_estimator_times_a_split_stage_by_its_slowest_device_and_its_all_red
     assert even > by_speed * 1.3  # the slow device's half paces the stage
     first = stage_time(spec, Stage(fast, 0, 1, link=link, group=((fast, 0.75), (slow, 0.25))), work, p)
     assert first > stage_time(spec, Stage(fast, 1, 2, link=link, group=((fast, 0.75), (slow, 0.25))), work, p)
+    # a link whose all-reduce was measured: its fixed time, and each device's part sent to the n-1 others
+    measured = LinkSpec("l", 1e12, 1e-3, collective_s=5e-5, collective_bandwidth=1e9)
+    trio = ((fast, 0.5), (slow, 0.25), (slow, 0.25))
+    on_measured = stage_time(spec, Stage(fast, 1, layers - 1, link=measured, group=trio), work, p)
+    on_ring = stage_time(spec, Stage(fast, 1, layers - 1, link=LinkSpec("l", 1e12, 0.0), group=trio), work, p)
+    sums = 2 * (layers - 2) + 1  # (and the call that starts the step, with the hidden states)
+    ring_sums = 2 * (layers - 2) * (1e-4 + 4 / 3 * message / 1e12) + 1e-4 + 2 / 3 * message / 1e12
+    assert on_measured - on_ring == pytest.approx(sums * (5e-5 + 2 * message / 1e9) - ring_sums, rel=1e-6)
 
 
 def test_the_planner_splits_a_stage_where_the_all_reduces_cost_less_than_they_save(tmp_path):
@@ -249,7 +257,10 @@ def test_the_planner_splits_a_stage_where_the_all_reduces_cost_less_than_they_sa
     [stage] = json.loads((tmp_path / "plan.json").read_text())["stages"]
     assert stage["layers"] == [0, 32] and [d["placement"] for d in stage["devices"]] == ["10.0.0.7", "10.0.0.8",
                                                                                           "10.0.0.9"]
-    assert sum(d["share"] for d in stage["devices"]) == pytest.approx(1.0)
+    shares = [d["share"] for d in stage["devices"]]
+    assert sum(shares) == pytest.approx(1.0)
+    # equal nodes: the first, which also runs the LM head, takes less of each layer, the others alike
+    assert shares[0] < shares[1] == pytest.approx(shares[2])
     small = cli("plan", "--model", "smollm2-135m", "--cluster", str(cluster), "--objective", "latency")
     assert small.returncode == 0, small.stderr
     assert "tensor parallelism does not pay" in small.stdout.replace("\n", " ")
