@@ -10,12 +10,12 @@ between two processes).
 --lab (root): two emulated nodes of one core each and a 1 Gbit/s link (shardwise lab), and a
 Llama-3.2-1B-shaped Q4_0 model (bandwidth-bound: its decode reads ~0.7 GB a token). Each plan is
 run and predicted: every layer split between both nodes (tensor parallelism; shares by their
-measured speed, and shares that leave the first node, which also runs the LM head, less of each
-layer, as the planner gives them) against every pipeline-only plan (one node; the layers split
-between the nodes), and the planner's own choice.
+measured speed, as the planner gives them, and the shares the estimator times fastest, which
+leave the first node, which also runs the LM head, less of each layer) against every
+pipeline-only plan (one node; the layers split between the nodes), and the planner's choice.
 
     python benchmarks/tensor_parallel.py [--repeats 3] [--new-tokens 24] [--profile FILE]
-    sudo python benchmarks/tensor_parallel.py --lab [--local no]
+    sudo python benchmarks/tensor_parallel.py --lab [--local no] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -28,13 +28,15 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from shardwise import LLM
 from shardwise.model.weights import open_weights
 from shardwise.perf.cluster_profile import decode_steps
-from shardwise.perf.estimate import Deployment, Stage, estimate
+from shardwise.perf.estimate import Deployment, Stage, estimate, stage_time
 from shardwise.perf.hardware import DeviceSpec, LinkSpec
+from shardwise.perf.operators import Work
 from shardwise.planner.plan import Plan, StageSpec, TensorDevice
 from shardwise.planner.topology import Cluster, cluster_file, cost_table, plan_cluster, precision, tensor_groups
 
@@ -123,16 +125,19 @@ def lab_rows(args, work: Path) -> list[dict]:
         a, b = cluster.devices
         link = cluster.link(a.name, b.name)
         table = cost_table(spec, cluster, quant="int4", kv_tokens=KV_TOKENS)
-        [group] = [g for g in tensor_groups(spec, cluster, table, quant="int4") if len(g.members) == 2]
-        balanced = [group.fractions[group.members.index(i)] for i in (0, 1)]  # (a first: a holds the head)
-        speed = 1 / (table.compute.sum(axis=1) / table.share)
-        by_speed = list(speed / speed.sum())
+        [group] = [g for g in tensor_groups(spec, cluster, table) if len(g.members) == 2]
+        by_speed = [group.fractions[group.members.index(i)] for i in (0, 1)]  # (a first: a holds the head)
         half = spec.num_layers // 2
 
         def tensor_parallel(shares: list[float]) -> tuple[Plan, Stage]:
             return (Plan((StageSpec((0, spec.num_layers), a.node, devices=(
                 TensorDevice(a.node, shares[0]), TensorDevice(b.node, shares[1]))),)),
                 Stage(a.spec, 0, spec.num_layers, link=link, group=((a.spec, shares[0]), (b.spec, shares[1]))))
+
+        # the shares the estimator times fastest: a, which also runs the embedding and LM head, less
+        work, p = Work.decode(1, 512), precision(a.spec, "int4")
+        first = min(np.linspace(0.3, 0.7, 41), key=lambda f: stage_time(spec, tensor_parallel([f, 1 - f])[1], work, p))
+        balanced = [float(first), float(1 - first)]
 
         plans = {
             "one node": (Plan((StageSpec((0, spec.num_layers), a.node),)), Stage(a.spec, 0, spec.num_layers)),
@@ -143,19 +148,23 @@ def lab_rows(args, work: Path) -> list[dict]:
         _, summary = plan_cluster(spec, cluster, "latency", quant="int4", kv_tokens=KV_TOKENS)
         print(f"  the planner chose {summary['dp']['layout']} (tensor parallelism "
               f"{'pays' if (summary['tensor_parallel'] or {}).get('pays') else 'does not pay'})")
-        for name, (plan, stage) in plans.items():
-            for streams in STREAMS[:1]:
-                print(f"  lab: {name}, {streams} streams")
-                rate, step, share = run(model, plan, state.address, "int4", streams, args.new_tokens, args.repeats)
-                if stage is None:  # the pipeline: its stages one after the other
-                    deployment = Deployment.pipeline(spec, [a.spec, b.spec], link, [(0, half), (half, spec.num_layers)])
-                    est = estimate(spec, deployment, batch=streams, input_tokens=len(PROMPT) // 4,
-                                   output_tokens=24, precision=precision(a.spec, "int4"), micro_batches=1)
-                    guess, guess_step = est.decode_tok_s, est.stages[0]["decode_s"]
-                else:
-                    guess, guess_step = predicted(spec, stage, "int4", streams)
-                rows.append({"where": "lab", "plan": name, "streams": streams, "measured": rate, "predicted": guess,
-                             "step_s": step, "predicted_step_s": guess_step, "all_reduce_share": share})
+        # the plans in turn, each once a round: this shared machine's speed drifts over minutes
+        runs = {name: [] for name in plans}
+        for round_ in range(args.rounds):
+            for name, (plan, _) in plans.items():
+                print(f"  lab: {name}, round {round_ + 1} of {args.rounds}")
+                runs[name].append(run(model, plan, state.address, "int4", 1, args.new_tokens, args.repeats))
+        for name, (_, stage) in plans.items():
+            if stage is None:  # the pipeline: its stages one after the other
+                deployment = Deployment.pipeline(spec, [a.spec, b.spec], link, [(0, half), (half, spec.num_layers)])
+                est = estimate(spec, deployment, batch=1, input_tokens=len(PROMPT) // 4,
+                               output_tokens=24, precision=precision(a.spec, "int4"), micro_batches=1)
+                guess, guess_step = est.decode_tok_s, est.stages[0]["decode_s"]
+            else:
+                guess, guess_step = predicted(spec, stage, "int4", 1)
+            rate, step, share = (statistics.median(column) for column in zip(*runs[name], strict=True))
+            rows.append({"where": "lab", "plan": name, "streams": 1, "measured": rate, "predicted": guess,
+                         "step_s": step, "predicted_step_s": guess_step, "all_reduce_share": share})
     finally:
         lab.down(state)
     return rows
@@ -179,6 +188,7 @@ def main() -> None:
     parser.add_argument("--profile", default=None,
                         help="This machine's `shardwise profile` (default: measured now, --quick).")
     parser.add_argument("--lab", action="store_true", help="Also run the two-node lab layout (root).")
+    parser.add_argument("--rounds", type=int, default=3, help="Lab: each plan started this often, in turn.")
     parser.add_argument("--local", default="yes", choices=("yes", "no"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tensor-parallel-"))
@@ -187,7 +197,8 @@ def main() -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # the lab keeps Ray's token auth on
         rows += lab_rows(args, work)
     (work / "rows.json").write_text(json.dumps(rows))
-    print(f"\ndecode tokens/s (medians of {args.repeats}) and the first stage's step time, each measured and "
+    print(f"\ndecode tokens/s (medians of {args.repeats} runs; lab: of {args.rounds} starts of each plan) and "
+          "the first stage's step time, each measured and "
           "predicted (one device: the error of the same run's one-device plan, where the whole machine's "
           "model errs alike; TP: the error left when that is taken out; all-reduce: the first device's share "
           "of its step spent summing, waiting for the slowest device included)")

@@ -257,10 +257,7 @@ def test_the_planner_splits_a_stage_where_the_all_reduces_cost_less_than_they_sa
     [stage] = json.loads((tmp_path / "plan.json").read_text())["stages"]
     assert stage["layers"] == [0, 32] and [d["placement"] for d in stage["devices"]] == ["10.0.0.7", "10.0.0.8",
                                                                                           "10.0.0.9"]
-    shares = [d["share"] for d in stage["devices"]]
-    assert sum(shares) == pytest.approx(1.0)
-    # equal nodes: the first, which also runs the LM head, takes less of each layer, the others alike
-    assert shares[0] < shares[1] == pytest.approx(shares[2])
+    assert [d["share"] for d in stage["devices"]] == pytest.approx([1 / 3] * 3)  # equal nodes, equal shares
     small = cli("plan", "--model", "smollm2-135m", "--cluster", str(cluster), "--objective", "latency")
     assert small.returncode == 0, small.stderr
     assert "tensor parallelism does not pay" in small.stdout.replace("\n", " ")

@@ -198,9 +198,8 @@ def cost_table(spec: ModelSpec, cluster: Cluster, *, batch: int = 1, context: in
                 by_window[window] = sum(time_operator(op, d.spec).time_s
                                         for op in layer_operators(spec, work, p, layer=layer))
             compute[i, layer] = by_window[window]
-        embedding, head = edge_seconds(spec, d.spec, work, p)
-        compute[i, 0] += embedding
-        compute[i, -1] += head
+        compute[i, 0] += sum(time_operator(op, d.spec).time_s for op in embedding_operators(spec, work, p))
+        compute[i, -1] += sum(time_operator(op, d.spec).time_s for op in head_operators(spec, work, p))
         overhead[i] = d.spec.step_overhead_s
         compute[i, 0] += overhead[i]
     p0 = precision(cluster.devices[0].spec, quant)
@@ -217,12 +216,6 @@ def cost_table(spec: ModelSpec, cluster: Cluster, *, batch: int = 1, context: in
                      cluster.return_to_source, cluster.hosts(), [d.spec.sustained_share for d in cluster.devices],
                      [np.inf if d.spec.burst_s is None else d.spec.burst_s for d in cluster.devices],
                      [d.spec.task_cpu_s for d in cluster.devices])
-
-
-def edge_seconds(spec: ModelSpec, device: DeviceSpec, work: Work, p: Precision) -> tuple[float, float]:
-    """The seconds of the embedding and of the final norm and LM head on the device."""
-    return (sum(time_operator(op, device).time_s for op in embedding_operators(spec, work, p)),
-            sum(time_operator(op, device).time_s for op in head_operators(spec, work, p)))
 
 
 def precision(device: DeviceSpec, quant: str | None) -> Precision:
@@ -258,29 +251,20 @@ class TensorGroup:
                                                                              strict=True))
 
 
-def tensor_groups(spec: ModelSpec, cluster: Cluster, table: CostTable, *, batch: int = 1, context: int = 512,
-                  quant: str | None = None) -> list[TensorGroup]:
+def tensor_groups(spec: ModelSpec, cluster: Cluster, table: CostTable) -> list[TensorGroup]:
     """The groups worth costing: the k devices fastest at the whole model, for k = 2 up to all
-    (at most as many as the model has heads). Each device's fraction of every layer is such
-    that all finish a step together: in proportion to its speed, less for the first, which
-    also runs the embedding and the LM head (cheaper than splitting the head by vocabulary,
-    whose logits would then cross the link every token)."""
-    work = Work.decode(batch, context)
-    edges = np.array([sum(edge_seconds(spec, d.spec, work, precision(d.spec, quant))) for d in cluster.devices])
-    layers = (table.compute.sum(axis=1) - edges) / table.share  # all layers' sustained seconds
-    edges = edges / table.share
-    order = [int(d) for d in np.argsort(layers + edges, kind="stable")]
+    (at most as many as the model has heads), each device's fraction in proportion to its speed.
+    (The first also runs the embedding and LM head; giving it less of each layer to make up for
+    them measured slower on the lab, in two runs of three: benchmarks/tensor_parallel.py.)"""
+    speed = 1 / (table.compute.sum(axis=1) / table.share)
+    order = [int(d) for d in np.argsort(-speed, kind="stable")]
     groups = []
     for k in range(2, min(len(order), spec.num_heads) + 1):
         members = tuple(order[:k])
         if table.source is not None and table.source in members[1:]:  # the first stage's device leads
             members = (table.source, *(m for m in members if m != table.source))
-        # f_m * layers_m (+ edges for the first) equal for all members, the fractions summing to 1
-        times = layers[list(members)]
-        step = (1 + edges[members[0]] / times[0]) / (1 / times).sum()
-        fractions = np.maximum((step - np.eye(k)[0] * edges[members[0]]) / times, 1 / spec.num_heads)
-        groups.append(TensorGroup(members, tuple(float(f) for f in fractions / fractions.sum()),
-                                  tuple(d for d in range(table.devices) if d not in members)))
+        fractions = tuple(float(speed[m] / speed[list(members)].sum()) for m in members)
+        groups.append(TensorGroup(members, fractions, tuple(d for d in range(table.devices) if d not in members)))
     return groups
 
 
@@ -344,7 +328,7 @@ def plan_cluster(spec: ModelSpec, cluster: Cluster, objective: str = "latency", 
     table = cost_table(spec, cluster, batch=batch, context=context, quant=quant, kv_tokens=kv_tokens)
     result = solve(table, objective, STAGE_GAIN)
     best_group, tensor, grouped_table = None, None, None  # the best plan with a tensor-parallel stage: does it pay?
-    for group in tensor_groups(spec, cluster, table, batch=batch, context=context, quant=quant):
+    for group in tensor_groups(spec, cluster, table):
         grouped = with_group(spec, cluster, table, group, batch=batch, context=context, quant=quant)
         try:
             found = solve(grouped, objective, STAGE_GAIN)
