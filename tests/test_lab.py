@@ -173,6 +173,11 @@ def test_the_profile_sees_the_quota_and_the_plan_gives_the_fast_node_the_larger_
     assert 0.3 < slow["sustained_share"] < 0.7 and 0.025 < slow["burst_s"] < 0.075
     assert fast["sustained_share"] > 0.8 * (2 * slow["sustained_share"])  # twice the quota (its threads allowing)
     assert all(0 < d["task_cpu_s"] < 0.02 for d in (fast, slow))  # what a stage's call costs its node
+    # one machine: what each keeps of its speed while the other computes too (tensor parallelism)
+    assert fast["machine"] == slow["machine"] and all(0.2 < d["crowded_share"] <= 1 for d in (fast, slow))
+    # a one-token sum amid work, as the figures give it (a shaped link's burst may carry it faster than
+    # its rate, leaving no fixed time)
+    assert 1e-5 < crossing["collective_s"] + 576 * 4 / crossing["collective_bandwidth"] < 0.05
     assert slow["memory_bytes"] == pytest.approx(2e9)  # what the node offers, not the host's RAM
     cluster = profiled.with_name("lab-cluster.yaml")
     nodes = {d["name"]: d["node"] for d in yaml.safe_load(cluster.read_text())["devices"]}

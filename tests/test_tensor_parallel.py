@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,15 @@ def test_the_estimator_times_a_split_stage_by_its_slowest_device_and_its_all_red
     sums = 2 * (layers - 2) + 1  # (and the call that starts the step, with the hidden states)
     ring_sums = 2 * (layers - 2) * (1e-4 + 4 / 3 * message / 1e12) + 1e-4 + 2 / 3 * message / 1e12
     assert on_measured - on_ring == pytest.approx(sums * (5e-5 + 2 * message / 1e9) - ring_sums, rel=1e-6)
+    # devices sharing a machine compute at once, each at the share of its speed it keeps then;
+    # devices on machines of their own keep all of it
+    def on(fast_machine: str, slow_machine: str) -> float:
+        group = ((replace(fast, machine=fast_machine, crowded_share=0.8), 0.75),
+                 (replace(slow, machine=slow_machine, crowded_share=0.8), 0.25))
+        return stage_time(spec, Stage(group[0][0], 1, layers - 1, link=link, group=group), work, p)
+
+    assert on("m", "n") == pytest.approx(by_speed)
+    assert on("m", "m") - collectives == pytest.approx((by_speed - collectives) / 0.8, rel=0.01)
 
 
 def test_the_planner_splits_a_stage_where_the_all_reduces_cost_less_than_they_save(tmp_path):

@@ -56,6 +56,15 @@ class Probe:
         """(the share of its speed this node keeps up when busy, how long a burst lasts)."""
         return burst_and_share(torch.device("cpu"))
 
+    def streaming_rate(self, seconds: float) -> float:
+        """Streaming reads of 64 MB (a decode step's kind of work) done per second, over `seconds`."""
+        x = torch.ones(16 << 20)
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            x.sum()
+            done += 1
+        return done / (time.perf_counter() - start)
+
     def profile(self, model: str, device: str, name: str, quick: bool) -> dict[str, Any]:
         return profile_device(model, device, name=name, quick=quick).to_dict()
 
@@ -85,11 +94,14 @@ class Probe:
 
     def all_reduce_seconds(self, rank: int, address: tuple[str, int], hidden: int, rounds: int) -> list[float]:
         """As one of a tensor-parallel stage's two devices (the first opened the group): the mean
-        seconds of the engine's all-reduce of each of SUM_TOKENS tokens' hidden states."""
+        seconds of the engine's all-reduce of each of SUM_TOKENS tokens' hidden states, back to
+        back; then of the first amid work (a read of hidden^2 floats before each: about a
+        layer's share of a decode step between two sums)."""
         group = TensorGroup(rank, 2, tuple(address), ray.util.get_node_ip_address(), torch.device("cpu"),
                             store=self.store if rank == 0 else None)
         try:
-            return [time_all_reduces(group, tokens * hidden, rounds) for tokens in SUM_TOKENS]
+            return [*(time_all_reduces(group, tokens * hidden, rounds) for tokens in SUM_TOKENS),
+                    time_all_reduces(group, SUM_TOKENS[0] * hidden, rounds, between=hidden * hidden)]
         finally:
             group.close()
             self.store = None
@@ -99,7 +111,9 @@ def collective_link(first: Probe, second: Probe, hidden: int, rounds: int) -> di
     """The engine's all-reduce between the nodes of two probes, as LinkSpec's collective figures."""
     address = ray.get(first.open_group.remote())
     times = ray.get([p.all_reduce_seconds.remote(k, address, hidden, rounds) for k, p in enumerate((first, second))])
-    return collective_on_link(*[(tokens * hidden * 4, t) for tokens, t in zip(SUM_TOKENS, times[0], strict=True)])
+    *back_to_back, amid_work = times[0]
+    return collective_on_link(*[(tokens * hidden * 4, t) for tokens, t in zip(SUM_TOKENS, back_to_back, strict=True)],
+                              amid_work)
 
 
 def probe_on(node_id: str) -> Probe:
@@ -184,7 +198,24 @@ def _profile_nodes(probes: list[Any], names: list[str], model: str, device: str,
             d = {**d, "name": names[i], "sustained_share": share, "burst_s": burst,
                  "measured": {**d["measured"], "figures_of": names[leader[h]]}}
         devices.append(d)
+    for d, machine, share in zip(devices, machines, _crowded_shares(probes, machines), strict=True):
+        d.update(machine=machine, crowded_share=share)
     return devices
+
+
+def _crowded_shares(probes: list[Any], machines: list[str], seconds: float = 1.5) -> list[float]:
+    """Each node's share of its speed kept while all the nodes on its machine stream at once (1.0
+    on a machine of its own): its rate with the others busy over its rate alone, each measured
+    over whole CFS periods (a quota slows both alike)."""
+    alone = _in_turns(machines, lambda i: probes[i].streaming_rate.remote(seconds))
+    shares = [1.0] * len(probes)
+    for machine in set(machines):
+        here = [i for i, m in enumerate(machines) if m == machine]
+        if len(here) > 1:
+            together = ray.get([probes[i].streaming_rate.remote(seconds) for i in here])
+            for i, rate in zip(here, together, strict=True):
+                shares[i] = min(1.0, rate / alone[i])
+    return shares
 
 
 def _in_turns(machines: list[str], start) -> list[Any]:

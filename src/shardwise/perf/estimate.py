@@ -15,7 +15,7 @@ stages' burst times summed with the links, and the busiest node's sustained time
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -157,9 +157,10 @@ def pacing(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> tuple[Dev
     """The device whose time is the stage's, and the operators it runs for one step."""
     if not stage.group:
         return stage.device, _device_operators(spec, stage, work, p, stage.device, stage.tp, edges=True)
-    # each device computes its fraction; the all-reduces wait for the slowest
+    # each device computes its fraction (all at once: devices sharing a machine at the speed they
+    # keep when crowded); the all-reduces wait for the slowest
     times = [(device, _device_operators(spec, stage, work, p, device, 1 / fraction, edges=k == 0))
-             for k, (device, fraction) in enumerate(stage.group)]
+             for k, (device, fraction) in enumerate(crowded(stage.group))]
     device, ops = max(times, key=lambda t: _total(t[1], t[0]))
     n, ab = len(stage.group), dtype_bytes(p.activations)
     launcher = max((d for d, _ in stage.group), key=lambda d: d.collective_s)
@@ -174,6 +175,14 @@ def pacing(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> tuple[Dev
             collective("embedding_broadcast", "broadcast", n, work.tokens * spec.hidden_size * ab),
             launcher, stage.link))
     return device, ops + collectives
+
+
+def crowded(group: tuple[tuple[DeviceSpec, float], ...]) -> tuple[tuple[DeviceSpec, float], ...]:
+    """A group's devices as they run when all compute at once: those sharing a machine with
+    another member at the share of their speed they keep then."""
+    machines = Counter(device.machine for device, _ in group if device.machine)
+    return tuple((device.slower(1 / device.crowded_share) if machines[device.machine] > 1 else device, fraction)
+                 for device, fraction in group)
 
 
 def _device_operators(spec: ModelSpec, stage: Stage, work: Work, p: Precision, device: DeviceSpec, tp: float,

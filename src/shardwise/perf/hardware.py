@@ -86,6 +86,11 @@ class DeviceSpec:
     # the fixed cost of one collective between processes on this device (tensor parallelism): an
     # NCCL-class launch on GPUs; on CPUs the engine's own over TCP, measured by `profile` (~30 µs)
     collective_s: float = 5e-6
+    # the machine it runs on (a boot id; "": unknown) and the share of its speed it keeps while every
+    # other device there computes too: devices on one machine share its memory bandwidth, caches
+    # and the cores its own processes need. A tensor-parallel group's devices compute at once.
+    machine: str = ""
+    crowded_share: float = 1.0
     source: str = ""
     measured: dict[str, Any] = field(default_factory=dict)  # what profile measured, for the record
 

@@ -212,13 +212,16 @@ def _product_times(spec: ModelSpec, device: torch.device, dtype: str, bits: int 
     return list(row_counts), flops, nbytes, times
 
 
-def time_all_reduces(group: Any, size: int, rounds: int) -> float:
+def time_all_reduces(group: Any, size: int, rounds: int, between: int = 0) -> float:
     """Mean seconds of an all-reduce of `size` floats in `group`, every device calling at once
     (after 20 that warm the connections; the mean: a collective's rare slow wake-ups count in a
-    step's time)."""
-    x = torch.zeros(size)
+    step's time). between: floats each device reads before each sum, as a layer's work comes
+    between a step's sums (devices that compute the same work finish it apart: a sum waits for
+    the later, and a device wakes from its work, not from a poll)."""
+    x, work = torch.zeros(size), torch.ones(between)
     times = []
     for i in range(rounds + 20):
+        work.sum()
         started = time.perf_counter()
         group.all_reduce(x)
         if i >= 20:
@@ -430,9 +433,12 @@ def link_from_round_trips(small: tuple[int, float], large: tuple[int, float], na
     return LinkSpec(name, bandwidth, small[1] / 2, source="shardwise profile", latency_bytes=small[0])
 
 
-def collective_on_link(small: tuple[int, float], large: tuple[int, float]) -> dict[str, float]:
+def collective_on_link(small: tuple[int, float], large: tuple[int, float],
+                       amid_work: float | None = None) -> dict[str, float]:
     """A link's all-reduce figures (as LinkSpec holds them) from the times of a small and a large
     one (bytes each device sends, seconds): the size difference gives the bandwidth, and what
-    remains of the small one the fixed time."""
+    remains of the small one the fixed time; of the small one amid work (time_all_reduces'
+    `between`), where measured, as a step's sums come."""
     bandwidth = (large[0] - small[0]) / max(large[1] - small[1], 1e-9)
-    return {"collective_s": max(small[1] - small[0] / bandwidth, 1e-7), "collective_bandwidth": bandwidth}
+    fixed = small[1] if amid_work is None else amid_work
+    return {"collective_s": max(fixed - small[0] / bandwidth, 1e-7), "collective_bandwidth": bandwidth}
