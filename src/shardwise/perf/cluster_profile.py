@@ -25,6 +25,7 @@ from shardwise.perf.profile import (
     collective_on_link,
     link_from_round_trips,
     profile_device,
+    streaming_rate,
     time_all_reduces,
     timed,
 )
@@ -57,13 +58,7 @@ class Probe:
         return burst_and_share(torch.device("cpu"))
 
     def streaming_rate(self, seconds: float) -> float:
-        """Streaming reads of 64 MB (a decode step's kind of work) done per second, over `seconds`."""
-        x = torch.ones(16 << 20)
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            x.sum()
-            done += 1
-        return done / (time.perf_counter() - start)
+        return streaming_rate(seconds)
 
     def profile(self, model: str, device: str, name: str, quick: bool) -> dict[str, Any]:
         return profile_device(model, device, name=name, quick=quick).to_dict()
@@ -205,8 +200,8 @@ def _profile_nodes(probes: list[Any], names: list[str], model: str, device: str,
 
 def _crowded_shares(probes: list[Any], machines: list[str], seconds: float = 1.5) -> list[float]:
     """Each node's share of its speed kept while all the nodes on its machine stream at once (1.0
-    on a machine of its own): its rate with the others busy over its rate alone, each measured
-    over whole CFS periods (a quota slows both alike)."""
+    on a machine of its own): its rate with the others busy over its rate alone (a quota slows
+    both alike)."""
     alone = _in_turns(machines, lambda i: probes[i].streaming_rate.remote(seconds))
     shares = [1.0] * len(probes)
     for machine in set(machines):

@@ -120,7 +120,22 @@ FULL_SHARE = 0.85  # a sustained share above this is noise on a free device, not
 REST_S = 0.3  # idle long enough for a quota to refill (CFS: its budget returns every 100 ms period)
 
 
-def burst_and_share(device: torch.device, repeats: int = 5, nbytes: int = 64 << 20) -> tuple[float, float | None]:
+STREAMED_BYTES = 64 << 20  # a unit of streaming read: a few ms, a decode step's kind of work
+
+
+def streaming_rate(seconds: float, nbytes: int = STREAMED_BYTES) -> float:
+    """Streaming reads of `nbytes` done per second on this CPU, over `seconds` (whole CFS periods:
+    a quota slows it as it slows a stage kept busy)."""
+    x = torch.ones(nbytes // 4)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        x.sum()
+        done += 1
+    return done / (time.perf_counter() - start)
+
+
+def burst_and_share(device: torch.device, repeats: int = 5,
+                    nbytes: int = STREAMED_BYTES) -> tuple[float, float | None]:
     """(sustained share, burst seconds): how much of its speed from idle the device keeps up when
     busy all the time, and how long that speed lasts. After each rest a unit of work (a streaming
     read of a few ms) runs back to back for a few periods, each unit timed: the units before the
@@ -433,12 +448,10 @@ def link_from_round_trips(small: tuple[int, float], large: tuple[int, float], na
     return LinkSpec(name, bandwidth, small[1] / 2, source="shardwise profile", latency_bytes=small[0])
 
 
-def collective_on_link(small: tuple[int, float], large: tuple[int, float],
-                       amid_work: float | None = None) -> dict[str, float]:
+def collective_on_link(small: tuple[int, float], large: tuple[int, float], amid_work: float) -> dict[str, float]:
     """A link's all-reduce figures (as LinkSpec holds them) from the times of a small and a large
-    one (bytes each device sends, seconds): the size difference gives the bandwidth, and what
-    remains of the small one the fixed time; of the small one amid work (time_all_reduces'
-    `between`), where measured, as a step's sums come."""
+    one back to back (bytes each device sends, seconds), whose size difference gives the
+    bandwidth, and of the small one amid work (time_all_reduces' `between`, as a step's sums
+    come), whose remainder is the fixed time."""
     bandwidth = (large[0] - small[0]) / max(large[1] - small[1], 1e-9)
-    fixed = small[1] if amid_work is None else amid_work
-    return {"collective_s": max(fixed - small[0] / bandwidth, 1e-7), "collective_bandwidth": bandwidth}
+    return {"collective_s": max(amid_work - small[0] / bandwidth, 1e-7), "collective_bandwidth": bandwidth}
