@@ -53,16 +53,16 @@ def run(llm: LLM, prompt: str, batch: int, max_tokens: int) -> tuple[float, list
 
 
 def predicted_speedup(device: str, llm: LLM, dtype: str, draft: str, batch: int, prompt: str, generated: int,
-                      gamma: int, accept: float) -> float:
-    """The decode speed-up the estimator predicts for this drafter drafting gamma tokens a step
-    and keeping the fraction `accept` of them (decode: everything after the first token, a draft
-    model's prefill included)."""
+                      gamma: int, accept: float, drafting: float = 1.0) -> float:
+    """The decode speed-up the estimator predicts for this drafter drafting gamma tokens in the
+    share `drafting` of the steps and keeping the fraction `accept` of them (decode: everything
+    after the first token, a draft model's prefill included)."""
     from shardwise.perf.query import EstimateQuery
 
     query = dict(model="smollm2-135m", device=device, batch=batch, output=generated // batch, quant=SHORT[dtype],
                  input=len(llm.chat_ids([{"role": "user", "content": prompt}])))
     plain, _ = EstimateQuery(**query).run()
-    spec, _ = EstimateQuery(**query, draft=draft, gamma=gamma, accept=accept).run()
+    spec, _ = EstimateQuery(**query, draft=draft, gamma=gamma, accept=accept, drafting=drafting).run()
     return (plain.e2e_s - plain.ttft_s) / (spec.e2e_s - spec.ttft_s)
 
 
@@ -90,8 +90,8 @@ def main() -> None:
                     run(llm, prompt, batch, 16)  # warm up
                 first = {name: statistics.median(run(llm, prompt, batch, 1)[0] for _ in range(args.rounds))
                          for name, llm in engines.items()}  # (prefill: the decode speed leaves it out)
-                before = {d: (engines[d].scheduler.drafted_tokens, engines[d].scheduler.accepted_tokens)
-                          for d in drafters}
+                before = {d: (engines[d].scheduler.drafts, engines[d].scheduler.drafted_tokens,
+                              engines[d].scheduler.accepted_tokens) for d in drafters}
                 times = {name: [] for name in engines}
                 outputs = {}
                 for _ in range(args.rounds):
@@ -103,18 +103,22 @@ def main() -> None:
                          for name in engines}
                 for d in drafters:
                     s = engines[d].scheduler
-                    drafted, accepted = s.drafted_tokens - before[d][0], s.accepted_tokens - before[d][1]
+                    drafts, drafted, accepted = (now - then for now, then in zip(
+                        (s.drafts, s.drafted_tokens, s.accepted_tokens), before[d], strict=True))
                     measured = speed[d] / speed["plain"]
                     rows.append((f"{label}, batch {batch}, {d} drafts: decode tokens/s", speed[d], speed["plain"],
                                  measured))
                     note = (f"{label}, batch {batch}, {d}: {accepted}/{drafted} drafts accepted "
                             f"({accepted / max(drafted, 1):.0%}), output identical: {outputs[d] == outputs['plain']}; ")
-                    if drafted:  # the estimate given what was measured: the mean draft, the share accepted
+                    if drafted:  # the estimate given what was measured: the share of steps drafting, the
+                        # mean draft when drafting, the share accepted
                         steps = generated - batch - accepted // args.rounds  # each sequence's decode steps
-                        gamma = max(1, round(drafted / args.rounds / max(steps, 1)))
+                        drafting = min(1.0, drafts / args.rounds / max(steps, 1))
+                        gamma = max(1, round(drafted / drafts))
                         predicted = predicted_speedup(device, engines[d], dtype, d, batch, prompt, generated,
-                                                      gamma, accepted / drafted)
-                        note += (f"speed-up measured {measured:.2f}x, estimated {predicted:.2f}x "
+                                                      gamma, accepted / drafted, drafting)
+                        note += (f"drafting in {drafting:.0%} of the steps, {drafted / drafts:.1f} tokens; "
+                                 f"speed-up measured {measured:.2f}x, estimated {predicted:.2f}x "
                                  f"({predicted / measured - 1:+.0%})")
                     else:
                         gamma = engines[d].config.speculative.gamma

@@ -204,8 +204,12 @@ def test_chunked_prefill_and_speculative_decoding():
     good = estimate(spec, dep, input_tokens=512, output_tokens=64, draft=Draft(draft, gamma=4, acceptance=0.8))
     bad = estimate(spec, dep, input_tokens=512, output_tokens=64, draft=Draft(draft, gamma=4, acceptance=0.0))
     base = estimate(spec, dep, input_tokens=512, output_tokens=64)
-    assert Draft(draft, 4, 0.8).tokens_per_cycle == pytest.approx(1 + 4 * 0.8)  # accepted over drafted: 0.8
+    assert Draft(draft, 4, 0.8).tokens_per_step == pytest.approx(1 + 4 * 0.8)  # accepted over drafted: 0.8
     assert good.tpot_s < base.tpot_s < bad.tpot_s
+    # prompt lookup drafting in a share of the steps: the others are plain steps
+    lookup = [estimate(spec, dep, input_tokens=512, output_tokens=64, draft=Draft(None, 4, 0.8, drafting=share)).tpot_s
+              for share in (0.0, 0.5, 1.0)]
+    assert lookup[0] == pytest.approx(base.tpot_s) and lookup[0] > lookup[1] > lookup[2]
 
 
 def test_disaggregated_pools_against_colocated_chunked_prefill():

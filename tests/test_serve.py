@@ -211,7 +211,8 @@ def test_metrics_are_exported_like_vllms(server, client):
     client.completions.create(model=MODEL, prompt=counting, max_tokens=12, temperature=0)
     m = metrics(server)
     assert m["shardwise:spec_decode_num_draft_tokens_total"] >= m[accepted] > before[accepted]
-    assert m["shardwise:spec_decode_draft_seconds_total"] > 0
+    assert 0 < m["shardwise:spec_decode_num_drafts_total"] <= m["shardwise:spec_decode_num_draft_tokens_total"]
+    assert m["shardwise:spec_decode_draft_seconds_total"] > 0 and m["shardwise:spec_decode_verify_seconds_total"] > 0
     # that prompt (16 tokens) ran on the prefill pool, then moved with its KV to the decode pool
     handoffs = m["shardwise:prefill_handoffs_total"] - before["shardwise:prefill_handoffs_total"]
     assert handoffs == 1

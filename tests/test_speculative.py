@@ -91,6 +91,15 @@ def test_int4_self_draft_changes_no_token_greedy_or_seeded(self_drafting):
     assert s.accepted_tokens > 0.6 * s.drafted_tokens  # int4 drafts mostly agree with fp32
     assert s.accepted_tokens <= sum(len(o.token_ids) - 1 for o in outs)  # none counted past a reply's end
     assert s.drafter.shard.kv.sequences() == []  # the draft KV went with the sequences
+    # beside the model in one process, the draft copies the model's KV of the prompt, not prefills it
+    ids = llm.chat_ids(prompts[0])
+    seq = llm.new_sequence(ids, params[0])
+    llm.add(seq)
+    while len(seq.output.token_ids) < 2:
+        llm.step()
+    copied, model = (kv.extract(seq.id)[:, :, :, :len(ids)] for kv in (s.drafter.shard.kv, llm.local_shard().kv))
+    assert torch.equal(copied, model)
+    llm.abort(seq)
     s.drafter.shard, shard = None, s.drafter.shard  # a drafter that fails: the steps go on without drafts
     assert llm.chat(prompts[0], params[0])[0].token_ids == plain.chat(prompts[0], params[0])[0].token_ids
     s.drafter.shard = shard

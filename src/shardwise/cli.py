@@ -388,6 +388,9 @@ def estimate(
     gamma: Annotated[int, typer.Option(help="Draft tokens per verification.")] = 4,
     accept: Annotated[float, typer.Option(help="The fraction of drafted tokens accepted (as /metrics counts "
                                                "them: accepted over drafted).")] = 0.7,
+    drafting: Annotated[float, typer.Option(help="The share of decode steps that draft (prompt lookup drafts only "
+                                                 "where it finds a match; /metrics: num_drafts over steps).")]
+    = 1.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     plot: Annotated[str | None, typer.Option(help="Write a roofline and time-breakdown PNG here.")] = None,
 ) -> None:
@@ -401,7 +404,7 @@ def estimate(
         est, first = EstimateQuery(model=model, device=device, tp=tp, ep=ep, tp_link=tp_link, pp_devices=names,
                                    link=link, batch=batch, input=input, output=output, quant=quant,
                                    kv_quant=kv_quant, chunk=chunk, cached=cached, draft=draft, gamma=gamma,
-                                   accept=accept).run()
+                                   accept=accept, drafting=drafting).run()
         if json_out:
             print(json.dumps(est.to_dict(), indent=2))
         else:

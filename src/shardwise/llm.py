@@ -151,6 +151,9 @@ class LLM:
         self.weights = self._open(model)
         drafter = self._drafter()  # (a bad draft fails before any stage starts)
         self.executor = (executor or in_process)(self)
+        target = self.local_shard()
+        if isinstance(drafter, ModelDrafter) and self.config.speculative.draft in WEIGHT_DTYPES and target:
+            drafter.follow(target)  # the model's own weights, beside the model itself
         caching = self.config.prefix_cache and getattr(self.executor, "prefix_caching", False)
         if self.config.speculative and not getattr(self.executor, "speculation", False):
             self.close()
@@ -347,8 +350,9 @@ class LLM:
         return EngineLoad(s.num_running, len(s.waiting), s.waiting[0].output.arrival_time if s.waiting else None,
                           s.kv_reserved, s.kv_capacity, s.stage_failures, s.recoveries, s.replayed_tokens,
                           s.last_recovery_s, s.replans, self.executor.timing(), s.preemptions,
-                          spec_draft_tokens=s.drafted_tokens, spec_accepted_tokens=s.accepted_tokens,
-                          spec_draft_seconds=s.draft_s, prefill_handoffs=s.handoffs, **cached)
+                          spec_drafts=s.drafts, spec_draft_tokens=s.drafted_tokens,
+                          spec_accepted_tokens=s.accepted_tokens, spec_draft_seconds=s.draft_s,
+                          spec_verify_seconds=s.verify_s, prefill_handoffs=s.handoffs, **cached)
 
     def events(self) -> list[dict[str, Any]]:
         """The latest stage losses, recoveries and errors an operator should see."""
@@ -392,7 +396,9 @@ class EngineLoad:
     prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hit_tokens: int = 0  # of them, found cached (not prefilled)
     prefix_cached_blocks: int = 0  # KV blocks the prefix cache holds
+    spec_drafts: int = 0  # sequences' steps that verified drafts
     spec_draft_tokens: int = 0  # tokens drafted for speculative decoding
     spec_accepted_tokens: int = 0  # of them, accepted by the model
     spec_draft_seconds: float = 0.0  # spent drafting them
+    spec_verify_seconds: float = 0.0  # of the steps that verified them
     prefill_handoffs: int = 0  # sequences prefilled on the prefill pool, moved with their KV to the decode pool

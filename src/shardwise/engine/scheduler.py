@@ -170,7 +170,9 @@ class Scheduler:
             raise ShardwiseError("speculative decoding needs both its config and a drafter")
         self.speculative, self.drafter = speculative, drafter
         self.drafted_tokens = self.accepted_tokens = 0  # speculative decoding's drafts, and those accepted
+        self.drafts = 0  # sequences' steps that verified drafts (a drafter may find none for a step)
         self.draft_s = 0.0  # seconds spent drafting
+        self.verify_s = 0.0  # seconds of the steps that verified drafts, submitted to done
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max(max_batch_tokens, max_num_seqs)
         self.kv_capacity = kv_capacity  # tokens of KV each stage holds for the running sequences
@@ -181,7 +183,8 @@ class Scheduler:
         self.recomputations = 0  # paused sequences whose KV was given back (prefilled again later)
         self.waiting: deque[Sequence] = deque()
         self.groups: list[list[Sequence]] = [[] for _ in range(executor.parallelism)]  # micro-batches
-        self.in_flight: list[tuple[Any, int, list[tuple[Sequence, list[int]]]]] = []  # (handle, group, batch)
+        # (handle, group, batch, when it was submitted)
+        self.in_flight: list[tuple[Any, int, list[tuple[Sequence, list[int]]], float]] = []
         self.held: deque[list[Sequence]] = deque()  # suspects of a failed step, retried alone group by group
         self.stage_failures = self.recoveries = self.replans = self.replayed_tokens = 0
         self.last_recovery_s = 0.0
@@ -271,7 +274,7 @@ class Scheduler:
             elif not self.in_flight:
                 self._submit(PROBE, self._batch(self.held[0]))
         else:
-            busy = {g for _, g, _ in self.in_flight}
+            busy = {g for _, g, _, _ in self.in_flight}
             for g, group in enumerate(self.groups):
                 if g not in busy:
                     self._submit(g, self._batch(group))
@@ -280,7 +283,7 @@ class Scheduler:
                 self._recover(self.executor.moving)
             return []
         try:
-            handle, g, batch = self.in_flight.pop(self.executor.wait([h for h, _, _ in self.in_flight]))
+            handle, g, batch, submitted = self.in_flight.pop(self.executor.wait([h for h, _, _, _ in self.in_flight]))
         except StageFailure as failure:
             self._recover(failure)
             return []
@@ -296,6 +299,8 @@ class Scheduler:
             self.held.popleft()  # they step without trouble alone: back among the others
         events = []
         more = sampled.more or {}
+        if more:
+            self.verify_s += time.perf_counter() - submitted
         for row, ((seq, chunk), token) in enumerate(zip(batch, sampled.tokens, strict=True)):
             seq.fed += len(chunk)
             if seq.aborted:
@@ -332,6 +337,7 @@ class Scheduler:
         if accepted < drafted:
             seq.fed -= drafted - accepted
             self.executor.rewind(seq.id, seq.fed)
+        self.drafts += 1
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
         seq.gamma = next_gamma(seq.gamma, drafted, accepted, self.speculative.gamma)
@@ -348,9 +354,10 @@ class Scheduler:
     # --- internals ------------------------------------------------------------------------------
     def _submit(self, g: int, batch: list[tuple[Sequence, list[int]]]) -> None:
         if batch:
+            submitted = time.perf_counter()  # (an in-process executor runs the step right here)
             handle = self.executor.submit([s.id for s, _ in batch], [c for _, c in batch],
                                           [s.samples(c) for s, c in batch])
-            self.in_flight.append((handle, g, batch))
+            self.in_flight.append((handle, g, batch, submitted))
 
     def _isolate(self, g: int, batch: list[tuple[Sequence, list[int]]], error: Exception) -> list[tuple[Sequence, str]]:
         """A step failed with every stage alive: rewind its sequences' KV to what the scheduler
@@ -585,7 +592,7 @@ class Scheduler:
             self.drafter.release(seq.id)
 
     def _in_flight(self, seq: Sequence) -> bool:
-        return any(s is seq for _, _, batch in self.in_flight for s, _ in batch)
+        return any(s is seq for _, _, batch, _ in self.in_flight for s, _ in batch)
 
     def _batch(self, running: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """Decodes first (one token each, and any drafts to verify), then prompt chunks while

@@ -7,7 +7,8 @@ Two drafters share one interface (propose for a batch of sequences, release a fi
   where the output repeats its input (code edits, summaries, retrieval).
 - a draft model of the same vocabulary, greedy: by default the target's own weights in a
   cheaper format (int4 drafting for fp32), or a smaller model. It keeps a KV cache of its own
-  in the driver's process.
+  in the driver's process; the target's own weights, where the target runs in that process
+  too, copy the target's KV of the tokens it already ran instead of running them.
 """
 
 from __future__ import annotations
@@ -67,6 +68,18 @@ class ModelDrafter:
             raise ShardwiseError("a draft model must hold every layer")
         self.shard = shard
         self.seen: dict[int, list[int]] = {}  # the tokens each sequence's draft KV holds
+        self.target: ShardModel | None = None  # the model whose KV the draft copies (follow)
+
+    def follow(self, target: ShardModel) -> None:
+        """Copy the KV of the tokens the model already ran from the model itself (every layer, in
+        this process, a pool of the same layout: the draft is its own weights in another format)
+        rather than run them: a prompt costs the draft no prefill, an accepted draft no catch-up,
+        and the drafts attend over the model's exact KV. Drafts only ever save time, so this
+        changes speed, never output."""
+        mine, theirs = self.shard.kv.data, target.kv.data
+        if (mine.dtype, mine.device, mine.shape[:3], mine.shape[4:]) == (theirs.dtype, theirs.device, theirs.shape[:3],
+                                                                          theirs.shape[4:]):
+            self.target = target
 
     def propose(self, wanted: list[Wanted]) -> list[list[int]]:
         context = self.shard.spec.context_length  # (a smaller draft model's may be shorter)
@@ -100,7 +113,24 @@ class ModelDrafter:
         keep = min(keep, len(tokens) - 1)
         self.shard.kv.rewind(seq_id, keep)
         del seen[keep:]
-        return tokens[keep:]
+        copied = self._copy(seq_id, keep, len(tokens) - 1)
+        seen += tokens[keep:keep + copied]
+        return tokens[keep + copied:]
+
+    def _copy(self, seq_id: int, start: int, end: int) -> int:
+        """Copy what the model holds of positions [start, end) of a sequence into the draft's KV
+        (follow); how many positions were copied."""
+        if self.target is None or seq_id not in self.target.kv:
+            return 0
+        source, kv = self.target.kv, self.shard.kv
+        end = min(end, source.length(seq_id))
+        if end <= start:
+            return 0
+        kv.reserve(seq_id, end - start)
+        rows = source.data.index_select(3, source.slots(seq_id, start, end).to(source.data.device))
+        kv.data.index_copy_(3, kv.slots(seq_id, start, end).to(kv.data.device), rows)
+        kv.advance(seq_id, end - start)
+        return end - start
 
     def _forward(self, seq_ids: list[int], feeds: list[list[int]]) -> list[int]:
         """Each sequence's most likely next token after its feed."""

@@ -259,20 +259,23 @@ def shared_host_busy(stage_seconds: list[float], hosts: list | None) -> list[flo
 
 @dataclass(frozen=True)
 class Draft:
-    """Speculative decoding: gamma tokens drafted per step, of which the fraction `acceptance`
-    is accepted (accepted over drafted, as the engine's /metrics counts them). spec: the draft
-    model (None: prompt lookup, whose drafting costs nothing next to a step); weights: the draft's
-    weight format (None: the model's, e.g. "int4" drafting with the model's own weights)."""
+    """Speculative decoding: gamma tokens drafted in a step that drafts, of which the fraction
+    `acceptance` is accepted (accepted over drafted, as the engine's /metrics counts them), in
+    the share `drafting` of the steps (prompt lookup drafts only where it finds a match; a step
+    without drafts is a plain one). spec: the draft model (None: prompt lookup, whose drafting
+    costs nothing next to a step); weights: the draft's weight format (None: the model's, e.g.
+    "int4" drafting with the model's own weights)."""
 
     spec: ModelSpec | None
     gamma: int = 4
     acceptance: float = 0.7
     weights: str | None = None
+    drafting: float = 1.0
 
     @property
-    def tokens_per_cycle(self) -> float:
-        """Expected tokens per verification: accepted drafts plus the model's own token."""
-        return 1 + self.gamma * self.acceptance
+    def tokens_per_step(self) -> float:
+        """Expected tokens a step: the model's own token plus accepted drafts."""
+        return 1 + self.drafting * self.gamma * self.acceptance
 
 
 @dataclass
@@ -348,10 +351,13 @@ def estimate(spec: ModelSpec, deployment: Deployment, *, batch: int = 1, input_t
         if draft.spec is not None:  # drafted on the first stage's device, at the draft's precision
             dp = replace(p, weights=draft.weights) if draft.weights else p
             draft_stage = Stage(first, 0, draft.spec.num_layers)
-            draft_prefill = stage_time(draft.spec, draft_stage, Work.prefill(batch, input_tokens), dp)
+            only = deployment.stages[0]
+            alone = len(deployment.stages) == 1 and only.tp * only.ep == 1 and not only.group
+            if not (draft.weights and alone):  # (the model's own weights beside it copy its KV of the prompt)
+                draft_prefill = stage_time(draft.spec, draft_stage, Work.prefill(batch, input_tokens), dp)
             proposing = draft.gamma * stage_time(draft.spec, draft_stage, Work.decode(batch, context), dp)
         verifying = step_time(spec, deployment, Work.decode(ub, context, new=draft.gamma + 1), p).cycle(m)
-        tpot = (proposing + verifying) / draft.tokens_per_cycle
+        tpot = (draft.drafting * (proposing + verifying) + (1 - draft.drafting) * tpot) / draft.tokens_per_step
 
     e2e = ttft + draft_prefill + (output_tokens - 1) * tpot
     stages = _stage_reports(spec, deployment, p, batch, ub, input_tokens + output_tokens, prefill_work,
@@ -373,7 +379,7 @@ def estimate(spec: ModelSpec, deployment: Deployment, *, batch: int = 1, input_t
                 "output_tokens": output_tokens,
                 "precision": asdict(p), "micro_batches": m, "chunk": chunk,
                 "draft": {"model": draft.spec.name if draft.spec else "ngram", "weights": draft.weights,
-                          "gamma": draft.gamma, "acceptance": draft.acceptance}
+                          "gamma": draft.gamma, "acceptance": draft.acceptance, "drafting": draft.drafting}
                 if draft else None},
         operators={"prefill": prefill.operators[0], "decode": decode.operators[0]},
     )

@@ -36,6 +36,7 @@ class EstimateQuery(BaseModel):
     draft: str | None = None  # ngram, a weight format of the model's own weights (int4), or a model
     gamma: int = 4
     accept: float = 0.7  # the fraction of drafted tokens accepted
+    drafting: float = 1.0  # the share of steps that draft (prompt lookup drafts where it finds a match)
 
     def run(self, files: bool = True) -> tuple[Estimate, DeviceSpec]:
         """The estimate, and the first stage's device (its roofline); a ShardwiseError naming
@@ -58,8 +59,8 @@ class EstimateQuery(BaseModel):
         first = deployment.stages[0].device
         act = first.default_dtype
         precision = Precision(self.quant or act, self.kv_quant or act, act)
-        if not 0 <= self.accept <= 1 or self.gamma < 1:
-            raise ShardwiseError("--accept must be within 0..1 and --gamma at least 1")
+        if not 0 <= self.accept <= 1 or not 0 <= self.drafting <= 1 or self.gamma < 1:
+            raise ShardwiseError("--accept and --drafting must be within 0..1 and --gamma at least 1")
         draft = self._draft(spec)
         est = estimate(spec, deployment, batch=self.batch, input_tokens=self.input, output_tokens=self.output,
                        precision=precision, chunk=self.chunk, draft=draft,
@@ -79,11 +80,11 @@ class EstimateQuery(BaseModel):
         if self.draft is None:
             return None
         if self.draft == "ngram":
-            return Draft(None, self.gamma, self.accept)
+            return Draft(None, self.gamma, self.accept, drafting=self.drafting)
         with suppress(ShardwiseError):  # a precision: the model's own weights in it
-            return Draft(spec, self.gamma, self.accept, weights=canonical_dtype(self.draft))
+            return Draft(spec, self.gamma, self.accept, weights=canonical_dtype(self.draft), drafting=self.drafting)
         try:  # else a draft model
-            return Draft(load_spec(self.draft), self.gamma, self.accept)
+            return Draft(load_spec(self.draft), self.gamma, self.accept, drafting=self.drafting)
         except ShardwiseError as e:
             raise ShardwiseError(f"unknown drafter '{self.draft}': use ngram, a precision of the model's own "
                                  f"weights (e.g. int4) or a draft model ({e})") from None

@@ -73,7 +73,8 @@ class AsyncEngine:
         self.failure: str | None = None  # set if the engine loop itself died, or stopped
         self._counted = dict.fromkeys(("stage_failures", "recoveries", "replans", "replayed_tokens",  # in the
                                        "prefix_query_tokens", "prefix_hit_tokens", "preemptions",  # metrics
-                                       "spec_draft_tokens", "spec_accepted_tokens", "spec_draft_seconds",
+                                       "spec_drafts", "spec_draft_tokens", "spec_accepted_tokens",
+                                       "spec_draft_seconds", "spec_verify_seconds",
                                        "prefill_handoffs"), 0)
         self.running = False
         self.step_s = 0.0  # the last step's duration: what new work waits for while the engine is busy
@@ -297,8 +298,9 @@ class AsyncEngine:
         for name, counter in (("stage_failures", m.stage_failures), ("recoveries", m.recoveries),
                               ("replans", m.replans), ("replayed_tokens", m.replayed_tokens),
                               ("prefix_query_tokens", m.prefix_queries), ("prefix_hit_tokens", m.prefix_hits),
-                              ("preemptions", m.preemptions), ("spec_draft_tokens", m.spec_drafts),
-                              ("spec_accepted_tokens", m.spec_accepted), ("spec_draft_seconds", m.spec_draft_s),
+                              ("preemptions", m.preemptions), ("spec_drafts", m.spec_drafts),
+                              ("spec_draft_tokens", m.spec_draft_tokens), ("spec_accepted_tokens", m.spec_accepted),
+                              ("spec_draft_seconds", m.spec_draft_s), ("spec_verify_seconds", m.spec_verify_s),
                               ("prefill_handoffs", m.prefill_handoffs)):
             new = getattr(s, name) - self._counted[name]
             if new:

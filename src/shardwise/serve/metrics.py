@@ -52,13 +52,16 @@ class Metrics:
                                     "Prefix cache hits over queries, in tokens, since the start.").labels(**labels)
         self.prefix_blocks = make(Gauge, "prefix_cache_blocks", "KV blocks the prefix cache holds.").labels(**labels)
         self.generation_tokens = make(Counter, "generation_tokens", "Tokens generated.").labels(**labels)
-        self.spec_drafts = make(Counter, "spec_decode_num_draft_tokens",
-                                "Tokens drafted for speculative decoding.").labels(**labels)
+        self.spec_drafts = make(Counter, "spec_decode_num_drafts",
+                                "Sequences' steps that verified drafts (speculative decoding).").labels(**labels)
+        self.spec_draft_tokens = make(Counter, "spec_decode_num_draft_tokens",
+                                      "Tokens drafted for speculative decoding.").labels(**labels)
         self.spec_accepted = make(Counter, "spec_decode_num_accepted_tokens",
                                   "Drafted tokens the model accepted.").labels(**labels)
-        self.spec_draft_s = make(Counter, "spec_decode_draft_seconds",
-                                 "Seconds spent drafting (the steps that verify the drafts are in the step "
-                                 "times).").labels(**labels)
+        self.spec_draft_s = make(Counter, "spec_decode_draft_seconds", "Seconds spent drafting.").labels(**labels)
+        self.spec_verify_s = make(Counter, "spec_decode_verify_seconds",
+                                  "Seconds of the steps that verified drafts, each from its submission to its "
+                                  "tokens (steps of micro-batches in flight overlap).").labels(**labels)
         self.prefill_handoffs = make(Counter, "prefill_handoffs",
                                      "Requests whose prompt ran on the prefill pool (disaggregated prefill) and "
                                      "whose KV then moved to the decode pool.").labels(**labels)
