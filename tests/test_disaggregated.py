@@ -66,10 +66,21 @@ def test_a_lost_prefill_stage_is_replaced_and_every_sequence_replayed(disaggrega
         disaggregated.step()
     assert [s.output.token_ids for s in seqs] == expected
     assert scheduler.recoveries == recoveries + 1 and scheduler.handoffs == handoffs  # (replayed on the decode pool)
-    again = ["Another one. " + p for p in LONG]  # (not cached either)
+    again = TEXT_PROMPTS + ["Another one. " + p for p in LONG]  # (not cached either)
     assert [o.token_ids for o in disaggregated.generate(again, PARAMS[0])] == \
         [o.token_ids for o in llm.generate(again, PARAMS[0])]
     assert scheduler.handoffs == handoffs + 2  # the new prefill stage serves
+
+
+def test_a_long_prompt_alone_prefills_where_it_will_decode(disaggregated, llm):
+    """With nothing running on the decode pool, a prefill there holds no one up: no hand-over.
+    Beside it, the second long prompt goes apart (the first is running on the decode pool)."""
+    scheduler, handoffs = disaggregated.scheduler, disaggregated.scheduler.handoffs
+    for prompts, handed_over in ([LONG[0].upper()], 0), (["Twice. " + p.upper() for p in LONG], 1):  # (not cached)
+        assert [o.token_ids for o in disaggregated.generate(prompts, PARAMS[0])] == \
+            [o.token_ids for o in llm.generate(prompts, PARAMS[0])]
+        assert scheduler.handoffs == handoffs + handed_over
+    assert all(scheduler.pool_seconds_per_token)  # both pools timed
 
 
 def test_a_disaggregated_engine_refuses_a_move_and_bad_pools_clearly(disaggregated, tmp_path):

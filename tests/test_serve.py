@@ -213,9 +213,20 @@ def test_metrics_are_exported_like_vllms(server, client):
     assert m["shardwise:spec_decode_num_draft_tokens_total"] >= m[accepted] > before[accepted]
     assert 0 < m["shardwise:spec_decode_num_drafts_total"] <= m["shardwise:spec_decode_num_draft_tokens_total"]
     assert m["shardwise:spec_decode_draft_seconds_total"] > 0 and m["shardwise:spec_decode_verify_seconds_total"] > 0
-    # that prompt (16 tokens) ran on the prefill pool, then moved with its KV to the decode pool
-    handoffs = m["shardwise:prefill_handoffs_total"] - before["shardwise:prefill_handoffs_total"]
-    assert handoffs == 1
+    # alone, that prompt (16 tokens: long enough for the prefill pool) prefilled where it decodes
+    handoffs = "shardwise:prefill_handoffs_total"
+    assert m[handoffs] == before[handoffs]
+    # beside two streams decoding, it runs on the prefill pool, then moves with its KV to the decode pool
+    streams = [client.completions.create(model=MODEL, prompt=p, max_tokens=200, temperature=0, stream=True,
+                                         extra_body={"ignore_eos": True}) for p in ("Once upon", "The sea")]
+    for stream in streams:
+        next(iter(stream))  # (decoding)
+    before = m
+    reply = client.completions.create(model=MODEL, prompt=counting, max_tokens=2, temperature=0)
+    for stream in streams:
+        stream.close()
+    assert reply.choices[0].text
+    assert metrics(server)[handoffs] == before[handoffs] + 1
 
 
 def test_a_resent_prompt_hits_the_prefix_cache_and_metrics_count_it(server, client):

@@ -17,7 +17,8 @@ prefilled in pieces and never stalls the sequences already decoding (Sarathi-Ser
 On a pipeline the running sequences form one micro-batch per compute resource, each
 with a step in flight. With a disaggregated executor (a prefill pool beside the decode pool),
 a long new prompt runs in its own micro-batches on the prefill pool, without decodes beside
-it, and once its first token is sampled it moves with its KV to the decode pool's. A
+it, where that costs the requests less (see _prefills_apart), and once its first token is
+sampled it moves with its KV to the decode pool's. A
 finished or aborted sequence frees its KV at once (or, if a step holding it is in flight, as
 soon as that step returns).
 
@@ -62,6 +63,7 @@ MAX_STEP_ERRORS = 4  # failed steps a sequence may be part of before it is faile
 # only in company, e.g. out of memory in a large batch, must not be retried for ever)
 EVENTS_KEPT = 100  # the latest failures and recoveries, for the dashboard
 PROBE = -1  # the group of a step that retries a failed step's suspects alone
+MIN_TIMED_PROMPT_TOKENS = 32  # a step that ran fewer prompt tokens says little of a pool's prefill speed
 
 
 @dataclass
@@ -165,6 +167,8 @@ class Scheduler:
         # with at least prefill_pool_min_tokens tokens to run (shorter ones prefill beside the decodes)
         self.prefill_groups = getattr(executor, "prefill_parallelism", 0)
         self.prefill_pool_min_tokens = prefill_pool_min_tokens
+        # each pool's measured seconds per token of its steps that ran prompts (decode pool, prefill pool)
+        self.pool_seconds_per_token: list[float | None] = [None, None]
         self.handoffs = 0  # sequences moved with their KV from the prefill pool to the decode pool
         if (speculative is None) != (drafter is None):
             raise ShardwiseError("speculative decoding needs both its config and a drafter")
@@ -301,6 +305,8 @@ class Scheduler:
         more = sampled.more or {}
         if more:
             self.verify_s += time.perf_counter() - submitted
+        if self.prefill_groups and g != PROBE:
+            self._time_pool(g < self.prefill_groups, batch, time.perf_counter() - submitted)
         for row, ((seq, chunk), token) in enumerate(zip(batch, sampled.tokens, strict=True)):
             seq.fed += len(chunk)
             if seq.aborted:
@@ -474,14 +480,33 @@ class Scheduler:
             min(self._groups_for(seq), key=len).append(seq)  # joins its group's next step
 
     def _prefills_apart(self, seq: Sequence, prefix: CachedPrefix | None) -> bool:
-        """Whether a sequence's prompt runs on the prefill pool: a new prompt whose uncached
-        part is long enough that its chunks would hold up the decodes, and no shorter than its
-        cached part (the prefill pool holds no cache: it would compute that part again). A short
-        one, a chat turn resent over a long cached history, or a replay runs beside the decodes."""
+        """Whether a sequence's prompt runs on the prefill pool. Only a new prompt whose uncached
+        part is long enough to hold up the decodes, and no shorter than its cached part (the
+        prefill pool holds no cache: it would compute that part again): a short one, a chat
+        turn resent over a long cached history, or a replay runs beside the decodes. Then
+        wherever it costs the requests fewer seconds, at each pool's measured seconds per
+        token: on the decode pool its chunks hold up itself and every sequence running there;
+        on the prefill pool it waits behind the prompts already there, and holds up no one. So
+        with nothing running on the decode pool (and pools alike) it prefills where it will
+        decode, with no hand-over."""
         cached = len(prefix.tokens) if prefix else 0
         uncached = len(seq.prompt) - cached
-        return bool(self.prefill_groups) and not seq.output.token_ids and \
-            uncached >= max(self.prefill_pool_min_tokens, cached)
+        if not self.prefill_groups or seq.output.token_ids or uncached < max(self.prefill_pool_min_tokens, cached):
+            return False
+        beside = sum(not s.paused for g in self.groups[self.prefill_groups:] for s in g)
+        ahead = sum(max(len(s.prompt) - s.fed, 0) for g in self.groups[:self.prefill_groups] for s in g)
+        here, apart = self.pool_seconds_per_token
+        here = here or apart or 1.0  # (a pool not yet timed is taken to be as fast as the other)
+        apart = apart or here
+        return (ahead + uncached) * apart < (1 + beside) * uncached * here
+
+    def _time_pool(self, prefill_pool: bool, batch: list[tuple[Sequence, list[int]]], seconds: float) -> None:
+        """A pool's seconds per token, from its steps that ran prompts (in every token of them)."""
+        tokens = sum(len(chunk) for _, chunk in batch)
+        if sum(len(chunk) for seq, chunk in batch if seq.fed < len(seq.prompt)) < MIN_TIMED_PROMPT_TOKENS:
+            return
+        measured, last = seconds / tokens, self.pool_seconds_per_token[prefill_pool]
+        self.pool_seconds_per_token[prefill_pool] = measured if last is None else 0.7 * last + 0.3 * measured
 
     def _groups_for(self, seq: Sequence) -> list[list[Sequence]]:
         """The step groups of the pool a sequence runs on (every group, on one pool)."""
