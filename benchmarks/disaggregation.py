@@ -16,7 +16,7 @@ tokens/s every stream got in the window. Beside each, the estimator's prediction
 them (`--profiles ALL.json HALF.json`, or profiled here, quick). A ratio > 1 favours
 disaggregation (for tokens/s, equal is the target).
 
-    python benchmarks/disaggregation.py [--rounds 2] [--decoding 16] [--prompts 5] [--interval 10]
+    python benchmarks/disaggregation.py [--rounds 2] [--decoding 16] [--prompts 5] [--interval 25]
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--decoding", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=5)
-    parser.add_argument("--interval", type=float, default=10.0)
+    parser.add_argument("--interval", type=float, default=25.0)
     parser.add_argument("--prompt-min", type=int, default=1024)
     parser.add_argument("--prompt-max", type=int, default=2048)
     parser.add_argument("--max-tokens", type=int, default=1200, help="each decoding stream's (cut at the window's end)")

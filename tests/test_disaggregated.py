@@ -76,9 +76,10 @@ def test_a_long_prompt_alone_prefills_where_it_will_decode(disaggregated, llm):
     """With nothing running on the decode pool, a prefill there holds no one up: no hand-over.
     Beside it, the second long prompt goes apart (the first is running on the decode pool)."""
     scheduler, handoffs = disaggregated.scheduler, disaggregated.scheduler.handoffs
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     for prompts, handed_over in ([LONG[0].upper()], 0), (["Twice. " + p.upper() for p in LONG], 1):  # (not cached)
-        assert [o.token_ids for o in disaggregated.generate(prompts, PARAMS[0])] == \
-            [o.token_ids for o in llm.generate(prompts, PARAMS[0])]
+        assert [o.token_ids for o in disaggregated.generate(prompts, params)] == \
+            [o.token_ids for o in llm.generate(prompts, params)]
         assert scheduler.handoffs == handoffs + handed_over
     assert all(scheduler.pool_seconds_per_token)  # both pools timed
 
