@@ -216,13 +216,14 @@ def test_metrics_are_exported_like_vllms(server, client):
     # alone, that prompt (16 tokens: long enough for the prefill pool) prefilled where it decodes
     handoffs = "shardwise:prefill_handoffs_total"
     assert m[handoffs] == before[handoffs]
-    # beside two streams decoding, it runs on the prefill pool, then moves with its KV to the decode pool
+    # beside two streams decoding, a prompt as long (not cached) runs on the prefill pool, then moves
+    # with its KV to the decode pool
     streams = [client.completions.create(model=MODEL, prompt=p, max_tokens=200, temperature=0, stream=True,
                                          extra_body={"ignore_eos": True}) for p in ("Once upon", "The sea")]
     for stream in streams:
         next(iter(stream))  # (decoding)
     before = m
-    reply = client.completions.create(model=MODEL, prompt=counting, max_tokens=2, temperature=0)
+    reply = client.completions.create(model=MODEL, prompt="Count on: " + counting, max_tokens=2, temperature=0)
     for stream in streams:
         stream.close()
     assert reply.choices[0].text
