@@ -1,28 +1,31 @@
 """Disaggregated prefill against colocated chunked prefill, on the same cores (#28 item 5).
 
 Long prompts (--prompt-min to --prompt-max tokens, random ids, so nothing is cached) arrive
-every --interval seconds while --decoding greedy streams decode. A real `shardwise serve --dtype
-int4` runs it twice, the layouts taking turns over --rounds:
+every --interval seconds while --decoding slots decode: each sends greedy requests of
+--decode-tokens tokens, the next as the last ends (as a chat server's short replies come).
+A real `shardwise serve --dtype int4` runs it twice, the layouts taking turns over --rounds:
   colocated     one stage on all the cores; each prompt's chunks join the decode steps under
                 the server's token budget (--max-batch-tokens, chunked prefill);
   disaggregated `--stages 1 --prefill-stages 1`: a prefill pool and a decode pool of one stage
                 each, splitting the cores; a prompt's KV moves to the decode pool after its
                 first token.
-Measured from the streams, over the window from the first long prompt's arrival to the last
-one's end: the decoding streams' inter-token latency (ITL: every gap between two tokens) p50
-and p99, their TPOT (each stream's mean gap) p99, the long prompts' TTFT p50 and p99, and the
-tokens/s every stream got in the window. Beside each, the estimator's prediction
-(shardwise.perf.disaggregation) from profiles of this machine at all its cores and at half of
-them (`--profiles ALL.json HALF.json`, or profiled here, quick). A ratio > 1 favours
-disaggregation (for tokens/s, equal is the target).
+Measured over the window from the first long prompt's arrival to the last one's end: the
+decode requests' inter-token latency (ITL: every gap between two tokens) p50 and p99, their
+TPOT p99 (each whole request's mean gap, as vLLM's benchmark counts it: the requests that
+meet a prompt's chunks make the tail), the long prompts' TTFT p50 and p99, and the decode
+tokens/s. Beside each, the estimator's prediction (shardwise.perf.disaggregation) from
+profiles of this machine at all its cores and at half of them (`--profiles ALL.json
+HALF.json`, or profiled here, quick). A ratio > 1 favours disaggregation (for tokens/s,
+equal is the target).
 
-    python benchmarks/disaggregation.py [--rounds 2] [--decoding 16] [--prompts 5] [--interval 25]
+    python benchmarks/disaggregation.py [--rounds 2] [--decoding 16] [--decode-tokens 64] [--prompts 5] [--interval 25]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -46,20 +49,28 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run(url: str, args: argparse.Namespace, round_: int) -> dict[str, float]:
-    """One layout's run: the decoding streams, then the long prompts; their measures."""
+    """One layout's run: the decoding slots, then the long prompts; their measures."""
     rng = random.Random(round_)
-    arrivals: list[list[float]] = [[] for _ in range(args.decoding)]
+    requests: list[list[float]] = []  # each decode request's token arrival times
+    ready: set[int] = set()  # the slots whose first request decodes
     ttfts, window = [], []
 
     async def decoding(i: int, http: httpx.AsyncClient) -> None:
-        body = {"model": MODEL, "prompt": f"Write a long essay about the number {i + 100 * round_}.",
-                "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True, "logprobs": 0}
-        async with http.stream("POST", f"{url}/v1/completions", json=body) as reply:
-            async for line in reply.aiter_lines():
-                if line.startswith("data: {"):
-                    choice = json.loads(line[6:])["choices"]
-                    if choice and choice[0]["logprobs"]:
-                        arrivals[i].extend([time.perf_counter()] * len(choice[0]["logprobs"]["tokens"]))
+        """One slot: decode requests of --decode-tokens tokens, each sent as the last ends."""
+        for n in itertools.count():
+            times: list[float] = []
+            requests.append(times)
+            body = {"model": MODEL, "prompt": f"Write a long essay about the number {i + 100 * round_ + 10000 * n}.",
+                    "max_tokens": args.decode_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                    "logprobs": 0}
+            async with http.stream("POST", f"{url}/v1/completions", json=body) as reply:
+                async for line in reply.aiter_lines():
+                    if line.startswith("data: {"):
+                        choice = json.loads(line[6:])["choices"]
+                        if choice and choice[0]["logprobs"]:
+                            times.extend([time.perf_counter()] * len(choice[0]["logprobs"]["tokens"]))
+                            if len(times) > 8:
+                                ready.add(i)
 
     async def long_prompt(delay: float, http: httpx.AsyncClient) -> None:
         await asyncio.sleep(delay)
@@ -77,7 +88,7 @@ async def run(url: str, args: argparse.Namespace, round_: int) -> dict[str, floa
 
     async with httpx.AsyncClient(timeout=1200, limits=httpx.Limits(max_keepalive_connections=0)) as http:
         streams = [asyncio.create_task(decoding(i, http)) for i in range(args.decoding)]
-        while not all(len(a) > 8 for a in arrivals):  # every stream decoding (its prompt run)
+        while len(ready) < args.decoding:  # every slot decoding
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)
         await asyncio.gather(*(long_prompt(k * args.interval, http) for k in range(args.prompts)))
@@ -86,13 +97,13 @@ async def run(url: str, args: argparse.Namespace, round_: int) -> dict[str, floa
         await asyncio.gather(*streams, return_exceptions=True)
     start, end = min(window), max(window)
     gaps, tpots, tokens = [], [], 0
-    for times in arrivals:
+    for times in requests:
         inside = [t for t in times if start <= t <= end]
         tokens += len(inside)
         mine = [b - a for a, b in zip(inside, inside[1:], strict=False) if b > a]
         gaps += mine
-        if mine:
-            tpots.append(statistics.fmean(mine))
+        if len(inside) == len(times) == args.decode_tokens:  # (a whole request inside the window)
+            tpots.append((times[-1] - times[0]) / (len(times) - 1))
     return {"ITL p50 (ms)": 1e3 * percentile(gaps, 0.5), "ITL p99 (ms)": 1e3 * percentile(gaps, 0.99),
             "TPOT p99 (ms)": 1e3 * percentile(tpots, 0.99), "TTFT p50 (s)": percentile(ttfts, 0.5),
             "TTFT p99 (s)": percentile(ttfts, 0.99), "decode tokens/s": tokens / (end - start)}
@@ -115,7 +126,7 @@ def profiles(paths: list[str] | None) -> tuple:
     return tuple(devices)
 
 
-def predict(args: argparse.Namespace, measured_tokens_s: float) -> dict[str, dict[str, float]]:
+def predict(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from shardwise.model.registry import resolve
     from shardwise.model.weights import open_weights
     from shardwise.perf import disaggregation as d
@@ -124,15 +135,15 @@ def predict(args: argparse.Namespace, measured_tokens_s: float) -> dict[str, dic
     whole, half = profiles(args.profiles)
     spec = open_weights(resolve(MODEL)).spec
     p = Precision("int4", "fp32", "fp32")
-    # the decoding streams' mean context over the window: their prompt, and the tokens decoded so far
-    context = 20 + int(measured_tokens_s / args.decoding * args.prompts * args.interval / 2)
+    context = 20 + args.decode_tokens // 2  # a decode request's mean: its prompt, and half its tokens
     w = d.Workload(args.decoding, context, (args.prompt_min + args.prompt_max) // 2, args.interval,
                    args.max_batch_tokens, LONG_OUTPUT)
     out = {}
     for name, layout in (("colocated", d.colocated(spec, whole, w, p)),
                          ("disaggregated", d.disaggregated(spec, half, half, w, p))):
         out[name] = {"ITL p50 (ms)": 1e3 * layout.itl_s(0.5), "ITL p99 (ms)": 1e3 * layout.itl_s(0.99),
-                     "TPOT p99 (ms)": 1e3 * layout.tpot_s, "TTFT p50 (s)": layout.ttft_s,
+                     "TPOT p99 (ms)": 1e3 * layout.request_tpot_s(0.99, args.decode_tokens),
+                     "TTFT p50 (s)": layout.ttft_s,
                      "TTFT p99 (s)": layout.ttft_s, "decode tokens/s": args.decoding / layout.tpot_s}
         print(f"predicted {name}: {layout.to_dict()}", file=sys.stderr)
     return out
@@ -146,7 +157,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=25.0)
     parser.add_argument("--prompt-min", type=int, default=1024)
     parser.add_argument("--prompt-max", type=int, default=2048)
-    parser.add_argument("--max-tokens", type=int, default=1200, help="each decoding stream's (cut at the window's end)")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="each decode request's tokens")
     parser.add_argument("--max-batch-tokens", type=int, default=256)
     parser.add_argument("--profiles", nargs=2, metavar=("ALL", "HALF"), help="`shardwise profile` files")
     args = parser.parse_args()
@@ -162,14 +173,15 @@ def main() -> None:
                 server.wait(timeout=60)
             print(f"round {r}, {name}: {results[name][-1]}", file=sys.stderr, flush=True)
     med = {name: {k: statistics.median(m[k] for m in runs) for k in runs[0]} for name, runs in results.items()}
-    predicted = predict(args, med["colocated"]["decode tokens/s"])
+    predicted = predict(args)
     rows = []
     for key in med["colocated"]:
         for label, sides in ((key, med), ("  predicted", predicted)):
             co, dis = sides["colocated"][key], sides["disaggregated"][key]
             rows.append((label, co, dis, dis / co if key.endswith("tokens/s") else co / dis))
     print_ratio_table(f"{args.prompts} prompts of {args.prompt_min}-{args.prompt_max} tokens, one every "
-                      f"{args.interval:g} s, while {args.decoding} streams decode (SmolLM2-135M int4, "
+                      f"{args.interval:g} s, while {args.decoding} slots decode requests of {args.decode_tokens} "
+                      f"tokens (SmolLM2-135M int4, "
                       f"{os.cpu_count()} cores, --max-batch-tokens {args.max_batch_tokens}), medians of {args.rounds}",
                       ("colocated", "disaggregated"), rows)
 

@@ -234,6 +234,17 @@ def test_disaggregated_pools_against_colocated_chunked_prefill():
     assert busy.utilisation == pytest.approx(2.0) and busy.ttft_s == pytest.approx(2 * apart.ttft_s)
 
 
+def test_a_decode_requests_tpot_tail_is_the_requests_that_meet_the_stalls():
+    """Between two arrivals one stalled step of 1 s and nine plain ones of 0.1 s: a one-token
+    request's worst TPOT is the stall; a request as long as the cycle always meets it once."""
+    from shardwise.perf import disaggregation as d
+
+    cycle = d.LayoutPrediction(ttft_s=1.0, steps=((1.0, 1.0), (0.1, 9.0)), utilisation=0.5)
+    assert cycle.request_tpot_s(0.99, 1) == 1.0 and cycle.request_tpot_s(0.5, 1) == pytest.approx(0.1)
+    assert cycle.request_tpot_s(0.99, 10) == pytest.approx(0.19) == cycle.request_tpot_s(0.0, 10)
+    assert cycle.request_tpot_s(0.99, 5) == pytest.approx(0.28) and cycle.request_tpot_s(0.4, 5) == pytest.approx(0.1)
+
+
 def test_a_weight_formats_own_matmul_efficiency_times_its_products():
     """A profile measures int4 products apart (they read less but unpack what they read): the
     estimator times int4 matmuls of up to the rows measured by that curve, the rest by the float one."""

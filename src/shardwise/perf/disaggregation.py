@@ -55,6 +55,15 @@ class LayoutPrediction:
         """The mean seconds per output token of a decoding sequence."""
         return sum(t * n for t, n in self.steps) / sum(n for _, n in self.steps)
 
+    def request_tpot_s(self, q: float, tokens: int) -> float:
+        """The q-quantile of a decode request's TPOT (its mean seconds per token) over `tokens`
+        tokens, for requests starting at any step between two arrivals alike: those that meet
+        the stalled steps get the tail."""
+        cycle = [seconds for seconds, n in self.steps for _ in range(max(round(n), 1))]
+        means = sorted(sum(cycle[(start + i) % len(cycle)] for i in range(tokens)) / tokens
+                       for start in range(len(cycle)))
+        return means[min(len(means) - 1, int(q * len(means)))]
+
     def to_dict(self) -> dict[str, float]:
         return {"ttft_s": self.ttft_s, "utilisation": self.utilisation, "itl_p50_s": self.itl_s(0.5),
                 "itl_p99_s": self.itl_s(0.99), "tpot_s": self.tpot_s}
