@@ -87,14 +87,14 @@ async def run(url: str, args: argparse.Namespace, round_: int) -> dict[str, floa
         window.append(time.perf_counter())
 
     async with httpx.AsyncClient(timeout=1200, limits=httpx.Limits(max_keepalive_connections=0)) as http:
-        streams = [asyncio.create_task(decoding(i, http)) for i in range(args.decoding)]
+        slots = [asyncio.create_task(decoding(i, http)) for i in range(args.decoding)]
         while len(ready) < args.decoding:  # every slot decoding
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)
         await asyncio.gather(*(long_prompt(k * args.interval, http) for k in range(args.prompts)))
-        for stream in streams:
-            stream.cancel()
-        await asyncio.gather(*streams, return_exceptions=True)
+        for slot in slots:
+            slot.cancel()
+        await asyncio.gather(*slots, return_exceptions=True)
     start, end = min(window), max(window)
     gaps, tpots, tokens = [], [], 0
     for times in requests:

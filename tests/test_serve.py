@@ -222,12 +222,11 @@ def test_metrics_are_exported_like_vllms(server, client):
                                          extra_body={"ignore_eos": True}) for p in ("Once upon", "The sea")]
     for stream in streams:
         next(iter(stream))  # (decoding)
-    before = m
     reply = client.completions.create(model=MODEL, prompt="Count on: " + counting, max_tokens=2, temperature=0)
     for stream in streams:
         stream.close()
     assert reply.choices[0].text
-    assert metrics(server)[handoffs] == before[handoffs] + 1
+    assert metrics(server)[handoffs] == m[handoffs] + 1
 
 
 def test_a_resent_prompt_hits_the_prefix_cache_and_metrics_count_it(server, client):

@@ -502,10 +502,10 @@ class Scheduler:
 
     def _time_pool(self, prefill_pool: bool, batch: list[tuple[Sequence, list[int]]], seconds: float) -> None:
         """A pool's seconds per token, from its steps that ran prompts (in every token of them)."""
-        tokens = sum(len(chunk) for _, chunk in batch)
         if sum(len(chunk) for seq, chunk in batch if seq.fed < len(seq.prompt)) < MIN_TIMED_PROMPT_TOKENS:
             return
-        measured, last = seconds / tokens, self.pool_seconds_per_token[prefill_pool]
+        measured = seconds / sum(len(chunk) for _, chunk in batch)
+        last = self.pool_seconds_per_token[prefill_pool]
         self.pool_seconds_per_token[prefill_pool] = measured if last is None else 0.7 * last + 0.3 * measured
 
     def _groups_for(self, seq: Sequence) -> list[list[Sequence]]:
