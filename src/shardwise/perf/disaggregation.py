@@ -59,7 +59,7 @@ class LayoutPrediction:
         """The q-quantile of a decode request's TPOT (its mean seconds per token) over `tokens`
         tokens, for requests starting at any step between two arrivals alike: those that meet
         the stalled steps get the tail."""
-        cycle = [seconds for seconds, n in self.steps for _ in range(max(round(n), 1))]
+        cycle = [seconds for seconds, n in self.steps for _ in range(round(n))] or [self.steps[0][0]]
         means = sorted(sum(cycle[(start + i) % len(cycle)] for i in range(tokens)) / tokens
                        for start in range(len(cycle)))
         return means[min(len(means) - 1, int(q * len(means)))]
