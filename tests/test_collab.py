@@ -288,6 +288,7 @@ def test_the_stream_survives_malformed_metadata_and_text_frames(server):
         assert len(decode(ws.recv())[1]["tokens"]) == 1
 
 
+@pytest.mark.slow
 def test_collaborative_kv_comes_out_of_the_servers_one_budget(server):
     """A session's KV counts in kv_cache_usage_perc like the server's own requests, and a step that
     does not fit is refused (503, Retry-After) before it changes anything."""

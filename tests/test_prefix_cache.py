@@ -80,6 +80,7 @@ def test_block_keys_name_a_block_and_everything_before_it():
     assert block_keys(a, start=1, parent=block_keys(a)[0]) == block_keys(a)[1:]
 
 
+@pytest.mark.slow
 def test_eviction_under_pressure_frees_only_unused_blocks_and_loses_nothing(llm):
     """A KV budget of 24 blocks, four sequences at a time reserving most of it, and prompts of
     more blocks than that: the cache keeps evicting, never a block in use, and every output is

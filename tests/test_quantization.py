@@ -175,6 +175,7 @@ def test_silu_mul_kernel_matches_torch():
     assert torch.allclose(kernels.silu_mul(gate_up), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_each_format_keeps_quality(weights, hf_dir, llm):
     """Perplexity on a fixed text within the stated tolerance of fp32, for the model file's own
     blocks and for blocks rounded from fp32 safetensors (greedy agreement with fp32: bf16's is

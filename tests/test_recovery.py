@@ -106,6 +106,7 @@ def test_first_middle_and_last_stage_killed_in_one_run(server, undisturbed):
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_a_frozen_stage_is_noticed_by_the_timeout_and_replaced(server, undisturbed):
     """SIGSTOP: the process lives but answers nothing; after --stage-timeout it counts as lost."""
     pids = stage_pids(server)
@@ -117,6 +118,7 @@ def test_a_frozen_stage_is_noticed_by_the_timeout_and_replaced(server, undisturb
     assert time.perf_counter() - started > STAGE_TIMEOUT
 
 
+@pytest.mark.slow
 def test_a_dead_node_is_planned_around_or_fails_clearly(tmp_path, llm):
     """A whole node killed mid-generation (two real Ray nodes): the planner puts its layers on the
     node left and the outputs are unchanged; where they no longer fit, a clear error, no hang."""

@@ -151,6 +151,7 @@ def pids_of(llm: LLM) -> list[int]:
     return [d["pid"] for stage in llm.executor.stats() for d in stage.get("devices", [stage])]
 
 
+@pytest.mark.slow
 def test_the_default_model_split_3_to_1_and_within_a_pipeline_equals_one_device(ray_session, llm):
     """Alone (one device doing three times the other's work), and as the second stage of a
     pipeline split among 5 devices (9 query heads on 3 key/value heads: devices whose heads
@@ -182,6 +183,7 @@ def test_the_default_model_split_3_to_1_and_within_a_pipeline_equals_one_device(
         assert not any(psutil.pid_exists(p) for p in pids)
 
 
+@pytest.mark.slow
 def test_a_lost_device_is_replaced_with_its_stage_and_the_reply_is_unchanged(ray_session):
     """int4, 2 stages of 2 devices each: killing the second stage's second device mid-reply
     restarts that stage (every device of it) and replays the sequences: the same greedy reply."""
