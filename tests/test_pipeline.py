@@ -129,6 +129,7 @@ def test_kv_is_freed_over_25_requests(pipeline):
     assert max(grown) < 64 * 2**20, grown
 
 
+@pytest.mark.slow
 def test_every_stage_caches_the_same_prefixes_and_a_lost_stage_empties_the_cache(pipeline, llm):
     """Each stage keeps its layers of the same blocks; a replacement stage starts empty, and so
     does the cache (the survivors drop theirs): the chat goes on as without any cache."""
