@@ -64,6 +64,9 @@ MAX_STEP_ERRORS = 4  # failed steps a sequence may be part of before it is faile
 EVENTS_KEPT = 100  # the latest failures and recoveries, for the dashboard
 PROBE = -1  # the group of a step that retries a failed step's suspects alone
 MIN_TIMED_PROMPT_TOKENS = 32  # a step that ran fewer prompt tokens says little of a pool's prefill speed
+# the prefill pool must save this much to take a prompt: the hand-over moves its KV, and pools alike
+# are timed apart by noise (without it, a lone prompt went apart whenever noise favoured that pool)
+APART_GAIN = 1.25
 
 
 @dataclass
@@ -486,9 +489,9 @@ class Scheduler:
         turn resent over a long cached history, or a replay runs beside the decodes. Then
         wherever it costs the requests fewer seconds, at each pool's measured seconds per
         token: on the decode pool its chunks hold up itself and every sequence running there;
-        on the prefill pool it waits behind the prompts already there, and holds up no one. So
-        with nothing running on the decode pool (and pools alike) it prefills where it will
-        decode, with no hand-over."""
+        on the prefill pool it waits behind the prompts already there, and holds up no one (and
+        must save APART_GAIN to pay for its hand-over). So with nothing running on the decode
+        pool (and pools alike) it prefills where it will decode, with no hand-over."""
         cached = len(prefix.tokens) if prefix else 0
         uncached = len(seq.prompt) - cached
         if not self.prefill_groups or seq.output.token_ids or uncached < max(self.prefill_pool_min_tokens, cached):
@@ -498,7 +501,7 @@ class Scheduler:
         here, apart = self.pool_seconds_per_token
         here = here or apart or 1.0  # (a pool not yet timed is taken to be as fast as the other)
         apart = apart or here
-        return (ahead + uncached) * apart < (1 + beside) * uncached * here
+        return (ahead + uncached) * apart * APART_GAIN < (1 + beside) * uncached * here
 
     def _time_pool(self, prefill_pool: bool, batch: list[tuple[Sequence, list[int]]], seconds: float) -> None:
         """A pool's seconds per token, from its steps that ran prompts (in every token of them)."""
