@@ -25,17 +25,17 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "could not install chromium (apt-get needs root): the dashboard's browser tests will skip"
 
+# `make test` (CI's, ~20 minutes on 2 cores) leaves out the tests marked slow; `make test-all` runs
+# every test (~35 minutes): the lab's closed loop, the dead node, quality, and the like.
 # (bytecode caches written even where the environment says not to, as in CI: the tests start
 # hundreds of Python processes - Ray workers, stages, CLIs, servers - each ~2 s faster with them)
-# `make test` (CI's, ~20 minutes on 2 cores) leaves out the tests marked slow; `make test-all` runs
-# every test (~35 minutes): the lab's closed loop, the dead node, quality, and the like
+TESTS ?= not slow
 test: setup browser
 	$(BIN)/ruff check src tests benchmarks
-	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q --durations=15 -m "not slow"
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q --durations=15 -m "$(TESTS)"
 
-test-all: setup browser
-	$(BIN)/ruff check src tests benchmarks
-	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q --durations=15
+test-all: TESTS = slow or not slow
+test-all: test
 
 bench: setup
 	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev,bench]'

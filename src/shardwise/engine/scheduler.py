@@ -65,7 +65,7 @@ EVENTS_KEPT = 100  # the latest failures and recoveries, for the dashboard
 PROBE = -1  # the group of a step that retries a failed step's suspects alone
 MIN_TIMED_PROMPT_TOKENS = 32  # a step that ran fewer prompt tokens says little of a pool's prefill speed
 # the prefill pool must save this much to take a prompt: the hand-over moves its KV, and pools alike
-# are timed apart by noise (without it, a lone prompt went apart whenever noise favoured that pool)
+# are timed apart by noise
 APART_GAIN = 1.25
 
 
