@@ -35,11 +35,11 @@ PROMPTS = [f"Write a short story about {thing}." for thing in
            ("a lighthouse", "a fox", "the sea", "a robot", "a garden", "a train", "the moon", "a violin")]
 
 
-def profiled_cluster(address: str, work: Path, name: str) -> Path:
+def profiled_cluster(model: str, address: str, work: Path, name: str) -> Path:
     from shardwise.perf.cluster_profile import profile_cluster
     from shardwise.planner.topology import cluster_file
 
-    profile = profile_cluster(MODEL, "cpu", address, quick=True)
+    profile = profile_cluster(model, "cpu", address, quick=True)
     (work / f"{name}.json").write_text(json.dumps(profile))
     path = work / f"{name}-cluster.yaml"
     path.write_text(yaml.safe_dump(cluster_file(profile, f"{name}.json")))
@@ -64,6 +64,7 @@ def run(llm, tokens: int, during=None) -> tuple[list[str], float]:
 
 def main() -> None:
     from shardwise import LLM
+    from shardwise.model.registry import resolve
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=96)
@@ -72,13 +73,14 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     work = Path(tempfile.mkdtemp(prefix="drift-"))
+    model = str(lab.readable_by_nodes(resolve(MODEL), work))
     state = lab.up(LabSpec.model_validate({"nodes": NODES}), progress=lambda what: print(f"  {what}"))
     try:
         print("  profiling the lab")
-        cluster = profiled_cluster(state.address, work, "before")
+        cluster = profiled_cluster(model, state.address, work, "before")
         options = dict(cluster=str(cluster), objective="throughput", address=state.address, dtype="int4",
                        spare_stages=True, drift_window_s=args.window)
-        with LLM(MODEL, **options) as llm:
+        with LLM(model, **options) as llm:
             print("  plan:", [(s["layers"], s["node"][:8]) for s in llm.stages()])
             run(llm, 8)  # warm-up
             undisturbed, rate = run(llm, args.tokens)
@@ -98,8 +100,8 @@ def main() -> None:
             after = statistics.median(run(llm, args.tokens)[1] for _ in range(args.repeats))
             print(f"  after the re-plan: {after:.1f} tokens/s")
         print("  re-profiling the lab at its new speeds")
-        fresh_cluster = profiled_cluster(state.address, work, "after")
-        with LLM(MODEL, **(options | {"cluster": str(fresh_cluster), "drift_threshold": 0})) as llm:
+        fresh_cluster = profiled_cluster(model, state.address, work, "after")
+        with LLM(model, **(options | {"cluster": str(fresh_cluster), "drift_threshold": 0})) as llm:
             print("  fresh plan:", [(s["layers"], s["node"][:8]) for s in llm.stages()])
             run(llm, 8)
             fresh = statistics.median(run(llm, args.tokens)[1] for _ in range(args.repeats))

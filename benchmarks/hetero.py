@@ -60,13 +60,13 @@ LAYOUTS = {
 STREAMS = {"latency": 1, "throughput": 16}  # concurrent greedy streams each objective is measured with
 
 
-def measured_rate(plan, address: str, repeats: int, new: int, streams: int) -> float:
+def measured_rate(model: str, plan, address: str, repeats: int, new: int, streams: int) -> float:
     """Decode tokens/s of `streams` greedy streams at once: the tokens of the steps in which every
     stream decodes over those steps' time (prefill left out), the median over repeats."""
     from shardwise import LLM
     from shardwise.perf.cluster_profile import decode_steps
 
-    with LLM(MODEL, plan=plan, address=address, dtype="float32", kv_tokens=KV_TOKENS) as llm:
+    with LLM(model, plan=plan, address=address, dtype="float32", kv_tokens=KV_TOKENS) as llm:
         prompts = [llm.tokenizer.encode(f"{PROMPT} ({k + 1})") for k in range(streams)]
 
         def rate() -> float:
@@ -91,15 +91,17 @@ def predicted_rate(spec, cluster: Cluster, stages: list[tuple[int, int, int]], s
 
 
 def run_layout(name: str, nodes: list[dict], work: Path, repeats: int, new: int, objectives: list[str]) -> list[dict]:
+    from shardwise.model.registry import resolve
     from shardwise.perf.cluster_profile import profile_cluster
 
     spec = load_spec(MODEL)
+    model = str(lab.readable_by_nodes(resolve(MODEL), work))
     # (runtime: the profile holds the model's fp32 weights and every work point's KV, ~1.7 GB)
     state = lab.up(LabSpec.model_validate({"nodes": nodes, "runtime_gb": 2.0}),
                    progress=lambda what: print(f"  [{name}] {what}"))
     try:
         print(f"  [{name}] profiling the nodes and links (bursts and sustained)")
-        profile = profile_cluster(MODEL, "cpu", state.address, quick=True)
+        profile = profile_cluster(model, "cpu", state.address, quick=True)
         (work / f"{name}.json").write_text(json.dumps(profile))
         (work / f"{name}-cluster.yaml").write_text(yaml.safe_dump(cluster_file(profile, f"{name}.json")))
         for d in profile["devices"]:
@@ -128,7 +130,7 @@ def run_layout(name: str, nodes: list[dict], work: Path, repeats: int, new: int,
                         print(f"  [{name}] running {split} ({objective}, {streams} streams): {layout}")
                         plan = to_plan(PlanResult(0.0, stages, objective), cluster)
                         try:
-                            seen[layout, streams] = measured_rate(plan, state.address, repeats, new, streams)
+                            seen[layout, streams] = measured_rate(model, plan, state.address, repeats, new, streams)
                         except ShardwiseError as e:  # e.g. the node refuses what does not fit
                             print(f"  [{name}] {split} did not run: {e}")
                             seen[layout, streams] = None

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -116,9 +115,9 @@ def lab_rows(args, work: Path) -> list[dict]:
     from shardwise.model.registry import DEFAULT_MODEL, resolve
     from shardwise.perf.cluster_profile import profile_cluster
 
-    # the models where the lab's nodes see them (each node's cache is its own, the host's hidden)
     # (profiled on the default model: the 1B's profile outgrows a node's memory)
-    model, profiled = (str(shared(Path(m), work)) for m in (write_model("1b", "Q4_0"), resolve(DEFAULT_MODEL)))
+    model, profiled = (str(lab.readable_by_nodes(Path(m), work))
+                       for m in (write_model("1b", "Q4_0"), resolve(DEFAULT_MODEL)))
     spec = open_weights(Path(model)).spec
     nodes = [{"name": name, "cpus": args.node_cpus, "memory_gb": 3, "link": {"rate_mbit": 1000}} for name in ("a", "b")]
     state = lab.up(LabSpec.model_validate({"nodes": nodes, "runtime_gb": 2.0}), progress=lambda w: print(f"  {w}"))
@@ -175,16 +174,6 @@ def lab_rows(args, work: Path) -> list[dict]:
     finally:
         lab.down(state)
     return rows
-
-
-def shared(path: Path, work: Path) -> Path:
-    """The file linked (or copied) into `work`."""
-    target = work / path.name
-    try:
-        os.link(path, target)
-    except OSError:
-        shutil.copy(path, target)
-    return target
 
 
 def main() -> None:

@@ -75,6 +75,20 @@ def node_cache(name: str) -> Path:
     return NODE_CACHES / name
 
 
+def readable_by_nodes(path: Path, folder: Path) -> Path:
+    """The host's file linked (or copied) into `folder`, where the lab's nodes can read it: they do
+    not see the host's cache, so a catalog model there is not on them (and they cannot fetch it
+    where the lab has no route to its index)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / path.name
+    if not target.exists():
+        try:
+            os.link(path, target)
+        except OSError:  # (another file system)
+            shutil.copy(path, target)
+    return target
+
+
 def _shardwise(arguments: list[str]) -> str:
     return f"{shlex.quote(sys.executable)} -m shardwise.cli {shlex.join(arguments)}"
 
