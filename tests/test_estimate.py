@@ -383,3 +383,17 @@ def test_stages_sharing_a_host_take_turns_on_it():
     assert together.latency == own.latency
     assert together.bottleneck == pytest.approx(sum(own.stages))
     assert together.cycle(2) == pytest.approx(2 * sum(own.stages)) and together.cycle(2) > own.cycle(2)
+
+
+def test_hosts_sharing_a_machine_crowd_each_other_only_with_micro_batches_in_flight():
+    """Two stages on two nodes of one machine (a lab's) compute at once when micro-batches are in
+    flight, each at the share of its speed it keeps then; one stream runs them in turn."""
+    spec, cpu = load_spec("smollm2-135m"), load_device("x86-cpu")
+    same = replace(cpu, machine="boot-1", crowded_share=0.8)
+    alone = Deployment.pipeline(spec, [same, replace(same, machine="boot-2")], SAME_DEVICE, hosts=[0, 1])
+    crowded = Deployment.pipeline(spec, [same, same], SAME_DEVICE, hosts=[0, 1])
+    work, p = Work.decode(8, 256), Precision("fp32", "fp32", "fp32")
+    apart, together = step_time(spec, alone, work, p), step_time(spec, crowded, work, p)
+    assert together.latency == apart.latency and together.cycle(1) == apart.cycle(1)
+    assert together.bottleneck == pytest.approx(apart.bottleneck / 0.8)
+    assert together.cycle(4) == pytest.approx(4 * max(apart.stages) / 0.8)

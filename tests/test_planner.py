@@ -39,15 +39,18 @@ def exhaustive(t: CostTable, objective: str, most: int | None = None) -> float |
 def evaluate(t: CostTable, stages: list[tuple[int, int, int]], objective: str) -> float:
     """Latency: the stages' steps from idle (burst speed for as long as the burst lasts, then the
     sustained share of it) plus the moves, or the busiest stage at its sustained speed, whichever
-    is larger; throughput: the busiest stage (sustained) or move."""
+    is larger; throughput: the busiest stage (sustained, and crowded where another stage's host
+    is on its machine) or move."""
     compute = [t.compute[d][a:b].sum() for d, a, b in stages]
     busy = [(c + t.task[d]) / t.share[d] for c, (d, _, _) in zip(compute, stages, strict=True)]
+    crowded = [b / (t.crowded[d] if any(t.machines[e] == t.machines[d] and t.hosts[e] != t.hosts[d]
+                                        for e, _, _ in stages) else 1.0) for b, (d, _, _) in zip(busy, stages, strict=True)]
     walls = [c if c <= t.burst[d] else t.burst[d] + (c - t.burst[d]) / t.share[d]
              for c, (d, _, _) in zip(compute, stages, strict=True)]
     moves = [t.transfer[u][v] for (u, _, _), (v, _, _) in zip(stages, stages[1:], strict=False)]
     if t.return_to_source:
         moves.append(t.transfer[stages[-1][0]][t.source])
-    return max(sum(walls) + sum(moves), *busy) if objective == "latency" else max(busy + moves)
+    return max(sum(walls) + sum(moves), *busy) if objective == "latency" else max(crowded + moves)
 
 
 @st.composite
@@ -74,8 +77,12 @@ def tables(draw):
         task = [draw(st.sampled_from([0.0, 0.5, 1.0])) for _ in range(devices)]  # a stage's call, per step
         if devices > 1 and compute[1] == compute[0]:
             share[1], burst[1], task[1] = share[0], burst[0], task[0]
+    machines = crowded = None
+    if draw(st.booleans()):  # every device on one machine (a lab's nodes): hosts there crowd each other
+        machines = [0] * devices
+        crowded = [draw(st.sampled_from([1.0, 0.8, 0.5])) for _ in range(devices)]
     return CostTable(compute, [float(draw(st.integers(1, 5))) for _ in range(layers)], capacity, transfer,
-                     source, source is not None and draw(st.booleans()), hosts, share, burst, task)
+                     source, source is not None and draw(st.booleans()), hosts, share, burst, task, machines, crowded)
 
 
 @SETTINGS
@@ -123,7 +130,8 @@ def test_more_devices_or_memory_never_worsen_the_optimum(table, objective, speed
     except ShardwiseError:
         return
     roomier = CostTable(table.compute, table.memory, table.capacity + extra, table.transfer, table.source,
-                        table.return_to_source, table.hosts, table.share, table.burst, table.task)
+                        table.return_to_source, table.hosts, table.share, table.burst, table.task, table.machines,
+                        table.crowded)
     assert solve(roomier, objective).value <= before + 1e-9
     d = table.devices
     transfer = np.zeros((d + 1, d + 1))
@@ -132,7 +140,8 @@ def test_more_devices_or_memory_never_worsen_the_optimum(table, objective, speed
     bigger = CostTable(np.vstack([table.compute, np.full(table.layers, float(speed))]), table.memory,
                        np.append(table.capacity, float(extra)), transfer, table.source, table.return_to_source,
                        np.append(table.hosts, table.devices), np.append(table.share, 0.5),
-                       np.append(table.burst, 1.0), np.append(table.task, 0.5))
+                       np.append(table.burst, 1.0), np.append(table.task, 0.5),
+                       np.append(table.machines, table.devices), np.append(table.crowded, 1.0))
     assert solve(bigger, objective).value <= before + 1e-9
 
 

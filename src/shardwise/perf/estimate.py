@@ -220,6 +220,9 @@ class StepTime:
     operators: list[list[TimedOperator]] = field(default_factory=list)  # per stage, for breakdowns and plots
     hosts: list[str | None] = field(default_factory=list)  # per stage; None: a host of its own
     sustained: list[float] = field(default_factory=list)  # per stage, on a node busy all the time
+    # per stage, the share of its speed it keeps while the deployment's other hosts on its machine
+    # compute too (1.0: none there), as they do with micro-batches in flight
+    crowded: list[float] = field(default_factory=list)
 
     @property
     def latency(self) -> float:
@@ -228,12 +231,19 @@ class StepTime:
 
     @property
     def bottleneck(self) -> float:
-        """The busiest host or link per micro-batch: stages that share a host take turns on it, at
-        the speed it keeps up."""
-        return max(shared_host_busy(self.sustained or self.stages, self.hosts) + self.links)
+        """The busiest host or link per micro-batch with micro-batches in flight: stages that share
+        a host take turns on it, at the speed it keeps up, and hosts sharing a machine compute at once."""
+        busy = self.sustained or self.stages
+        return self._busiest([t / c for t, c in zip(busy, self.crowded or [1.0] * len(busy), strict=True)])
+
+    def _busiest(self, stage_seconds: list[float]) -> float:
+        return max(shared_host_busy(stage_seconds, self.hosts) + self.links)
 
     def cycle(self, micro_batches: int) -> float:
-        """Time for every micro-batch to take one step, when they follow each other round the pipeline."""
+        """Time for every micro-batch to take one step, when they follow each other round the
+        pipeline (one alone: no stage computes beside another)."""
+        if micro_batches == 1:
+            return max(self.latency, self._busiest(self.sustained or self.stages))
         return max(self.latency, micro_batches * self.bottleneck)
 
 
@@ -245,7 +255,18 @@ def step_time(spec: ModelSpec, deployment: Deployment, work: Work, p: Precision)
     links = [link.time(hidden) for link in deployment.links] + [deployment.return_link.time(4 * work.rows)]
     on = list(zip((device for device, _ in paced), burst, strict=True))
     return StepTime([d.step_seconds(t) for d, t in on], links, operators, [s.host for s in deployment.stages],
-                    [d.busy_seconds(t) for d, t in on])
+                    [d.busy_seconds(t) for d, t in on], crowded_shares(deployment))
+
+
+def crowded_shares(deployment: Deployment) -> list[float]:
+    """Per stage, the share of its speed its device keeps while the deployment's other hosts on its
+    machine compute at once (a tensor-parallel group's crowding is its own: in pacing())."""
+    hosts_on = defaultdict(set)
+    for k, s in enumerate(deployment.stages):
+        if s.device.machine and not s.group:
+            hosts_on[s.device.machine].add(("own", k) if s.host is None else s.host)
+    return [s.device.crowded_share if not s.group and len(hosts_on[s.device.machine]) > 1 else 1.0
+            for s in deployment.stages]
 
 
 def shared_host_busy(stage_seconds: list[float], hosts: list | None) -> list[float]:

@@ -27,13 +27,14 @@ def evaluate(table: CostTable, stages: Stages, objective: str) -> float | None:
     moves = [float(table.transfer[u, v]) for (u, _, _), (v, _, _) in zip(stages, stages[1:], strict=False)]
     if table.return_to_source:
         moves.append(float(table.transfer[stages[-1][0], table.source]))
-    busy = shared_host_busy([table.busy(d, c) for c, (d, _, _) in zip(compute, stages, strict=True)],
-                            [int(table.hosts[d]) for d, _, _ in stages])
+    busy = [table.busy(d, c) for c, (d, _, _) in zip(compute, stages, strict=True)]
+    hosts = [int(table.hosts[d]) for d, _, _ in stages]
     if objective == "latency":  # one stream: its stages' steps from idle and the hand-overs, or the busiest node
         walls = [float(from_idle(c, table.burst[d], table.share[d])) for c, (d, _, _) in zip(compute, stages,
                                                                                               strict=True)]
-        return max(sum(walls) + sum(moves), *busy)
-    return max(busy + moves)
+        return max(sum(walls) + sum(moves), *shared_host_busy(busy, hosts))
+    crowded = [b / c for b, c in zip(busy, table.crowding(stages), strict=True)]  # (micro-batches in flight)
+    return max(shared_host_busy(crowded, hosts) + moves)
 
 
 def _order(table: CostTable) -> list[int]:

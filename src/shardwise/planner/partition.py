@@ -13,7 +13,8 @@ range, so each device's capacity is checked once, against exactly its layers.
 Latency  = sum of stage compute + transfers between stages (+ the return to the source), or
 the busiest stage's sustained time where a device keeps up only a share of its burst speed
 (a CPU quota), whichever is larger: a threshold search on the latter around the additive DP.
-Throughput: minimise the bottleneck = max over stage compute (sustained) and transfers.
+Throughput: minimise the bottleneck = max over stage compute (sustained) and transfers, where
+hosts that share a machine compute at once (crowded: at the share of their speed they keep then).
 Devices that share a host (CPU devices of one node) hold at most one stage between them.
 With a gain above 1, the plan of fewest stages within that factor of the best wins.
 
@@ -53,6 +54,10 @@ class CostTable:
     share: Sequence[float] | None = None
     burst: Sequence[float] | None = None
     task: Sequence[float] | None = None  # per device: CPU seconds a stage's call costs its node per step
+    # per device: its machine (devices of one machine on different hosts compute on its cores at once
+    # when micro-batches are in flight) and the share of its speed it keeps then (None: a machine each)
+    machines: Sequence[int] | None = None
+    crowded: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
         self.compute = np.asarray(self.compute, dtype=float)
@@ -88,11 +93,24 @@ class CostTable:
         self.task = np.zeros(devices) if self.task is None else np.asarray(self.task, dtype=float)
         if self.task.shape != (devices,) or (np.isnan(self.task) | (self.task < 0)).any():
             raise ShardwiseError(f"task needs one non-negative entry per device ({devices})")
+        self.machines = np.arange(devices) if self.machines is None else np.asarray(self.machines, dtype=int)
+        self.crowded = np.ones(devices) if self.crowded is None else np.asarray(self.crowded, dtype=float)
+        if self.machines.shape != (devices,):
+            raise ShardwiseError(f"machines needs one entry per device ({devices})")
+        if self.crowded.shape != (devices,) or not ((self.crowded > 0) & (self.crowded <= 1)).all():
+            raise ShardwiseError(f"crowded needs one entry in (0, 1] per device ({devices})")
 
     def busy(self, device: int, seconds):
         """A stage's seconds per step on its device when busy all the time: its work (`seconds` at
         burst speed) and its call's own CPU, at the share of its speed the device keeps up."""
         return (seconds + self.task[device]) / self.share[device]
+
+    def crowding(self, stages: Sequence[tuple[int, int, int]]) -> list[float]:
+        """Per stage of a plan with micro-batches in flight, the share of its speed its device keeps:
+        crowded where another of the plan's hosts computes on its machine."""
+        def mates(d: int) -> bool:
+            return any(self.machines[e] == self.machines[d] and self.hosts[e] != self.hosts[d] for e, _, _ in stages)
+        return [float(self.crowded[d]) if mates(d) else 1.0 for d, _, _ in stages]
 
     @property
     def devices(self) -> int:
@@ -135,6 +153,9 @@ def _same(t: CostTable, u: int, v: int) -> bool:
     shared = (t.hosts == t.hosts[u]).sum() > 1 or (t.hosts == t.hosts[v]).sum() > 1
     return bool(np.array_equal(t.compute[u], t.compute[v]) and t.capacity[u] == t.capacity[v]
                 and t.share[u] == t.share[v] and t.burst[u] == t.burst[v] and t.task[u] == t.task[v]
+                and t.crowded[u] == t.crowded[v]
+                and ((t.machines == t.machines[u]).sum() == 1 and (t.machines == t.machines[v]).sum() == 1
+                     or t.machines[u] == t.machines[v])
                 and (t.hosts[u] == t.hosts[v] or not shared)
                 and np.array_equal(t.transfer[u, others], t.transfer[v, others])
                 and np.array_equal(t.transfer[others, u], t.transfer[others, v])
@@ -173,6 +194,13 @@ def _solve(table: CostTable, objective: Objective, most: int) -> PlanResult:
     busy = np.stack([table.busy(d, costs) for d, costs in zip(first, burst, strict=True)])
     if objective == "throughput":
         value, stages = _dp(table, groups, busy, np.maximum, most)
+        if most > 1 and (table.crowded[first] < 1).any():
+            # a plan of several stages may have hosts of one machine computing at once: costed as if
+            # it did (exact where every machine holds one host, or every host shares one machine);
+            # one stage has no one beside it
+            alone = _dp(table, groups, busy, np.maximum, 1)
+            crowded = busy / table.crowded[first][:, None, None]
+            value, stages = min(alone, _dp(table, groups, crowded, np.maximum, most), key=lambda found: found[0])
     else:
         wall = from_idle(burst, table.burst[first][:, None, None], share)
         value, stages = _least_latency(table, groups, wall, busy, most)

@@ -82,6 +82,14 @@ class Cluster:
                 for d in self.devices]
         return [keys.index(key) for key in keys]
 
+    def machines(self) -> tuple[list[int], list[float]]:
+        """A number per device's machine (unknown: one of its own), and the share of its speed each
+        keeps while another host there computes at once (1.0 where none is)."""
+        keys = [d.spec.machine or ("device", i) for i, d in enumerate(self.devices)]
+        numbers, hosts = [keys.index(key) for key in keys], self.hosts()
+        shared = [len({h for h, m in zip(hosts, numbers, strict=True) if m == n}) > 1 for n in numbers]
+        return numbers, [d.spec.crowded_share if s else 1.0 for d, s in zip(self.devices, shared, strict=True)]
+
     def index(self, name: str) -> int:
         for i, d in enumerate(self.devices):
             if d.name == name:
@@ -215,7 +223,7 @@ def cost_table(spec: ModelSpec, cluster: Cluster, *, batch: int = 1, context: in
                      transfer, None if cluster.source is None else cluster.index(cluster.source),
                      cluster.return_to_source, cluster.hosts(), [d.spec.sustained_share for d in cluster.devices],
                      [np.inf if d.spec.burst_s is None else d.spec.burst_s for d in cluster.devices],
-                     [d.spec.task_cpu_s for d in cluster.devices])
+                     [d.spec.task_cpu_s for d in cluster.devices], *cluster.machines())
 
 
 def precision(device: DeviceSpec, quant: str | None) -> Precision:
@@ -295,7 +303,8 @@ def with_group(spec: ModelSpec, cluster: Cluster, table: CostTable, group: Tenso
         transfer, None if table.source is None else ends.index(table.source), table.return_to_source,
         [*table.hosts[keep], table.hosts[lead]], [*table.share[keep], min(table.share[list(group.members)])],
         [*table.burst[keep], min(table.burst[list(group.members)])],
-        [*table.task[keep], max(table.task[list(group.members)])])
+        [*table.task[keep], max(table.task[list(group.members)])],
+        [*table.machines[keep], table.machines[lead]], [*table.crowded[keep], min(table.crowded[list(group.members)])])
 
 
 def stage_estimates(cluster: Cluster, table: CostTable, stages: list[tuple[int, int, int]],
