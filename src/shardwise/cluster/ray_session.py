@@ -19,7 +19,10 @@ def join(address: str | None, instead: str) -> bool:
     credentials = credentials_for(address)
     if credentials:
         os.environ.update(credentials)
-        ray._raylet.Config.initialize("")  # (Ray read its settings from the environment on import: again)
+        # (Ray read its settings from the environment on import, and keeps the first cluster's token
+        # for the process: both again, or a second cluster - another lab - refuses this process)
+        ray._raylet.Config.initialize("")
+        ray._raylet.AuthenticationTokenLoader.instance().reset_cache()
     try:
         # "local": a new instance of our own, never a stale session another (killed) `ray start` left behind
         # (stages' logs reach this process only when asked for: shardwise --verbose)
