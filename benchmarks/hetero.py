@@ -46,6 +46,7 @@ from shardwise.planner.topology import Cluster, cluster_file, cost_table, plan_c
 MODEL = "smollm2-135m"
 KV_TOKENS = 2048  # every stage's KV budget (plans and runs alike): small, so memory is the weights
 PROMPT = "Write a short story about a lighthouse keeper."
+PROMPT_TOKENS = len(PROMPT) // 4  # (about: the estimate's prompt, and with half the new tokens the plans' context)
 LAYOUTS = {
     "slow-node": [{"name": "fast", "cpus": 1.0, "memory_gb": 2, "link": {"rate_mbit": 1000}},
                   {"name": "slow", "cpus": 0.25, "memory_gb": 2, "link": {"rate_mbit": 1000}}],
@@ -77,7 +78,7 @@ def measured_rate(model: str, plan, address: str, repeats: int, new: int, stream
         return statistics.median(rate() for _ in range(repeats))
 
 
-def predicted_rate(spec, cluster: Cluster, stages: list[tuple[int, int, int]], streams: int) -> float:
+def predicted_rate(spec, cluster: Cluster, stages: list[tuple[int, int, int]], streams: int, new: int) -> float:
     """Decode tokens/s the estimator predicts for `streams` streams on these stages: one
     micro-batch in flight per node the stages occupy, as the pipeline runs them."""
     devices = [cluster.devices[d] for d, _, _ in stages]
@@ -86,7 +87,7 @@ def predicted_rate(spec, cluster: Cluster, stages: list[tuple[int, int, int]], s
     deployment = Deployment.pipeline(spec, [d.spec for d in devices], links or SAME_DEVICE,
                                      [(a, b) for _, a, b in stages], hosts)
     p = precision(devices[0].spec, None)
-    return estimate(spec, deployment, batch=streams, input_tokens=len(PROMPT) // 4, output_tokens=24,
+    return estimate(spec, deployment, batch=streams, input_tokens=PROMPT_TOKENS, output_tokens=new,
                     precision=p, micro_batches=min(streams, len(set(hosts)))).decode_tok_s
 
 
@@ -108,12 +109,13 @@ def run_layout(name: str, nodes: list[dict], work: Path, repeats: int, new: int,
             print(f"  [{name}] {d['name']}: keeps {d['sustained_share']:.0%} of its speed when busy, "
                   f"bursts of {d['burst_s'] or float('inf'):.3f} s")
         cluster = Cluster.load(work / f"{name}-cluster.yaml")
-        _, summary = plan_cluster(spec, cluster, "latency", kv_tokens=KV_TOKENS)
+        context = PROMPT_TOKENS + new // 2  # (the decode steps' mean: the plans are for what is run)
+        _, summary = plan_cluster(spec, cluster, "latency", context=context, kv_tokens=KV_TOKENS)
         display.plot_gantt(summary, work / f"{name}-gantt.png")
         rows, seen = [], {}
         for objective in objectives:
             streams = STREAMS[objective]
-            table = cost_table(spec, cluster, batch=streams, kv_tokens=KV_TOKENS)
+            table = cost_table(spec, cluster, batch=streams, context=context, kv_tokens=KV_TOKENS)
             flops = [d.spec.peak_flops(d.spec.default_dtype) for d in cluster.devices]
             splits = {"shardwise DP": solve(table, objective, STAGE_GAIN).stages, "even (vLLM)": baselines.even(table),
                       "memory-proportional (exo, llama.cpp)": baselines.memory_proportional(table),
@@ -123,7 +125,7 @@ def run_layout(name: str, nodes: list[dict], work: Path, repeats: int, new: int,
                 layout = ", ".join(f"{cluster.devices[d].name}:{a}-{b}" for d, a, b in stages)
                 fits = baselines.evaluate(table, stages, objective) is not None
                 row = {"layout": name, "objective": objective, "split": split, "stages": layout,
-                       "predicted": predicted_rate(spec, cluster, stages, streams) if fits else None,
+                       "predicted": predicted_rate(spec, cluster, stages, streams, new) if fits else None,
                        "measured": None}
                 if fits:
                     if (layout, streams) not in seen:
@@ -160,11 +162,15 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # the lab keeps Ray's token auth on (set before Ray loads)
     work = Path(args.out or tempfile.mkdtemp(prefix="hetero-"))
     work.mkdir(parents=True, exist_ok=True)
-    objectives = args.objectives.split(",")
-    rows = []
-    for name in args.layouts.split(","):
+    objectives, names = args.objectives.split(","), args.layouts.split(",")
+    # (a layout takes ~15 minutes: an earlier run's rows in --out are kept for the layouts not run again)
+    saved = work / "rows.json"
+    rows = [r for r in json.loads(saved.read_text()) if r["layout"] not in names] if saved.exists() else []
+    if rows:
+        print(f"  kept from an earlier run in {work}: {', '.join(dict.fromkeys(r['layout'] for r in rows))}")
+    for name in names:
         rows += run_layout(name, LAYOUTS[name], work, args.repeats, args.new_tokens, objectives)
-        (work / "rows.json").write_text(json.dumps(rows))
+        saved.write_text(json.dumps(rows))
 
     print(f"\nSmolLM2-135M fp32 on lab layouts, decode tokens/s (latency: 1 greedy stream; throughput: "
           f"{STREAMS['throughput']}), medians of {args.repeats}")
