@@ -435,7 +435,9 @@ def plan(
     model: Annotated[str, typer.Option(help="Catalog name, .gguf file, or HF config.json / model directory.")],
     cluster: Annotated[str | None, typer.Option(help="Cluster file (YAML): devices, links, source.")] = None,
     objective: Annotated[str, typer.Option(help="latency or throughput.")] = "latency",
-    batch: Annotated[int, typer.Option(help="Decode batch the costs are taken at.")] = 1,
+    batch: Annotated[int | None, typer.Option(help="Sequences decoding at once, the costs are taken at; a "
+                                                   "throughput plan splits them into micro-batches (default: 1 for "
+                                                   "latency, a server's full batch for throughput).")] = None,
     context: Annotated[int, typer.Option(help="Cached tokens per sequence the costs are taken at.")] = 512,
     kv_tokens: Annotated[int, typer.Option(help="KV budget per stage, in tokens.")] = 16384,
     quant: Annotated[str | None, typer.Option(help="Weights: fp32, bf16, fp8, int8, int4, ... (default: each "
@@ -457,6 +459,7 @@ def plan(
 
     try:
         spec = load_spec(model)
+        batch = topology.planning_batch("latency" if client else objective, batch)
         if min(batch, context, kv_tokens) < 1:
             raise ShardwiseError("--batch, --context and --kv-tokens must each be at least 1")
         if client or server or sla:

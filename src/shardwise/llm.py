@@ -71,13 +71,14 @@ def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = Non
 
     def build(llm: LLM):
         from shardwise.cluster.pipeline import Pipeline  # Ray is imported only for pipelines
-        from shardwise.planner.topology import Cluster, plan_cluster
+        from shardwise.planner.topology import Cluster, plan_cluster, planning_batch
 
         c, chosen, where = llm.config, plan, cluster
+        batch = planning_batch(objective, c.max_num_seqs if objective == "throughput" else None)
         if where is not None:
             where = Cluster.load(where) if isinstance(where, str | Path) else where
             if chosen is None:
-                chosen, _ = plan_cluster(llm.spec, where, objective, quant=c.dtype, kv_tokens=c.kv_tokens)
+                chosen, _ = plan_cluster(llm.spec, where, objective, batch=batch, quant=c.dtype, kv_tokens=c.kv_tokens)
         pools = [_plan_of(llm, stages if chosen is None else chosen)]
         if tensor_parallel is not None:
             pools[0] = pools[0].tensor_parallel(tensor_parallel)
@@ -94,7 +95,7 @@ def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = Non
                 pipelines.append(Pipeline(
                     llm.path, llm.spec, pool, dtype=c.dtype, address=address, kv_tokens=c.kv_tokens,
                     micro_batches=c.micro_batches, stage_timeout=c.stage_timeout, spares=c.spare_stages,
-                    cluster=None if prefill is not None else where, objective=objective,
+                    cluster=None if prefill is not None else where, objective=objective, batch=batch,
                     drift_threshold=c.drift_threshold, drift_window_s=c.drift_window_s, move_kv=c.move_kv,
                     preallocate_kv=c.preallocate_kv, join_nodes=c.join_nodes, fetch_weights=c.fetch_weights,
                     weights_index=c.weights_index, verify_share=c.verify_share))

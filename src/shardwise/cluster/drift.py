@@ -32,7 +32,7 @@ from shardwise.perf.operators import Work
 from shardwise.planner.baselines import evaluate
 from shardwise.planner.partition import STAGE_GAIN, solve
 from shardwise.planner.plan import Plan
-from shardwise.planner.topology import Cluster, ClusterDevice, cost_table, precision, to_plan
+from shardwise.planner.topology import Cluster, ClusterDevice, cost_table, planning_batch, precision, to_plan
 
 REPLAN_GAIN = 1.15  # a new plan must be predicted this much faster than the running one to move
 MIN_STEPS = 8  # steps a window needs before it judges
@@ -51,8 +51,9 @@ class Verdict:
 
 class DriftWatch:
     def __init__(self, spec: ModelSpec, cluster: Cluster, plan: Plan, *, quant: str | None, objective: str,
-                 kv_tokens: int, threshold: float, window_s: float):
+                 kv_tokens: int, threshold: float, window_s: float, batch: int | None = None):
         self.spec, self.cluster, self.quant = spec, cluster, quant
+        self.batch = planning_batch(objective, batch)  # (what it plans for)
         self.calibrated = False  # until the first window has scaled every profile by what all nodes share
         self.bias = 1.0  # by how much it scaled them (a node that joins later is scaled alike)
         self.objective, self.kv_tokens = objective, kv_tokens
@@ -154,7 +155,7 @@ class DriftWatch:
 
     def _replan(self, what: str, done: str) -> Verdict:
         """Plan over the cluster as it now is; a Verdict to move if that beats the running plan."""
-        table = cost_table(self.spec, self.cluster, quant=self.quant, kv_tokens=self.kv_tokens)
+        table = cost_table(self.spec, self.cluster, batch=self.batch, quant=self.quant, kv_tokens=self.kv_tokens)
         running = evaluate(table, [(d, *s.layers) for d, s in zip(self.devices, self.plan.stages, strict=True)],
                            self.objective)
         result = solve(table, self.objective, STAGE_GAIN)
@@ -162,7 +163,7 @@ class DriftWatch:
         self.follow(self.plan)  # a fresh window, with the corrected speeds
         same = [(s.layers, s.placement) for s in plan.stages] == [(s.layers, s.placement) for s in self.plan.stages]
         keep = same or (running is not None and result.value * REPLAN_GAIN > running)
-        unit = "per token" if self.objective == "latency" else "per step at the bottleneck"
+        unit = "per token" if self.objective == "latency" else f"per step of {self.batch} sequences"
         values = f"{result.value * 1e3:.1f} ms {unit}"
         values += "" if running is None else f" against {running * 1e3:.1f} now"
         if keep:

@@ -65,8 +65,8 @@ class Pipeline:
     def __init__(self, model_path: Path, spec: ModelSpec, plan: Plan, *, dtype: str | None = None,
                  address: str | None = None, kv_tokens: int = EngineConfig.kv_tokens,
                  micro_batches: int | None = None, stage_timeout: float = EngineConfig.stage_timeout,
-                 spares: bool = False, cluster: Cluster | None = None,
-                 objective: str = "throughput", drift_threshold: float = EngineConfig.drift_threshold,
+                 spares: bool = False, cluster: Cluster | None = None, objective: str = "throughput",
+                 batch: int | None = None, drift_threshold: float = EngineConfig.drift_threshold,
                  drift_window_s: float = EngineConfig.drift_window_s, move_kv: bool = EngineConfig.move_kv,
                  preallocate_kv: bool = EngineConfig.preallocate_kv, join_nodes: bool = EngineConfig.join_nodes,
                  fetch_weights: bool | None = EngineConfig.fetch_weights,
@@ -75,7 +75,8 @@ class Pipeline:
         self.model_path, self.spec, self.dtype = model_path, spec, dtype
         self.kv_tokens, self.stage_timeout = kv_tokens, stage_timeout
         self._pool_tokens = kv_tokens if preallocate_kv else 0  # each stage's KV pool from the start
-        self.cluster, self.objective = cluster, objective  # what a re-plan splits over
+        # what a re-plan splits over, for what, and for how many sequences decoding at once
+        self.cluster, self.objective, self.batch = cluster, objective, batch
         self.use_spares, self.spares = spares, {}  # node id -> an empty, warm StageActor
         self.stages, self._micro_batches = [], micro_batches
         # in flight: a step's last ref -> every stage's refs, and the work it computes (None: under
@@ -153,7 +154,7 @@ class Pipeline:
             if self.watch is None:
                 self.watch = DriftWatch(self.spec, self.cluster, plan, quant=self.dtype, objective=self.objective,
                                         kv_tokens=self.kv_tokens, threshold=self.drift_threshold,
-                                        window_s=self.drift_window_s)
+                                        window_s=self.drift_window_s, batch=self.batch)
             else:  # a new plan (its cluster corrected by the watch, or without a dead node's devices)
                 self.watch.cluster = self.cluster
                 self.watch.follow(plan)
@@ -598,7 +599,8 @@ class Pipeline:
         live = {n["NodeID"] for n in alive}
         self.spares = {node: spare for node, spare in self.spares.items() if node in live}
         try:
-            plan, _ = plan_cluster(self.spec, cluster, self.objective, quant=self.dtype, kv_tokens=self.kv_tokens)
+            plan, _ = plan_cluster(self.spec, cluster, self.objective, batch=self.batch, quant=self.dtype,
+                                   kv_tokens=self.kv_tokens)
         except ShardwiseError as e:
             raise ShardwiseError(f"the model no longer fits on the nodes left (without those that died or failed "
                                  f"a check): {e}") from None

@@ -20,21 +20,24 @@ Stages = list[tuple[int, int, int]]
 
 
 def evaluate(table: CostTable, stages: Stages, objective: str) -> float | None:
-    """The plan's latency or bottleneck under the table's costs; None if a stage does not fit."""
+    """The plan's seconds per step under the table's costs (as the DP counts them); None if a stage
+    does not fit. Latency: one stream's stages from idle and the hand-overs, or the busiest node;
+    throughput: a micro-batch in flight per node, each a share of the batch (partition's docstring)."""
     if any(table.memory[a:b].sum() > table.capacity[d] * (1 + 1e-12) for d, a, b in stages):
         return None
+    hosts = [int(table.hosts[d]) for d, _, _ in stages]
+    in_flight = table.in_flight(len(set(hosts))) if objective == "throughput" else 0
+    table = table.micro(max(in_flight, 1))
     compute = [float(table.compute[d, a:b].sum()) for d, a, b in stages]
     moves = [float(table.transfer[u, v]) for (u, _, _), (v, _, _) in zip(stages, stages[1:], strict=False)]
     if table.return_to_source:
         moves.append(float(table.transfer[stages[-1][0], table.source]))
     busy = [table.busy(d, c) for c, (d, _, _) in zip(compute, stages, strict=True)]
-    hosts = [int(table.hosts[d]) for d, _, _ in stages]
-    if objective == "latency":  # one stream: its stages' steps from idle and the hand-overs, or the busiest node
-        walls = [float(from_idle(c, table.burst[d], table.share[d])) for c, (d, _, _) in zip(compute, stages,
-                                                                                              strict=True)]
-        return max(sum(walls) + sum(moves), *shared_host_busy(busy, hosts))
-    crowded = [b / c for b, c in zip(busy, table.crowding(stages), strict=True)]  # (micro-batches in flight)
-    return max(shared_host_busy(crowded, hosts) + moves)
+    if in_flight > 1:  # (hosts of one machine compute at once)
+        busy = [b / c for b, c in zip(busy, table.crowding(stages), strict=True)]
+    walls = [float(from_idle(c, table.burst[d], table.share[d])) for c, (d, _, _) in zip(compute, stages, strict=True)]
+    return max(sum(walls) + sum(moves), *(max(in_flight, 1) * b for b in shared_host_busy(busy, hosts)),
+               *(in_flight * m for m in moves))
 
 
 def _order(table: CostTable) -> list[int]:

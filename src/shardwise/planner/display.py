@@ -45,7 +45,7 @@ def print_plan(summary: dict[str, Any], console: Console | None = None) -> None:
                           f"{tensor['value'] * 1e3:.2f} ms, {1 / ratio:.2f}x this plan's time (it must gain "
                           f"{tensor['gain'] - 1:.0%}: each of its layers waits for two all-reduces)")
     base = Table(title="the same cluster split the other ways (same cost model)")
-    for col in ("split", "stages", "latency per token" if objective == "latency" else "bottleneck",
+    for col in ("split", "stages", "latency per token" if objective == "latency" else f"step of {batch} sequences",
                 "tokens/s", "vs shardwise"):
         base.add_column(col, justify="left" if col in ("split", "stages") else "right")
     for name, row in [("shardwise DP", summary["dp"]), *summary["baselines"].items()]:

@@ -13,8 +13,11 @@ range, so each device's capacity is checked once, against exactly its layers.
 Latency  = sum of stage compute + transfers between stages (+ the return to the source), or
 the busiest stage's sustained time where a device keeps up only a share of its burst speed
 (a CPU quota), whichever is larger: a threshold search on the latter around the additive DP.
-Throughput: minimise the bottleneck = max over stage compute (sustained) and transfers, where
-hosts that share a machine compute at once (crowded: at the share of their speed they keep then).
+Throughput: a plan of k stages (each on a node of its own) splits a step's batch into k
+micro-batches in flight, one per node, and takes the larger of one micro-batch's way round
+(its stages' walls and hand-overs, at its rows) and k times the busiest stage (sustained, and
+crowded: hosts that share a machine compute at once, at the share of their speed they keep
+then) or hand-over: the same threshold search, for each k.
 Devices that share a host (CPU devices of one node) hold at most one stage between them.
 With a gain above 1, the plan of fewest stages within that factor of the best wins.
 
@@ -27,7 +30,7 @@ O(prod(n_g + 1) * G * L).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -58,6 +61,10 @@ class CostTable:
     # when micro-batches are in flight) and the share of its speed it keeps then (None: a machine each)
     machines: Sequence[int] | None = None
     crowded: Sequence[float] | None = None
+    # the sequences a step decodes (None: as many as there are stages), which a plan of k stages splits
+    # into min(k, rows) micro-batches in flight, and the table for one of m (None: its work divides evenly)
+    rows: int | None = None
+    split: Callable[[int], CostTable] | None = None
 
     def __post_init__(self) -> None:
         self.compute = np.asarray(self.compute, dtype=float)
@@ -112,6 +119,16 @@ class CostTable:
             return any(self.machines[e] == self.machines[d] and self.hosts[e] != self.hosts[d] for e, _, _ in stages)
         return [float(self.crowded[d]) if mates(d) else 1.0 for d, _, _ in stages]
 
+    def in_flight(self, stages: int) -> int:
+        """Micro-batches in flight on a plan of that many stages (on nodes of their own)."""
+        return stages if self.rows is None else min(stages, self.rows)
+
+    def micro(self, m: int) -> CostTable:
+        """This table for one of `m` micro-batches a step's batch is split into (m = 1: itself)."""
+        if m == 1:
+            return self
+        return self.split(m) if self.split else replace(self, compute=self.compute / m, split=None)
+
     @property
     def devices(self) -> int:
         return self.compute.shape[0]
@@ -123,7 +140,7 @@ class CostTable:
 
 @dataclass(frozen=True)
 class PlanResult:
-    value: float  # latency in seconds, or the bottleneck stage / transfer in seconds
+    value: float  # seconds per step of the batch: one token's latency, or the cycle of the micro-batches in flight
     stages: list[tuple[int, int, int]]  # (device, start, end): half-open layer ranges in pipeline order
     objective: str
     declined: PlanResult | None = None  # the best plan, where it had more stages and did not pay the gain
@@ -168,6 +185,8 @@ def solve(table: CostTable, objective: Objective = "latency", gain: float = 1.0)
     adds a hand-over and a node to lose)."""
     if objective not in ("latency", "throughput"):
         raise ShardwiseError(f"unknown objective '{objective}': use latency or throughput")
+    if objective == "throughput":
+        return _most_tokens(table, gain)
     best = _solve(table, objective, table.devices)
     plans = {len(best.stages): best}
 
@@ -186,49 +205,132 @@ def solve(table: CostTable, objective: Objective = "latency", gain: float = 1.0)
 
 
 def _solve(table: CostTable, objective: Objective, most: int) -> PlanResult:
-    """The best plan of at most `most` stages."""
+    """The best plan of at most `most` stages, for one stream's latency."""
     groups = groups_of_identical(table)
-    first = [g[0] for g in groups]
-    burst = np.stack([_stage_costs(table, d) for d in first])  # [group, l, b]: layers [l, b) there
-    share = table.share[first][:, None, None]
-    busy = np.stack([table.busy(d, costs) for d, costs in zip(first, burst, strict=True)])
-    if objective == "throughput":
-        value, stages = _dp(table, groups, busy, np.maximum, most)
-        if most > 1 and (table.crowded[first] < 1).any():
-            # a plan of several stages may have hosts of one machine computing at once: costed as if
-            # it did (exact where every machine holds one host, or every host shares one machine);
-            # one stage has no one beside it
-            alone = _dp(table, groups, busy, np.maximum, 1)
-            crowded = busy / table.crowded[first][:, None, None]
-            value, stages = min(alone, _dp(table, groups, crowded, np.maximum, most), key=lambda found: found[0])
-    else:
-        wall = from_idle(burst, table.burst[first][:, None, None], share)
-        value, stages = _least_latency(table, groups, wall, busy, most)
+    wall, busy = _walls(table, groups)
+    return _result(table, groups, *_least_max(table, groups, wall, busy, most), objective)
+
+
+def _result(table: CostTable, groups: list[list[int]], value: float, stages: list[tuple[int, int, int]],
+            objective: Objective) -> PlanResult:
+    """The plan with each group's stages on its own devices."""
     if not np.isfinite(value):
         raise ShardwiseError(_infeasible(table))
     free = [list(g) for g in groups]
-    return PlanResult(value, [(free[g].pop(0), a, b) for g, a, b in stages], objective)
+    return PlanResult(float(value), [(free[g].pop(0), a, b) for g, a, b in stages], objective)
 
 
-def _least_latency(table: CostTable, groups: list[list[int]], wall: np.ndarray, busy: np.ndarray,
-                   most: int) -> tuple[float, list[tuple[int, int, int]]]:
-    """Least max(sum of stage walls + transfers, the busiest stage's sustained time): one stream's
-    token time where a node under a quota must fit each token's work into its share. The sum is
-    additive, the max is not: the DP minimises the sum under a ceiling on every stage's busy
-    time, and a binary search finds the ceiling where the two terms cross."""
+def _most_tokens(table: CostTable, gain: float) -> PlanResult:
+    """Throughput: the best number k of stages (and of micro-batches in flight), and with a gain
+    the fewest within it. The best is sought the most promising k first (by a bound without a
+    DP), and a k whose lower bound is above the best found is not searched; then the fewest
+    stages within the gain, from one up, the same way."""
+    groups = groups_of_identical(table)
+    counts = range(1, min(table.layers, len(set(table.hosts.tolist()))) + 1)
+    found, bounds = {}, {1: 0.0}
+
+    def search(k: int, above: float) -> None:  # k's best plan, unless its bound is above `above`
+        if bounds.get(k, 0.0) <= above and k not in found:
+            bounds[k] = bounds[k] if k == 1 else _in_flight_bound(table, groups, k, stop=above)
+            if bounds[k] <= above:
+                found[k] = _in_flight(table, groups, k, bounds[k])
+
+    def best() -> float:
+        return min((value for value, _ in found.values()), default=np.inf)
+
+    for k in sorted(counts, key=lambda k: _in_flight_bound(table, groups, k, stop=0.0) if k > 1 else 0.0):
+        search(k, np.nextafter(best(), 0))
+    value = best()
+    for k in counts:
+        search(k, value * gain)
+        if k in found and found[k][0] <= value * gain:
+            break
+    fewest, most = found[k], min(found.values(), key=lambda plan: plan[0])
+    result = _result(table, groups, *fewest, "throughput")
+    return result if fewest[0] == most[0] else replace(result, declined=_result(table, groups, *most, "throughput"))
+
+
+def _walls(table: CostTable, groups: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """[group, l, b]: layers [l, b) there as a step from idle (burst speed while the burst lasts),
+    and when busy all the time (sustained)."""
+    first = [g[0] for g in groups]
+    burst = np.stack([_stage_costs(table, d) for d in first])
+    wall = from_idle(burst, table.burst[first][:, None, None], table.share[first][:, None, None])
+    return wall, np.stack([table.busy(d, costs) for d, costs in zip(first, burst, strict=True)])
+
+
+def _in_flight(table: CostTable, groups: list[list[int]], k: int,
+               floor: float = 0.0) -> tuple[float, list[tuple[int, int, int]]]:
+    """The least cycle of plans of exactly k stages with m = min(k, rows) micro-batches in flight:
+    one micro-batch's way round, or m times the busiest stage or hand-over. With several in
+    flight, stages on hosts of one machine compute at once, crowded (as if they all were: exact
+    where every machine holds one host, or every host shares one machine)."""
+    m = table.in_flight(k)
+    micro = table.micro(m)
+    wall, busy = _walls(micro, groups)
+    if m > 1:
+        busy = busy / micro.crowded[[g[0] for g in groups]][:, None, None]
+    return _least_max(micro, groups, wall, m * busy, k, in_flight=m, exactly=True, floor=floor)
+
+
+def _in_flight_bound(table: CostTable, groups: list[list[int]], k: int, stop: float = np.inf) -> float:
+    """A lower bound on _in_flight's cycle: each layer on its fastest device and k - 1 of the
+    quickest hand-overs (no DP); where that does not settle it, in two DPs, the least way round
+    and the least k times the busiest stage or hand-over, each over every plan of k stages."""
+    m = table.in_flight(k)
+    micro = table.micro(m)
+    crowding = micro.crowded if m > 1 else np.ones(micro.devices)
+    hops = micro.transfer[~np.eye(micro.devices, dtype=bool)]
+    # (m x the busiest stage >= their sum, where m = k; a lower bound of it where m < k)
+    fastest = (micro.compute / (micro.share * crowding)[:, None]).min(0).sum() * m / k
+    cheap = max(micro.compute.min(0).sum() + (k - 1) * hops.min(), fastest)
+    if cheap >= stop:
+        return cheap
+    wall, busy = _walls(micro, groups)
+    busy = busy / crowding[[g[0] for g in groups]][:, None, None]
+    round_trip = _dp(micro, groups, wall, np.add, k, exactly=True)[0]
+    busiest = _dp(replace(micro, transfer=micro.transfer * m), groups, m * busy, np.maximum, k, exactly=True)[0]
+    return max(round_trip, busiest)
+
+
+def _least_max(table: CostTable, groups: list[list[int]], wall: np.ndarray, busy: np.ndarray, most: int,
+               in_flight: int = 0, exactly: bool = False,
+               floor: float = 0.0) -> tuple[float, list[tuple[int, int, int]]]:
+    """Least max(sum of stage walls + transfers, the busiest stage's busy time, in_flight x the
+    longest transfer). One stream (in_flight 0): its token time, where a node under a quota must
+    fit each token's work into its share; micro-batches in flight (on exactly `most` stages): the
+    cycle of them all. The sum is additive, the max is not: the DP minimises the sum under a
+    ceiling on every stage's busy time and transfer, and a binary search finds the ceiling where
+    the two terms cross; floor: a lower bound on the least max."""
+    moves = _group_transfers(table, groups) * in_flight
+    source = next((i for i, g in enumerate(groups) if g[0] == table.source), None)
+
+    def peak(stages: list[tuple[int, int, int]]) -> float:  # the plan's busiest stage or hand-over
+        hops = [moves[u, v] for (u, _, _), (v, _, _) in zip(stages, stages[1:], strict=False)]
+        if table.return_to_source and stages:
+            hops.append(moves[stages[-1][0], source])
+        return max([busy[g, a, b] for g, a, b in stages] + hops + [0.0])
 
     def under(ceiling: float) -> tuple[float, list[tuple[int, int, int]]]:
-        total, stages = _dp(table, groups, np.where(busy <= ceiling, wall, np.inf), np.add, most)
-        return max([total] + [busy[g, a, b] for g, a, b in stages]), stages
+        fast = replace(table, transfer=np.where(table.transfer * in_flight <= ceiling, table.transfer, np.inf))
+        total, stages = _dp(fast, groups, np.where(busy <= ceiling, wall, np.inf), np.add, most, exactly)
+        return max(total, peak(stages)), stages
 
-    if (table.share == 1).all() and not table.task.any():  # (a stage's busy time is its part of the sum)
+    if not in_flight and (table.share == 1).all() and not table.task.any():  # (busy time: its part of the sum)
         return _dp(table, groups, wall, np.add, most)
     value, stages = best = under(np.inf)
-    worst = max((busy[g, a, b] for g, a, b in stages), default=0.0)
+    worst = peak(stages)
     if not np.isfinite(value) or worst < value:  # bound by the sum, which no ceiling lowers
         return best
-    ceilings = np.unique(busy[busy <= worst])
-    lo, hi = 0, len(ceilings) - 1  # the least ceiling the plan under it stays within
+    # (the best plan's busiest part lies between the floor and this plan's value)
+    ceilings = np.unique(np.concatenate([busy[busy <= value], table.transfer[table.transfer * in_flight <= value]
+                                         * in_flight]))
+    if not len(ceilings):
+        return best
+    hi = len(ceilings) - 1  # the least ceiling the plan under it stays within (none below the floor)
+    lo = min(int(np.searchsorted(ceilings, floor)), hi)
+    if under(ceilings[lo])[0] <= ceilings[lo]:  # (often the floor itself)
+        hi = lo
     while lo < hi:
         mid = (lo + hi) // 2
         value = under(ceilings[mid])[0]
@@ -238,9 +340,9 @@ def _least_latency(table: CostTable, groups: list[list[int]], wall: np.ndarray, 
 
 
 def _dp(table: CostTable, groups: list[list[int]], stage: np.ndarray, combine,
-        most: int) -> tuple[float, list[tuple[int, int, int]]]:
-    """The least combined cost of at most `most` contiguous stages over every layer, and its
-    stages as (group, start, end); stage[g, l, b]: layers [l, b) on group g (inf where not
+        most: int, exactly: bool = False) -> tuple[float, list[tuple[int, int, int]]]:
+    """The least combined cost of at most (exactly) `most` contiguous stages over every layer, and
+    its stages as (group, start, end); stage[g, l, b]: layers [l, b) on group g (inf where not
     allowed). inf: no plan."""
     # Devices that share a host hold one stage between them: two stages there would take turns on
     # its compute (the same busy time as one stage holding both ranges, plus a hand-over).
@@ -273,7 +375,8 @@ def _dp(table: CostTable, groups: list[list[int]], stage: np.ndarray, combine,
                 if len(chunk):
                     _extend(best, start_of, prev_of, chunk, chunk + strides[v], v, tr[:, v], bands[v], combine)
 
-    finals = np.where((used <= most)[:, None], best[:, :, n_layers], np.inf)  # (a state's stages: its devices)
+    stages_of = (used == most) if exactly else (used <= most)  # (a state's stages: its devices)
+    finals = np.where(stages_of[:, None], best[:, :, n_layers], np.inf)
     if table.return_to_source:
         source_group = next(i for i, g in enumerate(groups) if g[0] == table.source)
         finals = combine(finals, tr[:, source_group][None, :])

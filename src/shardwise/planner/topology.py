@@ -29,6 +29,7 @@ transfer into each later stage.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +193,7 @@ def layer_memory(spec: ModelSpec, p: Precision, kv_tokens: int) -> np.ndarray:
 def cost_table(spec: ModelSpec, cluster: Cluster, *, batch: int = 1, context: int = 512,
                quant: str | None = None, kv_tokens: int = DEFAULT_KV_TOKENS) -> CostTable:
     """Seconds per layer on each device for one decode step of `batch` sequences at `context`,
-    weights at `quant` (default: each device's own dtype)."""
+    weights at `quant` (default: each device's own dtype); split m ways, one micro-batch's."""
     work = Work.decode(batch, context)
     n = spec.num_layers
     compute = np.zeros((len(cluster.devices), n))
@@ -223,7 +224,9 @@ def cost_table(spec: ModelSpec, cluster: Cluster, *, batch: int = 1, context: in
                      transfer, None if cluster.source is None else cluster.index(cluster.source),
                      cluster.return_to_source, cluster.hosts(), [d.spec.sustained_share for d in cluster.devices],
                      [np.inf if d.spec.burst_s is None else d.spec.burst_s for d in cluster.devices],
-                     [d.spec.task_cpu_s for d in cluster.devices], *cluster.machines())
+                     [d.spec.task_cpu_s for d in cluster.devices], *cluster.machines(), batch,
+                     cache(lambda k: cost_table(spec, cluster, batch=-(-batch // k), context=context, quant=quant,
+                                                kv_tokens=kv_tokens)))
 
 
 def precision(device: DeviceSpec, quant: str | None) -> Precision:
@@ -328,10 +331,20 @@ def stage_estimates(cluster: Cluster, table: CostTable, stages: list[tuple[int, 
     return rows
 
 
-def plan_cluster(spec: ModelSpec, cluster: Cluster, objective: str = "latency", *, batch: int = 1,
+def planning_batch(objective: str, batch: int | None = None) -> int:
+    """The sequences decoding at once a plan is costed for: as asked, else one stream for latency
+    and a server's full running batch for throughput (split into micro-batches by the plan)."""
+    from shardwise.config import EngineConfig
+
+    return batch if batch is not None else EngineConfig.max_num_seqs if objective == "throughput" else 1
+
+
+def plan_cluster(spec: ModelSpec, cluster: Cluster, objective: str = "latency", *, batch: int | None = None,
                  context: int = 512, quant: str | None = None,
                  kv_tokens: int = DEFAULT_KV_TOKENS) -> tuple[Plan, dict[str, Any]]:
-    """The DP's plan, and a summary with its stages and the baselines' values under the same costs."""
+    """The DP's plan, and a summary with its stages and the baselines' values under the same costs
+    (batch: planning_batch's default)."""
+    batch = planning_batch(objective, batch)
     from shardwise.planner import baselines
     from shardwise.planner.partition import STAGE_GAIN, solve
 

@@ -41,16 +41,17 @@ class PlanQuery(BaseModel):
     model: str
     cluster: str | dict[str, Any]
     objective: str = "latency"
-    batch: int = 1
+    batch: int | None = None  # (planning_batch's default)
     context: int = 512
     kv_tokens: int = 16384
     quant: str | None = None
 
     def run(self) -> dict[str, Any]:
         from shardwise.model.catalog import load_spec
-        from shardwise.planner.topology import Cluster, plan_cluster
+        from shardwise.planner.topology import Cluster, plan_cluster, planning_batch
 
-        if min(self.batch, self.context, self.kv_tokens) < 1:
+        batch = planning_batch(self.objective, self.batch)
+        if min(batch, self.context, self.kv_tokens) < 1:
             raise ShardwiseError("batch, context and kv_tokens must each be at least 1")
         try:
             data = yaml.safe_load(self.cluster) if isinstance(self.cluster, str) else self.cluster
@@ -58,7 +59,7 @@ class PlanQuery(BaseModel):
             raise ShardwiseError(f"the cluster is not valid YAML ({e})") from None
         # base=None: catalog devices only, never a file named by the form
         cluster = Cluster.from_dict(data, base=None)
-        _, summary = plan_cluster(load_spec(self.model), cluster, self.objective, batch=self.batch,
+        _, summary = plan_cluster(load_spec(self.model), cluster, self.objective, batch=batch,
                                   context=self.context, quant=self.quant, kv_tokens=self.kv_tokens)
         return summary
 
