@@ -236,6 +236,7 @@ def three_stages(tmp_path: Path, fast: str, slow: str) -> Path:
     return plan
 
 
+@pytest.mark.slow  # (~95 s: CI's time)
 def test_nodes_without_the_model_fetch_their_layers_and_all_traffic_is_encrypted(lab, profiled, tmp_path):
     """A 3-stage plan over the lab's two nodes, neither of which can see the host's cache (where
     the model is) and whose own caches start empty: each node fetches the pieces of its layers
