@@ -307,7 +307,8 @@ def with_group(spec: ModelSpec, cluster: Cluster, table: CostTable, group: Tenso
         [*table.hosts[keep], table.hosts[lead]], [*table.share[keep], min(table.share[list(group.members)])],
         [*table.burst[keep], min(table.burst[list(group.members)])],
         [*table.task[keep], max(table.task[list(group.members)])],
-        [*table.machines[keep], table.machines[lead]], [*table.crowded[keep], min(table.crowded[list(group.members)])])
+        [*table.machines[keep], table.machines[lead]], [*table.crowded[keep], min(table.crowded[list(group.members)])],
+        table.rows)  # (its micro-batches: the same sequences, split evenly)
 
 
 def stage_estimates(cluster: Cluster, table: CostTable, stages: list[tuple[int, int, int]],
