@@ -74,7 +74,7 @@ def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = Non
         from shardwise.planner.topology import Cluster, plan_cluster, planning_batch
 
         c, chosen, where = llm.config, plan, cluster
-        batch = planning_batch(objective, c.max_num_seqs if objective == "throughput" else None)
+        batch = planning_batch(objective, running=c.max_num_seqs)
         if where is not None:
             where = Cluster.load(where) if isinstance(where, str | Path) else where
             if chosen is None:

@@ -13,9 +13,9 @@ range, so each device's capacity is checked once, against exactly its layers.
 Latency  = sum of stage compute + transfers between stages (+ the return to the source), or
 the busiest stage's sustained time where a device keeps up only a share of its burst speed
 (a CPU quota), whichever is larger: a threshold search on the latter around the additive DP.
-Throughput: a plan of k stages (each on a node of its own) splits a step's batch into k
-micro-batches in flight, one per node, and takes the larger of one micro-batch's way round
-(its stages' walls and hand-overs, at its rows) and k times the busiest stage (sustained, and
+Throughput: a plan of k stages (each on a node of its own) splits a step's batch into
+m = min(k, rows) micro-batches in flight, and takes the larger of one micro-batch's way round
+(its stages' walls and hand-overs, at its rows) and m times the busiest stage (sustained, and
 crowded: hosts that share a machine compute at once, at the share of their speed they keep
 then) or hand-over: the same threshold search, for each k.
 Devices that share a host (CPU devices of one node) hold at most one stage between them.

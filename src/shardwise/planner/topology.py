@@ -332,12 +332,15 @@ def stage_estimates(cluster: Cluster, table: CostTable, stages: list[tuple[int, 
     return rows
 
 
-def planning_batch(objective: str, batch: int | None = None) -> int:
+def planning_batch(objective: str, batch: int | None = None, running: int | None = None) -> int:
     """The sequences decoding at once a plan is costed for: as asked, else one stream for latency
-    and a server's full running batch for throughput (split into micro-batches by the plan)."""
+    and a server's full running batch for throughput (`running`, default max_num_seqs; split into
+    micro-batches by the plan)."""
     from shardwise.config import EngineConfig
 
-    return batch if batch is not None else EngineConfig.max_num_seqs if objective == "throughput" else 1
+    if batch is not None:
+        return batch
+    return (running or EngineConfig.max_num_seqs) if objective == "throughput" else 1
 
 
 def plan_cluster(spec: ModelSpec, cluster: Cluster, objective: str = "latency", *, batch: int | None = None,
@@ -345,9 +348,10 @@ def plan_cluster(spec: ModelSpec, cluster: Cluster, objective: str = "latency", 
                  kv_tokens: int = DEFAULT_KV_TOKENS) -> tuple[Plan, dict[str, Any]]:
     """The DP's plan, and a summary with its stages and the baselines' values under the same costs
     (batch: planning_batch's default)."""
-    batch = planning_batch(objective, batch)
     from shardwise.planner import baselines
     from shardwise.planner.partition import STAGE_GAIN, solve
+
+    batch = planning_batch(objective, batch)
 
     table = cost_table(spec, cluster, batch=batch, context=context, quant=quant, kv_tokens=kv_tokens)
     result = solve(table, objective, STAGE_GAIN)
