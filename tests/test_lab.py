@@ -154,10 +154,10 @@ def profiled(lab, tmp_path_factory) -> Path:
 def test_the_profile_sees_the_quota_and_the_plan_gives_the_fast_node_the_larger_part(lab, profiled):
     """profile --address measures the machine's speed in bursts and the share of it each node keeps
     up when busy (the half-core node: about half, its burst about half of a 100 ms CFS period) and
-    writes a cluster file; the throughput plan over it uses both nodes and gives the fast node,
-    which keeps up twice the speed, about twice the work. (Not the latency plan: these nodes
-    share one machine's cores, so in bursts the slow node is as fast, and whether a split pays
-    its 10 % rests on the hand-over and the nodes' call costs: a toss-up here.)"""
+    writes a cluster file; the throughput plan over it gives the fast node, which keeps up twice the
+    speed, the larger part: all of it, or about twice the slow node's work. (Whether a split pays at
+    all rests on what the nodes keep of their speed while both compute on this one machine, and on
+    each micro-batch reading the weights again: measured, not known here.)"""
     profile = json.loads(profiled.read_text())
     devices = {d["name"]: d for d in profile["devices"]}
     assert set(devices) == {"fast", "slow"}  # (the head coordinates: it offers no CPU, so it is not profiled)
@@ -186,11 +186,12 @@ def test_the_profile_sees_the_quota_and_the_plan_gives_the_fast_node_the_larger_
     planned = cli("plan", "--model", "smollm2-135m", "--cluster", str(cluster), "--objective", "throughput",
                   "--json")
     assert planned.returncode == 0, planned.stderr
-    # (work at burst speed: the busy times balance, and the slow node's is its work over its share)
-    work = {s["node"]: s["compute_s"] for s in json.loads(planned.stdout)["stages"]}
-    assert set(work) == {"10.213.0.10", "10.213.0.11"}, planned.stdout
-    assert 1.4 < work["10.213.0.10"] / work["10.213.0.11"] < 3.5, planned.stdout
-    # (the next test serves a plan made from this cluster file on the lab's nodes)
+    plan = json.loads(planned.stdout)
+    work = {s["node"]: s["compute_s"] for s in plan["stages"]}
+    assert "10.213.0.10" in work, planned.stdout
+    if "10.213.0.11" in work:  # (work at burst speed: the busy times balance, the slow node's its work over its share)
+        assert 1.4 < work["10.213.0.10"] / work["10.213.0.11"] < 3.5, planned.stdout
+    assert all(plan["dp"]["value"] <= b["value"] * (1 + 1e-9) for b in plan["baselines"].values()), planned.stdout
 
 
 class Capture:
