@@ -29,7 +29,6 @@ O(prod(n_g + 1) * G * L).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -222,24 +221,29 @@ def _result(table: CostTable, groups: list[list[int]], value: float, stages: lis
 
 def _most_tokens(table: CostTable, gain: float) -> PlanResult:
     """Throughput: the best number k of stages (and of micro-batches in flight), and with a gain
-    the fewest within it. The best is sought the most promising k first (by a bound without a
-    DP), and a k whose lower bound is above the best found is not searched; then the fewest
-    stages within the gain, from one up, the same way."""
+    the fewest within it. The best is sought the most promising k first (by a lower bound), and a
+    k whose bound is above the best found is not searched; then the fewest stages within the
+    gain, from one up, the same way."""
     groups = groups_of_identical(table)
     counts = range(1, min(table.layers, len(set(table.hosts.tolist()))) + 1)
-    found, bounds = {}, {1: 0.0}
+    bounds = {k: _in_flight_bound(table, groups, k) for k in counts}
+    found = {}
 
-    def search(k: int, above: float) -> None:  # k's best plan, unless its bound is above `above`
-        if bounds.get(k, 0.0) <= above and k not in found:
-            bounds[k] = bounds[k] if k == 1 else _in_flight_bound(table, groups, k, stop=above)
-            if bounds[k] <= above:
-                found[k] = _in_flight(table, groups, k, bounds[k])
+    def search(k: int, above: float) -> None:  # k's best plan, unless it is above `above`
+        if bounds[k] <= above and k not in found:
+            plan = _in_flight(table, groups, k, bounds[k], cap=above)
+            if np.isfinite(plan[0]):
+                found[k] = plan
+            else:  # (none of k stages within `above`: that is a bound on them)
+                bounds[k] = above
 
     def best() -> float:
         return min((value for value, _ in found.values()), default=np.inf)
 
-    for k in sorted(counts, key=lambda k: _in_flight_bound(table, groups, k, stop=0.0) if k > 1 else 0.0):
+    for k in sorted(counts, key=bounds.get):
         search(k, np.nextafter(best(), 0))
+    if not found:
+        raise ShardwiseError(_infeasible(table))
     value = best()
     for k in counts:
         search(k, value * gain)
@@ -259,49 +263,59 @@ def _walls(table: CostTable, groups: list[list[int]]) -> tuple[np.ndarray, np.nd
     return wall, np.stack([table.busy(d, costs) for d, costs in zip(first, burst, strict=True)])
 
 
-def _in_flight(table: CostTable, groups: list[list[int]], k: int,
-               floor: float = 0.0) -> tuple[float, list[tuple[int, int, int]]]:
+def _in_flight(table: CostTable, groups: list[list[int]], k: int, floor: float = 0.0,
+               cap: float = np.inf) -> tuple[float, list[tuple[int, int, int]]]:
     """The least cycle of plans of exactly k stages with m = min(k, rows) micro-batches in flight:
     one micro-batch's way round, or m times the busiest stage or hand-over. With several in
     flight, stages on hosts of one machine compute at once, crowded (as if they all were: exact
-    where every machine holds one host, or every host shares one machine)."""
+    where every machine holds one host, or every host shares one machine). inf: none within cap."""
     m = table.in_flight(k)
     micro = table.micro(m)
     wall, busy = _walls(micro, groups)
     if m > 1:
         busy = busy / micro.crowded[[g[0] for g in groups]][:, None, None]
-    return _least_max(micro, groups, wall, m * busy, k, in_flight=m, exactly=True, floor=floor)
+    return _least_max(micro, groups, wall, m * busy, k, in_flight=m, exactly=True, floor=floor, cap=cap)
 
 
-def _in_flight_bound(table: CostTable, groups: list[list[int]], k: int, stop: float = np.inf) -> float:
-    """A lower bound on _in_flight's cycle: each layer on its fastest device and k - 1 of the
-    quickest hand-overs (no DP); where that does not settle it, in two DPs, the least way round
-    and the least k times the busiest stage or hand-over, each over every plan of k stages."""
+def _in_flight_bound(table: CostTable, groups: list[list[int]], k: int) -> float:
+    """A lower bound on _in_flight's cycle: the least way round, and the least m times the busiest
+    stage or hand-over, each over plans of k stages on which a device may hold any number of
+    them (_relaxed: no used set, so no DP over the sets of devices)."""
     m = table.in_flight(k)
     micro = table.micro(m)
-    crowding = micro.crowded if m > 1 else np.ones(micro.devices)
-    hops = micro.transfer[~np.eye(micro.devices, dtype=bool)]
-    # (m x the busiest stage >= their sum, where m = k; a lower bound of it where m < k)
-    fastest = (micro.compute / (micro.share * crowding)[:, None]).min(0).sum() * m / k
-    cheap = max(micro.compute.min(0).sum() + (k - 1) * hops.min(), fastest)
-    if cheap >= stop:
-        return cheap
     wall, busy = _walls(micro, groups)
-    busy = busy / crowding[[g[0] for g in groups]][:, None, None]
-    round_trip = _dp(micro, groups, wall, np.add, k, exactly=True)[0]
-    busiest = _dp(replace(micro, transfer=micro.transfer * m), groups, m * busy, np.maximum, k, exactly=True)[0]
+    if m > 1:
+        busy = busy / micro.crowded[[g[0] for g in groups]][:, None, None]
+    round_trip = _relaxed(micro, groups, wall, np.add, k)
+    busiest = _relaxed(replace(micro, transfer=micro.transfer * m), groups, m * busy, np.maximum, k)
     return max(round_trip, busiest)
 
 
+def _relaxed(table: CostTable, groups: list[list[int]], stage: np.ndarray, combine, k: int) -> float:
+    """A lower bound on _dp(..., k, exactly=True): the least combined cost of exactly k stages,
+    where a group may hold any number of them. stage[g, l, b] as in _dp."""
+    tr = _group_transfers(table, groups)
+    starts = np.array([table.source is None or g[0] == table.source for g in groups])
+    reach = np.where(starts[:, None], stage[:, 0, :], np.inf)  # [g, b]: layers [0, b), the last stage on g
+    for _ in range(k - 1):
+        into = combine(reach[:, None, :], tr[:, :, None]).min(0)  # [g, l]: handed over to g after l layers
+        reach = combine(into[:, :, None], stage).min(1)
+    ends = reach[:, -1]
+    if table.return_to_source:
+        ends = combine(ends, tr[:, next(i for i, g in enumerate(groups) if g[0] == table.source)])
+    return float(ends.min())
+
+
 def _least_max(table: CostTable, groups: list[list[int]], wall: np.ndarray, busy: np.ndarray, most: int,
-               in_flight: int = 0, exactly: bool = False,
-               floor: float = 0.0) -> tuple[float, list[tuple[int, int, int]]]:
+               in_flight: int = 0, exactly: bool = False, floor: float = 0.0,
+               cap: float = np.inf) -> tuple[float, list[tuple[int, int, int]]]:
     """Least max(sum of stage walls + transfers, the busiest stage's busy time, in_flight x the
     longest transfer). One stream (in_flight 0): its token time, where a node under a quota must
     fit each token's work into its share; micro-batches in flight (on exactly `most` stages): the
     cycle of them all. The sum is additive, the max is not: the DP minimises the sum under a
     ceiling on every stage's busy time and transfer, and a binary search finds the ceiling where
-    the two terms cross; floor: a lower bound on the least max."""
+    the two terms cross; floor: a lower bound on the least max; cap: the most it may be (inf where
+    it is more)."""
     moves = _group_transfers(table, groups) * in_flight
     source = next((i for i, g in enumerate(groups) if g[0] == table.source), None)
 
@@ -311,14 +325,14 @@ def _least_max(table: CostTable, groups: list[list[int]], wall: np.ndarray, busy
             hops.append(moves[stages[-1][0], source])
         return max([busy[g, a, b] for g, a, b in stages] + hops + [0.0])
 
-    def under(ceiling: float) -> tuple[float, list[tuple[int, int, int]]]:
+    def under(ceiling: float, cap: float) -> tuple[float, list[tuple[int, int, int]]]:
         fast = replace(table, transfer=np.where(table.transfer * in_flight <= ceiling, table.transfer, np.inf))
-        total, stages = _dp(fast, groups, np.where(busy <= ceiling, wall, np.inf), np.add, most, exactly)
+        total, stages = _dp(fast, groups, np.where(busy <= ceiling, wall, np.inf), np.add, most, exactly, cap)
         return max(total, peak(stages)), stages
 
     if not in_flight and (table.share == 1).all() and not table.task.any():  # (busy time: its part of the sum)
-        return _dp(table, groups, wall, np.add, most)
-    value, stages = best = under(np.inf)
+        return _dp(table, groups, wall, np.add, most, cap=cap)
+    value, stages = best = under(np.inf, cap)
     worst = peak(stages)
     if not np.isfinite(value) or worst < value:  # bound by the sum, which no ceiling lowers
         return best
@@ -329,21 +343,23 @@ def _least_max(table: CostTable, groups: list[list[int]], wall: np.ndarray, busy
         return best
     hi = len(ceilings) - 1  # the least ceiling the plan under it stays within (none below the floor)
     lo = min(int(np.searchsorted(ceilings, floor)), hi)
-    if under(ceilings[lo])[0] <= ceilings[lo]:  # (often the floor itself)
+    # (whether a plan is within a ceiling: any that is not is cut off as soon as its sum passes it)
+    if under(ceilings[lo], ceilings[lo])[0] <= ceilings[lo]:  # (often the floor itself)
         hi = lo
     while lo < hi:
         mid = (lo + hi) // 2
-        value = under(ceilings[mid])[0]
+        value = under(ceilings[mid], ceilings[mid])[0]
         lo, hi = (lo, mid) if value <= ceilings[mid] else (mid + 1, hi)
-    candidates = [under(ceilings[lo])] + ([under(ceilings[lo - 1])] if lo else [])
-    return min(candidates + [best], key=lambda c: c[0])
+    within = min(under(ceilings[lo], ceilings[lo]), best, key=lambda c: c[0])
+    return min(within, under(ceilings[lo - 1], within[0]) if lo else within, key=lambda c: c[0])
 
 
-def _dp(table: CostTable, groups: list[list[int]], stage: np.ndarray, combine,
-        most: int, exactly: bool = False) -> tuple[float, list[tuple[int, int, int]]]:
+def _dp(table: CostTable, groups: list[list[int]], stage: np.ndarray, combine, most: int,
+        exactly: bool = False, cap: float = np.inf) -> tuple[float, list[tuple[int, int, int]]]:
     """The least combined cost of at most (exactly) `most` contiguous stages over every layer, and
     its stages as (group, start, end); stage[g, l, b]: layers [l, b) on group g (inf where not
-    allowed). inf: no plan."""
+    allowed). inf: no plan, or none within cap (costs only grow as stages are added, so a partial
+    plan past it is dropped, and a used set left with none is not extended)."""
     # Devices that share a host hold one stage between them: two stages there would take turns on
     # its compute (the same busy time as one stage holding both ranges, plus a hand-over).
     host_of = [int(table.hosts[g[0]]) for g in groups]
@@ -352,20 +368,27 @@ def _dp(table: CostTable, groups: list[list[int]], stage: np.ndarray, combine,
     tr = _group_transfers(table, groups)
     bands = [_band(costs) for costs in stage]
 
-    # used-set states: a count per group, numbered in mixed radix
+    # used-set states: a count per group, numbered in mixed radix; only those of at most `most` stages
+    # are kept (at `at`: the position of each number among them)
     radix = sizes + 1
     strides = np.concatenate([[1], np.cumprod(radix)[:-1]])
-    counts = np.array(list(itertools.product(*[range(r) for r in radix[::-1]])), dtype=int)[:, ::-1]
+    counts = np.indices(radix[::-1]).reshape(n_groups, -1).T[:, ::-1]
+    number = np.flatnonzero(counts.sum(1) <= most)
+    at = np.full(len(counts), -1)
+    at[number] = np.arange(len(number))
+    counts = counts[number]
     used = counts.sum(1)
     best = np.full((len(counts), n_groups, n_layers + 1), np.inf)  # (used set, last group, layers covered)
     start_of = np.zeros(best.shape, dtype=np.int32)  # where the last stage starts
     prev_of = np.zeros(best.shape, dtype=np.int32)  # the group of the stage before it
     for g in range(n_groups):  # the first stage starts at layer 0, on the source if there is one
         if table.source is None or groups[g][0] == table.source:
-            best[strides[g], g] = stage[g, 0]
+            best[at[strides[g]], g] = stage[g, 0]
 
     for k in range(1, min(int(used.max()), n_layers, most)):  # a stage holds at least one layer
         level = np.flatnonzero(used == k)
+        best[level] = np.where(best[level] <= cap, best[level], np.inf)
+        level = level[np.isfinite(best[level]).any((1, 2))]
         for v in range(n_groups):
             movable = level[counts[level, v] < sizes[v]]
             neighbours = [u for u in range(n_groups) if u != v and host_of[u] == host_of[v]]
@@ -373,13 +396,15 @@ def _dp(table: CostTable, groups: list[list[int]], stage: np.ndarray, combine,
                 movable = movable[counts[movable][:, neighbours].sum(1) == 0]
             for chunk in np.array_split(movable, len(movable) // CHUNK + 1):
                 if len(chunk):
-                    _extend(best, start_of, prev_of, chunk, chunk + strides[v], v, tr[:, v], bands[v], combine)
+                    _extend(best, start_of, prev_of, chunk, at[number[chunk] + strides[v]], v, tr[:, v], bands[v],
+                            combine)
 
     stages_of = (used == most) if exactly else (used <= most)  # (a state's stages: its devices)
     finals = np.where(stages_of[:, None], best[:, :, n_layers], np.inf)
     if table.return_to_source:
         source_group = next(i for i, g in enumerate(groups) if g[0] == table.source)
         finals = combine(finals, tr[:, source_group][None, :])
+    finals[finals > cap] = np.inf
     if not np.isfinite(finals).any():
         return np.inf, []
     state, last = (int(x) for x in np.unravel_index(np.argmin(finals), finals.shape))
@@ -390,7 +415,7 @@ def _dp(table: CostTable, groups: list[list[int]], stage: np.ndarray, combine,
         stages.append((last, a, b))
         if a == 0:
             break
-        state, last, b = state - strides[last], int(prev_of[state, last, b]), a
+        state, last, b = at[number[state] - strides[last]], int(prev_of[state, last, b]), a
     return float(finals.min()), stages[::-1]
 
 
