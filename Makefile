@@ -32,7 +32,7 @@ browser:
 TESTS ?= not slow
 test: setup browser
 	$(BIN)/ruff check src tests benchmarks
-	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q --durations=15 -m "$(TESTS)"
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q --durations=30 -m "$(TESTS)"
 
 test-all: TESTS = slow or not slow
 test-all: test

@@ -47,6 +47,7 @@ def leftovers() -> list[str]:
                                                       text=True).stdout.split() if n.startswith("swlab")]
     if subprocess.run(["ip", "link", "show", host.BRIDGE], capture_output=True).returncode == 0:
         found.append(f"bridge {host.BRIDGE}")
+    found += [f"name server settings {p}" for p in host.NETNS_ETC.glob("swlab-*")]
     found += [f"cgroup {c}" for c in ("cpu", "memory") if (host.CGROUPS / c / host.GROUP).exists()]
     found += [f"mount {line}" for line in Path("/proc/mounts").read_text().splitlines() if "shardwise-lab" in line]
     found += [str(p) for p in (NODE_CACHES, cache_dir() / "clusters" / f"{host.SUBNET}.1_6390") if p.exists()]
@@ -64,6 +65,7 @@ def test_down_sweeps_what_an_up_killed_midway_left_without_its_state():
     if STATE.exists():
         pytest.skip("a lab is up")
     subprocess.run(["ip", "netns", "add", "swlab-ghost"], check=True)
+    (host.NETNS_ETC / "swlab-spirit").mkdir(parents=True)
     (host.CGROUPS / "cpu" / host.GROUP / "ghost").mkdir(parents=True)
     result = cli("lab", "down")
     assert result.returncode == 0 and "is down" in result.stdout, result.stderr

@@ -18,6 +18,7 @@ SUBNET = "10.213.0"  # the head at .1, node i at .(10 + i)
 CGROUPS = Path("/sys/fs/cgroup")
 GROUP = "shardwise-lab"
 CFS_PERIOD_US = 100_000
+NETNS_ETC = Path("/etc/netns")  # `ip netns exec NAME` mounts the files of NAME's folder here over /etc's
 
 
 class LabUnavailable(ShardwiseError):
@@ -75,6 +76,7 @@ def add_namespace(namespace: str, veth: str, ip: str, rate_mbit: float, delay_ms
     """The namespace, its end of a veth pair (eth0, ip) and the host's end in the bridge, shaped
     to rate_mbit (and delayed by delay_ms) in both directions."""
     run("ip", "netns", "add", namespace)
+    _no_name_server(namespace)
     run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", namespace)
     run("ip", "link", "set", veth, "master", BRIDGE, "up")
     run("ip", "addr", "add", f"{ip}/24", "dev", "eth0", namespace=namespace)
@@ -83,6 +85,15 @@ def add_namespace(namespace: str, veth: str, ip: str, rate_mbit: float, delay_ms
     run("ip", "route", "add", "default", "via", f"{SUBNET}.1", namespace=namespace)
     for device, inside in ((veth, None), ("eth0", namespace)):  # into the node, and out of it
         shape(device, rate_mbit, delay_ms, inside)
+
+
+def _no_name_server(namespace: str) -> None:
+    """No name server is reachable from a node: its lookups fail at once. (With the host's, each
+    new process that opened a TCP store waited 10 s: the machine's name is in /etc/hosts for IPv4
+    only, and its IPv6 lookup went on to a server the node cannot reach.)"""
+    folder = NETNS_ETC / namespace
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
 
 
 def shape(device: str, rate_mbit: float, delay_ms: float, namespace: str | None) -> None:
@@ -105,6 +116,9 @@ def remove_namespace(namespace: str) -> None:
     pids = run("ip", "netns", "pids", namespace, check=False).stdout.split()
     stop([int(p) for p in pids])
     run("ip", "netns", "delete", namespace, check=False)
+    shutil.rmtree(NETNS_ETC / namespace, ignore_errors=True)
+    if NETNS_ETC.is_dir() and not any(NETNS_ETC.iterdir()):  # (iproute2's folder, left empty: made for the lab)
+        NETNS_ETC.rmdir()
 
 
 # --- a node's cgroup -------------------------------------------------------------------------

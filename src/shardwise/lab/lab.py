@@ -197,6 +197,7 @@ def down(state: LabState | None = None) -> LabState | None:
 def _leftovers() -> LabState | None:
     """What a lab whose state was lost left behind: its bridge, namespaces and cgroups, by name."""
     namespaces = [n for n in host.run("ip", "netns", "list", check=False).stdout.split() if n.startswith("swlab-")]
+    namespaces += [p.name for p in host.NETNS_ETC.glob("swlab-*")]
     groups = {p.name for c in ("cpu", "memory") if (host.CGROUPS / c / host.GROUP).is_dir()
               for p in (host.CGROUPS / c / host.GROUP).iterdir() if p.is_dir()}
     names = {n.removeprefix("swlab-") for n in namespaces} | (groups - {"head"})
