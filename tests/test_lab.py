@@ -448,12 +448,15 @@ def test_a_node_that_joins_is_measured_offered_and_moved_onto_with_the_running_r
     """The fast node is a Ray node outside the server's cluster file, so the server takes it for
     one that joined: measures it in place (it shares the slow node's machine: only the share of
     its speed it keeps up) and its link, offers it to the planner, and moves onto the new plan
-    (it pays: about three times the throughput) with the running requests' KV. Every request
-    ends with the text it has on the new plan undisturbed; nothing is replayed."""
+    (it pays: the fast node keeps up twice the slow one's speed; whether the slow node keeps a
+    part rests on what the two keep of their speed computing at once on this machine's cores)
+    with the running requests' KV. Every request ends with the text it has on the new plan
+    undisturbed; nothing is replayed."""
     import httpx
 
     url = lab_server
-    assert len({s["node"] for s in httpx.get(f"{url}/health").json()["stages"]}) == 1  # the slow node's
+    before = {s["node"] for s in httpx.get(f"{url}/health").json()["stages"]}
+    assert len(before) == 1  # the slow node's
 
     def moved_under_load() -> bool:
         return any(e["kind"] == "re-planned" and not e["message"].startswith("0 ") for e in events(url))
@@ -466,16 +469,16 @@ def test_a_node_that_joins_is_measured_offered_and_moved_onto_with_the_running_r
     assert "node joined" in kinds and moved_under_load(), events(url)
     assert "node fast joined: re-planning" in next(e["message"] for e in events(url) if e["kind"] == "re-plan")
     assert stream_all(url, 128) == during  # the move changed no token
-    assert len({s["node"] for s in httpx.get(f"{url}/health").json()["stages"]}) == 2  # both nodes run stages
+    assert {s["node"] for s in httpx.get(f"{url}/health").json()["stages"]} - before  # the joined node runs a stage
     assert metric(url, "replayed_tokens_total") == 0 and metric(url, "replans_total") == 1
 
 
 @pytest.mark.slow
 def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(lab_server):
-    """The closed loop: 8 greedy streams (one request's prompts) run on the plan over both nodes
-    (after the join, most layers on the fast node); another tenant takes four fifths of the fast
-    node's core (its quota cut to a fifth: a quota slows only a node busier than it allows, and
-    the plan may leave the fast node idle much of the time) mid-run. The stages' measured times
+    """The closed loop: 8 greedy streams (one request's prompts) run on the plan the join gave
+    (all or most layers on the fast node); another tenant takes four fifths of the fast node's
+    core (its quota cut to a fifth: a quota slows only a node busier than it allows, and the
+    plan may leave the fast node idle much of the time) mid-run. The stages' measured times
     leave the predicted, the pipeline re-plans (layers move to the now faster node, the
     sequences' KV with them; in the next run's first step if the new stages were still loading
     when the run ended), and every stream runs to its end with the undisturbed text.
@@ -486,7 +489,7 @@ def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(
 
     url, tokens = lab_server, 64
     replans, seen = metric(url, "replans_total"), len(events(url))
-    before = [s["layers"] for s in httpx.get(f"{url}/health").json()["stages"]]
+    before = [(s["node"], s["layers"]) for s in httpx.get(f"{url}/health").json()["stages"]]
     for _ in range(3):  # until the watch has calibrated (once the spare stages that start beside it are up)
         undisturbed = stream_all(url, tokens)
         if any(e["kind"] == "recalibrated" for e in events(url)):
@@ -503,7 +506,7 @@ def test_a_node_slowed_while_serving_is_planned_around_without_changing_a_token(
     assert metric(url, "stage_failures_total") == 0 and metric(url, "replayed_tokens_total") == 0
     assert 'source="predicted"' in metrics and 'source="measured"' in metrics
     if moved == 1:  # (a second re-plan may move the layers back: see the docstring)
-        assert [s["layers"] for s in httpx.get(f"{url}/health").json()["stages"]] != before
+        assert [(s["node"], s["layers"]) for s in httpx.get(f"{url}/health").json()["stages"]] != before
     moves = [e["kind"] for e in events(url)[seen:] if e["kind"].startswith("re-plan")]
     assert moves == ["re-plan", "re-planned"] * int(moved)
     state = httpx.get(f"{url}/v1/dashboard/state").json()
