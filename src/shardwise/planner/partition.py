@@ -269,25 +269,29 @@ def _in_flight(table: CostTable, groups: list[list[int]], k: int, floor: float =
     one micro-batch's way round, or m times the busiest stage or hand-over. With several in
     flight, stages on hosts of one machine compute at once, crowded (as if they all were: exact
     where every machine holds one host, or every host shares one machine). inf: none within cap."""
+    m, micro, wall, busy = _in_flight_costs(table, groups, k)
+    return _least_max(micro, groups, wall, busy, k, in_flight=m, exactly=True, floor=floor, cap=cap)
+
+
+def _in_flight_costs(table: CostTable, groups: list[list[int]],
+                     k: int) -> tuple[int, CostTable, np.ndarray, np.ndarray]:
+    """For plans of k stages: the micro-batches in flight m, the table of one, and [group, l, b]
+    its walls and m times its busy times (crowded where several are in flight)."""
     m = table.in_flight(k)
     micro = table.micro(m)
     wall, busy = _walls(micro, groups)
     if m > 1:
         busy = busy / micro.crowded[[g[0] for g in groups]][:, None, None]
-    return _least_max(micro, groups, wall, m * busy, k, in_flight=m, exactly=True, floor=floor, cap=cap)
+    return m, micro, wall, m * busy
 
 
 def _in_flight_bound(table: CostTable, groups: list[list[int]], k: int) -> float:
     """A lower bound on _in_flight's cycle: the least way round, and the least m times the busiest
     stage or hand-over, each over plans of k stages on which a device may hold any number of
     them (_relaxed: no used set, so no DP over the sets of devices)."""
-    m = table.in_flight(k)
-    micro = table.micro(m)
-    wall, busy = _walls(micro, groups)
-    if m > 1:
-        busy = busy / micro.crowded[[g[0] for g in groups]][:, None, None]
+    m, micro, wall, busy = _in_flight_costs(table, groups, k)
     round_trip = _relaxed(micro, groups, wall, np.add, k)
-    busiest = _relaxed(replace(micro, transfer=micro.transfer * m), groups, m * busy, np.maximum, k)
+    busiest = _relaxed(replace(micro, transfer=micro.transfer * m), groups, busy, np.maximum, k)
     return max(round_trip, busiest)
 
 
@@ -302,7 +306,7 @@ def _relaxed(table: CostTable, groups: list[list[int]], stage: np.ndarray, combi
         reach = combine(into[:, :, None], stage).min(1)
     ends = reach[:, -1]
     if table.return_to_source:
-        ends = combine(ends, tr[:, next(i for i, g in enumerate(groups) if g[0] == table.source)])
+        ends = combine(ends, tr[:, _source_group(table, groups)])
     return float(ends.min())
 
 
@@ -317,7 +321,7 @@ def _least_max(table: CostTable, groups: list[list[int]], wall: np.ndarray, busy
     the two terms cross; floor: a lower bound on the least max; cap: the most it may be (inf where
     it is more)."""
     moves = _group_transfers(table, groups) * in_flight
-    source = next((i for i, g in enumerate(groups) if g[0] == table.source), None)
+    source = _source_group(table, groups)
 
     def peak(stages: list[tuple[int, int, int]]) -> float:  # the plan's busiest stage or hand-over
         hops = [moves[u, v] for (u, _, _), (v, _, _) in zip(stages, stages[1:], strict=False)]
@@ -402,8 +406,7 @@ def _dp(table: CostTable, groups: list[list[int]], stage: np.ndarray, combine, m
     stages_of = (used == most) if exactly else (used <= most)  # (a state's stages: its devices)
     finals = np.where(stages_of[:, None], best[:, :, n_layers], np.inf)
     if table.return_to_source:
-        source_group = next(i for i, g in enumerate(groups) if g[0] == table.source)
-        finals = combine(finals, tr[:, source_group][None, :])
+        finals = combine(finals, tr[:, _source_group(table, groups)][None, :])
     finals[finals > cap] = np.inf
     if not np.isfinite(finals).any():
         return np.inf, []
@@ -437,6 +440,10 @@ def _extend(best, start_of, prev_of, states, targets, v, into_v, band_v, combine
     best[targets, v] = np.where(better, value, best[targets, v])
     start_of[targets, v] = np.where(better, start, start_of[targets, v])
     prev_of[targets, v] = np.where(better, np.take_along_axis(via, start, 1), prev_of[targets, v])
+
+
+def _source_group(table: CostTable, groups: list[list[int]]) -> int | None:
+    return next((i for i, g in enumerate(groups) if g[0] == table.source), None)
 
 
 def _group_transfers(table: CostTable, groups: list[list[int]]) -> np.ndarray:
