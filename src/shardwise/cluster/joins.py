@@ -3,7 +3,7 @@
 A pipeline with a cluster file looks for alive Ray nodes that offer CPUs and are none of the
 cluster's devices. For each it starts a Probe there and on every node running a stage, and
 measures, all without holding up a step: the link between the newcomer and each of those nodes
-(round trips, as `profile --address` does), and its speed. A node on the same machine as one
+(hand-overs through the driver, as `profile --address` times them), and its speed. A node on the same machine as one
 of the cluster's devices (a lab's; the same boot and cores) runs on the same cores: it takes that
 device's figures, already corrected by the drift watch, and measures only the share of their
 speed it keeps up when busy (a quota); any other node is profiled in full (quick: fewer rounds).
@@ -20,11 +20,11 @@ import ray
 
 from shardwise.perf.cluster_profile import probe_on
 from shardwise.perf.hardware import DeviceSpec, LinkSpec
-from shardwise.perf.profile import link_from_round_trips
+from shardwise.perf.profile import link_from_hand_overs
 from shardwise.planner.topology import Cluster, ClusterDevice
 
 log = logging.getLogger("shardwise.cluster")
-ROUND_TRIPS = 8  # per message size, for each link (profile --quick's count)
+ROUND_TRIPS = 8  # hand-overs per message size, for each link (profile --quick's count)
 
 
 def newcomers(cluster: Cluster, seen: set[str]) -> list[dict[str, Any]]:
@@ -52,13 +52,15 @@ class Join:
     _others: dict[str, Any] = field(default_factory=dict)  # on the stages' nodes, by device name
     _refs: dict[str, Any] = field(default_factory=dict)
     _profile: ray.ObjectRef | None = None
+    _driver: Any = None  # on the driver's node
 
     def start(self) -> Join:
         self._probe = probe = probe_on(self.node["NodeID"])
         self._others = others = {name: probe_on(node_id) for name, node_id in self.stage_nodes.items()}
+        self._driver = driver = probe_on(ray.get_runtime_context().get_node_id())  # (hand-overs pass it)
         self._refs = {"machine": probe.machine.remote(), "kept": probe.speed_kept.remote(),
                       "machines": {name: p.machine.remote() for name, p in others.items()},
-                      "links": {name: probe.round_trips.remote(p, self.hidden, ROUND_TRIPS)
+                      "links": {name: driver.hand_overs.remote(probe, p, self.hidden, ROUND_TRIPS)
                                 for name, p in others.items()}}
         self.pending = [self._refs["machine"], self._refs["kept"],
                         *self._refs["machines"].values(), *self._refs["links"].values()]
@@ -98,7 +100,7 @@ class Join:
         links = {}
         for name, trips in self._refs["links"].items():
             (small, large), _ = ray.get(trips)
-            links[(self.name, name)] = link_from_round_trips(small, large, f"{self.name}->{name}")
+            links[(self.name, name)] = link_from_hand_overs(small, large, f"{self.name}->{name}")
         memory = float(self.node["Resources"].get("memory", spec.memory_bytes))
         ip = self.node["NodeManagerAddress"]  # (as profile's cluster files place nodes; its id where shared)
         shared = sum(n["Alive"] and n["NodeManagerAddress"] == ip for n in ray.nodes()) > 1
@@ -107,5 +109,6 @@ class Join:
         return device, links, twin is not None
 
     def close(self) -> None:
-        for probe in [self._probe, *self._others.values()]:
-            ray.kill(probe)
+        for probe in [self._probe, self._driver, *self._others.values()]:
+            if probe is not None:
+                ray.kill(probe)

@@ -23,7 +23,7 @@ from shardwise.perf.profile import (
     Progress,
     burst_and_share,
     collective_on_link,
-    link_from_round_trips,
+    link_from_hand_overs,
     profile_device,
     streaming_rate,
     time_all_reduces,
@@ -63,23 +63,31 @@ class Probe:
     def profile(self, model: str, device: str, name: str, quick: bool) -> dict[str, Any]:
         return profile_device(model, device, name=name, quick=quick).to_dict()
 
-    def round_trips(self, other: Probe, hidden: int, repeats: int = 20) -> tuple[list[tuple[int, float]], float]:
-        """Median seconds to hand `other` a hidden-state array and hear back, for each size; and
-        the CPU seconds each small call cost `other` (what a stage's call costs its node)."""
+    def emit(self, tokens: int, hidden: int) -> np.ndarray:
+        """A stage's output: hidden states of `tokens` tokens."""
+        return np.zeros((tokens, hidden), np.float32)
+
+    def hand_overs(self, sender: Probe, receiver: Probe, hidden: int,
+                   repeats: int = 20) -> tuple[list[tuple[int, float]], float]:
+        """As the driver of a pipeline, from this probe on its node: median seconds to hand
+        `receiver` a hidden-state array of each size that `sender` made, and hear back; and the
+        CPU seconds each small call cost `receiver` (what a stage's call costs its node). A
+        pipeline passes each stage's output on by reference: Ray returns a small output to its
+        caller, which sends it into the next call (two messages, through the driver), and a
+        large one goes node to node once the driver learns it is ready. A round trip between
+        the two nodes alone missed the driver, and half of a two-stage lab step's hand-overs."""
         out, cpu = [], 0.0
         for tokens in HOP_TOKENS:
-            x = np.zeros((tokens, hidden), np.float32)
-            ray.get(other.receive.remote(x))
-            times, before = [], ray.get(other.cpu_seconds.remote())
+            ray.get(receiver.receive.remote(sender.emit.remote(tokens, hidden)))
+            times, before = [], ray.get(receiver.cpu_seconds.remote())
             for _ in range(repeats):
                 start = time.perf_counter()
-                ray.get(other.receive.remote(x))
+                ray.get(receiver.receive.remote(sender.emit.remote(tokens, hidden)))
                 times.append(time.perf_counter() - start)
             if tokens == HOP_TOKENS[0]:  # (the count call's own cost is in it too: one more call)
-                cpu = (ray.get(other.cpu_seconds.remote()) - before) / (repeats + 1)
-            out.append((x.nbytes, statistics.median(times)))
+                cpu = (ray.get(receiver.cpu_seconds.remote()) - before) / (repeats + 1)
+            out.append((tokens * hidden * 4, statistics.median(times)))
         return out, cpu
-
 
     def open_group(self) -> tuple[str, int]:
         """A two-device group's rendezvous on this node (its address), for all_reduce_seconds."""
@@ -139,6 +147,7 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
             for d, n in zip(devices, nodes, strict=True):  # what the node offers, not its host's RAM
                 d["memory_bytes"] = float(n["Resources"].get("memory", d["memory_bytes"]))
         links, task_cpu = [], {i: [] for i in range(len(nodes))}
+        driver = probe_on(ray.get_runtime_context().get_node_id())
         for i, u in enumerate(nodes):
             for j, v in enumerate(nodes):
                 if j < i:  # links are taken as symmetric
@@ -146,10 +155,10 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                 progress(f"link {names[i]} -> {names[j]}")
                 # two probes on one node measure the hop between local stages
                 target = probes[v["NodeID"]] if j != i else probe_on(v["NodeID"])
-                trips = probes[u["NodeID"]].round_trips.remote(target, hidden, 8 if quick else 20)
+                trips = driver.hand_overs.remote(probes[u["NodeID"]], target, hidden, 8 if quick else 20)
                 (small, large), cpu = ray.get(trips)
                 task_cpu[j].append(cpu)
-                link = link_from_round_trips(small, large, f"{names[i]}->{names[j]}")
+                link = link_from_hand_overs(small, large, f"{names[i]}->{names[j]}")
                 link = replace(link, **collective_link(probes[u["NodeID"]], target, hidden, 50 if quick else 200))
                 if address is None:
                     progress("the hop between real pipeline stages")

@@ -439,11 +439,14 @@ def _keep(spec: DeviceSpec, dev: torch.device) -> None:
     kept.write_text(json.dumps(spec.to_dict()))
 
 
-def link_from_round_trips(small: tuple[int, float], large: tuple[int, float], name: str) -> LinkSpec:
-    """A link from the round-trip times of a small and a large message (bytes, seconds), each
-    answered with a tiny acknowledgement: the size difference gives the bandwidth, and half
-    of the small round trip the per-message latency, the small message's bytes in it (the size
-    of a decode step's hidden state: on a slow link its framing costs more than its bytes)."""
+def link_from_hand_overs(small: tuple[int, float], large: tuple[int, float], name: str) -> LinkSpec:
+    """A link from the times of handing a small and a large message over as a pipeline does,
+    through its driver (bytes, seconds; Probe.hand_overs): the size difference gives the
+    bandwidth, and half of the small one the latency, the small message's bytes in it (the size
+    of a decode step's hidden state: on a slow link its framing costs more than its bytes). A
+    hand-over's time holds the driver's round trip to each of the two nodes; a pipeline's step
+    pays one to each stage's node, which its links and the return to the driver, at half a
+    hand-over each, add up to."""
     bandwidth = (large[0] - small[0]) / max(large[1] - small[1], 1e-9)
     return LinkSpec(name, bandwidth, small[1] / 2, source="shardwise profile", latency_bytes=small[0])
 
