@@ -3,10 +3,11 @@
 A pipeline with a cluster file looks for alive Ray nodes that offer CPUs and are none of the
 cluster's devices. For each it starts a Probe there and on every node running a stage, and
 measures, all without holding up a step: the link between the newcomer and each of those nodes
-(hand-overs through the driver, as `profile --address` times them), and its speed. A node on the same machine as one
-of the cluster's devices (a lab's; the same boot and cores) runs on the same cores: it takes that
-device's figures, already corrected by the drift watch, and measures only the share of their
-speed it keeps up when busy (a quota); any other node is profiled in full (quick: fewer rounds).
+(hand-overs through the driver's node, as `profile --address` times them), and its speed. A
+node on the same machine as one of the cluster's devices (a lab's; the same boot and cores)
+runs on the same cores: it takes that device's figures, already corrected by the drift watch,
+and measures only the share of their speed it keeps up when busy (a quota); any other node is
+profiled in full (quick: fewer rounds).
 Once done, its device and links go to the drift watch (DriftWatch.offer), which plans again.
 """
 
@@ -24,7 +25,7 @@ from shardwise.perf.profile import link_from_hand_overs
 from shardwise.planner.topology import Cluster, ClusterDevice
 
 log = logging.getLogger("shardwise.cluster")
-ROUND_TRIPS = 8  # hand-overs per message size, for each link (profile --quick's count)
+HAND_OVERS = 8  # hand-overs per message size, for each link (profile --quick's count)
 
 
 def newcomers(cluster: Cluster, seen: set[str]) -> list[dict[str, Any]]:
@@ -60,7 +61,7 @@ class Join:
         self._driver = driver = probe_on(ray.get_runtime_context().get_node_id())  # (hand-overs pass it)
         self._refs = {"machine": probe.machine.remote(), "kept": probe.speed_kept.remote(),
                       "machines": {name: p.machine.remote() for name, p in others.items()},
-                      "links": {name: driver.hand_overs.remote(probe, p, self.hidden, ROUND_TRIPS)
+                      "links": {name: driver.hand_overs.remote(probe, p, self.hidden, HAND_OVERS)
                                 for name, p in others.items()}}
         self.pending = [self._refs["machine"], self._refs["kept"],
                         *self._refs["machines"].values(), *self._refs["links"].values()]
