@@ -49,7 +49,6 @@ from typing import Any
 from shardwise.config import SpeculativeConfig
 from shardwise.engine.kv_cache import BLOCK_SIZE
 from shardwise.engine.policy import FirstComeFirstServed, SkipJoinMLFQ
-from shardwise.engine.pool_timing import PoolTiming
 from shardwise.engine.prefix_cache import CachedPrefix, PrefixCache, block_keys
 from shardwise.engine.sampling import SamplingParams, TokenLogprobs
 from shardwise.engine.speculative import Drafter, next_gamma
@@ -64,7 +63,7 @@ MAX_STEP_ERRORS = 4  # failed steps a sequence may be part of before it is faile
 # only in company, e.g. out of memory in a large batch, must not be retried for ever)
 EVENTS_KEPT = 100  # the latest failures and recoveries, for the dashboard
 PROBE = -1  # the group of a step that retries a failed step's suspects alone
-MIN_TIMED_PROMPT_TOKENS = 32  # a step with fewer (but some) prompt tokens is timed as neither kind (PoolTiming)
+MIN_TIMED_PROMPT_TOKENS = 32  # a step that ran fewer prompt tokens says little of a pool's prefill speed
 # the prefill pool must save this much to take a prompt: the hand-over moves its KV, and pools alike
 # are timed apart by noise
 APART_GAIN = 1.25
@@ -171,8 +170,8 @@ class Scheduler:
         # with at least prefill_pool_min_tokens tokens to run (shorter ones prefill beside the decodes)
         self.prefill_groups = getattr(executor, "prefill_parallelism", 0)
         self.prefill_pool_min_tokens = prefill_pool_min_tokens
-        # each pool's step time as a line in its tokens (decode pool, prefill pool)
-        self.pool_timing = [PoolTiming(), PoolTiming()]
+        # each pool's measured seconds per token of its steps that ran prompts (decode pool, prefill pool)
+        self.pool_seconds_per_token: list[float | None] = [None, None]
         self.handoffs = 0  # sequences moved with their KV from the prefill pool to the decode pool
         if (speculative is None) != (drafter is None):
             raise ShardwiseError("speculative decoding needs both its config and a drafter")
@@ -488,10 +487,9 @@ class Scheduler:
         part is long enough to hold up the decodes, and no shorter than its cached part (the
         prefill pool holds no cache: it would compute that part again): a short one, a chat
         turn resent over a long cached history, or a replay runs beside the decodes. Then
-        wherever it costs the requests fewer seconds, at each pool's measured step time
-        (PoolTiming): on the decode pool its chunks lengthen steps that every sequence running
-        there waits on (by what its tokens add; with none running, the steps are its own); on
-        the prefill pool it waits behind the prompts already there, and holds up no one (and
+        wherever it costs the requests fewer seconds, at each pool's measured seconds per
+        token: on the decode pool its chunks hold up itself and every sequence running there;
+        on the prefill pool it waits behind the prompts already there, and holds up no one (and
         must save APART_GAIN to pay for its hand-over). So with nothing running on the decode
         pool (and pools alike) it prefills where it will decode, with no hand-over."""
         cached = len(prefix.tokens) if prefix else 0
@@ -500,22 +498,18 @@ class Scheduler:
             return False
         beside = sum(not s.paused for g in self.groups[self.prefill_groups:] for s in g)
         ahead = sum(max(len(s.prompt) - s.fed, 0) for g in self.groups[:self.prefill_groups] for s in g)
-        home, apart = self.pool_timing
-        per_token = home.per_token or apart.per_token or 1.0  # (a pool not yet timed: as fast as the other)
-
-        def steps(tokens: int) -> int:
-            return -(-tokens // self.max_batch_tokens)
-
-        at_home = (1 + beside) * uncached * per_token + (0 if beside else steps(uncached) * home.fixed)
-        away = (ahead + uncached) * (apart.per_token or per_token) + steps(ahead + uncached) * apart.fixed
-        return away * APART_GAIN < at_home
+        here, apart = self.pool_seconds_per_token
+        here = here or apart or 1.0  # (a pool not yet timed is taken to be as fast as the other)
+        apart = apart or here
+        return (ahead + uncached) * apart * APART_GAIN < (1 + beside) * uncached * here
 
     def _time_pool(self, prefill_pool: bool, batch: list[tuple[Sequence, list[int]]], seconds: float) -> None:
-        """A pool's step time, from its steps that ran a prompt's chunk and those that ran none (a
-        step with a few prompt tokens says little of either)."""
-        prompt = sum(len(chunk) for seq, chunk in batch if seq.fed < len(seq.prompt))
-        if prompt >= MIN_TIMED_PROMPT_TOKENS or not prompt:
-            self.pool_timing[prefill_pool].observe(sum(len(chunk) for _, chunk in batch), seconds, bool(prompt))
+        """A pool's seconds per token, from its steps that ran prompts (in every token of them)."""
+        if sum(len(chunk) for seq, chunk in batch if seq.fed < len(seq.prompt)) < MIN_TIMED_PROMPT_TOKENS:
+            return
+        measured = seconds / sum(len(chunk) for _, chunk in batch)
+        last = self.pool_seconds_per_token[prefill_pool]
+        self.pool_seconds_per_token[prefill_pool] = measured if last is None else 0.7 * last + 0.3 * measured
 
     def _groups_for(self, seq: Sequence) -> list[list[Sequence]]:
         """The step groups of the pool a sequence runs on (every group, on one pool)."""
