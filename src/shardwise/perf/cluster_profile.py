@@ -74,8 +74,8 @@ class Probe:
         CPU seconds each small call cost `receiver` (what a stage's call costs its node). A
         pipeline passes each stage's output on by reference: Ray returns a small output to its
         caller, which sends it into the next call (two messages, through the driver), and a
-        large one goes node to node once the driver learns it is ready. A round trip between
-        the two nodes alone missed the driver, and half of a two-stage lab step's hand-overs."""
+        large one goes node to node once the driver learns it is ready. (A round trip between
+        the two nodes alone misses the driver: half the messages.)"""
         out, cpu = [], 0.0
         for tokens in HOP_TOKENS:
             ray.get(receiver.receive.remote(sender.emit.remote(tokens, hidden)))
