@@ -116,6 +116,30 @@ def test_pipeline_latency_is_the_sum_and_throughput_the_bottleneck():
     assert max(step_time(spec, skewed, work, BF16).stages) < max(step.stages)
 
 
+def test_a_profiled_link_passes_a_decode_step_and_a_prefill_chunk_at_their_own_rates(tmp_path):
+    from shardwise.perf.profile import link_from_hand_overs
+    from shardwise.planner.topology import Cluster, cluster_file
+
+    # hand-overs of 1, 16 and 512 tokens of 576 floats on a shaped link: the short ones near its
+    # rate, the long one at under half of it
+    sizes = [(2304, 0.040), (36864, 0.60), (1179648, 22.0)]
+    link = link_from_hand_overs(sizes, "a->b")
+    assert link.time(2304) == pytest.approx(0.020)  # half a hand-over: the step's one link
+    # each hand-over's extra bytes cost what they measured, at either size
+    assert link.time(36864) - link.time(2304) == pytest.approx(0.56)
+    assert link.time(1179648) - link.time(36864) == pytest.approx(21.4)
+    assert link.time(18432) == pytest.approx(0.020 + 0.56 * (18432 - 2304) / (36864 - 2304))
+    assert link.time(0) == 0.0
+    # a cluster file carries both rates to the planner
+    profile = {"devices": [{"name": n, "memory_bytes": 1e9} for n in "ab"], "nodes": [{"node": "x"}, {"node": "y"}],
+               "links": [{"from": "a", "to": "b", **link.to_dict()}]}
+    (tmp_path / "p.json").write_text(json.dumps({"devices": [load_device("x86-cpu").to_dict() | {"name": n}
+                                                            for n in "ab"]}))
+    (tmp_path / "c.yaml").write_text(json.dumps(cluster_file(profile, str(tmp_path / "p.json"))))
+    read = Cluster.load(tmp_path / "c.yaml").link("a", "b")
+    assert read.time(18432) == pytest.approx(link.time(18432)) and read.time(1e6) == pytest.approx(link.time(1e6))
+
+
 def test_a_node_under_a_quota_runs_a_stage_in_bursts_and_paces_a_stream_only_when_busy():
     """A device keeping up a quarter of its speed when busy (a CPU quota) runs a stage that idles
     between its turns at full speed: one stream's token takes the stages' burst times and the

@@ -100,8 +100,8 @@ class Join:
             spec = DeviceSpec.from_dict(ray.get(self._profile))
         links = {}
         for name, trips in self._refs["links"].items():
-            (small, large), _ = ray.get(trips)
-            links[(self.name, name)] = link_from_hand_overs(small, large, f"{self.name}->{name}")
+            sizes, _ = ray.get(trips)
+            links[(self.name, name)] = link_from_hand_overs(sizes, f"{self.name}->{name}")
         memory = float(self.node["Resources"].get("memory", spec.memory_bytes))
         ip = self.node["NodeManagerAddress"]  # (as profile's cluster files place nodes; its id where shared)
         shared = sum(n["Alive"] and n["NodeManagerAddress"] == ip for n in ray.nodes()) > 1

@@ -30,7 +30,7 @@ from shardwise.perf.profile import (
     timed,
 )
 
-HOP_TOKENS = (1, 512)  # hidden states of a decode step and of a prefill chunk
+HOP_TOKENS = (1, 16, 512)  # hidden states of a decode step, of a micro-batch's one and of a prefill chunk
 SUM_TOKENS = (1, 64)  # a tensor-parallel decode step's all-reduce, and a larger one for the bandwidth
 
 
@@ -156,9 +156,9 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                 # two probes on one node measure the hop between local stages
                 target = probes[v["NodeID"]] if j != i else probe_on(v["NodeID"])
                 trips = driver.hand_overs.remote(probes[u["NodeID"]], target, hidden, 8 if quick else 20)
-                (small, large), cpu = ray.get(trips)
+                sizes, cpu = ray.get(trips)
                 task_cpu[j].append(cpu)
-                link = link_from_hand_overs(small, large, f"{names[i]}->{names[j]}")
+                link = link_from_hand_overs(sizes, f"{names[i]}->{names[j]}")
                 link = replace(link, **collective_link(probes[u["NodeID"]], target, hidden, 50 if quick else 200))
                 if address is None:
                     progress("the hop between real pipeline stages")

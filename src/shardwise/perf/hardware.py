@@ -155,13 +155,25 @@ class LinkSpec:
     # the latency was measured with messages this large: their bytes (and the framing around them,
     # which on a slow link outweighs a decode step's hidden state) are in it already
     latency_bytes: float = 0.0
+    # where measured (0: not), messages up to step_bytes (a decode step's hidden states for a
+    # micro-batch) pass their extra bytes at step_bandwidth; only larger ones' further bytes go at
+    # `bandwidth`. A shaped or lossy link can pass a short message at its rate and a long one far
+    # slower (a stalled receiver overflows its queue, and TCP backs off)
+    step_bytes: float = 0.0
+    step_bandwidth: float = 0.0
     # the engine's all-reduce between two devices this link joins, where measured (0: not): its
     # fixed seconds and the bytes/s of its parts (a direct TCP connection, not a Ray call)
     collective_s: float = 0.0
     collective_bandwidth: float = 0.0
 
     def time(self, nbytes: float) -> float:
-        return self.latency + max(nbytes - self.latency_bytes, 0.0) / self.bandwidth if nbytes else 0.0
+        if not nbytes:
+            return 0.0
+        extra = max(nbytes - self.latency_bytes, 0.0)
+        if not self.step_bandwidth:
+            return self.latency + extra / self.bandwidth
+        near = min(extra, max(self.step_bytes - self.latency_bytes, 0.0))
+        return self.latency + near / self.step_bandwidth + (extra - near) / self.bandwidth
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -439,16 +439,17 @@ def _keep(spec: DeviceSpec, dev: torch.device) -> None:
     kept.write_text(json.dumps(spec.to_dict()))
 
 
-def link_from_hand_overs(small: tuple[int, float], large: tuple[int, float], name: str) -> LinkSpec:
-    """A link from the times of handing a small and a large message over as a pipeline does,
-    through its driver (bytes, seconds; Probe.hand_overs): the size difference gives the
-    bandwidth, and half of the small one the latency, the small message's bytes in it (the size
-    of a decode step's hidden state: on a slow link its framing costs more than its bytes). A
-    hand-over's time holds the driver's round trip to each of the two nodes; a pipeline's step
-    pays one to each stage's node, which its links and the return to the driver, at half a
-    hand-over each, add up to."""
-    bandwidth = (large[0] - small[0]) / max(large[1] - small[1], 1e-9)
-    return LinkSpec(name, bandwidth, small[1] / 2, source="shardwise profile", latency_bytes=small[0])
+def link_from_hand_overs(sizes: list[tuple[int, float]], name: str) -> LinkSpec:
+    """A link from the times of handing messages of three sizes over as a pipeline does, through
+    its driver (bytes, seconds, smallest first; Probe.hand_overs): half of the smallest one's the
+    latency, its bytes in it (a decode step's hidden state: on a slow link its framing costs more
+    than its bytes); the size differences give the bandwidth up to a micro-batch's decode step
+    and beyond it (a prefill chunk's). A hand-over's time holds the driver's round trip to each
+    of the two nodes; a pipeline's step pays one to each stage's node, which its links and the
+    return to the driver, at half a hand-over each, add up to."""
+    (small, t_small), (step, t_step), (large, t_large) = sizes
+    return LinkSpec(name, (large - step) / max(t_large - t_step, 1e-9), t_small / 2, source="shardwise profile",
+                    latency_bytes=small, step_bytes=step, step_bandwidth=(step - small) / max(t_step - t_small, 1e-9))
 
 
 def collective_on_link(small: tuple[int, float], large: tuple[int, float], amid_work: float) -> dict[str, float]:

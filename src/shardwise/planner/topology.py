@@ -165,6 +165,7 @@ def cluster_file(profile: dict[str, Any], profile_path: str) -> dict[str, Any]:
                 "node": node["node"]} for d, node in zip(profile["devices"], profile["nodes"], strict=True)]
     links = [{"from": link["from"], "to": link["to"], "bandwidth_gbs": link["bandwidth"] / 1e9,
               "latency_us": link["latency"] * 1e6, "latency_bytes": link.get("latency_bytes", 0.0),
+              "step_bytes": link.get("step_bytes", 0.0), "step_gbs": link.get("step_bandwidth", 0.0) / 1e9,
               "all_reduce_us": link.get("collective_s", 0.0) * 1e6,
               "all_reduce_gbs": link.get("collective_bandwidth", 0.0) / 1e9}
              for link in profile["links"] if link["from"] != link["to"]]
@@ -177,6 +178,8 @@ def _link(value: Any) -> LinkSpec:
     try:
         return LinkSpec("custom", float(value["bandwidth_gbs"]) * 1e9, float(value.get("latency_us", 0)) * 1e-6,
                         latency_bytes=float(value.get("latency_bytes", 0)),
+                        step_bytes=float(value.get("step_bytes", 0)),
+                        step_bandwidth=float(value.get("step_gbs", 0)) * 1e9,
                         collective_s=float(value.get("all_reduce_us", 0)) * 1e-6,
                         collective_bandwidth=float(value.get("all_reduce_gbs", 0)) * 1e9)
     except (TypeError, KeyError, ValueError):
