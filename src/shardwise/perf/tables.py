@@ -83,12 +83,24 @@ def print_profile(devices: list[DeviceSpec], links: list[dict], console: Console
     console.print(table)
     if links:
         table = Table(title="measured links (Ray hops)")
-        for col in ("from", "to", "latency", "bandwidth"):
+        for col in ("from", "to", "latency", "bandwidth: a decode step / larger"):
             table.add_column(col)
         for link in links:
+            step = link.get("step_bandwidth") or link["bandwidth"]
             table.add_row(link["from"], link["to"], f"{link['latency'] * 1e6:.0f} us",
-                          f"{link['bandwidth'] / 1e9:.2f} GB/s")
+                          f"{_rate(step)} / {_rate(link['bandwidth'])}")
         console.print(table)
+
+
+def _rate(bytes_per_s: float) -> str:
+    """A link's rate in the unit that shows it (a shaped link passes KB/s, a local hop GB/s).
+    Above 100 GB/s the larger message took no longer than the smaller: no cost within noise."""
+    if bytes_per_s > 1e11:
+        return "free"
+    for unit, size in (("GB/s", 1e9), ("MB/s", 1e6)):
+        if bytes_per_s >= size:
+            return f"{bytes_per_s / size:.1f} {unit}"
+    return f"{bytes_per_s / 1e3:.1f} KB/s"
 
 
 def print_nodes(nodes: list[dict[str, Any]], console: Console | None = None) -> None:
