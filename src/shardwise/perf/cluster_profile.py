@@ -23,8 +23,8 @@ from shardwise.perf.profile import (
     Progress,
     burst_and_share,
     collective_on_link,
+    decode_rate,
     link_from_hand_overs,
-    micro_batch_rate,
     profile_device,
     time_all_reduces,
     timed,
@@ -57,8 +57,8 @@ class Probe:
         """(the share of its speed this node keeps up when busy, how long a burst lasts)."""
         return burst_and_share(torch.device("cpu"))
 
-    def micro_batch_rate(self, seconds: float) -> float:
-        return micro_batch_rate(seconds)
+    def decode_rate(self, seconds: float, rows: int) -> float:
+        return decode_rate(seconds, rows)
 
     def profile(self, model: str, device: str, name: str, quick: bool) -> dict[str, Any]:
         return profile_device(model, device, name=name, quick=quick).to_dict()
@@ -202,29 +202,41 @@ def _profile_nodes(probes: list[Any], names: list[str], model: str, device: str,
             d = {**d, "name": names[i], "sustained_share": share, "burst_s": burst,
                  "measured": {**d["measured"], "figures_of": names[leader[h]]}}
         devices.append(d)
-    for d, machine, share in zip(devices, machines, _crowded_shares(probes, machines), strict=True):
-        d.update(machine=machine, crowded_share=share)
+    for d, machine, (share, batched) in zip(devices, machines, _crowded_shares(probes, machines), strict=True):
+        d.update(machine=machine, crowded_share=share, batched_crowded_share=batched)
     return devices
 
 
-def _crowded_shares(probes: list[Any], machines: list[str], seconds: float = 1.0, rounds: int = 3) -> list[float]:
-    """Each node's share of its speed kept while all the nodes on its machine compute a micro-batch's
-    decode work at once (1.0 on a machine of its own): its median rate with the others busy over
-    its median rate alone, over a few rounds (a quota slows both alike, and a node under one
-    gains or loses up to a period's budget in each). A decode step's products are crowded less
-    than plain streaming reads, which read 0.57-0.69 on a lab where decoding kept ~0.9."""
-    alone, together = [[] for _ in probes], [[] for _ in probes]
+CROWDED_ROWS = (1, 8)  # a sequence's decode products (a tensor-parallel step's), a micro-batch's
+
+
+def _crowded_shares(probes: list[Any], machines: list[str], seconds: float = 1.0,
+                    rounds: int = 3) -> list[tuple[float, float]]:
+    """Each node's share of its speed kept while all the nodes on its machine decode at once (1.0 on
+    a machine of its own), at each of CROWDED_ROWS: its median rate with the others busy over its
+    median rate alone, over a few rounds (a quota slows both alike, and a node under one gains or
+    loses up to a period's budget in each). A micro-batch's products are crowded less than a
+    sequence's: on a lab, streaming reads kept 0.57-0.69 of their speed where 8-row decode
+    micro-batches kept ~0.9."""
+    alone = {(i, rows): [] for i in range(len(probes)) for rows in CROWDED_ROWS}
+    together = {key: [] for key in alone}
     for _ in range(rounds):
-        for i, rate in enumerate(_in_turns(machines, lambda i: probes[i].micro_batch_rate.remote(seconds))):
-            alone[i].append(rate)
-        for machine in set(machines):
-            here = [i for i, m in enumerate(machines) if m == machine]
-            if len(here) > 1:
-                for i, rate in zip(here, ray.get([probes[i].micro_batch_rate.remote(seconds) for i in here]),
-                                   strict=True):
-                    together[i].append(rate)
-    return [min(1.0, statistics.median(t) / statistics.median(a)) if t else 1.0
-            for a, t in zip(alone, together, strict=True)]
+        for rows in CROWDED_ROWS:
+            def start(i: int, rows: int = rows) -> Any:
+                return probes[i].decode_rate.remote(seconds, rows)
+
+            for i, rate in enumerate(_in_turns(machines, start)):
+                alone[i, rows].append(rate)
+            for machine in set(machines):
+                here = [i for i, m in enumerate(machines) if m == machine]
+                if len(here) > 1:
+                    for i, rate in zip(here, ray.get([start(i) for i in here]), strict=True):
+                        together[i, rows].append(rate)
+
+    def share(key: tuple[int, int]) -> float:
+        return min(1.0, statistics.median(together[key]) / statistics.median(alone[key])) if together[key] else 1.0
+
+    return [tuple(share((i, rows)) for rows in CROWDED_ROWS) for i in range(len(probes))]
 
 
 def _in_turns(machines: list[str], start) -> list[Any]:

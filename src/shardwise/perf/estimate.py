@@ -265,7 +265,7 @@ def crowded_shares(deployment: Deployment) -> list[float]:
     for k, s in enumerate(deployment.stages):
         if s.device.machine and not s.group:
             hosts_on[s.device.machine].add(("own", k) if s.host is None else s.host)
-    return [s.device.crowded_share if not s.group and len(hosts_on[s.device.machine]) > 1 else 1.0
+    return [s.device.crowded_in_flight if not s.group and len(hosts_on[s.device.machine]) > 1 else 1.0
             for s in deployment.stages]
 
 

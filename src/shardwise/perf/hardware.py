@@ -88,11 +88,20 @@ class DeviceSpec:
     collective_s: float = 5e-6
     # the machine it runs on (a boot id; "": unknown) and the share of its speed it keeps while every
     # other device there computes too: devices on one machine share its memory bandwidth, caches
-    # and the cores its own processes need. A tensor-parallel group's devices compute at once.
+    # and the cores its own processes need. A tensor-parallel group's devices compute at once, a
+    # sequence's products at a time (crowded_share); pipeline stages on hosts of one machine, only
+    # with micro-batches in flight, several rows' (batched_crowded_share, 0: as crowded_share).
+    # More rows per weight read lean less on the memory system, and are crowded less.
     machine: str = ""
     crowded_share: float = 1.0
+    batched_crowded_share: float = 0.0
     source: str = ""
     measured: dict[str, Any] = field(default_factory=dict)  # what profile measured, for the record
+
+    @property
+    def crowded_in_flight(self) -> float:
+        """The share of its speed it keeps while other hosts on its machine run micro-batches too."""
+        return self.batched_crowded_share or self.crowded_share
 
     def peak_flops(self, dtype: str) -> float:
         """Peak FLOP/s at a dtype. Without native support, 8-bit runs at 16-bit rate (dequantised),

@@ -123,9 +123,9 @@ REST_S = 0.3  # idle long enough for a quota to refill (CFS: its budget returns 
 STREAMED_BYTES = 64 << 20  # a unit of streaming read: a few ms, a decode step's kind of work
 
 
-def micro_batch_rate(seconds: float, rows: int = 8, nbytes: int = STREAMED_BYTES) -> float:
+def decode_rate(seconds: float, rows: int, nbytes: int = STREAMED_BYTES) -> float:
     """Units per second over `seconds` (whole CFS periods: a quota slows it as it slows a stage kept
-    busy) of a micro-batch's decode work: `rows` hidden states through `nbytes` of fp32 weights."""
+    busy) of decode work: `rows` hidden states through `nbytes` of fp32 weights."""
     side = math.isqrt(nbytes // 4)
     weight, x = torch.ones(side, side), torch.ones(rows, side)
     done, start = 0, time.perf_counter()

@@ -85,11 +85,11 @@ class Cluster:
 
     def machines(self) -> tuple[list[int], list[float]]:
         """A number per device's machine (unknown: one of its own), and the share of its speed each
-        keeps while another host there computes at once (1.0 where none is)."""
+        keeps while another host there runs micro-batches at once (1.0 where none is)."""
         keys = [d.spec.machine or ("device", i) for i, d in enumerate(self.devices)]
         numbers, hosts = [keys.index(key) for key in keys], self.hosts()
         shared = [len({h for h, m in zip(hosts, numbers, strict=True) if m == n}) > 1 for n in numbers]
-        return numbers, [d.spec.crowded_share if s else 1.0 for d, s in zip(self.devices, shared, strict=True)]
+        return numbers, [d.spec.crowded_in_flight if s else 1.0 for d, s in zip(self.devices, shared, strict=True)]
 
     def index(self, name: str) -> int:
         for i, d in enumerate(self.devices):
