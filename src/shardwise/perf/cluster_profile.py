@@ -222,21 +222,30 @@ def _crowded_shares(probes: list[Any], machines: list[str], seconds: float = 1.0
     together = {key: [] for key in alone}
     for _ in range(rounds):
         for rows in CROWDED_ROWS:
-            def start(i: int, rows: int = rows) -> Any:
-                return probes[i].decode_rate.remote(seconds, rows)
-
-            for i, rate in enumerate(_in_turns(machines, start)):
-                alone[i, rows].append(rate)
-            for machine in set(machines):
-                here = [i for i, m in enumerate(machines) if m == machine]
-                if len(here) > 1:
-                    for i, rate in zip(here, ray.get([start(i) for i in here]), strict=True):
-                        together[i, rows].append(rate)
+            for i, (by_itself, beside_others) in enumerate(_decode_rates(probes, machines, seconds, rows)):
+                alone[i, rows].append(by_itself)
+                if beside_others is not None:
+                    together[i, rows].append(beside_others)
 
     def share(key: tuple[int, int]) -> float:
         return min(1.0, statistics.median(together[key]) / statistics.median(alone[key])) if together[key] else 1.0
 
     return [tuple(share((i, rows)) for rows in CROWDED_ROWS) for i in range(len(probes))]
+
+
+def _decode_rates(probes: list[Any], machines: list[str], seconds: float,
+                  rows: int) -> list[tuple[float, float | None]]:
+    """Each node's decode_rate alone, and with every other node on its machine busy at once (None
+    on a machine of its own)."""
+    alone = _in_turns(machines, lambda i: probes[i].decode_rate.remote(seconds, rows))
+    together: list[float | None] = [None] * len(probes)
+    for machine in set(machines):
+        here = [i for i, m in enumerate(machines) if m == machine]
+        if len(here) > 1:
+            for i, rate in zip(here, ray.get([probes[i].decode_rate.remote(seconds, rows) for i in here]),
+                               strict=True):
+                together[i] = rate
+    return list(zip(alone, together, strict=True))
 
 
 def _in_turns(machines: list[str], start) -> list[Any]:

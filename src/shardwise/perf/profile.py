@@ -120,7 +120,7 @@ FULL_SHARE = 0.85  # a sustained share above this is noise on a free device, not
 REST_S = 0.3  # idle long enough for a quota to refill (CFS: its budget returns every 100 ms period)
 
 
-STREAMED_BYTES = 64 << 20  # a unit of streaming read: a few ms, a decode step's kind of work
+STREAMED_BYTES = 64 << 20  # a unit of work read from memory: a few ms, a decode step's kind
 
 
 def decode_rate(seconds: float, rows: int, nbytes: int = STREAMED_BYTES) -> float:
@@ -448,9 +448,15 @@ def link_from_hand_overs(sizes: list[tuple[int, float]], name: str) -> LinkSpec:
     and beyond it (a prefill chunk's). A hand-over's time holds the driver's round trip to each
     of the two nodes; a pipeline's step pays one to each stage's node, which its links and the
     return to the driver, at half a hand-over each, add up to."""
-    (small, t_small), (step, t_step), (large, t_large) = sizes
-    return LinkSpec(name, (large - step) / max(t_large - t_step, 1e-9), t_small / 2, source="shardwise profile",
-                    latency_bytes=small, step_bytes=step, step_bandwidth=(step - small) / max(t_step - t_small, 1e-9))
+    small, step, large = sizes
+    return LinkSpec(name, _rate_between(step, large), small[1] / 2, source="shardwise profile",
+                    latency_bytes=small[0], step_bytes=step[0], step_bandwidth=_rate_between(small, step))
+
+
+def _rate_between(smaller: tuple[int, float], larger: tuple[int, float]) -> float:
+    """Bytes/s of the difference between two timed messages (bytes, seconds); huge where the larger
+    took no longer (no cost within noise)."""
+    return (larger[0] - smaller[0]) / max(larger[1] - smaller[1], 1e-9)
 
 
 def collective_on_link(small: tuple[int, float], large: tuple[int, float], amid_work: float) -> dict[str, float]:
@@ -458,5 +464,5 @@ def collective_on_link(small: tuple[int, float], large: tuple[int, float], amid_
     one back to back (bytes each device sends, seconds), whose size difference gives the
     bandwidth, and of the small one amid work (time_all_reduces' `between`, as a step's sums
     come), whose remainder is the fixed time."""
-    bandwidth = (large[0] - small[0]) / max(large[1] - small[1], 1e-9)
+    bandwidth = _rate_between(small, large)
     return {"collective_s": max(amid_work - small[0] / bandwidth, 1e-7), "collective_bandwidth": bandwidth}
