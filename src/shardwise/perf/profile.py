@@ -381,12 +381,14 @@ def fit(spec: ModelSpec, raw: DeviceSpec, samples: list[dict[str, Any]], precisi
 
 
 def per_layer(samples: list[dict[str, Any]], layers: int) -> list[dict[str, Any]]:
-    """Per-layer seconds at each work point: (whole model - first half) / the layers in between."""
+    """Per-layer seconds at each work point: (whole model - first half) / the layers in between.
+    A point whose difference is not positive is left out: at a few tokens half a small model's
+    layers take less time than the machine's noise, and a negative time per layer means nothing."""
     full = {(s["batch"], s["new"], s["context"]): s["seconds"] for s in samples if s["layers"] == layers}
     half = {(s["batch"], s["new"], s["context"]): s["seconds"] for s in samples if s["layers"] == layers // 2}
     between = layers - layers // 2
     return [{"batch": b, "new": n, "context": c, "seconds": (full[k] - half[k]) / between}
-            for k in full for b, n, c in [k] if k in half]
+            for k in full for b, n, c in [k] if k in half and full[k] > half[k]]
 
 
 def profile_device(model: str, device: str = "cpu", dtype: str | None = None, name: str | None = None,
