@@ -156,12 +156,16 @@ def stage_operators(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> 
 def pacing(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> tuple[DeviceSpec, list[TimedOperator]]:
     """The device whose time is the stage's, and the operators it runs for one step."""
     if not stage.group:
-        return stage.device, _device_operators(spec, stage, work, p, stage.device, stage.tp, edges=True)
-    # each device computes its fraction (all at once: devices sharing a machine at the speed they
-    # keep when crowded); the all-reduces wait for the slowest
-    times = [(device, _device_operators(spec, stage, work, p, device, 1 / fraction, edges=k == 0))
-             for k, (device, fraction) in enumerate(crowded(stage.group))]
+        return stage.device, _with_edges(spec, stage, work, p, stage.device,
+                                         _layer_operators(spec, stage, work, p, stage.device, stage.tp))
+    # each device computes its fraction of every layer (all at once: devices sharing a machine at
+    # the speed they keep when crowded), and the two all-reduces in each layer hold every device
+    # to the slowest; the first device's embedding and LM head come before and after the layers,
+    # while the others wait for it (so it computes them alone, uncrowded)
+    times = [(device, _layer_operators(spec, stage, work, p, device, 1 / fraction))
+             for device, fraction in crowded(stage.group)]
     device, ops = max(times, key=lambda t: _total(t[1], t[0]))
+    ops = _with_edges(spec, stage, work, p, stage.group[0][0], ops)
     n, ab = len(stage.group), dtype_bytes(p.activations)
     launcher = max((d for d, _ in stage.group), key=lambda d: d.collective_s)
     collectives = [time_operator(collective("all_reduce", "all-reduce", n, work.tokens * spec.hidden_size * ab),
@@ -185,24 +189,28 @@ def crowded(group: tuple[tuple[DeviceSpec, float], ...]) -> tuple[tuple[DeviceSp
                  for device, fraction in group)
 
 
-def _device_operators(spec: ModelSpec, stage: Stage, work: Work, p: Precision, device: DeviceSpec, tp: float,
-                      edges: bool) -> list[TimedOperator]:
-    """One device's operators (a 1/tp share of each layer's), with the embedding and head where
-    the stage holds them and `edges`; a group's collectives are counted by pacing()."""
-    timed = []
-    if stage.start == 0 and edges:
-        timed += [time_operator(op, device) for op in embedding_operators(spec, work, p)]
+def _with_edges(spec: ModelSpec, stage: Stage, work: Work, p: Precision, device: DeviceSpec,
+                layers: list[TimedOperator]) -> list[TimedOperator]:
+    """The layers' operators after the embedding and before the LM head (with sampling), where
+    the stage holds them, on `device`."""
+    before = [time_operator(op, device) for op in embedding_operators(spec, work, p)] if stage.start == 0 else []
+    after = ([time_operator(op, device, stage.link) for op in head_operators(spec, work, p, stage.tp)]
+             if stage.end == spec.num_layers else [])
+    return before + layers + after
+
+
+def _layer_operators(spec: ModelSpec, stage: Stage, work: Work, p: Precision, device: DeviceSpec,
+                     tp: float) -> list[TimedOperator]:
+    """One device's operators for a 1/tp share of each of the stage's layers (a group's
+    collectives are counted by pacing())."""
     # layers alike (the same attention window) are timed once, counted as often as they occur
     alike = defaultdict(list)
     for i in range(stage.start, stage.end):
         alike[spec.window(i)].append(i)
-    for layers in alike.values():
-        timed += [time_operator(op, device, stage.link, len(layers))
-                  for op in layer_operators(spec, work, p, tp, stage.ep, layers[0])
-                  if not (stage.group and op.kind == "collective")]
-    if stage.end == spec.num_layers and edges:
-        timed += [time_operator(op, device, stage.link) for op in head_operators(spec, work, p, stage.tp)]
-    return timed
+    return [time_operator(op, device, stage.link, len(layers))
+            for layers in alike.values()
+            for op in layer_operators(spec, work, p, tp, stage.ep, layers[0])
+            if not (stage.group and op.kind == "collective")]
 
 
 def _total(operators: list[TimedOperator], device: DeviceSpec) -> float:

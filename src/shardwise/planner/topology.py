@@ -268,9 +268,8 @@ class TensorGroup:
 def tensor_groups(spec: ModelSpec, cluster: Cluster, table: CostTable) -> list[TensorGroup]:
     """The groups worth costing: the k devices fastest at the whole model, for k = 2 up to all
     (at most as many as the model has heads), each device's fraction in proportion to its speed.
-    (The first also runs the embedding and LM head; giving it less of each layer to make up for
-    them measured 15-18 % slower on the lab in two runs of four, 3-4 % faster in the other two:
-    benchmarks/tensor_parallel.py.)"""
+    (The first also runs the embedding and LM head, but the others wait for it then: each
+    layer's all-reduces hold the devices together, so a smaller share for it gains nothing.)"""
     speed = 1 / (table.compute.sum(axis=1) / table.share)
     order = [int(d) for d in np.argsort(-speed, kind="stable")]
     groups = []
