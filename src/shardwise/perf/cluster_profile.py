@@ -159,7 +159,8 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                 sizes, cpu = ray.get(trips)
                 task_cpu[j].append(cpu)
                 link = link_from_hand_overs(sizes, f"{names[i]}->{names[j]}")
-                link = replace(link, **collective_link(probes[u["NodeID"]], target, hidden, 50 if quick else 200))
+                # (200 sums, quick or not: four blocks, a fraction of a second each)
+                link = replace(link, **collective_link(probes[u["NodeID"]], target, hidden, 200))
                 if address is None:
                     progress("the hop between real pipeline stages")
                     fewer = {"new": 9, "rounds": 2} if quick else {}
