@@ -152,16 +152,20 @@ def pids_of(llm: LLM) -> list[int]:
 
 
 @pytest.mark.slow
-def test_the_default_model_split_3_to_1_and_within_a_pipeline_equals_one_device(ray_session, llm):
+def test_the_default_model_split_3_to_1_and_within_a_pipeline_equals_one_device(ray_session, llm, caplog):
     """Alone (one device doing three times the other's work), and as the second stage of a
     pipeline split among 5 devices (9 query heads on 3 key/value heads: devices whose heads
-    read two key/value heads hold copies). Greedy tokens identical, top log-probabilities within
-    fp32 rounding; closing the pipeline ends every device's process."""
+    read two key/value heads hold copies; more devices than a small machine's cores, which the
+    pipeline warns of). Greedy tokens identical, top log-probabilities within fp32 rounding;
+    closing the pipeline ends every device's process."""
     expected = llm.generate(TEXT_PROMPTS, LOGPROBS)
     plans = [{"stages": [{"layers": [0, 30], "devices": [{"share": 3}, {"share": 1}]}]},
              {"stages": [{"layers": [0, 10]}, {"layers": [10, 30], "devices": [{}] * 5}]}]
     for plan in plans:
+        caplog.clear()
         split_llm = LLM(plan=plan, dtype="float32")
+        crowded = len(plan["stages"][-1]["devices"]) > ray_session.cluster_resources()["CPU"]
+        assert ("give that node at most" in caplog.text) == crowded, caplog.text
         try:
             outputs = split_llm.generate(TEXT_PROMPTS, LOGPROBS)
             stats = split_llm.executor.stats()

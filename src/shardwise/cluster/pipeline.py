@@ -178,7 +178,13 @@ class Pipeline:
         tensor-parallel stage's devices compute at once, so those on one node share its cores."""
         everything = [n for nodes in self.device_nodes for n in nodes] + self._beside
         self._threads = []
-        for stage, nodes in zip(self.plan.stages, self.device_nodes, strict=True):
+        for i, (stage, nodes) in enumerate(zip(self.plan.stages, self.device_nodes, strict=True)):
+            for node in {n["NodeID"]: n for n in nodes}.values():
+                if (count := sum(n["NodeID"] == node["NodeID"] for n in nodes)) > self._cores(node):
+                    log.warning("plan stage %d splits its layers among %d devices on node %s, which has %d cores: "
+                                "they compute at once, so each sum waits for a device the OS has not scheduled; "
+                                "give that node at most %d of them", i, count, node["NodeManagerAddress"],
+                                self._cores(node), self._cores(node))
             alone = tuple(stage.threads or self._share(n, everything if self._beside else nodes) for n in nodes)
             shared = tuple(stage.threads or self._share(n, everything) for n in nodes)
             self._threads.append((alone, shared))
