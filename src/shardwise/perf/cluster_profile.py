@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardwise.cluster.ray_session import join
 from shardwise.engine.collective import TensorGroup, open_store
+from shardwise.model.spec import ModelSpec
 from shardwise.perf.profile import (
     Progress,
     burst_and_share,
@@ -95,25 +96,30 @@ class Probe:
         self.store, port = open_store(host)
         return host, port
 
-    def all_reduce_seconds(self, rank: int, address: tuple[str, int], hidden: int, rounds: int) -> list[float]:
-        """As one of a tensor-parallel stage's two devices (the first opened the group): the mean
+    def all_reduce_seconds(self, rank: int, address: tuple[str, int], hidden: int, between: int,
+                           rounds: int) -> list[float]:
+        """As one of a tensor-parallel stage's two devices (the first opened the group): the
         seconds of the engine's all-reduce of each of SUM_TOKENS tokens' hidden states, back to
-        back; then of the first amid work (a read of hidden^2 floats before each: about a
-        layer's share of a decode step between two sums)."""
+        back; then of the first amid work (a read of `between` floats before each)."""
         group = TensorGroup(rank, 2, tuple(address), ray.util.get_node_ip_address(), torch.device("cpu"),
                             store=self.store if rank == 0 else None)
         try:
             return [*(time_all_reduces(group, tokens * hidden, rounds) for tokens in SUM_TOKENS),
-                    time_all_reduces(group, SUM_TOKENS[0] * hidden, rounds, between=hidden * hidden)]
+                    time_all_reduces(group, SUM_TOKENS[0] * hidden, rounds, between=between)]
         finally:
             group.close()
             self.store = None
 
 
-def collective_link(first: Probe, second: Probe, hidden: int, rounds: int) -> dict[str, float]:
-    """The engine's all-reduce between the nodes of two probes, as LinkSpec's collective figures."""
+def collective_link(first: Probe, second: Probe, spec: ModelSpec, rounds: int) -> dict[str, float]:
+    """The engine's all-reduce between the nodes of two probes, as LinkSpec's collective figures;
+    amid work: before each sum, each device reads what a decode step reads between two sums at
+    two devices (a quarter of a layer's weights, fp32: the sums' waits for a device that finished
+    later, or woke late, grow with the work between them)."""
     address = ray.get(first.open_group.remote())
-    times = ray.get([p.all_reduce_seconds.remote(k, address, hidden, rounds) for k, p in enumerate((first, second))])
+    hidden, between = spec.hidden_size, spec.layer_parameters() // 4
+    times = ray.get([p.all_reduce_seconds.remote(k, address, hidden, between, rounds)
+                     for k, p in enumerate((first, second))])
     *back_to_back, amid_work = times[0]
     return collective_on_link(*[(tokens * hidden * 4, t) for tokens, t in zip(SUM_TOKENS, back_to_back, strict=True)],
                               amid_work)
@@ -132,7 +138,8 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
     quick: fewer repeats of every measurement (see profile_device)."""
     from shardwise.model.catalog import load_spec
 
-    hidden = load_spec(model).hidden_size
+    spec = load_spec(model)
+    hidden = spec.hidden_size
     owns = join(address, instead="profile this machine")
     try:
         # nodes that offer no CPU to tasks (a head started with --num-cpus=0) coordinate; they run no stage
@@ -148,19 +155,23 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                 d["memory_bytes"] = float(n["Resources"].get("memory", d["memory_bytes"]))
         links, task_cpu = [], {i: [] for i in range(len(nodes))}
         driver = probe_on(ray.get_runtime_context().get_node_id())
+        partners = {n["NodeID"]: probe_on(n["NodeID"]) for n in nodes}  # the far end of a node's link to itself
+        # every probe up before any link is timed: a starting worker imports for seconds, and on
+        # a one-core lab node that took the core from the sums timed beside it (0.1 ms read 0.3-0.85)
+        ray.get([p.node_id.remote() for p in (driver, *partners.values())])
         for i, u in enumerate(nodes):
             for j, v in enumerate(nodes):
                 if j < i:  # links are taken as symmetric
                     continue
                 progress(f"link {names[i]} -> {names[j]}")
                 # two probes on one node measure the hop between local stages
-                target = probes[v["NodeID"]] if j != i else probe_on(v["NodeID"])
+                target = probes[v["NodeID"]] if j != i else partners[v["NodeID"]]
                 trips = driver.hand_overs.remote(probes[u["NodeID"]], target, hidden, 8 if quick else 20)
                 sizes, cpu = ray.get(trips)
                 task_cpu[j].append(cpu)
                 link = link_from_hand_overs(sizes, f"{names[i]}->{names[j]}")
                 # (200 sums, quick or not: four blocks, a fraction of a second each)
-                link = replace(link, **collective_link(probes[u["NodeID"]], target, hidden, 200))
+                link = replace(link, **collective_link(probes[u["NodeID"]], target, spec, 200))
                 if address is None:
                     progress("the hop between real pipeline stages")
                     fewer = {"new": 9, "rounds": 2} if quick else {}
