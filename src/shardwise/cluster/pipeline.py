@@ -147,7 +147,7 @@ class Pipeline:
         if self.cluster is None or not self.drift_threshold:
             return
         if any(s.devices for s in plan.stages):
-            log.warning("not watching the stages' speeds: the estimator does not predict tensor-parallel stages yet")
+            log.warning("not watching the stages' speeds: a tensor-parallel stage's time is not yet told apart by node")
             self.watch = None
             return
         try:
