@@ -46,28 +46,35 @@ STREAMS = (1, 8)
 def run(model: str, plan: Plan, address: str | None, dtype: str, streams: int, new: int,
         repeats: int) -> tuple[float, float, float]:
     """Decode tokens/s of `streams` greedy streams (the median over repeats of the steps where
-    every stream decodes), the first stage's mean step seconds as it measures them (its compute
-    and sums, not Ray's hand-overs), and the share of the first device's step spent summing."""
+    every stream decodes), the first stage's mean seconds of those steps as it measures them (its
+    compute and sums, not Ray's hand-overs; the prompts' steps left out), and the share of the
+    first device's step spent summing."""
     with LLM(model, plan=plan, address=address, dtype=dtype, kv_tokens=KV_TOKENS) as llm:
         prompts = [llm.tokenizer.encode(f"{PROMPT} ({k + 1})") for k in range(streams)]
 
-        def rate() -> float:
-            steps = decode_steps(llm, prompts, new)
-            return sum(tokens for _, tokens in steps) / sum(seconds for seconds, _ in steps)
+        def rate() -> tuple[float, dict, dict]:
+            """tokens/s, and the first stage's figures as its decode steps start and end"""
+            start = []
+            steps = decode_steps(llm, prompts, new, lambda: start.append(llm.executor.stats()[0]))
+            return sum(tokens for _, tokens in steps) / sum(seconds for seconds, _ in steps), start[0], \
+                llm.executor.stats()[0]
 
         rate()  # warm-up
-        before = llm.executor.stats()[0]
-        rates = [rate() for _ in range(repeats)]
-        after = llm.executor.stats()[0]
-    busy = after["busy_s"] - before["busy_s"]
-    collective = after.get("collective_s", 0.0) - before.get("collective_s", 0.0)
-    steps = after["steps"] - before["steps"]
+        runs = [rate() for _ in range(repeats)]
+
+    def spent(key: str, device: int | None = None) -> float:
+        """The decode steps' total of a figure (of one device of a tensor-parallel stage)."""
+        return sum((a if device is None else a["devices"][device]).get(key, 0.0)
+                   - (b if device is None else b["devices"][device]).get(key, 0.0) for _, b, a in runs)
+
+    busy, collective, steps = spent("busy_s"), spent("collective_s"), spent("steps")
     # each device's own compute a step: its busy time less its time in sums
-    computing = tuple((a["busy_s"] - b["busy_s"] - a.get("collective_s", 0.0) + b.get("collective_s", 0.0)) / steps
-                      for a, b in zip(after.get("devices", [after]), before.get("devices", [before]), strict=True))
-    print(f"    {statistics.median(rates):.1f} tok/s, step {1e3 * busy / steps:.2f} ms, each device computing "
+    devices = [None] if "devices" not in runs[0][2] else range(len(runs[0][2]["devices"]))
+    computing = [(spent("busy_s", d) - spent("collective_s", d)) / steps for d in devices]
+    rate = statistics.median(r for r, _, _ in runs)
+    print(f"    {rate:.1f} tok/s, decode step {1e3 * busy / steps:.2f} ms, each device computing "
           + ", ".join(f"{1e3 * c:.2f}" for c in computing) + " ms")
-    return statistics.median(rates), busy / steps, collective / busy if busy else 0.0
+    return rate, busy / steps, collective / busy if busy else 0.0
 
 
 def predicted(spec, stage: Stage, dtype: str, streams: int) -> tuple[float, float]:

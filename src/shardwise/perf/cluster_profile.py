@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -290,11 +291,12 @@ def stage_hop_latency(model: str, device: str, prompt: int = 64, new: int = 17, 
     return max(statistics.median(differences), floor) / 2
 
 
-def decode_steps(llm, prompts: list[list[int]], new: int) -> list[tuple[float, int]]:
+def decode_steps(llm, prompts: list[list[int]], new: int,
+                 decoding_from: Callable[[], Any] = lambda: None) -> list[tuple[float, int]]:
     """(seconds, tokens) of each of an engine's steps in which every sequence decodes (each has its
     first token). (Not the time of N tokens less that of 1: both runs prefill, and at a large batch
     the prefill's noise swamps the decode steps' difference.) With micro-batches in flight a step
-    returns one micro-batch's tokens."""
+    returns one micro-batch's tokens. decoding_from: called once, before the first such step."""
     from shardwise.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
@@ -304,6 +306,8 @@ def decode_steps(llm, prompts: list[list[int]], new: int) -> list[tuple[float, i
     steps = []
     while llm.has_work:
         decoding = all(seq.output.token_ids for seq in seqs)
+        if decoding and not steps:
+            decoding_from()
         start = time.perf_counter()
         tokens = len(llm.step())
         if decoding:
