@@ -223,8 +223,11 @@ def main() -> None:
             if len(ran) < 2:
                 continue
             fastest = max(ran, key=lambda r: r["measured"])
+            split, unsplit = (max((r for r in ran if (r["plan"].startswith("TP") and r["plan"] != "TP 1") == tp),
+                                  key=lambda r: r["measured"]) for tp in (True, False))
             print(f"{where}, {streams} streams: fastest measured {fastest['plan']} ({fastest['measured']:.1f} tok/s); "
-                  f"predicted fastest {max(ran, key=lambda r: r['predicted'])['plan']}")
+                  f"predicted fastest {max(ran, key=lambda r: r['predicted'])['plan']}; the fastest TP plan "
+                  f"{split['measured'] / unsplit['measured']:.2f}x the fastest without TP ({unsplit['plan']})")
     print(f"rows: {work / 'rows.json'}")
 
 

@@ -180,11 +180,11 @@ class Pipeline:
         self._threads = []
         for i, (stage, nodes) in enumerate(zip(self.plan.stages, self.device_nodes, strict=True)):
             for node in {n["NodeID"]: n for n in nodes}.values():
-                if (count := sum(n["NodeID"] == node["NodeID"] for n in nodes)) > self._cores(node):
+                count, cores = sum(n["NodeID"] == node["NodeID"] for n in nodes), self._cores(node)
+                if count > cores:
                     log.warning("plan stage %d splits its layers among %d devices on node %s, which has %d cores: "
                                 "they compute at once, so each sum waits for a device the OS has not scheduled; "
-                                "give that node at most %d of them", i, count, node["NodeManagerAddress"],
-                                self._cores(node), self._cores(node))
+                                "give that node at most %d of them", i, count, node["NodeManagerAddress"], cores, cores)
             alone = tuple(stage.threads or self._share(n, everything if self._beside else nodes) for n in nodes)
             shared = tuple(stage.threads or self._share(n, everything) for n in nodes)
             self._threads.append((alone, shared))

@@ -112,14 +112,17 @@ class Probe:
             self.store = None
 
 
-def collective_link(first: Probe, second: Probe, spec: ModelSpec, rounds: int) -> dict[str, float]:
+SUMS_TIMED = 200  # each size's all-reduces on a link, quick or not: four blocks, a fraction of a second each
+
+
+def collective_link(first: Probe, second: Probe, spec: ModelSpec) -> dict[str, float]:
     """The engine's all-reduce between the nodes of two probes, as LinkSpec's collective figures;
     amid work: before each sum, each device reads what a decode step reads between two sums at
     two devices (a quarter of a layer's weights, fp32: the sums' waits for a device that finished
     later, or woke late, grow with the work between them)."""
     address = ray.get(first.open_group.remote())
     hidden, between = spec.hidden_size, spec.layer_parameters() // 4
-    times = ray.get([p.all_reduce_seconds.remote(k, address, hidden, between, rounds)
+    times = ray.get([p.all_reduce_seconds.remote(k, address, hidden, between, SUMS_TIMED)
                      for k, p in enumerate((first, second))])
     *back_to_back, amid_work = times[0]
     return collective_on_link(*[(tokens * hidden * 4, t) for tokens, t in zip(SUM_TOKENS, back_to_back, strict=True)],
@@ -171,8 +174,7 @@ def profile_cluster(model: str, device: str = "cpu", address: str | None = None,
                 sizes, cpu = ray.get(trips)
                 task_cpu[j].append(cpu)
                 link = link_from_hand_overs(sizes, f"{names[i]}->{names[j]}")
-                # (200 sums, quick or not: four blocks, a fraction of a second each)
-                link = replace(link, **collective_link(probes[u["NodeID"]], target, spec, 200))
+                link = replace(link, **collective_link(probes[u["NodeID"]], target, spec))
                 if address is None:
                     progress("the hop between real pipeline stages")
                     fewer = {"new": 9, "rounds": 2} if quick else {}

@@ -236,7 +236,7 @@ def time_all_reduces(group: Any, size: int, rounds: int, between: int = 0) -> fl
     20 that warm the connections): the median of the means of blocks of SUMS_A_BLOCK (a mean,
     since a collective's rare slow wake-ups count in a step's time; the median of blocks, since a
     shared machine's busy moment can hold up every sum of one block: on the lab, the mean of one
-    block of 50 read 0.12 to 0.61 ms from one minute to the next, four blocks' median 0.14-0.20).
+    block of 50 read 0.12 to 0.61 ms from one minute to the next, the mean of 200 0.14-0.20 ms).
     between: floats each device reads before each sum, as a layer's work comes between a step's
     sums (devices that compute the same work finish it apart: a sum waits for the later, and a
     device wakes from its work, not from a poll)."""
