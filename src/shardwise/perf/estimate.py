@@ -221,6 +221,19 @@ def stage_time(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> float
     return _total(*reversed(pacing(spec, stage, work, p)))
 
 
+def device_times(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> list[float]:
+    """Each device's own seconds of compute for one step, without the sums that wait for the
+    others: a tensor-parallel group's share of every layer on each device (crowded as in
+    pacing()), and the first's embedding and LM head."""
+    if not stage.group:
+        return [stage_time(spec, stage, work, p)]
+    times = []
+    for k, (device, fraction) in enumerate(crowded(stage.group)):
+        ops = _layer_operators(spec, stage, work, p, device, 1 / fraction)
+        times.append(_total(_with_edges(spec, stage, work, p, stage.group[0][0], ops) if k == 0 else ops, device))
+    return times
+
+
 @dataclass(frozen=True)
 class StepTime:
     stages: list[float]  # per stage, from idle (at burst speed, as long as the burst lasts)

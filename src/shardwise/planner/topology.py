@@ -48,7 +48,8 @@ from shardwise.perf.operators import (
     head_operators,
     layer_operators,
 )
-from shardwise.planner.partition import CostTable, PlanResult
+from shardwise.planner import baselines
+from shardwise.planner.partition import STAGE_GAIN, CostTable, PlanResult, solve
 from shardwise.planner.plan import DEFAULT_KV_TOKENS, Plan, StageSpec, TensorDevice, read_file
 
 DEFAULT_LINK = "ethernet-1g"
@@ -287,17 +288,24 @@ def with_group(spec: ModelSpec, cluster: Cluster, table: CostTable, group: Tenso
     """The cost table with the group's members replaced by one device: the group, whose layer
     takes its slowest member's fraction of it and the two all-reduces on the slowest link
     between members (the estimator's tensor-parallel stage), whose memory is the members'
-    (each holding its fraction), and whose stages start and end on its first member."""
+    (each holding its fraction), whose share of its speed kept when busy is what its slowest
+    member at its own sustained speed makes of it, and whose stages start and end on its first
+    member."""
     members = [cluster.devices[m] for m in group.members]
     link = max((cluster.link(a.name, b.name) for a in members for b in members if a is not b),
                key=lambda link: (link.latency, -link.bandwidth))
     work = Work.decode(batch, context)
     p = precision(members[0].spec, quant)
-    pair = tuple(zip((d.spec for d in members), group.fractions, strict=True))
-    overhead = max(d.spec.step_overhead_s for d in members)
-    row = np.array([stage_time(spec, Stage(members[0].spec, i, i + 1, link=link, group=pair), work, p)
-                    for i in range(spec.num_layers)]) - overhead
-    row[0] += overhead  # (once a step, as the table charges every device's)
+
+    def layers(specs: list[DeviceSpec]) -> np.ndarray:
+        """Each layer's seconds: what it adds to the group's time for the layers from 0 (so the
+        costs a stage pays once a step, its overhead and its call to the others, are layer 0's)."""
+        pair = tuple(zip(specs, group.fractions, strict=True))
+        return np.diff([stage_time(spec, Stage(specs[0], 0, end, link=link, group=pair), work, p)
+                        for end in range(1, spec.num_layers + 1)], prepend=0.0)
+
+    row = layers([d.spec for d in members])
+    kept = layers([d.spec.slower(1 / d.spec.sustained_share) for d in members])  # (each busy all the time)
     keep, lead = list(group.others), group.members[0]
     ends = keep + [lead]
     transfer = table.transfer[np.ix_(ends, ends)]
@@ -306,7 +314,7 @@ def with_group(spec: ModelSpec, cluster: Cluster, table: CostTable, group: Tenso
         [*table.capacity[keep], min(table.capacity[m] / f for m, f in zip(group.members, group.fractions,
                                                                           strict=True))],
         transfer, None if table.source is None else ends.index(table.source), table.return_to_source,
-        [*table.hosts[keep], table.hosts[lead]], [*table.share[keep], min(table.share[list(group.members)])],
+        [*table.hosts[keep], table.hosts[lead]], [*table.share[keep], row.sum() / kept.sum()],
         [*table.burst[keep], min(table.burst[list(group.members)])],
         [*table.task[keep], max(table.task[list(group.members)])],
         [*table.machines[keep], table.machines[lead]], [*table.crowded[keep], min(table.crowded[list(group.members)])],
@@ -345,29 +353,97 @@ def planning_batch(objective: str, batch: int | None = None, running: int | None
     return (running or EngineConfig.max_num_seqs) if objective == "throughput" else 1
 
 
-def plan_cluster(spec: ModelSpec, cluster: Cluster, objective: str = "latency", *, batch: int | None = None,
-                 context: int = 512, quant: str | None = None,
-                 kv_tokens: int = DEFAULT_KV_TOKENS) -> tuple[Plan, dict[str, Any]]:
-    """The DP's plan, and a summary with its stages and the baselines' values under the same costs
-    (batch: planning_batch's default)."""
-    from shardwise.planner import baselines
-    from shardwise.planner.partition import STAGE_GAIN, solve
+@dataclass(frozen=True)
+class Planned:
+    """The planner's plans over a cluster: the DP's best pipeline (`result`, under `table`'s costs)
+    and its best plan with a tensor-parallel stage (`tensor`, for `group`, under `grouped`'s)."""
 
-    batch = planning_batch(objective, batch)
+    table: CostTable
+    result: PlanResult
+    group: TensorGroup | None = None
+    tensor: PlanResult | None = None
+    grouped: CostTable | None = None
 
+    @property
+    def pays(self) -> bool:
+        """Whether the tensor-parallel plan beats the pipeline by the gain a stage must bring."""
+        return self.tensor is not None and self.tensor.value * STAGE_GAIN < self.result.value
+
+    @property
+    def value(self) -> float:
+        return self.tensor.value if self.pays else self.result.value
+
+    def plan(self, cluster: Cluster) -> Plan:
+        return to_plan(self.tensor, cluster, self.group) if self.pays else to_plan(self.result, cluster)
+
+
+def best_plans(spec: ModelSpec, cluster: Cluster, objective: str, *, batch: int, context: int = 512,
+               quant: str | None = None, kv_tokens: int = DEFAULT_KV_TOKENS) -> Planned:
+    """The DP's plan over the cluster, and over each tensor-parallel group worth costing."""
     table = cost_table(spec, cluster, batch=batch, context=context, quant=quant, kv_tokens=kv_tokens)
-    result = solve(table, objective, STAGE_GAIN)
-    best_group, tensor, grouped_table = None, None, None  # the best plan with a tensor-parallel stage: does it pay?
+    best = Planned(table, solve(table, objective, STAGE_GAIN))
     for group in tensor_groups(spec, cluster, table):
         grouped = with_group(spec, cluster, table, group, batch=batch, context=context, quant=quant)
         try:
             found = solve(grouped, objective, STAGE_GAIN)
         except ShardwiseError:  # (nothing fits with this group)
             continue
-        if any(d == len(group.others) for d, _, _ in found.stages) and (tensor is None or found.value < tensor.value):
-            best_group, tensor, grouped_table = group, found, grouped
-    pays = tensor is not None and tensor.value * STAGE_GAIN < result.value
-    stages = (stage_estimates(cluster, grouped_table, tensor.stages, best_group) if pays
+        if any(d == len(group.others) for d, _, _ in found.stages) and (
+                best.tensor is None or found.value < best.tensor.value):
+            best = Planned(table, best.result, group, found, grouped)
+    return best
+
+
+def plan_devices(cluster: Cluster, plan: Plan) -> list[list[int]]:
+    """Per stage, the cluster device each of its devices runs on (by node and torch device); a
+    ValueError for a device on no device of the cluster."""
+    found: list[int] = []
+    members = []
+    for stage in plan.stages:
+        mine = []
+        for placement, _ in stage.shares:
+            matches = [i for i, d in enumerate(cluster.devices)
+                       if d.node == placement and d.torch_device == stage.device]
+            if not matches:
+                raise ValueError(f"stage on {placement}/{stage.device} is on no device of the cluster")
+            mine.append(next((i for i in matches if i not in found), matches[0]))
+            found.append(mine[-1])
+        members.append(mine)
+    return members
+
+
+def plan_value(spec: ModelSpec, cluster: Cluster, plan: Plan, objective: str, *, batch: int, context: int = 512,
+               quant: str | None = None, kv_tokens: int = DEFAULT_KV_TOKENS) -> float | None:
+    """A plan's seconds per step as the planner costs it (None: a stage does not fit); a ValueError
+    for a plan it cannot cost: more than one tensor-parallel stage, or a device of the cluster
+    holding two of a plan's devices where one is in a tensor-parallel stage."""
+    members = plan_devices(cluster, plan)
+    table = cost_table(spec, cluster, batch=batch, context=context, quant=quant, kv_tokens=kv_tokens)
+    split = [k for k, m in enumerate(members) if len(m) > 1]
+    if not split:
+        stages = [(m[0], *s.layers) for m, s in zip(members, plan.stages, strict=True)]
+        return baselines.evaluate(table, stages, objective)
+    flat = [d for m in members for d in m]
+    if len(split) > 1 or len(set(flat)) < len(flat):
+        raise ValueError("the planner costs one tensor-parallel stage, on devices of the cluster no other "
+                         "of the plan's devices is on")
+    stage = plan.stages[split[0]]
+    group = TensorGroup(tuple(members[split[0]]), tuple(f for _, f in stage.shares),
+                        tuple(d for d in range(len(cluster.devices)) if d not in members[split[0]]))
+    grouped = with_group(spec, cluster, table, group, batch=batch, context=context, quant=quant)
+    return baselines.evaluate(grouped, [(len(group.others) if len(m) > 1 else group.others.index(m[0]), *s.layers)
+                              for m, s in zip(members, plan.stages, strict=True)], objective)
+
+
+def plan_cluster(spec: ModelSpec, cluster: Cluster, objective: str = "latency", *, batch: int | None = None,
+                 context: int = 512, quant: str | None = None,
+                 kv_tokens: int = DEFAULT_KV_TOKENS) -> tuple[Plan, dict[str, Any]]:
+    """The DP's plan, and a summary with its stages and the baselines' values under the same costs
+    (batch: planning_batch's default)."""
+    batch = planning_batch(objective, batch)
+    best = best_plans(spec, cluster, objective, batch=batch, context=context, quant=quant, kv_tokens=kv_tokens)
+    table, result, tensor = best.table, best.result, best.tensor
+    stages = (stage_estimates(cluster, best.grouped, tensor.stages, best.group) if best.pays
               else stage_estimates(cluster, table, result.stages))
     flops = [d.spec.peak_flops(d.spec.default_dtype) for d in cluster.devices]
     others = {"even (vLLM)": baselines.even(table), "memory-proportional (exo, llama.cpp)":
@@ -386,18 +462,17 @@ def plan_cluster(spec: ModelSpec, cluster: Cluster, objective: str = "latency", 
         "stages": stages,
         "dp": {"value": result.value, "layout": layout(result.stages)},
         "tensor_parallel": None if tensor is None else {
-            "value": tensor.value, "layout": layout(tensor.stages, best_group), "pays": pays, "gain": STAGE_GAIN,
+            "value": tensor.value, "layout": layout(tensor.stages, best.group), "pays": best.pays, "gain": STAGE_GAIN,
             "pipeline_value": result.value},
         "declined": None if result.declined is None else {"value": result.declined.value, "gain": STAGE_GAIN,
                                                           "layout": layout(result.declined.stages)},
         "baselines": {name: {"value": baselines.evaluate(table, st, objective), "layout": layout(st)}
                       for name, st in others.items()},
     }
-    if pays:
+    if best.pays:
         summary["dp"] = {"value": tensor.value, "layout": summary["tensor_parallel"]["layout"]}
         summary["declined"] = None
-        return to_plan(tensor, cluster, best_group), summary
-    return to_plan(result, cluster), summary
+    return best.plan(cluster), summary
 
 
 def split_for_client(spec: ModelSpec, client: DeviceSpec, server: DeviceSpec, link: LinkSpec, sla: float, *,
