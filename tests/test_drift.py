@@ -94,3 +94,29 @@ def test_a_node_that_joins_is_planned_in_when_it_pays_and_scaled_as_the_others(w
     kept = watch.offer(ClusterDevice("d", load_device("x86-cpu"), 8e9, "10.0.0.4"), crawl, calibrated=False)
     assert kept.plan is None and "node d joined: offered to the planner, the plan stays" in kept.message
     assert watch.cluster.devices[-1].spec.bandwidth == pytest.approx(load_device("x86-cpu").bandwidth / 2)
+
+
+def test_a_tensor_parallel_stage_is_judged_by_device_and_its_work_moves_off_a_slow_one(monkeypatch):
+    """Each device of a stage split between two nodes reports its own seconds (not the sums that
+    wait for the other): the one that slows down is named, and the new plan gives it less work."""
+    from shardwise.planner.plan import Plan
+
+    monkeypatch.setattr(drift, "WARMUP_S", 0.0)
+    monkeypatch.setattr(drift, "CHECK_EVERY_S", 0.05)
+    cluster = Cluster.from_dict({"devices": [{"name": n, "type": "x86-cpu", "node": f"10.0.0.{i}"}
+                                             for i, n in enumerate("ab", 1)], "default_link": "infiniband-ndr"})
+    plan = Plan.from_dict({"stages": [{"layers": [0, 30], "placement": "10.0.0.1", "devices": [
+        {"placement": "10.0.0.1", "share": 1}, {"placement": "10.0.0.2", "share": 1}]}]})
+    watch = DriftWatch(SPEC, cluster, plan, quant="int4", objective="latency", kv_tokens=4096, threshold=1.5,
+                       window_s=0.4)
+    first, second = watch.predict(DECODE)
+    assert first > second > 0  # (the first device also runs the embedding and the LM head)
+    assert feed(watch, [1.0, 1.0], 0.6) == []
+    verdicts = feed(watch, [1.0, 4.0], 0.6)
+    assert len(verdicts) == 1 and "node b ran 4.00x" in verdicts[0].message, verdicts
+    moved = verdicts[0].plan
+
+    def share_of_b(p: Plan) -> float:
+        return sum((s.layers[1] - s.layers[0]) * f for s in p.stages for node, f in s.shares if node == "10.0.0.2")
+
+    assert moved is not None and share_of_b(moved) < share_of_b(plan) - 3, moved

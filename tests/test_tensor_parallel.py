@@ -98,15 +98,17 @@ def devices(ray_session):
             out = run_prompts([shard], batch)
             return out.numpy() if shard.is_last else None
 
-        def sums(self, rank: int, port: int, floats: int) -> tuple[list[float], object]:
-            """Each device's part (rank + 1 everywhere) summed, and the first device's message heard."""
+        def sums(self, rank: int, port: int, floats: int) -> tuple[list[float], object, list[float]]:
+            """Each device's part (rank + 1 everywhere) summed, the first device's message heard,
+            and every device's number (rank + 0.5) gathered."""
             from shardwise.engine.collective import TensorGroup
 
             group = TensorGroup(rank, 3, ("127.0.0.1", port), "127.0.0.1", torch.device("cpu"))
             x = group.all_reduce(torch.full((floats,), rank + 1.0))
             heard = group.tell(("step", [rank] * 1000)) if rank == 0 else group.hear()
+            gathered = group.gather(rank + 0.5)
             group.close()
-            return x.unique().tolist(), heard
+            return x.unique().tolist(), heard, gathered
 
     actors = [Device.remote() for _ in range(3)]
     yield actors
@@ -137,14 +139,16 @@ def test_every_architecture_split_2_3_and_3_to_1_gives_one_device_logits(name, d
 
 def test_parts_larger_than_the_connections_buffers_sum_and_calls_arrive_whole(devices, ray_session):
     """32 MB parts each way between three devices (a device that sent all before it received
-    would wait forever for the others); the first device's call reaches every other whole."""
+    would wait forever for the others); the first device's call reaches every other whole, and
+    it gathers every device's number in rank order."""
     from shardwise.engine.collective import open_store
 
     store, port = open_store("127.0.0.1")
     got = ray_session.get([d.sums.remote(rank, port, 8 << 20) for rank, d in enumerate(devices)], timeout=120)
     del store
-    assert [sums for sums, _ in got] == [[6.0]] * 3
-    assert [heard for _, heard in got] == [None, ("step", [0] * 1000), ("step", [0] * 1000)]
+    assert [sums for sums, _, _ in got] == [[6.0]] * 3
+    assert [heard for _, heard, _ in got] == [None, ("step", [0] * 1000), ("step", [0] * 1000)]
+    assert [gathered for _, _, gathered in got] == [[0.5, 1.5, 2.5], [1.5], [2.5]]
 
 
 def pids_of(llm: LLM) -> list[int]:
@@ -185,6 +189,31 @@ def test_the_default_model_split_3_to_1_and_within_a_pipeline_equals_one_device(
         while time.time() < deadline and any(psutil.pid_exists(p) for p in pids):
             time.sleep(0.2)
         assert not any(psutil.pid_exists(p) for p in pids)
+
+
+def test_each_device_of_a_split_stage_reports_its_own_seconds_to_the_drift_watch(ray_session, tmp_path,
+                                                                              monkeypatch):
+    """With a cluster file, each device brings back its own seconds of compute for a step,
+    without the sums (where it waits for the other), and the watch predicts each: one predicted
+    and one measured figure per device, the stage shown as its slowest device."""
+    from shardwise.cluster import drift
+
+    monkeypatch.setattr(drift, "WARMUP_S", 0.0)
+    monkeypatch.setattr(drift, "CHECK_EVERY_S", 0.05)
+    cluster = tmp_path / "here.yaml"
+    cluster.write_text("devices:\n  - {name: here, type: x86-cpu, count: 2}\n")
+    plan = {"stages": [{"layers": [0, 30], "devices": [{"share": 1}, {"share": 1}]}]}
+    split_llm = LLM(plan=plan, cluster=str(cluster), dtype="int4")
+    try:
+        split_llm.generate(TEXT_PROMPTS[0], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+        watch, stats, timing = split_llm.executor.watch, split_llm.executor.stats(), split_llm.executor.timing()
+    finally:
+        split_llm.close()
+    assert watch is not None and len(watch.samples) > 10
+    assert all(len(p) == len(m) == 2 and min(p + m) > 0 for _, p, m in watch.samples)
+    assert len(timing) == 1 and timing[0] == max(watch.medians, key=lambda m: m[1])
+    for k, device in enumerate(stats[0]["devices"]):  # (the samples are decode steps: fewer than every step)
+        assert sum(m[k] for _, _, m in watch.samples) < device["busy_s"] - device["collective_s"]
 
 
 @pytest.mark.slow

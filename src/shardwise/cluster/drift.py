@@ -1,8 +1,9 @@
 """Drift: each node's measured speed against the estimator's, while serving; a new plan when it pays.
 
-Every pipeline step brings back its stages' seconds of compute with its tokens, and the
-estimator predicts each stage's seconds for that step's work (decodes at their cached
-context) from the cluster file's profiles. The first window calibrates: the ratio all nodes
+Every pipeline step brings back its stages' seconds of compute with its tokens (a
+tensor-parallel stage's, each device's own, without the sums that wait for the others), and
+the estimator predicts each of them for that step's work (decodes at their cached context)
+from the cluster file's profiles. The first window calibrates: the ratio all nodes
 share (the estimator's own error for this model and dtype) scales every node's profile, used
 or not, so a node left out of the plan is not left looking faster than the rest. After that,
 a node whose measured seconds stay beyond a threshold of the predicted (or below it, while
@@ -26,13 +27,19 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from shardwise.model.spec import ModelSpec
-from shardwise.perf.estimate import Stage, stage_time
+from shardwise.perf.estimate import Stage, device_times
 from shardwise.perf.hardware import LinkSpec
 from shardwise.perf.operators import Work
-from shardwise.planner.baselines import evaluate
-from shardwise.planner.partition import STAGE_GAIN, solve
 from shardwise.planner.plan import Plan
-from shardwise.planner.topology import Cluster, ClusterDevice, cost_table, planning_batch, precision, to_plan
+from shardwise.planner.topology import (
+    Cluster,
+    ClusterDevice,
+    best_plans,
+    plan_devices,
+    plan_value,
+    planning_batch,
+    precision,
+)
 
 REPLAN_GAIN = 1.15  # a new plan must be predicted this much faster than the running one to move
 MIN_STEPS = 8  # steps a window needs before it judges
@@ -61,32 +68,34 @@ class DriftWatch:
         self.follow(plan)
 
     def follow(self, plan: Plan) -> None:
-        """Watch `plan` (just started) from a fresh window."""
+        """Watch `plan` (just started) from a fresh window (a ValueError for a plan the planner
+        cannot cost, which is not watched)."""
+        self._value(plan)
         self.plan = plan
-        self.devices = self._devices_of(plan)
+        self.members = plan_devices(self.cluster, plan)  # per stage, the cluster device of each of its devices
+        self.devices = [d for members in self.members for d in members]  # what a step's seconds are of
         self.hosts = [self.cluster.hosts()[d] for d in self.devices]
         self.samples: deque[tuple[float, list[float], list[float]]] = deque()  # (time, predicted, measured)
         self.since: float | None = None  # when decode steps start to count (after a warm-up)
         self._checked = time.monotonic()
-        self.medians: list[tuple[float, float]] = []  # per stage: (predicted, measured) over the last window
+        self.medians: list[tuple[float, float]] = []  # per device: (predicted, measured) over the last window
 
-    def _devices_of(self, plan: Plan) -> list[int]:
-        """The cluster device each stage runs on (a stage's node and torch device)."""
-        found = []
-        for stage in plan.stages:
-            matches = [i for i, d in enumerate(self.cluster.devices)
-                       if d.node == stage.placement and d.torch_device == stage.device]
-            if not matches:
-                raise ValueError(f"stage on {stage.placement}/{stage.device} is on no device of the cluster")
-            found.append(next((i for i in matches if i not in found), matches[0]))
-        return found
+    def _value(self, plan: Plan) -> float | None:
+        return plan_value(self.spec, self.cluster, plan, self.objective, batch=self.batch, quant=self.quant,
+                          kv_tokens=self.kv_tokens)
 
     def predict(self, work: Work) -> list[float]:
-        """Each stage's predicted seconds of compute for one step of `work`, at its node's sustained
-        speed (a node under a quota that idles between steps runs them faster: see observe)."""
-        specs = [self.cluster.devices[d].spec for d in self.devices]  # (compute only: what a stage times)
-        return [stage_time(self.spec, Stage(spec, a, b), work, precision(spec, self.quant)) / spec.sustained_share
-                for spec, (a, b) in zip(specs, (s.layers for s in self.plan.stages), strict=True)]
+        """Each device's predicted seconds of compute for one step of `work`, at its node's
+        sustained speed (a node under a quota that idles between steps runs them faster: see
+        observe)."""
+        predicted = []
+        for stage, members in zip(self.plan.stages, self.members, strict=True):
+            specs = [self.cluster.devices[d].spec for d in members]
+            group = tuple(zip(specs, (f for _, f in stage.shares), strict=True)) if stage.devices else ()
+            times = device_times(self.spec, Stage(specs[0], *stage.layers, group=group), work,
+                                 precision(specs[0], self.quant))
+            predicted += [t / spec.sustained_share for t, spec in zip(times, specs, strict=True)]
+        return predicted
 
     def observe(self, work: Work, measured: tuple[float, ...], judge: bool = True) -> Verdict | None:
         """Record one step; a Verdict once a node has drifted for a window. Only decode steps
@@ -155,16 +164,15 @@ class DriftWatch:
 
     def _replan(self, what: str, done: str) -> Verdict:
         """Plan over the cluster as it now is; a Verdict to move if that beats the running plan."""
-        table = cost_table(self.spec, self.cluster, batch=self.batch, quant=self.quant, kv_tokens=self.kv_tokens)
-        running = evaluate(table, [(d, *s.layers) for d, s in zip(self.devices, self.plan.stages, strict=True)],
-                           self.objective)
-        result = solve(table, self.objective, STAGE_GAIN)
-        plan = to_plan(result, self.cluster)
+        running = self._value(self.plan)
+        best = best_plans(self.spec, self.cluster, self.objective, batch=self.batch, quant=self.quant,
+                          kv_tokens=self.kv_tokens)
+        plan = best.plan(self.cluster)
         self.follow(self.plan)  # a fresh window, with the corrected speeds
-        same = [(s.layers, s.placement) for s in plan.stages] == [(s.layers, s.placement) for s in self.plan.stages]
-        keep = same or (running is not None and result.value * REPLAN_GAIN > running)
+        same = [(s.layers, s.shares) for s in plan.stages] == [(s.layers, s.shares) for s in self.plan.stages]
+        keep = same or (running is not None and best.value * REPLAN_GAIN > running)
         unit = "per token" if self.objective == "latency" else f"per step of {self.batch} sequences"
-        values = f"{result.value * 1e3:.1f} ms {unit}"
+        values = f"{best.value * 1e3:.1f} ms {unit}"
         values += "" if running is None else f" against {running * 1e3:.1f} now"
         if keep:
             return Verdict(None, f"{what}: {done}, the plan stays (a new plan would give {values})")

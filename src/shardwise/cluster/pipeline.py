@@ -146,10 +146,6 @@ class Pipeline:
         """Watch the stages' speeds against the cluster file's (without one, nothing predicts them)."""
         if self.cluster is None or not self.drift_threshold:
             return
-        if any(s.devices for s in plan.stages):
-            log.warning("not watching the stages' speeds: a tensor-parallel stage's time is not yet told apart by node")
-            self.watch = None
-            return
         try:
             if self.watch is None:
                 self.watch = DriftWatch(self.spec, self.cluster, plan, quant=self.dtype, objective=self.objective,
@@ -397,7 +393,8 @@ class Pipeline:
             name = next(n for n in (node.get("NodeName"), node["NodeManagerAddress"], node["NodeID"][:12])
                         if n and n not in names)
             stage_nodes = {self.watch.cluster.devices[d].name: n["NodeID"]
-                           for d, n in zip(self.watch.devices, self.nodes, strict=True)}
+                           for members, nodes in zip(self.watch.members, self.device_nodes, strict=True)
+                           for d, n in zip(members, nodes, strict=True)}
             self._joins[node["NodeID"]] = Join(node, name, self.watch.cluster, stage_nodes, str(self.model_path),
                                                self.spec.hidden_size).start()
             self.on_event("node joined", f"Ray node {name} joined: measuring its speed and links")
@@ -491,8 +488,11 @@ class Pipeline:
 
     def timing(self) -> list[tuple[float, float]]:
         """Per stage, the median (predicted, measured) seconds of a step over the watch's last
-        window; [] when nothing is watched."""
-        return self.watch.medians if self.watch else []
+        window (a tensor-parallel stage's: its slowest device's); [] when nothing is watched."""
+        if not self.watch or not self.watch.medians:
+            return []
+        medians = iter(self.watch.medians)
+        return [max((next(medians) for _ in members), key=lambda m: m[1]) for members in self.watch.members]
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"layers": list(s.layers), "device": s.device, "node": node, "pid": pid}

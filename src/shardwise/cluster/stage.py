@@ -176,22 +176,32 @@ class StageActor:
     def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
              previous: tuple[np.ndarray, tuple[float, ...]] | None, threads: tuple[int, ...]) -> tuple | Sampled:
         """Hidden states travel as float32 numpy arrays (zero-copy in Ray's object store), with
-        the seconds each stage so far computed; the last stage returns token ids (and any
-        logprobs asked for) only, with every stage's seconds. threads: how many cores this step
-        may use, on each of the stage's devices."""
+        the seconds each stage so far computed (a tensor-parallel stage's, each device's own,
+        without its sums: the time it waited for the others is theirs); the last stage returns
+        token ids (and any logprobs asked for) only, with every stage's seconds. threads: how
+        many cores this step may use, on each of the stage's devices."""
         mine = threads[self.group.rank if self.group else 0]
         if torch.get_num_threads() != mine:
             torch.set_num_threads(mine)
         hidden, seconds = previous or (None, ())
         self._others("step", seq_ids, chunks, sample, None if hidden is None else (hidden, ()), threads)
         inputs = None if hidden is None else torch.from_numpy(hidden.copy())
+        summed = self.group.seconds if self.group else 0.0
         try:
             out = self.worker.step(seq_ids, chunks, sample, inputs)
+            computed = [self.worker.last_step_s - (self.group.seconds - summed if self.group else 0.0)]
+            if self.group is not None:
+                computed = self.group.gather(computed[0])
         except ConnectionError:  # a device died
             self._lost()
+        except Exception:
+            if self.peers:  # the others may wait on a sum, or have sent their seconds: the stage cannot go on
+                log.exception("a tensor-parallel stage's step failed: the stage stops")
+                self._lost()
+            raise
         if self.group is not None and self.group.rank > 0:
             return None
-        seconds = (*seconds, self.worker.last_step_s)
+        seconds = (*seconds, *computed)
         if isinstance(out, torch.Tensor):
             return out.float().cpu().numpy(), seconds
         return out._replace(stage_seconds=seconds)

@@ -109,6 +109,17 @@ class TensorGroup:
         self.seconds += time.perf_counter() - started
         return x
 
+    def gather(self, value: float) -> list[float]:
+        """Every device's `value` on the first device, in rank order (the others send theirs and
+        go on: the first reads them once it is done, by when they have long arrived)."""
+        mine = np.array([value])
+        if self.rank > 0:
+            self._exchange([(self.peers[0], mine.view(np.uint8))], [])
+            return [value]
+        theirs = {other: np.empty(1) for other in self.peers}
+        self._exchange([], [(conn, theirs[other].view(np.uint8)) for other, conn in self.peers.items()])
+        return [value, *(float(theirs[rank][0]) for rank in range(1, self.size))]
+
     def tell(self, message: Any) -> None:
         """The first device: a message (any picklable object) to every other device."""
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
