@@ -119,10 +119,16 @@ def main() -> None:
             disturbed, rate = run(llm, streams, args.tokens, cut)
             print(f"  disturbed: {rate:.1f} tokens/s; texts identical: {disturbed == undisturbed}; "
                   f"re-plans: {llm.load().replans}")
-            for event in llm.events():
+            events = llm.events()
+            for event in events:
                 print(f"    {event['kind']}: {event['message']}")
+            deadline = time.monotonic() + 300
+            while llm.executor.moving and time.monotonic() < deadline:  # (a move still loading: let it land)
+                run(llm, streams, 4)
             print("  plan now:", stages(llm), llm.executor.plan.to_dict())
             after = statistics.median(run(llm, streams, args.tokens)[1] for _ in range(args.repeats))
+            for event in llm.events()[len(events):]:
+                print(f"    {event['kind']}: {event['message']}")
             print(f"  after the re-plan: {after:.1f} tokens/s")
         print("  re-profiling the lab at its new speeds")
         fresh_cluster = profiled_cluster(profiled, state.address, work, "after")
