@@ -25,6 +25,13 @@ namespace {
 
 constexpr int64_t BLOCK = 32;
 constexpr int GROUP = 4;
+// Weight blocks are prefetched this far ahead of the product (into the next rows: a matrix's rows
+// lie end to end). The hardware's prefetcher alone kept one core's stream of blocks at ~7 GB/s,
+// restarting at every 4 KB page; with this, a single-stream decode step of SmolLM2-135M int4 took
+// 6.3 ms where it took 9.4 (the two interleaved; 2048 bytes ahead did as well, 512 half as well).
+constexpr int64_t PREFETCH_BYTES = 4096;
+
+inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES), _MM_HINT_T0); }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -144,7 +151,10 @@ void group_product(const Weight& w, const QuantisedRows& x, int64_t r0, int64_t 
     __m256 even[R], odd[R];  // two chains of accumulators (even and odd blocks) hide the FMA latency
     for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();
     int64_t b = 0;
-    for (; b + 2 <= w.blocks; b += 2) step(b, even), step(b + 1, odd);
+    for (; b + 2 <= w.blocks; b += 2) {
+      prefetch(q + b * (Q4 ? 16 : 32));  // (two q4 blocks are half a cache line, two q8 blocks one)
+      step(b, even), step(b + 1, odd);
+    }
     if (b < w.blocks) step(b, even);
     for (int r = 0; r < R; r++) {
       float out = hsum(_mm256_add_ps(even[r], odd[r])) + (bias ? bias[n] : 0.0f);
@@ -175,7 +185,9 @@ Weight weight(int fmt, const uint8_t* qs, const uint16_t* scales, const uint16_t
 void dequantize_row(const Weight& w, int64_t n, float* out) {
   for (int64_t b = 0; b < w.blocks; b++) {
     __m256 v[4];
-    widen(w.qs + n * w.row_bytes + b * (w.q4 ? 16 : 32), w.q4, v);
+    const uint8_t* q = w.qs + n * w.row_bytes + b * (w.q4 ? 16 : 32);
+    if (b % 2 == 0) prefetch(q);
+    widen(q, w.q4, v);
     const __m256 s = _mm256_set1_ps(_cvtsh_ss(w.scales[n * w.blocks + b]));
     const __m256 m = _mm256_set1_ps(w.mins ? _cvtsh_ss(w.mins[n * w.blocks + b]) : 0.0f);
     for (int i = 0; i < 4; i++) _mm256_storeu_ps(out + b * BLOCK + 8 * i, _mm256_fmadd_ps(s, v[i], m));
