@@ -37,8 +37,12 @@ test: setup browser
 test-all: TESTS = slow or not slow
 test-all: test
 
+# llama-cpp-python without llama.cpp's AMX kernels, which crash on multi-token batches on
+# Sapphire-Rapids-class CPUs (see benchmarks/llama_server.py; uv keys its built wheel by these)
+NO_AMX = -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 bench: setup
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev,bench]'
+	$(BIN)/uv pip install -q --python $(BIN)/python -C cmake.define.CMAKE_C_FLAGS="$(NO_AMX)" \
+		-C cmake.define.CMAKE_CXX_FLAGS="$(NO_AMX)" -e '.[dev,bench]'
 	$(BIN)/python benchmarks/engine.py
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/pipeline.py

