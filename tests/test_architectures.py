@@ -240,9 +240,10 @@ def test_a_quantised_mixtral_computes_with_its_blocks(dtype, tmp_path):
     assert greedy([quantised], batch, NEW_TOKENS) == greedy([floats], batch, NEW_TOKENS)
 
 
-# the architectures whose layers are plain (no q/k or sandwich norms, SwiGLU, one RoPE): their
-# decode steps run all layers in one kernel call (shardwise.model.fused_decode)
-PLAIN = {"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM"}
+# the architectures whose decode steps run all layers in one kernel call (shardwise.model.fused_decode):
+# every dense one (Mixtral's experts are not in it)
+FUSED = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM",
+         "Gemma2ForCausalLM", "Gemma3ForCausalLM"}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int4"])
@@ -251,7 +252,7 @@ def test_decode_in_one_kernel_call_equals_layer_by_layer(model, dtype):
     hf, path = model
     weights = open_weights(path)
     fused, by_layer = (ShardModel(weights.spec, weights=weights, dtype=dtype) for _ in range(2))
-    assert (fused.fused is not None) == (type(hf).__name__ in PLAIN)
+    assert (fused.fused is not None) == (type(hf).__name__ in FUSED)
     if fused.fused is None:
         return
     by_layer.fused = None

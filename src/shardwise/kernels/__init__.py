@@ -1,6 +1,6 @@
 """shardwise's CPU kernels (cpu.cpp): products on quantised weights, a register-tiled fp32 product
-for few rows, decode attention over the paged KV pool, RMSNorm, SwiGLU's silu * up, and a whole
-decode step through plain layers (sw_decode_layers), built and loaded (ctypes) when the first
+for few rows, decode attention over the paged KV pool, RMSNorm, SwiGLU's and GeGLU's act * up,
+and a whole decode step through a shard's layers (sw_decode_layers), built and loaded (ctypes) when the first
 CPU shard is made (each weight's product is chosen then: shardwise.model.product).
 
 The library is built with the machine's C++ compiler against the installed torch (so its
@@ -45,16 +45,19 @@ class Matrix(ctypes.Structure):
 
 
 class DecodeLayer(ctypes.Structure):
-    """cpu.cpp's DecodeLayer: one plain decoder layer's weights and attention shape."""
+    """cpu.cpp's DecodeLayer: one decoder layer's weights and attention shape."""
     _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv_bias", ctypes.c_void_p),
                 ("qkv", Matrix), ("o", Matrix), ("gate_up", Matrix), ("down", Matrix), ("heads", ctypes.c_int64),
                 ("kv_heads", ctypes.c_int64), ("dim", ctypes.c_int64), ("window", ctypes.c_int64),
-                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("softcap", ctypes.c_float)]
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("post_attn_norm", ctypes.c_void_p),
+                ("post_mlp_norm", ctypes.c_void_p), ("gelu", ctypes.c_int64), ("local", ctypes.c_int64)]
 
 
 class DecodeStep(ctypes.Structure):
     """cpu.cpp's DecodeStep: where a decode step's tokens go (RoPE, KV pool slots)."""
     _fields_ = [("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("rotary", ctypes.c_int64),
+                ("local_cos", ctypes.c_void_p), ("local_sin", ctypes.c_void_p), ("local_rotary", ctypes.c_int64),
                 ("kv", ctypes.c_void_p), ("pool_slots", ctypes.c_int64), ("write_slots", ctypes.c_void_p),
                 ("slots", ctypes.c_void_p), ("totals", ctypes.c_void_p), ("seqs", ctypes.c_int64),
                 ("longest", ctypes.c_int64), ("direct_rows", ctypes.c_int64)]
@@ -93,14 +96,15 @@ def library() -> ctypes.CDLL | None:
     lib.sw_dequantize.argtypes = [ctypes.c_int, pointer, pointer, pointer, size, size, pointer]
     lib.sw_decode_attention.argtypes = [pointer, pointer, pointer, size, pointer, pointer, size, pointer, pointer,
                                         pointer, size, size, size, size, size, size, ctypes.c_float, ctypes.c_float,
-                                        pointer]
+                                        pointer, pointer, ctypes.c_float, pointer]
     lib.sw_rms_norm.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer]
     lib.sw_linear_f32.argtypes = [pointer, size, pointer, size, size, pointer, pointer]
     lib.sw_quant_linear_f32.argtypes = lib.sw_quant_linear.argtypes
-    lib.sw_silu_mul.argtypes = [pointer, size, size, pointer]
+    lib.sw_silu_mul.argtypes = lib.sw_gelu_mul.argtypes = [pointer, size, size, pointer]
     lib.sw_decode_layers.argtypes = [ctypes.POINTER(DecodeLayer), size, ctypes.POINTER(DecodeStep), size, pointer]
     for function in (lib.sw_quant_linear, lib.sw_dequantize, lib.sw_decode_attention, lib.sw_rms_norm,
-                     lib.sw_linear_f32, lib.sw_quant_linear_f32, lib.sw_silu_mul, lib.sw_decode_layers):
+                     lib.sw_linear_f32, lib.sw_quant_linear_f32, lib.sw_silu_mul, lib.sw_gelu_mul,
+                     lib.sw_decode_layers):
         function.restype = None
     return lib
 
@@ -113,9 +117,12 @@ def takes(t: torch.Tensor) -> bool:
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, write_slots: torch.Tensor, slots: torch.Tensor, totals: torch.Tensor,
-                     heads: int, window: int | None, scale: float, softcap: float | None) -> torch.Tensor:
+                     heads: int, window: int | None, scale: float, softcap: float | None,
+                     q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                     eps: float = 0.0) -> torch.Tensor:
     """A decode step's attention (one new token per sequence) from its fused projection qkv
-    [seqs, (heads + 2 kv_heads) * dim]: RoPE (cos, sin [seqs, rotary]) on q and k, k and v written
+    [seqs, (heads + 2 kv_heads) * dim]: each head of q and k RMS-normed by q_norm / k_norm [dim]
+    where given, RoPE (cos, sin [seqs, rotary]) on q and k, k and v written
     into the pool keys/values [kv_heads, pool_slots, dim] at write_slots, then attention over each
     sequence's slots [seqs, longest] (the first totals[s] valid), read in place. Returns
     [seqs, heads * dim]."""
@@ -126,7 +133,8 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     lib.sw_decode_attention(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[-1], keys.data_ptr(),
                             values.data_ptr(), pool_slots, write_slots.data_ptr(), slots.data_ptr(),
                             totals.data_ptr(), qkv.shape[0], slots.shape[1], heads, kv_heads, dim, window or 0,
-                            scale, softcap or 0.0, out.data_ptr())
+                            scale, softcap or 0.0, None if q_norm is None else q_norm.data_ptr(),
+                            None if k_norm is None else k_norm.data_ptr(), eps, out.data_ptr())
     return out
 
 
@@ -140,12 +148,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up [rows, 2 * inter] = [gate, up] (SwiGLU), in one pass."""
+def gated(gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """act(gate) * up for gate_up [rows, 2 * inter] = [gate, up], in one pass: silu (SwiGLU), or
+    with `gelu` the tanh-approximated gelu (GeGLU)."""
     lib = library()
     gate_up = gate_up.contiguous()
     out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2)
-    lib.sw_silu_mul(gate_up.data_ptr(), gate_up.shape[0], out.shape[1], out.data_ptr())
+    (lib.sw_gelu_mul if gelu else lib.sw_silu_mul)(gate_up.data_ptr(), gate_up.shape[0], out.shape[1], out.data_ptr())
     return out
 
 

@@ -1,7 +1,7 @@
 // shardwise's CPU kernels (AVX2, and AVX-512 where the CPU has it): matrix products that read
 // quantised weights directly, their dequantisation, decode attention over the paged KV pool,
-// RMSNorm, SwiGLU, a register-tiled fp32 product for few rows, and a decode step through plain
-// layers built from them.
+// RMSNorm, SwiGLU and GeGLU, a register-tiled fp32 product for few rows, and a decode step through
+// a shard's dense layers built from them.
 //
 // Weights come in blocks of 32 along each row. q8: int8 values, w = scale * q. q4: 16 bytes a
 // block, element j in the low nibble of byte j and element j + 16 in its high nibble (GGUF's
@@ -306,6 +306,20 @@ void attend_one(const float* qh, const float* kh, const float* vh, const int64_t
   }
 }
 
+// o = x / rms(x) * weight over one row of dim values (o may be x)
+inline void rms_norm_row(const float* xr, const float* weight, int64_t dim, float eps, float* o) {
+  __m256 squares = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= dim; i += 8) squares = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(xr + i), squares);
+  float total = hsum(squares);
+  for (; i < dim; i++) total += xr[i] * xr[i];
+  const float inverse = 1.0f / std::sqrt(total / dim + eps);
+  const __m256 iv = _mm256_set1_ps(inverse);
+  for (i = 0; i + 8 <= dim; i += 8)
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), iv), _mm256_loadu_ps(weight + i)));
+  for (; i < dim; i++) o[i] = xr[i] * inverse * weight[i];
+}
+
 // x rotated by RoPE (rotate-half, HF's convention) over its first `rotary` dims into out
 inline void rope(const float* x, const float* cos, const float* sin, int64_t rotary, int64_t dim, float* out) {
   const int64_t half = rotary / 2;
@@ -319,22 +333,29 @@ inline void rope(const float* x, const float* cos, const float* sin, int64_t rot
 }  // namespace
 
 // A decode step's attention from its fused q/k/v projection: qkv [seqs, (heads + 2 kv_heads) * dim].
-// RoPE (cos, sin: [seqs, rotary]) turns q and k; k and v are written into the pool at write_slots;
+// Each head of q and k is RMS-normed first where q_norm / k_norm ([dim]) are given (Qwen3, Gemma 3),
+// then RoPE (cos, sin: [seqs, rotary]) turns them; k and v are written into the pool at write_slots;
 // then each query attends to its sequence's slots (its new token included).
 extern "C" void sw_decode_attention(const float* qkv, const float* cos, const float* sin, int64_t rotary,
                                     float* keys, float* values, int64_t pool_slots, const int64_t* write_slots,
                                     const int64_t* slots, const int64_t* totals, int64_t seqs, int64_t longest,
                                     int64_t heads, int64_t kv_heads, int64_t dim, int64_t window, float scale,
-                                    float softcap, float* out) {
+                                    float softcap, const float* q_norm, const float* k_norm, float eps, float* out) {
   const int64_t group = heads / kv_heads, width = (heads + 2 * kv_heads) * dim;
   std::vector<float> q(seqs * heads * dim);
   at::parallel_for(0, seqs, 8, [&](int64_t s0, int64_t s1) {
+    std::vector<float> normed(dim);
+    // a head normed (into `normed`) where a norm is given, then turned into out
+    auto turn = [&](const float* head, const float* norm, const float* c, const float* n, float* out) {
+      if (norm) rms_norm_row(head, norm, dim, eps, normed.data());
+      rope(norm ? normed.data() : head, c, n, rotary, dim, out);
+    };
     for (int64_t s = s0; s < s1; s++) {
       const float *row = qkv + s * width, *c = cos + s * rotary, *n = sin + s * rotary;
-      for (int64_t h = 0; h < heads; h++) rope(row + h * dim, c, n, rotary, dim, &q[(s * heads + h) * dim]);
+      for (int64_t h = 0; h < heads; h++) turn(row + h * dim, q_norm, c, n, &q[(s * heads + h) * dim]);
       for (int64_t h = 0; h < kv_heads; h++) {
         const int64_t at = (h * pool_slots + write_slots[s]) * dim;
-        rope(row + (heads + h) * dim, c, n, rotary, dim, keys + at);
+        turn(row + (heads + h) * dim, k_norm, c, n, keys + at);
         const float* v = row + (heads + kv_heads + h) * dim;
         std::copy(v, v + dim, values + at);
       }
@@ -362,27 +383,18 @@ extern "C" void sw_decode_attention(const float* qkv, const float* cos, const fl
 // out = x / rms(x) * weight, per row of x [rows, dim]
 extern "C" void sw_rms_norm(const float* x, const float* weight, int64_t rows, int64_t dim, float eps, float* out) {
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++) {
-      const float* xr = x + r * dim;
-      float* o = out + r * dim;
-      __m256 squares = _mm256_setzero_ps();
-      int64_t i = 0;
-      for (; i + 8 <= dim; i += 8) squares = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(xr + i), squares);
-      float total = hsum(squares);
-      for (; i < dim; i++) total += xr[i] * xr[i];
-      const float inverse = 1.0f / std::sqrt(total / dim + eps);
-      const __m256 iv = _mm256_set1_ps(inverse);
-      for (i = 0; i + 8 <= dim; i += 8)
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), iv), _mm256_loadu_ps(weight + i)));
-      for (; i < dim; i++) o[i] = xr[i] * inverse * weight[i];
-    }
+    for (int64_t r = r0; r < r1; r++) rms_norm_row(x + r * dim, weight, dim, eps, out + r * dim);
   });
 }
 
-// SwiGLU's middle: out[r, i] = silu(g) * u for gate_up[r] = [g (inter values), u (inter values)], one pass
-// instead of torch's three (silu, a copy of the gate half, the product). silu(g) = g * sigmoid(g),
-// sigmoid from e = exp(-|g|): 1 / (1 + e) for g >= 0, e / (1 + e) below.
-extern "C" void sw_silu_mul(const float* gate_up, int64_t rows, int64_t inter, float* out) {
+// A gated MLP's middle: out[r, i] = act(g) * u for gate_up[r] = [g (inter values), u (inter values)], one
+// pass instead of torch's three (the activation, a copy of the gate half, the product). Both
+// activations are g * sigmoid(z): SwiGLU's silu with z = g, GeGLU's tanh-approximated gelu with
+// z = 2 sqrt(2 / pi) (g + 0.044715 g^3) (as 0.5 (1 + tanh(y)) = sigmoid(2 y)); sigmoid from
+// e = exp(-|z|): 1 / (1 + e) for z >= 0, e / (1 + e) below.
+template <bool GELU>
+void gated(const float* gate_up, int64_t rows, int64_t inter, float* out) {
+  constexpr float K0 = 1.5957691216057308f, K1 = 0.044715f;  // 2 sqrt(2 / pi), gelu's cubic term
   at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
     const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
     for (int64_t r = r0; r < r1; r++) {
@@ -392,13 +404,28 @@ extern "C" void sw_silu_mul(const float* gate_up, int64_t rows, int64_t inter, f
       int64_t i = 0;
       for (; i + 8 <= inter; i += 8) {
         const __m256 x = _mm256_loadu_ps(g + i);
-        const __m256 e = exp_nonpositive(_mm256_or_ps(x, sign));  // exp(-|x|)
-        const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, e, x), _mm256_add_ps(one, e));  // sign bit picks e
+        __m256 z = x;
+        if constexpr (GELU)
+          z = _mm256_mul_ps(_mm256_set1_ps(K0), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(K1), x),
+                                                                _mm256_mul_ps(x, x), x));
+        const __m256 e = exp_nonpositive(_mm256_or_ps(z, sign));  // exp(-|z|)
+        const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, e, z), _mm256_add_ps(one, e));  // sign bit picks e
         _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(x, sigmoid), _mm256_loadu_ps(u + i)));
       }
-      for (; i < inter; i++) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+      for (; i < inter; i++) {
+        const float z = GELU ? K0 * (K1 * g[i] * g[i] * g[i] + g[i]) : g[i];
+        o[i] = g[i] / (1.0f + std::exp(-z)) * u[i];
+      }
     }
   });
+}
+
+extern "C" void sw_silu_mul(const float* gate_up, int64_t rows, int64_t inter, float* out) {
+  gated<false>(gate_up, rows, inter, out);
+}
+
+extern "C" void sw_gelu_mul(const float* gate_up, int64_t rows, int64_t inter, float* out) {
+  gated<true>(gate_up, rows, inter, out);
 }
 
 // y[rows, n] = x[rows, k] . W[n, k]^T (+ bias) in fp32, for the few-row products of decode steps. Each
@@ -537,11 +564,15 @@ struct DecodeLayer {
   Matrix qkv, o, gate_up, down;
   int64_t heads, kv_heads, dim, window;
   float eps, scale, softcap;
+  const float *q_norm, *k_norm, *post_attn_norm, *post_mlp_norm;  // each null where the layer has none
+  int64_t gelu, local;  // GeGLU (else SwiGLU); the local RoPE (Gemma 3's sliding layers; else the global)
 };
 
 struct DecodeStep {
   const float *cos, *sin;
   int64_t rotary;
+  const float *local_cos, *local_sin;  // null where no layer turns by the local RoPE
+  int64_t local_rotary;
   float* kv;  // the shard's pool [layers, 2, kv_heads, pool_slots, dim]
   int64_t pool_slots;
   const int64_t *write_slots, *slots, *totals;
@@ -578,15 +609,18 @@ extern "C" void sw_decode_layers(const DecodeLayer* layers, int64_t count, const
     middle.resize(seqs * L.gate_up.n / 2);
     sw_rms_norm(x, L.attn_norm, seqs, hidden, L.eps, normed.data());
     matmul(L.qkv, normed.data(), seqs, step->direct_rows, L.qkv_bias, qkv.data());
-    sw_decode_attention(qkv.data(), step->cos, step->sin, step->rotary, keys, keys + head_slots, step->pool_slots,
+    sw_decode_attention(qkv.data(), L.local ? step->local_cos : step->cos, L.local ? step->local_sin : step->sin,
+                        L.local ? step->local_rotary : step->rotary, keys, keys + head_slots, step->pool_slots,
                         step->write_slots, step->slots, step->totals, seqs, step->longest, L.heads, L.kv_heads, L.dim,
-                        L.window, L.scale, L.softcap, attended.data());
+                        L.window, L.scale, L.softcap, L.q_norm, L.k_norm, L.eps, attended.data());
     matmul(L.o, attended.data(), seqs, step->direct_rows, nullptr, out.data());
+    if (L.post_attn_norm) sw_rms_norm(out.data(), L.post_attn_norm, seqs, hidden, L.eps, out.data());
     add_into(x, out.data(), seqs * hidden);
     sw_rms_norm(x, L.mlp_norm, seqs, hidden, L.eps, normed.data());
     matmul(L.gate_up, normed.data(), seqs, step->direct_rows, nullptr, gate_up.data());
-    sw_silu_mul(gate_up.data(), seqs, L.gate_up.n / 2, middle.data());
+    (L.gelu ? sw_gelu_mul : sw_silu_mul)(gate_up.data(), seqs, L.gate_up.n / 2, middle.data());
     matmul(L.down, middle.data(), seqs, step->direct_rows, nullptr, out.data());
+    if (L.post_mlp_norm) sw_rms_norm(out.data(), L.post_mlp_norm, seqs, hidden, L.eps, out.data());
     add_into(x, out.data(), seqs * hidden);
   }
 }

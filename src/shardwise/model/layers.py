@@ -156,16 +156,17 @@ def activations_compiled(tensors: dict[str, torch.Tensor]) -> bool:
 
 
 class Gate:
-    """act(gate) * up for gate_up = [gate, up] along the last dimension; SwiGLU by the kernels'
-    single pass where they take the activations."""
+    """act(gate) * up for gate_up = [gate, up] along the last dimension; SwiGLU and GeGLU by the
+    kernels' single pass where they take the activations."""
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor]):
         self.act = ACTIVATIONS[spec.activation]
-        self.compiled = self.act is F.silu and activations_compiled(tensors)
+        self.gelu = spec.activation == "gelu_pytorch_tanh"
+        self.compiled = activations_compiled(tensors)
 
     def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
         if self.compiled:
-            return kernels.silu_mul(gate_up)
+            return kernels.gated(gate_up, self.gelu)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act(gate) * up
 
@@ -233,8 +234,9 @@ class Block:
         self.o = product(tensors["o.weight"])
         self.mlp = SparseMoE(spec, tensors) if spec.num_experts else GatedMLP(spec, tensors)
         self.scale = (spec.query_scale or spec.head_dim) ** -0.5
-        # a pure decode step's attention in one kernel call (RoPE, KV writes, attention) where it applies
-        self.compiled_decode = self.q_norm is None and activations_compiled(tensors)
+        # a pure decode step's attention in one kernel call (q/k norms, RoPE, KV writes, attention) where
+        # the kernels take the activations
+        self.compiled_decode = activations_compiled(tensors)
 
     def __call__(self, x: torch.Tensor, batch: PackedBatch, cache: torch.Tensor) -> torch.Tensor:
         """cache: this layer's KV pool [2, kv_heads, slots, head_dim]."""
@@ -254,9 +256,10 @@ class Block:
         cos, sin = batch.rope[self.rope_kind]
         keys, values = cache[0], cache[1]  # [kv_heads, slots, head_dim]
         if not batch.chunks and self.compiled_decode:
+            norms = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
             return self.o(kernels.decode_attention(qkv, cos[:, 0], sin[:, 0], keys, values, batch.write_slots,
                                                    batch.decode_slots, batch.decode_totals, spec.num_heads,
-                                                   self.window, self.scale, spec.attn_softcap))
+                                                   self.window, self.scale, spec.attn_softcap, *norms, self.eps))
         q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
         q, k = q.view(tokens, spec.num_heads, spec.head_dim), k.view(tokens, spec.num_kv_heads, spec.head_dim)
         if self.q_norm is not None:
