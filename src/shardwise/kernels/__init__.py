@@ -1,7 +1,7 @@
 """shardwise's CPU kernels (cpu.cpp): products on quantised weights, a register-tiled fp32 product
 for few rows, decode attention over the paged KV pool, RMSNorm, SwiGLU's and GeGLU's act * up,
-and a whole decode step through a shard's layers (sw_decode_layers), built and loaded (ctypes) when the first
-CPU shard is made (each weight's product is chosen then: shardwise.model.product).
+and a whole decode step through a shard's layers (sw_decode_layers), built and loaded (ctypes)
+when the first CPU shard is made (each weight's product is chosen then: shardwise.model.product).
 
 The library is built with the machine's C++ compiler against the installed torch (so its
 threads are torch's own), once per source, torch version and CPU, into the shardwise cache;
