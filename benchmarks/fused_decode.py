@@ -87,7 +87,8 @@ def main() -> None:
                 continue
             by_layer.fused = None
             for batch in map(int, args.batch.split(",")):
-                decode(fused, batch, 2), decode(by_layer, batch, 2)  # warm-up
+                for shard in (fused, by_layer):  # warm-up
+                    decode(shard, batch, 2)
                 times: dict[str, list[float]] = {"fused": [], "by layer": []}
                 for _ in range(args.repeats):
                     seconds, ours = decode(fused, batch, args.steps)
