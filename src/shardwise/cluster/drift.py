@@ -70,7 +70,9 @@ class DriftWatch:
     def follow(self, plan: Plan) -> None:
         """Watch `plan` (just started) from a fresh window (a ValueError for a plan the planner
         cannot cost, which is not watched)."""
-        self._value(plan)
+        # its seconds per step as the planner costs it at the speeds now known (None: it does not fit)
+        self.value = plan_value(self.spec, self.cluster, plan, self.objective, batch=self.batch, quant=self.quant,
+                                kv_tokens=self.kv_tokens)
         self.plan = plan
         self.members = plan_devices(self.cluster, plan)  # per stage, the cluster device of each of its devices
         self.devices = [d for members in self.members for d in members]  # what a step's seconds are of
@@ -79,10 +81,6 @@ class DriftWatch:
         self.since: float | None = None  # when decode steps start to count (after a warm-up)
         self._checked = time.monotonic()
         self.medians: list[tuple[float, float]] = []  # per device: (predicted, measured) over the last window
-
-    def _value(self, plan: Plan) -> float | None:
-        return plan_value(self.spec, self.cluster, plan, self.objective, batch=self.batch, quant=self.quant,
-                          kv_tokens=self.kv_tokens)
 
     def predict(self, work: Work) -> list[float]:
         """Each device's predicted seconds of compute for one step of `work`, at its node's
@@ -164,11 +162,11 @@ class DriftWatch:
 
     def _replan(self, what: str, done: str) -> Verdict:
         """Plan over the cluster as it now is; a Verdict to move if that beats the running plan."""
-        running = self._value(self.plan)
+        self.follow(self.plan)  # a fresh window, with the corrected speeds
+        running = self.value
         best = best_plans(self.spec, self.cluster, self.objective, batch=self.batch, quant=self.quant,
                           kv_tokens=self.kv_tokens)
         plan = best.plan(self.cluster)
-        self.follow(self.plan)  # a fresh window, with the corrected speeds
         same = [(s.layers, s.shares) for s in plan.stages] == [(s.layers, s.shares) for s in self.plan.stages]
         keep = same or (running is not None and best.value * REPLAN_GAIN > running)
         unit = "per token" if self.objective == "latency" else f"per step of {self.batch} sequences"

@@ -162,9 +162,7 @@ def pacing(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> tuple[Dev
     # the speed they keep when crowded), and the two all-reduces in each layer hold every device
     # to the slowest; the first device's embedding and LM head come before and after the layers,
     # while the others wait for it (so it computes them alone, uncrowded)
-    times = [(device, _layer_operators(spec, stage, work, p, device, 1 / fraction))
-             for device, fraction in crowded(stage.group)]
-    device, ops = max(times, key=lambda t: _total(t[1], t[0]))
+    device, ops = max(_group_layers(spec, stage, work, p), key=lambda t: _total(t[1], t[0]))
     ops = _with_edges(spec, stage, work, p, stage.group[0][0], ops)
     n, ab = len(stage.group), dtype_bytes(p.activations)
     launcher = max((d for d, _ in stage.group), key=lambda d: d.collective_s)
@@ -179,6 +177,13 @@ def pacing(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> tuple[Dev
             collective("embedding_broadcast", "broadcast", n, work.tokens * spec.hidden_size * ab),
             launcher, stage.link))
     return device, ops + collectives
+
+
+def _group_layers(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> list[tuple[DeviceSpec, list]]:
+    """Each device of a tensor-parallel stage, as it runs crowded, with its operators for its
+    fraction of every layer."""
+    return [(device, _layer_operators(spec, stage, work, p, device, 1 / fraction))
+            for device, fraction in crowded(stage.group)]
 
 
 def crowded(group: tuple[tuple[DeviceSpec, float], ...]) -> tuple[tuple[DeviceSpec, float], ...]:
@@ -227,11 +232,8 @@ def device_times(spec: ModelSpec, stage: Stage, work: Work, p: Precision) -> lis
     pacing()), and the first's embedding and LM head."""
     if not stage.group:
         return [stage_time(spec, stage, work, p)]
-    times = []
-    for k, (device, fraction) in enumerate(crowded(stage.group)):
-        ops = _layer_operators(spec, stage, work, p, device, 1 / fraction)
-        times.append(_total(_with_edges(spec, stage, work, p, stage.group[0][0], ops) if k == 0 else ops, device))
-    return times
+    return [_total(_with_edges(spec, stage, work, p, stage.group[0][0], ops) if k == 0 else ops, device)
+            for k, (device, ops) in enumerate(_group_layers(spec, stage, work, p))]
 
 
 @dataclass(frozen=True)
