@@ -38,8 +38,8 @@ test-all: TESTS = slow or not slow
 test-all: test
 
 # llama-cpp-python without llama.cpp's AMX kernels, which crash on multi-token batches on
-# Sapphire-Rapids-class CPUs (see benchmarks/llama_server.py; uv keys its built wheel by these)
-NO_AMX = -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+# Sapphire-Rapids-class CPUs (see benchmarks/llama_server.py; x86 only: other compilers lack the flags)
+NO_AMX = $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 bench: setup
 	$(BIN)/uv pip install -q --python $(BIN)/python -C cmake.define.CMAKE_C_FLAGS="$(NO_AMX)" \
 		-C cmake.define.CMAKE_CXX_FLAGS="$(NO_AMX)" -e '.[dev,bench]'
