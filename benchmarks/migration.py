@@ -9,8 +9,10 @@ arrival: the pause (the gap between two tokens of any stream around the move, th
 "re-planned" event) and the tokens/s over the run. The two modes take turns, so the machine's drift hits both alike;
 medians over rounds, a ratio > 1 favours moving the KV. Also counted: the greedy texts the
 replay changed (a prefill sums in another order than the decodes did).
+--tensor-parallel N starts the server with one stage split among N devices instead: the move
+takes each sequence's key/value heads from every device of it.
 
-    python benchmarks/migration.py [--rounds 2] [--concurrency 16] [--max-tokens 500]
+    python benchmarks/migration.py [--rounds 2] [--concurrency 16] [--max-tokens 500] [--tensor-parallel 2]
 """
 
 from __future__ import annotations
@@ -63,12 +65,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=500)
     parser.add_argument("--dtype", default="int4")
+    parser.add_argument("--tensor-parallel", type=int, default=None)
     args = parser.parse_args()
+    layout = ("--stages", "2") if args.tensor_parallel is None else \
+        ("--stages", "1", "--tensor-parallel", str(args.tensor_parallel))
+    start = "15+15 layers" if args.tensor_parallel is None else f"one stage split {args.tensor_parallel} ways"
     modes = {"move KV": (), "replay": ("--no-move-kv",)}
     pauses, rates, texts = {m: [] for m in modes}, {m: [] for m in modes}, {}
     for r in range(args.rounds):
         for mode, flags in modes.items():
-            server, url = start_server("--stages", "2", "--dtype", args.dtype, "--kv-tokens", "32768", *flags)
+            server, url = start_server(*layout, "--dtype", args.dtype, "--kv-tokens", "32768", *flags)
             try:
                 texts[mode], arrivals = asyncio.run(run(url, args.concurrency, args.max_tokens))
                 moved = next(e for e in reversed(httpx.get(f"{url}/v1/dashboard/state").json()["events"])
@@ -88,8 +94,8 @@ def main() -> None:
     rows = [("pause after the new plan (s)", move, replay, replay / move),
             ("tokens/s over the run", med(rates["move KV"]), med(rates["replay"]),
              med(rates["move KV"]) / med(rates["replay"]))]
-    print_ratio_table(f"A move from 15+15 to 10+20 layers while {args.concurrency} streams of {args.max_tokens} "
-                      f"tokens run, half-way (SmolLM2-135M {args.dtype}, 2 local stages, {os.cpu_count()} cores), "
+    print_ratio_table(f"A move from {start} to 10+20 layers while {args.concurrency} streams of {args.max_tokens} "
+                      f"tokens run, half-way (SmolLM2-135M {args.dtype}, local stages, {os.cpu_count()} cores), "
                       f"medians of {args.rounds}", ("move KV", "replay"), rows)
 
 

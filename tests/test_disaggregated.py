@@ -88,6 +88,20 @@ def test_a_long_prompt_alone_prefills_where_it_will_decode(disaggregated, llm):
     assert all(scheduler.pool_seconds_per_token)  # both pools timed
 
 
+def test_pools_of_split_stages_hand_over_each_devices_own_heads(ray_session, expected):
+    """Both pools a stage split 2 ways (9 query heads on 3 key/value heads: one device holds
+    two, the other one): the prefill pool's devices give up their heads of each long prompt's
+    KV, the decode pool's take in theirs, and the outputs are one process's."""
+    split = {"stages": [{"layers": [0, 30], "devices": [{}, {}]}]}
+    llm = LLM(plan=split, prefill=split, dtype="float32", prefill_pool_min_tokens=32, max_batch_tokens=64)
+    try:
+        outputs = llm.generate(LONG + TEXT_PROMPTS[:1], [PARAMS[0]] * 3)
+        assert [o.token_ids for o in outputs] == [expected[p, 0] for p in LONG + TEXT_PROMPTS[:1]]
+        assert llm.scheduler.handoffs >= 1 and llm.scheduler.replayed_tokens == 0  # (one may prefill at home)
+    finally:
+        llm.close()
+
+
 def test_a_disaggregated_engine_refuses_a_move_and_bad_pools_clearly(disaggregated, tmp_path):
     with pytest.raises(ShardwiseError, match="restart it with the new plan"):
         disaggregated.move_to({"stages": [{"layers": [0, 30]}]})

@@ -107,8 +107,9 @@ def devices(ray_session):
             x = group.all_reduce(torch.full((floats,), rank + 1.0))
             heard = group.tell(("step", [rank] * 1000)) if rank == 0 else group.hear()
             gathered = group.gather(rank + 0.5)
+            reported = group.reports() if rank == 0 else group.report(("kv", [rank] * 1000))
             group.close()
-            return x.unique().tolist(), heard, gathered
+            return x.unique().tolist(), heard, (gathered, reported)
 
     actors = [Device.remote() for _ in range(3)]
     yield actors
@@ -140,7 +141,7 @@ def test_every_architecture_split_2_3_and_3_to_1_gives_one_device_logits(name, d
 def test_parts_larger_than_the_connections_buffers_sum_and_calls_arrive_whole(devices, ray_session):
     """32 MB parts each way between three devices (a device that sent all before it received
     would wait forever for the others); the first device's call reaches every other whole, and
-    it gathers every device's number in rank order."""
+    it gathers every device's number and message in rank order."""
     from shardwise.engine.collective import open_store
 
     store, port = open_store("127.0.0.1")
@@ -148,7 +149,47 @@ def test_parts_larger_than_the_connections_buffers_sum_and_calls_arrive_whole(de
     del store
     assert [sums for sums, _, _ in got] == [[6.0]] * 3
     assert [heard for _, heard, _ in got] == [None, ("step", [0] * 1000), ("step", [0] * 1000)]
-    assert [gathered for _, _, gathered in got] == [[0.5, 1.5, 2.5], [1.5], [2.5]]
+    assert [gathered for _, _, gathered in got] == [([0.5, 1.5, 2.5], [("kv", [1] * 1000), ("kv", [2] * 1000)]),
+                                                    ([1.5], None), ([2.5], None)]
+
+
+@pytest.mark.parametrize("shares", [(1, 1), (3, 1), (1, 1, 1, 1), (1,) * 9])
+def test_a_split_stages_kv_heads_come_apart_and_back_together(weights, shares):
+    """Each device's key/value heads taken from the KV of all of them (copies where a device's
+    query heads read a shared head), and put back together from the devices' parts: the same
+    KV, bit for bit."""
+    from shardwise.model.tensor_split import all_heads, heads_of
+
+    kv = np.random.default_rng(0).standard_normal((4, 2, weights.spec.num_kv_heads, 21, 8)).astype(np.float32)
+    slices = split(weights.spec, shares)
+    parts = [(s.kv_heads, heads_of(kv, s.kv_heads)) for s in slices]
+    assert all(p.shape[2] == len(heads) for heads, p in parts)
+    assert np.array_equal(all_heads(parts, weights.spec.num_kv_heads), kv)
+
+
+def test_sequences_move_out_of_and_into_a_split_stage_with_their_kv(ray_session, llm):
+    """Mid-reply, a stage split 2 ways moves to a pipeline of two plain stages and then to a
+    stage split 3:1: each time the split stage's devices give up or take in their own key/value
+    heads of every sequence, nothing is replayed, and the greedy reply is one device's."""
+    params = SamplingParams(max_tokens=160, temperature=0.0, ignore_eos=True)
+    expected = llm.generate(TEXT_PROMPTS[1], params)[0].token_ids
+    moves = [{"stages": [{"layers": [0, 12]}, {"layers": [12, 30]}]},
+             {"stages": [{"layers": [0, 30], "devices": [{"share": 3}, {"share": 1}]}]}]
+    split_llm = LLM(plan={"stages": [{"layers": [0, 30], "devices": [{}, {}]}]}, dtype="float32")
+    try:
+        scheduler, moved_at = split_llm.scheduler, []
+        for _, output in split_llm.stream_outputs(TEXT_PROMPTS[1], params):
+            if scheduler.replans > len(moved_at):
+                moved_at.append(len(output.token_ids))
+            if moves and len(output.token_ids) >= (moved_at[-1] if moved_at else 0) + 4 and \
+                    len(moved_at) == 2 - len(moves):
+                split_llm.move_to(moves.pop(0))
+        assert output.token_ids == expected
+        assert len(moved_at) == 2 and moved_at[-1] < len(expected), moved_at
+        assert scheduler.replayed_tokens == 0 and scheduler.stage_failures == 0
+        assert [len(s.get("devices", [s])) for s in split_llm.executor.stats()] == [2]
+    finally:
+        split_llm.close()
 
 
 def pids_of(llm: LLM) -> list[int]:

@@ -86,9 +86,6 @@ def ray_pipeline(stages: int | None = None, plan: Plan | str | Path | None = Non
             pools.append(_plan_of(llm, prefill))
         for pool in pools:
             pool.check_layers(llm.spec)  # both bad or good before either starts
-        if prefill is not None and any(s.devices for pool in pools for s in pool.stages):
-            raise ShardwiseError("disaggregated prefill moves the KV between pools, which tensor-parallel stages "
-                                 "cannot do yet: leave out the prefill pool or the stages' devices")
         pipelines = []
         try:
             for pool in pools:  # (the decode pool first: it starts Ray, and closes it last)

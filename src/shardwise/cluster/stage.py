@@ -4,7 +4,9 @@ A tensor-parallel stage is several such actors, one per device, each holding its
 every layer (model/tensor_split.py). The pipeline talks to the first alone: it starts the
 others on their nodes (they live and die with it), and passes every call on to them over the
 group's own connections, in order, so all the devices' KV pools hold the same sequences in the
-same slots and each device starts a step as soon as the first does.
+same slots and each device starts a step as soon as the first does. Sequences that move leave
+and arrive through the first device too, with the KV of all the model's key/value heads: it
+gathers the others' heads, and hands each its own.
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.shard import ShardModel, TensorPart, resolve_device
 from shardwise.engine.structured import model_grammars
 from shardwise.engine.worker import Moving, Sampled, Worker
-from shardwise.errors import ShardwiseError
-from shardwise.model.tensor_split import split
+from shardwise.model.tensor_split import RankSlice, all_heads, heads_of, split
 from shardwise.model.weights import open_weights
 
 log = logging.getLogger("shardwise.cluster")
@@ -69,6 +70,7 @@ class StageActor:
         logging.basicConfig(level=os.environ.get("SHARDWISE_LOG_LEVEL", "WARNING"),
                             format="%(asctime)s %(name)s: %(message)s")
         self.worker, self.group, self.peers = None, None, []
+        self.slices: list[RankSlice] = []  # a tensor-parallel stage's: each device's slice of a layer
 
     def load(self, model_path: str, layers: tuple[int, int], device: str, dtype: str | None,
              kv_tokens: int = 0, source: ray.actor.ActorHandle | None = None,
@@ -92,7 +94,8 @@ class StageActor:
                            for rank, peer in enumerate(self.peers, 1)]
             self.group = TensorGroup(tensor.rank, len(tensor.shares), address, host, resolve_device(device),
                                      store=store)
-            part = TensorPart(split(weights.spec, tensor.shares)[tensor.rank], self.group)
+            self.slices = split(weights.spec, tensor.shares)
+            part = TensorPart(self.slices[tensor.rank], self.group)
         shard = ShardModel(weights.spec, layers, weights=weights, device=device, dtype=dtype, tensor=part)
         shard.kv.hold_at_least(kv_tokens)
         self.worker = Worker(shard, model_grammars(path, weights))
@@ -155,23 +158,42 @@ class StageActor:
         self._others("reset")
         self.worker.reset()
 
-    def export(self, seq_ids: list[int]) -> dict[int, Moving]:
+    def export(self, seq_ids: list[int]) -> dict[int, Moving] | None:
         """KV travels as numpy arrays, as hidden states do (Ray pickles a torch tensor through
-        copies, ~5x slower)."""
-        self._stays()
-        return {i: m._replace(kv=m.kv.cpu().numpy()) for i, m in self.worker.export(seq_ids).items()}
+        copies, ~5x slower). A tensor-parallel stage's first device gathers the others' heads
+        (over the group's connections) and returns the KV with all of the model's heads, as one
+        device holding these layers would."""
+        if self.peers:
+            self._others("export", seq_ids)
+        mine = {i: m._replace(kv=m.kv.cpu().numpy()) for i, m in self.worker.export(seq_ids).items()}
+        if self.group is None:
+            return mine
+        if self.group.rank > 0:
+            self.group.report({i: m.kv for i, m in mine.items()})
+            return None
+        devices = [{i: m.kv for i, m in mine.items()}, *self.group.reports()]
+        return {i: m._replace(kv=all_heads([(s.kv_heads, d[i]) for s, d in zip(self.slices, devices, strict=True)],
+                                           self.worker.shard.spec.num_kv_heads))
+                for i, m in mine.items()}
 
     def adopt(self, *exports: dict[int, Moving]) -> None:
         """(Ray fetches each export from the old stage's node, read-only: the KV is only read,
-        into this stage's pool.)"""
-        self._stays()
+        into this stage's pool.) A tensor-parallel stage's first device sends each other device
+        its own heads."""
+        for rank in range(1, len(self.slices)):
+            self.group.tell(("_take_in", self._heads(exports, rank)), to=rank)
+        self._take_in(*self._heads(exports, 0))
+
+    def _heads(self, exports: tuple[dict[int, Moving], ...], rank: int) -> list[dict[int, Moving]]:
+        if not self.slices:
+            return list(exports)
+        heads = self.slices[rank].kv_heads
+        return [{i: m._replace(kv=heads_of(m.kv, heads)) for i, m in e.items()} for e in exports]
+
+    def _take_in(self, *exports: dict[int, Moving]) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             self.worker.adopt(*({i: m._replace(kv=torch.from_numpy(m.kv)) for i, m in e.items()} for e in exports))
-
-    def _stays(self) -> None:
-        if self.group is not None:
-            raise ShardwiseError("a tensor-parallel stage's KV cannot move yet: its sequences are replayed instead")
 
     def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
              previous: tuple[np.ndarray, tuple[float, ...]] | None, threads: tuple[int, ...]) -> tuple | Sampled:

@@ -120,16 +120,26 @@ class TensorGroup:
         self._exchange([], [(conn, theirs[other].view(np.uint8)) for other, conn in self.peers.items()])
         return [value, *(float(theirs[rank][0]) for rank in range(1, self.size))]
 
-    def tell(self, message: Any) -> None:
-        """The first device: a message (any picklable object) to every other device."""
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        framed = np.frombuffer(len(data).to_bytes(8, "little") + data, np.uint8)
-        self._exchange([(conn, framed) for conn in self.peers.values()], [])
+    def tell(self, message: Any, to: int | None = None) -> None:
+        """The first device: a message (any picklable object) to every other device, or to device `to`."""
+        framed = _framed(message)
+        self._exchange([(conn, framed) for rank, conn in self.peers.items() if to in (None, rank)], [])
 
     def hear(self) -> Any:
         """Another device: the first device's next message, however long it takes to come."""
-        conn, size = self.peers[0], np.empty(8, np.uint8)
-        self._exchange([], [(conn, size)], patient=True)
+        return self._message(self.peers[0], patient=True)
+
+    def report(self, message: Any) -> None:
+        """Another device: a message to the first device, which reads it with reports()."""
+        self._exchange([(self.peers[0], _framed(message))], [])
+
+    def reports(self) -> list[Any]:
+        """The first device: one message from each other device (report()), in rank order."""
+        return [self._message(self.peers[rank]) for rank in range(1, self.size)]
+
+    def _message(self, conn: socket.socket, patient: bool = False) -> Any:
+        size = np.empty(8, np.uint8)
+        self._exchange([], [(conn, size)], patient=patient)
         data = np.empty(int.from_bytes(size.tobytes(), "little"), np.uint8)
         self._exchange([], [(conn, data)])
         return pickle.loads(data)
@@ -179,6 +189,12 @@ class TensorGroup:
             dist.destroy_process_group()
         for conn in self.peers.values():
             conn.close()
+
+
+def _framed(message: Any) -> np.ndarray:
+    """A message as its length and its pickle."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return np.frombuffer(len(data).to_bytes(8, "little") + data, np.uint8)
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:

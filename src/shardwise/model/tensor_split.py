@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from shardwise.errors import ShardwiseError
 from shardwise.model.spec import ModelSpec
 
@@ -124,3 +126,21 @@ def split(spec: ModelSpec, shares: tuple[float, ...]) -> list[RankSlice]:
         even = all(read.count(kv) == len(read) // len(touched) for kv in touched)
         slices.append(RankSlice(rank, (a, b), tuple(touched if even else read), cols))
     return slices
+
+
+def heads_of(kv: np.ndarray, kv_heads: tuple[int, ...]) -> np.ndarray:
+    """A device's key/value heads of a sequence's KV holding all of the model's,
+    [layers, 2, kv_heads, length, head_dim] (what a stage takes in when its sequences move)."""
+    if kv_heads == tuple(range(kv.shape[2])):
+        return kv
+    return np.ascontiguousarray(kv[:, :, list(kv_heads)])
+
+
+def all_heads(parts: list[tuple[tuple[int, ...], np.ndarray]], num_kv_heads: int) -> np.ndarray:
+    """A sequence's KV with all of the model's key/value heads, from each device's (its
+    `kv_heads`, its KV): the inverse of heads_of (a copied head is taken from any device)."""
+    first = parts[0][1]
+    kv = np.empty((first.shape[0], 2, num_kv_heads, *first.shape[3:]), first.dtype)
+    for heads, part in parts:
+        kv[:, :, list(heads)] = part
+    return kv
