@@ -122,8 +122,7 @@ class TensorGroup:
 
     def tell(self, message: Any, to: int | None = None) -> None:
         """The first device: a message (any picklable object) to every other device, or to device `to`."""
-        framed = _framed(message)
-        self._exchange([(conn, framed) for rank, conn in self.peers.items() if to in (None, rank)], [])
+        self._send([conn for rank, conn in self.peers.items() if to in (None, rank)], message)
 
     def hear(self) -> Any:
         """Another device: the first device's next message, however long it takes to come."""
@@ -131,18 +130,33 @@ class TensorGroup:
 
     def report(self, message: Any) -> None:
         """Another device: a message to the first device, which reads it with reports()."""
-        self._exchange([(self.peers[0], _framed(message))], [])
+        self._send([self.peers[0]], message)
 
     def reports(self) -> list[Any]:
         """The first device: one message from each other device (report()), in rank order."""
         return [self._message(self.peers[rank]) for rank in range(1, self.size)]
 
+    def _send(self, conns: list[socket.socket], message: Any) -> None:
+        """A message as its sizes and pickle, then its arrays' memory apart (pickle's out-of-band
+        buffers: a sequence's KV is sent from where it lies and received into the array it
+        becomes, never copied whole), one after another (parts sent at once on one connection
+        would interleave)."""
+        buffers: list[pickle.PickleBuffer] = []
+        header = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+        raws = [np.frombuffer(b.raw(), np.uint8) for b in buffers]
+        sizes = np.array([len(header), len(raws), *(r.size for r in raws)], np.int64)
+        for part in (np.frombuffer(sizes.tobytes() + header, np.uint8), *raws):
+            self._exchange([(conn, part) for conn in conns], [])
+
     def _message(self, conn: socket.socket, patient: bool = False) -> Any:
-        size = np.empty(8, np.uint8)
-        self._exchange([], [(conn, size)], patient=patient)
-        data = np.empty(int.from_bytes(size.tobytes(), "little"), np.uint8)
-        self._exchange([], [(conn, data)])
-        return pickle.loads(data)
+        counts = np.empty(2, np.int64)
+        self._exchange([], [(conn, counts.view(np.uint8))], patient=patient)
+        rest = np.empty(8 * counts[1] + counts[0], np.uint8)  # the buffers' sizes, then the pickle
+        self._exchange([], [(conn, rest)])
+        buffers = [np.empty(n, np.uint8) for n in rest[:8 * counts[1]].view(np.int64)]
+        for buffer in buffers:
+            self._exchange([], [(conn, buffer)])
+        return pickle.loads(rest[8 * counts[1]:], buffers=buffers)
 
     def _exchange(self, sends: list[tuple[socket.socket, np.ndarray]],
                   receives: list[tuple[socket.socket, np.ndarray]], patient: bool = False) -> None:
@@ -189,12 +203,6 @@ class TensorGroup:
             dist.destroy_process_group()
         for conn in self.peers.values():
             conn.close()
-
-
-def _framed(message: Any) -> np.ndarray:
-    """A message as its length and its pickle."""
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return np.frombuffer(len(data).to_bytes(8, "little") + data, np.uint8)
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
