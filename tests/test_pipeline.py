@@ -159,6 +159,23 @@ def test_a_plan_whose_stages_fail_to_load_is_given_up_and_the_old_stages_serve_o
     assert pipeline.generate(TEXT_PROMPTS[0], GREEDY)[0].token_ids
 
 
+def test_bfloat16_stages_move_with_their_kv(ray_session):
+    """bfloat16 KV (a GPU's default), which numpy lacks, travels as its bits: a move mid-reply
+    carries it over, nothing replayed, the reply as undisturbed (a replay would sum its prompt
+    in another order, and bfloat16 rounds that into other tokens)."""
+    params = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)  # (the move's stages load meanwhile)
+    bf16 = LLM(stages=2, dtype="bfloat16")
+    try:
+        expected = bf16.generate(TEXT_PROMPTS[0], params)[0].token_ids
+        for _, output in bf16.stream_outputs(TEXT_PROMPTS[0], params):
+            if len(output.token_ids) == 4:
+                bf16.move_to({"stages": [{"layers": [0, 10]}, {"layers": [10, 30]}]})
+        assert output.token_ids == expected
+        assert bf16.scheduler.replans == 1 and bf16.scheduler.replayed_tokens == 0
+    finally:
+        bf16.close()
+
+
 @pytest.mark.parametrize("stages, message", [
     ([[0, 10], [12, 30]], "gap"),
     ([[0, 15], [10, 30]], "overlap"),

@@ -61,6 +61,17 @@ def actor_on(node_id: str) -> Any:
                               runtime_env=stage_env())
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor's memory as numpy's: bfloat16, which numpy lacks, as its bits (uint16)."""
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _torch(a: np.ndarray) -> torch.Tensor:
+    """The tensor _numpy() gave (KV is never an integer type: uint16 is bfloat16's bits)."""
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if a.dtype == np.uint16 else t
+
+
 @ray.remote(num_cpus=0)  # threads are set per stage by the plan, not by Ray's CPU accounting
 class StageActor:
     """Started empty, then load()s its layers; or kept empty a while as a warm spare (process up,
@@ -165,7 +176,7 @@ class StageActor:
         device holding these layers would."""
         if self.peers:
             self._others("export", seq_ids)
-        mine = {i: m._replace(kv=m.kv.cpu().numpy()) for i, m in self.worker.export(seq_ids).items()}
+        mine = {i: m._replace(kv=_numpy(m.kv.cpu())) for i, m in self.worker.export(seq_ids).items()}
         if self.group is None:
             return mine
         if self.group.rank > 0:
@@ -193,7 +204,7 @@ class StageActor:
     def _take_in(self, *exports: dict[int, Moving]) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            self.worker.adopt(*({i: m._replace(kv=torch.from_numpy(m.kv)) for i, m in e.items()} for e in exports))
+            self.worker.adopt(*({i: m._replace(kv=_torch(m.kv)) for i, m in e.items()} for e in exports))
 
     def step(self, seq_ids: list[int], chunks: list[list[int]], sample: list[bool],
              previous: tuple[np.ndarray, tuple[float, ...]] | None, threads: tuple[int, ...]) -> tuple | Sampled:
