@@ -362,8 +362,9 @@ extern "C" void sw_decode_attention(const float* qkv, const float* cos, const fl
       }
     }
   });
-  // a second thread pays off from a few thousand (position, head) pairs
-  const int64_t grain = (4096 + longest - 1) / (longest > 0 ? longest : 1);
+  // a second thread pays off from a few hundred (position, head) pairs (on a 2-core Xeon a single
+  // stream's step at 400 positions: 10.4 ms with attention on one thread, 7.2 on two)
+  const int64_t grain = (256 + longest - 1) / (longest > 0 ? longest : 1);
   at::parallel_for(0, seqs * heads, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     for (int64_t t = t0; t < t1; t++) {
