@@ -30,7 +30,7 @@ from shardwise.engine.sampling import SamplingParams
 from shardwise.engine.shard import ShardModel, TensorPart, resolve_device
 from shardwise.engine.structured import model_grammars
 from shardwise.engine.worker import Moving, Sampled, Worker
-from shardwise.model.tensor_split import RankSlice, all_heads, heads_of, split
+from shardwise.model.tensor_split import RankSlice, heads_of, put_heads, split
 from shardwise.model.weights import open_weights
 
 log = logging.getLogger("shardwise.cluster")
@@ -171,21 +171,20 @@ class StageActor:
 
     def export(self, seq_ids: list[int]) -> dict[int, Moving] | None:
         """KV travels as numpy arrays, as hidden states do (Ray pickles a torch tensor through
-        copies, ~5x slower). A tensor-parallel stage's first device gathers the others' heads
-        (over the group's connections) and returns the KV with all of the model's heads, as one
-        device holding these layers would."""
+        copies, ~5x slower). A tensor-parallel stage returns the KV of all the model's heads,
+        as one device holding these layers would: the first device puts its own heads in
+        place, and the others' as they send them (over the group's connections)."""
         if self.peers:
             self._others("export", seq_ids)
-        mine = {i: m._replace(kv=_numpy(m.kv.cpu())) for i, m in self.worker.export(seq_ids).items()}
-        if self.group is None:
-            return mine
-        if self.group.rank > 0:
-            self.group.report({i: m.kv for i, m in mine.items()})
+        if self.group is not None and self.group.rank > 0:
+            self.group.report({i: _numpy(m.kv.cpu()) for i, m in self.worker.export(seq_ids).items()})
             return None
-        devices = [{i: m.kv for i, m in mine.items()}, *self.group.reports()]
-        return {i: m._replace(kv=all_heads([(s.kv_heads, d[i]) for s, d in zip(self.slices, devices, strict=True)],
-                                           self.worker.shard.spec.num_kv_heads))
-                for i, m in mine.items()}
+        heads = self.slices[0].kv_heads if self.slices else None
+        moving = {i: m._replace(kv=_numpy(m.kv.cpu())) for i, m in self.worker.export(seq_ids, heads).items()}
+        for device, theirs in zip(self.slices[1:], self.group.reports() if self.peers else [], strict=True):
+            for i, kv in theirs.items():
+                put_heads(moving[i].kv, device.kv_heads, kv)
+        return moving
 
     def adopt(self, *exports: dict[int, Moving]) -> None:
         """(Ray fetches each export from the old stage's node, read-only: the KV is only read,

@@ -92,10 +92,19 @@ class KVCache:
         """Count new_tokens as stored, once every layer has written them."""
         self._lengths[seq_id] += new_tokens
 
-    def extract(self, seq_id: int) -> torch.Tensor:
+    def extract(self, seq_id: int, heads: tuple[int, ...] | None = None, of: int = 0) -> torch.Tensor:
         """A copy of a sequence's stored KV, [layers, 2, kv_heads, length, head_dim]: what
-        insert() takes on another shard (a sequence moving with its layers)."""
-        return self.data.index_select(3, self.slots(seq_id, 0, self.length(seq_id)).to(self.data.device))
+        insert() takes on another shard (a sequence moving with its layers). heads: where this
+        cache's heads go among `of` (a tensor-parallel device's of the model's key/value heads:
+        the others' are left for them to fill in)."""
+        slots = self.slots(seq_id, 0, self.length(seq_id)).to(self.data.device)
+        if heads is None:
+            return self.data.index_select(3, slots)
+        layers, _, _, _, dim = self.data.shape
+        kv = self.data.new_empty((layers, 2, of, len(slots), dim))
+        for i, head in enumerate(heads):
+            torch.index_select(self.data[:, :, i], 2, slots, out=kv[:, :, head])
+        return kv
 
     def insert(self, seq_id: int, pieces: list[tuple[int, torch.Tensor]]) -> None:
         """Allocate a sequence holding the KV of `pieces`: (the first of this cache's layers it

@@ -94,9 +94,12 @@ class Worker:
             self.free(seq_id)
         self.evict(self.shard.kv.kept_keys())
 
-    def export(self, seq_ids: list[int]) -> dict[int, Moving]:
-        """The state of these sequences, for workers holding the same layers split anew."""
-        return {seq_id: Moving(self.shard.start, self.shard.kv.extract(seq_id), self.samplers.get(seq_id))
+    def export(self, seq_ids: list[int], heads: tuple[int, ...] | None = None) -> dict[int, Moving]:
+        """The state of these sequences, for workers holding the same layers split anew. heads:
+        which of the model's key/value heads this worker holds, where its KV is to go among all
+        of them (KVCache.extract)."""
+        return {seq_id: Moving(self.shard.start, self.shard.kv.extract(seq_id, heads, self.shard.spec.num_kv_heads),
+                               self.samplers.get(seq_id))
                 for seq_id in seq_ids}
 
     def adopt(self, *exports: dict[int, Moving]) -> None:

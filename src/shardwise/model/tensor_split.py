@@ -136,12 +136,8 @@ def heads_of(kv: np.ndarray, kv_heads: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(kv[:, :, list(kv_heads)])
 
 
-def all_heads(parts: list[tuple[tuple[int, ...], np.ndarray]], num_kv_heads: int) -> np.ndarray:
-    """A sequence's KV with all of the model's key/value heads, from each device's (its
-    `kv_heads`, its KV): the inverse of heads_of (a copied head is taken from any device)."""
-    first = parts[0][1]
-    kv = np.empty((first.shape[0], 2, num_kv_heads, *first.shape[3:]), first.dtype)
-    for heads, part in parts:
-        for i, head in enumerate(heads):  # (a head at a time: numpy's fancy indexing is slower)
-            kv[:, :, head] = part[:, :, i]
-    return kv
+def put_heads(kv: np.ndarray, heads: tuple[int, ...], part: np.ndarray) -> None:
+    """Write a device's KV (`part`, its key/value heads `heads`) into a sequence's KV of all the
+    model's heads: the inverse of heads_of (a head at a time: numpy's fancy indexing is slower)."""
+    for i, head in enumerate(heads):
+        kv[:, :, head] = part[:, :, i]
