@@ -133,11 +133,14 @@ def heads_of(kv: np.ndarray, kv_heads: tuple[int, ...]) -> np.ndarray:
     [layers, 2, kv_heads, length, head_dim] (what a stage takes in when its sequences move)."""
     if kv_heads == tuple(range(kv.shape[2])):
         return kv
-    return np.ascontiguousarray(kv[:, :, list(kv_heads)])
+    part = np.empty((*kv.shape[:2], len(kv_heads), *kv.shape[3:]), kv.dtype)
+    for i, head in enumerate(kv_heads):  # (a head at a time: numpy's fancy indexing is slower)
+        part[:, :, i] = kv[:, :, head]
+    return part
 
 
 def put_heads(kv: np.ndarray, heads: tuple[int, ...], part: np.ndarray) -> None:
     """Write a device's KV (`part`, its key/value heads `heads`) into a sequence's KV of all the
-    model's heads: the inverse of heads_of (a head at a time: numpy's fancy indexing is slower)."""
+    model's heads: the inverse of heads_of."""
     for i, head in enumerate(heads):
         kv[:, :, head] = part[:, :, i]
