@@ -295,6 +295,20 @@ def test_a_draft_model_drafts_the_greedy_continuation_and_one_step_verifies_it(m
         torch.testing.assert_close(together, one_by_one, rtol=1e-5, atol=1e-5)
 
 
+def test_sequences_arriving_together_grow_the_kv_pool_once():
+    """A move's sequences are given room at once (each doubling copies the whole pool), and each
+    comes out as it went in."""
+    from shardwise.engine.kv_cache import KVCache
+
+    cache = KVCache(2, 1, 4, torch.float32, torch.device("cpu"), initial_blocks=2)
+    arriving = {i: torch.randn(2, 2, 1, 40, 4) for i in range(3)}  # 3 blocks each, 2 free
+    cache.make_room([kv.shape[3] for kv in arriving.values()])
+    pool = cache.data
+    for i, kv in arriving.items():
+        cache.insert(i, [(0, kv[:1]), (1, kv[1:])])
+    assert cache.data is pool and all(torch.equal(cache.extract(i), kv) for i, kv in arriving.items())
+
+
 def test_sequences_move_to_a_new_split_of_the_layers_with_their_kv_bit_for_bit(model):
     """Mid-decode, each worker of one split exports its sequences (KV of its layers, and at the
     last its samplers); the workers of another split take them in and decode on exactly as the

@@ -121,6 +121,13 @@ class KVCache:
             self.data[first:first + len(kv)].index_copy_(3, slots, kv.to(self.data.device, self.data.dtype))
         self.advance(seq_id, length)
 
+    def make_room(self, lengths: list[int]) -> None:
+        """Grow the pool once where new sequences of these lengths would not fit its free blocks
+        (a move's sequences arriving together: one at a time, each doubling copied it all)."""
+        short = sum(-(-n // BLOCK_SIZE) for n in lengths) - len(self._free)
+        if short > 0:
+            self._grow(short)
+
     def hold_at_least(self, tokens: int) -> None:
         """Grow the pool, once, to room for `tokens` tokens (it still doubles past them if it must)."""
         short = -(-tokens // BLOCK_SIZE) - self.data.shape[3] // BLOCK_SIZE

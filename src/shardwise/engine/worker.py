@@ -106,7 +106,9 @@ class Worker:
         """Take in the sequences that workers of the old split exported (each export covering
         some layers): each gets its KV for this worker's layers and, here at the last, its sampler."""
         start, end = self.shard.start, self.shard.end
-        for seq_id in exports[0] if exports else ():
+        arriving = exports[0] if exports else {}
+        self.shard.kv.make_room([m.kv.shape[3] for m in arriving.values()])
+        for seq_id in arriving:
             parts = [e[seq_id] for e in exports]
             self.shard.kv.insert(seq_id, [
                 (max(m.first_layer, start) - start, m.kv[max(start - m.first_layer, 0):end - m.first_layer])
