@@ -179,13 +179,14 @@ def test_sequences_move_out_of_and_into_a_split_stage_with_their_kv(ray_session,
              {"stages": [{"layers": [0, 30], "devices": [{"share": 3}, {"share": 1}]}]}]
     split_llm = LLM(plan={"stages": [{"layers": [0, 30], "devices": [{}, {}]}]}, dtype="float32")
     try:
-        scheduler, moved_at = split_llm.scheduler, []
+        scheduler, posted, moved_at = split_llm.scheduler, 0, []  # (the tokens out when each move landed)
         for _, output in split_llm.stream_outputs(TEXT_PROMPTS[1], params):
             if scheduler.replans > len(moved_at):
                 moved_at.append(len(output.token_ids))
-            if moves and len(output.token_ids) >= (moved_at[-1] if moved_at else 0) + 4 and \
-                    len(moved_at) == 2 - len(moves):
+            landed = len(moved_at) == posted
+            if moves and landed and len(output.token_ids) >= (moved_at[-1] if moved_at else 0) + 4:
                 split_llm.move_to(moves.pop(0))
+                posted += 1
         assert output.token_ids == expected
         assert len(moved_at) == 2 and moved_at[-1] < len(expected), moved_at
         assert scheduler.replayed_tokens == 0 and scheduler.stage_failures == 0
