@@ -40,13 +40,29 @@ def test_products_match_the_dequantised_weight(bits, rows):
     (many rows) products all equal x . W^T of the weight they hold, bias included, within
     activation rounding."""
     torch.manual_seed(rows)
-    weight = quantize(torch.randn(96, 320), bits)
-    x, bias = torch.randn(rows, 320) * 3, torch.randn(96)
+    weight = quantize(torch.randn(100, 320), bits)  # (a ragged last panel, a short last block of columns)
+    x, bias = torch.randn(rows, 320) * 3, torch.randn(100)
     reference = x @ weight.dequantize().t() + bias
     matmul = product(weight, bias)
     out = matmul(x)
     assert matmul.route_for(rows).compiled == (rows <= KERNEL_ROWS)
     assert (out - reference).abs().max() <= 1e-4 * reference.abs().max()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_rows_batched_product_does_not_depend_on_the_rows_beside_it(bits):
+    """The tile-dequantising product sums each output over the columns in one order whatever the
+    batch: a row's output is the same bits among 9, 16, 33, 100 or 128 rows (rows taken in runs
+    when the columns are many)."""
+    torch.manual_seed(bits)
+    weight = quantize(torch.randn(100, 8256), bits)
+    x = torch.randn(KERNEL_ROWS, 8256)
+    matmul = product(weight)
+    whole = matmul(x)
+    for rows in (DIRECT_ROWS + 1, 16, 33, 100):
+        assert matmul.route_for(rows) == matmul.route_for(KERNEL_ROWS)
+        assert torch.equal(matmul(x[:rows]), whole[:rows])
+        assert torch.equal(matmul(x[-rows:]), whole[-rows:])
 
 
 GPU = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU, Triton's interpreter (see conftest)

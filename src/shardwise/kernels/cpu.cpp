@@ -32,6 +32,7 @@ constexpr int GROUP = 4;
 // as well). (On an AMD EPYC, an earlier software prefetch had changed nothing.)
 constexpr int64_t PREFETCH_BYTES = 4096;
 
+inline void prefetch_at(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES), _MM_HINT_T0); }
 
 inline float hsum(__m256 v) {
@@ -534,12 +535,113 @@ extern "C" void sw_linear_f32(const float* x, int64_t rows, const float* w, int6
   });
 }
 
-// The same product from quantised weights (fmt 8 or 4, as sw_quant_linear): each tile's NW weight rows
-// are dequantised into a buffer that stays in L1 and multiplied with every row of x in fp32, so a
-// batch pays the dequantisation once per weight and reads a quarter of fp32's bytes.
+// Batched products from quantised weights on AVX-512: outer products over packed panels. x is packed
+// once a call as x^T [k, rows rounded up to 16]; each panel of PANEL weight rows is dequantised a
+// block of KC columns at a time into a buffer that stays in L1, and for every k each weight is
+// broadcast into V vectors of 16 rows' accumulators: V x PANEL FMAs for V + PANEL loads, no
+// horizontal sums, and every output summed over k in order, whatever the number of rows.
+namespace {
+
+constexpr int PANEL = 12;      // weight rows a panel: 2 x 12 accumulators of 32 registers
+constexpr int64_t KC = 256;    // columns a block: the panel's block (12 KB) and x^T's (32 KB at 32 rows)
+
+// the panel's rows [n0, n0 + width) over columns [c0, c0 + kc) as fp32 into out[PANEL][KC]
+template <bool Q4, bool MINS>
+AVX512 void dequantize_block(const Weight& w, int64_t n0, int64_t width, int64_t c0, int64_t kc, float* out) {
+  constexpr int64_t BYTES = Q4 ? 16 : 32;  // a block's
+  const int64_t blocks = kc / BLOCK, first = c0 / BLOCK;
+  for (int64_t p = 0; p < width; p++) {
+    const uint8_t* row = w.qs + (n0 + p) * w.row_bytes;
+    const uint8_t* q = row + first * BYTES;
+    const uint16_t* scale = w.scales + (n0 + p) * w.blocks + first;
+    const uint16_t* min = MINS ? w.mins + (n0 + p) * w.blocks + first : nullptr;
+    float* o = out + p * KC;
+    // the row's next block (after its last, the next panel's row) on its way while this one computes
+    const uint8_t* next = c0 + kc < w.cols ? q + blocks * BYTES : row + PANEL * w.row_bytes;
+    for (int64_t line = 0; line < blocks * BYTES; line += 64) prefetch_at(next + line);
+    for (int64_t b = 0; b < blocks; b++, o += BLOCK) {
+      __m512 lo, hi;  // elements 0-15 and 16-31
+      if constexpr (Q4) {  // byte i: element i in the low nibble, i + 16 in the high
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + BYTES * b)));
+        lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)));
+        hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+      } else {
+        lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + BYTES * b))));
+        hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + BYTES * b + 16))));
+      }
+      const __m512 s = _mm512_set1_ps(_cvtsh_ss(scale[b]));
+      const __m512 m = _mm512_set1_ps(MINS ? _cvtsh_ss(min[b]) : 0.0f);
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(s, lo, m));
+      _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(s, hi, m));
+    }
+  }
+  for (int64_t p = width; p < PANEL; p++) std::fill(out + p * KC, out + p * KC + kc, 0.0f);
+}
+
+// acc[V vectors of rows][PANEL] (kept in memory between blocks) += x^T[kc, V * 16] * panel^T
+template <int V>
+AVX512 void panel_block(const float* xt, int64_t ldx, const float* panel, int64_t kc, float* acc) {
+  __m512 a[V][PANEL];
+  for (int v = 0; v < V; v++)
+    for (int p = 0; p < PANEL; p++) a[v][p] = _mm512_loadu_ps(acc + (v * PANEL + p) * 16);
+  for (int64_t i = 0; i < kc; i++) {
+    __m512 xv[V];
+    for (int v = 0; v < V; v++) xv[v] = _mm512_loadu_ps(xt + i * ldx + 16 * v);
+    for (int p = 0; p < PANEL; p++) {
+      const __m512 wv = _mm512_set1_ps(panel[p * KC + i]);
+      for (int v = 0; v < V; v++) a[v][p] = _mm512_fmadd_ps(xv[v], wv, a[v][p]);
+    }
+  }
+  for (int v = 0; v < V; v++)
+    for (int p = 0; p < PANEL; p++) _mm512_storeu_ps(acc + (v * PANEL + p) * 16, a[v][p]);
+}
+
+AVX512 void panel_product(const Weight& w, const float* x, int64_t rows, int64_t n, int64_t k, const float* bias,
+                          float* y) {
+  const int64_t ldx = (rows + 15) / 16 * 16, vectors = ldx / 16;
+  std::vector<float> xt(k * ldx);
+  for (int64_t i = 0; i < k; i++) {
+    float* column = xt.data() + i * ldx;
+    for (int64_t r = 0; r < rows; r++) column[r] = x[r * k + i];
+    std::fill(column + rows, column + ldx, 0.0f);
+  }
+  at::parallel_for(0, (n + PANEL - 1) / PANEL, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> panel(PANEL * KC), acc(vectors * PANEL * 16);
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t n0 = t * PANEL, width = std::min<int64_t>(PANEL, n - n0);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t c0 = 0; c0 < k; c0 += KC) {
+        const int64_t kc = std::min(KC, k - c0);
+        if (w.q4) (w.mins ? dequantize_block<true, true> : dequantize_block<true, false>)(w, n0, width, c0, kc,
+                                                                                          panel.data());
+        else dequantize_block<false, false>(w, n0, width, c0, kc, panel.data());
+        int64_t v = 0;
+        for (; v + 2 <= vectors; v += 2) panel_block<2>(xt.data() + c0 * ldx + 16 * v, ldx, panel.data(), kc,
+                                                        acc.data() + v * PANEL * 16);
+        if (v < vectors) panel_block<1>(xt.data() + c0 * ldx + 16 * v, ldx, panel.data(), kc,
+                                        acc.data() + v * PANEL * 16);
+      }
+      for (int64_t r = 0; r < rows; r++)
+        for (int64_t p = 0; p < width; p++)
+          y[r * n + n0 + p] = acc[((r / 16) * PANEL + p) * 16 + r % 16] + (bias ? bias[n0 + p] : 0.0f);
+    }
+  });
+}
+
+}  // namespace
+
+// The same product from quantised weights (fmt 8 or 4, as sw_quant_linear), for batches: on AVX-512
+// the packed panels above; on AVX2 each tile's NW weight rows are dequantised into a buffer that
+// stays in L1 and multiplied with every row of x in fp32. Either way a batch pays the
+// dequantisation once per weight and reads a quarter of fp32's bytes.
 extern "C" void sw_quant_linear_f32(int fmt, const float* x, int64_t rows, const uint8_t* qs, const uint16_t* scales,
                                     const uint16_t* mins, int64_t n, int64_t k, const float* bias, float* y) {
   const Weight w = weight(fmt, qs, scales, mins, k);
+  if (HAS_AVX512) {  // in runs of rows whose x^T (up to 1 MB) stays in L2 for every panel
+    const int64_t run = std::max<int64_t>(16, (int64_t{1} << 18) / k / 16 * 16);
+    for (int64_t r = 0; r < rows; r += run) panel_product(w, x + r * k, std::min(run, rows - r), n, k, bias, y + r * n);
+    return;
+  }
   at::parallel_for(0, (n + NW - 1) / NW, 4, [&](int64_t t0, int64_t t1) {
     std::vector<float> tile(NW * k);
     for (int64_t t = t0; t < t1; t++) {
