@@ -8,8 +8,9 @@ weights (their benchmarks: benchmarks/decode.py, benchmarks/engine.py):
   SPLIT_ROWS row blocks of the weight as one batched GEMM, a block per core (MKL threads such
   skinny products poorly: its GEMV uses one core); beyond, MKL's own GEMM.
 - quantised blocks on a CPU: up to DIRECT_ROWS the kernels read the blocks directly (bound by
-  memory: 2-4x fp32 at 1-2 rows); up to KERNEL_ROWS they dequantise a few weight rows at a time
-  into L1 and multiply in fp32 (1.2-1.8x the next); beyond, DEQUANTISED_ROWS weight rows at a
+  memory: 2-4x fp32 at 1-2 rows); up to KERNEL_ROWS they dequantise a block of weights at a time
+  into L1 and multiply in fp32 (on AVX-512 outer products over packed panels: 1.9-6x the next at 32
+  rows); beyond, DEQUANTISED_ROWS weight rows at a
   time are dequantised for MKL's GEMM. (On an AVX2 core integer multiply-adds are no faster
   than fp32 FMAs.) On a GPU, Triton's kernel up to KERNEL_ROWS rows.
 - the LM head (the vocabulary wide) on a CPU: the fp32 tile up to HEAD_TILED_ROWS (1.2-1.7x the
