@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from shardwise import LLM, SamplingParams, ShardwiseError
+from shardwise.model.product import quantised_tile_rows
 from shardwise.planner.plan import Plan
 from tests.conftest import TEXT_PROMPTS, free_port
 from tests.test_loading import cli
@@ -267,7 +268,8 @@ def test_cli_generate_with_stages_and_plan(tmp_path, weights):
     assert json.loads(result.stdout) == {"capital": "Paris"}
     # --verbose: each stage says, as it loads, which kernels it loaded and each range's product
     loaded = [line for line in result.stderr.splitlines() if "products by rows" in line]
-    assert len(loaded) == 2 and all("qkv 1-8 q4 direct, 9-128 q4 tile" in line for line in loaded), result.stderr
+    qkv = f"qkv 1-8 q4 direct, 9-{quantised_tile_rows()} q4 tile"
+    assert len(loaded) == 2 and all(qkv in line for line in loaded), result.stderr
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"stages": [{"layers": [0, 10]}, {"layers": [12, 30]}]}))
     result = cli("generate", "hi", "--plan", str(plan))

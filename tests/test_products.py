@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from shardwise import ShardModel
-from shardwise.model.product import ANY_ROWS, head_product, product
+from shardwise.model.product import ANY_ROWS, head_product, product, quantised_tile_rows
 
 
 def routes(matmul) -> list[tuple[int, str]]:
@@ -28,8 +28,9 @@ def test_each_weight_knows_its_route_for_every_row_count(weights):
     assert floats.fused.max_rows == 32  # a decode step runs in one call while every product is a kernel's
 
     blocks = ShardModel(weights.spec, (0, 3), weights=weights, dtype="int4")
-    assert routes(blocks.blocks[0].mlp.down) == [(8, "q4 direct"), (128, "q4 tile"), (ANY_ROWS, "dequantised GEMM")]
-    assert blocks.fused.max_rows == 128 and not blocks.is_last
+    assert routes(blocks.blocks[0].mlp.down) == [(8, "q4 direct"), (quantised_tile_rows(), "q4 tile"),
+                                                    (ANY_ROWS, "dequantised GEMM")]
+    assert blocks.fused.max_rows == quantised_tile_rows() and not blocks.is_last
 
     bf16 = ShardModel(weights.spec, (27, 30), weights=weights, dtype="bfloat16")
     assert routes(bf16.blocks[0].o) == [(ANY_ROWS, "GEMM")] and bf16.fused is None

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from shardwise import LLM, SamplingParams, ShardModel, ShardwiseError, kernels
 from shardwise.engine.quality import perplexity
 from shardwise.model.layers import apply_rope
-from shardwise.model.product import DIRECT_ROWS, KERNEL_ROWS, product
+from shardwise.model.product import DIRECT_ROWS, KERNEL_ROWS, PANEL_ROWS, product, quantised_tile_rows
 from shardwise.model.weights import open_weights
 from shardwise.perf.estimate import Stage, stage_memory
 from shardwise.perf.hardware import load_device
@@ -34,7 +34,7 @@ def test_the_kernels_are_built_here():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("rows", [1, 3, DIRECT_ROWS, DIRECT_ROWS + 1, 40, KERNEL_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 3, DIRECT_ROWS, DIRECT_ROWS + 1, 40, KERNEL_ROWS + 1, PANEL_ROWS + 1])
 def test_products_match_the_dequantised_weight(bits, rows):
     """Direct (few rows, int16-rounded activations), tile-dequantising (more rows) and dequantised
     (many rows) products all equal x . W^T of the weight they hold, bias included, within
@@ -45,7 +45,7 @@ def test_products_match_the_dequantised_weight(bits, rows):
     reference = x @ weight.dequantize().t() + bias
     matmul = product(weight, bias)
     out = matmul(x)
-    assert matmul.route_for(rows).compiled == (rows <= KERNEL_ROWS)
+    assert matmul.route_for(rows).compiled == (rows <= quantised_tile_rows())
     assert (out - reference).abs().max() <= 1e-4 * reference.abs().max()
 
 

@@ -102,6 +102,7 @@ def library() -> ctypes.CDLL | None:
     lib.sw_quant_linear_f32.argtypes = lib.sw_quant_linear.argtypes
     lib.sw_silu_mul.argtypes = lib.sw_gelu_mul.argtypes = [pointer, size, size, pointer]
     lib.sw_decode_layers.argtypes = [ctypes.POINTER(DecodeLayer), size, ctypes.POINTER(DecodeStep), size, pointer]
+    lib.sw_packed_panels.argtypes, lib.sw_packed_panels.restype = [], ctypes.c_int
     for function in (lib.sw_quant_linear, lib.sw_dequantize, lib.sw_decode_attention, lib.sw_rms_norm,
                      lib.sw_linear_f32, lib.sw_quant_linear_f32, lib.sw_silu_mul, lib.sw_gelu_mul,
                      lib.sw_decode_layers):

@@ -630,6 +630,9 @@ AVX512 void panel_product(const Weight& w, const float* x, int64_t rows, int64_t
 
 }  // namespace
 
+// Whether sw_quant_linear_f32 runs the packed panels (faster than dequantising for MKL up to ~256 rows).
+extern "C" int sw_packed_panels() { return HAS_AVX512; }
+
 // The same product from quantised weights (fmt 8 or 4, as sw_quant_linear), for batches: on AVX-512
 // the packed panels above; on AVX2 each tile's NW weight rows are dequantised into a buffer that
 // stays in L1 and multiplied with every row of x in fp32. Either way a batch pays the

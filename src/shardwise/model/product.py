@@ -9,8 +9,8 @@ weights (their benchmarks: benchmarks/decode.py, benchmarks/engine.py):
   skinny products poorly: its GEMV uses one core); beyond, MKL's own GEMM.
 - quantised blocks on a CPU: up to DIRECT_ROWS the kernels read the blocks directly (bound by
   memory: 2-4x fp32 at 1-2 rows); up to KERNEL_ROWS they dequantise a block of weights at a time
-  into L1 and multiply in fp32 (on AVX-512 outer products over packed panels: 1.9-6x the next at 32
-  rows); beyond, DEQUANTISED_ROWS weight rows at a
+  into L1 and multiply in fp32 (on AVX-512 outer products over packed panels, up to PANEL_ROWS:
+  1.9-6x the next at 32 rows); beyond, DEQUANTISED_ROWS weight rows at a
   time are dequantised for MKL's GEMM. (On an AVX2 core integer multiply-adds are no faster
   than fp32 FMAs.) On a GPU, Triton's kernel up to KERNEL_ROWS rows.
 - the LM head (the vocabulary wide) on a CPU: the fp32 tile up to HEAD_TILED_ROWS (1.2-1.7x the
@@ -40,6 +40,7 @@ TILED_ROWS = 32
 SPLIT_ROWS = 64
 DIRECT_ROWS = 8
 KERNEL_ROWS = 128
+PANEL_ROWS = 256  # (where the CPU kernels have AVX-512's packed panels: 1.0-1.8x MKL at 129-256 rows)
 DEQUANTISED_ROWS = 2048  # a few MB of fp32 at a time: stays in the heap, no page faults
 HEAD_TILED_ROWS = 64
 HEAD_BLOCK = 2048
@@ -108,13 +109,19 @@ def head_product(weight: torch.Tensor | QuantizedWeight) -> Product:
     return Product(weight, None, (*few, Route(ANY_ROWS, "vocabulary blocks", partial(_vocabulary_blocks, weight))))
 
 
+def quantised_tile_rows() -> int:
+    """Up to how many rows the CPU kernels' batched quantised product runs here."""
+    lib = kernels.library()
+    return PANEL_ROWS if lib is not None and lib.sw_packed_panels() else KERNEL_ROWS
+
+
 def _quantised_routes(weight: QuantizedWeight, bias: torch.Tensor | None) -> tuple[Route, ...]:
     dequantised = Route(ANY_ROWS, "dequantised GEMM", partial(_dequantised, weight, bias))
     if weight.device.type == "cpu" and (lib := kernels.library()) is not None:
         return (Route(DIRECT_ROWS, f"q{weight.bits} direct", partial(_quantised, lib.sw_quant_linear, weight, bias),
                      compiled=True),
-                Route(KERNEL_ROWS, f"q{weight.bits} tile", partial(_quantised, lib.sw_quant_linear_f32, weight, bias),
-                     compiled=True),
+                Route(quantised_tile_rows(), f"q{weight.bits} tile",
+                      partial(_quantised, lib.sw_quant_linear_f32, weight, bias), compiled=True),
                 dequantised)
     if gpu.takes(weight.device):
         triton = partial(gpu.quant_linear, weight=weight, bias=bias)
