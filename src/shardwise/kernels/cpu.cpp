@@ -1,7 +1,7 @@
 // shardwise's CPU kernels (AVX2, and AVX-512 where the CPU has it): matrix products that read
 // quantised weights directly, their dequantisation, decode attention over the paged KV pool,
-// RMSNorm, SwiGLU and GeGLU, fp32 and packed-panel quantised products for batches, and a decode step through
-// a shard's dense layers built from them.
+// RMSNorm, SwiGLU and GeGLU, fp32 and packed-panel quantised products for batches, and a decode
+// step through a shard's dense layers built from them.
 //
 // Weights come in blocks of 32 along each row. q8: int8 values, w = scale * q. q4: 16 bytes a
 // block, element j in the low nibble of byte j and element j + 16 in its high nibble (GGUF's
