@@ -33,7 +33,7 @@ constexpr int GROUP = 4;
 constexpr int64_t PREFETCH_BYTES = 4096;
 
 inline void prefetch_at(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
-inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES), _MM_HINT_T0); }
+inline void prefetch(const uint8_t* p) { prefetch_at(p + PREFETCH_BYTES); }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -599,26 +599,30 @@ AVX512 void panel_block(const float* xt, int64_t ldx, const float* panel, int64_
 AVX512 void panel_product(const Weight& w, const float* x, int64_t rows, int64_t n, int64_t k, const float* bias,
                           float* y) {
   const int64_t ldx = (rows + 15) / 16 * 16, vectors = ldx / 16;
-  std::vector<float> xt(k * ldx);
+  const auto dequantize = w.q4 ? (w.mins ? dequantize_block<true, true> : dequantize_block<true, false>)
+                               : dequantize_block<false, false>;
+  // buffers kept from call to call (torch's pool threads persist): every element is written before it is read
+  static thread_local std::vector<float> packed;
+  packed.resize(k * ldx);
+  const float* const xt = packed.data();  // (the pool's threads read this thread's buffer)
   for (int64_t i = 0; i < k; i++) {
-    float* column = xt.data() + i * ldx;
+    float* column = packed.data() + i * ldx;
     for (int64_t r = 0; r < rows; r++) column[r] = x[r * k + i];
     std::fill(column + rows, column + ldx, 0.0f);
   }
   at::parallel_for(0, (n + PANEL - 1) / PANEL, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> panel(PANEL * KC), acc(vectors * PANEL * 16);
+    static thread_local std::vector<float> panel, acc;
+    panel.resize(PANEL * KC), acc.resize(vectors * PANEL * 16);
     for (int64_t t = t0; t < t1; t++) {
       const int64_t n0 = t * PANEL, width = std::min<int64_t>(PANEL, n - n0);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t c0 = 0; c0 < k; c0 += KC) {
         const int64_t kc = std::min(KC, k - c0);
-        if (w.q4) (w.mins ? dequantize_block<true, true> : dequantize_block<true, false>)(w, n0, width, c0, kc,
-                                                                                          panel.data());
-        else dequantize_block<false, false>(w, n0, width, c0, kc, panel.data());
+        dequantize(w, n0, width, c0, kc, panel.data());
         int64_t v = 0;
-        for (; v + 2 <= vectors; v += 2) panel_block<2>(xt.data() + c0 * ldx + 16 * v, ldx, panel.data(), kc,
+        for (; v + 2 <= vectors; v += 2) panel_block<2>(xt + c0 * ldx + 16 * v, ldx, panel.data(), kc,
                                                         acc.data() + v * PANEL * 16);
-        if (v < vectors) panel_block<1>(xt.data() + c0 * ldx + 16 * v, ldx, panel.data(), kc,
+        if (v < vectors) panel_block<1>(xt + c0 * ldx + 16 * v, ldx, panel.data(), kc,
                                         acc.data() + v * PANEL * 16);
       }
       for (int64_t r = 0; r < rows; r++)
